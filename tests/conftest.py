@@ -1,0 +1,84 @@
+"""Shared fixtures: synthesised speech (flite, made in the test run, never checked in) and ports."""
+
+from __future__ import annotations
+
+import random
+import shutil
+import socket
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+# Sentences flite says clearly enough for pocketsphinx, even through 8 kHz G.711.
+SENTENCES = {
+    "order": ("rms", "Hello, I would like to check the status of my order."),
+    "callback": ("slt", "Please call me back tomorrow morning at nine."),
+    "phone": ("rms", "My phone number is five five five one two three four."),
+}
+
+
+@dataclass(frozen=True)
+class Speech:
+    path: Path
+    text: str
+
+    @property
+    def words(self) -> set[str]:
+        return words(self.text)
+
+
+def words(text: str) -> set[str]:
+    return {w.strip(".,!?").lower() for w in text.split()}
+
+
+def overlap(expected: str, heard: str) -> float:
+    """Fraction of the expected words that were heard (order-free, as ASR tests should be)."""
+    want = words(expected)
+    return len(want & words(heard)) / len(want)
+
+
+def require(tool: str) -> str:
+    path = shutil.which(tool)
+    if path is None:
+        pytest.fail(f"{tool} is not installed; run the README test command, which installs it")
+    return path
+
+
+@pytest.fixture(scope="session")
+def speech(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Speech]:
+    flite = require("flite")
+    out = tmp_path_factory.mktemp("speech")
+    result = {}
+    for key, (voice, text) in SENTENCES.items():
+        path = out / f"{key}.wav"
+        subprocess.run([flite, "-voice", voice, "-t", text, "-o", str(path)], check=True)
+        result[key] = Speech(path, text)
+    return result
+
+
+def free_tcp_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def free_udp_range(n: int) -> tuple[int, int]:
+    """``n`` consecutive free UDP ports on 127.0.0.1."""
+    for _ in range(50):
+        base = random.randrange(20000, 30000)
+        socks = []
+        try:
+            for port in range(base, base + n):
+                s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+                socks.append(s)
+                s.bind(("127.0.0.1", port))
+            return base, base + n - 1
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise RuntimeError("no free UDP port range")

@@ -1,0 +1,74 @@
+"""The `voxphone` command as a user runs it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import Speech, overlap
+
+pytestmark = pytest.mark.integration
+
+
+def voxphone(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "voxphone", *args], capture_output=True, text=True, timeout=timeout
+    )
+
+
+@pytest.mark.parametrize("telephony", [False, True])
+def test_transcribe_prints_the_words(speech: dict[str, Speech], telephony: bool) -> None:
+    s = speech["order"]
+    r = voxphone("transcribe", str(s.path), *(["--telephony"] if telephony else []))
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.strip().splitlines()
+    assert lines and all(line.startswith("[00:") for line in lines)
+    heard = " ".join(line.split("] ", 1)[1] for line in lines)
+    assert overlap(s.text, heard) >= 0.6, heard
+
+
+def test_transcribe_json_lines_are_events(speech: dict[str, Speech]) -> None:
+    r = voxphone("transcribe", "--json", str(speech["callback"].path))
+    assert r.returncode == 0, r.stderr
+    events = [json.loads(line) for line in r.stdout.splitlines()]
+    assert events[0]["type"] == "call.started" and events[0]["data"]["transport"] == "file"
+    assert events[-1]["type"] == "call.ended" and events[-1]["data"]["reason"] == "end_of_file"
+    assert [e["seq"] for e in events] == list(range(len(events)))
+
+
+def test_transcribe_rejects_a_non_audio_file(tmp_path: Path) -> None:
+    junk = tmp_path / "notes.txt"
+    junk.write_text("not audio")
+    r = voxphone("transcribe", str(junk))
+    assert r.returncode == 2
+    assert f"voxphone: error: {junk}" in r.stderr
+
+
+def test_help_explains_every_serve_flag() -> None:
+    r = voxphone("serve", "--help")
+    assert r.returncode == 0
+    for flag in [
+        "--config",
+        "--http-port",
+        "--rtp-ports",
+        "--webhook",
+        "--webhook-secret",
+        "--engine",
+    ]:
+        assert flag in r.stdout
+
+
+def test_bad_flag_value_names_the_key() -> None:
+    r = voxphone("serve", "--rtp-ports", "9-1")
+    assert r.returncode == 2
+    assert "rtp.ports" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_unavailable_engine_is_a_clear_error(speech: dict[str, Speech]) -> None:
+    r = voxphone("transcribe", "--engine", "vllm", str(speech["order"].path))
+    assert r.returncode == 2
+    assert "engine.kind: 'vllm' is not available" in r.stderr

@@ -1,0 +1,132 @@
+"""Resampler continuity, exact framing, and the timestamp-driven timeline."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import soxr
+
+from voxphone.audio.codecs import PCMU, Encoder
+from voxphone.audio.framer import FRAME_SAMPLES, Framer, Timeline, ts_delta
+from voxphone.audio.pipeline import AudioPipeline
+from voxphone.audio.resample import Resampler
+from voxphone.testing import rtp_packets
+
+
+def chirp(seconds: float, rate: int) -> np.ndarray:
+    t = np.arange(int(seconds * rate)) / rate
+    return (np.sin(2 * np.pi * (100 + 900 * t) * t) * 12000).astype(np.int16)
+
+
+@pytest.mark.parametrize("chunk", [160, 80, 333])
+def test_chunked_resampling_equals_one_shot(chunk: int) -> None:
+    """State carries across chunk joins: no clicks, same samples as resampling in one go."""
+    x = chirp(1.0, 8000)
+    whole = soxr.resample(x, 8000, 16000, quality="HQ")
+    r = Resampler(8000, 16000)
+    parts = [r.process(x[i : i + chunk]) for i in range(0, x.size, chunk)]
+    streamed = np.concatenate([*parts, r.flush()])
+    assert streamed.size == whole.size == 16000
+    assert np.max(np.abs(streamed.astype(int) - whole.astype(int))) <= 2
+
+
+def test_equal_rates_pass_through() -> None:
+    x = chirp(0.1, 16000)
+    assert Resampler(16000, 16000).process(x) is x
+
+
+def test_framer_cuts_exact_frames_and_pads_the_last() -> None:
+    f = Framer()
+    frames = f.push(np.arange(3000, dtype=np.int16)) + f.push(np.arange(10, dtype=np.int16))
+    assert [fr.size for fr in frames] == [FRAME_SAMPLES, FRAME_SAMPLES]
+    assert frames[1][0] == FRAME_SAMPLES
+    last = f.flush()
+    assert last is not None and last.size == FRAME_SAMPLES
+    assert last[: 3010 - 2 * FRAME_SAMPLES].tolist() == [*range(2560, 3000), *range(10)]
+    assert not last[450:].any()
+    assert f.flush() is None
+    assert f.position_ms == 240
+
+
+@pytest.mark.parametrize(
+    ("a", "b", "d"), [(10, 5, 5), (5, 10, -5), (3, 0xFFFFFFF0, 19), (0xFFFFFFF0, 3, -19)]
+)
+def test_timestamp_delta_is_wrap_aware(a: int, b: int, d: int) -> None:
+    assert ts_delta(a, b) == d
+
+
+def test_timeline_fills_gaps_drops_late_and_duplicates() -> None:
+    tl = Timeline(8000, 8000)
+    assert tl.place(1000, 160) is not None
+    gap = tl.place(1480, 160)  # 2 packets lost
+    assert gap is not None and gap.silence == 320
+    assert tl.place(1320, 160) is None  # the straggler arrives after its slot was filled
+    assert tl.place(1480, 160) is None  # duplicate
+    overlap = tl.place(1560, 160)  # half of it was already covered
+    assert overlap is not None and (overlap.silence, overlap.skip) == (0, 80)
+    assert (tl.stats.late, tl.stats.gap_samples) == (2, 320)
+
+
+def test_timeline_reanchors_on_huge_jumps_instead_of_stalling() -> None:
+    tl = Timeline(8000, 8000, max_gap_s=1.0, max_late_s=1.0)
+    tl.place(0, 160)
+    jump = tl.place(80_000, 160)  # 10 s ahead: too long to be loss
+    assert jump is not None and jump.silence == 0
+    after = tl.place(80_160, 160)  # the clock continues from the new origin
+    assert after is not None and after.silence == 0
+    back = tl.place(10, 160)  # a sender reset far back in time
+    assert back is not None and back.silence == 0
+    assert tl.stats.discontinuities == 2
+    assert tl.stats.late == 0
+
+
+def test_g722_style_clock_ratio() -> None:
+    """Timestamps at 8 kHz for 16 kHz audio: a 20 ms packet is 160 ticks, 320 samples."""
+    tl = Timeline(8000, 16000)
+    tl.place(0, 320)
+    gap = tl.place(320, 320)
+    assert gap is not None and gap.silence == 320
+
+
+def frames_for(packets: list, pipe: AudioPipeline) -> int:  # type: ignore[type-arg]
+    n = sum(len(pipe.push_packet(p.timestamp, p.payload)) for p in packets)
+    return n + len(pipe.flush())
+
+
+def test_pipeline_frame_clock_is_exact_under_loss_reorder_duplicates_and_wrap() -> None:
+    """Whatever the network does, 2 s of RTP timestamps make 2 s of frames."""
+    pcm = chirp(2.0, 8000)
+    clean = list(rtp_packets(pcm, PCMU, first_seq=65500, first_ts=0xFFFFF000, seed=1))
+    assert len(clean) == 100
+    damaged = [p for i, p in enumerate(clean) if i % 10 != 3]  # 10 % loss
+    damaged[20], damaged[21] = damaged[21], damaged[20]  # reorder
+    damaged.insert(40, damaged[39])  # duplicate
+    pipe = AudioPipeline(PCMU)
+    assert frames_for(damaged, pipe) == 2000 // 80
+    assert pipe.timeline.stats.late == 2  # the duplicate and the reordered straggler
+    assert pipe.timeline.stats.discontinuities == 0
+
+
+def test_pipeline_matches_clean_audio_where_packets_arrived() -> None:
+    pcm = chirp(1.0, 8000)
+    packets = list(rtp_packets(pcm, PCMU, seed=2))
+    ref = AudioPipeline(PCMU)
+    ref_out = np.concatenate([f for p in packets for f in ref.push_packet(p.timestamp, p.payload)])
+    lossy = AudioPipeline(PCMU)
+    out = np.concatenate(
+        [
+            f
+            for i, p in enumerate(packets)
+            if i != 20
+            for f in lossy.push_packet(p.timestamp, p.payload)
+        ]
+    )
+    assert out.size == ref_out.size
+    lost = slice(20 * 320, 21 * 320)
+    assert np.abs(out[lost].astype(int)).mean() < np.abs(ref_out[lost].astype(int)).mean() / 4
+    before = slice(0, 18 * 320)  # clear of the resampling filter's reach
+    assert np.max(np.abs(out[before].astype(int) - ref_out[before].astype(int))) <= 2
+
+
+def test_encoder_payload_size_matches_ptime() -> None:
+    assert len(Encoder(PCMU).encode(np.zeros(160, np.int16))) == 160

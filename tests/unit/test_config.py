@@ -1,0 +1,68 @@
+"""Config: file, environment and flag layers, and errors that name the bad key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from voxphone.config import load_config
+from voxphone.errors import ConfigError
+
+ROOT = Path(__file__).parents[2]
+
+
+def test_defaults_work_on_a_laptop() -> None:
+    c = load_config(environ={})
+    assert (c.http.host, c.http.port) == ("127.0.0.1", 8080)
+    assert c.rtp.ports == (40000, 40100)
+    assert c.engine.kind == "auto"
+    assert c.webhook.url is None
+
+
+def test_example_config_is_valid() -> None:
+    c = load_config(ROOT / "configs" / "voxphone.example.toml", environ={})
+    assert c.rtp.ports[0] <= c.rtp.ports[1]
+
+
+def test_layers_file_then_env_then_flags(tmp_path: Path) -> None:
+    f = tmp_path / "v.toml"
+    f.write_text(
+        '[http]\nport = 9000\n[rtp]\nports = "41000-41010"\n[webhook]\nurl = "http://a/"\n'
+    )
+    env = {"VOXPHONE_HTTP__PORT": "9100", "VOXPHONE_RTP__INACTIVITY_TIMEOUT_S": "2.5"}
+    c = load_config(f, {"webhook.url": "http://b/", "rtp.ports": None}, environ=env)
+    assert c.http.port == 9100
+    assert c.rtp.ports == (41000, 41010)
+    assert c.rtp.inactivity_timeout_s == 2.5
+    assert c.webhook.url == "http://b/"
+
+
+@pytest.mark.parametrize(
+    ("toml", "message"),
+    [
+        ('[rtp]\nports = "40100-40000"\n', r"v.toml: rtp.ports: .*1 <= low <= high"),
+        ('[rtp]\nports = "forty"\n', r"rtp.ports: .*expected a port range like '40000-40100'"),
+        ('[http]\nport = "x"\n', r"http.port: Input should be a valid integer"),
+        ("[htttp]\nport = 1\n", r"htttp: unknown key"),
+        ('[engine]\nkind = "whisper"\n', r"engine.kind: Input should be 'auto', 'sphinx'"),
+        ('[webhook]\nurl = "ftp://x"\n', r"webhook.url: .*must start with http"),
+        ('[webhook]\nurl = "http://x"\nsecret = "whsec_***"\n', r"webhook.secret: .*not base64"),
+        ("[http\n", r"v.toml: invalid TOML"),
+    ],
+)
+def test_bad_config_names_the_key(tmp_path: Path, toml: str, message: str) -> None:
+    f = tmp_path / "v.toml"
+    f.write_text(toml)
+    with pytest.raises(ConfigError, match=message):
+        load_config(f, environ={})
+
+
+def test_missing_file_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.toml", environ={})
+
+
+def test_bad_environment_override_is_reported_by_key() -> None:
+    with pytest.raises(ConfigError, match="calls.max_concurrent: Input should be greater"):
+        load_config(environ={"VOXPHONE_CALLS__MAX_CONCURRENT": "0"})

@@ -1,0 +1,131 @@
+"""The RTP port's source handling: probation, latching, RTCP, junk, inactivity."""
+
+from __future__ import annotations
+
+import os
+import random
+
+import numpy as np
+
+from voxphone.audio.codecs import PCMA, PCMU, Codec
+from voxphone.call import Call
+from voxphone.clock import FakeClock
+from voxphone.testing import capture_events, rtp_packets
+from voxphone.transports.rtp import RtpPacket, RtpPort
+
+CALLER = ("192.0.2.10", 5004)
+
+
+class Calls:
+    """A call factory that builds real (unstarted) calls and remembers them."""
+
+    def __init__(self, limit: int = 10) -> None:
+        self.calls: list[Call] = []
+        self.limit = limit
+        self.sink = capture_events()
+
+    def __call__(self, codec: Codec, meta: dict[str, object]) -> Call | None:
+        if len(self.calls) >= self.limit:
+            return None
+        call = Call(
+            f"c{len(self.calls)}", codec, self.sink, FakeClock(), transport="rtp", metadata=meta
+        )
+        self.calls.append(call)
+        return call
+
+
+def tone_packets(codec: Codec = PCMU, n: int = 10, **kw: int) -> list[RtpPacket]:
+    pcm = (np.sin(np.arange(160 * n) / 3) * 5000).astype(np.int16)
+    return list(rtp_packets(pcm, codec, seed=7, **kw))
+
+
+def test_a_call_starts_after_two_packets_in_sequence() -> None:
+    calls = Calls()
+    port = RtpPort(40000, calls, FakeClock())
+    pkts = tone_packets()
+    port.handle(pkts[0].serialize(), CALLER)
+    assert calls.calls == []
+    port.handle(pkts[1].serialize(), CALLER)
+    assert len(calls.calls) == 1
+    call = calls.calls[0]
+    assert call.codec is PCMU
+    assert call.metadata == {"remote": "192.0.2.10:5004", "local_port": 40000, "ssrc": pkts[0].ssrc}
+    for p in pkts[2:]:
+        port.handle(p.serialize(), CALLER)
+    assert call.stats.packets == 10
+
+
+def test_static_payload_type_picks_the_codec() -> None:
+    calls = Calls()
+    port = RtpPort(40000, calls, FakeClock())
+    for p in tone_packets(PCMA, 2):
+        port.handle(p.serialize(), CALLER)
+    assert calls.calls[0].codec is PCMA
+
+
+def test_random_datagrams_never_create_or_disturb_a_call() -> None:
+    """A flood of junk from the caller's own address and from strangers."""
+    calls = Calls()
+    port = RtpPort(40000, calls, FakeClock())
+    pkts = tone_packets(n=50)
+    rng = random.Random(3)
+    for i, p in enumerate(pkts):
+        port.handle(p.serialize(), CALLER)
+        for _ in range(20):
+            junk = os.urandom(rng.randrange(0, 300))
+            port.handle(junk, CALLER if i % 2 else ("198.51.100.7", rng.randrange(1024, 65535)))
+    assert len(calls.calls) == 1
+    call = calls.calls[0]
+    assert call.stats.packets == 50
+    assert call.stats.decode_errors == 0
+    assert call.pipeline.timeline.stats.late == 0
+    st = port.stats
+    dropped = st.malformed + st.rtcp + st.unsupported_payload + st.foreign_ssrc + st.on_probation
+    assert dropped == st.received - 50 + 1  # all junk accounted for (+1: the first real packet)
+
+
+def test_other_ssrc_from_a_latched_source_is_dropped() -> None:
+    calls = Calls()
+    port = RtpPort(40000, calls, FakeClock())
+    for p in tone_packets(n=3):
+        port.handle(p.serialize(), CALLER)
+    stranger = RtpPacket(0, 1, 1, ssrc=0xDEADBEEF, payload=b"\xff" * 160)
+    port.handle(stranger.serialize(), CALLER)
+    assert port.stats.foreign_ssrc == 1
+    assert calls.calls[0].stats.packets == 3
+
+
+def test_rtcp_and_comfort_noise_are_not_audio() -> None:
+    calls = Calls()
+    port = RtpPort(40000, calls, FakeClock())
+    pkts = tone_packets(n=3)
+    for p in pkts:
+        port.handle(p.serialize(), CALLER)
+    port.handle(bytes([0x80, 200, 0, 6]) + bytes(24), CALLER)
+    cn = RtpPacket(13, pkts[-1].sequence + 1, pkts[-1].timestamp + 160, pkts[0].ssrc, b"\x40")
+    port.handle(cn.serialize(), CALLER)
+    assert port.stats.rtcp == 1
+    assert calls.calls[0].stats.packets == 3
+
+
+def test_refused_call_is_counted() -> None:
+    calls = Calls(limit=0)
+    port = RtpPort(40000, calls, FakeClock())
+    for p in tone_packets(n=2):
+        port.handle(p.serialize(), CALLER)
+    assert port.stats.rejected_calls == 1
+
+
+async def test_silence_on_the_wire_ends_the_call() -> None:
+    clock = FakeClock()
+    calls = Calls()
+    port = RtpPort(40000, calls, clock)
+    for p in tone_packets(n=3):
+        port.handle(p.serialize(), CALLER)
+    clock.advance(4.9)
+    port.expire(clock.monotonic(), 5.0)
+    assert calls.calls[0].end_reason is None
+    clock.advance(0.2)
+    port.expire(clock.monotonic(), 5.0)
+    assert calls.calls[0].end_reason == "inactivity"
+    assert port.sessions == {}

@@ -1,0 +1,3 @@
+from voxphone.cli import main
+
+raise SystemExit(main())

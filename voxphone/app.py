@@ -1,0 +1,106 @@
+"""Wiring: config → engine, event sinks, call registry, transports, HTTP; start, drain, stop."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+
+import structlog
+from aiohttp import web
+
+from voxphone.audio.codecs import Codec
+from voxphone.call import Call, CallRegistry
+from voxphone.clock import Clock, SystemClock
+from voxphone.config import Config
+from voxphone.engines import create_engine
+from voxphone.engines.base import Engine
+from voxphone.events.model import Event, EventSink, FanOut
+from voxphone.events.webhook import WebhookSink
+from voxphone.http.api import create_app
+from voxphone.transports.rtp import RtpServer
+
+log = structlog.get_logger(__name__)
+
+
+class EventLog:
+    """Logs every event at debug level (and finals at info), so a bare ``serve`` shows words."""
+
+    def publish(self, event: Event) -> None:
+        level = log.info if event.type in ("transcript.final", "call.ended") else log.debug
+        level("event", type=event.type, call_id=event.call_id, seq=event.seq, data=event.data)
+
+
+class App:
+    """The running service. ``start`` brings everything up in dependency order, ``stop`` drains."""
+
+    def __init__(self, config: Config, clock: Clock | None = None, engine: Engine | None = None):
+        self.config = config
+        self.clock = clock or SystemClock()
+        self.engine = engine or create_engine(config.engine)
+        self.webhook: WebhookSink | None = None
+        sinks: list[EventSink] = [EventLog()]
+        if config.webhook.url:
+            self.webhook = WebhookSink(
+                config.webhook.url, config.webhook.secret, self.clock, config.webhook.timeout_s
+            )
+            sinks.append(self.webhook)
+        self.sinks = FanOut(sinks)
+        self.registry = CallRegistry(
+            self.engine, self.sinks, self.clock, config.calls.max_concurrent, config.rtp.max_gap_s
+        )
+        self.rtp = RtpServer(
+            config.rtp.host,
+            config.rtp.ports,
+            self._new_rtp_call,
+            self.clock,
+            config.rtp.inactivity_timeout_s,
+        )
+        self._runner: web.AppRunner | None = None
+
+    def _new_rtp_call(self, codec: Codec, metadata: dict[str, object]) -> Call | None:
+        return self.registry.open(codec, transport="rtp", metadata=dict(metadata))
+
+    async def start(self) -> None:
+        await self.engine.start()
+        if self.webhook is not None:
+            await self.webhook.start()
+        await self.rtp.start()
+        self._runner = web.AppRunner(create_app(self.registry), access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.config.http.host, self.config.http.port)
+        await site.start()
+        log.info(
+            "voxphone_ready",
+            http=f"http://{self.config.http.host}:{self.config.http.port}",
+            rtp=f"{self.config.rtp.host}:{self.config.rtp.ports[0]}-{self.config.rtp.ports[1]}",
+            engine=self.engine.name,
+            webhook=self.config.webhook.url,
+        )
+
+    async def stop(self, drain_timeout_s: float = 10.0) -> None:
+        """Refuse new calls, let live ones finish their transcripts, deliver events, shut down."""
+        await self.registry.drain(drain_timeout_s)
+        await self.rtp.stop()
+        if self.webhook is not None:
+            await self.webhook.close()
+        if self._runner is not None:
+            await self._runner.cleanup()
+        await self.engine.stop()
+        log.info("voxphone_stopped")
+
+
+async def serve(config: Config) -> None:
+    """Run until SIGINT or SIGTERM, then drain gracefully."""
+    app = App(config)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, stop.set)
+    try:
+        await app.start()
+        await stop.wait()
+        log.info("voxphone_draining")
+    finally:
+        await app.stop()

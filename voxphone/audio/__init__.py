@@ -1,0 +1,1 @@
+"""Audio DSP: synchronous process()/flush()/reset() stages with no I/O and no asyncio."""

@@ -1,0 +1,101 @@
+"""Payload decoders: codec bytes in, int16 mono PCM out, one PyAV decoder per call.
+
+PyAV (FFmpeg) does the codec work; this module only chooses and configures a decoder and turns
+its frames into numpy. A decoder is stateful (G.722 and Opus carry history) so each call owns one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import av
+import numpy as np
+import numpy.typing as npt
+
+from voxphone.errors import DecodeError
+
+Pcm = npt.NDArray[np.int16]
+
+
+@dataclass(frozen=True)
+class Codec:
+    """A payload format: its name, audio sample rate and RTP clock rate.
+
+    ``clock_rate`` differs from ``sample_rate`` only for G.722 (RFC 3551 §4.5.2 keeps 8000).
+    """
+
+    name: str
+    sample_rate: int
+    clock_rate: int
+    ffmpeg_name: str
+
+
+PCMU = Codec("PCMU", 8000, 8000, "pcm_mulaw")
+PCMA = Codec("PCMA", 8000, 8000, "pcm_alaw")
+L16_8K = Codec("L16/8000", 8000, 8000, "pcm_s16be")
+L16_16K = Codec("L16/16000", 16000, 16000, "pcm_s16be")
+
+#: RFC 3551 static payload types we accept without signalling.
+STATIC_PAYLOAD_TYPES: dict[int, Codec] = {0: PCMU, 8: PCMA}
+
+CODECS: dict[str, Codec] = {c.name.lower(): c for c in (PCMU, PCMA, L16_8K, L16_16K)}
+
+
+def codec_by_name(name: str) -> Codec:
+    """Look a codec up by its name (case-insensitive), e.g. ``pcmu`` or ``L16/16000``."""
+    try:
+        return CODECS[name.lower()]
+    except KeyError:
+        known = ", ".join(sorted(c.name for c in CODECS.values()))
+        raise DecodeError(f"unknown codec {name!r}; known: {known}") from None
+
+
+class Decoder:
+    """Decodes one call's payloads of one codec into int16 mono PCM at ``codec.sample_rate``."""
+
+    def __init__(self, codec: Codec) -> None:
+        self.codec = codec
+        ctx = av.CodecContext.create(codec.ffmpeg_name, "r")
+        assert isinstance(ctx, av.AudioCodecContext)
+        ctx.sample_rate = codec.sample_rate
+        ctx.layout = "mono"
+        self._ctx = ctx
+
+    def decode(self, payload: bytes) -> Pcm:
+        """Decode one payload; an empty payload gives an empty array."""
+        if not payload:
+            return np.zeros(0, np.int16)
+        try:
+            frames = self._ctx.decode(av.Packet(payload))
+        except (av.FFmpegError, ValueError) as exc:
+            raise DecodeError(
+                f"{self.codec.name}: cannot decode {len(payload)}-byte payload: {exc}"
+            ) from exc
+        return _frames_to_mono_int16(frames)
+
+
+def _frames_to_mono_int16(frames: list[av.AudioFrame]) -> Pcm:
+    """Flatten the decoder's s16 mono frames into one array."""
+    parts = [frame.to_ndarray().reshape(-1) for frame in frames]
+    if not parts:
+        return np.zeros(0, np.int16)
+    pcm = parts[0] if len(parts) == 1 else np.concatenate(parts)
+    return pcm.astype(np.int16, copy=False)
+
+
+class Encoder:
+    """Encodes int16 mono PCM at ``codec.sample_rate`` into payloads (test callers, ``call``)."""
+
+    def __init__(self, codec: Codec) -> None:
+        self.codec = codec
+        ctx = av.CodecContext.create(codec.ffmpeg_name, "w")
+        assert isinstance(ctx, av.AudioCodecContext)
+        ctx.sample_rate = codec.sample_rate
+        ctx.layout = "mono"
+        ctx.format = "s16"
+        self._ctx = ctx
+
+    def encode(self, pcm: Pcm) -> bytes:
+        frame = av.AudioFrame.from_ndarray(pcm.reshape(1, -1), format="s16", layout="mono")
+        frame.sample_rate = self.codec.sample_rate
+        return b"".join(bytes(p) for p in self._ctx.encode(frame))

@@ -1,0 +1,29 @@
+"""Reading audio files of any format PyAV (FFmpeg) understands."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import av
+import numpy as np
+
+from voxphone.audio.codecs import Pcm
+from voxphone.errors import DecodeError
+
+
+def read_audio(path: Path, rate: int) -> Pcm:
+    """The whole file as int16 mono PCM at ``rate`` (downmixed and resampled by FFmpeg)."""
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.audio:
+                raise DecodeError(f"{path}: no audio stream")
+            resampler = av.AudioResampler(format="s16", layout="mono", rate=rate)
+            parts = [
+                out.to_ndarray().reshape(-1)
+                for frame in container.decode(audio=0)
+                for out in resampler.resample(frame)
+            ]
+            parts += [out.to_ndarray().reshape(-1) for out in resampler.resample(None)]
+    except (av.FFmpegError, OSError) as exc:
+        raise DecodeError(f"{path}: cannot read audio: {exc}") from exc
+    return np.concatenate(parts).astype(np.int16) if parts else np.zeros(0, np.int16)

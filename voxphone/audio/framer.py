@@ -1,0 +1,128 @@
+"""The model's clock: media timestamps in, exact 80 ms frames of 16 kHz PCM out.
+
+``Timeline`` decides where each packet's samples belong on the call's sample clock, driven by the
+media timestamp rather than arrival time: a gap becomes silence, a late or duplicate packet is
+dropped, and a jump too large to be loss (a sender reset) re-anchors the clock instead of
+stalling it. ``Framer`` cuts the resampled stream into the 1280-sample frames the engines eat
+(Voxtral: one token per 80 ms frame).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from voxphone.audio.codecs import Pcm
+
+FRAME_MS = 80
+FRAME_SAMPLES = 1280  # 80 ms at 16 kHz
+_TS_MOD = 1 << 32
+
+
+def ts_delta(a: int, b: int) -> int:
+    """Signed difference ``a - b`` of two 32-bit RTP timestamps, correct across wrap-around."""
+    d = (a - b) % _TS_MOD
+    return d - _TS_MOD if d >= _TS_MOD // 2 else d
+
+
+@dataclass
+class TimelineStats:
+    packets: int = 0
+    late: int = 0  # wholly before the play-out point: duplicates and reordered stragglers
+    gap_samples: int = 0  # silence inserted for loss or gaps
+    discontinuities: int = 0  # timestamp jumps treated as a new origin
+
+
+@dataclass(frozen=True)
+class Placement:
+    """What to do with one packet: insert ``silence`` samples, then its samples from ``skip`` on."""
+
+    silence: int
+    skip: int
+
+
+class Timeline:
+    """Places packets on a continuous sample clock from their media timestamps.
+
+    ``clock_rate`` is the timestamp unit (RTP clock), ``sample_rate`` the decoded audio's rate; they
+    differ for G.722. ``max_gap_s`` bounds the silence one gap may insert; a larger forward jump,
+    or a backward jump beyond ``max_late_s``, is a discontinuity: the clock re-anchors there.
+    """
+
+    def __init__(
+        self, clock_rate: int, sample_rate: int, max_gap_s: float = 5.0, max_late_s: float = 1.0
+    ) -> None:
+        self._ratio = sample_rate / clock_rate
+        self._max_gap = int(max_gap_s * clock_rate)
+        self._max_late = int(max_late_s * clock_rate)
+        self._next_ts: int | None = None
+        self.stats = TimelineStats()
+
+    def place(self, timestamp: int, n_samples: int) -> Placement | None:
+        """Place a packet of ``n_samples`` decoded samples; ``None`` means drop it as late."""
+        self.stats.packets += 1
+        duration = round(n_samples / self._ratio)
+        if self._next_ts is None:
+            return self._anchor(timestamp, duration)
+        d = ts_delta(timestamp, self._next_ts)
+        if d > self._max_gap or d < -self._max_late:
+            self.stats.discontinuities += 1
+            return self._anchor(timestamp, duration)
+        if d + duration <= 0:
+            self.stats.late += 1
+            return None
+        self._next_ts = (timestamp + duration) % _TS_MOD
+        if d >= 0:
+            silence = round(d * self._ratio)
+            self.stats.gap_samples += silence
+            return Placement(silence, 0)
+        return Placement(0, min(n_samples, round(-d * self._ratio)))
+
+    def _anchor(self, timestamp: int, duration: int) -> Placement:
+        self._next_ts = (timestamp + duration) % _TS_MOD
+        return Placement(0, 0)
+
+    def reset(self) -> None:
+        """Forget the origin: the next packet starts a new continuous stretch."""
+        self._next_ts = None
+
+
+class Framer:
+    """Cuts a stream of int16 samples into exact ``FRAME_SAMPLES`` frames."""
+
+    frame_samples = FRAME_SAMPLES
+
+    def __init__(self) -> None:
+        self._buf = np.zeros(FRAME_SAMPLES, np.int16)
+        self._fill = 0
+        self.frames_out = 0
+
+    def push(self, pcm: Pcm) -> list[Pcm]:
+        """Add samples; return every frame completed by them (each a fresh array)."""
+        frames: list[Pcm] = []
+        pos = 0
+        while pos < pcm.size:
+            take = min(self.frame_samples - self._fill, pcm.size - pos)
+            self._buf[self._fill : self._fill + take] = pcm[pos : pos + take]
+            self._fill += take
+            pos += take
+            if self._fill == self.frame_samples:
+                frames.append(self._buf.copy())
+                self._fill = 0
+        self.frames_out += len(frames)
+        return frames
+
+    def flush(self) -> Pcm | None:
+        """Pad the partial frame with silence and return it, or ``None`` if there is none."""
+        if self._fill == 0:
+            return None
+        self._buf[self._fill :] = 0
+        self._fill = 0
+        self.frames_out += 1
+        return self._buf.copy()
+
+    @property
+    def position_ms(self) -> int:
+        """Audio time emitted so far, on the call's clock."""
+        return self.frames_out * FRAME_MS

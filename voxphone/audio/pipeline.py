@@ -1,0 +1,42 @@
+"""One call's audio path: payload → PCM → call clock → 16 kHz → 80 ms frames."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from voxphone.audio.codecs import Codec, Decoder, Pcm
+from voxphone.audio.framer import Framer, Timeline
+from voxphone.audio.resample import MODEL_RATE, Resampler
+
+
+class AudioPipeline:
+    """Synchronous per-call DSP chain; every method returns the 80 ms frames it completed."""
+
+    def __init__(self, codec: Codec, max_gap_s: float = 5.0) -> None:
+        self.codec = codec
+        self.decoder = Decoder(codec)
+        self.timeline = Timeline(codec.clock_rate, codec.sample_rate, max_gap_s=max_gap_s)
+        self.resampler = Resampler(codec.sample_rate, MODEL_RATE)
+        self.framer = Framer()
+
+    def push_packet(self, timestamp: int, payload: bytes) -> list[Pcm]:
+        """A timestamped payload; raises ``DecodeError`` for one the codec rejects."""
+        pcm = self.decoder.decode(payload)
+        placement = self.timeline.place(timestamp, pcm.size)
+        if placement is None:
+            return []
+        if placement.silence:
+            pcm = np.concatenate([np.zeros(placement.silence, np.int16), pcm])
+        elif placement.skip:
+            pcm = pcm[placement.skip :]
+        return self.push_pcm(pcm)
+
+    def push_pcm(self, pcm: Pcm) -> list[Pcm]:
+        """Already decoded, gap-free PCM at the codec's sample rate."""
+        return self.framer.push(self.resampler.process(pcm))
+
+    def flush(self) -> list[Pcm]:
+        """End of the call's audio: drain the resampler and pad the last frame."""
+        frames = self.framer.push(self.resampler.flush())
+        last = self.framer.flush()
+        return frames + ([last] if last is not None else [])

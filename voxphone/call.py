@@ -1,0 +1,292 @@
+"""A call: codec packets in from a transport, 80 ms frames to an engine stream, events out.
+
+A ``Call`` owns its pipeline and two tasks: the *feeder* moves frames from a bounded queue into the
+engine stream (the only place that may wait on the engine), and the *reader* turns engine output
+into events. Transports push packets synchronously and never wait: if the engine falls behind by
+more than the queue holds, the oldest frames are dropped and counted rather than stalling the
+socket. A failure inside one call ends that call with ``call.ended{reason}``, nothing else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import structlog
+
+from voxphone.audio.codecs import Codec, Pcm
+from voxphone.audio.pipeline import AudioPipeline
+from voxphone.clock import Clock
+from voxphone.engines.base import Engine, EngineStream, TranscriptChunk
+from voxphone.errors import DecodeError, EngineError
+from voxphone.events import model as ev
+from voxphone.events.model import EventSequencer, EventSink
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass
+class CallStats:
+    packets: int = 0
+    decode_errors: int = 0
+    late_packets: int = 0
+    gap_ms: int = 0
+    dropped_frames: int = 0
+
+
+class Call:
+    """One call's pipeline and lifecycle. Create with ``CallRegistry.open``."""
+
+    def __init__(
+        self,
+        call_id: str,
+        codec: Codec,
+        sink: EventSink,
+        clock: Clock,
+        *,
+        transport: str,
+        metadata: dict[str, Any] | None = None,
+        max_gap_s: float = 5.0,
+        max_queued_frames: int = 250,
+        end_timeout_s: float = 30.0,
+    ) -> None:
+        self.call_id = call_id
+        self.codec = codec
+        self.transport = transport
+        self.metadata = metadata or {}
+        self.pipeline = AudioPipeline(codec, max_gap_s=max_gap_s)
+        self.stats = CallStats()
+        self.end_reason: str | None = None
+        self._sink = sink
+        self._clock = clock
+        self._events = EventSequencer(call_id, clock)
+        self._frames: asyncio.Queue[Pcm | None] = asyncio.Queue(max_queued_frames)
+        self._end_timeout_s = end_timeout_s
+        self._started_at = clock.monotonic()
+        self._segments: list[str] = []
+        self._segment_id = 0
+        self._stream: EngineStream | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._flush_expired = False
+        self.frames_sent = 0
+        self._log = log.bind(call_id=call_id)
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def start(self, engine: Engine, on_done: Callable[[Call], None] | None = None) -> None:
+        """Announce the call and start its tasks; audio may be pushed right away."""
+        self._publish(
+            ev.CALL_STARTED,
+            {"transport": self.transport, "codec": self.codec.name, **self.metadata},
+        )
+        self._log.info("call_started", transport=self.transport, codec=self.codec.name)
+        self._task = asyncio.create_task(self._run(engine), name=f"call-{self.call_id}")
+        if on_done is not None:
+            self._task.add_done_callback(lambda _task: on_done(self))
+
+    def end(self, reason: str) -> None:
+        """Hang up: flush the audio path and let the engine finish. Idempotent."""
+        if self.end_reason is not None:
+            return
+        self.end_reason = reason
+        for frame in self.pipeline.flush():
+            self._enqueue(frame)
+        self._enqueue(None)
+        if self._task is not None:
+            asyncio.get_running_loop().call_later(self._end_timeout_s, self._flush_deadline)
+
+    async def wait(self) -> None:
+        """Until ``call.ended`` has been published."""
+        if self._task is not None:
+            await asyncio.wait([self._task])
+
+    async def abort(self, reason: str) -> None:
+        """End now without waiting for the engine's last words (shutdown deadline passed)."""
+        self.end_reason = self.end_reason or reason
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    @property
+    def done(self) -> bool:
+        return self._task is not None and self._task.done()
+
+    # -- audio in --------------------------------------------------------------------------
+
+    def push_packet(self, timestamp: int, payload: bytes) -> None:
+        """One codec payload with its media timestamp; never blocks, never raises."""
+        if self.end_reason is not None:
+            return
+        for frame in self._decode(timestamp, payload):
+            self._enqueue(frame)
+
+    async def feed_packet(self, timestamp: int, payload: bytes) -> None:
+        """Like ``push_packet`` but waits for room instead of dropping (files, not live media)."""
+        for frame in self._decode(timestamp, payload):
+            await self._frames.put(frame)
+
+    async def feed_pcm(self, pcm: Pcm) -> None:
+        """Decoded, gap-free PCM at the codec rate, waiting for room (files, not live media)."""
+        for frame in self.pipeline.push_pcm(pcm):
+            await self._frames.put(frame)
+
+    def _decode(self, timestamp: int, payload: bytes) -> list[Pcm]:
+        self.stats.packets += 1
+        try:
+            return self.pipeline.push_packet(timestamp, payload)
+        except DecodeError as exc:
+            self.stats.decode_errors += 1
+            self._log.debug("decode_error", error=str(exc))
+            return []
+
+    def _enqueue(self, frame: Pcm | None) -> None:
+        if self._frames.full():
+            self._frames.get_nowait()
+            self.stats.dropped_frames += 1
+            if self.stats.dropped_frames % 50 == 1:
+                self._log.warning(
+                    "engine_lagging_frames_dropped", dropped=self.stats.dropped_frames
+                )
+        self._frames.put_nowait(frame)
+
+    # -- tasks -----------------------------------------------------------------------------
+
+    async def _run(self, engine: Engine) -> None:
+        try:
+            self._stream = await engine.open_stream(self.call_id)
+            feeder = asyncio.create_task(self._feed(self._stream))
+            try:
+                async for chunk in self._stream.chunks():
+                    self._on_chunk(chunk)
+            finally:
+                feeder.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await feeder
+        except EngineError as exc:
+            self._engine_failed(exc)
+        except asyncio.CancelledError:
+            if self._stream is not None:
+                await self._stream.abort()
+            self._finish()
+            if not self._flush_expired:
+                raise
+            return
+        self._finish()
+
+    async def _feed(self, stream: EngineStream) -> None:
+        while (frame := await self._frames.get()) is not None:
+            await stream.send(frame)
+            self.frames_sent += 1
+        await stream.close()
+
+    def _flush_deadline(self) -> None:
+        """The engine took too long to finish after hang-up: abort the stream."""
+        if self._task is not None and not self._task.done():
+            self._log.warning("engine_flush_timeout", timeout_s=self._end_timeout_s)
+            self._flush_expired = True
+            self._task.cancel()
+
+    def _on_chunk(self, chunk: TranscriptChunk) -> None:
+        if chunk.delta:
+            self._publish(
+                ev.TRANSCRIPT_DELTA, {"text": chunk.delta, "segment_id": self._segment_id}
+            )
+        if chunk.segment_end:
+            text = chunk.text.strip()
+            if text:
+                self._segments.append(text)
+                self._publish(
+                    ev.TRANSCRIPT_FINAL,
+                    {
+                        "text": text,
+                        "segment_id": self._segment_id,
+                        "start_ms": chunk.start_ms,
+                        "end_ms": chunk.end_ms,
+                    },
+                )
+            self._segment_id += 1
+
+    def _engine_failed(self, exc: EngineError) -> None:
+        self._log.error("engine_error", error=str(exc))
+        self._publish(ev.ENGINE_ERROR, {"message": str(exc)})
+        self.end_reason = self.end_reason or "engine_error"
+
+    def _finish(self) -> None:
+        s = self.pipeline.timeline.stats
+        self.stats.late_packets = s.late
+        self.stats.gap_ms = s.gap_samples * 1000 // self.codec.sample_rate
+        duration_ms = int((self._clock.monotonic() - self._started_at) * 1000)
+        self._publish(
+            ev.CALL_ENDED,
+            {
+                "reason": self.end_reason or "ended",
+                "duration_ms": duration_ms,
+                "audio_ms": self.pipeline.framer.position_ms,
+                "transcript": " ".join(self._segments),
+                "stats": asdict(self.stats),
+            },
+        )
+        self._log.info(
+            "call_ended", reason=self.end_reason, duration_ms=duration_ms, **asdict(self.stats)
+        )
+
+    def _publish(self, type_: str, data: dict[str, Any]) -> None:
+        self._sink.publish(self._events.next(type_, data))
+
+
+class CallRegistry:
+    """The process's live calls, with an admission limit."""
+
+    def __init__(
+        self, engine: Engine, sink: EventSink, clock: Clock, max_concurrent: int, max_gap_s: float
+    ) -> None:
+        self.engine = engine
+        self._sink = sink
+        self._clock = clock
+        self.max_concurrent = max_concurrent
+        self._max_gap_s = max_gap_s
+        self.calls: dict[str, Call] = {}
+        self.rejected = 0
+        self.accepting = True
+
+    def open(
+        self, codec: Codec, *, transport: str, metadata: dict[str, Any] | None = None
+    ) -> Call | None:
+        """Admit and start a call, or return ``None`` when draining or at the limit."""
+        if not self.accepting or len(self.calls) >= self.max_concurrent:
+            self.rejected += 1
+            log.warning("call_rejected", active=len(self.calls), accepting=self.accepting)
+            return None
+        call = Call(
+            f"call_{uuid.uuid4().hex[:20]}",
+            codec,
+            self._sink,
+            self._clock,
+            transport=transport,
+            metadata=metadata,
+            max_gap_s=self._max_gap_s,
+        )
+        self.calls[call.call_id] = call
+        call.start(self.engine, on_done=self._forget)
+        return call
+
+    def _forget(self, call: Call) -> None:
+        self.calls.pop(call.call_id, None)
+
+    async def drain(self, timeout_s: float) -> None:
+        """Refuse new calls, hang up the live ones, give the engine ``timeout_s`` to finish."""
+        self.accepting = False
+        calls = list(self.calls.values())
+        for call in calls:
+            call.end("shutdown")
+        if not calls:
+            return
+        await asyncio.wait([asyncio.ensure_future(c.wait()) for c in calls], timeout=timeout_s)
+        for call in calls:
+            if not call.done:
+                await call.abort("shutdown")

@@ -1,0 +1,206 @@
+"""The ``voxphone`` command: serve, transcribe a file, or place a test call."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from voxphone import __version__
+from voxphone.config import Config, load_config
+from voxphone.errors import VoxphoneError
+
+DESCRIPTION = """\
+Phone and browser calls in, live transcript events out.
+
+  voxphone serve                      run the service (RTP on 127.0.0.1:40000-40100, HTTP on :8080)
+  voxphone call speech.wav            send a file as a phone call (G.711 RTP) to a running service
+  voxphone transcribe speech.wav      print a file's transcript through the same call pipeline
+  voxphone receive                    print the webhooks a service sends (to try it out)
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        result: int = args.run(args)
+        return result
+    except VoxphoneError as exc:
+        print(f"voxphone: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="voxphone",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"voxphone {__version__}")
+    sub = parser.add_subparsers(required=True, metavar="COMMAND")
+
+    serve = sub.add_parser(
+        "serve",
+        help="run the service",
+        description="Run the service until "
+        "SIGINT/SIGTERM, then drain: live calls finish their transcripts.",
+    )
+    _config_flags(serve)
+    g = serve.add_argument_group("overrides (each beats the config file and VOXPHONE_* variables)")
+    g.add_argument("--http-host", help="HTTP listen address [127.0.0.1]")
+    g.add_argument("--http-port", type=int, help="HTTP port for health, readiness, API [8080]")
+    g.add_argument("--rtp-host", help="RTP listen address; 0.0.0.0 for remote gateways [127.0.0.1]")
+    g.add_argument("--rtp-ports", metavar="LOW-HIGH", help="RTP port range [40000-40100]")
+    g.add_argument("--webhook", metavar="URL", help="POST every event here as JSON")
+    g.add_argument("--webhook-secret", metavar="whsec_…", help="sign webhooks (Standard Webhooks)")
+    g.add_argument("--max-calls", type=int, help="concurrent call limit [50]")
+    serve.set_defaults(run=_serve)
+
+    tr = sub.add_parser(
+        "transcribe",
+        help="transcribe an audio file",
+        description="Transcribe any file FFmpeg can read, through the same call "
+        "pipeline a live call uses, and print each segment as it closes.",
+    )
+    tr.add_argument("file", type=Path)
+    tr.add_argument(
+        "--telephony",
+        action="store_true",
+        help="send the audio through the phone path first (8 kHz G.711 µ-law), "
+        "to hear what a phone line does to accuracy",
+    )
+    tr.add_argument("--json", action="store_true", help="print every event as a JSON line")
+    _config_flags(tr)
+    tr.set_defaults(run=_transcribe)
+
+    call = sub.add_parser(
+        "call",
+        help="send a file as an RTP call to a running service",
+        description="A test caller: sends the file as G.711 RTP at real-time "
+        "pace, like a SIP gateway would.",
+    )
+    call.add_argument("file", type=Path)
+    call.add_argument(
+        "--to",
+        default="127.0.0.1:40000",
+        metavar="HOST:PORT",
+        help="where voxphone listens for RTP [127.0.0.1:40000]",
+    )
+    call.add_argument("--codec", choices=["pcmu", "pcma"], default="pcmu", help="[pcmu]")
+    call.add_argument("--ptime", type=int, default=20, help="milliseconds per packet [20]")
+    call.add_argument("--loss", type=float, default=0.0, help="fraction of packets to drop [0]")
+    call.add_argument("--no-pace", action="store_true", help="send as fast as possible")
+    call.set_defaults(run=_call)
+
+    rx = sub.add_parser(
+        "receive",
+        help="print incoming webhooks (a receiver for trying it out)",
+        description="Listen for voxphone's webhooks, verify their signatures when "
+        "given the secret, and print each event as a JSON line.",
+    )
+    rx.add_argument("--host", default="127.0.0.1", help="[127.0.0.1]")
+    rx.add_argument("--port", type=int, default=9000, help="[9000]")
+    rx.add_argument("--secret", metavar="whsec_…", help="verify signatures with this secret")
+    rx.set_defaults(run=_receive)
+    return parser
+
+
+def _config_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", type=Path, metavar="FILE", help="TOML config file (see configs/)")
+    p.add_argument(
+        "--engine",
+        choices=["auto", "sphinx", "vllm", "vllm-remote"],
+        help="speech engine; auto picks the best available [auto]",
+    )
+    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--log-format", choices=["auto", "json", "console"])
+
+
+def _load(args: argparse.Namespace, extra: dict[str, Any] | None = None) -> Config:
+    overrides = {
+        "engine.kind": args.engine,
+        "log.level": args.log_level,
+        "log.format": args.log_format,
+        **(extra or {}),
+    }
+    config = load_config(args.config, overrides)
+    from voxphone.logging import configure
+
+    configure(config.log.level, config.log.format)
+    return config
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from voxphone.app import serve
+
+    config = _load(
+        args,
+        {
+            "http.host": args.http_host,
+            "http.port": args.http_port,
+            "rtp.host": args.rtp_host,
+            "rtp.ports": args.rtp_ports,
+            "webhook.url": args.webhook,
+            "webhook.secret": args.webhook_secret,
+            "calls.max_concurrent": args.max_calls,
+        },
+    )
+    asyncio.run(serve(config))
+    return 0
+
+
+def _transcribe(args: argparse.Namespace) -> int:
+    from voxphone.transcribe import transcribe_file
+
+    config = _load(args, {"log.level": args.log_level or "warning"})
+    text = asyncio.run(
+        transcribe_file(
+            config,
+            args.file,
+            telephony=args.telephony,
+            json_lines=args.json,
+            progress=sys.stderr.isatty(),
+        )
+    )
+    return 0 if text is not None else 1
+
+
+def _call(args: argparse.Namespace) -> int:
+    from voxphone.audio.codecs import codec_by_name
+    from voxphone.audio.files import read_audio
+    from voxphone.testing import rtp_packets, send_rtp
+
+    host, _, port = args.to.rpartition(":")
+    if not host or not port.isdigit():
+        print(f"voxphone: error: --to must be HOST:PORT, got {args.to!r}", file=sys.stderr)
+        return 2
+    codec = codec_by_name(args.codec)
+    pcm = read_audio(args.file, codec.sample_rate)
+    packets = list(rtp_packets(pcm, codec, ptime_ms=args.ptime))
+    seconds = len(packets) * args.ptime / 1000
+    print(
+        f"calling {host}:{port}: {len(packets)} {codec.name} packets, {seconds:.1f} s",
+        file=sys.stderr,
+    )
+    sent = asyncio.run(
+        send_rtp(
+            packets, (host, int(port)), ptime_ms=args.ptime, loss=args.loss, pace=not args.no_pace
+        )
+    )
+    print(
+        json.dumps({"to": args.to, "codec": codec.name, "packets_sent": sent, "seconds": seconds})
+    )
+    return 0
+
+
+def _receive(args: argparse.Namespace) -> int:
+    from voxphone.receive import receive
+
+    asyncio.run(receive(args.host, args.port, args.secret))
+    return 0

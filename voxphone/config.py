@@ -1,0 +1,192 @@
+"""Configuration: one TOML file, ``VOXPHONE_*`` environment overrides, then command-line flags.
+
+Every default lives here. Validation happens once, at startup, and a bad value is reported with
+its source and dotted key (``voxphone.toml: rtp.ports: ...``) instead of a traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from voxphone.errors import ConfigError
+
+ENV_PREFIX = "VOXPHONE_"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class HttpConfig(_Section):
+    """The HTTP server: health, readiness and the calls API."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=0, le=65535)
+
+
+class RtpConfig(_Section):
+    """Plain RTP ingress. A call starts with the first valid packets from a new source."""
+
+    host: str = "127.0.0.1"
+    #: Inclusive UDP port range, ``"40000-40100"``; every port in it accepts calls.
+    ports: tuple[int, int] = (40000, 40100)
+    #: A call ends after this many seconds without a packet.
+    inactivity_timeout_s: float = Field(5.0, gt=0)
+    #: Largest gap in a call's media timestamps filled with silence; a bigger jump re-anchors.
+    max_gap_s: float = Field(5.0, gt=0)
+
+    @field_validator("ports", mode="before")
+    @classmethod
+    def _parse_range(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            lo, sep, hi = value.partition("-")
+            if not sep or not lo.strip().isdigit() or not hi.strip().isdigit():
+                raise ValueError(f"expected a port range like '40000-40100', got {value!r}")
+            return (int(lo), int(hi))
+        return value
+
+    @field_validator("ports")
+    @classmethod
+    def _check_range(cls, value: tuple[int, int]) -> tuple[int, int]:
+        lo, hi = value
+        if not 1 <= lo <= hi <= 65535:
+            raise ValueError(f"port range {lo}-{hi} must satisfy 1 <= low <= high <= 65535")
+        return value
+
+
+class CallsConfig(_Section):
+    """Admission: how many calls one process takes at once."""
+
+    max_concurrent: int = Field(50, ge=1)
+
+
+class SphinxConfig(_Section):
+    """The embedded pocketsphinx engine."""
+
+    #: Worker processes (pocketsphinx holds the GIL, so parallelism needs processes).
+    workers: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1)
+    #: Seconds of non-speech that close a ``transcript.final`` segment.
+    pause_s: float = Field(0.5, gt=0.05, le=5)
+    #: Faint white noise (int16 standard deviation) that makes 8 kHz audio usable by the model.
+    noise_floor: float = Field(30.0, ge=0)
+
+
+EngineKind = Literal["auto", "sphinx", "vllm", "vllm-remote"]
+
+
+class EngineConfig(_Section):
+    """Which speech engine transcribes calls."""
+
+    kind: EngineKind = "auto"
+    sphinx: SphinxConfig = SphinxConfig()
+
+
+class WebhookConfig(_Section):
+    """Where events are POSTed (Standard Webhooks signing when a secret is set)."""
+
+    url: str | None = None
+    secret: str | None = None
+    timeout_s: float = Field(10.0, gt=0)
+
+    @field_validator("url")
+    @classmethod
+    def _check_url(cls, value: str | None) -> str | None:
+        if value and not value.startswith(("http://", "https://")):
+            raise ValueError(f"webhook url must start with http:// or https://, got {value!r}")
+        return value or None
+
+    @field_validator("secret")
+    @classmethod
+    def _check_secret(cls, value: str | None) -> str | None:
+        if value:
+            from voxphone.events.webhook import decode_secret
+
+            try:
+                decode_secret(value)
+            except ConfigError as exc:
+                raise ValueError(str(exc)) from None
+        return value or None
+
+
+class LogConfig(_Section):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    #: ``auto`` = coloured console lines on a terminal, JSON otherwise.
+    format: Literal["auto", "json", "console"] = "auto"
+
+
+class Config(_Section):
+    """The whole configuration; each section maps to a ``[table]`` of the TOML file."""
+
+    http: HttpConfig = HttpConfig()
+    rtp: RtpConfig = RtpConfig()
+    calls: CallsConfig = CallsConfig()
+    engine: EngineConfig = EngineConfig()
+    webhook: WebhookConfig = WebhookConfig()
+    log: LogConfig = LogConfig()
+
+    @model_validator(mode="after")
+    def _check(self) -> Config:
+        if self.webhook.secret and not self.webhook.url:
+            raise ValueError("webhook.secret is set but webhook.url is not")
+        return self
+
+
+def load_config(
+    path: Path | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> Config:
+    """Build the config: file, then ``VOXPHONE_SECTION__KEY`` variables, then ``overrides``.
+
+    ``overrides`` maps dotted keys (``"rtp.ports"``) to values, as the CLI flags produce them.
+    """
+    data: dict[str, Any] = _read_toml(path) if path else {}
+    env = os.environ if environ is None else environ
+    for name, value in env.items():
+        if name.startswith(ENV_PREFIX) and "__" in name:
+            key = name.removeprefix(ENV_PREFIX).lower().replace("__", ".")
+            _set_dotted(data, key, value)
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            _set_dotted(data, key, value)
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, path)) from None
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+
+
+def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
+    *parents, leaf = key.split(".")
+    node = data
+    for part in parents:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{key}: {part!r} is a value, not a table")
+        node = child
+    node[leaf] = value
+
+
+def _describe(exc: ValidationError, path: Path | None) -> str:
+    source = str(path) if path else "config"
+    lines = []
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+        lines.append(f"{source}: {key}: {msg}")
+    return "\n".join(lines)

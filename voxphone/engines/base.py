@@ -1,0 +1,63 @@
+"""The engine interface, shaped by the Voxtral realtime contract.
+
+Voxtral consumes one 80 ms frame of 16 kHz audio per decoding step and emits one token per step,
+about half a second behind the audio; at the end of a stream it needs right padding to flush the
+words still in flight. So a stream takes frames one at a time (``send`` may wait: that is the
+engine's backpressure), produces text asynchronously (``chunks``), and ends in two ways: ``close``
+(no more audio, flush, the chunk iterator ends once everything is out) or ``abort`` (hang up now).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Protocol
+
+from voxphone.audio.codecs import Pcm
+
+
+@dataclass(frozen=True)
+class TranscriptChunk:
+    """Engine output for one stream.
+
+    ``delta`` is text appended to the open segment (may be empty). When ``segment_end`` is set the
+    open segment closes with this chunk: ``text`` is then its authoritative full text (an engine
+    that revises its hypothesis, like pocketsphinx, may differ from the deltas' concatenation) and
+    ``start_ms``/``end_ms`` place it on the stream's audio clock (80 ms per frame sent).
+    """
+
+    delta: str = ""
+    segment_end: bool = False
+    text: str = ""
+    start_ms: int = 0
+    end_ms: int = 0
+
+
+class EngineStream(Protocol):
+    """One call's recognition stream."""
+
+    async def send(self, frame: Pcm) -> None:
+        """Feed one 80 ms frame (1280 int16 samples at 16 kHz)."""
+
+    async def close(self) -> None:
+        """No more audio: flush; ``chunks`` ends when the engine has said everything."""
+
+    async def abort(self) -> None:
+        """Stop now and free the engine's resources; ``chunks`` ends promptly."""
+
+    def chunks(self) -> AsyncIterator[TranscriptChunk]:
+        """The stream's output, in order; raises ``EngineError`` if the engine fails."""
+        ...
+
+
+class Engine(Protocol):
+    """A speech engine shared by all calls of a process."""
+
+    name: str
+
+    async def start(self) -> None:
+        """Load models and check the environment; raise ``EngineError`` with the reason."""
+
+    async def open_stream(self, call_id: str) -> EngineStream: ...
+
+    async def stop(self) -> None: ...

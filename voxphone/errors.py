@@ -1,0 +1,38 @@
+"""The one exception tree of voxphone.
+
+    VoxphoneError
+     ├── ConfigError      bad config file, flag or environment override (names the key)
+     ├── TransportError   malformed or unwanted input on the wire (RTP, SDP, websocket frames)
+     ├── DecodeError      a payload the codec could not turn into PCM
+     ├── EngineError      the speech engine failed to start or to serve a stream
+     └── DeliveryError    an event could not be delivered to a sink
+
+Foreign exceptions are translated at the boundary where they enter (``raise X(...) from exc``) so
+callers catch one family, and every message says what was wrong and where.
+"""
+
+from __future__ import annotations
+
+
+class VoxphoneError(Exception):
+    """Root of every error voxphone raises on purpose."""
+
+
+class ConfigError(VoxphoneError):
+    """The configuration is invalid; the message names the offending key."""
+
+
+class TransportError(VoxphoneError):
+    """Input from a transport was malformed or not acceptable."""
+
+
+class DecodeError(VoxphoneError):
+    """A media payload could not be decoded."""
+
+
+class EngineError(VoxphoneError):
+    """The speech engine failed."""
+
+
+class DeliveryError(VoxphoneError):
+    """An event could not be delivered."""

@@ -1,0 +1,1 @@
+"""Events: the envelope every sink receives, and the sinks that deliver it."""

@@ -1,0 +1,1 @@
+"""The HTTP surface: health, readiness and the calls API (aiohttp, on the one event loop)."""

@@ -1,0 +1,1 @@
+"""Transports: turn media from the network into codec packets for a ``Call``."""

@@ -1,0 +1,275 @@
+"""Plain RTP ingress (RFC 3550): sans-I/O packet parsing plus a thin asyncio UDP endpoint.
+
+A call is created by the first packets of a new source on any port of the configured range and
+ends after a period of silence on the wire. A new source must first pass RFC 3550 §A.1 probation
+(two packets with consecutive sequence numbers), so a flood of random datagrams never creates a
+call; once a source is latched, packets from it with another SSRC are dropped and counted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import struct
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import structlog
+
+from voxphone.audio.codecs import STATIC_PAYLOAD_TYPES, Codec
+from voxphone.call import Call
+from voxphone.clock import Clock
+from voxphone.errors import TransportError
+
+log = structlog.get_logger(__name__)
+
+_HEADER = struct.Struct("!BBHII")
+COMFORT_NOISE_PT = 13
+
+
+@dataclass(frozen=True)
+class RtpPacket:
+    """A parsed RTP packet. ``payload`` excludes CSRCs, the header extension and padding."""
+
+    payload_type: int
+    sequence: int
+    timestamp: int
+    ssrc: int
+    payload: bytes
+    marker: bool = False
+    csrcs: tuple[int, ...] = ()
+    extension: tuple[int, bytes] | None = None
+
+    def serialize(self) -> bytes:
+        """Wire form (no padding), for senders and tests."""
+        first = 0x80 | (0x10 if self.extension else 0) | len(self.csrcs)
+        out = _HEADER.pack(
+            first,
+            (0x80 if self.marker else 0) | self.payload_type,
+            self.sequence,
+            self.timestamp,
+            self.ssrc,
+        )
+        out += b"".join(struct.pack("!I", c) for c in self.csrcs)
+        if self.extension:
+            profile, body = self.extension
+            out += struct.pack("!HH", profile, len(body) // 4) + body
+        return out + self.payload
+
+
+def is_rtcp(data: bytes) -> bool:
+    """RFC 5761 §4: an RTP/RTCP demultiplexer looks at the second byte (RTCP types 192–223)."""
+    return len(data) >= 2 and 192 <= data[1] <= 223
+
+
+def parse_rtp(data: bytes) -> RtpPacket:
+    """Parse one RTP packet; raise ``TransportError`` saying exactly what is wrong."""
+    if len(data) < 12:
+        raise TransportError(f"RTP packet too short: {len(data)} bytes, header needs 12")
+    first, second, seq, ts, ssrc = _HEADER.unpack_from(data)
+    if first >> 6 != 2:
+        raise TransportError(f"RTP version is {first >> 6}, expected 2")
+    end = len(data)
+    if first & 0x20:
+        pad = data[-1]
+        if pad == 0 or pad > end - 12:
+            raise TransportError(f"RTP padding length {pad} invalid for a {end}-byte packet")
+        end -= pad
+    pos = 12 + 4 * (first & 0x0F)
+    if pos > end:
+        raise TransportError(f"RTP CSRC count {first & 0x0F} overruns a {len(data)}-byte packet")
+    csrcs = struct.unpack_from(f"!{first & 0x0F}I", data, 12)
+    extension = None
+    if first & 0x10:
+        if pos + 4 > end:
+            raise TransportError("RTP header extension header overruns the packet")
+        profile, words = struct.unpack_from("!HH", data, pos)
+        if pos + 4 + 4 * words > end:
+            raise TransportError(f"RTP header extension of {words} words overruns the packet")
+        extension = (profile, data[pos + 4 : pos + 4 + 4 * words])
+        pos += 4 + 4 * words
+    return RtpPacket(
+        payload_type=second & 0x7F,
+        sequence=seq,
+        timestamp=ts,
+        ssrc=ssrc,
+        payload=data[pos:end],
+        marker=bool(second & 0x80),
+        csrcs=csrcs,
+        extension=extension,
+    )
+
+
+Address = tuple[str, int]
+CallFactory = Callable[[Codec, dict[str, object]], Call | None]
+
+
+@dataclass
+class RtpStats:
+    """Counters of one port (all ports are summed for reporting)."""
+
+    received: int = 0
+    malformed: int = 0
+    rtcp: int = 0
+    unsupported_payload: int = 0
+    foreign_ssrc: int = 0
+    on_probation: int = 0
+    rejected_calls: int = 0
+
+
+@dataclass
+class _Session:
+    call: Call
+    ssrc: int
+    payload_type: int
+    last_seen: float
+
+
+@dataclass
+class _Candidate:
+    ssrc: int
+    sequence: int
+    packets: list[RtpPacket] = field(default_factory=list)
+
+
+class RtpPort(asyncio.DatagramProtocol):
+    """One UDP port: demultiplexes sources into calls. All logic is in ``handle``."""
+
+    MAX_CANDIDATES = 256
+
+    def __init__(self, port: int, new_call: CallFactory, clock: Clock) -> None:
+        self.port = port
+        self._new_call = new_call
+        self._clock = clock
+        self.sessions: dict[Address, _Session] = {}
+        self._candidates: OrderedDict[Address, _Candidate] = OrderedDict()
+        self.stats = RtpStats()
+
+    def datagram_received(self, data: bytes, addr: tuple[str | object, int]) -> None:
+        self.handle(data, (str(addr[0]), int(addr[1])))
+
+    def handle(self, data: bytes, addr: Address) -> None:
+        self.stats.received += 1
+        if is_rtcp(data):
+            self.stats.rtcp += 1
+            return
+        try:
+            pkt = parse_rtp(data)
+        except TransportError:
+            self.stats.malformed += 1
+            return
+        session = self.sessions.get(addr)
+        if session is None:
+            self._probation(pkt, addr)
+        elif pkt.ssrc != session.ssrc:
+            self.stats.foreign_ssrc += 1
+        else:
+            session.last_seen = self._clock.monotonic()
+            self._deliver(session, pkt)
+
+    def _deliver(self, session: _Session, pkt: RtpPacket) -> None:
+        if pkt.payload_type == session.payload_type:
+            session.call.push_packet(pkt.timestamp, pkt.payload)
+        elif pkt.payload_type != COMFORT_NOISE_PT:
+            self.stats.unsupported_payload += 1
+
+    def _probation(self, pkt: RtpPacket, addr: Address) -> None:
+        """RFC 3550 §A.1: a source is valid after two packets in sequence."""
+        codec = STATIC_PAYLOAD_TYPES.get(pkt.payload_type)
+        if codec is None:
+            self.stats.unsupported_payload += 1
+            return
+        cand = self._candidates.pop(addr, None)
+        if cand is None or cand.ssrc != pkt.ssrc or (cand.sequence + 1) & 0xFFFF != pkt.sequence:
+            self.stats.on_probation += 1
+            self._candidates[addr] = _Candidate(pkt.ssrc, pkt.sequence, [pkt])
+            while len(self._candidates) > self.MAX_CANDIDATES:
+                self._candidates.popitem(last=False)
+            return
+        meta: dict[str, object] = {
+            "remote": f"{addr[0]}:{addr[1]}",
+            "local_port": self.port,
+            "ssrc": pkt.ssrc,
+        }
+        call = self._new_call(codec, meta)
+        if call is None:
+            self.stats.rejected_calls += 1
+            return
+        session = _Session(call, pkt.ssrc, pkt.payload_type, self._clock.monotonic())
+        self.sessions[addr] = session
+        for p in [*cand.packets, pkt]:
+            self._deliver(session, p)
+
+    def expire(self, now: float, timeout_s: float) -> None:
+        """End calls whose source has been silent for ``timeout_s``; forget finished ones."""
+        for addr, session in list(self.sessions.items()):
+            if session.call.done:
+                del self.sessions[addr]
+            elif now - session.last_seen >= timeout_s:
+                session.call.end("inactivity")
+                del self.sessions[addr]
+
+
+def _same(proto: RtpPort) -> RtpPort:
+    return proto
+
+
+class RtpServer:
+    """Every port of a range, bound on one host, and the sweeper that ends silent calls."""
+
+    def __init__(
+        self,
+        host: str,
+        ports: tuple[int, int],
+        new_call: CallFactory,
+        clock: Clock,
+        inactivity_timeout_s: float,
+    ) -> None:
+        self.host = host
+        self.port_range = ports
+        self._new_call = new_call
+        self._clock = clock
+        self._timeout = inactivity_timeout_s
+        self.ports: list[RtpPort] = []
+        self._transports: list[asyncio.DatagramTransport] = []
+        self._sweeper: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        lo, hi = self.port_range
+        for port in range(lo, hi + 1):
+            proto = RtpPort(port, self._new_call, self._clock)
+            try:
+                transport, _ = await loop.create_datagram_endpoint(
+                    functools.partial(_same, proto), local_addr=(self.host, port)
+                )
+            except OSError as exc:
+                await self.stop()
+                raise TransportError(f"cannot bind RTP port {self.host}:{port}: {exc}") from exc
+            self.ports.append(proto)
+            self._transports.append(transport)
+        self._sweeper = asyncio.create_task(self._sweep(), name="rtp-sweeper")
+        log.info("rtp_listening", host=self.host, ports=f"{lo}-{hi}")
+
+    async def _sweep(self) -> None:
+        interval = min(0.25, self._timeout / 4)
+        while True:
+            await asyncio.sleep(interval)
+            now = self._clock.monotonic()
+            for port in self.ports:
+                port.expire(now, self._timeout)
+
+    def totals(self) -> RtpStats:
+        total = RtpStats()
+        for port in self.ports:
+            for name, value in vars(port.stats).items():
+                setattr(total, name, getattr(total, name) + value)
+        return total
+
+    async def stop(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        for transport in self._transports:
+            transport.close()
+        self._transports = []
