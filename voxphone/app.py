@@ -37,7 +37,7 @@ class App:
     def __init__(self, config: Config, clock: Clock | None = None, engine: Engine | None = None):
         self.config = config
         self.clock = clock or SystemClock()
-        self.engine = engine or create_engine(config.engine)
+        self.engine = engine or create_engine(config)
         self.webhook: WebhookSink | None = None
         sinks: list[EventSink] = [EventLog()]
         if config.webhook.url:

@@ -192,6 +192,9 @@ class Call:
             self._task.cancel()
 
     def _on_chunk(self, chunk: TranscriptChunk) -> None:
+        if chunk.error:
+            self._log.warning("engine_recovered", error=chunk.error)
+            self._publish(ev.ENGINE_ERROR, {"message": chunk.error, "recovered": True})
         if chunk.delta:
             self._publish(
                 ev.TRANSCRIPT_DELTA, {"text": chunk.delta, "segment_id": self._segment_id}
@@ -213,8 +216,9 @@ class Call:
 
     def _engine_failed(self, exc: EngineError) -> None:
         self._log.error("engine_error", error=str(exc))
-        self._publish(ev.ENGINE_ERROR, {"message": str(exc)})
-        self.end_reason = self.end_reason or "engine_error"
+        self._publish(ev.ENGINE_ERROR, {"message": str(exc), "recovered": False})
+        # Even after a hang-up: the transcript is incomplete, which is what consumers must know.
+        self.end_reason = "engine_error"
 
     def _finish(self) -> None:
         s = self.pipeline.timeline.stats
@@ -229,6 +233,7 @@ class Call:
                 "audio_ms": self.pipeline.framer.position_ms,
                 "transcript": " ".join(self._segments),
                 "stats": asdict(self.stats),
+                "engine": self._stream.stats() if self._stream is not None else {},
             },
         )
         self._log.info(

@@ -77,6 +77,61 @@ class SphinxConfig(_Section):
     noise_floor: float = Field(30.0, ge=0)
 
 
+VOXTRAL = "mistralai/Voxtral-Mini-4B-Realtime-2602"
+
+
+class VoxtralConfig(_Section):
+    """Behaviour shared by both vLLM engines (segments, rollover, watchdog)."""
+
+    #: Seconds without new text, after some text, that close a ``transcript.final``.
+    pause_s: float = Field(0.8, ge=0.16, le=10)
+    #: A session is rolled over (at a pause) before this many seconds, and before max_model_len.
+    max_session_s: float = Field(600.0, ge=10)
+    #: Restart a session that has heard this many seconds of speech without writing anything.
+    watchdog_s: float = Field(10.0, ge=1)
+
+
+class VllmConfig(_Section):
+    """The in-process engine: arguments for vLLM's ``AsyncLLM`` (see vLLM's engine args)."""
+
+    #: A local directory in Mistral format (params.json, tekken.json, weights) or a hub id.
+    model: str = VOXTRAL
+    #: Tokens per session (80 ms each): 45000 = 1 hour. Sizes vLLM's encoder cache too.
+    max_model_len: int = Field(45_000, ge=256)
+    #: Concurrent sessions; default: calls.max_concurrent plus rollover headroom.
+    max_num_seqs: int | None = Field(None, ge=1)
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
+    #: PIECEWISE (the model card's choice), FULL_AND_PIECEWISE or FULL_DECODE_ONLY; never FULL.
+    cudagraph_mode: Literal["PIECEWISE", "FULL_AND_PIECEWISE", "FULL_DECODE_ONLY", "NONE"] = (
+        "PIECEWISE"
+    )
+    enforce_eager: bool = False
+    dtype: str = "auto"
+    #: ``dummy`` = random weights (tests, capacity runs without the real weights).
+    load_format: Literal["mistral", "dummy"] = "mistral"
+    #: ``cpu`` runs vLLM's CPU build (tests); production is ``cuda``.
+    device: Literal["cuda", "cpu"] = "cuda"
+
+
+class VllmRemoteConfig(_Section):
+    """The remote engine: ``vllm serve`` instances speaking ``/v1/realtime``."""
+
+    urls: list[str] = ["ws://127.0.0.1:8000/v1/realtime"]
+    #: The served model name (``vllm serve --served-model-name``, default the model path).
+    model: str = VOXTRAL
+    connect_timeout_s: float = Field(5.0, gt=0)
+
+    @field_validator("urls")
+    @classmethod
+    def _check_urls(cls, value: list[str]) -> list[str]:
+        for url in value:
+            if not url.startswith(("ws://", "wss://")):
+                raise ValueError(f"expected ws:// or wss:// URLs, got {url!r}")
+        if not value:
+            raise ValueError("at least one server URL is needed")
+        return value
+
+
 EngineKind = Literal["auto", "sphinx", "vllm", "vllm-remote"]
 
 
@@ -85,6 +140,9 @@ class EngineConfig(_Section):
 
     kind: EngineKind = "auto"
     sphinx: SphinxConfig = SphinxConfig()
+    voxtral: VoxtralConfig = VoxtralConfig()
+    vllm: VllmConfig = VllmConfig()
+    vllm_remote: VllmRemoteConfig = VllmRemoteConfig()
 
 
 class WebhookConfig(_Section):
@@ -134,6 +192,12 @@ class Config(_Section):
     def _check(self) -> Config:
         if self.webhook.secret and not self.webhook.url:
             raise ValueError("webhook.secret is set but webhook.url is not")
+        seqs = self.engine.vllm.max_num_seqs
+        if seqs is not None and seqs < self.calls.max_concurrent:
+            raise ValueError(
+                f"engine.vllm.max_num_seqs ({seqs}) is below calls.max_concurrent "
+                f"({self.calls.max_concurrent}): each call holds one vLLM slot"
+            )
         return self
 
 

@@ -43,7 +43,7 @@ async def transcribe_file(
     """Transcribe ``path``; returns the full transcript (``None`` if the engine failed)."""
     codec: Codec = PCMU if telephony else L16_16K
     pcm = read_audio(path, codec.sample_rate)
-    engine = create_engine(config.engine)
+    engine = create_engine(config)
     await engine.start()
     printer = _Printer(json_lines)
     call = Call(

@@ -68,7 +68,13 @@ def test_bad_flag_value_names_the_key() -> None:
     assert "rtp.ports" in r.stderr and "Traceback" not in r.stderr
 
 
-def test_unavailable_engine_is_a_clear_error(speech: dict[str, Speech]) -> None:
+def test_gpu_engine_without_a_gpu_is_a_clear_error(speech: dict[str, Speech]) -> None:
     r = voxphone("transcribe", "--engine", "vllm", str(speech["order"].path))
     assert r.returncode == 2
-    assert "engine.kind: 'vllm' is not available" in r.stderr
+    assert "voxphone: error: engine 'vllm' needs a CUDA GPU and none is visible" in r.stderr
+
+
+def test_auto_engine_explains_its_choice(speech: dict[str, Speech]) -> None:
+    r = voxphone("transcribe", "--log-level", "info", str(speech["order"].path))
+    assert r.returncode == 0
+    assert "engine_auto" in r.stderr and "sphinx" in r.stderr and "no CUDA GPU visible" in r.stderr

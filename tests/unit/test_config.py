@@ -63,6 +63,17 @@ def test_missing_file_is_a_clear_error(tmp_path: Path) -> None:
         load_config(tmp_path / "nope.toml", environ={})
 
 
+def test_vllm_slots_must_cover_the_call_limit() -> None:
+    message = r"max_num_seqs \(10\) is below calls.max_concurrent \(50\)"
+    with pytest.raises(ConfigError, match=message):
+        load_config(overrides={"engine.vllm.max_num_seqs": 10}, environ={})
+
+
+def test_remote_urls_must_be_websockets() -> None:
+    with pytest.raises(ConfigError, match="engine.vllm_remote.urls: .*expected ws:// or wss://"):
+        load_config(overrides={"engine.vllm_remote.urls": ["http://x/v1/realtime"]}, environ={})
+
+
 def test_bad_environment_override_is_reported_by_key() -> None:
     with pytest.raises(ConfigError, match="calls.max_concurrent: Input should be greater"):
         load_config(environ={"VOXPHONE_CALLS__MAX_CONCURRENT": "0"})

@@ -4,29 +4,63 @@ from __future__ import annotations
 
 import structlog
 
-from voxphone.config import EngineConfig
+from voxphone.config import Config
 from voxphone.engines.base import Engine
-from voxphone.errors import ConfigError
 
 log = structlog.get_logger(__name__)
 
 
-def create_engine(config: EngineConfig) -> Engine:
-    """The configured engine, not yet started. ``auto`` explains its choice in the log."""
-    kind = config.kind
-    if kind == "auto":
-        kind = "sphinx"
-        log.info(
-            "engine_auto",
-            chose=kind,
-            why="the vLLM engines are not available in this version; sphinx runs anywhere",
-        )
+def choose_kind(config: Config) -> str:
+    """Resolve ``auto``: the in-process vLLM engine when CUDA and vLLM are here, else sphinx."""
+    kind = config.engine.kind
+    if kind != "auto":
+        return kind
+    from voxphone.engines import vllm_compat
+
+    version = vllm_compat.installed_version()
+    if version is not None and vllm_compat.cuda_available():
+        log.info("engine_auto", chose="vllm", why=f"CUDA GPU and vLLM {version} present")
+        return "vllm"
+    why = "no vLLM installed" if version is None else "no CUDA GPU visible"
+    log.info("engine_auto", chose="sphinx", why=why)
+    return "sphinx"
+
+
+def create_engine(config: Config) -> Engine:
+    """The configured engine, not yet started."""
+    kind = choose_kind(config)
+    e = config.engine
     if kind == "sphinx":
         from voxphone.engines.sphinx import SphinxEngine, SphinxSettings
 
-        s = config.sphinx
+        s = e.sphinx
         return SphinxEngine(s.workers, SphinxSettings(pause_s=s.pause_s, noise_floor=s.noise_floor))
-    raise ConfigError(
-        f"engine.kind: {kind!r} is not available in this version of voxphone; "
-        "use 'sphinx' or 'auto'"
-    )
+    from voxphone.engines.voxtral import VoxtralSettings
+
+    v = e.voxtral
+    if kind == "vllm-remote":
+        from voxphone.engines.vllm_remote import VllmRemoteEngine
+
+        r = e.vllm_remote
+        settings = VoxtralSettings(v.pause_s, v.max_session_s, 131_072, v.watchdog_s)
+        return VllmRemoteEngine(r.urls, r.model, settings, r.connect_timeout_s)
+    from voxphone.engines.vllm_local import VllmLocalEngine
+
+    c = e.vllm
+    seqs = c.max_num_seqs or config.calls.max_concurrent + max(2, config.calls.max_concurrent // 10)
+    args = {
+        "model": c.model,
+        "tokenizer_mode": "mistral",
+        "config_format": "mistral",
+        "load_format": c.load_format,
+        "max_model_len": c.max_model_len,
+        "max_num_seqs": seqs,
+        "dtype": c.dtype,
+        "enforce_eager": c.enforce_eager,
+        "limit_mm_per_prompt": {"audio": 1},
+    }
+    if c.device == "cuda":
+        args["gpu_memory_utilization"] = c.gpu_memory_utilization
+        args["compilation_config"] = {"cudagraph_mode": c.cudagraph_mode}
+    settings = VoxtralSettings(v.pause_s, v.max_session_s, c.max_model_len, v.watchdog_s)
+    return VllmLocalEngine(args, settings, c.device)

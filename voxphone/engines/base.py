@@ -24,6 +24,8 @@ class TranscriptChunk:
     open segment closes with this chunk: ``text`` is then its authoritative full text (an engine
     that revises its hypothesis, like pocketsphinx, may differ from the deltas' concatenation) and
     ``start_ms``/``end_ms`` place it on the stream's audio clock (80 ms per frame sent).
+    ``error`` reports a problem the engine recovered from (the call goes on): it becomes an
+    ``engine.error`` event.
     """
 
     delta: str = ""
@@ -31,6 +33,7 @@ class TranscriptChunk:
     text: str = ""
     start_ms: int = 0
     end_ms: int = 0
+    error: str = ""
 
 
 class EngineStream(Protocol):
@@ -47,6 +50,10 @@ class EngineStream(Protocol):
 
     def chunks(self) -> AsyncIterator[TranscriptChunk]:
         """The stream's output, in order; raises ``EngineError`` if the engine fails."""
+        ...
+
+    def stats(self) -> dict[str, int]:
+        """Counters worth reporting in ``call.ended`` (sessions, restarts, lag...)."""
         ...
 
 

@@ -268,6 +268,9 @@ class SphinxStream:
             with contextlib.suppress(EngineError):
                 await self._worker.request("drop", self._sid)
 
+    def stats(self) -> dict[str, int]:
+        return {}
+
     async def chunks(self) -> AsyncIterator[TranscriptChunk]:
         while True:
             item = await self._out.get()

