@@ -89,6 +89,16 @@ class VoxtralConfig(_Section):
     max_session_s: float = Field(600.0, ge=10)
     #: Restart a session that has heard this many seconds of speech without writing anything.
     watchdog_s: float = Field(10.0, ge=1)
+    #: The served model's tekken.json ``transcription_delay_ms`` (for ``vllm-remote``; the
+    #: in-process engine reads it from the model directory).
+    transcription_delay_ms: int = 480
+
+    @field_validator("transcription_delay_ms")
+    @classmethod
+    def _check_delay(cls, value: int) -> int:
+        if value % 80 or not (80 <= value <= 1200 or value == 2400):
+            raise ValueError(f"{value} is not a multiple of 80 ms from 80 to 1200, or 2400")
+        return value
 
 
 class VllmConfig(_Section):

@@ -42,7 +42,10 @@ def create_engine(config: Config) -> Engine:
         from voxphone.engines.vllm_remote import VllmRemoteEngine
 
         r = e.vllm_remote
-        settings = VoxtralSettings(v.pause_s, v.max_session_s, 131_072, v.watchdog_s)
+        settings = VoxtralSettings(
+            pause_s=v.pause_s, max_session_s=v.max_session_s, max_model_len=131_072,
+            watchdog_s=v.watchdog_s, delay_ms=v.transcription_delay_ms,
+        )  # fmt: skip
         return VllmRemoteEngine(r.urls, r.model, settings, r.connect_timeout_s)
     from voxphone.engines.vllm_local import VllmLocalEngine
 
@@ -62,5 +65,8 @@ def create_engine(config: Config) -> Engine:
     if c.device == "cuda":
         args["gpu_memory_utilization"] = c.gpu_memory_utilization
         args["compilation_config"] = {"cudagraph_mode": c.cudagraph_mode}
-    settings = VoxtralSettings(v.pause_s, v.max_session_s, c.max_model_len, v.watchdog_s)
+    settings = VoxtralSettings(
+        pause_s=v.pause_s, max_session_s=v.max_session_s, max_model_len=c.max_model_len,
+        watchdog_s=v.watchdog_s,
+    )  # fmt: skip
     return VllmLocalEngine(args, settings, c.device)

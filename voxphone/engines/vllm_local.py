@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import os
 import uuid
@@ -118,7 +119,9 @@ class VllmLocalEngine:
             raise EngineError("engine 'vllm' needs vLLM: pip install 'voxphone[vllm]'")
         if self._device == "cuda" and not vllm_compat.cuda_available():
             raise EngineError("engine 'vllm' needs a CUDA GPU and none is visible (torch.cuda)")
-        check_model_dir(self._args["model"])
+        delay = check_model_dir(self._args["model"])
+        if delay is not None:
+            self._settings = dataclasses.replace(self._settings, delay_ms=delay)
         # vLLM otherwise installs its own stdout handler; this routes its logs through ours.
         os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "0")
         log.info("vllm_starting", version=vllm_compat.installed_version(), **self._args)

@@ -41,9 +41,7 @@ from voxphone.errors import EngineError
 log = structlog.get_logger(__name__)
 
 FRAME_MS = 80
-#: Prompt (BOS + left pad + delay tokens at 480 ms) and right pad, in tokens (vllm-voxtral.md §1.4).
-PROMPT_TOKENS = 39
-RIGHT_PAD_TOKENS = 17
+LEFT_PAD_TOKENS = 32  # tekken.json audio.streaming_n_left_pad_tokens
 
 
 @dataclass(frozen=True)
@@ -89,10 +87,21 @@ class VoxtralSettings:
     speech_rms: float = 300.0
     #: Audio kept for replay into a replacement session.
     replay_s: float = 30.0
+    #: The model's ``transcription_delay_ms`` (tekken.json; per server, not per session).
+    delay_ms: int = 480
+
+    @property
+    def first_step_frames(self) -> int:
+        """Frames of real audio before the first step: the delay plus one (7 at 480 ms)."""
+        return self.delay_ms // FRAME_MS + 1
 
     @property
     def hard_steps(self) -> int:
-        by_len = self.max_model_len - PROMPT_TOKENS - RIGHT_PAD_TOKENS - 8
+        """Frames one session may take: its prompt (BOS, left pad, delay) and right pad (delay
+        + 11, vllm-voxtral.md §1.4) must fit in ``max_model_len`` with a small margin."""
+        n_delay = self.delay_ms // FRAME_MS
+        prompt, right_pad = 1 + LEFT_PAD_TOKENS + n_delay, n_delay + 11
+        by_len = self.max_model_len - prompt - right_pad - 8
         return max(1, min(by_len, int(self.max_session_s * 1000 / FRAME_MS)))
 
 
@@ -239,9 +248,9 @@ class VoxtralStream:
             await live.session.send(frame)
 
     def _note_lag(self, live: _Live) -> None:
-        """Audio sent minus audio the received text accounts for (the first step needs 7 frames
-        at a 480 ms delay; then one step per frame)."""
-        lag = max(0, live.frames - live.steps - 7) * FRAME_MS
+        """Audio sent minus audio the received text accounts for (the first step needs
+        ``first_step_frames``; then one step per frame)."""
+        lag = max(0, live.frames - live.steps - self._s.first_step_frames) * FRAME_MS
         self.counters.max_lag_ms = max(self.counters.max_lag_ms, lag)
 
     async def _replace(self, reason: str, replay: bool) -> None:
