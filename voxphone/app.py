@@ -55,6 +55,7 @@ class App:
             self._new_rtp_call,
             self.clock,
             config.rtp.inactivity_timeout_s,
+            config.rtp.codec_map(),
         )
         self._runner: web.AppRunner | None = None
 

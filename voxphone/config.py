@@ -6,6 +6,7 @@ its source and dotted key (``voxphone.toml: rtp.ports: ...``) instead of a trace
 
 from __future__ import annotations
 
+import json
 import os
 import tomllib
 from collections.abc import Mapping
@@ -14,7 +15,13 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from voxphone.errors import ConfigError
+from voxphone.audio.codecs import (
+    DEFAULT_DYNAMIC_PAYLOAD_TYPES,
+    STATIC_PAYLOAD_TYPES,
+    Codec,
+    codec_by_name,
+)
+from voxphone.errors import ConfigError, DecodeError
 
 ENV_PREFIX = "VOXPHONE_"
 
@@ -40,6 +47,30 @@ class RtpConfig(_Section):
     inactivity_timeout_s: float = Field(5.0, gt=0)
     #: Largest gap in a call's media timestamps filled with silence; a bigger jump re-anchors.
     max_gap_s: float = Field(5.0, gt=0)
+    #: Dynamic payload types (96-127) to codec names, for senders that don't signal them.
+    #: PCMU (0), PCMA (8) and G722 (9) are static and always known.
+    payload_types: dict[int, str] = Field(
+        default_factory=lambda: dict(DEFAULT_DYNAMIC_PAYLOAD_TYPES)
+    )
+
+    @field_validator("payload_types")
+    @classmethod
+    def _check_payload_types(cls, value: dict[int, str]) -> dict[int, str]:
+        for pt, name in value.items():
+            if not 96 <= pt <= 127:
+                raise ValueError(f"payload type {pt} is not dynamic (96-127)")
+            try:
+                codec_by_name(name)
+            except DecodeError as exc:
+                raise ValueError(f"payload type {pt}: {exc}") from None
+        return value
+
+    def codec_map(self) -> dict[int, Codec]:
+        """Every payload type this endpoint decodes."""
+        return {
+            **STATIC_PAYLOAD_TYPES,
+            **{pt: codec_by_name(n) for pt, n in self.payload_types.items()},
+        }
 
     @field_validator("ports", mode="before")
     @classmethod
@@ -225,7 +256,7 @@ def load_config(
     for name, value in env.items():
         if name.startswith(ENV_PREFIX) and "__" in name:
             key = name.removeprefix(ENV_PREFIX).lower().replace("__", ".")
-            _set_dotted(data, key, value)
+            _set_dotted(data, key, _env_value(key, value))
     for key, value in (overrides or {}).items():
         if value is not None:
             _set_dotted(data, key, value)
@@ -243,6 +274,16 @@ def _read_toml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: config file not found") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+
+
+def _env_value(key: str, value: str) -> Any:
+    """Tables and lists come as JSON (``VOXPHONE_RTP__PAYLOAD_TYPES='{"119": "L16/8000"}'``)."""
+    if not value.lstrip().startswith(("{", "[")):
+        return value
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"environment: {key}: invalid JSON: {exc}") from None
 
 
 def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:

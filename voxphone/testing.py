@@ -15,7 +15,7 @@ from voxphone.transports.rtp import RtpPacket
 
 __all__ = ["CapturedEvents", "FakeClock", "capture_events", "rtp_packets", "send_rtp"]
 
-PAYLOAD_TYPES = {"PCMU": 0, "PCMA": 8}
+PAYLOAD_TYPES = {"PCMU": 0, "PCMA": 8, "G722": 9}
 
 
 def rtp_packets(

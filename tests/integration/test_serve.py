@@ -11,6 +11,8 @@ import signal
 import socket
 import sys
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
@@ -91,83 +93,72 @@ async def flood(port: int, seconds: float) -> int:
     return sent
 
 
-async def test_rtp_calls_reach_the_webhook_signed_with_the_right_words(
-    receiver: WebhookReceiver, speech: dict[str, Speech], tmp_path: Path
-) -> None:
-    ffmpeg = require("ffmpeg")
-    http_port = free_tcp_port()
-    lo, hi = free_udp_range(4)
-    webhook = str(receiver.server.make_url("/hooks"))
-    env = {**os.environ, "VOXPHONE_RTP__INACTIVITY_TIMEOUT_S": "1.5"}
-    log = (tmp_path / "serve.log").open("wb")
-    serve = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "voxphone",
-        "serve",
-        "--http-port",
-        str(http_port),
-        "--rtp-ports",
-        f"{lo}-{hi}",
-        "--webhook",
-        webhook,
-        "--webhook-secret",
-        SECRET,
-        "--log-format",
-        "json",
-        env=env,
-        stdout=log,
-        stderr=log,
-    )
-    try:
-        await wait_ready(http_port, serve)
-        # The README's ffmpeg line, and the README's test caller, at the same time.
-        ff = await asyncio.create_subprocess_exec(
-            ffmpeg,
-            "-loglevel",
-            "error",
-            "-re",
-            "-i",
-            str(speech["order"].path),
-            "-ar",
-            "8000",
-            "-ac",
-            "1",
-            "-acodec",
-            "pcm_mulaw",
-            "-f",
-            "rtp",
-            f"rtp://127.0.0.1:{lo}",
-            stdout=asyncio.subprocess.DEVNULL,
-        )
-        caller = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "voxphone",
-            "call",
-            str(speech["phone"].path),
-            "--to",
-            f"127.0.0.1:{lo + 2}",
-            "--codec",
-            "pcma",
-            stdout=asyncio.subprocess.PIPE,
-        )
-        junk = await flood(lo, 3.0)
-        assert await ff.wait() == 0
-        out, _ = await caller.communicate()
-        assert caller.returncode == 0 and json.loads(out)["packets_sent"] > 100
-        await receiver.wait_ended(2, timeout_s=60)
-    finally:
-        serve.send_signal(signal.SIGTERM)
-        code = await asyncio.wait_for(serve.wait(), 30)
-        log.close()
-    assert code == 0, (tmp_path / "serve.log").read_text()[-3000:]
-    assert junk > 1000
-    assert receiver.bad_signatures == 0
+@dataclass
+class Serve:
+    http_port: int
+    rtp_ports: tuple[int, int]
+    exit_code: int | None = None
 
+
+@asynccontextmanager
+async def running_serve(
+    tmp_path: Path, receiver: WebhookReceiver, *args: str, n_ports: int = 4, **env: str
+) -> AsyncIterator[Serve]:
+    """`voxphone serve` as a process, webhooks to ``receiver``; stopped with SIGTERM after."""
+    serve = Serve(free_tcp_port(), free_udp_range(n_ports))
+    log = (tmp_path / "serve.log").open("wb")
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "voxphone", "serve", "--http-port", str(serve.http_port),
+        "--rtp-ports", "{}-{}".format(*serve.rtp_ports),
+        "--webhook", str(receiver.server.make_url("/hooks")), "--webhook-secret", SECRET,
+        "--log-format", "json", *args,
+        env={**os.environ, **env}, stdout=log, stderr=log,
+    )  # fmt: skip
+    try:
+        await wait_ready(serve.http_port, proc)
+        yield serve
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        serve.exit_code = await asyncio.wait_for(proc.wait(), 30)
+        log.close()
+    assert serve.exit_code == 0, (tmp_path / "serve.log").read_text()[-3000:]
+
+
+async def ffmpeg_rtp(wav: Path, port: int, *codec_args: str) -> None:
+    """ffmpeg sends ``wav`` as RTP at real-time pace (the README's line, codec varied)."""
+    ff = await asyncio.create_subprocess_exec(
+        require("ffmpeg"), "-loglevel", "error", "-re", "-i", str(wav), "-ac", "1", *codec_args,
+        "-f", "rtp", f"rtp://127.0.0.1:{port}", stdout=asyncio.subprocess.DEVNULL,
+    )  # fmt: skip
+    assert await ff.wait() == 0
+
+
+def calls_of(receiver: WebhookReceiver) -> dict[str, list[dict]]:  # type: ignore[type-arg]
     by_call: dict[str, list[dict]] = {}  # type: ignore[type-arg]
     for e in receiver.events:
         by_call.setdefault(e["call_id"], []).append(e)
+    return by_call
+
+
+async def test_rtp_calls_reach_the_webhook_signed_with_the_right_words(
+    receiver: WebhookReceiver, speech: dict[str, Speech], tmp_path: Path
+) -> None:
+    async with running_serve(tmp_path, receiver, VOXPHONE_RTP__INACTIVITY_TIMEOUT_S="1.5") as srv:
+        lo = srv.rtp_ports[0]
+        # The README's ffmpeg line, and the README's test caller, at the same time.
+        ff = ffmpeg_rtp(speech["order"].path, lo, "-ar", "8000", "-acodec", "pcm_mulaw")
+        caller = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "voxphone", "call", str(speech["phone"].path),
+            "--to", f"127.0.0.1:{lo + 2}", "--codec", "pcma", stdout=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        _, junk = await asyncio.gather(ff, flood(lo, 3.0))
+        out, _ = await caller.communicate()
+        assert caller.returncode == 0 and json.loads(out)["packets_sent"] > 100
+        await receiver.wait_ended(2, timeout_s=60)
+    assert junk > 1000
+    assert receiver.bad_signatures == 0
+
+    by_call = calls_of(receiver)
     assert len(by_call) == 2, "junk must not create calls"
     for events in by_call.values():
         assert [e["seq"] for e in events] == list(range(len(events))), "gap-free, in order"
@@ -177,7 +168,7 @@ async def test_rtp_calls_reach_the_webhook_signed_with_the_right_words(
         assert any(e["type"] == "transcript.final" for e in events)
     calls = {events[0]["data"]["codec"]: events for events in by_call.values()}
     assert set(calls) == {"PCMU", "PCMA"}
-    assert calls["PCMU"][0]["data"]["local_port"] == lo
+    assert calls["PCMU"][0]["data"]["local_port"] == srv.rtp_ports[0]
     for codec, key in (("PCMU", "order"), ("PCMA", "phone")):
         ended = calls[codec][-1]["data"]
         heard = ended["transcript"]
@@ -187,3 +178,34 @@ async def test_rtp_calls_reach_the_webhook_signed_with_the_right_words(
             e["data"]["text"] for e in calls[codec] if e["type"] == "transcript.final"
         )
         assert finals == heard
+
+
+@pytest.mark.parametrize(
+    ("codec_args", "payload_type"),
+    [
+        (("-ar", "16000", "-acodec", "g722"), 9),
+        (("-ar", "48000", "-acodec", "libopus", "-payload_type", "107"), 107),
+        (("-ar", "16000", "-acodec", "pcm_s16be", "-payload_type", "118"), 118),
+        (("-ar", "8000", "-acodec", "pcm_s16be", "-payload_type", "119"), 119),
+    ],
+    ids=["G722", "opus", "L16-16k-slin16", "L16-8k"],
+)
+async def test_wideband_and_dynamic_codecs_from_ffmpeg(
+    receiver: WebhookReceiver,
+    speech: dict[str, Speech],
+    tmp_path: Path,
+    codec_args: tuple[str, ...],
+    payload_type: int,
+) -> None:
+    """G.722 (16 kHz audio on an 8 kHz RTP clock), Opus and L16 in network byte order, with
+    dynamic payload types from the defaults (107 opus, 118 slin16) or the config (119)."""
+    async with running_serve(
+        tmp_path, receiver, n_ports=2, VOXPHONE_RTP__INACTIVITY_TIMEOUT_S="1.0",
+        VOXPHONE_RTP__PAYLOAD_TYPES='{"107": "opus", "118": "L16/16000", "119": "L16/8000"}',
+    ) as srv:  # fmt: skip
+        await ffmpeg_rtp(speech["order"].path, srv.rtp_ports[0], *codec_args)
+        await receiver.wait_ended(1, timeout_s=60)
+    (events,) = calls_of(receiver).values()
+    ended = events[-1]["data"]
+    assert overlap(speech["order"].text, ended["transcript"]) >= 0.5, ended["transcript"]
+    assert ended["stats"]["decode_errors"] == 0

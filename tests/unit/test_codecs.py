@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import av
 import numpy as np
 import pytest
 
-from voxphone.audio.codecs import L16_8K, PCMA, PCMU, Decoder, Encoder, codec_by_name
+from voxphone.audio.codecs import G722, L16_8K, OPUS, PCMA, PCMU, Decoder, Encoder, codec_by_name
 from voxphone.errors import DecodeError
 
 
@@ -60,6 +61,50 @@ def test_empty_payload_gives_no_samples() -> None:
 
 def test_unknown_codec_name_lists_the_known_ones() -> None:
     with pytest.raises(
-        DecodeError, match="unknown codec 'speex'; known: L16/16000, L16/8000, PCMA, PCMU"
+        DecodeError,
+        match="unknown codec 'speex'; known: G722, L16/16000, L16/8000, PCMA, PCMU, opus",
     ):
         codec_by_name("speex")
+
+
+def rms(x: np.ndarray) -> float:
+    return float(np.sqrt(np.mean(x.astype(float) ** 2)))
+
+
+def peak_hz(x: np.ndarray, rate: int) -> float:
+    spectrum = np.abs(np.fft.rfft(x.astype(float)))
+    return float(np.argmax(spectrum) * rate / x.size)
+
+
+def tone(n: int, rate: int) -> np.ndarray:
+    return (np.sin(2 * np.pi * 440 * np.arange(n) / rate) * 8000).astype(np.int16)
+
+
+def test_g722_decodes_16khz_audio() -> None:
+    """G.722 carries 16 kHz audio in 8 kHz-clocked packets: 160 bytes = 20 ms = 320 samples."""
+    src = tone(3200, 16000)
+    payload = Encoder(G722).encode(src)
+    assert len(payload) == 1600
+    out = Decoder(G722).decode(payload)
+    assert out.size == 3200
+    assert peak_hz(out[400:], 16000) == pytest.approx(440, abs=10)
+    assert 0.7 < rms(out[400:]) / rms(src[400:]) < 1.3
+
+
+def test_opus_decodes_to_mono_48k_whatever_it_signals() -> None:
+    enc = av.CodecContext.create("libopus", "w")
+    assert isinstance(enc, av.AudioCodecContext)
+    enc.sample_rate, enc.layout, enc.format = 48000, "stereo", "s16"
+    src = tone(960 * 10, 48000)
+    packets: list[bytes] = []
+    for i in range(10):
+        chunk = np.repeat(src[i * 960 : (i + 1) * 960], 2).reshape(1, -1)
+        frame = av.AudioFrame.from_ndarray(chunk, format="s16", layout="stereo")
+        frame.sample_rate, frame.pts = 48000, i * 960
+        packets += [bytes(p) for p in enc.encode(frame)]
+    dec = Decoder(OPUS)
+    out = np.concatenate([dec.decode(p) for p in packets])
+    assert out.size == 960 * len(packets)
+    # The tone survives, downmixed to one channel.
+    assert peak_hz(out[-4800:], 48000) == pytest.approx(440, abs=10)
+    assert 0.7 < rms(out[-4800:]) / rms(src[-4800:]) < 1.3

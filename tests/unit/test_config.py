@@ -74,6 +74,25 @@ def test_remote_urls_must_be_websockets() -> None:
         load_config(overrides={"engine.vllm_remote.urls": ["http://x/v1/realtime"]}, environ={})
 
 
+def test_payload_types_from_file_and_environment(tmp_path: Path) -> None:
+    f = tmp_path / "v.toml"
+    f.write_text('[rtp.payload_types]\n120 = "G722"\n')
+    c = load_config(f, environ={})
+    assert c.rtp.codec_map()[120].name == "G722"
+    assert c.rtp.codec_map()[0].name == "PCMU"
+    env = {"VOXPHONE_RTP__PAYLOAD_TYPES": '{"119": "L16/8000"}'}
+    assert load_config(environ=env).rtp.codec_map()[119].name == "L16/8000"
+
+
+@pytest.mark.parametrize(
+    ("types", "message"),
+    [({"5": "opus"}, "payload type 5 is not dynamic"), ({"100": "speex"}, "unknown codec 'speex'")],
+)
+def test_bad_payload_types(types: dict[str, str], message: str) -> None:
+    with pytest.raises(ConfigError, match=f"rtp.payload_types: .*{message}"):
+        load_config(overrides={"rtp.payload_types": types}, environ={})
+
+
 def test_bad_environment_override_is_reported_by_key() -> None:
     with pytest.raises(ConfigError, match="calls.max_concurrent: Input should be greater"):
         load_config(environ={"VOXPHONE_CALLS__MAX_CONCURRENT": "0"})

@@ -22,23 +22,32 @@ class Codec:
     """A payload format: its name, audio sample rate and RTP clock rate.
 
     ``clock_rate`` differs from ``sample_rate`` only for G.722 (RFC 3551 §4.5.2 keeps 8000).
+    ``channels`` is what the decoder emits (Opus is signalled as 2 even for mono, RFC 7587);
+    voxphone always downmixes to mono.
     """
 
     name: str
     sample_rate: int
     clock_rate: int
     ffmpeg_name: str
+    channels: int = 1
 
 
 PCMU = Codec("PCMU", 8000, 8000, "pcm_mulaw")
 PCMA = Codec("PCMA", 8000, 8000, "pcm_alaw")
+G722 = Codec("G722", 16000, 8000, "g722")
 L16_8K = Codec("L16/8000", 8000, 8000, "pcm_s16be")
 L16_16K = Codec("L16/16000", 16000, 16000, "pcm_s16be")
+OPUS = Codec("opus", 48000, 48000, "opus", channels=2)
 
 #: RFC 3551 static payload types we accept without signalling.
-STATIC_PAYLOAD_TYPES: dict[int, Codec] = {0: PCMU, 8: PCMA}
+STATIC_PAYLOAD_TYPES: dict[int, Codec] = {0: PCMU, 8: PCMA, 9: G722}
 
-CODECS: dict[str, Codec] = {c.name.lower(): c for c in (PCMU, PCMA, L16_8K, L16_16K)}
+#: Dynamic payload types assumed when nothing says otherwise: Asterisk's fixed map for
+#: externalMedia (opus 107, slin16 118) and the WebRTC habit of 111 for Opus.
+DEFAULT_DYNAMIC_PAYLOAD_TYPES: dict[int, str] = {107: "opus", 111: "opus", 118: "L16/16000"}
+
+CODECS: dict[str, Codec] = {c.name.lower(): c for c in (PCMU, PCMA, G722, L16_8K, L16_16K, OPUS)}
 
 
 def codec_by_name(name: str) -> Codec:
@@ -58,8 +67,14 @@ class Decoder:
         ctx = av.CodecContext.create(codec.ffmpeg_name, "r")
         assert isinstance(ctx, av.AudioCodecContext)
         ctx.sample_rate = codec.sample_rate
-        ctx.layout = "mono"
+        ctx.layout = "mono" if codec.channels == 1 else "stereo"
         self._ctx = ctx
+        # Opus decodes to float and to its signalled channel count; convert inside FFmpeg.
+        self._convert = (
+            None
+            if codec.ffmpeg_name.startswith("pcm_") or codec.ffmpeg_name == "g722"
+            else av.AudioResampler(format="s16", layout="mono", rate=codec.sample_rate)
+        )
 
     def decode(self, payload: bytes) -> Pcm:
         """Decode one payload; an empty payload gives an empty array."""
@@ -71,6 +86,8 @@ class Decoder:
             raise DecodeError(
                 f"{self.codec.name}: cannot decode {len(payload)}-byte payload: {exc}"
             ) from exc
+        if self._convert is not None:
+            frames = [out for frame in frames for out in self._convert.resample(frame)]
         return _frames_to_mono_int16(frames)
 
 

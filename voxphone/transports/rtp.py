@@ -12,7 +12,7 @@ import asyncio
 import functools
 import struct
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import structlog
@@ -138,8 +138,15 @@ class RtpPort(asyncio.DatagramProtocol):
 
     MAX_CANDIDATES = 256
 
-    def __init__(self, port: int, new_call: CallFactory, clock: Clock) -> None:
+    def __init__(
+        self,
+        port: int,
+        new_call: CallFactory,
+        clock: Clock,
+        payload_types: Mapping[int, Codec] = STATIC_PAYLOAD_TYPES,
+    ) -> None:
         self.port = port
+        self.payload_types = payload_types
         self._new_call = new_call
         self._clock = clock
         self.sessions: dict[Address, _Session] = {}
@@ -176,7 +183,7 @@ class RtpPort(asyncio.DatagramProtocol):
 
     def _probation(self, pkt: RtpPacket, addr: Address) -> None:
         """RFC 3550 §A.1: a source is valid after two packets in sequence."""
-        codec = STATIC_PAYLOAD_TYPES.get(pkt.payload_type)
+        codec = self.payload_types.get(pkt.payload_type)
         if codec is None:
             self.stats.unsupported_payload += 1
             return
@@ -225,8 +232,10 @@ class RtpServer:
         new_call: CallFactory,
         clock: Clock,
         inactivity_timeout_s: float,
+        payload_types: Mapping[int, Codec] = STATIC_PAYLOAD_TYPES,
     ) -> None:
         self.host = host
+        self.payload_types = payload_types
         self.port_range = ports
         self._new_call = new_call
         self._clock = clock
@@ -239,7 +248,7 @@ class RtpServer:
         loop = asyncio.get_running_loop()
         lo, hi = self.port_range
         for port in range(lo, hi + 1):
-            proto = RtpPort(port, self._new_call, self._clock)
+            proto = RtpPort(port, self._new_call, self._clock, self.payload_types)
             try:
                 transport, _ = await loop.create_datagram_endpoint(
                     functools.partial(_same, proto), local_addr=(self.host, port)
