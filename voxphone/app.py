@@ -56,6 +56,7 @@ class App:
             self.clock,
             config.rtp.inactivity_timeout_s,
             config.rtp.codec_map(),
+            frozenset(config.rtp.telephone_event_payload_types),
         )
         self._runner: web.AppRunner | None = None
 

@@ -125,6 +125,12 @@ class Call:
         for frame in self._decode(timestamp, payload):
             self._enqueue(frame)
 
+    def dtmf(self, digit: str, duration_ms: int) -> None:
+        """A key press (RFC 4733, AudioSocket, a media-stream ``dtmf`` message)."""
+        if self.end_reason is None:
+            at_ms = self.pipeline.framer.position_ms
+            self._publish(ev.DTMF, {"digit": digit, "duration_ms": duration_ms, "at_ms": at_ms})
+
     async def feed_packet(self, timestamp: int, payload: bytes) -> None:
         """Like ``push_packet`` but waits for room instead of dropping (files, not live media)."""
         for frame in self._decode(timestamp, payload):

@@ -96,6 +96,12 @@ def _parser() -> argparse.ArgumentParser:
     call.add_argument("--ptime", type=int, default=20, help="milliseconds per packet [20]")
     call.add_argument("--loss", type=float, default=0.0, help="fraction of packets to drop [0]")
     call.add_argument("--no-pace", action="store_true", help="send as fast as possible")
+    call.add_argument(
+        "--dtmf",
+        metavar="DIGITS",
+        default="",
+        help="key presses to send after the audio (RFC 4733, payload type 101)",
+    )
     call.set_defaults(run=_call)
 
     rx = sub.add_parser(
@@ -174,15 +180,24 @@ def _transcribe(args: argparse.Namespace) -> int:
 def _call(args: argparse.Namespace) -> int:
     from voxphone.audio.codecs import codec_by_name
     from voxphone.audio.files import read_audio
-    from voxphone.testing import rtp_packets, send_rtp
+    from voxphone.testing import dtmf_packets, rtp_packets, send_rtp
+    from voxphone.transports.dtmf import DTMF_KEYS
+    from voxphone.transports.rtp import RtpPacket
 
     host, _, port = args.to.rpartition(":")
     if not host or not port.isdigit():
         print(f"voxphone: error: --to must be HOST:PORT, got {args.to!r}", file=sys.stderr)
         return 2
+    if bad := set(args.dtmf.upper()) - set(DTMF_KEYS):
+        print(f"voxphone: error: --dtmf: not DTMF keys: {''.join(sorted(bad))}", file=sys.stderr)
+        return 2
     codec = codec_by_name(args.codec)
     pcm = read_audio(args.file, codec.sample_rate)
-    packets = list(rtp_packets(pcm, codec, ptime_ms=args.ptime))
+    packets: list[RtpPacket | None] = list(rtp_packets(pcm, codec, ptime_ms=args.ptime))
+    if args.dtmf:
+        last = packets[-1]
+        assert last is not None
+        packets += dtmf_packets(args.dtmf, last, ptime_ms=args.ptime)
     seconds = len(packets) * args.ptime / 1000
     print(
         f"calling {host}:{port}: {len(packets)} {codec.name} packets, {seconds:.1f} s",

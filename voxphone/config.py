@@ -65,6 +65,9 @@ class RtpConfig(_Section):
                 raise ValueError(f"payload type {pt}: {exc}") from None
         return value
 
+    #: Payload types carrying RFC 4733 telephone-events (DTMF).
+    telephone_event_payload_types: list[int] = [101]
+
     def codec_map(self) -> dict[int, Codec]:
         """Every payload type this endpoint decodes."""
         return {

@@ -5,15 +5,24 @@ from __future__ import annotations
 import asyncio
 import random
 import socket
-from collections.abc import Iterator
+import struct
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 from voxphone.audio.codecs import Codec, Encoder, Pcm
 from voxphone.clock import FakeClock
 from voxphone.events.model import Event
+from voxphone.transports.dtmf import DTMF_KEYS
 from voxphone.transports.rtp import RtpPacket
 
-__all__ = ["CapturedEvents", "FakeClock", "capture_events", "rtp_packets", "send_rtp"]
+__all__ = [
+    "CapturedEvents",
+    "FakeClock",
+    "capture_events",
+    "dtmf_packets",
+    "rtp_packets",
+    "send_rtp",
+]
 
 PAYLOAD_TYPES = {"PCMU": 0, "PCMA": 8, "G722": 9}
 
@@ -51,8 +60,39 @@ def rtp_packets(
         ts += ts_step
 
 
+def dtmf_packets(
+    digits: str,
+    after: RtpPacket,
+    *,
+    payload_type: int = 101,
+    duration_ms: int = 100,
+    gap_ms: int = 100,
+    ptime_ms: int = 20,
+    clock_rate: int = 8000,
+) -> list[RtpPacket | None]:
+    """RFC 4733 key presses continuing the stream that ended with ``after``: per digit, updates
+    every ``ptime_ms`` with a growing duration, the end packet three times, then ``gap_ms`` of
+    nothing (``None`` = a tick without a packet, for ``send_rtp``)."""
+    out: list[RtpPacket | None] = []
+    seq, ts = after.sequence, after.timestamp
+    tick = clock_rate * ptime_ms // 1000
+    for digit in digits:
+        key = DTMF_KEYS.index(digit.upper())
+        ts = (ts + tick) & 0xFFFFFFFF
+        steps = max(1, duration_ms // ptime_ms)
+        for i in range(steps + 3):
+            end = i >= steps
+            duration = tick * min(i + 1, steps)
+            seq = (seq + 1) & 0xFFFF
+            body = struct.pack("!BBH", key, (0x80 if end else 0) | 10, duration)
+            out.append(RtpPacket(payload_type, seq, ts, after.ssrc, body, marker=i == 0))
+        out += [None] * (gap_ms // ptime_ms)
+        ts = (ts + tick * (steps + gap_ms // ptime_ms)) & 0xFFFFFFFF
+    return out
+
+
 async def send_rtp(
-    packets: Iterator[RtpPacket] | list[RtpPacket],
+    packets: Iterable[RtpPacket | None],
     target: tuple[str, int],
     *,
     ptime_ms: int = 20,
@@ -61,7 +101,8 @@ async def send_rtp(
     seed: int | None = None,
 ) -> int:
     """Send packets over UDP at real-time pace (each on its own schedule, no drift); returns the
-    number sent. ``loss`` drops that fraction at random, as a lossy network would."""
+    number sent. ``None`` is a tick with no packet. ``loss`` drops that fraction at random, as a
+    lossy network would."""
     rng = random.Random(seed)
     loop = asyncio.get_running_loop()
     sent = 0
@@ -71,7 +112,7 @@ async def send_rtp(
         for i, pkt in enumerate(packets):
             if pace:
                 await asyncio.sleep(max(0.0, start + i * ptime_ms / 1000 - loop.time()))
-            if rng.random() < loss:
+            if pkt is None or rng.random() < loss:
                 continue
             sock.sendto(pkt.serialize(), target)
             sent += 1

@@ -149,7 +149,8 @@ async def test_rtp_calls_reach_the_webhook_signed_with_the_right_words(
         ff = ffmpeg_rtp(speech["order"].path, lo, "-ar", "8000", "-acodec", "pcm_mulaw")
         caller = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "voxphone", "call", str(speech["phone"].path),
-            "--to", f"127.0.0.1:{lo + 2}", "--codec", "pcma", stdout=asyncio.subprocess.PIPE,
+            "--to", f"127.0.0.1:{lo + 2}", "--codec", "pcma", "--dtmf", "42#",
+            stdout=asyncio.subprocess.PIPE,
         )  # fmt: skip
         _, junk = await asyncio.gather(ff, flood(lo, 3.0))
         out, _ = await caller.communicate()
@@ -178,6 +179,8 @@ async def test_rtp_calls_reach_the_webhook_signed_with_the_right_words(
             e["data"]["text"] for e in calls[codec] if e["type"] == "transcript.final"
         )
         assert finals == heard
+    assert [e["data"]["digit"] for e in calls["PCMA"] if e["type"] == "dtmf"] == ["4", "2", "#"]
+    assert not [e for e in calls["PCMU"] if e["type"] == "dtmf"]
 
 
 @pytest.mark.parametrize(

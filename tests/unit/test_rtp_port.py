@@ -10,7 +10,7 @@ import numpy as np
 from voxphone.audio.codecs import PCMA, PCMU, Codec
 from voxphone.call import Call
 from voxphone.clock import FakeClock
-from voxphone.testing import capture_events, rtp_packets
+from voxphone.testing import capture_events, dtmf_packets, rtp_packets
 from voxphone.transports.rtp import RtpPacket, RtpPort
 
 CALLER = ("192.0.2.10", 5004)
@@ -129,3 +129,22 @@ async def test_silence_on_the_wire_ends_the_call() -> None:
     port.expire(clock.monotonic(), 5.0)
     assert calls.calls[0].end_reason == "inactivity"
     assert port.sessions == {}
+
+
+def test_dtmf_digits_become_events_once_each() -> None:
+    calls = Calls()
+    port = RtpPort(40000, calls, FakeClock())
+    audio = tone_packets(n=5)
+    for p in audio:
+        port.handle(p.serialize(), CALLER)
+    for p in dtmf_packets("19#", audio[-1]):
+        if p is not None:
+            port.handle(p.serialize(), CALLER)
+            port.handle(p.serialize(), CALLER)  # and every packet duplicated by the network
+    dtmf = calls.sink.of_type("dtmf")
+    assert [(e.data["digit"], e.data["duration_ms"]) for e in dtmf] == [
+        ("1", 100),
+        ("9", 100),
+        ("#", 100),
+    ]
+    assert port.stats.unsupported_payload == 0

@@ -21,6 +21,7 @@ from voxphone.audio.codecs import STATIC_PAYLOAD_TYPES, Codec
 from voxphone.call import Call
 from voxphone.clock import Clock
 from voxphone.errors import TransportError
+from voxphone.transports.dtmf import DtmfReceiver
 
 log = structlog.get_logger(__name__)
 
@@ -124,6 +125,7 @@ class _Session:
     ssrc: int
     payload_type: int
     last_seen: float
+    dtmf: DtmfReceiver = field(default_factory=DtmfReceiver)
 
 
 @dataclass
@@ -144,9 +146,11 @@ class RtpPort(asyncio.DatagramProtocol):
         new_call: CallFactory,
         clock: Clock,
         payload_types: Mapping[int, Codec] = STATIC_PAYLOAD_TYPES,
+        telephone_events: frozenset[int] = frozenset({101}),
     ) -> None:
         self.port = port
         self.payload_types = payload_types
+        self.telephone_events = telephone_events
         self._new_call = new_call
         self._clock = clock
         self.sessions: dict[Address, _Session] = {}
@@ -178,6 +182,14 @@ class RtpPort(asyncio.DatagramProtocol):
     def _deliver(self, session: _Session, pkt: RtpPacket) -> None:
         if pkt.payload_type == session.payload_type:
             session.call.push_packet(pkt.timestamp, pkt.payload)
+        elif pkt.payload_type in self.telephone_events:
+            try:
+                digits = session.dtmf.feed(pkt.timestamp, pkt.payload)
+            except TransportError:
+                self.stats.malformed += 1
+                return
+            for d in digits:
+                session.call.dtmf(d.key, d.duration_ms)
         elif pkt.payload_type != COMFORT_NOISE_PT:
             self.stats.unsupported_payload += 1
 
@@ -233,9 +245,11 @@ class RtpServer:
         clock: Clock,
         inactivity_timeout_s: float,
         payload_types: Mapping[int, Codec] = STATIC_PAYLOAD_TYPES,
+        telephone_events: frozenset[int] = frozenset({101}),
     ) -> None:
         self.host = host
         self.payload_types = payload_types
+        self.telephone_events = telephone_events
         self.port_range = ports
         self._new_call = new_call
         self._clock = clock
@@ -248,7 +262,9 @@ class RtpServer:
         loop = asyncio.get_running_loop()
         lo, hi = self.port_range
         for port in range(lo, hi + 1):
-            proto = RtpPort(port, self._new_call, self._clock, self.payload_types)
+            proto = RtpPort(
+                port, self._new_call, self._clock, self.payload_types, self.telephone_events
+            )
             try:
                 transport, _ = await loop.create_datagram_endpoint(
                     functools.partial(_same, proto), local_addr=(self.host, port)
