@@ -57,6 +57,7 @@ class App:
             config.rtp.inactivity_timeout_s,
             config.rtp.codec_map(),
             frozenset(config.rtp.telephone_event_payload_types),
+            config.rtp.jitter_ms,
         )
         self._runner: web.AppRunner | None = None
 

@@ -60,6 +60,8 @@ class Call:
         self.metadata = metadata or {}
         self.pipeline = AudioPipeline(codec, max_gap_s=max_gap_s)
         self.stats = CallStats()
+        #: Transport-specific counters (jitter buffer, RTCP...), reported in ``call.ended``.
+        self.transport_stats: dict[str, int] = {}
         self.end_reason: str | None = None
         self._sink = sink
         self._clock = clock
@@ -124,6 +126,10 @@ class Call:
             return
         for frame in self._decode(timestamp, payload):
             self._enqueue(frame)
+
+    def discontinuity(self) -> None:
+        """The media stream restarted (new SSRC): its timestamps start afresh."""
+        self.pipeline.timeline.reset()
 
     def dtmf(self, digit: str, duration_ms: int) -> None:
         """A key press (RFC 4733, AudioSocket, a media-stream ``dtmf`` message)."""
@@ -240,6 +246,7 @@ class Call:
                 "transcript": " ".join(self._segments),
                 "stats": asdict(self.stats),
                 "engine": self._stream.stats() if self._stream is not None else {},
+                "transport": self.transport_stats,
             },
         )
         self._log.info(

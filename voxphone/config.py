@@ -65,6 +65,8 @@ class RtpConfig(_Section):
                 raise ValueError(f"payload type {pt}: {exc}") from None
         return value
 
+    #: Jitter buffer depth: how long a missing packet is waited for before it becomes silence.
+    jitter_ms: int = Field(60, ge=0, le=1000)
     #: Payload types carrying RFC 4733 telephone-events (DTMF).
     telephone_event_payload_types: list[int] = [101]
 

@@ -20,8 +20,10 @@ __all__ = [
     "FakeClock",
     "capture_events",
     "dtmf_packets",
+    "impair",
     "rtp_packets",
     "send_rtp",
+    "send_schedule",
 ]
 
 PAYLOAD_TYPES = {"PCMU": 0, "PCMA": 8, "G722": 9}
@@ -117,6 +119,40 @@ async def send_rtp(
             sock.sendto(pkt.serialize(), target)
             sent += 1
     return sent
+
+
+def impair(
+    packets: Iterable[RtpPacket],
+    *,
+    loss: float = 0.0,
+    duplicate: float = 0.0,
+    jitter_ms: float = 0.0,
+    ptime_ms: int = 20,
+    seed: int | None = None,
+) -> list[tuple[float, RtpPacket]]:
+    """A bad network, reproducibly: each packet gets a send time ``i * ptime`` plus up to
+    ``jitter_ms`` of random delay (so neighbours swap places), some are lost, some doubled.
+    Returns ``(seconds from start, packet)`` sorted by time, for ``send_schedule``."""
+    rng = random.Random(seed)
+    out: list[tuple[float, RtpPacket]] = []
+    for i, pkt in enumerate(packets):
+        if rng.random() < loss:
+            continue
+        for _ in range(2 if rng.random() < duplicate else 1):
+            out.append(((i * ptime_ms + rng.uniform(0, jitter_ms)) / 1000, pkt))
+    return sorted(out, key=lambda item: item[0])
+
+
+async def send_schedule(schedule: list[tuple[float, RtpPacket]], target: tuple[str, int]) -> int:
+    """Send each packet at its time (seconds from now); returns the number sent."""
+    loop = asyncio.get_running_loop()
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.setblocking(False)
+        start = loop.time()
+        for at, pkt in schedule:
+            await asyncio.sleep(max(0.0, start + at - loop.time()))
+            sock.sendto(pkt.serialize(), target)
+    return len(schedule)
 
 
 @dataclass

@@ -22,6 +22,9 @@ from aiohttp.test_utils import TestServer
 from standardwebhooks import Webhook
 
 from tests.conftest import Speech, free_tcp_port, free_udp_range, overlap, require
+from voxphone.audio.codecs import PCMU
+from voxphone.audio.files import read_audio
+from voxphone.testing import impair, rtp_packets, send_schedule
 
 pytestmark = pytest.mark.integration
 
@@ -212,3 +215,30 @@ async def test_wideband_and_dynamic_codecs_from_ffmpeg(
     ended = events[-1]["data"]
     assert overlap(speech["order"].text, ended["transcript"]) >= 0.5, ended["transcript"]
     assert ended["stats"]["decode_errors"] == 0
+
+
+async def test_a_bad_network_still_makes_one_call_with_the_words(
+    receiver: WebhookReceiver, speech: dict[str, Speech], tmp_path: Path
+) -> None:
+    """10 % loss, 30 ms jitter (so reordering), duplicates, a sequence wrap, and a new SSRC
+    half-way (a transfer): one call, an exact audio clock, the words still recognised."""
+    s = speech["order"]
+    pcm = read_audio(s.path, 8000)
+    half = pcm.size // 2 // 160 * 160
+    first = list(rtp_packets(pcm[:half], PCMU, first_seq=65_500, seed=1))
+    second = list(rtp_packets(pcm[half:], PCMU, ssrc=0x5EC0_0D, seed=2))
+    schedule = impair(first + second, loss=0.1, duplicate=0.05, jitter_ms=30, seed=3)
+    # The probation packets and the SSRC switch must arrive: keep the first of each stream.
+    schedule = sorted(
+        {*schedule, (0.0, first[0]), (len(first) * 0.02, second[0])}, key=lambda x: x[0]
+    )
+    async with running_serve(tmp_path, receiver, VOXPHONE_RTP__INACTIVITY_TIMEOUT_S="1.0") as srv:
+        await send_schedule(schedule, ("127.0.0.1", srv.rtp_ports[0]))
+        await receiver.wait_ended(1, timeout_s=60)
+    (events,) = calls_of(receiver).values()
+    ended = events[-1]["data"]
+    assert sum(e["type"] == "call.started" for e in events) == 1
+    t = ended["transport"]
+    assert t["reordered"] > 0 and t["duplicates"] + t["late"] > 0 and t["lost"] > 0
+    assert abs(ended["audio_ms"] - pcm.size / 8) <= 240  # the clock follows the timestamps
+    assert overlap(s.text, ended["transcript"]) >= 0.5, ended["transcript"]

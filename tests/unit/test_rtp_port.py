@@ -148,3 +148,32 @@ def test_dtmf_digits_become_events_once_each() -> None:
         ("#", 100),
     ]
     assert port.stats.unsupported_payload == 0
+
+
+def test_a_new_ssrc_from_the_same_source_continues_the_call() -> None:
+    """Re-INVITE or transfer: the sender restarts its stream; the call goes on."""
+    calls = Calls()
+    port = RtpPort(40000, calls, FakeClock())
+    for p in tone_packets(n=5):
+        port.handle(p.serialize(), CALLER)
+    pcm = (np.sin(np.arange(160 * 5) / 3) * 5000).astype(np.int16)
+    for p in rtp_packets(pcm, PCMU, ssrc=0xABCDEF, seed=9):
+        port.handle(p.serialize(), CALLER)
+    assert len(calls.calls) == 1
+    assert port.stats.ssrc_changes == 1
+    assert calls.calls[0].stats.packets == 10  # all but none: the probation packet is kept
+    assert calls.calls[0].pipeline.timeline.stats.late == 0
+
+
+def test_reordered_packets_reach_the_call_in_order() -> None:
+    calls = Calls()
+    port = RtpPort(40000, calls, FakeClock())
+    pkts = tone_packets(n=12)
+    order = [0, 1, 3, 2, 5, 4, 6, 8, 7, 9, 11, 10]
+    for i in order:
+        port.handle(pkts[i].serialize(), CALLER)
+    port.end(CALLER, "hangup")
+    call = calls.calls[0]
+    assert call.pipeline.timeline.stats.late == 0  # the timeline never saw them out of order
+    assert call.transport_stats["reordered"] == 4  # 2, 4, 7 and 10 came after a later one
+    assert call.end_reason == "hangup"

@@ -167,7 +167,10 @@ class _Live:
     offset_ms: int
     frames: int = 0
     steps: int = 0
+    #: Speech the engine has *processed* (its steps came back) without writing anything.
     speech_ms_since_text: int = 0
+    #: Whether each frame sent and not yet answered by a step held speech (step k answers frame k).
+    pending_speech: deque[bool] = field(default_factory=deque)
     restarted: bool = False
     reason: str = ""
     stale: bool = field(default=False)
@@ -220,14 +223,9 @@ class VoxtralStream:
         ):
             self.counters.rollovers += 1
             await self._replace("rollover", replay=False)
-        elif live.speech_ms_since_text >= self._s.watchdog_s * 1000:
+        elif problem := self._stuck(live):
             self.counters.watchdog_restarts += 1
-            self._out.put_nowait(
-                TranscriptChunk(
-                    error=f"no transcript for {self._s.watchdog_s:g} s of speech; "
-                    "engine session restarted"
-                )
-            )
+            self._out.put_nowait(TranscriptChunk(error=f"{problem}; engine session restarted"))
             await self._replace("watchdog", replay=True)
         await self._send(frame)
 
@@ -235,17 +233,25 @@ class VoxtralStream:
         live = self._live
         assert live is not None
         self._replay.append(frame)
-        if float(np.sqrt(np.mean(frame.astype(np.float32) ** 2))) >= self._s.speech_rms:
-            live.speech_ms_since_text += FRAME_MS
-            self._quiet_ms = 0
-        else:
-            self._quiet_ms += FRAME_MS
+        speech = float(np.sqrt(np.mean(frame.astype(np.float32) ** 2))) >= self._s.speech_rms
+        live.pending_speech.append(speech)
+        self._quiet_ms = 0 if speech else self._quiet_ms + FRAME_MS
         live.frames += 1
         self._sent_ms += FRAME_MS
         self._note_lag(live)
         # A failed send shows on the step stream too; the reader replaces the session.
         with contextlib.suppress(SessionFailed):
             await live.session.send(frame)
+
+    def _stuck(self, live: _Live) -> str | None:
+        """The known ways a Voxtral session goes quiet while looking healthy."""
+        limit_ms = self._s.watchdog_s * 1000
+        if live.speech_ms_since_text >= limit_ms:  # blank-token rut (vllm#47614)
+            return f"no transcript for {self._s.watchdog_s:g} s of speech"
+        behind_ms = (live.frames - live.steps - self._s.first_step_frames) * FRAME_MS
+        if behind_ms >= 3 * limit_ms:  # steps stopped coming (vllm#35863)
+            return f"engine {behind_ms / 1000:g} s behind the audio"
+        return None
 
     def _note_lag(self, live: _Live) -> None:
         """Audio sent minus audio the received text accounts for (the first step needs
@@ -321,8 +327,11 @@ class VoxtralStream:
                 for chunk in self._seg.step(live.steps, step.text):
                     self._out.put_nowait(chunk)
                 live.steps += 1
+                speech = live.pending_speech.popleft() if live.pending_speech else False
                 if step.text:
                     live.speech_ms_since_text = 0
+                elif speech:
+                    live.speech_ms_since_text += FRAME_MS
         except SessionFailed as exc:
             if live.stale and live.reason:
                 return  # we aborted it on purpose

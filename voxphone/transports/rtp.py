@@ -13,7 +13,7 @@ import functools
 import struct
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import structlog
 
@@ -22,6 +22,7 @@ from voxphone.call import Call
 from voxphone.clock import Clock
 from voxphone.errors import TransportError
 from voxphone.transports.dtmf import DtmfReceiver
+from voxphone.transports.jitter import JitterBuffer
 
 log = structlog.get_logger(__name__)
 
@@ -117,6 +118,19 @@ class RtpStats:
     foreign_ssrc: int = 0
     on_probation: int = 0
     rejected_calls: int = 0
+    ssrc_changes: int = 0
+
+
+@dataclass
+class _Candidate:
+    """A source (or a new SSRC of a known one) on RFC 3550 §A.1 probation."""
+
+    ssrc: int
+    sequence: int
+    packets: list[RtpPacket] = field(default_factory=list)
+
+    def confirms(self, pkt: RtpPacket) -> bool:
+        return pkt.ssrc == self.ssrc and (self.sequence + 1) & 0xFFFF == pkt.sequence
 
 
 @dataclass
@@ -125,14 +139,9 @@ class _Session:
     ssrc: int
     payload_type: int
     last_seen: float
+    jitter: JitterBuffer
     dtmf: DtmfReceiver = field(default_factory=DtmfReceiver)
-
-
-@dataclass
-class _Candidate:
-    ssrc: int
-    sequence: int
-    packets: list[RtpPacket] = field(default_factory=list)
+    new_ssrc: _Candidate | None = None
 
 
 class RtpPort(asyncio.DatagramProtocol):
@@ -147,10 +156,12 @@ class RtpPort(asyncio.DatagramProtocol):
         clock: Clock,
         payload_types: Mapping[int, Codec] = STATIC_PAYLOAD_TYPES,
         telephone_events: frozenset[int] = frozenset({101}),
+        jitter_ms: int = 60,
     ) -> None:
         self.port = port
         self.payload_types = payload_types
         self.telephone_events = telephone_events
+        self.jitter_ms = jitter_ms
         self._new_call = new_call
         self._clock = clock
         self.sessions: dict[Address, _Session] = {}
@@ -174,10 +185,29 @@ class RtpPort(asyncio.DatagramProtocol):
         if session is None:
             self._probation(pkt, addr)
         elif pkt.ssrc != session.ssrc:
-            self.stats.foreign_ssrc += 1
+            self._ssrc_change(session, pkt)
         else:
             session.last_seen = self._clock.monotonic()
-            self._deliver(session, pkt)
+            for ready in session.jitter.push(pkt):
+                self._deliver(session, ready)
+
+    def _ssrc_change(self, session: _Session, pkt: RtpPacket) -> None:
+        """A new SSRC from the latched address (re-INVITE, transfer, a media server switch) is
+        the same call after a discontinuity, once it passes probation; a stray packet is not."""
+        cand = session.new_ssrc
+        if cand is None or not cand.confirms(pkt):
+            self.stats.foreign_ssrc += 1
+            session.new_ssrc = _Candidate(pkt.ssrc, pkt.sequence, [pkt])
+            return
+        self.stats.ssrc_changes += 1
+        for ready in session.jitter.flush():
+            self._deliver(session, ready)
+        session.call.discontinuity()
+        session.ssrc, session.new_ssrc = pkt.ssrc, None
+        session.last_seen = self._clock.monotonic()
+        for p in [*cand.packets, pkt]:
+            for ready in session.jitter.push(p):
+                self._deliver(session, ready)
 
     def _deliver(self, session: _Session, pkt: RtpPacket) -> None:
         if pkt.payload_type == session.payload_type:
@@ -200,7 +230,7 @@ class RtpPort(asyncio.DatagramProtocol):
             self.stats.unsupported_payload += 1
             return
         cand = self._candidates.pop(addr, None)
-        if cand is None or cand.ssrc != pkt.ssrc or (cand.sequence + 1) & 0xFFFF != pkt.sequence:
+        if cand is None or not cand.confirms(pkt):
             self.stats.on_probation += 1
             self._candidates[addr] = _Candidate(pkt.ssrc, pkt.sequence, [pkt])
             while len(self._candidates) > self.MAX_CANDIDATES:
@@ -215,10 +245,12 @@ class RtpPort(asyncio.DatagramProtocol):
         if call is None:
             self.stats.rejected_calls += 1
             return
-        session = _Session(call, pkt.ssrc, pkt.payload_type, self._clock.monotonic())
+        jitter = JitterBuffer(codec.clock_rate, self.jitter_ms)
+        session = _Session(call, pkt.ssrc, pkt.payload_type, self._clock.monotonic(), jitter)
         self.sessions[addr] = session
         for p in [*cand.packets, pkt]:
-            self._deliver(session, p)
+            for ready in jitter.push(p):
+                self._deliver(session, ready)
 
     def expire(self, now: float, timeout_s: float) -> None:
         """End calls whose source has been silent for ``timeout_s``; forget finished ones."""
@@ -226,8 +258,15 @@ class RtpPort(asyncio.DatagramProtocol):
             if session.call.done:
                 del self.sessions[addr]
             elif now - session.last_seen >= timeout_s:
-                session.call.end("inactivity")
-                del self.sessions[addr]
+                self.end(addr, "inactivity")
+
+    def end(self, addr: Address, reason: str) -> None:
+        """Play out what the jitter buffer holds, then end the call."""
+        session = self.sessions.pop(addr)
+        for ready in session.jitter.flush():
+            self._deliver(session, ready)
+        session.call.transport_stats.update(asdict(session.jitter.stats))
+        session.call.end(reason)
 
 
 def _same(proto: RtpPort) -> RtpPort:
@@ -246,10 +285,12 @@ class RtpServer:
         inactivity_timeout_s: float,
         payload_types: Mapping[int, Codec] = STATIC_PAYLOAD_TYPES,
         telephone_events: frozenset[int] = frozenset({101}),
+        jitter_ms: int = 60,
     ) -> None:
         self.host = host
         self.payload_types = payload_types
         self.telephone_events = telephone_events
+        self.jitter_ms = jitter_ms
         self.port_range = ports
         self._new_call = new_call
         self._clock = clock
@@ -263,8 +304,9 @@ class RtpServer:
         lo, hi = self.port_range
         for port in range(lo, hi + 1):
             proto = RtpPort(
-                port, self._new_call, self._clock, self.payload_types, self.telephone_events
-            )
+                port, self._new_call, self._clock, self.payload_types, self.telephone_events,
+                self.jitter_ms,
+            )  # fmt: skip
             try:
                 transport, _ = await loop.create_datagram_endpoint(
                     functools.partial(_same, proto), local_addr=(self.host, port)

@@ -1,0 +1,84 @@
+"""A bounded jitter buffer for RTP, sans I/O: reorders, drops duplicates and stragglers.
+
+Packets are released in sequence order as soon as the next one is there. A missing packet is
+waited for only while the buffered audio spans less than ``depth`` (default 60 ms, three 20 ms
+packets); then it is given up (the timeline fills its slot with silence) and play-out moves on.
+No timers: a pause in arrivals holds at most ``depth`` of audio until the next packet or ``flush``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from voxphone.transports.rtp import RtpPacket
+
+
+def seq_delta(a: int, b: int) -> int:
+    """Signed difference of two 16-bit sequence numbers, across wrap-around."""
+    d = (a - b) & 0xFFFF
+    return d - 0x10000 if d >= 0x8000 else d
+
+
+@dataclass
+class JitterStats:
+    reordered: int = 0  # arrived after a later packet, released in order anyway
+    duplicates: int = 0
+    late: int = 0  # arrived after its slot was given up
+    lost: int = 0  # given up on
+
+
+class JitterBuffer:
+    def __init__(self, clock_rate: int, depth_ms: int = 60) -> None:
+        self._depth = clock_rate * depth_ms // 1000
+        self._next: int | None = None  # extended sequence number to release next
+        self._buf: dict[int, RtpPacket] = {}
+        self._highest: int | None = None
+        self.stats = JitterStats()
+
+    def push(self, pkt: RtpPacket) -> list[RtpPacket]:
+        """Add a packet; return the packets now ready, in sequence order."""
+        if self._next is None:
+            self._next = self._highest = pkt.sequence
+        ext = self._next + seq_delta(pkt.sequence, self._next & 0xFFFF)
+        if ext < self._next:
+            self.stats.late += 1
+            return []
+        if ext in self._buf:
+            self.stats.duplicates += 1
+            return []
+        assert self._highest is not None
+        if ext < self._highest:
+            self.stats.reordered += 1
+        self._highest = max(self._highest, ext)
+        self._buf[ext] = pkt
+        out = self._release()
+        while self._buf and self._span() >= self._depth:
+            first = min(self._buf)
+            self.stats.lost += first - self._next
+            self._next = first
+            out += self._release()
+        return out
+
+    def flush(self) -> list[RtpPacket]:
+        """Everything buffered, in order (end of call, or a discontinuity: the next packet starts a
+        new sequence; the counters carry on)."""
+        out = [self._buf[k] for k in sorted(self._buf)]
+        self._buf.clear()
+        self._next = self._highest = None
+        return out
+
+    def _release(self) -> list[RtpPacket]:
+        out = []
+        assert self._next is not None
+        while self._next in self._buf:
+            out.append(self._buf.pop(self._next))
+            self._next += 1
+        return out
+
+    def _span(self) -> int:
+        """RTP time covered by what is buffered (newest minus oldest timestamp, wrap-safe)."""
+        newest = self._buf[max(self._buf)].timestamp
+        oldest = self._buf[min(self._buf)].timestamp
+        return ((newest - oldest) & 0xFFFFFFFF) + 1 if len(self._buf) > 1 else 0
