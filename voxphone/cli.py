@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import socket
 import sys
 from pathlib import Path
 from typing import Any
@@ -182,6 +183,7 @@ def _call(args: argparse.Namespace) -> int:
     from voxphone.audio.files import read_audio
     from voxphone.testing import dtmf_packets, rtp_packets, send_rtp
     from voxphone.transports.dtmf import DTMF_KEYS
+    from voxphone.transports.rtcp import bye
     from voxphone.transports.rtp import RtpPacket
 
     host, _, port = args.to.rpartition(":")
@@ -208,6 +210,11 @@ def _call(args: argparse.Namespace) -> int:
             packets, (host, int(port)), ptime_ms=args.ptime, loss=args.loss, pace=not args.no_pace
         )
     )
+    # Hang up as a gateway does: RTCP BYE to the RTCP port (RTP port + 1).
+    first = packets[0]
+    assert first is not None
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.sendto(bye(first.ssrc, "hangup"), (host, int(port) + 1))
     print(
         json.dumps({"to": args.to, "codec": codec.name, "packets_sent": sent, "seconds": seconds})
     )

@@ -176,7 +176,7 @@ async def test_rtp_call_through_voxphone_serve_and_vllm(
     assert [e["seq"] for e in events] == list(range(len(events)))
     assert events[0]["data"]["codec"] == "PCMU"
     assert any(e["type"] == "transcript.delta" for e in events)
-    assert events[-1]["type"] == "call.ended" and events[-1]["data"]["reason"] == "inactivity"
+    assert events[-1]["type"] == "call.ended" and events[-1]["data"]["reason"] == "bye"
 
 
 def _secret() -> str:

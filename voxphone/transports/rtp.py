@@ -23,6 +23,7 @@ from voxphone.clock import Clock
 from voxphone.errors import TransportError
 from voxphone.transports.dtmf import DtmfReceiver
 from voxphone.transports.jitter import JitterBuffer
+from voxphone.transports.rtcp import Bye, RtcpPacket, SenderReport, parse_rtcp
 
 log = structlog.get_logger(__name__)
 
@@ -119,6 +120,7 @@ class RtpStats:
     on_probation: int = 0
     rejected_calls: int = 0
     ssrc_changes: int = 0
+    after_bye: int = 0
 
 
 @dataclass
@@ -165,7 +167,11 @@ class RtpPort(asyncio.DatagramProtocol):
         self._new_call = new_call
         self._clock = clock
         self.sessions: dict[Address, _Session] = {}
+        #: Where parsed RTCP goes; the server matches it to calls by SSRC, whichever port
+        #: it arrived on (port + 1, or the RTP port itself with rtcp-mux).
+        self.on_rtcp: Callable[[list[RtcpPacket]], None] | None = None
         self._candidates: OrderedDict[Address, _Candidate] = OrderedDict()
+        self._said_bye: dict[Address, int] = {}  # source → the SSRC that sent RTCP BYE
         self.stats = RtpStats()
 
     def datagram_received(self, data: bytes, addr: tuple[str | object, int]) -> None:
@@ -175,6 +181,13 @@ class RtpPort(asyncio.DatagramProtocol):
         self.stats.received += 1
         if is_rtcp(data):
             self.stats.rtcp += 1
+            try:
+                packets = parse_rtcp(data)
+            except TransportError:
+                self.stats.malformed += 1
+                return
+            if self.on_rtcp is not None:
+                self.on_rtcp(packets)
             return
         try:
             pkt = parse_rtp(data)
@@ -183,6 +196,9 @@ class RtpPort(asyncio.DatagramProtocol):
             return
         session = self.sessions.get(addr)
         if session is None:
+            if self._said_bye.get(addr) == pkt.ssrc:
+                self.stats.after_bye += 1  # stragglers of a stream that hung up
+                return
             self._probation(pkt, addr)
         elif pkt.ssrc != session.ssrc:
             self._ssrc_change(session, pkt)
@@ -263,6 +279,10 @@ class RtpPort(asyncio.DatagramProtocol):
     def end(self, addr: Address, reason: str) -> None:
         """Play out what the jitter buffer holds, then end the call."""
         session = self.sessions.pop(addr)
+        if reason == "bye":
+            self._said_bye[addr] = session.ssrc
+            while len(self._said_bye) > self.MAX_CANDIDATES:
+                self._said_bye.pop(next(iter(self._said_bye)))
         for ready in session.jitter.flush():
             self._deliver(session, ready)
         session.call.transport_stats.update(asdict(session.jitter.stats))
@@ -314,6 +334,7 @@ class RtpServer:
             except OSError as exc:
                 await self.stop()
                 raise TransportError(f"cannot bind RTP port {self.host}:{port}: {exc}") from exc
+            proto.on_rtcp = self._rtcp
             self.ports.append(proto)
             self._transports.append(transport)
         self._sweeper = asyncio.create_task(self._sweep(), name="rtp-sweeper")
@@ -326,6 +347,25 @@ class RtpServer:
             now = self._clock.monotonic()
             for port in self.ports:
                 port.expire(now, self._timeout)
+
+    def _rtcp(self, packets: list[RtcpPacket]) -> None:
+        """A sender's BYE ends its call; sender reports are counted on the call."""
+        for pkt in packets:
+            if isinstance(pkt, Bye):
+                ssrcs = pkt.ssrcs
+            elif isinstance(pkt, SenderReport):
+                ssrcs = (pkt.ssrc,)
+            else:
+                continue
+            for port in self.ports:
+                for addr, session in list(port.sessions.items()):
+                    if session.ssrc not in ssrcs:
+                        continue
+                    if isinstance(pkt, Bye):
+                        port.end(addr, "bye")
+                    else:
+                        stats = session.call.transport_stats
+                        stats["sender_reports"] = stats.get("sender_reports", 0) + 1
 
     def totals(self) -> RtpStats:
         total = RtpStats()
