@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
+import socket
 
 import structlog
 from aiohttp import web
@@ -18,6 +19,7 @@ from voxphone.engines.base import Engine
 from voxphone.events.model import Event, EventSink, FanOut
 from voxphone.events.webhook import WebhookSink
 from voxphone.http.api import create_app
+from voxphone.http.calls import add_routes
 from voxphone.transports.rtp import RtpServer
 
 log = structlog.get_logger(__name__)
@@ -58,6 +60,7 @@ class App:
             config.rtp.codec_map(),
             frozenset(config.rtp.telephone_event_payload_types),
             config.rtp.jitter_ms,
+            config.rtp.no_media_timeout_s,
         )
         self._runner: web.AppRunner | None = None
 
@@ -69,7 +72,9 @@ class App:
         if self.webhook is not None:
             await self.webhook.start()
         await self.rtp.start()
-        self._runner = web.AppRunner(create_app(self.registry), access_log=None)
+        app = create_app(self.registry)
+        add_routes(app, self.rtp, self._advertise_host())
+        self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.config.http.host, self.config.http.port)
         await site.start()
@@ -80,6 +85,15 @@ class App:
             engine=self.engine.name,
             webhook=self.config.webhook.url,
         )
+
+    def _advertise_host(self) -> str:
+        rtp = self.config.rtp
+        if rtp.advertise_host:
+            return rtp.advertise_host
+        if rtp.host in ("0.0.0.0", "::"):
+            log.warning("rtp_advertise_host_guessed", hint="set rtp.advertise_host")
+            return socket.gethostbyname(socket.gethostname())
+        return rtp.host
 
     async def stop(self, drain_timeout_s: float = 10.0) -> None:
         """Refuse new calls, let live ones finish their transcripts, deliver events, shut down."""

@@ -265,7 +265,7 @@ class CallRegistry:
     ) -> None:
         self.engine = engine
         self._sink = sink
-        self._clock = clock
+        self.clock = clock
         self.max_concurrent = max_concurrent
         self._max_gap_s = max_gap_s
         self.calls: dict[str, Call] = {}
@@ -284,7 +284,7 @@ class CallRegistry:
             f"call_{uuid.uuid4().hex[:20]}",
             codec,
             self._sink,
-            self._clock,
+            self.clock,
             transport=transport,
             metadata=metadata,
             max_gap_s=self._max_gap_s,

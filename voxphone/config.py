@@ -65,6 +65,10 @@ class RtpConfig(_Section):
                 raise ValueError(f"payload type {pt}: {exc}") from None
         return value
 
+    #: A call created by the API ends if no media arrives within this many seconds.
+    no_media_timeout_s: float = Field(30.0, gt=0)
+    #: The address put in SDP answers and API replies (default: ``host``, unless 0.0.0.0).
+    advertise_host: str | None = None
     #: Jitter buffer depth: how long a missing packet is waited for before it becomes silence.
     jitter_ms: int = Field(60, ge=0, le=1000)
     #: Payload types carrying RFC 4733 telephone-events (DTMF).

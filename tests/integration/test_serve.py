@@ -61,14 +61,6 @@ class WebhookReceiver:
                 await self.changed.wait()
 
 
-@pytest.fixture
-async def receiver() -> AsyncIterator[WebhookReceiver]:
-    rx = WebhookReceiver()
-    await rx.server.start_server()
-    yield rx
-    await rx.server.close()
-
-
 async def wait_ready(port: int, proc: asyncio.subprocess.Process, timeout_s: float = 60) -> None:
     async with aiohttp.ClientSession() as http, asyncio.timeout(timeout_s):
         while proc.returncode is None:

@@ -120,6 +120,7 @@ class RtpStats:
     on_probation: int = 0
     rejected_calls: int = 0
     ssrc_changes: int = 0
+    foreign_source: int = 0
     after_bye: int = 0
 
 
@@ -136,6 +137,18 @@ class _Candidate:
 
 
 @dataclass
+class Reservation:
+    """A port allocated to one call by the API: it latches onto the first valid source (only
+    ``expected_ip``, when given) and drops every other source (symmetric RTP)."""
+
+    call: Call
+    payload_type: int
+    telephone_event: int | None = None
+    expected_ip: str | None = None
+    created: float = 0.0
+
+
+@dataclass
 class _Session:
     call: Call
     ssrc: int
@@ -144,6 +157,7 @@ class _Session:
     jitter: JitterBuffer
     dtmf: DtmfReceiver = field(default_factory=DtmfReceiver)
     new_ssrc: _Candidate | None = None
+    telephone_events: frozenset[int] | None = None  # negotiated; else the port's default
 
 
 class RtpPort(asyncio.DatagramProtocol):
@@ -172,6 +186,7 @@ class RtpPort(asyncio.DatagramProtocol):
         self.on_rtcp: Callable[[list[RtcpPacket]], None] | None = None
         self._candidates: OrderedDict[Address, _Candidate] = OrderedDict()
         self._said_bye: dict[Address, int] = {}  # source → the SSRC that sent RTCP BYE
+        self.reservation: Reservation | None = None
         self.stats = RtpStats()
 
     def datagram_received(self, data: bytes, addr: tuple[str | object, int]) -> None:
@@ -180,12 +195,12 @@ class RtpPort(asyncio.DatagramProtocol):
     def handle(self, data: bytes, addr: Address) -> None:
         self.stats.received += 1
         if is_rtcp(data):
-            self.stats.rtcp += 1
             try:
                 packets = parse_rtcp(data)
             except TransportError:
                 self.stats.malformed += 1
                 return
+            self.stats.rtcp += 1
             if self.on_rtcp is not None:
                 self.on_rtcp(packets)
             return
@@ -195,7 +210,9 @@ class RtpPort(asyncio.DatagramProtocol):
             self.stats.malformed += 1
             return
         session = self.sessions.get(addr)
-        if session is None:
+        if session is None and self.reservation is not None:
+            self._latch(self.reservation, pkt, addr)
+        elif session is None:
             if self._said_bye.get(addr) == pkt.ssrc:
                 self.stats.after_bye += 1  # stragglers of a stream that hung up
                 return
@@ -225,10 +242,37 @@ class RtpPort(asyncio.DatagramProtocol):
             for ready in session.jitter.push(p):
                 self._deliver(session, ready)
 
+    def _latch(self, res: Reservation, pkt: RtpPacket, addr: Address) -> None:
+        if self.sessions or (res.expected_ip is not None and addr[0] != res.expected_ip):
+            self.stats.foreign_source += 1
+            return
+        if pkt.payload_type != res.payload_type:
+            self.stats.unsupported_payload += 1
+            return
+        if res.expected_ip is None:  # anyone may latch: make them pass probation first
+            cand = self._candidates.pop(addr, None)
+            if cand is None or not cand.confirms(pkt):
+                self.stats.on_probation += 1
+                self._candidates[addr] = _Candidate(pkt.ssrc, pkt.sequence, [pkt])
+                return
+            packets = [*cand.packets, pkt]
+        else:
+            packets = [pkt]
+        self._candidates.clear()
+        jitter = JitterBuffer(res.call.codec.clock_rate, self.jitter_ms)
+        dtmf = frozenset({res.telephone_event}) if res.telephone_event is not None else None
+        session = _Session(res.call, pkt.ssrc, pkt.payload_type, self._clock.monotonic(), jitter)
+        session.telephone_events = dtmf
+        res.call.metadata["remote"] = f"{addr[0]}:{addr[1]}"
+        self.sessions[addr] = session
+        for p in packets:
+            for ready in jitter.push(p):
+                self._deliver(session, ready)
+
     def _deliver(self, session: _Session, pkt: RtpPacket) -> None:
         if pkt.payload_type == session.payload_type:
             session.call.push_packet(pkt.timestamp, pkt.payload)
-        elif pkt.payload_type in self.telephone_events:
+        elif pkt.payload_type in (session.telephone_events or self.telephone_events):
             try:
                 digits = session.dtmf.feed(pkt.timestamp, pkt.payload)
             except TransportError:
@@ -268,13 +312,27 @@ class RtpPort(asyncio.DatagramProtocol):
             for ready in jitter.push(p):
                 self._deliver(session, ready)
 
-    def expire(self, now: float, timeout_s: float) -> None:
-        """End calls whose source has been silent for ``timeout_s``; forget finished ones."""
+    def expire(self, now: float, timeout_s: float, no_media_s: float = 30.0) -> None:
+        """End calls whose source has been silent for ``timeout_s`` (or, allocated by the API,
+        never sent anything for ``no_media_s``); forget finished ones and free their port."""
         for addr, session in list(self.sessions.items()):
             if session.call.done:
                 del self.sessions[addr]
             elif now - session.last_seen >= timeout_s:
                 self.end(addr, "inactivity")
+        res = self.reservation
+        if res is not None and (res.call.done or res.call.end_reason is not None):
+            self.reservation = None
+            self.sessions.clear()
+        elif res is not None and not self.sessions and now - res.created >= no_media_s:
+            res.call.end("no_media")
+
+    def reserve(self, reservation: Reservation) -> None:
+        self.reservation = reservation
+
+    @property
+    def free(self) -> bool:
+        return self.reservation is None and not self.sessions and not self._candidates
 
     def end(self, addr: Address, reason: str) -> None:
         """Play out what the jitter buffer holds, then end the call."""
@@ -306,8 +364,10 @@ class RtpServer:
         payload_types: Mapping[int, Codec] = STATIC_PAYLOAD_TYPES,
         telephone_events: frozenset[int] = frozenset({101}),
         jitter_ms: int = 60,
+        no_media_timeout_s: float = 30.0,
     ) -> None:
         self.host = host
+        self.no_media_timeout_s = no_media_timeout_s
         self.payload_types = payload_types
         self.telephone_events = telephone_events
         self.jitter_ms = jitter_ms
@@ -346,7 +406,15 @@ class RtpServer:
             await asyncio.sleep(interval)
             now = self._clock.monotonic()
             for port in self.ports:
-                port.expire(now, self._timeout)
+                port.expire(now, self._timeout, self.no_media_timeout_s)
+
+    def allocate(self) -> RtpPort:
+        """A free port for an API-created call: even numbers first (RTCP goes to port + 1)."""
+        for port in sorted(self.ports, key=lambda p: (p.port % 2, p.port)):
+            if port.free:
+                return port
+        lo, hi = self.port_range
+        raise TransportError(f"no free RTP port in {lo}-{hi}")
 
     def _rtcp(self, packets: list[RtcpPacket]) -> None:
         """A sender's BYE ends its call; sender reports are counted on the call."""

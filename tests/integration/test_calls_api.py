@@ -1,0 +1,132 @@
+"""POST /v1/calls (JSON and SDP offer/answer) and DELETE, against a running `voxphone serve`."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import sys
+from pathlib import Path
+
+import aiohttp
+import numpy as np
+import pytest
+
+from tests.conftest import Speech, overlap
+from tests.integration.test_serve import (
+    WebhookReceiver,
+    calls_of,
+    ffmpeg_rtp,
+    running_serve,
+)
+from voxphone.audio.codecs import PCMU
+from voxphone.testing import rtp_packets
+
+pytestmark = pytest.mark.integration
+
+
+async def post(port: int, body: str | bytes, content_type: str) -> tuple[int, str, dict[str, str]]:
+    async with (
+        aiohttp.ClientSession() as http,
+        http.post(
+            f"http://127.0.0.1:{port}/v1/calls", data=body, headers={"Content-Type": content_type}
+        ) as r,
+    ):
+        return r.status, await r.text(), dict(r.headers)
+
+
+async def stranger(port: int, seconds: float) -> None:
+    """Valid RTP (a loud tone) from another source, aimed at an allocated port."""
+    pcm = (np.sin(np.arange(int(8000 * seconds)) / 2) * 20000).astype(np.int16)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        for p in rtp_packets(pcm, PCMU, seed=11):
+            s.sendto(p.serialize(), ("127.0.0.1", port))
+            await asyncio.sleep(0.02)
+
+
+async def test_json_call_latches_to_its_caller_and_drops_strangers(
+    receiver: WebhookReceiver, speech: dict[str, Speech], tmp_path: Path
+) -> None:
+    async with running_serve(tmp_path, receiver) as srv:
+        status, text, headers = await post(
+            srv.http_port,
+            '{"codec": "PCMU", "metadata": {"from": "+15550100"}}',
+            "application/json",
+        )
+        assert status == 201, text
+        reply = __import__("json").loads(text)
+        assert headers["Location"] == f"/v1/calls/{reply['call_id']}"
+        assert reply["rtp_host"] == "127.0.0.1" and reply["rtp_port"] % 2 == 0
+        caller = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "voxphone", "call", str(speech["order"].path),
+            "--to", f"127.0.0.1:{reply['rtp_port']}", stdout=asyncio.subprocess.DEVNULL,
+        )  # fmt: skip
+        await asyncio.sleep(1.0)
+        await stranger(reply["rtp_port"], 1.5)
+        assert await caller.wait() == 0
+        await receiver.wait_ended(1, timeout_s=60)
+    (events,) = calls_of(receiver).values()
+    assert events[0]["call_id"] == reply["call_id"]
+    assert events[0]["data"]["from"] == "+15550100"
+    assert events[-1]["data"]["reason"] == "bye"
+    assert overlap(speech["order"].text, events[-1]["data"]["transcript"]) >= 0.5
+
+
+async def test_sdp_offer_answer_then_delete(
+    receiver: WebhookReceiver, speech: dict[str, Speech], tmp_path: Path
+) -> None:
+    offer = (
+        "v=0\r\no=- 1 1 IN IP4 127.0.0.1\r\ns=gw\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\n"
+        "m=audio 5004 RTP/AVP 118 0 101\r\na=rtpmap:118 L16/16000\r\n"
+        "a=rtpmap:101 telephone-event/8000\r\na=ptime:20\r\n"
+    )
+    async with running_serve(tmp_path, receiver) as srv:
+        status, sdp, headers = await post(srv.http_port, offer, "application/sdp")
+        assert status == 201, sdp
+        assert headers["Content-Type"].startswith("application/sdp")
+        media = next(line for line in sdp.splitlines() if line.startswith("m=audio"))
+        assert media.split()[3:] == ["118", "101"]
+        await ffmpeg_rtp(
+            speech["order"].path, int(media.split()[1]), "-ar", "16000", "-acodec", "pcm_s16be",
+            "-payload_type", "118",
+        )  # fmt: skip
+        async with aiohttp.ClientSession() as http:
+            async with http.delete(f"http://127.0.0.1:{srv.http_port}{headers['Location']}") as r:
+                assert r.status == 204
+            async with http.delete(f"http://127.0.0.1:{srv.http_port}/v1/calls/call_nope") as r:
+                assert r.status == 404 and "no live call 'call_nope'" in await r.text()
+        await receiver.wait_ended(1, timeout_s=60)
+    (events,) = calls_of(receiver).values()
+    assert events[0]["data"]["codec"] == "L16/16000"
+    assert events[-1]["data"]["reason"] == "hangup"
+    assert overlap(speech["order"].text, events[-1]["data"]["transcript"]) >= 0.5
+
+
+async def test_refusals_are_precise_and_allocate_nothing(
+    receiver: WebhookReceiver, tmp_path: Path
+) -> None:
+    cases = [
+        ("{nope", "application/json", 400, "body is not JSON"),
+        ('{"codec": "speex"}', "application/json", 422, "unknown codec 'speex'"),
+        ('{"codec": "opus"}', "application/json", 400, "payload_type: opus has no static"),
+        ('{"codec": "PCMU", "colour": 1}', "application/json", 400, "colour: Extra inputs"),
+        ("v=0", "text/plain", 415, "send application/json or application/sdp"),
+        ("hello", "application/sdp", 400, "SDP must start with 'v=0'"),
+        ("v=0\r\nm=video 5 RTP/AVP 96\r\n", "application/sdp", 422, "no audio stream"),
+    ]
+    async with running_serve(
+        tmp_path, receiver, n_ports=2, VOXPHONE_RTP__NO_MEDIA_TIMEOUT_S="1.0"
+    ) as srv:
+        for body, ctype, want, message in cases:
+            status, text, _ = await post(srv.http_port, body, ctype)
+            assert (status, message in text) == (want, True), (body, text)
+        # Two ports: two calls fit, the third is refused; unused ones end for lack of media.
+        ok = [await post(srv.http_port, "{}", "application/json") for _ in range(2)]
+        assert [s for s, _, _ in ok] == [201, 201]
+        status, text, _ = await post(srv.http_port, "{}", "application/json")
+        assert status == 503 and "no free RTP port" in text
+        await receiver.wait_ended(2, timeout_s=10)
+        await asyncio.sleep(0.6)  # the sweeper frees the ports
+        status, text, _ = await post(srv.http_port, "{}", "application/json")
+        assert status == 201, text
+    reasons = [e["data"]["reason"] for e in receiver.events if e["type"] == "call.ended"]
+    assert reasons[:2] == ["no_media", "no_media"]

@@ -1,0 +1,147 @@
+"""``/v1/calls``: SIP gateways and their controllers create RTP calls, by JSON or SDP offer.
+
+``POST`` allocates a port from the RTP range for one call and answers where to send media;
+``DELETE /v1/calls/{id}`` hangs up. Mistakes are answered with a 4xx and a message naming the
+field or SDP line; nothing is allocated for a refused request.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from typing import Any
+
+from aiohttp import web
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from voxphone.audio.codecs import STATIC_PAYLOAD_TYPES, Codec, codec_by_name
+from voxphone.call import Call
+from voxphone.errors import DecodeError, TransportError
+from voxphone.http.api import REGISTRY
+from voxphone.transports.rtp import Reservation, RtpPort, RtpServer
+from voxphone.transports.sdp import answer, parse_sdp
+
+RTP = web.AppKey("rtp", RtpServer)
+ADVERTISE = web.AppKey("advertise_host", str)
+
+
+class CreateCall(BaseModel):
+    """The JSON body of ``POST /v1/calls``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    codec: str = "PCMU"
+    #: Required for codecs without a static payload type (opus, L16).
+    payload_type: int | None = Field(None, ge=0, le=127)
+    telephone_event: int | None = Field(101, ge=96, le=127)
+    #: Only accept media from this IP address (else: the first valid source latches).
+    remote_ip: str | None = None
+    metadata: dict[str, str | int | float | bool | None] = {}
+
+
+def error(status: int, message: str) -> web.Response:
+    return web.json_response({"error": message}, status=status)
+
+
+async def create_call(request: web.Request) -> web.Response:
+    if request.content_type == "application/sdp":
+        return await _from_sdp(request)
+    if request.content_type == "application/json":
+        return await _from_json(request)
+    return error(
+        415, f"Content-Type {request.content_type!r}: send application/json or application/sdp"
+    )
+
+
+async def _from_json(request: web.Request) -> web.Response:
+    try:
+        body = CreateCall.model_validate(json.loads(await request.text() or "{}"))
+        codec = codec_by_name(body.codec)
+    except json.JSONDecodeError as exc:
+        return error(400, f"body is not JSON: {exc}")
+    except ValidationError as exc:
+        return error(
+            400, "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        )
+    except DecodeError as exc:
+        return error(422, f"codec: {exc}")
+    pt = body.payload_type if body.payload_type is not None else _static_pt(codec)
+    if pt is None:
+        return error(
+            400, f"payload_type: {codec.name} has no static payload type; give one (96-127)"
+        )
+    opened = _open(request, codec, pt, body.telephone_event, body.remote_ip, dict(body.metadata))
+    if isinstance(opened, web.Response):
+        return opened
+    call, port = opened
+    reply = {
+        "call_id": call.call_id,
+        "rtp_host": request.app[ADVERTISE],
+        "rtp_port": port.port,
+        "codec": codec.name,
+        "payload_type": pt,
+    }
+    return web.json_response(reply, status=201, headers={"Location": f"/v1/calls/{call.call_id}"})
+
+
+async def _from_sdp(request: web.Request) -> web.Response:
+    rtp = request.app[RTP]
+    try:
+        offer = parse_sdp(await request.text())
+        port = rtp.allocate()
+    except TransportError as exc:
+        status = 503 if "no free RTP port" in str(exc) else 400
+        return error(status, str(exc))
+    try:
+        ans = answer(offer, request.app[ADVERTISE], port.port, uuid.uuid4().int % 10**10)
+    except TransportError as exc:
+        return error(422, str(exc))  # SIP would say 488 Not Acceptable Here
+    remote_ip = ans.remote[0] if ans.remote else None
+    opened = _open(request, ans.codec, ans.payload_type, ans.telephone_event, remote_ip, {}, port)
+    if isinstance(opened, web.Response):
+        return opened
+    call, _ = opened
+    headers = {"Location": f"/v1/calls/{call.call_id}", "X-Call-Id": call.call_id}
+    return web.Response(status=201, text=ans.sdp, content_type="application/sdp", headers=headers)
+
+
+def _static_pt(codec: Codec) -> int | None:
+    return next((pt for pt, c in STATIC_PAYLOAD_TYPES.items() if c is codec), None)
+
+
+def _open(
+    request: web.Request,
+    codec: Codec,
+    pt: int,
+    dtmf: int | None,
+    remote_ip: str | None,
+    metadata: dict[str, Any],
+    port: RtpPort | None = None,
+) -> tuple[Call, RtpPort] | web.Response:
+    registry, rtp = request.app[REGISTRY], request.app[RTP]
+    try:
+        port = port or rtp.allocate()
+    except TransportError as exc:
+        return error(503, str(exc))
+    meta = {**metadata, "local_port": port.port, "expected_remote_ip": remote_ip}
+    call = registry.open(codec, transport="rtp", metadata=meta)
+    if call is None:
+        return error(503, "not accepting calls: at the concurrent call limit, or draining")
+    reservation = Reservation(call, pt, dtmf, remote_ip, registry.clock.monotonic())
+    port.reserve(reservation)
+    return call, port
+
+
+async def end_call(request: web.Request) -> web.Response:
+    call = request.app[REGISTRY].calls.get(request.match_info["call_id"])
+    if call is None:
+        return error(404, f"no live call {request.match_info['call_id']!r}")
+    call.end("hangup")
+    return web.Response(status=204)
+
+
+def add_routes(app: web.Application, rtp: RtpServer, advertise_host: str) -> None:
+    app[RTP] = rtp
+    app[ADVERTISE] = advertise_host
+    app.router.add_post("/v1/calls", create_call)
+    app.router.add_delete("/v1/calls/{call_id}", end_call)

@@ -1,0 +1,181 @@
+"""SDP offer/answer for one receive-only audio stream (RFC 4566, RFC 3264), sans I/O.
+
+voxphone only listens, so the answer takes the first audio format of the offer it can decode,
+plus telephone-event if offered, and answers ``recvonly``. Everything it cannot use is refused
+with a message naming the line.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from voxphone.audio.codecs import STATIC_PAYLOAD_TYPES, Codec, codec_by_name
+from voxphone.errors import DecodeError, TransportError
+
+MAX_SDP_BYTES = 16_384
+DIRECTIONS = ("sendrecv", "sendonly", "recvonly", "inactive")
+
+
+@dataclass
+class Media:
+    kind: str
+    port: int
+    proto: str
+    formats: list[int]
+    rtpmap: dict[int, str] = field(default_factory=dict)  # pt -> "encoding/rate[/channels]"
+    fmtp: dict[int, str] = field(default_factory=dict)
+    ptime: int | None = None
+    direction: str | None = None
+    connection: str | None = None
+
+
+@dataclass
+class Offer:
+    connection: str | None
+    direction: str
+    media: list[Media]
+
+
+def parse_sdp(text: str) -> Offer:
+    """Parse an SDP body; raise ``TransportError`` naming the offending line."""
+    if len(text.encode()) > MAX_SDP_BYTES:
+        raise TransportError(f"SDP is {len(text.encode())} bytes; the limit is {MAX_SDP_BYTES}")
+    lines = [line.rstrip("\r") for line in text.split("\n") if line.strip()]
+    if not lines or not lines[0].startswith("v="):
+        raise TransportError("SDP must start with 'v=0'")
+    offer = Offer(None, "sendrecv", [])
+    for n, line in enumerate(lines, 1):
+        if len(line) < 2 or line[1] != "=":
+            raise TransportError(f"SDP line {n}: expected '<type>=<value>', got {line[:40]!r}")
+        kind, value = line[0], line[2:]
+        media = offer.media[-1] if offer.media else None
+        if kind == "m":
+            offer.media.append(_media(n, value))
+        elif kind == "c":
+            addr = _connection(n, value)
+            if media is None:
+                offer.connection = addr
+            else:
+                media.connection = addr
+        elif kind == "a":
+            _attribute(n, value, offer, media)
+    return offer
+
+
+def _media(n: int, value: str) -> Media:
+    parts = value.split()
+    if len(parts) < 4 or not parts[1].split("/")[0].isdigit():
+        raise TransportError(f"SDP line {n}: malformed m= line {value[:60]!r}")
+    try:
+        formats = [int(f) for f in parts[3:]]
+    except ValueError:
+        formats = []  # non-RTP media (e.g. an application/data channel): never chosen
+    return Media(parts[0], int(parts[1].split("/")[0]), parts[2], formats)
+
+
+def _connection(n: int, value: str) -> str:
+    parts = value.split()
+    if len(parts) != 3 or parts[0] != "IN" or parts[1] not in ("IP4", "IP6"):
+        raise TransportError(f"SDP line {n}: malformed c= line {value[:60]!r}")
+    return parts[2].split("/")[0]
+
+
+def _attribute(n: int, value: str, offer: Offer, media: Media | None) -> None:
+    name, _, arg = value.partition(":")
+    if name in DIRECTIONS:
+        if media is None:
+            offer.direction = name
+        else:
+            media.direction = name
+    elif media is None:
+        return
+    elif name in ("rtpmap", "fmtp"):
+        pt_text, _, rest = arg.partition(" ")
+        if not pt_text.isdigit() or not rest:
+            raise TransportError(f"SDP line {n}: malformed a={name} {arg[:60]!r}")
+        (media.rtpmap if name == "rtpmap" else media.fmtp)[int(pt_text)] = rest.strip()
+    elif name == "ptime" and arg.strip().isdigit():
+        media.ptime = int(arg)
+
+
+@dataclass(frozen=True)
+class Answer:
+    sdp: str
+    codec: Codec
+    payload_type: int
+    telephone_event: int | None
+    remote: tuple[str, int] | None  # where the offerer sends from (symmetric RTP)
+
+
+_ENCODINGS = {"pcmu": "PCMU", "pcma": "PCMA", "g722": "G722", "opus": "opus"}
+
+
+def _codec_for(pt: int, rtpmap: dict[int, str]) -> Codec | None:
+    """The codec a payload type names: its a=rtpmap, or the RFC 3551 static table."""
+    mapping = rtpmap.get(pt)
+    if mapping is None:
+        return STATIC_PAYLOAD_TYPES.get(pt)
+    enc, rate, channels = (*mapping.split("/"), "", "")[:3]
+    channels = channels or "1"
+    name = _ENCODINGS.get(enc.lower())
+    if enc.lower() == "l16" and channels == "1":
+        name = f"L16/{rate}"
+    if name is None:
+        return None
+    try:
+        return codec_by_name(name)
+    except DecodeError:
+        return None  # e.g. L16 at a rate we have no codec entry for
+
+
+def answer(offer: Offer, host: str, port: int, session_id: int) -> Answer:
+    """Choose a format and build the answer; ``TransportError`` says why there is none."""
+    audio = [m for m in offer.media if m.kind == "audio"]
+    if not audio:
+        kinds = ", ".join(m.kind for m in offer.media) or "none"
+        raise TransportError(f"SDP offer has no audio stream (media: {kinds})")
+    m = next((m for m in audio if m.port != 0), None)
+    if m is None:
+        raise TransportError("SDP offer's audio streams are all disabled (port 0)")
+    if not m.proto.startswith("RTP/AVP"):
+        raise TransportError(f"SDP audio protocol {m.proto} is not plain RTP (RTP/AVP)")
+    direction = m.direction or offer.direction
+    if direction in ("recvonly", "inactive"):
+        raise TransportError(f"SDP offer is {direction}: the caller would send no audio")
+    chosen = next(((pt, c) for pt in m.formats if (c := _codec_for(pt, m.rtpmap))), None)
+    if chosen is None:
+        offered = ", ".join(m.rtpmap.get(pt, str(pt)) for pt in m.formats)
+        raise TransportError(f"SDP offer has no codec voxphone decodes (offered: {offered})")
+    pt, codec = chosen
+    dtmf = next(
+        (p for p in m.formats if m.rtpmap.get(p, "").lower().startswith("telephone-event/8000")),
+        None,
+    )
+    return Answer(_render(host, port, session_id, pt, m, dtmf), codec, pt, dtmf, _remote(offer, m))
+
+
+def _remote(offer: Offer, m: Media) -> tuple[str, int] | None:
+    addr = m.connection or offer.connection
+    return (addr, m.port) if addr and addr not in ("0.0.0.0", "::") else None
+
+
+def _render(host: str, port: int, sid: int, pt: int, m: Media, dtmf: int | None) -> str:
+    ip = "IP6" if ":" in host else "IP4"
+    pts = [pt] + ([dtmf] if dtmf is not None else [])
+    lines = [
+        "v=0",
+        f"o=voxphone {sid} {sid} IN {ip} {host}",
+        "s=voxphone",
+        f"c=IN {ip} {host}",
+        "t=0 0",
+        f"m=audio {port} {m.proto} {' '.join(map(str, pts))}",
+    ]
+    for p in pts:
+        if p in m.rtpmap:
+            lines.append(f"a=rtpmap:{p} {m.rtpmap[p]}")
+        if p in m.fmtp:
+            lines.append(f"a=fmtp:{p} {m.fmtp[p]}")
+    if m.ptime:
+        lines.append(f"a=ptime:{m.ptime}")
+    lines.append("a=recvonly")
+    return "\r\n".join(lines) + "\r\n"
