@@ -49,7 +49,12 @@ class App:
             sinks.append(self.webhook)
         self.sinks = FanOut(sinks)
         self.registry = CallRegistry(
-            self.engine, self.sinks, self.clock, config.calls.max_concurrent, config.rtp.max_gap_s
+            self.engine,
+            self.sinks,
+            self.clock,
+            config.calls.max_concurrent,
+            config.rtp.max_gap_s,
+            config.calls.max_duration_s,
         )
         self.rtp = RtpServer(
             config.rtp.host,

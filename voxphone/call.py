@@ -53,7 +53,9 @@ class Call:
         max_gap_s: float = 5.0,
         max_queued_frames: int = 250,
         end_timeout_s: float = 30.0,
+        max_duration_s: float | None = None,
     ) -> None:
+        self._max_duration_s = max_duration_s
         self.call_id = call_id
         self.codec = codec
         self.transport = transport
@@ -87,6 +89,8 @@ class Call:
         )
         self._log.info("call_started", transport=self.transport, codec=self.codec.name)
         self._task = asyncio.create_task(self._run(engine), name=f"call-{self.call_id}")
+        if self._max_duration_s is not None:
+            asyncio.get_running_loop().call_later(self._max_duration_s, self.end, "max_duration")
         if on_done is not None:
             self._task.add_done_callback(lambda _task: on_done(self))
 
@@ -261,8 +265,15 @@ class CallRegistry:
     """The process's live calls, with an admission limit."""
 
     def __init__(
-        self, engine: Engine, sink: EventSink, clock: Clock, max_concurrent: int, max_gap_s: float
+        self,
+        engine: Engine,
+        sink: EventSink,
+        clock: Clock,
+        max_concurrent: int,
+        max_gap_s: float,
+        max_duration_s: float | None = None,
     ) -> None:
+        self._max_duration_s = max_duration_s
         self.engine = engine
         self._sink = sink
         self.clock = clock
@@ -288,6 +299,7 @@ class CallRegistry:
             transport=transport,
             metadata=metadata,
             max_gap_s=self._max_gap_s,
+            max_duration_s=self._max_duration_s,
         )
         self.calls[call.call_id] = call
         call.start(self.engine, on_done=self._forget)

@@ -104,6 +104,8 @@ class CallsConfig(_Section):
     """Admission: how many calls one process takes at once."""
 
     max_concurrent: int = Field(50, ge=1)
+    #: A call is hung up (``call.ended{reason: max_duration}``) after this long.
+    max_duration_s: float = Field(4 * 3600, gt=0)
 
 
 class SphinxConfig(_Section):

@@ -234,5 +234,6 @@ async def test_a_bad_network_still_makes_one_call_with_the_words(
     assert sum(e["type"] == "call.started" for e in events) == 1
     t = ended["transport"]
     assert t["reordered"] > 0 and t["duplicates"] + t["late"] > 0 and t["lost"] > 0
+    assert 2 <= t["jitter_ms"] <= 40  # RFC 3550 interarrival jitter of 0-30 ms send delays
     assert abs(ended["audio_ms"] - pcm.size / 8) <= 240  # the clock follows the timestamps
     assert overlap(s.text, ended["transcript"]) >= 0.5, ended["transcript"]

@@ -87,3 +87,16 @@ async def test_a_dead_worker_fails_only_its_call_and_is_replaced(
     call2.end("hangup")
     await asyncio.wait_for(call2.wait(), 60)
     assert overlap(speech["order"].text, sink2.events[-1].data["transcript"]) >= 0.6
+
+
+async def test_a_call_is_hung_up_at_its_maximum_duration(engine: SphinxEngine) -> None:
+    sink = capture_events()
+    call = Call("c4", L16_16K, sink, SystemClock(), transport="test", max_duration_s=0.5)
+    call.start(engine)
+    for _ in range(20):  # 2 s of audio at real-time pace; the call is cut after 0.5 s
+        await call.feed_pcm(silence(0.1))
+        await asyncio.sleep(0.1)
+    await asyncio.wait_for(call.wait(), 30)
+    ended = sink.events[-1].data
+    assert ended["reason"] == "max_duration"
+    assert ended["audio_ms"] <= 800

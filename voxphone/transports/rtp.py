@@ -154,10 +154,12 @@ class _Session:
     ssrc: int
     payload_type: int
     last_seen: float
-    jitter: JitterBuffer
+    buffer: JitterBuffer
     dtmf: DtmfReceiver = field(default_factory=DtmfReceiver)
     new_ssrc: _Candidate | None = None
     telephone_events: frozenset[int] | None = None  # negotiated; else the port's default
+    transit: float | None = None
+    jitter: float = 0.0  # RFC 3550 §A.8 interarrival jitter, in RTP clock units
 
 
 class RtpPort(asyncio.DatagramProtocol):
@@ -221,8 +223,19 @@ class RtpPort(asyncio.DatagramProtocol):
             self._ssrc_change(session, pkt)
         else:
             session.last_seen = self._clock.monotonic()
-            for ready in session.jitter.push(pkt):
+            if pkt.payload_type == session.payload_type:
+                self._arrival(session, pkt)
+            for ready in session.buffer.push(pkt):
                 self._deliver(session, ready)
+
+    def _arrival(self, session: _Session, pkt: RtpPacket) -> None:
+        """RFC 3550 §A.8: smoothed variation of transit time, the jitter a receiver reports."""
+        transit = session.last_seen * session.call.codec.clock_rate - pkt.timestamp
+        if session.transit is not None:
+            d = abs(transit - session.transit)
+            if d < session.call.codec.clock_rate:  # not across a timestamp jump or wrap
+                session.jitter += (d - session.jitter) / 16
+        session.transit = transit
 
     def _ssrc_change(self, session: _Session, pkt: RtpPacket) -> None:
         """A new SSRC from the latched address (re-INVITE, transfer, a media server switch) is
@@ -233,13 +246,13 @@ class RtpPort(asyncio.DatagramProtocol):
             session.new_ssrc = _Candidate(pkt.ssrc, pkt.sequence, [pkt])
             return
         self.stats.ssrc_changes += 1
-        for ready in session.jitter.flush():
+        for ready in session.buffer.flush():
             self._deliver(session, ready)
         session.call.discontinuity()
         session.ssrc, session.new_ssrc = pkt.ssrc, None
         session.last_seen = self._clock.monotonic()
         for p in [*cand.packets, pkt]:
-            for ready in session.jitter.push(p):
+            for ready in session.buffer.push(p):
                 self._deliver(session, ready)
 
     def _latch(self, res: Reservation, pkt: RtpPacket, addr: Address) -> None:
@@ -341,9 +354,11 @@ class RtpPort(asyncio.DatagramProtocol):
             self._said_bye[addr] = session.ssrc
             while len(self._said_bye) > self.MAX_CANDIDATES:
                 self._said_bye.pop(next(iter(self._said_bye)))
-        for ready in session.jitter.flush():
+        for ready in session.buffer.flush():
             self._deliver(session, ready)
-        session.call.transport_stats.update(asdict(session.jitter.stats))
+        stats = session.call.transport_stats
+        stats.update(asdict(session.buffer.stats))
+        stats["jitter_ms"] = round(session.jitter * 1000 / session.call.codec.clock_rate)
         session.call.end(reason)
 
 
