@@ -20,6 +20,7 @@ from voxphone.events.model import Event, EventSink, FanOut
 from voxphone.events.webhook import WebhookSink
 from voxphone.http.api import create_app
 from voxphone.http.calls import add_routes
+from voxphone.transports.asterisk import AudioSocketServer, chan_websocket
 from voxphone.transports.rtp import RtpServer
 
 log = structlog.get_logger(__name__)
@@ -68,6 +69,12 @@ class App:
             config.rtp.no_media_timeout_s,
         )
         self._runner: web.AppRunner | None = None
+        ast = config.asterisk
+        self.audiosocket = (
+            AudioSocketServer(ast.audiosocket_host, ast.audiosocket_port, self.registry)
+            if ast.audiosocket_port is not None
+            else None
+        )
 
     def _new_rtp_call(self, codec: Codec, metadata: dict[str, object]) -> Call | None:
         return self.registry.open(codec, transport="rtp", metadata=dict(metadata))
@@ -77,8 +84,11 @@ class App:
         if self.webhook is not None:
             await self.webhook.start()
         await self.rtp.start()
+        if self.audiosocket is not None:
+            await self.audiosocket.start()
         app = create_app(self.registry)
         add_routes(app, self.rtp, self._advertise_host())
+        app.router.add_get("/v1/media/asterisk", chan_websocket)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.config.http.host, self.config.http.port)
@@ -104,6 +114,8 @@ class App:
         """Refuse new calls, let live ones finish their transcripts, deliver events, shut down."""
         await self.registry.drain(drain_timeout_s)
         await self.rtp.stop()
+        if self.audiosocket is not None:
+            await self.audiosocket.stop()
         if self.webhook is not None:
             await self.webhook.close()
         if self._runner is not None:

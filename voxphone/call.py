@@ -141,6 +141,20 @@ class Call:
             at_ms = self.pipeline.framer.position_ms
             self._publish(ev.DTMF, {"digit": digit, "duration_ms": duration_ms, "at_ms": at_ms})
 
+    def push_payload(self, payload: bytes) -> None:
+        """A payload from a stream with no timestamps: it follows the previous one directly."""
+        if self.end_reason is not None:
+            return
+        self.stats.packets += 1
+        try:
+            frames = self.pipeline.push_contiguous(payload)
+        except DecodeError as exc:
+            self.stats.decode_errors += 1
+            self._log.debug("decode_error", error=str(exc))
+            return
+        for frame in frames:
+            self._enqueue(frame)
+
     async def feed_packet(self, timestamp: int, payload: bytes) -> None:
         """Like ``push_packet`` but waits for room instead of dropping (files, not live media)."""
         for frame in self._decode(timestamp, payload):
@@ -284,15 +298,22 @@ class CallRegistry:
         self.accepting = True
 
     def open(
-        self, codec: Codec, *, transport: str, metadata: dict[str, Any] | None = None
+        self,
+        codec: Codec,
+        *,
+        transport: str,
+        metadata: dict[str, Any] | None = None,
+        call_id: str | None = None,
     ) -> Call | None:
         """Admit and start a call, or return ``None`` when draining or at the limit."""
-        if not self.accepting or len(self.calls) >= self.max_concurrent:
+        if not self.accepting or len(self.calls) >= self.max_concurrent or call_id in self.calls:
             self.rejected += 1
-            log.warning("call_rejected", active=len(self.calls), accepting=self.accepting)
+            log.warning(
+                "call_rejected", active=len(self.calls), accepting=self.accepting, call_id=call_id
+            )
             return None
         call = Call(
-            f"call_{uuid.uuid4().hex[:20]}",
+            call_id or f"call_{uuid.uuid4().hex[:20]}",
             codec,
             self._sink,
             self.clock,

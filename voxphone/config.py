@@ -100,6 +100,14 @@ class RtpConfig(_Section):
         return value
 
 
+class AsteriskConfig(_Section):
+    """Asterisk's stream media paths. chan_websocket is always at ``/v1/media/asterisk`` on the
+    HTTP port; AudioSocket has its own TCP port (``null`` to turn it off)."""
+
+    audiosocket_host: str = "127.0.0.1"
+    audiosocket_port: int | None = Field(9092, ge=0, le=65535)
+
+
 class CallsConfig(_Section):
     """Admission: how many calls one process takes at once."""
 
@@ -236,6 +244,7 @@ class Config(_Section):
     http: HttpConfig = HttpConfig()
     rtp: RtpConfig = RtpConfig()
     calls: CallsConfig = CallsConfig()
+    asterisk: AsteriskConfig = AsteriskConfig()
     engine: EngineConfig = EngineConfig()
     webhook: WebhookConfig = WebhookConfig()
     log: LogConfig = LogConfig()

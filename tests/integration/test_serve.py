@@ -92,6 +92,7 @@ async def flood(port: int, seconds: float) -> int:
 class Serve:
     http_port: int
     rtp_ports: tuple[int, int]
+    audiosocket_port: int
     exit_code: int | None = None
 
 
@@ -100,7 +101,8 @@ async def running_serve(
     tmp_path: Path, receiver: WebhookReceiver, *args: str, n_ports: int = 4, **env: str
 ) -> AsyncIterator[Serve]:
     """`voxphone serve` as a process, webhooks to ``receiver``; stopped with SIGTERM after."""
-    serve = Serve(free_tcp_port(), free_udp_range(n_ports))
+    serve = Serve(free_tcp_port(), free_udp_range(n_ports), free_tcp_port())
+    env.setdefault("VOXPHONE_ASTERISK__AUDIOSOCKET_PORT", str(serve.audiosocket_port))
     log = (tmp_path / "serve.log").open("wb")
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "voxphone", "serve", "--http-port", str(serve.http_port),

@@ -47,7 +47,15 @@ STATIC_PAYLOAD_TYPES: dict[int, Codec] = {0: PCMU, 8: PCMA, 9: G722}
 #: externalMedia (opus 107, slin16 118) and the WebRTC habit of 111 for Opus.
 DEFAULT_DYNAMIC_PAYLOAD_TYPES: dict[int, str] = {107: "opus", 111: "opus", 118: "L16/16000"}
 
-CODECS: dict[str, Codec] = {c.name.lower(): c for c in (PCMU, PCMA, G722, L16_8K, L16_16K, OPUS)}
+#: Signed linear in host (little-endian) byte order: Asterisk's AudioSocket and chan_websocket.
+SLIN = {
+    rate: Codec(f"SLIN/{rate}", rate, rate, "pcm_s16le")
+    for rate in (8000, 12000, 16000, 24000, 32000, 44100, 48000, 96000, 192000)
+}
+
+CODECS: dict[str, Codec] = {
+    c.name.lower(): c for c in (PCMU, PCMA, G722, L16_8K, L16_16K, OPUS, *SLIN.values())
+}
 
 
 def codec_by_name(name: str) -> Codec:

@@ -31,6 +31,10 @@ class AudioPipeline:
             pcm = pcm[placement.skip :]
         return self.push_pcm(pcm)
 
+    def push_contiguous(self, payload: bytes) -> list[Pcm]:
+        """A payload from a transport without timestamps (a paced TCP or websocket stream)."""
+        return self.push_pcm(self.decoder.decode(payload))
+
     def push_pcm(self, pcm: Pcm) -> list[Pcm]:
         """Already decoded, gap-free PCM at the codec's sample rate."""
         return self.framer.push(self.resampler.process(pcm))

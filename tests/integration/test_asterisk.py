@@ -1,0 +1,117 @@
+"""Asterisk's AudioSocket and chan_websocket, spoken by clients written from Asterisk's docs,
+against a running `voxphone serve`."""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+import uuid
+from pathlib import Path
+
+import aiohttp
+import numpy as np
+import pytest
+
+from tests.conftest import Speech, overlap
+from tests.integration.test_serve import WebhookReceiver, calls_of, running_serve
+from voxphone.audio.codecs import PCMU, Encoder
+from voxphone.audio.files import read_audio
+
+pytestmark = pytest.mark.integration
+
+
+def audiosocket_frame(kind: int, payload: bytes) -> bytes:
+    return struct.pack("!BH", kind, len(payload)) + payload
+
+
+async def test_audiosocket_call(
+    receiver: WebhookReceiver, speech: dict[str, Speech], tmp_path: Path
+) -> None:
+    """Dialplan `AudioSocket(<uuid>,host:port)`: UUID, 20 ms slin frames, a DTMF digit, hang-up."""
+    call_uuid = uuid.uuid4()
+    pcm = read_audio(speech["order"].path, 8000)
+    async with running_serve(tmp_path, receiver) as srv:
+        reader, writer = await asyncio.open_connection("127.0.0.1", srv.audiosocket_port)
+        writer.write(audiosocket_frame(0x01, call_uuid.bytes))
+        for pos in range(0, pcm.size, 160):  # Asterisk paces frames in real time
+            writer.write(audiosocket_frame(0x10, pcm[pos : pos + 160].astype("<i2").tobytes()))
+            await writer.drain()
+            await asyncio.sleep(0.02)
+        writer.write(audiosocket_frame(0x03, b"5"))
+        writer.write(audiosocket_frame(0x10, bytes(320 * 50)[:320]) * 40)  # trailing silence
+        writer.write(audiosocket_frame(0x00, b""))
+        await writer.drain()
+        await receiver.wait_ended(1, timeout_s=60)
+        writer.close()
+    (events,) = calls_of(receiver).values()
+    assert events[0]["call_id"] == str(call_uuid)
+    assert (
+        events[0]["data"]["transport"] == "audiosocket"
+        and events[0]["data"]["codec"] == "SLIN/8000"
+    )
+    assert [e["data"]["digit"] for e in events if e["type"] == "dtmf"] == ["5"]
+    assert events[-1]["data"]["reason"] == "hangup"
+    assert overlap(speech["order"].text, events[-1]["data"]["transcript"]) >= 0.5
+
+
+@pytest.mark.parametrize("style", ["plain", "json"])
+async def test_chan_websocket_call(
+    receiver: WebhookReceiver, speech: dict[str, Speech], tmp_path: Path, style: str
+) -> None:
+    """externalMedia over chan_websocket: MEDIA_START, binary media frames, DTMF_END, close."""
+    if style == "plain":
+        start = (
+            "MEDIA_START connection_id:c0ffee channel:PJSIP/100-0001 format:ulaw "
+            "optimal_frame_size:160"
+        )
+        frames = [
+            Encoder(PCMU).encode(c) for c in chunks(read_audio(speech["callback"].path, 8000), 160)
+        ]
+        dtmf = "DTMF_END digit:7"
+    else:
+        start = (
+            '{"event": "MEDIA_START", "connection_id": "c0ffee", "channel": "PJSIP/100-0001", '
+            '"channel_id": "1732770000.42", "format": "slin16", "ptime": 20, '
+            '"channel_variables": {"CALLERID(num)": "100"}}'
+        )
+        pcm = read_audio(speech["callback"].path, 16000)
+        frames = [c.astype("<i2").tobytes() for c in chunks(pcm, 320)]
+        dtmf = '{"event": "DTMF_END", "digit": "7"}'
+    async with running_serve(tmp_path, receiver) as srv, aiohttp.ClientSession() as http:
+        async with http.ws_connect(f"http://127.0.0.1:{srv.http_port}/v1/media/asterisk") as ws:
+            await ws.send_str(start)
+            for f in frames:
+                await ws.send_bytes(f)
+                await asyncio.sleep(0.02)
+            await ws.send_str(dtmf)
+            for _ in range(40):
+                await ws.send_bytes(bytes(len(frames[0])) if style == "json" else b"\xff" * 160)
+                await asyncio.sleep(0.005)
+        await receiver.wait_ended(1, timeout_s=60)
+    (events,) = calls_of(receiver).values()
+    started = events[0]
+    assert started["data"]["transport"] == "asterisk_websocket"
+    assert started["data"]["channel"] == "PJSIP/100-0001"
+    if style == "json":
+        assert started["call_id"] == "1732770000.42" and started["data"]["codec"] == "SLIN/16000"
+    assert [e["data"]["digit"] for e in events if e["type"] == "dtmf"] == ["7"]
+    assert events[-1]["data"]["reason"] == "hangup"
+    assert overlap(speech["callback"].text, events[-1]["data"]["transcript"]) >= 0.5
+
+
+def chunks(pcm: np.ndarray, n: int) -> list[np.ndarray]:
+    return [pcm[i : i + n] for i in range(0, pcm.size - n + 1, n)]
+
+
+async def test_chan_websocket_unsupported_format_closes_with_the_reason(
+    receiver: WebhookReceiver, tmp_path: Path
+) -> None:
+    async with running_serve(tmp_path, receiver) as srv, aiohttp.ClientSession() as http:
+        url = f"http://127.0.0.1:{srv.http_port}/v1/media/asterisk"
+        async with http.ws_connect(url) as ws:
+            await ws.send_str("MEDIA_START connection_id:x channel:y format:gsm")
+            msg = await ws.receive()
+        assert msg.type == aiohttp.WSMsgType.CLOSE
+        assert ws.close_code == 1008
+        assert "format 'gsm' is not supported" in (msg.extra or "")
+    assert receiver.events == []

@@ -1,0 +1,230 @@
+"""Asterisk's two stream media paths: AudioSocket (TCP) and chan_websocket, sans I/O parsers
+plus thin servers. (Asterisk's third path, externalMedia over RTP, is plain RTP: see rtp.py.)
+
+AudioSocket frames are 1 type byte + 2-byte big-endian length + payload: the call's UUID first,
+then signed-linear audio (type 0x10 = 8 kHz; 0x11-0x18 = 12-192 kHz, Asterisk 23+), DTMF digits,
+hang-up and error frames. chan_websocket sends raw media in BINARY frames and control in TEXT
+frames (``MEDIA_START``, ``DTMF_END``...), as plain ``KEY:value`` words or as JSON.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import struct
+import uuid
+from dataclasses import dataclass
+
+import structlog
+from aiohttp import WSMsgType, web
+
+from voxphone.audio.codecs import G722, PCMA, PCMU, SLIN, Codec
+from voxphone.call import Call, CallRegistry
+from voxphone.errors import TransportError
+from voxphone.http.api import REGISTRY
+
+log = structlog.get_logger(__name__)
+
+HANGUP, UUID, DTMF, ERROR = 0x00, 0x01, 0x03, 0xFF
+#: AudioSocket audio frame types and their sample rates.
+AUDIO_TYPES = {0x10: 8000, 0x11: 12000, 0x12: 16000, 0x13: 24000, 0x14: 32000,
+               0x15: 44100, 0x16: 48000, 0x17: 96000, 0x18: 192000}  # fmt: skip
+MAX_FRAME = 16_384  # 20 ms at 192 kHz is 7680 bytes
+
+
+@dataclass(frozen=True)
+class Frame:
+    kind: int
+    payload: bytes
+
+
+class AudioSocketParser:
+    """Bytes from the TCP stream in, whole frames out."""
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+
+    def feed(self, data: bytes) -> list[Frame]:
+        self._buf += data
+        frames = []
+        while len(self._buf) >= 3:
+            kind, length = self._buf[0], struct.unpack_from("!H", self._buf, 1)[0]
+            if kind not in (HANGUP, UUID, DTMF, ERROR) and kind not in AUDIO_TYPES:
+                raise TransportError(f"AudioSocket: unknown frame type 0x{kind:02x}")
+            if length > MAX_FRAME:
+                raise TransportError(f"AudioSocket: frame of {length} bytes exceeds {MAX_FRAME}")
+            if len(self._buf) < 3 + length:
+                break
+            frames.append(Frame(kind, bytes(self._buf[3 : 3 + length])))
+            del self._buf[: 3 + length]
+        return frames
+
+
+def call_id_from_uuid(payload: bytes) -> str:
+    if len(payload) != 16:
+        raise TransportError(f"AudioSocket: UUID frame has {len(payload)} bytes, needs 16")
+    return str(uuid.UUID(bytes=payload))
+
+
+class AudioSocketServer:
+    """``AudioSocket(uuid,host:port)`` in the dialplan connects here; the UUID is the call id."""
+
+    def __init__(self, host: str, port: int, registry: CallRegistry) -> None:
+        self.host, self.port = host, port
+        self._registry = registry
+        self._server: asyncio.Server | None = None
+
+    async def start(self) -> None:
+        try:
+            self._server = await asyncio.start_server(self._serve, self.host, self.port)
+        except OSError as exc:
+            where = f"{self.host}:{self.port}"
+            raise TransportError(f"cannot listen for AudioSocket on {where}: {exc}") from exc
+        self.port = self._server.sockets[0].getsockname()[1]
+        log.info("audiosocket_listening", host=self.host, port=self.port)
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        conn = _AudioSocketCall(self._registry, writer.get_extra_info("peername"))
+        try:
+            while conn.reason is None and (data := await reader.read(65536)):
+                for frame in conn.parser.feed(data):
+                    conn.handle(frame)
+                    if conn.reason is not None:
+                        break
+        except TransportError as exc:
+            log.warning("audiosocket_rejected", error=str(exc))
+            conn.reason = "protocol_error"
+        except ConnectionError:
+            pass
+        finally:
+            if conn.call is not None:
+                conn.call.end(conn.reason or "disconnected")
+            writer.close()
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()
+
+
+class _AudioSocketCall:
+    """One connection: the UUID frame names the call; the first audio frame's type gives the
+    sample rate and opens it."""
+
+    def __init__(self, registry: CallRegistry, peer: tuple[str, int] | None) -> None:
+        self.parser = AudioSocketParser()
+        self.call: Call | None = None
+        self.reason: str | None = None
+        self._registry = registry
+        self._remote = f"{peer[0]}:{peer[1]}" if peer else None
+        self._call_id: str | None = None
+        self._rate = 0
+
+    def handle(self, frame: Frame) -> None:
+        if self._call_id is None:
+            if frame.kind != UUID:
+                raise TransportError(
+                    f"AudioSocket: first frame is type 0x{frame.kind:02x}, not UUID"
+                )
+            self._call_id = call_id_from_uuid(frame.payload)
+        elif frame.kind in AUDIO_TYPES:
+            self._audio(AUDIO_TYPES[frame.kind], frame.payload)
+        elif frame.kind == DTMF and frame.payload and self.call is not None:
+            self.call.dtmf(frame.payload[:1].decode("ascii", "replace"), 0)
+        elif frame.kind == HANGUP:
+            self.reason = "hangup"
+        elif frame.kind == ERROR:
+            self.reason = "audiosocket_error"
+
+    def _audio(self, rate: int, payload: bytes) -> None:
+        if self.call is None:
+            self._rate = rate
+            meta = {"remote": self._remote}
+            self.call = self._registry.open(
+                SLIN[rate], transport="audiosocket", metadata=meta, call_id=self._call_id
+            )
+            if self.call is None:
+                self.reason = "rejected"
+                return
+        elif rate != self._rate:
+            raise TransportError(f"AudioSocket: audio changed from {self._rate} to {rate} Hz")
+        self.call.push_payload(payload)
+
+
+#: chan_websocket ``format`` names → codecs (Asterisk's slin is host order: little-endian).
+WS_FORMATS: dict[str, Codec] = {
+    "ulaw": PCMU, "alaw": PCMA, "g722": G722, "slin": SLIN[8000], "slin12": SLIN[12000],
+    "slin16": SLIN[16000], "slin24": SLIN[24000], "slin32": SLIN[32000], "slin44": SLIN[44100],
+    "slin48": SLIN[48000], "slin96": SLIN[96000], "slin192": SLIN[192000],
+}  # fmt: skip
+
+
+def parse_control(text: str) -> dict[str, str]:
+    """A chan_websocket TEXT frame: ``EVENT key:value ...`` or JSON ``{"event": ...}``.
+    Returns the fields with the event name under ``"event"``."""
+    text = text.strip()
+    if text.startswith("{"):
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise TransportError(f"chan_websocket: invalid JSON control message: {exc}") from None
+        if not isinstance(obj, dict) or not isinstance(obj.get("event"), str):
+            raise TransportError("chan_websocket: JSON control message has no 'event'")
+        return {k: v if isinstance(v, str) else json.dumps(v) for k, v in obj.items()}
+    if not text:
+        raise TransportError("chan_websocket: empty control message")
+    event, *words = text.split()
+    fields = {"event": event}
+    for word in words:
+        key, sep, value = word.partition(":")
+        if not sep:
+            raise TransportError(f"chan_websocket: {event}: expected key:value, got {word!r}")
+        fields[key] = value
+    return fields
+
+
+async def chan_websocket(request: web.Request) -> web.WebSocketResponse:
+    """``/v1/media/asterisk``: Asterisk's chan_websocket connects here (externalMedia with
+    ``transport=websocket``, or a ``WebSocket`` channel with ``connection_type=client``)."""
+    registry = request.app[REGISTRY]
+    ws = web.WebSocketResponse(max_msg_size=65_536)
+    await ws.prepare(request)
+    call: Call | None = None
+    reason = "disconnected"
+    try:
+        async for msg in ws:
+            if msg.type == WSMsgType.BINARY and call is not None:
+                call.push_payload(msg.data)
+            elif msg.type == WSMsgType.TEXT:
+                fields = parse_control(msg.data)
+                if fields["event"] == "MEDIA_START" and call is None:
+                    call = _start_ws_call(registry, fields)
+                    if call is None:
+                        reason = "rejected"
+                        break
+                elif fields["event"] == "DTMF_END" and call is not None:
+                    call.dtmf(fields.get("digit", "?")[:1], int(fields.get("duration", 0) or 0))
+        else:
+            if ws.close_code in (1000, 1001):
+                reason = "hangup"  # Asterisk closes the socket when the channel hangs up
+    except TransportError as exc:
+        log.warning("chan_websocket_rejected", error=str(exc))
+        reason = "protocol_error"
+        await ws.close(code=1008, message=str(exc)[:120].encode())
+    finally:
+        if call is not None:
+            call.end(reason)
+    return ws
+
+
+def _start_ws_call(registry: CallRegistry, fields: dict[str, str]) -> Call | None:
+    fmt = fields.get("format", "")
+    codec = WS_FORMATS.get(fmt)
+    if codec is None:
+        raise TransportError(f"chan_websocket: MEDIA_START format {fmt!r} is not supported")
+    meta = {k: v for k, v in fields.items() if k in ("channel", "channel_id", "connection_id")}
+    call_id = fields.get("channel_id") or fields.get("connection_id")
+    return registry.open(codec, transport="asterisk_websocket", metadata=meta, call_id=call_id)
