@@ -190,7 +190,7 @@ async def chan_websocket(request: web.Request) -> web.WebSocketResponse:
     """``/v1/media/asterisk``: Asterisk's chan_websocket connects here (externalMedia with
     ``transport=websocket``, or a ``WebSocket`` channel with ``connection_type=client``)."""
     registry = request.app[REGISTRY]
-    ws = web.WebSocketResponse(max_msg_size=65_536)
+    ws = web.WebSocketResponse(max_msg_size=65_536, protocols=("media",))
     await ws.prepare(request)
     call: Call | None = None
     reason = "disconnected"
