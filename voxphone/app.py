@@ -67,6 +67,7 @@ class App:
             frozenset(config.rtp.telephone_event_payload_types),
             config.rtp.jitter_ms,
             config.rtp.no_media_timeout_s,
+            config.rtp.relatch_after_s,
         )
         self._runner: web.AppRunner | None = None
         ast = config.asterisk

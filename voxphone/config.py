@@ -69,6 +69,9 @@ class RtpConfig(_Section):
     no_media_timeout_s: float = Field(30.0, gt=0)
     #: The address put in SDP answers and API replies (default: ``host``, unless 0.0.0.0).
     advertise_host: str | None = None
+    #: NAT rebinding: on an API-allocated port, a new source may take over the call once the
+    #: latched one has been silent this long (seconds); unset = never (strict latching).
+    relatch_after_s: float | None = Field(None, gt=0)
     #: Jitter buffer depth: how long a missing packet is waited for before it becomes silence.
     jitter_ms: int = Field(60, ge=0, le=1000)
     #: Payload types carrying RFC 4733 telephone-events (DTMF).

@@ -6,12 +6,13 @@ import os
 import random
 
 import numpy as np
+import pytest
 
 from voxphone.audio.codecs import PCMA, PCMU, Codec
 from voxphone.call import Call
 from voxphone.clock import FakeClock
 from voxphone.testing import capture_events, dtmf_packets, rtp_packets
-from voxphone.transports.rtp import RtpPacket, RtpPort
+from voxphone.transports.rtp import Reservation, RtpPacket, RtpPort
 
 CALLER = ("192.0.2.10", 5004)
 
@@ -177,3 +178,34 @@ def test_reordered_packets_reach_the_call_in_order() -> None:
     assert call.pipeline.timeline.stats.late == 0  # the timeline never saw them out of order
     assert call.transport_stats["reordered"] == 4  # 2, 4, 7 and 10 came after a later one
     assert call.end_reason == "hangup"
+
+
+def reserved_port(relatch_after_s: float | None, clock: FakeClock) -> tuple[RtpPort, Call]:
+    call = Call("api", PCMU, capture_events(), clock, transport="rtp")
+    port = RtpPort(40002, Calls(), clock, relatch_after_s=relatch_after_s)
+    port.reserve(Reservation(call, payload_type=0))
+    return port, call
+
+
+@pytest.mark.parametrize("relatch", [None, 1.0])
+def test_allocated_port_latches_and_maybe_relatches_after_nat_rebinding(
+    relatch: float | None,
+) -> None:
+    clock = FakeClock()
+    port, call = reserved_port(relatch, clock)
+    first, moved = ("192.0.2.10", 5004), ("192.0.2.10", 61000)
+    pkts = tone_packets(n=10)
+    for p in pkts[:4]:
+        port.handle(p.serialize(), first)
+    for p in tone_packets(n=2):
+        port.handle(p.serialize(), ("198.51.100.9", 4000))  # a stranger, while the caller talks
+    assert port.stats.foreign_source == 2
+    clock.advance(1.5)  # the NAT rebinds: the caller's packets now come from another port
+    for p in pkts[4:]:
+        port.handle(p.serialize(), moved)
+    if relatch is None:
+        assert call.stats.packets == 4 and port.stats.relatched == 0
+    else:
+        assert call.stats.packets == 10 and port.stats.relatched == 1
+        assert call.metadata["remote"] == "192.0.2.10:61000"
+        assert call.pipeline.timeline.stats.late == 0

@@ -121,6 +121,7 @@ class RtpStats:
     rejected_calls: int = 0
     ssrc_changes: int = 0
     foreign_source: int = 0
+    relatched: int = 0
     after_bye: int = 0
 
 
@@ -175,8 +176,12 @@ class RtpPort(asyncio.DatagramProtocol):
         payload_types: Mapping[int, Codec] = STATIC_PAYLOAD_TYPES,
         telephone_events: frozenset[int] = frozenset({101}),
         jitter_ms: int = 60,
+        relatch_after_s: float | None = None,
     ) -> None:
         self.port = port
+        #: On an API-allocated port, let a new source take over once the latched one has been
+        #: silent this long (NAT rebinding); ``None`` never does.
+        self.relatch_after_s = relatch_after_s
         self.payload_types = payload_types
         self.telephone_events = telephone_events
         self.jitter_ms = jitter_ms
@@ -256,7 +261,10 @@ class RtpPort(asyncio.DatagramProtocol):
                 self._deliver(session, ready)
 
     def _latch(self, res: Reservation, pkt: RtpPacket, addr: Address) -> None:
-        if self.sessions or (res.expected_ip is not None and addr[0] != res.expected_ip):
+        if res.expected_ip is not None and addr[0] != res.expected_ip:
+            self.stats.foreign_source += 1
+            return
+        if self.sessions and not self._may_relatch():
             self.stats.foreign_source += 1
             return
         if pkt.payload_type != res.payload_type:
@@ -272,6 +280,9 @@ class RtpPort(asyncio.DatagramProtocol):
         else:
             packets = [pkt]
         self._candidates.clear()
+        if self.sessions:  # NAT rebinding: the caller's media now comes from a new address
+            self._relatch(res, addr, packets)
+            return
         jitter = JitterBuffer(res.call.codec.clock_rate, self.jitter_ms)
         dtmf = frozenset({res.telephone_event}) if res.telephone_event is not None else None
         session = _Session(res.call, pkt.ssrc, pkt.payload_type, self._clock.monotonic(), jitter)
@@ -280,6 +291,29 @@ class RtpPort(asyncio.DatagramProtocol):
         self.sessions[addr] = session
         for p in packets:
             for ready in jitter.push(p):
+                self._deliver(session, ready)
+
+    def _may_relatch(self) -> bool:
+        """A latched source that has gone quiet for ``relatch_after_s`` may be replaced."""
+        if self.relatch_after_s is None:
+            return False
+        (session,) = self.sessions.values()
+        return self._clock.monotonic() - session.last_seen >= self.relatch_after_s
+
+    def _relatch(self, res: Reservation, addr: Address, packets: list[RtpPacket]) -> None:
+        ((old_addr, session),) = self.sessions.items()
+        for ready in session.buffer.flush():
+            self._deliver(session, ready)
+        del self.sessions[old_addr]
+        self.sessions[addr] = session
+        self.stats.relatched += 1
+        res.call.metadata["remote"] = f"{addr[0]}:{addr[1]}"
+        if packets[0].ssrc != session.ssrc:
+            session.ssrc = packets[0].ssrc
+            res.call.discontinuity()
+        session.last_seen = self._clock.monotonic()
+        for p in packets:
+            for ready in session.buffer.push(p):
                 self._deliver(session, ready)
 
     def _deliver(self, session: _Session, pkt: RtpPacket) -> None:
@@ -380,7 +414,9 @@ class RtpServer:
         telephone_events: frozenset[int] = frozenset({101}),
         jitter_ms: int = 60,
         no_media_timeout_s: float = 30.0,
+        relatch_after_s: float | None = None,
     ) -> None:
+        self.relatch_after_s = relatch_after_s
         self.host = host
         self.no_media_timeout_s = no_media_timeout_s
         self.payload_types = payload_types
@@ -400,7 +436,7 @@ class RtpServer:
         for port in range(lo, hi + 1):
             proto = RtpPort(
                 port, self._new_call, self._clock, self.payload_types, self.telephone_events,
-                self.jitter_ms,
+                self.jitter_ms, self.relatch_after_s,
             )  # fmt: skip
             try:
                 transport, _ = await loop.create_datagram_endpoint(
