@@ -73,7 +73,7 @@ class App:
         ast = config.asterisk
         self.audiosocket = (
             AudioSocketServer(ast.audiosocket_host, ast.audiosocket_port, self.registry)
-            if ast.audiosocket_port is not None
+            if ast.audiosocket_port
             else None
         )
 

@@ -105,10 +105,10 @@ class RtpConfig(_Section):
 
 class AsteriskConfig(_Section):
     """Asterisk's stream media paths. chan_websocket is always at ``/v1/media/asterisk`` on the
-    HTTP port; AudioSocket has its own TCP port (``null`` to turn it off)."""
+    HTTP port; AudioSocket has its own TCP port (0 turns it off)."""
 
     audiosocket_host: str = "127.0.0.1"
-    audiosocket_port: int | None = Field(9092, ge=0, le=65535)
+    audiosocket_port: int = Field(9092, ge=0, le=65535)
 
 
 class CallsConfig(_Section):
