@@ -21,7 +21,7 @@ from voxphone.events.webhook import WebhookSink
 from voxphone.http.api import create_app
 from voxphone.http.calls import add_routes
 from voxphone.transports.asterisk import AudioSocketServer, chan_websocket
-from voxphone.transports.rtp import RtpServer
+from voxphone.transports.rtp import PortPolicy, RtpServer
 
 log = structlog.get_logger(__name__)
 
@@ -57,18 +57,17 @@ class App:
             config.rtp.max_gap_s,
             config.calls.max_duration_s,
         )
-        self.rtp = RtpServer(
-            config.rtp.host,
-            config.rtp.ports,
-            self._new_rtp_call,
-            self.clock,
-            config.rtp.inactivity_timeout_s,
-            config.rtp.codec_map(),
-            frozenset(config.rtp.telephone_event_payload_types),
-            config.rtp.jitter_ms,
-            config.rtp.no_media_timeout_s,
-            config.rtp.relatch_after_s,
+        rtp = config.rtp
+        policy = PortPolicy(
+            payload_types=rtp.codec_map(),
+            telephone_events=frozenset(rtp.telephone_event_payload_types),
+            jitter_ms=rtp.jitter_ms,
+            relatch_after_s=rtp.relatch_after_s,
         )
+        self.rtp = RtpServer(
+            rtp.host, rtp.ports, self._new_rtp_call, self.clock, rtp.inactivity_timeout_s,
+            rtp.no_media_timeout_s, policy,
+        )  # fmt: skip
         self._runner: web.AppRunner | None = None
         ast = config.asterisk
         self.audiosocket = (

@@ -12,7 +12,7 @@ from voxphone.audio.codecs import PCMA, PCMU, Codec
 from voxphone.call import Call
 from voxphone.clock import FakeClock
 from voxphone.testing import capture_events, dtmf_packets, rtp_packets
-from voxphone.transports.rtp import Reservation, RtpPacket, RtpPort
+from voxphone.transports.rtp import PortPolicy, Reservation, RtpPacket, RtpPort
 
 CALLER = ("192.0.2.10", 5004)
 
@@ -182,7 +182,7 @@ def test_reordered_packets_reach_the_call_in_order() -> None:
 
 def reserved_port(relatch_after_s: float | None, clock: FakeClock) -> tuple[RtpPort, Call]:
     call = Call("api", PCMU, capture_events(), clock, transport="rtp")
-    port = RtpPort(40002, Calls(), clock, relatch_after_s=relatch_after_s)
+    port = RtpPort(40002, Calls(), clock, PortPolicy(relatch_after_s=relatch_after_s))
     port.reserve(Reservation(call, payload_type=0))
     return port, call
 

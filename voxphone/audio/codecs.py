@@ -7,6 +7,7 @@ its frames into numpy. A decoder is stateful (G.722 and Opus carry history) so e
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import av
 import numpy as np
@@ -67,16 +68,20 @@ def codec_by_name(name: str) -> Codec:
         raise DecodeError(f"unknown codec {name!r}; known: {known}") from None
 
 
+def _context(codec: Codec, mode: Literal["r", "w"], layout: str) -> av.AudioCodecContext:
+    ctx = av.CodecContext.create(codec.ffmpeg_name, mode)
+    assert isinstance(ctx, av.AudioCodecContext)
+    ctx.sample_rate = codec.sample_rate
+    ctx.layout = layout
+    return ctx
+
+
 class Decoder:
     """Decodes one call's payloads of one codec into int16 mono PCM at ``codec.sample_rate``."""
 
     def __init__(self, codec: Codec) -> None:
         self.codec = codec
-        ctx = av.CodecContext.create(codec.ffmpeg_name, "r")
-        assert isinstance(ctx, av.AudioCodecContext)
-        ctx.sample_rate = codec.sample_rate
-        ctx.layout = "mono" if codec.channels == 1 else "stereo"
-        self._ctx = ctx
+        self._ctx = _context(codec, "r", "mono" if codec.channels == 1 else "stereo")
         # Opus decodes to float and to its signalled channel count; convert inside FFmpeg.
         self._convert = (
             None
@@ -113,12 +118,8 @@ class Encoder:
 
     def __init__(self, codec: Codec) -> None:
         self.codec = codec
-        ctx = av.CodecContext.create(codec.ffmpeg_name, "w")
-        assert isinstance(ctx, av.AudioCodecContext)
-        ctx.sample_rate = codec.sample_rate
-        ctx.layout = "mono"
-        ctx.format = "s16"
-        self._ctx = ctx
+        self._ctx = _context(codec, "w", "mono")
+        self._ctx.format = "s16"
 
     def encode(self, pcm: Pcm) -> bytes:
         frame = av.AudioFrame.from_ndarray(pcm.reshape(1, -1), format="s16", layout="mono")

@@ -9,11 +9,13 @@ engine's backpressure), produces text asynchronously (``chunks``), and ends in t
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Protocol
 
 from voxphone.audio.codecs import Pcm
+from voxphone.errors import EngineError
 
 
 @dataclass(frozen=True)
@@ -68,3 +70,25 @@ class Engine(Protocol):
     async def open_stream(self, call_id: str) -> EngineStream: ...
 
     async def stop(self) -> None: ...
+
+
+class ChunkQueue:
+    """An engine stream's output: chunks, then either the end or the error that ended it."""
+
+    def __init__(self) -> None:
+        self._queue: asyncio.Queue[TranscriptChunk | EngineError | None] = asyncio.Queue()
+
+    def put(self, chunk: TranscriptChunk) -> None:
+        self._queue.put_nowait(chunk)
+
+    def fail(self, exc: EngineError) -> None:
+        self._queue.put_nowait(exc)
+
+    def close(self) -> None:
+        self._queue.put_nowait(None)
+
+    async def __aiter__(self) -> AsyncIterator[TranscriptChunk]:
+        while (item := await self._queue.get()) is not None:
+            if isinstance(item, EngineError):
+                raise item
+            yield item

@@ -22,7 +22,7 @@ import numpy as np
 import structlog
 
 from voxphone.audio.codecs import Pcm
-from voxphone.engines.base import TranscriptChunk
+from voxphone.engines.base import ChunkQueue, TranscriptChunk
 from voxphone.errors import EngineError
 
 log = structlog.get_logger(__name__)
@@ -246,7 +246,7 @@ class SphinxStream:
         self._worker = worker
         self._sid = sid
         self._frames: asyncio.Queue[object] = asyncio.Queue(max_queued_frames)
-        self._out: asyncio.Queue[object] = asyncio.Queue()
+        self._out = ChunkQueue()
         self._task: asyncio.Task[None] | None = None
 
     async def open(self) -> None:
@@ -271,24 +271,17 @@ class SphinxStream:
     def stats(self) -> dict[str, int]:
         return {}
 
-    async def chunks(self) -> AsyncIterator[TranscriptChunk]:
-        while True:
-            item = await self._out.get()
-            if item is _END:
-                return
-            if isinstance(item, EngineError):
-                raise item
-            assert isinstance(item, TranscriptChunk)
-            yield item
+    def chunks(self) -> AsyncIterator[TranscriptChunk]:
+        return aiter(self._out)
 
     async def _pump(self) -> None:
         try:
             await self._pump_frames()
         except EngineError as exc:
-            self._out.put_nowait(exc)
+            self._out.fail(exc)
         finally:
             self._worker.streams -= 1
-            self._out.put_nowait(_END)
+            self._out.close()
 
     async def _pump_frames(self) -> None:
         while True:
@@ -299,8 +292,8 @@ class SphinxStream:
             frames = [f for f in batch if f is not _END]
             if frames:
                 for chunk in await self._worker.request("frames", self._sid, frames):
-                    self._out.put_nowait(chunk)
+                    self._out.put(chunk)
             if ended:
                 for chunk in await self._worker.request("finish", self._sid):
-                    self._out.put_nowait(chunk)
+                    self._out.put(chunk)
                 return

@@ -35,7 +35,7 @@ import numpy as np
 import structlog
 
 from voxphone.audio.codecs import Pcm
-from voxphone.engines.base import TranscriptChunk
+from voxphone.engines.base import ChunkQueue, TranscriptChunk
 from voxphone.errors import EngineError
 
 log = structlog.get_logger(__name__)
@@ -176,9 +176,6 @@ class _Live:
     stale: bool = field(default=False)
 
 
-_END = object()
-
-
 class VoxtralStream:
     """An ``EngineStream`` over a succession of sessions (see the module docstring)."""
 
@@ -187,7 +184,7 @@ class VoxtralStream:
         self._s = settings
         self._seg = Segmenter(round(settings.pause_s * 1000 / FRAME_MS))
         self._queue: asyncio.Queue[_Live | None] = asyncio.Queue()
-        self._out: asyncio.Queue[object] = asyncio.Queue()
+        self._out = ChunkQueue()
         self._replay: deque[Pcm] = deque(maxlen=max(1, int(settings.replay_s * 1000 / FRAME_MS)))
         self._live: _Live | None = None
         self._sent_ms = 0
@@ -225,7 +222,7 @@ class VoxtralStream:
             await self._replace("rollover", replay=False)
         elif problem := self._stuck(live):
             self.counters.watchdog_restarts += 1
-            self._out.put_nowait(TranscriptChunk(error=f"{problem}; engine session restarted"))
+            self._out.put(TranscriptChunk(error=f"{problem}; engine session restarted"))
             await self._replace("watchdog", replay=True)
         await self._send(frame)
 
@@ -302,30 +299,26 @@ class VoxtralStream:
 
     # -- text out ---------------------------------------------------------------------------
 
-    async def chunks(self) -> AsyncIterator[TranscriptChunk]:
-        while (item := await self._out.get()) is not _END:
-            if isinstance(item, EngineError):
-                raise item
-            assert isinstance(item, TranscriptChunk)
-            yield item
+    def chunks(self) -> AsyncIterator[TranscriptChunk]:
+        return aiter(self._out)
 
     async def _read(self) -> None:
         try:
             while (live := await self._queue.get()) is not None:
                 await self._read_session(live)
             for chunk in self._seg.close():
-                self._out.put_nowait(chunk)
+                self._out.put(chunk)
         except EngineError as exc:
-            self._out.put_nowait(exc)
+            self._out.fail(exc)
         finally:
-            self._out.put_nowait(_END)
+            self._out.close()
 
     async def _read_session(self, live: _Live) -> None:
         self._seg.new_session(live.offset_ms)
         try:
             async for step in live.session.steps():
                 for chunk in self._seg.step(live.steps, step.text):
-                    self._out.put_nowait(chunk)
+                    self._out.put(chunk)
                 live.steps += 1
                 speech = live.pending_speech.popleft() if live.pending_speech else False
                 if step.text:
@@ -341,7 +334,7 @@ class VoxtralStream:
 
     async def _recover(self, live: _Live, exc: SessionFailed) -> None:
         self.counters.reconnects += 1
-        self._out.put_nowait(TranscriptChunk(error=f"{exc}; reconnecting with a fresh session"))
+        self._out.put(TranscriptChunk(error=f"{exc}; reconnecting with a fresh session"))
         async with self._lock:
             if live.stale or self._live is not live:
                 return  # audio has already moved on to a newer session

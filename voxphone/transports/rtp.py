@@ -137,6 +137,18 @@ class _Candidate:
         return pkt.ssrc == self.ssrc and (self.sequence + 1) & 0xFFFF == pkt.sequence
 
 
+@dataclass(frozen=True)
+class PortPolicy:
+    """How every port of the range treats media (from the ``[rtp]`` config)."""
+
+    payload_types: Mapping[int, Codec] = field(default_factory=lambda: dict(STATIC_PAYLOAD_TYPES))
+    telephone_events: frozenset[int] = frozenset({101})
+    jitter_ms: int = 60
+    #: On an API-allocated port, a new source may take over once the latched one has been
+    #: silent this long (NAT rebinding); ``None`` never.
+    relatch_after_s: float | None = None
+
+
 @dataclass
 class Reservation:
     """A port allocated to one call by the API: it latches onto the first valid source (only
@@ -173,18 +185,10 @@ class RtpPort(asyncio.DatagramProtocol):
         port: int,
         new_call: CallFactory,
         clock: Clock,
-        payload_types: Mapping[int, Codec] = STATIC_PAYLOAD_TYPES,
-        telephone_events: frozenset[int] = frozenset({101}),
-        jitter_ms: int = 60,
-        relatch_after_s: float | None = None,
+        policy: PortPolicy | None = None,
     ) -> None:
         self.port = port
-        #: On an API-allocated port, let a new source take over once the latched one has been
-        #: silent this long (NAT rebinding); ``None`` never does.
-        self.relatch_after_s = relatch_after_s
-        self.payload_types = payload_types
-        self.telephone_events = telephone_events
-        self.jitter_ms = jitter_ms
+        self.policy = policy or PortPolicy()
         self._new_call = new_call
         self._clock = clock
         self.sessions: dict[Address, _Session] = {}
@@ -283,7 +287,7 @@ class RtpPort(asyncio.DatagramProtocol):
         if self.sessions:  # NAT rebinding: the caller's media now comes from a new address
             self._relatch(res, addr, packets)
             return
-        jitter = JitterBuffer(res.call.codec.clock_rate, self.jitter_ms)
+        jitter = JitterBuffer(res.call.codec.clock_rate, self.policy.jitter_ms)
         dtmf = frozenset({res.telephone_event}) if res.telephone_event is not None else None
         session = _Session(res.call, pkt.ssrc, pkt.payload_type, self._clock.monotonic(), jitter)
         session.telephone_events = dtmf
@@ -295,10 +299,11 @@ class RtpPort(asyncio.DatagramProtocol):
 
     def _may_relatch(self) -> bool:
         """A latched source that has gone quiet for ``relatch_after_s`` may be replaced."""
-        if self.relatch_after_s is None:
+        after = self.policy.relatch_after_s
+        if after is None:
             return False
         (session,) = self.sessions.values()
-        return self._clock.monotonic() - session.last_seen >= self.relatch_after_s
+        return self._clock.monotonic() - session.last_seen >= after
 
     def _relatch(self, res: Reservation, addr: Address, packets: list[RtpPacket]) -> None:
         ((old_addr, session),) = self.sessions.items()
@@ -319,7 +324,7 @@ class RtpPort(asyncio.DatagramProtocol):
     def _deliver(self, session: _Session, pkt: RtpPacket) -> None:
         if pkt.payload_type == session.payload_type:
             session.call.push_packet(pkt.timestamp, pkt.payload)
-        elif pkt.payload_type in (session.telephone_events or self.telephone_events):
+        elif pkt.payload_type in (session.telephone_events or self.policy.telephone_events):
             try:
                 digits = session.dtmf.feed(pkt.timestamp, pkt.payload)
             except TransportError:
@@ -332,7 +337,7 @@ class RtpPort(asyncio.DatagramProtocol):
 
     def _probation(self, pkt: RtpPacket, addr: Address) -> None:
         """RFC 3550 §A.1: a source is valid after two packets in sequence."""
-        codec = self.payload_types.get(pkt.payload_type)
+        codec = self.policy.payload_types.get(pkt.payload_type)
         if codec is None:
             self.stats.unsupported_payload += 1
             return
@@ -352,7 +357,7 @@ class RtpPort(asyncio.DatagramProtocol):
         if call is None:
             self.stats.rejected_calls += 1
             return
-        jitter = JitterBuffer(codec.clock_rate, self.jitter_ms)
+        jitter = JitterBuffer(codec.clock_rate, self.policy.jitter_ms)
         session = _Session(call, pkt.ssrc, pkt.payload_type, self._clock.monotonic(), jitter)
         self.sessions[addr] = session
         for p in [*cand.packets, pkt]:
@@ -410,18 +415,12 @@ class RtpServer:
         new_call: CallFactory,
         clock: Clock,
         inactivity_timeout_s: float,
-        payload_types: Mapping[int, Codec] = STATIC_PAYLOAD_TYPES,
-        telephone_events: frozenset[int] = frozenset({101}),
-        jitter_ms: int = 60,
         no_media_timeout_s: float = 30.0,
-        relatch_after_s: float | None = None,
+        policy: PortPolicy | None = None,
     ) -> None:
-        self.relatch_after_s = relatch_after_s
         self.host = host
         self.no_media_timeout_s = no_media_timeout_s
-        self.payload_types = payload_types
-        self.telephone_events = telephone_events
-        self.jitter_ms = jitter_ms
+        self.policy = policy or PortPolicy()
         self.port_range = ports
         self._new_call = new_call
         self._clock = clock
@@ -434,10 +433,7 @@ class RtpServer:
         loop = asyncio.get_running_loop()
         lo, hi = self.port_range
         for port in range(lo, hi + 1):
-            proto = RtpPort(
-                port, self._new_call, self._clock, self.payload_types, self.telephone_events,
-                self.jitter_ms, self.relatch_after_s,
-            )  # fmt: skip
+            proto = RtpPort(port, self._new_call, self._clock, self.policy)
             try:
                 transport, _ = await loop.create_datagram_endpoint(
                     functools.partial(_same, proto), local_addr=(self.host, port)
