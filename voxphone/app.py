@@ -17,7 +17,7 @@ from voxphone.config import Config
 from voxphone.engines import create_engine
 from voxphone.engines.base import Engine
 from voxphone.events.model import Event, EventSink, FanOut
-from voxphone.events.webhook import WebhookSink
+from voxphone.events.webhook import WebhookRouter, WebhookSink
 from voxphone.http.api import create_app
 from voxphone.http.calls import add_routes
 from voxphone.transports.asterisk import AudioSocketServer, chan_websocket
@@ -41,13 +41,12 @@ class App:
         self.config = config
         self.clock = clock or SystemClock()
         self.engine = engine or create_engine(config)
-        self.webhook: WebhookSink | None = None
-        sinks: list[EventSink] = [EventLog()]
-        if config.webhook.url:
-            self.webhook = WebhookSink(
-                config.webhook.url, config.webhook.secret, self.clock, config.webhook.timeout_s
-            )
-            sinks.append(self.webhook)
+        hook = config.webhook
+        default = (
+            WebhookSink(hook.url, hook.secret, self.clock, hook.timeout_s) if hook.url else None
+        )
+        self.webhooks = WebhookRouter(default, hook.secret, self.clock)
+        sinks: list[EventSink] = [EventLog(), self.webhooks]
         self.sinks = FanOut(sinks)
         self.registry = CallRegistry(
             self.engine,
@@ -81,13 +80,12 @@ class App:
 
     async def start(self) -> None:
         await self.engine.start()
-        if self.webhook is not None:
-            await self.webhook.start()
+        await self.webhooks.start()
         await self.rtp.start()
         if self.audiosocket is not None:
             await self.audiosocket.start()
         app = create_app(self.registry)
-        add_routes(app, self.rtp, self._advertise_host())
+        add_routes(app, self.rtp, self._advertise_host(), self.webhooks)
         app.router.add_get("/v1/media/asterisk", chan_websocket)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
@@ -116,8 +114,7 @@ class App:
         await self.rtp.stop()
         if self.audiosocket is not None:
             await self.audiosocket.stop()
-        if self.webhook is not None:
-            await self.webhook.close()
+        await self.webhooks.close()
         if self._runner is not None:
             await self._runner.cleanup()
         await self.engine.stop()

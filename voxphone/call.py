@@ -275,6 +275,10 @@ class Call:
         self._sink.publish(self._events.next(type_, data))
 
 
+def new_call_id() -> str:
+    return f"call_{uuid.uuid4().hex[:20]}"
+
+
 class CallRegistry:
     """The process's live calls, with an admission limit."""
 
@@ -313,7 +317,7 @@ class CallRegistry:
             )
             return None
         call = Call(
-            call_id or f"call_{uuid.uuid4().hex[:20]}",
+            call_id or new_call_id(),
             codec,
             self._sink,
             self.clock,

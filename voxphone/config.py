@@ -254,8 +254,6 @@ class Config(_Section):
 
     @model_validator(mode="after")
     def _check(self) -> Config:
-        if self.webhook.secret and not self.webhook.url:
-            raise ValueError("webhook.secret is set but webhook.url is not")
         seqs = self.engine.vllm.max_num_seqs
         if seqs is not None and seqs < self.calls.max_concurrent:
             raise ValueError(

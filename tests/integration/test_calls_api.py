@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 import sys
 from pathlib import Path
@@ -34,6 +35,17 @@ async def post(port: int, body: str | bytes, content_type: str) -> tuple[int, st
         return r.status, await r.text(), dict(r.headers)
 
 
+async def until_audio(http_port: int, call_id: str, timeout_s: float = 15) -> None:
+    """Until the live call has received some audio (GET /v1/calls)."""
+    async with aiohttp.ClientSession() as http, asyncio.timeout(timeout_s):
+        while True:
+            async with http.get(f"http://127.0.0.1:{http_port}/v1/calls") as r:
+                calls = {c["call_id"]: c for c in (await r.json())["calls"]}
+            if calls.get(call_id, {}).get("audio_ms", 0) > 0:
+                return
+            await asyncio.sleep(0.05)
+
+
 async def stranger(port: int, seconds: float) -> None:
     """Valid RTP (a loud tone) from another source, aimed at an allocated port."""
     pcm = (np.sin(np.arange(int(8000 * seconds)) / 2) * 20000).astype(np.int16)
@@ -53,14 +65,14 @@ async def test_json_call_latches_to_its_caller_and_drops_strangers(
             "application/json",
         )
         assert status == 201, text
-        reply = __import__("json").loads(text)
+        reply = json.loads(text)
         assert headers["Location"] == f"/v1/calls/{reply['call_id']}"
         assert reply["rtp_host"] == "127.0.0.1" and reply["rtp_port"] % 2 == 0
         caller = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "voxphone", "call", str(speech["order"].path),
             "--to", f"127.0.0.1:{reply['rtp_port']}", stdout=asyncio.subprocess.DEVNULL,
         )  # fmt: skip
-        await asyncio.sleep(1.0)
+        await until_audio(srv.http_port, reply["call_id"])  # the caller has latched the port
         await stranger(reply["rtp_port"], 1.5)
         assert await caller.wait() == 0
         await receiver.wait_ended(1, timeout_s=60)
@@ -130,3 +142,35 @@ async def test_refusals_are_precise_and_allocate_nothing(
         assert status == 201, text
     reasons = [e["data"]["reason"] for e in receiver.events if e["type"] == "call.ended"]
     assert reasons[:2] == ["no_media", "no_media"]
+
+
+async def test_a_call_can_have_its_own_webhook(
+    receiver: WebhookReceiver, speech: dict[str, Speech], tmp_path: Path
+) -> None:
+    own = WebhookReceiver()
+    await own.server.start_server()
+    try:
+        async with running_serve(tmp_path, receiver) as srv:
+            body = {"codec": "PCMA", "webhook_url": str(own.server.make_url("/hooks"))}
+            status, text, _ = await post(srv.http_port, json.dumps(body), "application/json")
+            assert status == 201, text
+            reply = json.loads(text)
+            caller = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "voxphone", "call", str(speech["callback"].path),
+                "--codec", "pcma", "--to", f"127.0.0.1:{reply['rtp_port']}",
+                stdout=asyncio.subprocess.DEVNULL,
+            )  # fmt: skip
+            assert await caller.wait() == 0
+            await own.wait_ended(1, timeout_s=60)
+            status, text, _ = await post(
+                srv.http_port, '{"webhook_url": "ftp://x"}', "application/json"
+            )
+            assert status == 400 and "webhook_url" in text
+    finally:
+        await own.server.close()
+    assert receiver.events == []  # the configured webhook saw none of that call
+    assert own.bad_signatures == 0
+    events = own.events
+    assert [e["seq"] for e in events] == list(range(len(events)))
+    assert events[0]["call_id"] == reply["call_id"] and events[-1]["type"] == "call.ended"
+    assert overlap(speech["callback"].text, events[-1]["data"]["transcript"]) >= 0.5

@@ -75,18 +75,21 @@ class WebhookSink:
         clock: Clock,
         timeout_s: float = 10.0,
         queue_size: int = 10_000,
+        session: aiohttp.ClientSession | None = None,
     ) -> None:
         self.url = url
+        self._own_session = session is None
         self._key = decode_secret(secret) if secret else None
         self._clock = clock
         self._timeout = aiohttp.ClientTimeout(total=timeout_s)
         self._queue: asyncio.Queue[Event] = asyncio.Queue(queue_size)
-        self._session: aiohttp.ClientSession | None = None
+        self._session = session
         self._worker: asyncio.Task[None] | None = None
         self.stats = WebhookStats()
 
     async def start(self) -> None:
-        self._session = aiohttp.ClientSession(timeout=self._timeout)
+        if self._session is None:
+            self._session = aiohttp.ClientSession(timeout=self._timeout)
         self._worker = asyncio.create_task(self._run(), name="webhook-sink")
 
     def publish(self, event: Event) -> None:
@@ -106,7 +109,7 @@ class WebhookSink:
             self._worker.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._worker
-        if self._session is not None:
+        if self._session is not None and self._own_session:
             await self._session.close()
 
     async def _run(self) -> None:
@@ -122,7 +125,8 @@ class WebhookSink:
         body = event.to_json()
         headers = signed_headers(self._key, event.id, int(self._clock.now().timestamp()), body)
         try:
-            async with self._session.post(self.url, data=body, headers=headers) as resp:
+            post = self._session.post(self.url, data=body, headers=headers, timeout=self._timeout)
+            async with post as resp:
                 ok = 200 <= resp.status < 300
                 status: int | str = resp.status
         except (aiohttp.ClientError, TimeoutError) as exc:
@@ -139,3 +143,51 @@ class WebhookSink:
             call_id=event.call_id,
             type=event.type,
         )
+
+
+class WebhookRouter:
+    """The event sink for webhooks: each call's events go to its own URL when one was given at
+    ``POST /v1/calls`` (``webhook_url``), else to the configured one."""
+
+    def __init__(self, default: WebhookSink | None, secret: str | None, clock: Clock) -> None:
+        self.default = default
+        self._secret = secret
+        self._clock = clock
+        self._per_call: dict[str, WebhookSink] = {}
+        self._http: aiohttp.ClientSession | None = None
+        self._closing: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> None:
+        self._http = aiohttp.ClientSession()
+        if self.default is not None:
+            await self.default.start()
+
+    async def route(self, call_id: str, url: str) -> None:
+        """Send ``call_id``'s events to ``url`` instead (before the call starts)."""
+        sink = WebhookSink(url, self._secret, self._clock, session=self._http)
+        await sink.start()
+        self._per_call[call_id] = sink
+
+    async def unroute(self, call_id: str) -> None:
+        sink = self._per_call.pop(call_id, None)
+        if sink is not None:
+            await sink.close()
+
+    def publish(self, event: Event) -> None:
+        sink = self._per_call.get(event.call_id, self.default)
+        if sink is not None:
+            sink.publish(event)
+        if event.type == "call.ended" and event.call_id in self._per_call:
+            task = asyncio.create_task(self._per_call.pop(event.call_id).close())
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
+
+    async def close(self) -> None:
+        for sink in list(self._per_call.values()):
+            await sink.close()
+        if self._closing:
+            await asyncio.wait(self._closing)
+        if self.default is not None:
+            await self.default.close()
+        if self._http is not None:
+            await self._http.close()

@@ -15,14 +15,16 @@ from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from voxphone.audio.codecs import STATIC_PAYLOAD_TYPES, Codec, codec_by_name
-from voxphone.call import Call
+from voxphone.call import Call, new_call_id
 from voxphone.errors import DecodeError, TransportError
+from voxphone.events.webhook import WebhookRouter
 from voxphone.http.api import REGISTRY
 from voxphone.transports.rtp import Reservation, RtpPort, RtpServer
 from voxphone.transports.sdp import answer, parse_sdp
 
 RTP = web.AppKey("rtp", RtpServer)
 ADVERTISE = web.AppKey("advertise_host", str)
+WEBHOOKS = web.AppKey("webhooks", WebhookRouter)
 
 
 class CreateCall(BaseModel):
@@ -36,6 +38,8 @@ class CreateCall(BaseModel):
     telephone_event: int | None = Field(101, ge=96, le=127)
     #: Only accept media from this IP address (else: the first valid source latches).
     remote_ip: str | None = None
+    #: This call's events go here instead of the configured webhook URL.
+    webhook_url: str | None = Field(None, pattern=r"^https?://")
     metadata: dict[str, str | int | float | bool | None] = {}
 
 
@@ -70,7 +74,10 @@ async def _from_json(request: web.Request) -> web.Response:
         return error(
             400, f"payload_type: {codec.name} has no static payload type; give one (96-127)"
         )
-    opened = _open(request, codec, pt, body.telephone_event, body.remote_ip, dict(body.metadata))
+    opened = await _open(
+        request, codec, pt, body.telephone_event, body.remote_ip, dict(body.metadata),
+        webhook_url=body.webhook_url,
+    )  # fmt: skip
     if isinstance(opened, web.Response):
         return opened
     call, port = opened
@@ -97,7 +104,9 @@ async def _from_sdp(request: web.Request) -> web.Response:
     except TransportError as exc:
         return error(422, str(exc))  # SIP would say 488 Not Acceptable Here
     remote_ip = ans.remote[0] if ans.remote else None
-    opened = _open(request, ans.codec, ans.payload_type, ans.telephone_event, remote_ip, {}, port)
+    opened = await _open(
+        request, ans.codec, ans.payload_type, ans.telephone_event, remote_ip, {}, port
+    )
     if isinstance(opened, web.Response):
         return opened
     call, _ = opened
@@ -109,7 +118,7 @@ def _static_pt(codec: Codec) -> int | None:
     return next((pt for pt, c in STATIC_PAYLOAD_TYPES.items() if c is codec), None)
 
 
-def _open(
+async def _open(
     request: web.Request,
     codec: Codec,
     pt: int,
@@ -117,6 +126,7 @@ def _open(
     remote_ip: str | None,
     metadata: dict[str, Any],
     port: RtpPort | None = None,
+    webhook_url: str | None = None,
 ) -> tuple[Call, RtpPort] | web.Response:
     registry, rtp = request.app[REGISTRY], request.app[RTP]
     try:
@@ -124,8 +134,12 @@ def _open(
     except TransportError as exc:
         return error(503, str(exc))
     meta = {**metadata, "local_port": port.port, "expected_remote_ip": remote_ip}
-    call = registry.open(codec, transport="rtp", metadata=meta)
+    call_id = new_call_id()
+    if webhook_url is not None:
+        await request.app[WEBHOOKS].route(call_id, webhook_url)
+    call = registry.open(codec, transport="rtp", metadata=meta, call_id=call_id)
     if call is None:
+        await request.app[WEBHOOKS].unroute(call_id)
         return error(503, "not accepting calls: at the concurrent call limit, or draining")
     reservation = Reservation(call, pt, dtmf, remote_ip, registry.clock.monotonic())
     port.reserve(reservation)
@@ -140,7 +154,10 @@ async def end_call(request: web.Request) -> web.Response:
     return web.Response(status=204)
 
 
-def add_routes(app: web.Application, rtp: RtpServer, advertise_host: str) -> None:
+def add_routes(
+    app: web.Application, rtp: RtpServer, advertise_host: str, webhooks: WebhookRouter
+) -> None:
+    app[WEBHOOKS] = webhooks
     app[RTP] = rtp
     app[ADVERTISE] = advertise_host
     app.router.add_post("/v1/calls", create_call)
