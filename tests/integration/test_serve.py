@@ -24,7 +24,7 @@ from standardwebhooks import Webhook
 from tests.conftest import Speech, free_tcp_port, free_udp_range, overlap, require
 from voxphone.audio.codecs import PCMU
 from voxphone.audio.files import read_audio
-from voxphone.testing import impair, rtp_packets, send_schedule
+from voxphone.testing import impair, rtp_packets, send_rtp, send_schedule
 
 pytestmark = pytest.mark.integration
 
@@ -239,3 +239,31 @@ async def test_a_bad_network_still_makes_one_call_with_the_words(
     assert 2 <= t["jitter_ms"] <= 40  # RFC 3550 interarrival jitter of 0-30 ms send delays
     assert abs(ended["audio_ms"] - pcm.size / 8) <= 240  # the clock follows the timestamps
     assert overlap(s.text, ended["transcript"]) >= 0.5, ended["transcript"]
+
+
+async def test_sigterm_drains_live_calls_and_delivers_their_events(
+    receiver: WebhookReceiver, speech: dict[str, Speech], tmp_path: Path
+) -> None:
+    """Shutdown mid-call: the call ends with `shutdown`, its words so far are flushed through the
+    engine, and every webhook is delivered before the process exits."""
+    lo, hi = free_udp_range(2)
+    http_port = free_tcp_port()
+    log = (tmp_path / "serve.log").open("wb")
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "voxphone", "serve", "--http-port", str(http_port),
+        "--rtp-ports", f"{lo}-{hi}", "--webhook", str(receiver.server.make_url("/hooks")),
+        "--webhook-secret", SECRET,
+        env={**os.environ, "VOXPHONE_ASTERISK__AUDIOSOCKET_PORT": "0"}, stdout=log, stderr=log,
+    )  # fmt: skip
+    await wait_ready(http_port, proc)
+    pcm = read_audio(speech["order"].path, 8000)
+    sender = asyncio.create_task(send_rtp(list(rtp_packets(pcm, PCMU, seed=5)), ("127.0.0.1", lo)))
+    await asyncio.sleep(2.8)  # most of the sentence has been said
+    proc.send_signal(signal.SIGTERM)
+    assert await asyncio.wait_for(proc.wait(), 30) == 0
+    log.close()
+    sender.cancel()
+    (events,) = calls_of(receiver).values()
+    assert events[-1]["type"] == "call.ended" and events[-1]["data"]["reason"] == "shutdown"
+    assert [e["seq"] for e in events] == list(range(len(events)))
+    assert overlap(speech["order"].text, events[-1]["data"]["transcript"]) >= 0.3
