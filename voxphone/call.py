@@ -76,6 +76,7 @@ class Call:
         self._stream: EngineStream | None = None
         self._task: asyncio.Task[None] | None = None
         self._flush_expired = False
+        self._timers: list[asyncio.TimerHandle] = []
         self.frames_sent = 0
         self._log = log.bind(call_id=call_id)
 
@@ -90,7 +91,8 @@ class Call:
         self._log.info("call_started", transport=self.transport, codec=self.codec.name)
         self._task = asyncio.create_task(self._run(engine), name=f"call-{self.call_id}")
         if self._max_duration_s is not None:
-            asyncio.get_running_loop().call_later(self._max_duration_s, self.end, "max_duration")
+            loop = asyncio.get_running_loop()
+            self._timers.append(loop.call_later(self._max_duration_s, self.end, "max_duration"))
         if on_done is not None:
             self._task.add_done_callback(lambda _task: on_done(self))
 
@@ -103,7 +105,8 @@ class Call:
             self._enqueue(frame)
         self._enqueue(None)
         if self._task is not None:
-            asyncio.get_running_loop().call_later(self._end_timeout_s, self._flush_deadline)
+            loop = asyncio.get_running_loop()
+            self._timers.append(loop.call_later(self._end_timeout_s, self._flush_deadline))
 
     async def wait(self) -> None:
         """Until ``call.ended`` has been published."""
@@ -251,6 +254,8 @@ class Call:
         self.end_reason = "engine_error"
 
     def _finish(self) -> None:
+        for timer in self._timers:  # a pending timer would keep the finished call alive
+            timer.cancel()
         s = self.pipeline.timeline.stats
         self.stats.late_packets = s.late
         self.stats.gap_ms = s.gap_samples * 1000 // self.codec.sample_rate
