@@ -234,8 +234,7 @@ class RtpPort(asyncio.DatagramProtocol):
             session.last_seen = self._clock.monotonic()
             if pkt.payload_type == session.payload_type:
                 self._arrival(session, pkt)
-            for ready in session.buffer.push(pkt):
-                self._deliver(session, ready)
+            self._play(session, [pkt])
 
     def _arrival(self, session: _Session, pkt: RtpPacket) -> None:
         """RFC 3550 §A.8: smoothed variation of transit time, the jitter a receiver reports."""
@@ -260,9 +259,7 @@ class RtpPort(asyncio.DatagramProtocol):
         session.call.discontinuity()
         session.ssrc, session.new_ssrc = pkt.ssrc, None
         session.last_seen = self._clock.monotonic()
-        for p in [*cand.packets, pkt]:
-            for ready in session.buffer.push(p):
-                self._deliver(session, ready)
+        self._play(session, [*cand.packets, pkt])
 
     def _latch(self, res: Reservation, pkt: RtpPacket, addr: Address) -> None:
         if res.expected_ip is not None and addr[0] != res.expected_ip:
@@ -293,9 +290,7 @@ class RtpPort(asyncio.DatagramProtocol):
         session.telephone_events = dtmf
         res.call.metadata["remote"] = f"{addr[0]}:{addr[1]}"
         self.sessions[addr] = session
-        for p in packets:
-            for ready in jitter.push(p):
-                self._deliver(session, ready)
+        self._play(session, packets)
 
     def _may_relatch(self) -> bool:
         """A latched source that has gone quiet for ``relatch_after_s`` may be replaced."""
@@ -317,8 +312,12 @@ class RtpPort(asyncio.DatagramProtocol):
             session.ssrc = packets[0].ssrc
             res.call.discontinuity()
         session.last_seen = self._clock.monotonic()
-        for p in packets:
-            for ready in session.buffer.push(p):
+        self._play(session, packets)
+
+    def _play(self, session: _Session, packets: list[RtpPacket]) -> None:
+        """Packets through the jitter buffer; whatever comes out in order is delivered."""
+        for pkt in packets:
+            for ready in session.buffer.push(pkt):
                 self._deliver(session, ready)
 
     def _deliver(self, session: _Session, pkt: RtpPacket) -> None:
@@ -360,9 +359,7 @@ class RtpPort(asyncio.DatagramProtocol):
         jitter = JitterBuffer(codec.clock_rate, self.policy.jitter_ms)
         session = _Session(call, pkt.ssrc, pkt.payload_type, self._clock.monotonic(), jitter)
         self.sessions[addr] = session
-        for p in [*cand.packets, pkt]:
-            for ready in jitter.push(p):
-                self._deliver(session, ready)
+        self._play(session, [*cand.packets, pkt])
 
     def expire(self, now: float, timeout_s: float, no_media_s: float = 30.0) -> None:
         """End calls whose source has been silent for ``timeout_s`` (or, allocated by the API,
