@@ -1,0 +1,115 @@
+"""A Twilio Media Streams client written from Twilio's documented message shapes, streaming
+synthesised speech at real-time pace into `voxphone serve`."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from tests.conftest import Speech, overlap
+from tests.integration.test_serve import WebhookReceiver, calls_of, running_serve
+from voxphone.audio.codecs import PCMU, Encoder
+from voxphone.audio.files import read_audio
+
+pytestmark = pytest.mark.integration
+
+
+def media_messages(wav: Path, stream_sid: str) -> list[dict[str, Any]]:
+    pcm = read_audio(wav, 8000)
+    enc = Encoder(PCMU)
+    out = []
+    for i, pos in enumerate(range(0, pcm.size - 159, 160)):
+        payload = base64.b64encode(enc.encode(pcm[pos : pos + 160])).decode()
+        out.append({
+            "event": "media", "sequenceNumber": str(i + 3), "streamSid": stream_sid,
+            "media": {"track": "inbound", "chunk": str(i + 1), "timestamp": str(i * 20), "payload": payload},
+        })  # fmt: skip
+    return out
+
+
+@pytest.mark.parametrize("ending", ["stop", "disconnect"])
+async def test_twilio_stream(
+    receiver: WebhookReceiver, speech: dict[str, Speech], tmp_path: Path, ending: str
+) -> None:
+    sid = "MZ18ad3ab5a668481ce02b83e7395059f0"
+    start = {
+        "event": "start", "sequenceNumber": "1", "streamSid": sid,
+        "start": {"accountSid": "AC0", "streamSid": sid, "callSid": "CA5e2f", "tracks": ["inbound"],
+                  "customParameters": {"tenant": "acme", "agent": "billing"},
+                  "mediaFormat": {"encoding": "audio/x-mulaw", "sampleRate": 8000, "channels": 1}},
+    }  # fmt: skip
+    media = media_messages(speech["order"].path, sid)
+    media[20], media[21] = media[21], media[20]  # reordered
+    media.insert(40, media[39])  # duplicated
+    del media[60]  # missing
+    async with running_serve(tmp_path, receiver) as srv, aiohttp.ClientSession() as http:
+        async with http.ws_connect(f"http://127.0.0.1:{srv.http_port}/v1/media/twilio") as ws:
+            await ws.send_str(
+                json.dumps({"event": "connected", "protocol": "Call", "version": "1.0.0"})
+            )
+            await ws.send_str(json.dumps(start))
+            for m in media:
+                await ws.send_str(json.dumps(m))
+                await asyncio.sleep(0.02)
+            dtmf = {
+                "event": "dtmf",
+                "streamSid": sid,
+                "sequenceNumber": "999",
+                "dtmf": {"track": "inbound_track", "digit": "1"},
+            }
+            await ws.send_str(json.dumps(dtmf))
+            if ending == "stop":
+                await ws.send_str(
+                    json.dumps(
+                        {
+                            "event": "stop",
+                            "sequenceNumber": "1000",
+                            "streamSid": sid,
+                            "stop": {"accountSid": "AC0", "callSid": "CA5e2f"},
+                        }
+                    )
+                )
+        await receiver.wait_ended(1, timeout_s=60)
+    (events,) = calls_of(receiver).values()
+    started, ended = events[0], events[-1]
+    assert started["call_id"] == "CA5e2f" and all(e["call_id"] == "CA5e2f" for e in events)
+    assert started["data"]["custom_parameters"] == {"tenant": "acme", "agent": "billing"}
+    assert started["data"]["stream_sid"] == sid
+    assert [e["data"]["digit"] for e in events if e["type"] == "dtmf"] == ["1"]
+    assert ended["data"]["reason"] == ("stop" if ending == "stop" else "disconnected")
+    t = ended["data"]["transport"]
+    assert t["reordered"] == 1 and t["duplicates"] + t["late"] == 1
+    assert overlap(speech["order"].text, ended["data"]["transcript"]) >= 0.5
+
+
+async def test_bad_frame_closes_with_the_reason_and_keeps_the_call(
+    receiver: WebhookReceiver, speech: dict[str, Speech], tmp_path: Path
+) -> None:
+    sid = "MZ1"
+    start = {
+        "event": "start",
+        "sequenceNumber": "1",
+        "streamSid": sid,
+        "start": {"callSid": "CA9", "streamSid": sid},
+    }
+    async with running_serve(tmp_path, receiver) as srv, aiohttp.ClientSession() as http:
+        async with http.ws_connect(f"http://127.0.0.1:{srv.http_port}/v1/media/twilio") as ws:
+            await ws.send_str(json.dumps(start))
+            for m in media_messages(speech["order"].path, sid)[:50]:
+                await ws.send_str(json.dumps(m))
+            await ws.send_str(
+                '{"event": "media", "sequenceNumber": "2", "media": {"timestamp": "0", "payload": "%%%"}}'
+            )
+            msg = await ws.receive()
+        assert msg.type == aiohttp.WSMsgType.CLOSE and ws.close_code == 1007
+        assert "media.payload is not base64" in (msg.extra or "")
+        await receiver.wait_ended(1, timeout_s=60)
+    (events,) = calls_of(receiver).values()
+    assert events[0]["type"] == "call.started" and events[-1]["data"]["reason"] == "protocol_error"
+    assert events[-1]["data"]["audio_ms"] >= 900  # the audio before the bad frame was kept
