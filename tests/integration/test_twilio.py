@@ -113,3 +113,49 @@ async def test_bad_frame_closes_with_the_reason_and_keeps_the_call(
     (events,) = calls_of(receiver).values()
     assert events[0]["type"] == "call.started" and events[-1]["data"]["reason"] == "protocol_error"
     assert events[-1]["data"]["audio_ms"] >= 900  # the audio before the bad frame was kept
+
+
+async def test_telnyx_stream_reordered_in_flight(
+    receiver: WebhookReceiver, speech: dict[str, Speech], tmp_path: Path
+) -> None:
+    """Telnyx does not guarantee frame order: frames shuffled within 60 ms windows still make
+    the words, in order."""
+    import random
+
+    from voxphone.audio.codecs import PCMA
+
+    pcm = read_audio(speech["callback"].path, 8000)
+    enc = Encoder(PCMA)
+    frames = [
+        {"event": "media", "sequence_number": str(i + 2), "stream_id": "s1",
+         "media": {"track": "inbound", "chunk": str(i + 1), "timestamp": str(i * 20),
+                   "payload": base64.b64encode(enc.encode(pcm[p : p + 160])).decode()}}
+        for i, p in enumerate(range(0, pcm.size - 159, 160))
+    ]  # fmt: skip
+    rng = random.Random(7)
+    shuffled = []
+    for i in range(0, len(frames), 3):
+        window = frames[i : i + 3]
+        rng.shuffle(window)
+        shuffled += window
+    start = {"event": "start", "sequence_number": "1", "stream_id": "s1",
+             "start": {"call_control_id": "v2:abc", "client_state": "xyz", "from": "+1312", "to": "+1313",
+                       "media_format": {"encoding": "PCMA", "sample_rate": 8000, "channels": 1}}}  # fmt: skip
+    async with running_serve(tmp_path, receiver) as srv, aiohttp.ClientSession() as http:
+        async with http.ws_connect(f"http://127.0.0.1:{srv.http_port}/v1/media/telnyx") as ws:
+            await ws.send_str(json.dumps({"event": "connected", "version": "1.0.0"}))
+            await ws.send_str(json.dumps(start))
+            for m in shuffled:
+                await ws.send_str(json.dumps(m))
+                await asyncio.sleep(0.02)
+            await ws.send_str(
+                json.dumps({"event": "stop", "sequence_number": "9999", "stream_id": "s1"})
+            )
+        await receiver.wait_ended(1, timeout_s=60)
+    (events,) = calls_of(receiver).values()
+    assert events[0]["call_id"] == "v2:abc" and events[0]["data"]["codec"] == "PCMA"
+    assert events[0]["data"]["client_state"] == "xyz"
+    ended = events[-1]["data"]
+    assert ended["reason"] == "stop" and ended["transport"]["reordered"] > 10
+    assert ended["transport"]["late"] == 0 and ended["stats"]["late_packets"] == 0
+    assert overlap(speech["callback"].text, ended["transcript"]) >= 0.5

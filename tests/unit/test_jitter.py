@@ -80,3 +80,15 @@ def test_any_shuffle_within_the_window_is_released_once_in_order(
     out += jb.flush()
     ext = [(p.sequence - base) & 0xFFFF for p in out]
     assert ext == sorted(set(ext))
+
+
+def test_hold_start_reorders_the_first_packets_too() -> None:
+    jb = JitterBuffer(8000, depth_ms=60, hold_start=True)
+    out = []
+    for i in [2, 0, 1]:
+        out += jb.push(pkt(i))
+    assert out == []  # still filling the first 60 ms
+    for i in [4, 3, 5, 6]:
+        out += jb.push(pkt(i))
+    assert seqs(out + jb.flush()) == [0, 1, 2, 3, 4, 5, 6]
+    assert jb.stats.late == 0

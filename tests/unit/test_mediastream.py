@@ -9,13 +9,15 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from voxphone.audio.codecs import PCMU
 from voxphone.errors import TransportError
 from voxphone.transports.mediastream import (
-    TwilioDtmf,
-    TwilioMedia,
-    TwilioOther,
-    TwilioStart,
-    TwilioStop,
+    StreamDtmf,
+    StreamMedia,
+    StreamOther,
+    StreamStart,
+    StreamStop,
+    parse_telnyx,
     parse_twilio,
 )
 
@@ -32,25 +34,34 @@ START = {
 def test_documented_messages_parse() -> None:
     assert parse_twilio(
         '{"event": "connected", "protocol": "Call", "version": "1.0.0"}'
-    ) == TwilioOther("connected")
-    assert parse_twilio(json.dumps(START)) == TwilioStart(
-        "CA123", START["streamSid"], "AC123", ("inbound",), {"tenant": "acme"}
+    ) == StreamOther("connected")
+    start = parse_twilio(json.dumps(START))
+    assert start == StreamStart(
+        "CA123",
+        PCMU,
+        {
+            "call_sid": "CA123",
+            "stream_sid": START["streamSid"],
+            "account_sid": "AC123",
+            "tracks": ["inbound"],
+            "custom_parameters": {"tenant": "acme"},
+        },
     )
     media = {"event": "media", "sequenceNumber": "3", "streamSid": "MZ1",
              "media": {"track": "inbound", "chunk": "2", "timestamp": "40", "payload": base64.b64encode(b"\xff" * 160).decode()}}  # fmt: skip
-    assert parse_twilio(json.dumps(media)) == TwilioMedia(3, 40, "inbound", b"\xff" * 160)
+    assert parse_twilio(json.dumps(media)) == StreamMedia(3, 40, "inbound", b"\xff" * 160)
     dtmf = {
         "event": "dtmf",
         "streamSid": "MZ1",
         "sequenceNumber": "5",
         "dtmf": {"track": "inbound_track", "digit": "1"},
     }
-    assert parse_twilio(json.dumps(dtmf)) == TwilioDtmf("1")
+    assert parse_twilio(json.dumps(dtmf)) == StreamDtmf("1")
     assert (
         parse_twilio('{"event": "stop", "sequenceNumber": "9", "stop": {"callSid": "CA123"}}')
-        == TwilioStop()
+        == StreamStop()
     )
-    assert parse_twilio('{"event": "mark", "mark": {"name": "x"}}') == TwilioOther("mark")
+    assert parse_twilio('{"event": "mark", "mark": {"name": "x"}}') == StreamOther("mark")
 
 
 @pytest.mark.parametrize(
@@ -76,3 +87,47 @@ def test_any_text_parses_or_fails_precisely(text: str) -> None:
         parse_twilio(text)
     except TransportError as exc:
         assert str(exc).startswith("twilio: ")
+
+
+TELNYX_START = {
+    "event": "start", "sequence_number": "1", "stream_id": "32de0dea-53cb-4b21-89a4-9283e6b2b4d3",
+    "start": {"user_id": "3e6f995f", "call_control_id": "v2:T02llQxIyaRkhfRKxgAP8nY511EhFLizdvdUKJiSw8d6A9BborherQ",
+              "client_state": "aGF2ZSBhIG5pY2UgZGF5ID1d", "from": "+13122010094", "to": "+13122123456",
+              "media_format": {"encoding": "PCMA", "sample_rate": 8000, "channels": 1}},
+}  # fmt: skip
+
+
+def test_telnyx_messages_parse_with_their_codec() -> None:
+    start = parse_telnyx(json.dumps(TELNYX_START))
+    assert isinstance(start, StreamStart)
+    assert start.call_id == TELNYX_START["start"]["call_control_id"]
+    assert start.codec.name == "PCMA"
+    assert (start.metadata["from"], start.metadata["to"]) == ("+13122010094", "+13122123456")
+    l16 = {
+        **TELNYX_START,
+        "start": {
+            **TELNYX_START["start"],
+            "media_format": {"encoding": "L16", "sample_rate": 16000},
+        },
+    }
+    assert parse_telnyx(json.dumps(l16)).codec.name == "L16/16000"  # type: ignore[union-attr]
+    media = {
+        "event": "media",
+        "sequence_number": "4",
+        "media": {"track": "inbound", "chunk": "2", "timestamp": "5", "payload": "AAAA"},
+    }
+    assert parse_telnyx(json.dumps(media)) == StreamMedia(4, 5, "inbound", b"\0\0\0")
+
+
+def test_telnyx_unsupported_encoding_is_named() -> None:
+    amr = {
+        **TELNYX_START,
+        "start": {
+            **TELNYX_START["start"],
+            "media_format": {"encoding": "AMR-WB", "sample_rate": 16000},
+        },
+    }
+    with pytest.raises(
+        TransportError, match="telnyx: unsupported media_format.encoding 'AMR-WB' at 16000 Hz"
+    ):
+        parse_telnyx(json.dumps(amr))

@@ -30,8 +30,11 @@ class JitterStats:
 
 
 class JitterBuffer:
-    def __init__(self, clock_rate: int, depth_ms: int = 60) -> None:
+    def __init__(self, clock_rate: int, depth_ms: int = 60, hold_start: bool = False) -> None:
+        """``hold_start``: buffer ``depth`` before playing the first packet, so a stream whose
+        very first packets arrive out of order (Telnyx's websocket) still starts in order."""
         self._depth = clock_rate * depth_ms // 1000
+        self._holding = hold_start
         self._next: int | None = None  # extended sequence number to release next
         self._buf: dict[int, RtpPacket] = {}
         self._highest: int | None = None
@@ -42,7 +45,9 @@ class JitterBuffer:
         if self._next is None:
             self._next = self._highest = pkt.sequence
         ext = self._next + seq_delta(pkt.sequence, self._next & 0xFFFF)
-        if ext < self._next:
+        if ext < self._next and self._holding:
+            self._next = ext  # an earlier packet, before play-out began: start from it
+        elif ext < self._next:
             self.stats.late += 1
             return []
         if ext in self._buf:
@@ -53,6 +58,10 @@ class JitterBuffer:
             self.stats.reordered += 1
         self._highest = max(self._highest, ext)
         self._buf[ext] = pkt
+        if self._holding:
+            if self._span() < self._depth:
+                return []
+            self._holding = False
         out = self._release()
         while self._buf and self._span() >= self._depth:
             first = min(self._buf)

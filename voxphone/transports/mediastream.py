@@ -13,13 +13,14 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
 import structlog
 from aiohttp import WSMsgType, web
 
-from voxphone.audio.codecs import PCMU
+from voxphone.audio.codecs import CODECS, G722, OPUS, PCMA, PCMU, Codec
 from voxphone.call import Call
 from voxphone.errors import TransportError
 from voxphone.http.api import REGISTRY
@@ -28,18 +29,18 @@ from voxphone.transports.rtp import RtpPacket
 
 log = structlog.get_logger(__name__)
 
-
-@dataclass(frozen=True)
-class TwilioStart:
-    call_sid: str
-    stream_sid: str
-    account_sid: str
-    tracks: tuple[str, ...]
-    custom_parameters: dict[str, Any]
+Handler = Callable[[web.Request], Awaitable[web.WebSocketResponse]]
 
 
 @dataclass(frozen=True)
-class TwilioMedia:
+class StreamStart:
+    call_id: str
+    codec: Codec
+    metadata: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class StreamMedia:
     sequence: int
     timestamp_ms: int
     track: str
@@ -47,157 +48,228 @@ class TwilioMedia:
 
 
 @dataclass(frozen=True)
-class TwilioDtmf:
+class StreamDtmf:
     digit: str
 
 
 @dataclass(frozen=True)
-class TwilioStop:
+class StreamStop:
     pass
 
 
 @dataclass(frozen=True)
-class TwilioOther:
+class StreamOther:
     event: str
 
 
-TwilioMessage = TwilioStart | TwilioMedia | TwilioDtmf | TwilioStop | TwilioOther
+StreamMessage = StreamStart | StreamMedia | StreamDtmf | StreamStop | StreamOther
+
+#: Telnyx ``media_format.encoding`` (and Twilio's MIME type) → codec; L16 picks its rate.
+ENCODINGS = {"PCMU": PCMU, "audio/x-mulaw": PCMU, "PCMA": PCMA, "G722": G722, "OPUS": OPUS}
 
 
-def parse_twilio(text: str) -> TwilioMessage:
-    """One Twilio Media Streams message; ``TransportError`` names what is malformed."""
-    try:
-        msg = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise TransportError(f"twilio: invalid JSON: {exc}") from None
-    if not isinstance(msg, dict) or not isinstance(msg.get("event"), str):
-        raise TransportError("twilio: message has no 'event'")
-    event = msg["event"]
-    if event == "media":
-        media = _object(msg, "media")
+class JsonStream:
+    """Twilio's and Telnyx's JSON messages, which differ in naming (camelCase, snake_case)."""
+
+    def __init__(self, vendor: str) -> None:
+        self.vendor = vendor
+        self._snake = vendor == "telnyx"
+
+    def parse(self, text: str) -> StreamMessage:
+        """One message; ``TransportError`` names what is malformed."""
         try:
-            payload = base64.b64decode(_field(media, "payload", "media"), validate=True)
+            msg = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise self._error(f"invalid JSON: {exc}") from None
+        if not isinstance(msg, dict) or not isinstance(msg.get("event"), str):
+            raise self._error("message has no 'event'")
+        event = msg["event"]
+        if event == "media":
+            return self._media(msg)
+        if event == "start":
+            start = self._object(msg, "start")
+            return self._telnyx_start(msg, start) if self._snake else self._twilio_start(start)
+        if event == "dtmf":
+            return StreamDtmf(self._field(self._object(msg, "dtmf"), "digit", "dtmf")[:1])
+        if event == "stop":
+            return StreamStop()
+        return StreamOther(event)
+
+    def _media(self, msg: dict[str, Any]) -> StreamMedia:
+        media = self._object(msg, "media")
+        try:
+            payload = base64.b64decode(self._field(media, "payload", "media"), validate=True)
         except (binascii.Error, ValueError) as exc:
-            raise TransportError(f"twilio: media.payload is not base64: {exc}") from None
-        return TwilioMedia(
-            _number(msg, "sequenceNumber", ""),
-            _number(media, "timestamp", "media."),
+            raise self._error(f"media.payload is not base64: {exc}") from None
+        seq_key = "sequence_number" if self._snake else "sequenceNumber"
+        return StreamMedia(
+            self._number(msg, seq_key, ""),
+            self._number(media, "timestamp", "media."),
             str(media.get("track", "inbound")),
             payload,
         )
-    if event == "start":
-        start = _object(msg, "start")
+
+    def _twilio_start(self, start: dict[str, Any]) -> StreamStart:
         fmt = start.get("mediaFormat") or {}
-        if isinstance(fmt, dict) and fmt.get("encoding", "audio/x-mulaw") != "audio/x-mulaw":
-            raise TransportError(
-                f"twilio: unsupported mediaFormat.encoding {fmt.get('encoding')!r}"
-            )
-        params = start.get("customParameters") or {}
-        return TwilioStart(
-            _field(start, "callSid", "start"),
-            _field(start, "streamSid", "start"),
-            str(start.get("accountSid", "")),
-            tuple(start.get("tracks") or ("inbound",)),
-            params if isinstance(params, dict) else {},
+        encoding = fmt.get("encoding", "audio/x-mulaw") if isinstance(fmt, dict) else None
+        if encoding != "audio/x-mulaw":
+            raise self._error(f"unsupported mediaFormat.encoding {encoding!r}")
+        params = start.get("customParameters")
+        call_sid = self._field(start, "callSid", "start")
+        meta = {
+            "call_sid": call_sid,
+            "stream_sid": self._field(start, "streamSid", "start"),
+            "account_sid": str(start.get("accountSid", "")),
+            "tracks": list(start.get("tracks") or ["inbound"]),
+            "custom_parameters": params if isinstance(params, dict) else {},
+        }
+        return StreamStart(call_sid, PCMU, meta)
+
+    def _telnyx_start(self, msg: dict[str, Any], start: dict[str, Any]) -> StreamStart:
+        fmt = start.get("media_format") or {}
+        if not isinstance(fmt, dict):
+            raise self._error("start.media_format must be an object")
+        encoding = str(fmt.get("encoding", "PCMU")).upper()
+        rate = (
+            self._number(fmt, "sample_rate", "start.media_format.")
+            if "sample_rate" in fmt
+            else 8000
         )
-    if event == "dtmf":
-        return TwilioDtmf(_field(_object(msg, "dtmf"), "digit", "dtmf")[:1])
-    if event == "stop":
-        return TwilioStop()
-    return TwilioOther(event)
+        codec = ENCODINGS.get(encoding) or (
+            CODECS.get(f"l16/{rate}") if encoding == "L16" else None
+        )
+        if codec is None:
+            raise self._error(f"unsupported media_format.encoding {encoding!r} at {rate} Hz")
+        call_control_id = self._field(start, "call_control_id", "start")
+        meta = {
+            "call_control_id": call_control_id,
+            "stream_id": str(msg.get("stream_id") or start.get("stream_id") or ""),
+            "client_state": start.get("client_state"),
+            "from": start.get("from"),
+            "to": start.get("to"),
+        }
+        return StreamStart(call_control_id, codec, meta)
+
+    def _error(self, message: str) -> TransportError:
+        return TransportError(f"{self.vendor}: {message}")
+
+    def _object(self, msg: dict[str, Any], key: str) -> dict[str, Any]:
+        value = msg.get(key)
+        if not isinstance(value, dict):
+            raise self._error(f"{msg['event']} message has no '{key}' object")
+        return value
+
+    def _field(self, obj: dict[str, Any], key: str, where: str) -> str:
+        value = obj.get(key)
+        if not isinstance(value, str) or not value:
+            raise self._error(f"{where}.{key} must be a non-empty string")
+        return value
+
+    def _number(self, obj: dict[str, Any], key: str, where: str) -> int:
+        """Numbers arrive as strings (Twilio, Telnyx); accept either."""
+        value = obj.get(key)
+        try:
+            return int(value)  # type: ignore[arg-type]
+        except (TypeError, ValueError):
+            raise self._error(f"{where}{key} must be a number, got {value!r}") from None
 
 
-def _object(msg: dict[str, Any], key: str) -> dict[str, Any]:
-    value = msg.get(key)
-    if not isinstance(value, dict):
-        raise TransportError(f"twilio: {msg['event']} message has no '{key}' object")
-    return value
+TWILIO, TELNYX = JsonStream("twilio"), JsonStream("telnyx")
 
 
-def _field(obj: dict[str, Any], key: str, where: str) -> str:
-    value = obj.get(key)
-    if not isinstance(value, str) or not value:
-        raise TransportError(f"twilio: {where}.{key} must be a non-empty string")
-    return value
+def parse_twilio(text: str) -> StreamMessage:
+    return TWILIO.parse(text)
 
 
-def _number(obj: dict[str, Any], key: str, where: str) -> int:
-    """Twilio sends numbers as strings; accept either."""
-    value = obj.get(key)
-    try:
-        return int(value)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        raise TransportError(f"twilio: {where}{key} must be a number, got {value!r}") from None
+def parse_telnyx(text: str) -> StreamMessage:
+    return TELNYX.parse(text)
 
 
-class TwilioSession:
-    """One stream's state: opens the call at ``start``, plays media in order, ends at ``stop``."""
+class JsonStreamSession:
+    """One stream: opens the call at ``start``, plays media in order, ends at ``stop``.
 
-    def __init__(self, request: web.Request) -> None:
+    Media is ordered by sequence number and placed on the call clock by its millisecond
+    timestamp, through the RTP jitter buffer: Telnyx may deliver frames out of order, and any
+    provider may repeat or skip one."""
+
+    def __init__(self, request: web.Request, transport: str) -> None:
         self._registry = request.app[REGISTRY]
+        self._transport = transport
         self.call: Call | None = None
         self.reason: str | None = None
-        self._buffer = JitterBuffer(8000, 60)
-        self.dropped_tracks = 0
+        # Clock in ms: wait up to 120 ms for a frame; hold the start so it can be reordered too.
+        self._buffer = JitterBuffer(1000, 120, hold_start=True)
+        self.other_tracks = 0
 
-    def handle(self, message: TwilioMessage) -> None:
-        if isinstance(message, TwilioStart):
+    def handle(self, message: StreamMessage) -> None:
+        if isinstance(message, StreamStart):
             self._start(message)
         elif self.call is None:
-            if not isinstance(message, TwilioOther):
-                raise TransportError("twilio: media before 'start'")
-        elif isinstance(message, TwilioMedia):
+            if not isinstance(message, StreamOther):
+                raise TransportError(f"{self._transport}: {type(message).__name__} before 'start'")
+        elif isinstance(message, StreamMedia):
             self._media(message)
-        elif isinstance(message, TwilioDtmf):
+        elif isinstance(message, StreamDtmf):
             self.call.dtmf(message.digit, 0)
-        elif isinstance(message, TwilioStop):
+        elif isinstance(message, StreamStop):
             self.reason = "stop"
 
-    def _start(self, s: TwilioStart) -> None:
+    def _start(self, s: StreamStart) -> None:
         if self.call is not None:
-            raise TransportError("twilio: a second 'start' on one stream")
-        meta = {
-            "call_sid": s.call_sid, "stream_sid": s.stream_sid, "account_sid": s.account_sid,
-            "tracks": list(s.tracks), "custom_parameters": s.custom_parameters,
-        }  # fmt: skip
-        self.call = self._registry.open(PCMU, transport="twilio", metadata=meta, call_id=s.call_sid)
+            raise TransportError(f"{self._transport}: a second 'start' on one stream")
+        self.call = self._registry.open(
+            s.codec, transport=self._transport, metadata=s.metadata, call_id=s.call_id
+        )
         if self.call is None:
             self.reason = "rejected"
 
-    def _media(self, m: TwilioMedia) -> None:
-        assert self.call is not None
+    def _media(self, m: StreamMedia) -> None:
         if m.track not in ("inbound", "inbound_track"):
-            self.dropped_tracks += 1  # the caller is transcribed, not what the bot says back
+            self.other_tracks += 1  # the caller is transcribed, not what the bot says back
             return
-        pkt = RtpPacket(0, m.sequence & 0xFFFF, (m.timestamp_ms * 8) & 0xFFFFFFFF, 0, m.payload)
-        for ready in self._buffer.push(pkt):
-            self.call.push_packet(ready.timestamp, ready.payload)
+        pkt = RtpPacket(0, m.sequence & 0xFFFF, m.timestamp_ms & 0xFFFFFFFF, 0, m.payload)
+        self._play(self._buffer.push(pkt))
+
+    def _play(self, packets: list[RtpPacket]) -> None:
+        assert self.call is not None
+        rate = self.call.codec.clock_rate // 1000
+        for p in packets:
+            self.call.push_packet((p.timestamp * rate) & 0xFFFFFFFF, p.payload)
 
     def finish(self) -> None:
         if self.call is None:
             return
-        for ready in self._buffer.flush():
-            self.call.push_packet(ready.timestamp, ready.payload)
-        self.call.transport_stats.update({k: v for k, v in vars(self._buffer.stats).items()})
+        self._play(self._buffer.flush())
+        self.call.transport_stats.update(vars(self._buffer.stats))
         self.call.end(self.reason or "disconnected")
 
 
-async def twilio(request: web.Request) -> web.WebSocketResponse:
-    """``/v1/media/twilio``: point ``<Connect><Stream url="wss://…/v1/media/twilio">`` here."""
-    ws = web.WebSocketResponse(max_msg_size=1 << 20)
-    await ws.prepare(request)
-    session = TwilioSession(request)
-    try:
-        async for msg in ws:
-            if msg.type != WSMsgType.TEXT:
-                raise TransportError(f"twilio: expected text frames, got {msg.type.name}")
-            session.handle(parse_twilio(msg.data))
-            if session.reason is not None:
-                break
-    except TransportError as exc:
-        log.warning("twilio_stream_rejected", error=str(exc))
-        session.reason = session.reason or "protocol_error"
-        await ws.close(code=1007, message=str(exc)[:120].encode())
-    finally:
-        session.finish()
-    return ws
+def json_stream_handler(parser: JsonStream) -> Handler:
+    """A websocket endpoint for one JSON media-stream dialect."""
+
+    async def handle(request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse(max_msg_size=1 << 20)
+        await ws.prepare(request)
+        session = JsonStreamSession(request, parser.vendor)
+        try:
+            async for msg in ws:
+                if msg.type != WSMsgType.TEXT:
+                    raise TransportError(
+                        f"{parser.vendor}: expected text frames, got {msg.type.name}"
+                    )
+                session.handle(parser.parse(msg.data))
+                if session.reason is not None:
+                    break
+        except TransportError as exc:
+            log.warning("media_stream_rejected", vendor=parser.vendor, error=str(exc))
+            session.reason = session.reason or "protocol_error"
+            await ws.close(code=1007, message=str(exc)[:120].encode())
+        finally:
+            session.finish()
+        return ws
+
+    return handle
+
+
+twilio = json_stream_handler(TWILIO)
+telnyx = json_stream_handler(TELNYX)
