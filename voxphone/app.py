@@ -21,7 +21,7 @@ from voxphone.events.webhook import WebhookRouter, WebhookSink
 from voxphone.http.api import create_app
 from voxphone.http.calls import add_routes
 from voxphone.transports.asterisk import AudioSocketServer, chan_websocket
-from voxphone.transports.mediastream import telnyx, twilio
+from voxphone.transports.mediastream import generic_stream, telnyx, twilio, vonage
 from voxphone.transports.rtp import PortPolicy, RtpServer
 
 log = structlog.get_logger(__name__)
@@ -90,6 +90,8 @@ class App:
         app.router.add_get("/v1/media/asterisk", chan_websocket)
         app.router.add_get("/v1/media/twilio", twilio)
         app.router.add_get("/v1/media/telnyx", telnyx)
+        app.router.add_get("/v1/media/vonage", vonage)
+        app.router.add_get("/v1/media/stream", generic_stream)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.config.http.host, self.config.http.port)

@@ -187,7 +187,7 @@ def _call(args: argparse.Namespace) -> int:
     from voxphone.transports.rtp import RtpPacket
 
     host, _, port = args.to.rpartition(":")
-    if not host or not port.isdigit():
+    if not host or not port.isdecimal():
         print(f"voxphone: error: --to must be HOST:PORT, got {args.to!r}", file=sys.stderr)
         return 2
     if bad := set(args.dtmf.upper()) - set(DTMF_KEYS):

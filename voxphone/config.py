@@ -89,7 +89,7 @@ class RtpConfig(_Section):
     def _parse_range(cls, value: Any) -> Any:
         if isinstance(value, str):
             lo, sep, hi = value.partition("-")
-            if not sep or not lo.strip().isdigit() or not hi.strip().isdigit():
+            if not sep or not lo.strip().isdecimal() or not hi.strip().isdecimal():
                 raise ValueError(f"expected a port range like '40000-40100', got {value!r}")
             return (int(lo), int(hi))
         return value

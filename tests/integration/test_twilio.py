@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import numpy as np
 import pytest
 
 from tests.conftest import Speech, overlap
@@ -159,3 +160,58 @@ async def test_telnyx_stream_reordered_in_flight(
     assert ended["reason"] == "stop" and ended["transport"]["reordered"] > 10
     assert ended["transport"]["late"] == 0 and ended["stats"]["late_packets"] == 0
     assert overlap(speech["callback"].text, ended["transcript"]) >= 0.5
+
+
+async def test_vonage_stream(
+    receiver: WebhookReceiver, speech: dict[str, Speech], tmp_path: Path
+) -> None:
+    """Vonage NCCO `connect` to a websocket: a TEXT `websocket:connected` with the content type
+    and your headers, BINARY 16 kHz s16le 20 ms frames, `websocket:dtmf`, then the socket closes."""
+    pcm = read_audio(speech["order"].path, 16000)
+    connected = {"event": "websocket:connected", "content-type": "audio/l16;rate=16000",
+                 "uuid": "vonage-call-77", "caller": "447700900000"}  # fmt: skip
+    async with running_serve(tmp_path, receiver) as srv, aiohttp.ClientSession() as http:
+        async with http.ws_connect(f"http://127.0.0.1:{srv.http_port}/v1/media/vonage") as ws:
+            await ws.send_str(json.dumps(connected))
+            for pos in range(0, pcm.size - 319, 320):
+                await ws.send_bytes(pcm[pos : pos + 320].astype("<i2").tobytes())
+                await asyncio.sleep(0.02)
+            await ws.send_str(
+                json.dumps({"event": "websocket:dtmf", "digit": "9", "duration": 250})
+            )
+        await receiver.wait_ended(1, timeout_s=60)
+    (events,) = calls_of(receiver).values()
+    assert events[0]["call_id"] == "vonage-call-77" and events[0]["data"]["codec"] == "SLIN/16000"
+    assert events[0]["data"]["caller"] == "447700900000"
+    assert [
+        (e["data"]["digit"], e["data"]["duration_ms"]) for e in events if e["type"] == "dtmf"
+    ] == [("9", 250)]
+    assert events[-1]["data"]["reason"] == "hangup"
+    assert overlap(speech["order"].text, events[-1]["data"]["transcript"]) >= 0.5
+
+
+async def test_stereo_stream_transcribes_the_caller_channel(
+    receiver: WebhookReceiver, speech: dict[str, Speech], tmp_path: Path
+) -> None:
+    """jambonz `listen` / mod_audio_fork stereo: caller and callee interleaved; only the caller
+    (left) is transcribed, the callee's loud tone on the right is not heard."""
+    caller = read_audio(speech["order"].path, 8000)
+    t = np.arange(caller.size) / 8000
+    callee = (np.sin(2 * np.pi * 440 * t) * 12000).astype(np.int16)
+    stereo = np.column_stack([caller, callee]).reshape(-1).astype("<i2").tobytes()
+    meta = {"callSid": "jb-5", "sampleRate": 8000, "mixType": "stereo", "from": "+15550100"}
+    async with running_serve(tmp_path, receiver) as srv, aiohttp.ClientSession() as http:
+        url = f"http://127.0.0.1:{srv.http_port}/v1/media/stream"
+        async with http.ws_connect(url, protocols=("audio.jambonz.org",)) as ws:
+            assert ws.protocol == "audio.jambonz.org"
+            await ws.send_str(json.dumps(meta))
+            for pos in range(
+                0, len(stereo) - 638, 638
+            ):  # odd-sized chunks: samples split across frames
+                await ws.send_bytes(stereo[pos : pos + 638])
+                await asyncio.sleep(0.02)
+        await receiver.wait_ended(1, timeout_s=60)
+    (events,) = calls_of(receiver).values()
+    assert events[0]["call_id"] == "jb-5" and events[0]["data"]["transport"] == "stream"
+    assert overlap(speech["order"].text, events[-1]["data"]["transcript"]) >= 0.5
+    assert abs(events[-1]["data"]["audio_ms"] - caller.size / 8) <= 200  # one channel's worth

@@ -17,6 +17,7 @@ from voxphone.transports.mediastream import (
     StreamOther,
     StreamStart,
     StreamStop,
+    parse_raw_start,
     parse_telnyx,
     parse_twilio,
 )
@@ -131,3 +132,45 @@ def test_telnyx_unsupported_encoding_is_named() -> None:
         TransportError, match="telnyx: unsupported media_format.encoding 'AMR-WB' at 16000 Hz"
     ):
         parse_telnyx(json.dumps(amr))
+
+
+@pytest.mark.parametrize(
+    ("text", "query", "want"),
+    [
+        ('{"event": "websocket:connected", "content-type": "audio/l16;rate=16000", "uuid": "aaa-111"}', {}, ("aaa-111", 16000, 1)),
+        ('{"callSid": "js-1", "sampleRate": 8000, "mixType": "stereo"}', {}, ("js-1", 8000, 2)),
+        ('{"call_id": "fs-uuid", "from": "100"}', {"rate": "16k", "mix": "mono"}, ("fs-uuid", 16000, 1)),
+        ("caller=100", {"rate": "8000"}, (None, 8000, 1)),
+        ("", {}, (None, 8000, 1)),
+    ],
+)  # fmt: skip
+def test_raw_stream_metadata(
+    text: str, query: dict[str, str], want: tuple[object, int, int]
+) -> None:
+    start = parse_raw_start(text, query, "stream")
+    assert (start.call_id, start.rate, start.channels) == want
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('{"sampleRate": 11025}', "sample rate 11025 Hz is not supported"),
+        ('{"channels": 3}', "3 channels"),
+        ('{"channels": "two"}', "two channels; 1 .* or 2"),
+    ],
+)
+def test_raw_stream_bad_metadata(text: str, message: str) -> None:
+    with pytest.raises(TransportError, match=message):
+        parse_raw_start(text, {}, "stream")
+
+
+@given(
+    st.text(max_size=120), st.dictionaries(st.sampled_from(["rate", "mix"]), st.text(max_size=8))
+)
+def test_raw_stream_metadata_never_fails_otherwise(text: str, query: dict[str, str]) -> None:
+    try:
+        start = parse_raw_start(text, query, "stream")
+    except TransportError as exc:
+        assert str(exc).startswith("stream: ")
+    else:
+        assert start.channels in (1, 2)

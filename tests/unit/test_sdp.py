@@ -62,6 +62,7 @@ def test_first_decodable_format_is_chosen(m: str, attrs: list[str], codec: str, 
         ("hello", "SDP must start with 'v=0'"),
         ("v=0\r\nnonsense\r\n", "SDP line 2: expected '<type>=<value>'"),
         (offer("m=audio x RTP/AVP 0"), "SDP line 6: malformed m= line"),
+        (offer("m=audio ² RTP/AVP 0"), "SDP line 6: malformed m= line"),  # isdigit() but not int()
         (offer("m=audio 5004 RTP/AVP 0", c="c=IN IP9 x"), "SDP line 4: malformed c= line"),
         (offer("m=audio 5004 RTP/AVP 96", "a=rtpmap:x y"), "SDP line 7: malformed a=rtpmap"),
         (offer("m=video 5006 RTP/AVP 96"), "no audio stream \\(media: video\\)"),

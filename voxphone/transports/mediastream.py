@@ -17,10 +17,11 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import structlog
 from aiohttp import WSMsgType, web
 
-from voxphone.audio.codecs import CODECS, G722, OPUS, PCMA, PCMU, Codec
+from voxphone.audio.codecs import CODECS, G722, OPUS, PCMA, PCMU, SLIN, Codec
 from voxphone.call import Call
 from voxphone.errors import TransportError
 from voxphone.http.api import REGISTRY
@@ -273,3 +274,117 @@ def json_stream_handler(parser: JsonStream) -> Handler:
 
 twilio = json_stream_handler(TWILIO)
 telnyx = json_stream_handler(TELNYX)
+
+
+# -- raw L16 streams: Vonage, FreeSWITCH mod_audio_fork / mod_audio_stream, jambonz listen -------
+
+#: First-frame keys that name the call, in the order tried.
+CALL_ID_KEYS = ("callSid", "call_sid", "call_id", "callId", "uuid", "conversation_uuid")
+
+
+@dataclass(frozen=True)
+class RawStreamStart:
+    """What the first TEXT frame (and the URL query) say about a raw L16 stream."""
+
+    call_id: str | None
+    rate: int
+    channels: int
+    metadata: dict[str, Any]
+
+
+def parse_raw_start(text: str, query: dict[str, str], vendor: str) -> RawStreamStart:
+    """The metadata frame. Vonage: ``{"event": "websocket:connected", "content-type":
+    "audio/l16;rate=16000", ...headers}``; jambonz: ``{"callSid", "sampleRate", "mixType"}``;
+    mod_audio_fork: whatever the dialplan passed (often JSON), with the rate in the URL query
+    (``?rate=16000&mix=stereo``) since the module does not send it."""
+    try:
+        meta = json.loads(text) if text.strip() else {}
+    except json.JSONDecodeError:
+        meta = {"metadata": text}
+    if not isinstance(meta, dict):
+        meta = {"metadata": meta}
+    rate_text = str(meta.get("sampleRate") or meta.get("sample_rate") or query.get("rate") or "")
+    content_type = str(meta.get("content-type", ""))
+    if "rate=" in content_type:
+        rate_text = content_type.split("rate=", 1)[1].split(";")[0]
+    rate = _rate(rate_text)
+    if rate not in SLIN:
+        raise TransportError(f"{vendor}: sample rate {rate} Hz is not supported")
+    mix = str(meta.get("mixType") or query.get("mix") or "mono")
+    channels = meta.get("channels") or (2 if mix == "stereo" else 1)
+    if channels not in (1, 2):
+        raise TransportError(
+            f"{vendor}: {channels} channels; 1 (mono/mixed) or 2 (stereo) expected"
+        )
+    call_id = next((str(meta[k]) for k in CALL_ID_KEYS if meta.get(k)), None)
+    return RawStreamStart(call_id, rate, channels, meta)
+
+
+def _rate(text: str) -> int:
+    """``16000``, ``16k`` or nothing (8 kHz)."""
+    digits = text.removesuffix("k")
+    if not digits.isdecimal():
+        return 8000
+    return int(digits) * (1000 if text.endswith("k") else 1)
+
+
+def raw_stream_handler(vendor: str) -> Handler:
+    """A websocket endpoint for raw s16le streams: a JSON TEXT frame first, then BINARY audio.
+    Stereo is caller/callee interleaved; the caller (channel 0) is transcribed."""
+
+    async def handle(request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse(
+            max_msg_size=1 << 20, protocols=("audio.drachtio.org", "audio.jambonz.org")
+        )
+        await ws.prepare(request)
+        call: Call | None = None
+        channels, rest, reason = 1, b"", "disconnected"
+        try:
+            async for msg in ws:
+                if call is None:
+                    if msg.type != WSMsgType.TEXT:
+                        raise TransportError(f"{vendor}: the first frame must be TEXT metadata")
+                    start = parse_raw_start(msg.data, dict(request.query), vendor)
+                    channels = start.channels
+                    call = request.app[REGISTRY].open(
+                        SLIN[start.rate], transport=vendor, metadata=start.metadata,
+                        call_id=start.call_id,
+                    )  # fmt: skip
+                    if call is None:
+                        reason = "rejected"
+                        break
+                elif msg.type == WSMsgType.BINARY:
+                    data = rest + msg.data
+                    whole = len(data) - len(data) % (2 * channels)
+                    pcm = np.frombuffer(data[:whole], "<i2")
+                    call.push_payload(pcm[::channels].tobytes() if channels > 1 else data[:whole])
+                    rest = data[whole:]
+                elif msg.type == WSMsgType.TEXT:
+                    _control(call, msg.data)
+            else:
+                if ws.close_code in (1000, 1001):
+                    reason = "hangup"  # these streams end by closing the socket
+        except TransportError as exc:
+            log.warning("media_stream_rejected", vendor=vendor, error=str(exc))
+            reason = "protocol_error"
+            await ws.close(code=1007, message=str(exc)[:120].encode())
+        finally:
+            if call is not None:
+                call.end(reason)
+        return ws
+
+    return handle
+
+
+def _control(call: Call, text: str) -> None:
+    """Later TEXT frames: Vonage's ``websocket:dtmf``; anything else is ignored."""
+    try:
+        msg = json.loads(text)
+    except json.JSONDecodeError:
+        return
+    if isinstance(msg, dict) and msg.get("event") == "websocket:dtmf" and msg.get("digit"):
+        call.dtmf(str(msg["digit"])[:1], int(msg.get("duration") or 0))
+
+
+vonage = raw_stream_handler("vonage")
+generic_stream = raw_stream_handler("stream")

@@ -64,7 +64,7 @@ def parse_sdp(text: str) -> Offer:
 
 def _media(n: int, value: str) -> Media:
     parts = value.split()
-    if len(parts) < 4 or not parts[1].split("/")[0].isdigit():
+    if len(parts) < 4 or not parts[1].split("/")[0].isdecimal():
         raise TransportError(f"SDP line {n}: malformed m= line {value[:60]!r}")
     try:
         formats = [int(f) for f in parts[3:]]
@@ -91,10 +91,10 @@ def _attribute(n: int, value: str, offer: Offer, media: Media | None) -> None:
         return
     elif name in ("rtpmap", "fmtp"):
         pt_text, _, rest = arg.partition(" ")
-        if not pt_text.isdigit() or not rest:
+        if not pt_text.isdecimal() or not rest:
             raise TransportError(f"SDP line {n}: malformed a={name} {arg[:60]!r}")
         (media.rtpmap if name == "rtpmap" else media.fmtp)[int(pt_text)] = rest.strip()
-    elif name == "ptime" and arg.strip().isdigit():
+    elif name == "ptime" and arg.strip().isdecimal():
         media.ptime = int(arg)
 
 
