@@ -21,7 +21,7 @@ from voxphone.events.webhook import WebhookRouter, WebhookSink
 from voxphone.http.api import create_app
 from voxphone.http.calls import add_routes
 from voxphone.transports.asterisk import AudioSocketServer, chan_websocket
-from voxphone.transports.mediastream import generic_stream, telnyx, twilio, vonage
+from voxphone.transports.mediastream import TWILIO_AUTH, generic_stream, telnyx, twilio, vonage
 from voxphone.transports.rtp import PortPolicy, RtpServer
 
 log = structlog.get_logger(__name__)
@@ -85,7 +85,8 @@ class App:
         await self.rtp.start()
         if self.audiosocket is not None:
             await self.audiosocket.start()
-        app = create_app(self.registry)
+        app = create_app(self.registry, self.config.http.token)
+        app[TWILIO_AUTH] = (self.config.twilio.auth_token or "", self.config.http.public_url or "")
         add_routes(app, self.rtp, self._advertise_host(), self.webhooks)
         app.router.add_get("/v1/media/asterisk", chan_websocket)
         app.router.add_get("/v1/media/twilio", twilio)

@@ -35,6 +35,18 @@ class HttpConfig(_Section):
 
     host: str = "127.0.0.1"
     port: int = Field(8080, ge=0, le=65535)
+    #: When set, every /v1/ request needs it: ``?token=…`` (what CPaaS stream URLs can carry)
+    #: or ``Authorization: Bearer …``. Health and readiness stay open.
+    token: str | None = None
+    #: This server's address as callers see it (``https://voxphone.example.com``), for
+    #: checking Twilio's request signatures behind proxies.
+    public_url: str | None = None
+
+
+class TwilioConfig(_Section):
+    """Twilio Media Streams: with the account's auth token set, unsigned streams are refused."""
+
+    auth_token: str | None = None
 
 
 class RtpConfig(_Section):
@@ -248,6 +260,7 @@ class Config(_Section):
     rtp: RtpConfig = RtpConfig()
     calls: CallsConfig = CallsConfig()
     asterisk: AsteriskConfig = AsteriskConfig()
+    twilio: TwilioConfig = TwilioConfig()
     engine: EngineConfig = EngineConfig()
     webhook: WebhookConfig = WebhookConfig()
     log: LogConfig = LogConfig()

@@ -215,3 +215,33 @@ async def test_stereo_stream_transcribes_the_caller_channel(
     assert events[0]["call_id"] == "jb-5" and events[0]["data"]["transport"] == "stream"
     assert overlap(speech["order"].text, events[-1]["data"]["transcript"]) >= 0.5
     assert abs(events[-1]["data"]["audio_ms"] - caller.size / 8) <= 200  # one channel's worth
+
+
+async def test_token_and_twilio_signature_are_enforced(
+    receiver: WebhookReceiver, tmp_path: Path
+) -> None:
+    """`http.token` guards /v1/ (query or bearer); with Twilio's auth token configured, a stream
+    without a valid X-Twilio-Signature is refused before the websocket opens."""
+    from voxphone.transports.mediastream import twilio_signature
+
+    async with running_serve(
+        tmp_path, receiver, VOXPHONE_HTTP__TOKEN="s3cret", VOXPHONE_TWILIO__AUTH_TOKEN="tw-auth",
+        VOXPHONE_HTTP__PUBLIC_URL="https://voxphone.example.com",
+    ) as srv, aiohttp.ClientSession() as http:  # fmt: skip
+        base = f"http://127.0.0.1:{srv.http_port}"
+        async with http.get(f"{base}/v1/calls") as r:
+            assert r.status == 401 and "missing or wrong token" in await r.text()
+        async with http.get(f"{base}/v1/calls", headers={"Authorization": "Bearer s3cret"}) as r:
+            assert r.status == 200
+        async with http.get(f"{base}/health") as r:
+            assert r.status == 200
+        path = "/v1/media/twilio?token=s3cret"
+        with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+            await http.ws_connect(base + path, headers={"X-Twilio-Signature": "forged"})
+        assert refused.value.status == 403
+        good = twilio_signature("tw-auth", "https://voxphone.example.com" + path)
+        async with http.ws_connect(base + path, headers={"X-Twilio-Signature": good}) as ws:
+            await ws.send_str(
+                json.dumps({"event": "connected", "protocol": "Call", "version": "1.0.0"})
+            )
+            await ws.close()

@@ -2,16 +2,34 @@
 
 from __future__ import annotations
 
+import hmac
+from collections.abc import Awaitable, Callable
+
 from aiohttp import web
 
 from voxphone import __version__
 from voxphone.call import CallRegistry
 
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 REGISTRY = web.AppKey("registry", CallRegistry)
+TOKEN = web.AppKey("token", str)
 
 
-def create_app(registry: CallRegistry) -> web.Application:
-    app = web.Application()
+@web.middleware
+async def require_token(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """``http.token``: /v1/ needs ``?token=`` or a bearer token; health and readiness do not."""
+    token = request.app[TOKEN]
+    if token and request.path.startswith("/v1/"):
+        given = request.query.get("token") or request.headers.get("Authorization") or ""
+        given = given.removeprefix("Bearer ")
+        if not hmac.compare_digest(given.encode(), token.encode()):
+            return web.json_response({"error": "missing or wrong token"}, status=401)
+    return await handler(request)
+
+
+def create_app(registry: CallRegistry, token: str | None = None) -> web.Application:
+    app = web.Application(middlewares=[require_token])
+    app[TOKEN] = token or ""
     app[REGISTRY] = registry
     app.router.add_get("/health", health)
     app.router.add_get("/ready", ready)

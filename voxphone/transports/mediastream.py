@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
+import hmac
 import json
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -245,10 +247,32 @@ class JsonStreamSession:
         self.call.end(self.reason or "disconnected")
 
 
+#: (account auth token, public base URL) for X-Twilio-Signature checks; empty token: off.
+TWILIO_AUTH = web.AppKey("twilio_auth", tuple[str, str])
+
+
+def twilio_signature(auth_token: str, url: str) -> str:
+    """Twilio's request signature: base64 HMAC-SHA1 of the full URL (a GET has no form params)."""
+    digest = hmac.new(auth_token.encode(), url.encode(), hashlib.sha1).digest()
+    return base64.b64encode(digest).decode()
+
+
+def _twilio_signed(request: web.Request) -> bool:
+    auth_token, public_url = request.app.get(TWILIO_AUTH, ("", ""))
+    if not auth_token:
+        return True
+    base = public_url.rstrip("/") or f"{request.scheme}://{request.host}"
+    expected = twilio_signature(auth_token, base + request.path_qs)
+    given = request.headers.get("X-Twilio-Signature", "")
+    return hmac.compare_digest(expected.encode(), given.encode())
+
+
 def json_stream_handler(parser: JsonStream) -> Handler:
     """A websocket endpoint for one JSON media-stream dialect."""
 
     async def handle(request: web.Request) -> web.WebSocketResponse:
+        if parser is TWILIO and not _twilio_signed(request):
+            raise web.HTTPForbidden(text="X-Twilio-Signature is missing or wrong\n")
         ws = web.WebSocketResponse(max_msg_size=1 << 20)
         await ws.prepare(request)
         session = JsonStreamSession(request, parser.vendor)
