@@ -21,7 +21,14 @@ from voxphone.events.webhook import WebhookRouter, WebhookSink
 from voxphone.http.api import create_app
 from voxphone.http.calls import add_routes
 from voxphone.transports.asterisk import AudioSocketServer, chan_websocket
-from voxphone.transports.mediastream import TWILIO_AUTH, generic_stream, telnyx, twilio, vonage
+from voxphone.transports.mediastream import (
+    STEREO_BOTH,
+    TWILIO_AUTH,
+    generic_stream,
+    telnyx,
+    twilio,
+    vonage,
+)
 from voxphone.transports.rtp import PortPolicy, RtpServer
 
 log = structlog.get_logger(__name__)
@@ -87,6 +94,7 @@ class App:
             await self.audiosocket.start()
         app = create_app(self.registry, self.config.http.token)
         app[TWILIO_AUTH] = (self.config.twilio.auth_token or "", self.config.http.public_url or "")
+        app[STEREO_BOTH] = self.config.media_streams.stereo == "both"
         add_routes(app, self.rtp, self._advertise_host(), self.webhooks)
         app.router.add_get("/v1/media/asterisk", chan_websocket)
         app.router.add_get("/v1/media/twilio", twilio)

@@ -54,8 +54,11 @@ class Call:
         max_queued_frames: int = 250,
         end_timeout_s: float = 30.0,
         max_duration_s: float | None = None,
+        channel: int | None = None,
     ) -> None:
         self._max_duration_s = max_duration_s
+        #: Which channel of a stereo stream this call transcribes (stamped on every event).
+        self.channel = channel
         self.call_id = call_id
         self.codec = codec
         self.transport = transport
@@ -277,6 +280,8 @@ class Call:
         )
 
     def _publish(self, type_: str, data: dict[str, Any]) -> None:
+        if self.channel is not None:  # one side of a two-speaker stream
+            data = {**data, "channel": self.channel}
         self._sink.publish(self._events.next(type_, data))
 
 
@@ -313,6 +318,7 @@ class CallRegistry:
         transport: str,
         metadata: dict[str, Any] | None = None,
         call_id: str | None = None,
+        channel: int | None = None,
     ) -> Call | None:
         """Admit and start a call, or return ``None`` when draining or at the limit."""
         if not self.accepting or len(self.calls) >= self.max_concurrent or call_id in self.calls:
@@ -330,6 +336,7 @@ class CallRegistry:
             metadata=metadata,
             max_gap_s=self._max_gap_s,
             max_duration_s=self._max_duration_s,
+            channel=channel,
         )
         self.calls[call.call_id] = call
         call.start(self.engine, on_done=self._forget)

@@ -123,6 +123,14 @@ class AsteriskConfig(_Section):
     audiosocket_port: int = Field(9092, ge=0, le=65535)
 
 
+class MediaStreamsConfig(_Section):
+    """The L16 media-stream websockets (FreeSWITCH, jambonz)."""
+
+    #: Stereo streams carry caller and callee: transcribe the ``caller`` only, or ``both`` as
+    #: two calls (``<id>`` and ``<id>:callee``) whose events carry ``channel`` 0 or 1.
+    stereo: Literal["caller", "both"] = "caller"
+
+
 class CallsConfig(_Section):
     """Admission: how many calls one process takes at once."""
 
@@ -261,6 +269,7 @@ class Config(_Section):
     calls: CallsConfig = CallsConfig()
     asterisk: AsteriskConfig = AsteriskConfig()
     twilio: TwilioConfig = TwilioConfig()
+    media_streams: MediaStreamsConfig = MediaStreamsConfig()
     engine: EngineConfig = EngineConfig()
     webhook: WebhookConfig = WebhookConfig()
     log: LogConfig = LogConfig()

@@ -245,3 +245,32 @@ async def test_token_and_twilio_signature_are_enforced(
                 json.dumps({"event": "connected", "protocol": "Call", "version": "1.0.0"})
             )
             await ws.close()
+
+
+async def test_stereo_stream_as_two_speakers(
+    receiver: WebhookReceiver, speech: dict[str, Speech], tmp_path: Path
+) -> None:
+    """`media_streams.stereo = "both"`: each channel is its own call, and every event says which."""
+    left = read_audio(speech["order"].path, 8000)
+    right = read_audio(speech["phone"].path, 8000)
+    n = max(left.size, right.size)
+    stereo = np.zeros((n, 2), np.int16)
+    stereo[: left.size, 0], stereo[: right.size, 1] = left, right
+    data = stereo.reshape(-1).astype("<i2").tobytes()
+    async with (
+        running_serve(tmp_path, receiver, VOXPHONE_MEDIA_STREAMS__STEREO="both") as srv,
+        aiohttp.ClientSession() as http,
+    ):
+        url = f"http://127.0.0.1:{srv.http_port}/v1/media/stream?rate=8k&mix=stereo"
+        async with http.ws_connect(url, protocols=("audio.drachtio.org",)) as ws:
+            await ws.send_str(json.dumps({"call_id": "fs-9"}))
+            for pos in range(0, len(data), 640):
+                await ws.send_bytes(data[pos : pos + 640])
+                await asyncio.sleep(0.02)
+        await receiver.wait_ended(2, timeout_s=60)
+    calls = calls_of(receiver)
+    assert set(calls) == {"fs-9", "fs-9:callee"}
+    for call_id, channel, key in (("fs-9", 0, "order"), ("fs-9:callee", 1, "phone")):
+        events = calls[call_id]
+        assert all(e["data"]["channel"] == channel for e in events)
+        assert overlap(speech[key].text, events[-1]["data"]["transcript"]) >= 0.5

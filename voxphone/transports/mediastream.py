@@ -24,7 +24,7 @@ import structlog
 from aiohttp import WSMsgType, web
 
 from voxphone.audio.codecs import CODECS, G722, OPUS, PCMA, PCMU, SLIN, Codec
-from voxphone.call import Call
+from voxphone.call import Call, new_call_id
 from voxphone.errors import TransportError
 from voxphone.http.api import REGISTRY
 from voxphone.transports.jitter import JitterBuffer
@@ -352,39 +352,78 @@ def _rate(text: str) -> int:
     return int(digits) * (1000 if text.endswith("k") else 1)
 
 
+#: Whether stereo L16 streams are transcribed as two speakers (``media_streams.stereo``).
+STEREO_BOTH = web.AppKey("stereo_both", bool)
+
+
+class RawStream:
+    """One raw L16 stream: the metadata frame opens its call(s), audio frames feed them."""
+
+    def __init__(self, request: web.Request, vendor: str) -> None:
+        self._request, self._vendor = request, vendor
+        self.calls: list[tuple[Call, int]] = []  # (call, the interleaved channel it hears)
+        self._channels = 1
+        self._rest = b""
+
+    def start(self, text: str) -> bool:
+        """Open the call(s); ``False`` when refused (at the limit, or draining)."""
+        req = self._request
+        start = parse_raw_start(text, dict(req.query), self._vendor)
+        self._channels = start.channels
+        both = start.channels == 2 and req.app.get(STEREO_BOTH, False)
+        call_id = start.call_id or new_call_id()
+        sides = [(call_id, 0), (f"{call_id}:callee", 1)] if both else [(call_id, 0)]
+        for cid, channel in sides:
+            call = req.app[REGISTRY].open(
+                SLIN[start.rate], transport=self._vendor, metadata=start.metadata,
+                call_id=cid, channel=channel if both else None,
+            )  # fmt: skip
+            if call is None:
+                return False
+            self.calls.append((call, channel))
+        return True
+
+    def audio(self, data: bytes) -> None:
+        """Interleaved s16le; a sample split across frames is kept for the next one."""
+        data = self._rest + data
+        whole = len(data) - len(data) % (2 * self._channels)
+        self._rest = data[whole:]
+        pcm = np.frombuffer(data[:whole], "<i2")
+        for call, channel in self.calls:
+            call.push_payload(pcm[channel :: self._channels].tobytes())
+
+    def control(self, text: str) -> None:
+        for call, _ in self.calls:
+            _control(call, text)
+
+    def end(self, reason: str) -> None:
+        for call, _ in self.calls:
+            call.end(reason)
+
+
 def raw_stream_handler(vendor: str) -> Handler:
     """A websocket endpoint for raw s16le streams: a JSON TEXT frame first, then BINARY audio.
-    Stereo is caller/callee interleaved; the caller (channel 0) is transcribed."""
+    Stereo is caller/callee interleaved: the caller (channel 0) is transcribed, or both."""
 
     async def handle(request: web.Request) -> web.WebSocketResponse:
         ws = web.WebSocketResponse(
             max_msg_size=1 << 20, protocols=("audio.drachtio.org", "audio.jambonz.org")
         )
         await ws.prepare(request)
-        call: Call | None = None
-        channels, rest, reason = 1, b"", "disconnected"
+        stream, started, reason = RawStream(request, vendor), False, "disconnected"
         try:
             async for msg in ws:
-                if call is None:
+                if not started:
                     if msg.type != WSMsgType.TEXT:
                         raise TransportError(f"{vendor}: the first frame must be TEXT metadata")
-                    start = parse_raw_start(msg.data, dict(request.query), vendor)
-                    channels = start.channels
-                    call = request.app[REGISTRY].open(
-                        SLIN[start.rate], transport=vendor, metadata=start.metadata,
-                        call_id=start.call_id,
-                    )  # fmt: skip
-                    if call is None:
+                    started = True
+                    if not stream.start(msg.data):
                         reason = "rejected"
                         break
                 elif msg.type == WSMsgType.BINARY:
-                    data = rest + msg.data
-                    whole = len(data) - len(data) % (2 * channels)
-                    pcm = np.frombuffer(data[:whole], "<i2")
-                    call.push_payload(pcm[::channels].tobytes() if channels > 1 else data[:whole])
-                    rest = data[whole:]
+                    stream.audio(msg.data)
                 elif msg.type == WSMsgType.TEXT:
-                    _control(call, msg.data)
+                    stream.control(msg.data)
             else:
                 if ws.close_code in (1000, 1001):
                     reason = "hangup"  # these streams end by closing the socket
@@ -393,8 +432,7 @@ def raw_stream_handler(vendor: str) -> Handler:
             reason = "protocol_error"
             await ws.close(code=1007, message=str(exc)[:120].encode())
         finally:
-            if call is not None:
-                call.end(reason)
+            stream.end(reason)
         return ws
 
     return handle
