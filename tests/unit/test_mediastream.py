@@ -82,12 +82,24 @@ def test_malformed_messages_are_precise_errors(text: str, message: str) -> None:
         parse_twilio(text)
 
 
-@given(st.text(max_size=200))
+@given(
+    st.text(max_size=200)
+    | st.builds(
+        json.dumps,
+        st.dictionaries(
+            st.sampled_from(["event", "media", "start", "sequenceNumber", "sequence_number"]),
+            st.sampled_from(
+                ["media", "start", "dtmf", "1", {}, {"payload": "AA==", "timestamp": "x"}]
+            ),
+        ),
+    )
+)
 def test_any_text_parses_or_fails_precisely(text: str) -> None:
-    try:
-        parse_twilio(text)
-    except TransportError as exc:
-        assert str(exc).startswith("twilio: ")
+    for parse, vendor in ((parse_twilio, "twilio"), (parse_telnyx, "telnyx")):
+        try:
+            parse(text)
+        except TransportError as exc:
+            assert str(exc).startswith(f"{vendor}: ")
 
 
 TELNYX_START = {
