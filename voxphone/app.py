@@ -124,6 +124,8 @@ class App:
 
     async def stop(self, drain_timeout_s: float = 10.0) -> None:
         """Refuse new calls, let live ones finish their transcripts, deliver events, shut down."""
+        self.registry.accepting = False
+        self.rtp.end_all("shutdown")
         await self.registry.drain(drain_timeout_s)
         await self.rtp.stop()
         if self.audiosocket is not None:

@@ -479,6 +479,12 @@ class RtpServer:
                         stats = session.call.transport_stats
                         stats["sender_reports"] = stats.get("sender_reports", 0) + 1
 
+    def end_all(self, reason: str) -> None:
+        """End every RTP call, playing out what each jitter buffer holds first."""
+        for port in self.ports:
+            for addr in list(port.sessions):
+                port.end(addr, reason)
+
     def totals(self) -> RtpStats:
         total = RtpStats()
         for port in self.ports:
