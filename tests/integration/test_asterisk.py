@@ -65,7 +65,7 @@ async def test_chan_websocket_call(
             "optimal_frame_size:160"
         )
         frames = [
-            Encoder(PCMU).encode(c) for c in chunks(read_audio(speech["callback"].path, 8000), 160)
+            Encoder(PCMU).encode(c) for c in chunks(read_audio(speech["phone"].path, 8000), 160)
         ]
         dtmf = "DTMF_END digit:7"
     else:
@@ -74,7 +74,7 @@ async def test_chan_websocket_call(
             '"channel_id": "1732770000.42", "format": "slin16", "ptime": 20, '
             '"channel_variables": {"CALLERID(num)": "100"}}'
         )
-        pcm = read_audio(speech["callback"].path, 16000)
+        pcm = read_audio(speech["phone"].path, 16000)
         frames = [c.astype("<i2").tobytes() for c in chunks(pcm, 320)]
         dtmf = '{"event": "DTMF_END", "digit": "7"}'
     async with running_serve(tmp_path, receiver) as srv, aiohttp.ClientSession() as http:
@@ -96,7 +96,7 @@ async def test_chan_websocket_call(
         assert started["call_id"] == "1732770000.42" and started["data"]["codec"] == "SLIN/16000"
     assert [e["data"]["digit"] for e in events if e["type"] == "dtmf"] == ["7"]
     assert events[-1]["data"]["reason"] == "hangup"
-    assert overlap(speech["callback"].text, events[-1]["data"]["transcript"]) >= 0.5
+    assert overlap(speech["phone"].text, events[-1]["data"]["transcript"]) >= 0.5
 
 
 def chunks(pcm: np.ndarray, n: int) -> list[np.ndarray]:

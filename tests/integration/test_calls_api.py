@@ -156,7 +156,7 @@ async def test_a_call_can_have_its_own_webhook(
             assert status == 201, text
             reply = json.loads(text)
             caller = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "voxphone", "call", str(speech["callback"].path),
+                sys.executable, "-m", "voxphone", "call", str(speech["phone"].path),
                 "--codec", "pcma", "--to", f"127.0.0.1:{reply['rtp_port']}",
                 stdout=asyncio.subprocess.DEVNULL,
             )  # fmt: skip
@@ -173,4 +173,4 @@ async def test_a_call_can_have_its_own_webhook(
     events = own.events
     assert [e["seq"] for e in events] == list(range(len(events)))
     assert events[0]["call_id"] == reply["call_id"] and events[-1]["type"] == "call.ended"
-    assert overlap(speech["callback"].text, events[-1]["data"]["transcript"]) >= 0.5
+    assert overlap(speech["phone"].text, events[-1]["data"]["transcript"]) >= 0.5

@@ -125,7 +125,7 @@ async def test_telnyx_stream_reordered_in_flight(
 
     from voxphone.audio.codecs import PCMA
 
-    pcm = read_audio(speech["callback"].path, 8000)
+    pcm = read_audio(speech["order"].path, 8000)
     enc = Encoder(PCMA)
     frames = [
         {"event": "media", "sequence_number": str(i + 2), "stream_id": "s1",
@@ -159,7 +159,7 @@ async def test_telnyx_stream_reordered_in_flight(
     ended = events[-1]["data"]
     assert ended["reason"] == "stop" and ended["transport"]["reordered"] > 10
     assert ended["transport"]["late"] == 0 and ended["stats"]["late_packets"] == 0
-    assert overlap(speech["callback"].text, ended["transcript"]) >= 0.5
+    assert overlap(speech["order"].text, ended["transcript"]) >= 0.5
 
 
 async def test_vonage_stream(
