@@ -171,7 +171,6 @@ class _Live:
     speech_ms_since_text: int = 0
     #: Whether each frame sent and not yet answered by a step held speech (step k answers frame k).
     pending_speech: deque[bool] = field(default_factory=deque)
-    restarted: bool = False
     reason: str = ""
     stale: bool = field(default=False)
 

@@ -243,7 +243,7 @@ class JsonStreamSession:
         if self.call is None:
             return
         self._play(self._buffer.flush())
-        self.call.transport_stats.update(vars(self._buffer.stats))
+        self.call.transport_stats.update(vars(self._buffer.stats), other_tracks=self.other_tracks)
         self.call.end(self.reason or "disconnected")
 
 
