@@ -18,6 +18,7 @@ from voxphone.engines import create_engine
 from voxphone.engines.base import Engine
 from voxphone.events.model import Event, EventSink, FanOut
 from voxphone.events.webhook import WebhookRouter, WebhookSink
+from voxphone.http import webrtc as webrtc_http
 from voxphone.http.api import create_app
 from voxphone.http.calls import add_routes
 from voxphone.transports.asterisk import AudioSocketServer, chan_websocket
@@ -30,6 +31,7 @@ from voxphone.transports.mediastream import (
     vonage,
 )
 from voxphone.transports.rtp import PortPolicy, RtpServer
+from voxphone.transports.webrtc import WebRtcGateway
 
 log = structlog.get_logger(__name__)
 
@@ -64,6 +66,13 @@ class App:
             config.rtp.max_gap_s,
             config.calls.max_duration_s,
         )
+        self.webrtc = (
+            WebRtcGateway(self.registry, config.webrtc, self.clock)
+            if config.webrtc.enabled
+            else None
+        )
+        if self.webrtc is not None:
+            sinks.append(self.webrtc)  # events back to the browser on its data channel
         rtp = config.rtp
         policy = PortPolicy(
             payload_types=rtp.codec_map(),
@@ -101,6 +110,8 @@ class App:
         app.router.add_get("/v1/media/telnyx", telnyx)
         app.router.add_get("/v1/media/vonage", vonage)
         app.router.add_get("/v1/media/stream", generic_stream)
+        if self.webrtc is not None:
+            webrtc_http.add_routes(app, self.webrtc)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.config.http.host, self.config.http.port)
@@ -111,6 +122,7 @@ class App:
             rtp=f"{self.config.rtp.host}:{self.config.rtp.ports[0]}-{self.config.rtp.ports[1]}",
             engine=self.engine.name,
             webhook=self.config.webhook.url,
+            demo=f"http://localhost:{self.config.http.port}/" if self.webrtc else None,
         )
 
     def _advertise_host(self) -> str:
@@ -128,6 +140,8 @@ class App:
         self.rtp.end_all("shutdown")
         await self.registry.drain(drain_timeout_s)
         await self.rtp.stop()
+        if self.webrtc is not None:
+            await self.webrtc.close_all()
         if self.audiosocket is not None:
             await self.audiosocket.stop()
         await self.webhooks.close()

@@ -137,6 +137,14 @@ class Call:
         for frame in self._decode(timestamp, payload):
             self._enqueue(frame)
 
+    def push_pcm(self, timestamp: int, pcm: Pcm) -> None:
+        """Decoded mono PCM at the codec's rate with its media timestamp; never blocks."""
+        if self.end_reason is not None:
+            return
+        self.stats.packets += 1
+        for frame in self.pipeline.push_timed_pcm(timestamp, pcm):
+            self._enqueue(frame)
+
     def discontinuity(self) -> None:
         """The media stream restarted (new SSRC): its timestamps start afresh."""
         self.pipeline.timeline.reset()

@@ -96,23 +96,25 @@ class RtpConfig(_Section):
             **{pt: codec_by_name(n) for pt, n in self.payload_types.items()},
         }
 
-    @field_validator("ports", mode="before")
-    @classmethod
-    def _parse_range(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            lo, sep, hi = value.partition("-")
-            if not sep or not lo.strip().isdecimal() or not hi.strip().isdecimal():
-                raise ValueError(f"expected a port range like '40000-40100', got {value!r}")
-            return (int(lo), int(hi))
-        return value
+    _ports = field_validator("ports", mode="before")(lambda value: _port_range(value))
+    _check_ports = field_validator("ports")(lambda value: _check_port_range(value))
 
-    @field_validator("ports")
-    @classmethod
-    def _check_range(cls, value: tuple[int, int]) -> tuple[int, int]:
+
+def _port_range(value: Any) -> Any:
+    """``"40000-40100"`` → ``(40000, 40100)``; other shapes are left to pydantic."""
+    if isinstance(value, str):
+        lo, sep, hi = value.partition("-")
+        if not sep or not lo.strip().isdecimal() or not hi.strip().isdecimal():
+            raise ValueError(f"expected a port range like '40000-40100', got {value!r}")
+        return (int(lo), int(hi))
+    return value
+
+
+def _check_port_range(value: tuple[int, int] | None) -> tuple[int, int] | None:
+    if value is not None and not 1 <= value[0] <= value[1] <= 65535:
         lo, hi = value
-        if not 1 <= lo <= hi <= 65535:
-            raise ValueError(f"port range {lo}-{hi} must satisfy 1 <= low <= high <= 65535")
-        return value
+        raise ValueError(f"port range {lo}-{hi} must satisfy 1 <= low <= high <= 65535")
+    return value
 
 
 class AsteriskConfig(_Section):
@@ -129,6 +131,53 @@ class MediaStreamsConfig(_Section):
     #: Stereo streams carry caller and callee: transcribe the ``caller`` only, or ``both`` as
     #: two calls (``<id>`` and ``<id>:callee``) whose events carry ``channel`` 0 or 1.
     stereo: Literal["caller", "both"] = "caller"
+
+
+class IceServer(_Section):
+    """A STUN or TURN server, as in the browser's ``RTCIceServer``."""
+
+    urls: list[str] = Field(min_length=1)
+    username: str | None = None
+    credential: str | None = None
+
+    @field_validator("urls", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+    @field_validator("urls")
+    @classmethod
+    def _check_scheme(cls, value: list[str]) -> list[str]:
+        for url in value:
+            if not url.startswith(("stun:", "turn:", "turns:")):
+                raise ValueError(f"{url!r} is not a stun:, turn: or turns: URL")
+        return value
+
+
+class WebRtcConfig(_Section):
+    """Browser calls over WebRTC (WHIP at ``/v1/whip``, the demo page at ``/``).
+
+    A server behind NAT or in a container needs the last three: the address browsers can reach,
+    the UDP ports that are forwarded to it, or a TURN server.
+    """
+
+    enabled: bool = True
+    #: STUN/TURN servers for the server's own candidates; none by default (no traffic leaves).
+    ice_servers: list[IceServer] = []
+    #: Local addresses to gather host candidates on (default: every interface but loopback).
+    interfaces: list[str] = []
+    #: The public address of a 1:1 NAT (cloud VM, container with published ports): announced as
+    #: an extra host candidate on the same ports.
+    public_ip: str | None = None
+    #: UDP ports for host candidates, ``"50000-50100"``; unset = any ephemeral port.
+    ports: tuple[int, int] | None = None
+    #: A call whose ICE stays ``disconnected`` this long ends (``reason: ice_disconnected``).
+    disconnect_timeout_s: float = Field(5.0, gt=0)
+    #: A call with no audio frame for this long ends (``reason: no_media``): a closed tab.
+    media_timeout_s: float = Field(10.0, gt=0)
+
+    _ports = field_validator("ports", mode="before")(lambda value: _port_range(value))
+    _check_ports = field_validator("ports")(lambda value: _check_port_range(value))
 
 
 class CallsConfig(_Section):
@@ -270,6 +319,7 @@ class Config(_Section):
     asterisk: AsteriskConfig = AsteriskConfig()
     twilio: TwilioConfig = TwilioConfig()
     media_streams: MediaStreamsConfig = MediaStreamsConfig()
+    webrtc: WebRtcConfig = WebRtcConfig()
     engine: EngineConfig = EngineConfig()
     webhook: WebhookConfig = WebhookConfig()
     log: LogConfig = LogConfig()

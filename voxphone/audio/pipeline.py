@@ -21,7 +21,10 @@ class AudioPipeline:
 
     def push_packet(self, timestamp: int, payload: bytes) -> list[Pcm]:
         """A timestamped payload; raises ``DecodeError`` for one the codec rejects."""
-        pcm = self.decoder.decode(payload)
+        return self.push_timed_pcm(timestamp, self.decoder.decode(payload))
+
+    def push_timed_pcm(self, timestamp: int, pcm: Pcm) -> list[Pcm]:
+        """Decoded PCM stamped with its media timestamp (WebRTC: aiortc has decoded it)."""
         placement = self.timeline.place(timestamp, pcm.size)
         if placement is None:
             return []

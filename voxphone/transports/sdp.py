@@ -36,10 +36,10 @@ class Offer:
     media: list[Media]
 
 
-def parse_sdp(text: str) -> Offer:
+def parse_sdp(text: str, max_bytes: int = MAX_SDP_BYTES) -> Offer:
     """Parse an SDP body; raise ``TransportError`` naming the offending line."""
-    if len(text.encode()) > MAX_SDP_BYTES:
-        raise TransportError(f"SDP is {len(text.encode())} bytes; the limit is {MAX_SDP_BYTES}")
+    if len(text.encode()) > max_bytes:
+        raise TransportError(f"SDP is {len(text.encode())} bytes; the limit is {max_bytes}")
     lines = [line.rstrip("\r") for line in text.split("\n") if line.strip()]
     if not lines or not lines[0].startswith("v="):
         raise TransportError("SDP must start with 'v=0'")

@@ -1,0 +1,336 @@
+"""Browser calls: one aiortc peer connection per call, its audio into the call pipeline.
+
+The offer is checked first (``webrtc_sdp.plan_offer``) so a bad one costs no peer connection.
+The answer names exactly one audio codec, chosen from the offer, so the call's pipeline knows
+its rate before the first packet; other m= lines are answered inactive. A task per call keeps
+aiortc's receive queue drained (its queue is unbounded: a slow reader would grow memory and
+latency), downmixes to mono and places each frame on the call's clock by its RTP timestamp, so
+loss becomes silence. Events go back to the browser over the data channel it opened.
+
+A call ends when the browser hangs up (WHIP ``DELETE``, a ``hangup`` message, closing the peer
+connection), when ICE fails or stays disconnected, or when audio stops arriving (a closed tab
+that said nothing).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import av
+import numpy as np
+import structlog
+from aiortc import (
+    RTCConfiguration,
+    RTCDataChannel,
+    RTCIceServer,
+    RTCPeerConnection,
+    RTCRtpReceiver,
+    RTCSessionDescription,
+)
+from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
+from aiortc.sdp import candidate_from_sdp
+
+from voxphone.audio.codecs import Pcm
+from voxphone.call import Call, CallRegistry, new_call_id
+from voxphone.clock import Clock
+from voxphone.config import WebRtcConfig
+from voxphone.errors import TransportError
+from voxphone.events.model import Event
+from voxphone.transports.ice import HostBinder
+from voxphone.transports.webrtc_sdp import (
+    OfferPlan,
+    TrickleCandidate,
+    announce_public_ip,
+    plan_offer,
+)
+
+log = structlog.get_logger(__name__)
+
+_TS_MOD = 1 << 32
+#: Events held for a data channel that has not opened yet (call.started comes first).
+_MAX_PENDING_EVENTS = 1000
+_DTMF_KEYS = frozenset("0123456789*#ABCD")
+
+
+class Unavailable(TransportError):
+    """The offer is fine but voxphone can't take the call now (limit, draining, no port)."""
+
+
+def to_mono(frame: av.AudioFrame) -> Pcm:
+    """An aiortc frame (s16, packed, mono or stereo) as int16 mono: the mean of the channels."""
+    samples = frame.to_ndarray()
+    channels = len(frame.layout.channels)
+    if channels == 1:
+        mono: Pcm = samples.reshape(-1).astype(np.int16, copy=False)
+        return mono
+    if not frame.format.is_planar:
+        samples = samples.reshape(-1, channels).T
+    mixed: Pcm = samples.astype(np.int32).mean(axis=0).astype(np.int16)
+    return mixed
+
+
+def media_timestamp(frame: av.AudioFrame, clock_rate: int) -> int:
+    """The frame's RTP timestamp (aiortc keeps it as ``pts``, in the decoder's time base)."""
+    assert frame.pts is not None and frame.time_base is not None
+    return round(frame.pts * frame.time_base * clock_rate) % _TS_MOD
+
+
+@dataclass
+class Session:
+    """One browser call: its peer connection, call, data channel and watchdogs."""
+
+    session_id: str
+    pc: RTCPeerConnection
+    call: Call
+    settings: WebRtcConfig
+    clock: Clock
+    channel: RTCDataChannel | None = None
+    pending: list[str] = field(default_factory=list)
+    last_audio: float = 0.0
+    tasks: set[asyncio.Task[None]] = field(default_factory=set)
+    _disconnected: asyncio.TimerHandle | None = None
+
+    def start(self, on_done: Callable[[Session], None]) -> None:
+        self.last_audio = self.clock.monotonic()
+        # The answer has one receiving audio transceiver; its track exists from negotiation on.
+        receiving = [t for t in self.pc.getTransceivers() if t.direction == "recvonly"]
+        self._spawn(self._read(receiving[0].receiver.track))
+        self.pc.on("datachannel", self._on_datachannel)
+        self.pc.on("connectionstatechange", self._on_state)
+        self._spawn(self._watch_media())
+        task = asyncio.create_task(self._close_when_done(on_done))
+        self.tasks.add(task)
+
+    def _spawn(self, coro: Any) -> None:
+        task: asyncio.Task[None] = asyncio.create_task(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    # -- media ------------------------------------------------------------------------------
+
+    async def _read(self, track: MediaStreamTrack) -> None:
+        clock_rate = self.call.codec.clock_rate
+        while True:
+            try:
+                frame = await track.recv()
+            except MediaStreamError:
+                break
+            assert isinstance(frame, av.AudioFrame)
+            self.last_audio = self.clock.monotonic()
+            if frame.sample_rate != self.call.codec.sample_rate:
+                self.call.transport_stats["wrong_rate_frames"] = (
+                    self.call.transport_stats.get("wrong_rate_frames", 0) + 1
+                )
+                continue
+            self.call.push_pcm(media_timestamp(frame, clock_rate), to_mono(frame))
+        self.call.end("hangup")
+
+    async def _watch_media(self) -> None:
+        timeout = self.settings.media_timeout_s
+        while self.call.end_reason is None:
+            idle = self.clock.monotonic() - self.last_audio
+            if idle >= timeout:
+                log.info("webrtc_no_media", call_id=self.call.call_id, idle_s=round(idle, 1))
+                self.call.end("no_media")
+                return
+            await asyncio.sleep(min(1.0, timeout - idle))
+
+    # -- connection state -------------------------------------------------------------------
+
+    async def _on_state(self) -> None:
+        state = self.pc.connectionState
+        log.debug("webrtc_state", call_id=self.call.call_id, state=state)
+        if self._disconnected is not None:
+            self._disconnected.cancel()
+            self._disconnected = None
+        if state == "failed":
+            self.call.end("ice_failed")
+        elif state == "closed":
+            self.call.end("hangup")
+        elif state == "disconnected":
+            loop = asyncio.get_running_loop()
+            self._disconnected = loop.call_later(
+                self.settings.disconnect_timeout_s, self.call.end, "ice_disconnected"
+            )
+
+    # -- data channel -----------------------------------------------------------------------
+
+    def _on_datachannel(self, channel: RTCDataChannel) -> None:
+        if self.channel is not None:
+            return  # one events channel per call; others are ignored
+        self.channel = channel
+        channel.on("open", self._flush)
+        channel.on("message", self._on_message)
+        if channel.readyState == "open":
+            self._flush()
+
+    def _flush(self) -> None:
+        if self.channel is not None and self.channel.readyState == "open":
+            for text in self.pending:
+                self.channel.send(text)
+            self.pending.clear()
+
+    def _on_message(self, message: str | bytes) -> None:
+        """The browser's requests: ``{"type": "hangup"}`` or ``{"type": "dtmf", "digit": "5"}``."""
+        try:
+            request = json.loads(message)
+            kind = request["type"]
+        except (ValueError, TypeError, KeyError):
+            log.info("webrtc_bad_message", call_id=self.call.call_id, message=str(message)[:80])
+            return
+        if kind == "hangup":
+            self.call.end("hangup")
+        elif kind == "dtmf" and str(request.get("digit", "")) in _DTMF_KEYS:
+            self.call.dtmf(str(request["digit"]), int(request.get("duration_ms", 100)))
+
+    def send(self, event: Event) -> None:
+        """Push one event to the browser (held until the data channel opens)."""
+        self.pending.append(event.to_json().decode())
+        if len(self.pending) > _MAX_PENDING_EVENTS:
+            del self.pending[0]
+        self._flush()
+
+    # -- teardown ---------------------------------------------------------------------------
+
+    async def _close_when_done(self, on_done: Callable[[Session], None]) -> None:
+        try:
+            await self.call.wait()
+            await self._drain_channel()
+        finally:
+            await self.close()
+            on_done(self)
+
+    async def _drain_channel(self, limit_s: float = 1.0) -> None:
+        """Give ``call.ended`` a moment to leave before the connection closes under it."""
+        deadline = self.clock.monotonic() + limit_s
+        channel = self.channel
+        while (
+            channel is not None
+            and channel.readyState == "open"
+            and (channel.bufferedAmount > 0 or self.pending)
+        ):
+            if self.clock.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.02)
+
+    async def close(self) -> None:
+        if self._disconnected is not None:
+            self._disconnected.cancel()
+        for task in list(self.tasks):
+            if task is not asyncio.current_task():
+                task.cancel()
+        await self.pc.close()
+
+    async def add_candidates(self, candidates: list[TrickleCandidate]) -> None:
+        """Trickled remote candidates (WHIP ``PATCH``)."""
+        for c in candidates:
+            try:
+                candidate = candidate_from_sdp(c.candidate)
+            except (ValueError, IndexError) as exc:
+                raise TransportError(f"candidate {c.candidate[:60]!r}: {exc}") from exc
+            candidate.sdpMid = c.mid or self._first_mid()
+            await self.pc.addIceCandidate(candidate)
+
+    def _first_mid(self) -> str | None:
+        transceivers = self.pc.getTransceivers()
+        return transceivers[0].mid if transceivers else None
+
+
+class WebRtcGateway:
+    """The process's WebRTC calls: answers offers, routes events to data channels, hangs up."""
+
+    def __init__(self, registry: CallRegistry, settings: WebRtcConfig, clock: Clock) -> None:
+        self.registry = registry
+        self.settings = settings
+        self.clock = clock
+        self.sessions: dict[str, Session] = {}
+        self._early: dict[str, list[str]] = {}
+        self._binder = HostBinder(settings.interfaces, settings.ports)
+        self._ice_servers = [
+            RTCIceServer(urls=s.urls, username=s.username, credential=s.credential)
+            for s in settings.ice_servers
+        ]
+
+    async def answer(self, offer_sdp: str, metadata: dict[str, Any]) -> tuple[Session, str]:
+        """Answer a browser's offer and start its call.
+
+        ``TransportError`` means the offer itself is unusable (4xx), ``Unavailable`` that voxphone
+        cannot take a call now (503). Either way no peer connection is left behind.
+        """
+        plan = plan_offer(offer_sdp)
+        if not self.registry.accepting or len(self.registry.calls) >= self.registry.max_concurrent:
+            raise Unavailable("not accepting calls: at the concurrent call limit, or draining")
+        # An empty list, not None: aiortc's default is Google's STUN server.
+        pc = RTCPeerConnection(RTCConfiguration(iceServers=self._ice_servers))
+        try:
+            answer_sdp = await self._negotiate(pc, plan, offer_sdp)
+        except BaseException:
+            await pc.close()
+            raise
+        call_id = new_call_id()
+        early: list[str] = []  # call.started is published inside open(), before the session
+        self._early[call_id] = early
+        try:
+            call = self.registry.open(
+                plan.codec, transport="webrtc", metadata=metadata, call_id=call_id
+            )
+        finally:
+            del self._early[call_id]
+        if call is None:
+            await pc.close()
+            raise Unavailable("not accepting calls: at the concurrent call limit, or draining")
+        session = Session(call_id, pc, call, self.settings, self.clock, pending=early)
+        self.sessions[call_id] = session
+        session.start(self._forget)
+        log.info("webrtc_answered", call_id=call_id, codec=plan.codec.name)
+        return session, answer_sdp
+
+    async def _negotiate(self, pc: RTCPeerConnection, plan: OfferPlan, offer_sdp: str) -> str:
+        audio_seen = False
+        for kind in plan.kinds:
+            if kind == "application":
+                continue
+            if kind == "audio" and not audio_seen:
+                audio_seen = True
+                transceiver = pc.addTransceiver("audio", direction="recvonly")
+                capabilities = RTCRtpReceiver.getCapabilities("audio")
+                assert capabilities is not None
+                transceiver.setCodecPreferences(
+                    [c for c in capabilities.codecs if c.mimeType.lower() == plan.mime_type]
+                )
+            elif kind in ("audio", "video"):
+                pc.addTransceiver(kind, direction="inactive")
+        try:
+            await pc.setRemoteDescription(RTCSessionDescription(sdp=offer_sdp, type="offer"))
+        except (ValueError, LookupError) as exc:
+            raise TransportError(f"offer rejected by the WebRTC stack: {exc}") from exc
+        self._binder.apply(pc)
+        answer = await pc.createAnswer()
+        await pc.setLocalDescription(answer)
+        sdp = pc.localDescription.sdp
+        if self.settings.public_ip:
+            sdp = announce_public_ip(sdp, self.settings.public_ip)
+        return sdp
+
+    def _forget(self, session: Session) -> None:
+        self.sessions.pop(session.session_id, None)
+
+    def publish(self, event: Event) -> None:
+        """EventSink: a WebRTC call's events also go to its browser."""
+        session = self.sessions.get(event.call_id)
+        if session is not None:
+            session.send(event)
+        elif event.call_id in self._early:
+            self._early[event.call_id].append(event.to_json().decode())
+
+    async def close_all(self) -> None:
+        """Shutdown: close every peer connection (calls have been drained already)."""
+        sessions = list(self.sessions.values())
+        for session in sessions:
+            session.call.end("shutdown")
+        await asyncio.gather(*(s.close() for s in sessions), return_exceptions=True)
+        self.sessions.clear()

@@ -1,0 +1,134 @@
+"""What voxphone checks and rewrites in WebRTC signaling, sans I/O.
+
+aiortc does the offer/answer; this module decides *before* aiortc sees an offer whether it is
+one voxphone can serve (so a bad one gets a precise 4xx and no peer connection is made), picks
+the one audio codec to answer with, parses WHIP trickle-ICE fragments, and adds a 1:1-NAT public
+address to the answer's candidates.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from voxphone.audio.codecs import G722, OPUS, PCMA, PCMU, Codec
+from voxphone.errors import TransportError
+from voxphone.transports.sdp import Media, Offer, parse_sdp
+
+#: A browser offer with audio, video and a data channel is 5-12 kB; this leaves room.
+MAX_OFFER_BYTES = 64 * 1024
+
+#: rtpmap encodings (lower-case ``name/rate``) aiortc decodes, with the codec each becomes.
+WEBRTC_CODECS: dict[str, Codec] = {
+    "opus/48000": OPUS,
+    "pcmu/8000": PCMU,
+    "pcma/8000": PCMA,
+    "g722/8000": G722,
+}
+
+
+class Unsupported(TransportError):
+    """A well-formed offer voxphone cannot answer: no audio, no common codec, nothing sent."""
+
+
+@dataclass(frozen=True)
+class OfferPlan:
+    """How to answer an offer: which codec, and what to do with each m= line (in order)."""
+
+    codec: Codec
+    mime_type: str  # e.g. "audio/opus", as aiortc's capabilities name it
+    kinds: list[str]  # m= line kinds in order: "audio", "video", "application", ...
+    has_data_channel: bool
+
+
+def plan_offer(text: str) -> OfferPlan:
+    """Check a browser's offer; ``TransportError`` names why voxphone cannot answer it."""
+    offer = parse_sdp(text, max_bytes=MAX_OFFER_BYTES)
+    audio = _first_audio(offer)
+    codec, mime = _choose_codec(audio.rtpmap, audio.formats)
+    kinds = [m.kind for m in offer.media]
+    return OfferPlan(codec, mime, kinds, "application" in kinds)
+
+
+def _first_audio(offer: Offer) -> Media:
+    audio = [m for m in offer.media if m.kind == "audio"]
+    if not audio:
+        kinds = ", ".join(m.kind for m in offer.media) or "none"
+        raise Unsupported(f"offer has no audio m= line (media: {kinds})")
+    m = audio[0]
+    if "SAVPF" not in m.proto:
+        raise Unsupported(f"audio m= line protocol {m.proto} is not WebRTC's (…/SAVPF)")
+    if m.port == 0:
+        raise Unsupported("the offer's audio m= line is disabled (port 0)")
+    direction = m.direction or offer.direction
+    if direction in ("recvonly", "inactive"):
+        raise Unsupported(f"the offer's audio is {direction}: the browser would send none")
+    return m
+
+
+def _choose_codec(rtpmap: dict[int, str], formats: list[int]) -> tuple[Codec, str]:
+    """The offer's most preferred codec that aiortc decodes (browsers list opus first)."""
+    for pt in formats:
+        encoding = rtpmap.get(pt, "").lower().split("/")
+        codec = WEBRTC_CODECS.get("/".join(encoding[:2]))
+        if codec is not None:
+            return codec, f"audio/{encoding[0]}"
+    offered = ", ".join(rtpmap.get(pt, str(pt)) for pt in formats) or "none"
+    raise Unsupported(
+        f"no common audio codec: voxphone takes opus, PCMU, PCMA or G722; offered: {offered}"
+    )
+
+
+@dataclass(frozen=True)
+class TrickleCandidate:
+    mid: str | None
+    candidate: str  # the part after "a=candidate:"
+
+
+def parse_sdpfrag(text: str) -> tuple[list[TrickleCandidate], bool]:
+    """A WHIP PATCH body (RFC 8840 ``application/trickle-ice-sdpfrag``): candidates, and
+    whether it says ``a=end-of-candidates``. ``TransportError`` for anything unparsable."""
+    mid: str | None = None
+    candidates: list[TrickleCandidate] = []
+    end = False
+    for n, raw in enumerate(text.splitlines(), 1):
+        line = raw.strip()
+        if not line:
+            continue
+        if not line.startswith(("a=", "m=")):
+            raise TransportError(f"sdpfrag line {n}: expected a= or m=, got {line[:40]!r}")
+        if line.startswith("a=mid:"):
+            mid = line[6:]
+        elif line.startswith("a=candidate:"):
+            value = line[12:]
+            if len(value.split()) < 8:
+                raise TransportError(f"sdpfrag line {n}: malformed candidate {value[:60]!r}")
+            candidates.append(TrickleCandidate(mid, value))
+        elif line == "a=end-of-candidates":
+            end = True
+    return candidates, end
+
+
+def ice_credentials(text: str) -> tuple[str | None, str | None]:
+    """The ``a=ice-ufrag`` and ``a=ice-pwd`` of an SDP or sdpfrag (a change means ICE restart)."""
+    ufrag = re.search(r"^a=ice-ufrag:(\S+)", text, re.MULTILINE)
+    pwd = re.search(r"^a=ice-pwd:(\S+)", text, re.MULTILINE)
+    return (ufrag.group(1) if ufrag else None, pwd.group(1) if pwd else None)
+
+
+def announce_public_ip(sdp: str, public_ip: str) -> str:
+    """Add, after each IPv4 host candidate, the same candidate at ``public_ip``.
+
+    Behind a 1:1 NAT (a cloud VM's elastic IP, a container's published ports) the browser
+    reaches the private socket through the public address; the private candidate stays for
+    clients on the same network.
+    """
+    out: list[str] = []
+    for line in sdp.split("\r\n"):
+        out.append(line)
+        fields = line.split()
+        if line.startswith("a=candidate:") and fields[7:8] == ["host"] and "." in fields[4]:
+            fields[0] += "n"  # its own foundation
+            fields[4] = public_ip
+            out.append(" ".join(fields))
+    return "\r\n".join(out)

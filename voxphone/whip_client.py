@@ -1,0 +1,88 @@
+"""A WHIP client on aiortc that plays an audio file as a browser call (``voxphone call --webrtc``).
+
+It sends the file in real time (aiortc's ``MediaPlayer`` paces it), opens the ``events`` data
+channel and collects what voxphone sends back on it, then hangs up with WHIP ``DELETE`` once the
+file has played. Tests use it for fast WebRTC coverage without a browser.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from aiortc import RTCConfiguration, RTCPeerConnection, RTCRtpSender, RTCSessionDescription
+from aiortc.contrib.media import MediaPlayer
+
+from voxphone.errors import TransportError
+
+
+@dataclass
+class WhipCall:
+    """One call placed by ``whip_call``: its session URL, call id and the events received."""
+
+    pc: RTCPeerConnection
+    player: MediaPlayer
+    session_url: str
+    call_id: str
+    headers: dict[str, str]
+    events: list[dict[str, Any]] = field(default_factory=list)
+    ended: asyncio.Event = field(default_factory=asyncio.Event)
+    played: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def on_message(self, message: str | bytes) -> None:
+        event = json.loads(message)
+        self.events.append(event)
+        if event.get("type") == "call.ended":
+            self.ended.set()
+
+    async def hangup(self, http: aiohttp.ClientSession) -> None:
+        async with http.delete(self.session_url, headers=self.headers) as resp:
+            if resp.status not in (200, 404):
+                raise TransportError(f"WHIP DELETE: HTTP {resp.status}: {await resp.text()}")
+
+    async def close(self) -> None:
+        await self.pc.close()
+        if self.player.audio is not None:
+            self.player.audio.stop()
+
+
+async def whip_call(
+    http: aiohttp.ClientSession,
+    url: str,
+    audio: Path,
+    codec: str | None = None,
+    token: str | None = None,
+) -> WhipCall:
+    """Offer a call to the WHIP endpoint ``url`` that plays ``audio`` (``codec``: e.g. ``PCMU``)."""
+    pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+    player = MediaPlayer(str(audio))
+    assert player.audio is not None, f"{audio} has no audio stream"
+    transceiver = pc.addTransceiver(player.audio, direction="sendonly")
+    if codec is not None:
+        caps = RTCRtpSender.getCapabilities("audio")
+        assert caps is not None
+        wanted = [c for c in caps.codecs if c.mimeType.lower() == f"audio/{codec.lower()}"]
+        if not wanted:
+            raise TransportError(f"aiortc cannot send {codec}")
+        transceiver.setCodecPreferences(wanted)
+    channel = pc.createDataChannel("events")
+    await pc.setLocalDescription(await pc.createOffer())  # aiortc gathers before returning
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    body = pc.localDescription.sdp
+    sdp_headers = {**headers, "Content-Type": "application/sdp"}
+    async with http.post(url, data=body, headers=sdp_headers) as resp:
+        answer = await resp.text()
+        if resp.status != 201:
+            await pc.close()
+            raise TransportError(f"WHIP offer refused: HTTP {resp.status}: {answer}")
+        location = str(resp.url.join(aiohttp.client.URL(resp.headers["Location"])))
+        call_id = resp.headers.get("X-Call-Id", location.rsplit("/", 1)[-1])
+    call = WhipCall(pc, player, location, call_id, headers)
+    channel.on("message", call.on_message)
+    player.audio.on("ended", call.played.set)
+    await pc.setRemoteDescription(RTCSessionDescription(sdp=answer, type="answer"))
+    return call
