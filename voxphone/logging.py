@@ -51,6 +51,9 @@ def configure(level: str = "info", fmt: Literal["auto", "json", "console"] = "au
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(_LEVELS[level])
+    # aiortc and aioice narrate every ICE check and DTLS step at INFO: debug material.
+    for chatty in ("aioice", "aiortc"):
+        logging.getLogger(chatty).setLevel(max(_LEVELS[level], logging.WARNING))
 
 
 def _identity(

@@ -93,6 +93,8 @@ class Session:
     last_audio: float = 0.0
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
     _disconnected: asyncio.TimerHandle | None = None
+    _closing: asyncio.Future[None] | None = None
+    _lifetime: asyncio.Task[None] | None = None
 
     def start(self, on_done: Callable[[Session], None]) -> None:
         self.last_audio = self.clock.monotonic()
@@ -102,8 +104,7 @@ class Session:
         self.pc.on("datachannel", self._on_datachannel)
         self.pc.on("connectionstatechange", self._on_state)
         self._spawn(self._watch_media())
-        task = asyncio.create_task(self._close_when_done(on_done))
-        self.tasks.add(task)
+        self._lifetime = asyncio.create_task(self._close_when_done(on_done))
 
     def _spawn(self, coro: Any) -> None:
         task: asyncio.Task[None] = asyncio.create_task(coro)
@@ -217,13 +218,22 @@ class Session:
                 break
             await asyncio.sleep(0.02)
 
-    async def close(self) -> None:
-        if self._disconnected is not None:
-            self._disconnected.cancel()
-        for task in list(self.tasks):
-            if task is not asyncio.current_task():
+    async def close(self, limit_s: float = 5.0) -> None:
+        """Stop the media tasks and close the peer connection, once, however often called.
+
+        aiortc's ``close`` must not be cancelled half-way (a second call would then wait
+        forever), so it runs in its own task, shielded from the callers' cancellation.
+        """
+        if self._closing is None:
+            if self._disconnected is not None:
+                self._disconnected.cancel()
+            for task in list(self.tasks):
                 task.cancel()
-        await self.pc.close()
+            self._closing = asyncio.ensure_future(self.pc.close())
+        try:
+            await asyncio.wait_for(asyncio.shield(self._closing), limit_s)
+        except TimeoutError:
+            log.warning("webrtc_close_slow", call_id=self.call.call_id, limit_s=limit_s)
 
     async def add_candidates(self, candidates: list[TrickleCandidate]) -> None:
         """Trickled remote candidates (WHIP ``PATCH``)."""

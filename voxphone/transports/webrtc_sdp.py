@@ -44,6 +44,10 @@ class OfferPlan:
 def plan_offer(text: str) -> OfferPlan:
     """Check a browser's offer; ``TransportError`` names why voxphone cannot answer it."""
     offer = parse_sdp(text, max_bytes=MAX_OFFER_BYTES)
+    if None in ice_credentials(text):
+        raise TransportError("offer has no a=ice-ufrag and a=ice-pwd: WebRTC needs both for ICE")
+    if not re.search(r"^a=fingerprint:\S+ \S", text, re.MULTILINE):
+        raise TransportError("offer has no a=fingerprint: WebRTC needs it for DTLS")
     audio = _first_audio(offer)
     codec, mime = _choose_codec(audio.rtpmap, audio.formats)
     kinds = [m.kind for m in offer.media]

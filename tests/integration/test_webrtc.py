@@ -1,0 +1,263 @@
+"""WebRTC calls from aiortc clients (voxphone.whip_client) into an in-process App with sphinx.
+
+Real peer connections over loopback: ICE, DTLS, SRTP, SCTP, Opus and PCMU, the data channel,
+signed webhooks to a real receiver. The browser itself is tested in tests/e2e.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiortc import RTCConfiguration, RTCPeerConnection
+from aiortc.mediastreams import AudioStreamTrack
+
+from tests.conftest import Speech, free_tcp_port, free_udp_range, overlap
+from tests.integration.test_serve import SECRET, WebhookReceiver, calls_of
+from voxphone.app import App
+from voxphone.config import Config
+from voxphone.whip_client import WhipCall, whip_call
+
+pytestmark = pytest.mark.integration
+
+
+def config(receiver: WebhookReceiver | None = None, **webrtc: Any) -> Config:
+    return Config.model_validate(
+        {
+            "http": {"port": free_tcp_port()},
+            "rtp": {"ports": "{}-{}".format(*free_udp_range(2))},
+            "asterisk": {"audiosocket_port": 0},
+            "engine": {"kind": "sphinx", "sphinx": {"workers": 2}},
+            "webhook": {"url": str(receiver.server.make_url("/hooks")), "secret": SECRET}
+            if receiver
+            else {},
+            "webrtc": {"interfaces": ["127.0.0.1"], **webrtc},
+        }
+    )
+
+
+async def running(cfg: Config) -> AsyncIterator[App]:
+    app = App(cfg)
+    await app.start()
+    try:
+        yield app
+    finally:
+        await app.stop()
+
+
+@pytest.fixture
+async def app(receiver: WebhookReceiver) -> AsyncIterator[App]:
+    async for a in running(config(receiver)):
+        yield a
+
+
+def whip_url(app: App) -> str:
+    return f"http://127.0.0.1:{app.config.http.port}/v1/whip"
+
+
+async def talk(http: aiohttp.ClientSession, app: App, wav: Path, codec: str) -> WhipCall:
+    """Place a call that plays ``wav``, hang up when it has played, wait for call.ended."""
+    call = await whip_call(http, whip_url(app), wav, codec=codec)
+    try:
+        await asyncio.wait_for(call.played.wait(), 30)
+        await asyncio.sleep(0.5)  # the last packets are still on the wire
+        await call.hangup(http)
+        await asyncio.wait_for(call.ended.wait(), 30)
+    finally:
+        await call.close()
+    return call
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+async def test_opus_and_pcmu_calls_at_once_reach_the_browser_and_the_webhook(
+    app: App, receiver: WebhookReceiver, speech: dict[str, Speech]
+) -> None:
+    async with aiohttp.ClientSession() as http:
+        opus, pcmu = await asyncio.gather(
+            talk(http, app, speech["order"].path, "opus"),
+            talk(http, app, speech["phone"].path, "PCMU"),
+        )
+    await receiver.wait_ended(2, 10)
+    hooks = calls_of(receiver)
+    for call, sentence, codec in ((opus, "order", "opus"), (pcmu, "phone", "PCMU")):
+        events = call.events
+        started, ended = events[0], events[-1]
+        assert started["type"] == "call.started" and ended["type"] == "call.ended"
+        assert started["data"]["codec"] == codec and started["data"]["transport"] == "webrtc"
+        assert [e["seq"] for e in events] == list(range(len(events)))  # nothing lost on the way
+        assert ended["data"]["reason"] == "hangup"
+        assert ended["data"]["stats"]["gap_ms"] == 0
+        assert overlap(speech[sentence].text, ended["data"]["transcript"]) >= 0.7, ended["data"]
+        # The data channel and the signed webhook carry the same events.
+        assert [e["id"] for e in hooks[call.call_id]] == [e["id"] for e in events]
+    assert not app.webrtc.sessions and not app.registry.calls  # type: ignore[union-attr]
+
+
+async def test_a_browser_that_goes_silent_is_hung_up_for_no_media(
+    receiver: WebhookReceiver, speech: dict[str, Speech]
+) -> None:
+    """A closed tab that said nothing: the file ends, no DELETE, no close."""
+    async for app in running(config(receiver, media_timeout_s=1.5)):
+        async with aiohttp.ClientSession() as http:
+            call = await whip_call(http, whip_url(app), speech["order"].path)
+            await asyncio.wait_for(call.played.wait(), 30)
+            await asyncio.wait_for(call.ended.wait(), 10)
+            await call.close()
+        assert call.events[-1]["data"]["reason"] == "no_media"
+        assert "order" in call.events[-1]["data"]["transcript"]
+        await asyncio.sleep(0.2)
+        assert not app.webrtc.sessions  # type: ignore[union-attr]
+
+
+async def test_closing_the_peer_connection_ends_the_call(
+    app: App, receiver: WebhookReceiver, speech: dict[str, Speech]
+) -> None:
+    async with aiohttp.ClientSession() as http:
+        call = await whip_call(http, whip_url(app), speech["order"].path)
+        await asyncio.sleep(1.5)
+        await call.close()  # DTLS close_notify, as a browser's pc.close() sends
+    await receiver.wait_ended(1, 15)
+    ended = calls_of(receiver)[call.call_id][-1]
+    assert ended["data"]["reason"] == "hangup"
+    assert ended["data"]["audio_ms"] > 0
+
+
+async def test_ice_uses_the_configured_ports_and_announces_the_public_ip(
+    receiver: WebhookReceiver, speech: dict[str, Speech]
+) -> None:
+    lo, hi = free_udp_range(3)
+    cfg = config(receiver, ports=f"{lo}-{hi}", public_ip="203.0.113.7")
+    async for app in running(cfg):
+        async with aiohttp.ClientSession() as http:
+            call = await talk(http, app, speech["order"].path, "opus")
+        answer = call.pc.remoteDescription.sdp
+        hosts = [line.split() for line in answer.splitlines() if line.startswith("a=candidate:")]
+        assert {(c[4], int(c[5])) for c in hosts} <= {
+            (ip, p) for ip in ("127.0.0.1", "203.0.113.7") for p in range(lo, hi + 1)
+        }
+        assert {c[4] for c in hosts} == {"127.0.0.1", "203.0.113.7"}
+        assert "order" in call.events[-1]["data"]["transcript"]
+
+
+async def test_trickle_patch_delete_and_their_errors(app: App, speech: dict[str, Speech]) -> None:
+    async with aiohttp.ClientSession() as http:
+        call = await whip_call(http, whip_url(app), speech["order"].path)
+        url, frag = call.session_url, "application/trickle-ice-sdpfrag"
+        ufrag = next(
+            line
+            for line in call.pc.localDescription.sdp.splitlines()
+            if line.startswith("a=ice-ufrag")
+        )
+        ok = f"{ufrag}\r\na=mid:0\r\na=candidate:9 1 udp 2122260223 127.0.0.1 9 typ host\r\n"
+        cases = [
+            ("PATCH", url, frag, ok, 204),
+            ("PATCH", url, frag, "a=candidate:1 1 udp\r\n", 400),
+            ("PATCH", url, frag, "a=ice-ufrag:other\r\na=ice-pwd:restartrestartrestart\r\n", 422),
+            ("PATCH", url, "application/sdp", ok, 415),
+            ("PATCH", url + "x", frag, ok, 404),
+            ("DELETE", url + "x", None, None, 404),
+            ("DELETE", url, None, None, 200),
+        ]
+        for method, target, ctype, body, status in cases:
+            headers = {"Content-Type": ctype} if ctype else {}
+            async with http.request(method, target, data=body, headers=headers) as r:
+                assert r.status == status, (method, body, await r.text())
+        await asyncio.wait_for(call.ended.wait(), 15)
+        await call.close()
+    assert call.events[-1]["data"]["reason"] == "hangup"
+
+
+async def test_hostile_offers_get_precise_4xx_and_leave_no_peer_connection(
+    app: App, speech: dict[str, Speech]
+) -> None:
+    chrome = (Path(__file__).parent.parent / "data" / "chrome_offer.sdp").read_text()
+    cases = [
+        ("application/sdp", "v=0\r\n" + "a=x\r\n" * 20000, 413, ""),
+        ("application/sdp", "hello", 400, "must start with 'v=0'"),
+        ("application/sdp", chrome.replace("m=audio 9", "m=video 9"), 422, "no audio"),
+        (
+            "application/sdp",
+            chrome.replace(" 111 63 9 0 8 13", " 63 13"),
+            422,
+            "no common audio codec",
+        ),
+        (
+            "application/sdp",
+            chrome.replace("a=fingerprint", "a=x-fingerprint"),
+            400,
+            "no a=fingerprint",
+        ),
+        ("application/sdp", chrome.replace("a=ice-ufrag", "a=x-ice-ufrag"), 400, "no a=ice-ufrag"),
+        (
+            "application/sdp",
+            chrome.replace("a=setup:actpass", "a=setup:bogus"),
+            400,
+            "offer rejected",
+        ),
+        ("text/plain", chrome, 415, "application/sdp"),
+        ("application/sdp", b"\xff\xfe", 400, "UTF-8"),
+    ]
+    async with aiohttp.ClientSession() as http:
+        await http.get(f"http://127.0.0.1:{app.config.http.port}/health")  # warm the pool
+        before = open_fds()
+        for ctype, body, status, message in cases:
+            headers = {"Content-Type": ctype}
+            async with http.post(whip_url(app), data=body, headers=headers) as r:
+                assert r.status == status, (body[:60], await r.text())
+                assert message in await r.text()
+        json_url = f"http://127.0.0.1:{app.config.http.port}/v1/webrtc/offer"
+        for body in ('{"type": "answer", "sdp": "v=0"}', "{", '{"type": "offer"}'):
+            async with http.post(json_url, data=body) as r:
+                assert r.status == 400, await r.text()
+        await asyncio.sleep(0.2)
+        assert open_fds() == before  # no sockets of half-made peer connections
+    assert not app.webrtc.sessions and not app.registry.calls  # type: ignore[union-attr]
+
+
+async def test_json_offer_and_the_call_limit(
+    receiver: WebhookReceiver, speech: dict[str, Speech]
+) -> None:
+    cfg = config(receiver).model_copy(
+        update={"calls": Config().calls.model_copy(update={"max_concurrent": 1})}
+    )
+    async for app in running(cfg):
+        async with aiohttp.ClientSession() as http:
+            first = await whip_call(http, whip_url(app), speech["order"].path)
+            with pytest.raises(Exception, match="HTTP 503"):
+                await whip_call(http, whip_url(app), speech["order"].path)
+            await first.hangup(http)
+            await asyncio.wait_for(first.ended.wait(), 15)
+            await first.close()
+            await asyncio.sleep(0.1)
+            offer = await offer_sdp()
+            json_url = f"http://127.0.0.1:{app.config.http.port}/v1/webrtc/offer"
+            body = {"type": "offer", "sdp": offer, "metadata": {"user": "ada"}}
+            async with http.post(json_url, json=body) as r:
+                assert r.status == 201, await r.text()
+                reply = await r.json()
+            assert reply["type"] == "answer" and "a=candidate:" in reply["sdp"]
+            async with http.delete(
+                f"http://127.0.0.1:{app.config.http.port}/v1/calls/{reply['call_id']}"
+            ) as r:
+                assert r.status == 204
+        await receiver.wait_ended(2, 15)
+        started = calls_of(receiver)[reply["call_id"]][0]
+        assert started["data"]["user"] == "ada"
+
+
+async def offer_sdp() -> str:
+    """A fresh offer from an aiortc peer that sends audio (its connection is thrown away)."""
+    pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+    pc.addTransceiver(AudioStreamTrack(), direction="sendonly")
+    await pc.setLocalDescription(await pc.createOffer())
+    sdp: str = pc.localDescription.sdp
+    await pc.close()
+    return sdp

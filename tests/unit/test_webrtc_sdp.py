@@ -1,0 +1,137 @@
+"""The WebRTC signaling checks and rewrites, on a real Chromium offer (tests/data)."""
+
+from __future__ import annotations
+
+import fractions
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from voxphone.audio.codecs import OPUS, PCMA, PCMU
+from voxphone.errors import TransportError
+from voxphone.transports.webrtc import media_timestamp, to_mono
+from voxphone.transports.webrtc_sdp import (
+    MAX_OFFER_BYTES,
+    Unsupported,
+    announce_public_ip,
+    ice_credentials,
+    parse_sdpfrag,
+    plan_offer,
+)
+
+CHROME = (Path(__file__).parent.parent / "data" / "chrome_offer.sdp").read_text()
+
+
+def test_chromium_offer_is_answered_with_opus_and_its_data_channel() -> None:
+    plan = plan_offer(CHROME)
+    assert plan.codec is OPUS
+    assert plan.mime_type == "audio/opus"
+    assert plan.kinds == ["audio", "application"]
+    assert plan.has_data_channel
+
+
+def test_the_offers_first_decodable_codec_wins() -> None:
+    offer = CHROME.replace("111 63 9 0 8 13 110 126", "63 13 8 0 111")
+    assert plan_offer(offer).codec is PCMA
+    offer = CHROME.replace("111 63 9 0 8 13 110 126", "0 126")
+    assert plan_offer(offer).codec is PCMU
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (
+            lambda s: s.replace("m=audio 9", "m=video 9"),
+            "no audio m= line (media: video, application)",
+        ),
+        (lambda s: s.replace("111 63 9 0 8 13 110 126", "63 13 126"), "no common audio codec"),
+        (lambda s: s.replace("a=sendonly", "a=recvonly"), "audio is recvonly"),
+        (lambda s: s.replace("m=audio 9", "m=audio 0"), "disabled (port 0)"),
+        (lambda s: s.replace("UDP/TLS/RTP/SAVPF", "RTP/AVP"), "not WebRTC's"),
+    ],
+)
+def test_offers_voxphone_cannot_serve_are_unsupported_with_the_reason(edit, message) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(Unsupported, match=message.replace("(", r"\(").replace(")", r"\)")):
+        plan_offer(edit(CHROME))
+
+
+def test_malformed_and_huge_offers_are_transport_errors_not_unsupported() -> None:
+    for bad in ("", "hello", "v=0\r\nm=audio\r\n", "v=0\r\n" + "a=x\r\n" * (MAX_OFFER_BYTES // 4)):
+        with pytest.raises(TransportError) as info:
+            plan_offer(bad)
+        assert not isinstance(info.value, Unsupported), bad[:40]
+
+
+def test_sdpfrag_candidates_carry_their_mid_and_end_of_candidates() -> None:
+    frag = (
+        "a=ice-ufrag:VvtT\r\na=ice-pwd:HgyvBuxHUNCP9fX4RUYtTz/g\r\nm=audio 9 RTP/AVP 0\r\na=mid:0\r\n"
+        "a=candidate:1 1 udp 2122260223 192.0.2.10 54321 typ host generation 0\r\n"
+        "a=candidate:2 1 udp 1686052607 198.51.100.7 40000 typ srflx raddr 192.0.2.10 rport 54321\r\n"
+        "a=end-of-candidates\r\n"
+    )
+    candidates, end = parse_sdpfrag(frag)
+    assert [c.mid for c in candidates] == ["0", "0"]
+    assert candidates[1].candidate.startswith("2 1 udp 1686052607 198.51.100.7 40000 typ srflx")
+    assert end
+    assert ice_credentials(frag) == ("VvtT", "HgyvBuxHUNCP9fX4RUYtTz/g")
+
+
+@pytest.mark.parametrize("frag", ["hello", "a=candidate:1 1 udp\r\n", "c=IN IP4 1.2.3.4\r\n"])
+def test_bad_sdpfrags_are_refused_by_line(frag: str) -> None:
+    with pytest.raises(TransportError, match="sdpfrag line 1"):
+        parse_sdpfrag(frag)
+
+
+@given(st.text(max_size=300))
+def test_sdpfrag_parser_only_ever_raises_transport_error(text: str) -> None:
+    try:
+        candidates, _ = parse_sdpfrag(text)
+    except TransportError as exc:
+        assert str(exc).startswith("sdpfrag line ")
+    else:
+        assert all(len(c.candidate.split()) >= 8 for c in candidates)
+
+
+def test_public_ip_is_announced_beside_each_ipv4_host_candidate() -> None:
+    sdp = (
+        "m=audio 50000 UDP/TLS/RTP/SAVPF 96\r\n"
+        "a=candidate:abc 1 udp 2130706431 10.0.0.5 50000 typ host\r\n"
+        "a=candidate:def 1 udp 2130706431 fd00::5 50001 typ host\r\n"
+        "a=candidate:ghi 1 udp 1694498815 198.51.100.9 61000 typ srflx raddr 10.0.0.5 rport 50000\r\n"
+        "a=end-of-candidates\r\n"
+    )
+    out = announce_public_ip(sdp, "203.0.113.7").split("\r\n")
+    assert out[1:3] == [
+        "a=candidate:abc 1 udp 2130706431 10.0.0.5 50000 typ host",
+        "a=candidate:abcn 1 udp 2130706431 203.0.113.7 50000 typ host",
+    ]
+    assert sum("203.0.113.7" in line for line in out) == 1  # not for IPv6 or srflx
+
+
+def _frame(samples: np.ndarray, layout: str, rate: int, pts: int, time_base: int) -> av.AudioFrame:
+    frame = av.AudioFrame.from_ndarray(samples, format="s16", layout=layout)
+    frame.sample_rate = rate
+    frame.pts = pts
+    frame.time_base = fractions.Fraction(1, time_base)
+    return frame
+
+
+def test_stereo_frames_are_downmixed_to_the_mean_of_both_channels() -> None:
+    left = np.array([1000, -2000, 30000, 7], np.int16)
+    right = np.array([3000, -4000, 30000, -7], np.int16)
+    packed = np.stack([left, right], axis=1).reshape(1, -1)  # aiortc's s16 interleaved
+    mono = to_mono(_frame(packed, "stereo", 48000, 0, 48000))
+    assert mono.tolist() == [2000, -3000, 30000, 0]
+    one = np.array([[5, -5, 9]], np.int16)
+    assert to_mono(_frame(one, "mono", 8000, 0, 8000)).tolist() == [5, -5, 9]
+
+
+def test_media_timestamps_come_back_in_rtp_clock_units() -> None:
+    pcm = np.zeros((1, 320), np.int16)
+    # aiortc's G.722 decoder stamps pts in 16 kHz samples; G.722's RTP clock is 8 kHz.
+    assert media_timestamp(_frame(pcm, "mono", 16000, 3200, 16000), 8000) == 1600
+    assert media_timestamp(_frame(pcm, "mono", 48000, 2**32 + 960, 48000), 48000) == 960
