@@ -16,6 +16,7 @@ from typing import Any
 import aiohttp
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCRtpSender, RTCSessionDescription
 from aiortc.contrib.media import MediaPlayer
+from yarl import URL
 
 from voxphone.errors import TransportError
 
@@ -79,7 +80,7 @@ async def whip_call(
         if resp.status != 201:
             await pc.close()
             raise TransportError(f"WHIP offer refused: HTTP {resp.status}: {answer}")
-        location = str(resp.url.join(aiohttp.client.URL(resp.headers["Location"])))
+        location = str(resp.url.join(URL(resp.headers["Location"])))
         call_id = resp.headers.get("X-Call-Id", location.rsplit("/", 1)[-1])
     call = WhipCall(pc, player, location, call_id, headers)
     channel.on("message", call.on_message)
