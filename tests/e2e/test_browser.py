@@ -1,0 +1,114 @@
+"""The demo page in a real headless Chromium: Call, speak (a flite file as the microphone), see
+the words on the page and in the signed webhooks, hang up.
+
+Chromium and ChromeDriver are Debian's (``chromium``, ``chromium-driver``; the README test
+command installs them). Screenshots of the page mid-call, at desktop and phone widths, are
+written to ``artifacts/`` (or ``$VOXPHONE_ARTIFACTS``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from selenium import webdriver
+from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.by import By
+from selenium.webdriver.remote.webdriver import WebDriver
+from selenium.webdriver.support.ui import WebDriverWait
+
+from tests.conftest import Speech, overlap, require
+from tests.integration.test_serve import WebhookReceiver, calls_of, running_serve
+
+pytestmark = pytest.mark.integration
+
+TOKEN = "demo-token"
+ARTIFACTS = Path(os.environ.get("VOXPHONE_ARTIFACTS", Path(__file__).parents[2] / "artifacts"))
+
+
+@pytest.fixture
+def microphone(speech: dict[str, Speech], tmp_path: Path) -> Path:
+    """The sentence with 1.5 s of silence after it: Chromium loops the file as the mic."""
+    out = tmp_path / "mic.wav"
+    subprocess.run(
+        [require("ffmpeg"), "-loglevel", "error", "-i", str(speech["order"].path),
+         "-af", "apad=pad_dur=1.5", "-ar", "48000", str(out)],
+        check=True,
+    )  # fmt: skip
+    return out
+
+
+@pytest.fixture
+def browser(microphone: Path, tmp_path: Path) -> Iterator[WebDriver]:
+    options = webdriver.ChromeOptions()
+    options.binary_location = require("chromium")
+    for flag in (
+        "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+        "--no-first-run", "--disable-background-networking", "--disable-component-update",
+        "--disable-sync", "--disable-quic", "--window-size=1100,900",
+        f"--user-data-dir={tmp_path / 'chromium'}",
+        "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
+        f"--use-file-for-fake-audio-capture={microphone}",
+        "--allow-loopback-in-peer-connection",  # ICE over 127.0.0.1 only
+    ):  # fmt: skip
+        options.add_argument(flag)
+    driver = webdriver.Chrome(options=options, service=Service(require("chromedriver")))
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def text_of(driver: WebDriver, element_id: str) -> str:
+    return str(driver.find_element(By.ID, element_id).text)
+
+
+def finals(driver: WebDriver) -> str:
+    return " ".join(p.text for p in driver.find_elements(By.CSS_SELECTOR, "#transcript p.final"))
+
+
+async def test_demo_page_call_shows_the_words_and_hangs_up(
+    browser: WebDriver, receiver: WebhookReceiver, speech: dict[str, Speech], tmp_path: Path
+) -> None:
+    expected = speech["order"].text
+    env = {"VOXPHONE_HTTP__TOKEN": TOKEN, "VOXPHONE_WEBRTC__INTERFACES": '["127.0.0.1"]'}
+    async with running_serve(tmp_path, receiver, **env) as serve:
+        url = f"http://localhost:{serve.http_port}/?token={TOKEN}"
+
+        def call_and_listen() -> None:
+            browser.get(url)
+            assert browser.title.startswith("voxphone")
+            browser.find_element(By.ID, "call").click()
+            WebDriverWait(browser, 60).until(lambda d: overlap(expected, finals(d)) >= 0.7)
+            assert text_of(browser, "status") == "live"
+            ARTIFACTS.mkdir(parents=True, exist_ok=True)
+            browser.save_screenshot(str(ARTIFACTS / "browser-call.png"))
+            browser.set_window_size(390, 844)  # a phone
+            overflow = browser.execute_script(
+                "return document.documentElement.scrollWidth - window.innerWidth"
+            )
+            assert overflow <= 0, f"page is {overflow}px wider than a phone screen"
+            browser.save_screenshot(str(ARTIFACTS / "browser-call-phone.png"))
+            browser.find_element(By.CSS_SELECTOR, ".keypad summary").click()
+            browser.find_element(By.XPATH, "//div[@id='keys']/button[text()='5']").click()
+            WebDriverWait(browser, 10).until(lambda d: "key 5" in text_of(d, "transcript"))
+            browser.find_element(By.ID, "hangup").click()
+            WebDriverWait(browser, 30).until(lambda d: text_of(d, "status") == "ended (hangup)")
+
+        await asyncio.to_thread(call_and_listen)
+        await receiver.wait_ended(1, 15)
+    (events,) = calls_of(receiver).values()
+    started, ended = events[0], events[-1]
+    assert started["data"]["transport"] == "webrtc" and started["data"]["codec"] == "opus"
+    assert "Chrome" in started["data"]["user_agent"]
+    assert ended["data"]["reason"] == "hangup"
+    assert [e["data"]["digit"] for e in events if e["type"] == "dtmf"] == ["5"]
+    assert overlap(expected, ended["data"]["transcript"]) >= 0.7, ended["data"]["transcript"]
+    # The page's event log shows what the webhook got, in the same order.
+    log = browser.find_element(By.ID, "events").get_attribute("textContent") or ""
+    page_ids = [line.split('"id":"')[1][:36] for line in log.splitlines() if '"id":"' in line]
+    assert page_ids == [e["id"] for e in events]
