@@ -79,6 +79,7 @@ async def whip_call(
         answer = await resp.text()
         if resp.status != 201:
             await pc.close()
+            player.audio.stop()  # closes the file
             raise TransportError(f"WHIP offer refused: HTTP {resp.status}: {answer}")
         location = str(resp.url.join(URL(resp.headers["Location"])))
         call_id = resp.headers.get("X-Call-Id", location.rsplit("/", 1)[-1])

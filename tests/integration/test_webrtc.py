@@ -21,6 +21,7 @@ from tests.conftest import Speech, free_tcp_port, free_udp_range, overlap
 from tests.integration.test_serve import SECRET, WebhookReceiver, calls_of
 from voxphone.app import App
 from voxphone.config import Config
+from voxphone.errors import TransportError
 from voxphone.whip_client import WhipCall, whip_call
 
 pytestmark = pytest.mark.integration
@@ -261,3 +262,21 @@ async def offer_sdp() -> str:
     sdp: str = pc.localDescription.sdp
     await pc.close()
     return sdp
+
+
+async def test_a_full_port_range_refuses_with_503_and_leaks_nothing(
+    receiver: WebhookReceiver, speech: dict[str, Speech]
+) -> None:
+    lo, _ = free_udp_range(1)
+    async for app in running(config(receiver, ports=f"{lo}-{lo}")):
+        async with aiohttp.ClientSession() as http:
+            first = await whip_call(http, whip_url(app), speech["order"].path)
+            before = open_fds()
+            with pytest.raises(TransportError, match="HTTP 503.*no free WebRTC UDP port"):
+                await whip_call(http, whip_url(app), speech["order"].path)
+            await asyncio.sleep(0.2)
+            assert open_fds() == before
+            assert len(app.webrtc.sessions) == 1  # type: ignore[union-attr]
+            await first.hangup(http)
+            await asyncio.wait_for(first.ended.wait(), 15)
+            await first.close()

@@ -15,7 +15,8 @@ from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from voxphone.errors import TransportError
-from voxphone.transports.webrtc import Unavailable, WebRtcGateway
+from voxphone.transports.ice import Unavailable
+from voxphone.transports.webrtc import WebRtcGateway
 from voxphone.transports.webrtc_sdp import (
     MAX_OFFER_BYTES,
     Unsupported,

@@ -24,6 +24,10 @@ from aiortc import RTCPeerConnection
 from voxphone.errors import TransportError
 
 
+class Unavailable(TransportError):
+    """The offer is fine but voxphone can't take the call now (limit, draining, no port)."""
+
+
 class HostBinder:
     """Binds host-candidate sockets on ``interfaces`` within ``ports`` (shared by all calls)."""
 
@@ -59,7 +63,7 @@ class HostBinder:
             except OSError:
                 continue
             return protocol
-        raise TransportError(f"no free WebRTC UDP port on {address} in {self.ports}")
+        raise Unavailable(f"no free WebRTC UDP port on {address} in {self.ports}")
 
 
 def _ice_connections(pc: RTCPeerConnection) -> list[aioice.Connection]:
@@ -79,6 +83,7 @@ async def _gather(
     protocols: list[ice.StunProtocol] = []
     for address in binder.interfaces or addresses:
         protocol = await binder.bind(connection, address)
+        connection._protocols.append(protocol)  # closed with the connection, even on failure
         host, port = protocol.transport.get_extra_info("sockname")[:2]
         protocol.local_candidate = Candidate(
             foundation=candidate_foundation("host", "udp", host),
@@ -91,7 +96,6 @@ async def _gather(
         )
         protocols.append(protocol)
         candidates.append(protocol.local_candidate)
-    connection._protocols += protocols
     candidates += await _reflexive(connection, protocols, timeout)
     # TURN: aioice's own gathering with no host addresses does only the relay part.
     relayed: list[Candidate] = await ice.Connection.get_component_candidates(

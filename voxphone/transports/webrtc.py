@@ -40,7 +40,7 @@ from voxphone.clock import Clock
 from voxphone.config import WebRtcConfig
 from voxphone.errors import TransportError
 from voxphone.events.model import Event
-from voxphone.transports.ice import HostBinder
+from voxphone.transports.ice import HostBinder, Unavailable
 from voxphone.transports.webrtc_sdp import (
     OfferPlan,
     TrickleCandidate,
@@ -54,10 +54,6 @@ _TS_MOD = 1 << 32
 #: Events held for a data channel that has not opened yet (call.started comes first).
 _MAX_PENDING_EVENTS = 1000
 _DTMF_KEYS = frozenset("0123456789*#ABCD")
-
-
-class Unavailable(TransportError):
-    """The offer is fine but voxphone can't take the call now (limit, draining, no port)."""
 
 
 def to_mono(frame: av.AudioFrame) -> Pcm:
