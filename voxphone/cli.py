@@ -19,6 +19,7 @@ Phone and browser calls in, live transcript events out.
 
   voxphone serve                      run the service (RTP on 127.0.0.1:40000-40100, HTTP on :8080)
   voxphone call speech.wav            send a file as a phone call (G.711 RTP) to a running service
+  voxphone whip speech.wav            send a file as a browser call (WebRTC, WHIP) and print events
   voxphone transcribe speech.wav      print a file's transcript through the same call pipeline
   voxphone receive                    print the webhooks a service sends (to try it out)
 """
@@ -104,6 +105,18 @@ def _parser() -> argparse.ArgumentParser:
         help="key presses to send after the audio (RFC 4733, payload type 101)",
     )
     call.set_defaults(run=_call)
+
+    whip = sub.add_parser(
+        "whip",
+        help="send a file as a WebRTC call to a running service",
+        description="Play a file into voxphone's WHIP endpoint as a browser would (aiortc), "
+        "hang up when it has played, and print the events the data channel brings back.",
+    )
+    whip.add_argument("file", type=Path)
+    whip.add_argument("--url", default="http://127.0.0.1:8080/v1/whip", help="[%(default)s]")
+    whip.add_argument("--codec", choices=["opus", "pcmu", "pcma", "g722"], default="opus")
+    whip.add_argument("--token", help="the service's http.token, if it has one")
+    whip.set_defaults(run=_whip)
 
     rx = sub.add_parser(
         "receive",
@@ -218,6 +231,14 @@ def _call(args: argparse.Namespace) -> int:
     print(
         json.dumps({"to": args.to, "codec": codec.name, "packets_sent": sent, "seconds": seconds})
     )
+    return 0
+
+
+def _whip(args: argparse.Namespace) -> int:
+    from voxphone.whip_client import play
+
+    for event in asyncio.run(play(args.url, args.file, args.codec, args.token)):
+        print(json.dumps(event))
     return 0
 
 

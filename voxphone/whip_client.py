@@ -88,3 +88,18 @@ async def whip_call(
     player.audio.on("ended", call.played.set)
     await pc.setRemoteDescription(RTCSessionDescription(sdp=answer, type="answer"))
     return call
+
+
+async def play(url: str, audio: Path, codec: str | None = None, token: str | None = None,
+               end_timeout_s: float = 30.0) -> list[dict[str, Any]]:  # fmt: skip
+    """Place a call that plays ``audio``, hang up when it has played; the events it got back."""
+    async with aiohttp.ClientSession() as http:
+        call = await whip_call(http, url, audio, codec, token)
+        try:
+            await call.played.wait()
+            await asyncio.sleep(0.5)  # the last packets are still on the wire
+            await call.hangup(http)
+            await asyncio.wait_for(call.ended.wait(), end_timeout_s)
+        finally:
+            await call.close()
+    return call.events

@@ -7,7 +7,9 @@ signed webhooks to a real receiver. The browser itself is tested in tests/e2e.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -72,6 +74,21 @@ async def talk(http: aiohttp.ClientSession, app: App, wav: Path, codec: str) -> 
     finally:
         await call.close()
     return call
+
+
+async def test_the_whip_command_prints_the_calls_events(
+    app: App, speech: dict[str, Speech]
+) -> None:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "voxphone", "whip", str(speech["phone"].path),
+        "--url", whip_url(app), "--codec", "g722", stdout=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, _ = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 0
+    events = [json.loads(line) for line in out.decode().splitlines()]
+    assert events[0]["data"]["codec"] == "G722"
+    assert events[-1]["type"] == "call.ended"
+    assert overlap(speech["phone"].text, events[-1]["data"]["transcript"]) >= 0.7
 
 
 def open_fds() -> int:
