@@ -49,6 +49,13 @@ def test_layers_file_then_env_then_flags(tmp_path: Path) -> None:
         ('[webhook]\nurl = "ftp://x"\n', r"webhook.url: .*must start with http"),
         ('[webhook]\nurl = "http://x"\nsecret = "whsec_***"\n', r"webhook.secret: .*not base64"),
         ("[http\n", r"v.toml: invalid TOML"),
+        ('[webrtc]\nports = "9-8"\n', r"webrtc.ports: .*1 <= low <= high"),
+        (
+            '[webrtc]\nice_servers = [{urls = "http://x"}]\n',
+            r"webrtc.ice_servers.0.urls: .*not a stun:",
+        ),
+        ("[webrtc]\nice_servers = [{urls = []}]\n", r"webrtc.ice_servers.0.urls: .*at least 1"),
+        ("[webrtc]\nmedia_timeout_s = 0\n", r"webrtc.media_timeout_s: .*greater than 0"),
     ],
 )
 def test_bad_config_names_the_key(tmp_path: Path, toml: str, message: str) -> None:
