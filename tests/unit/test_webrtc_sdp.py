@@ -126,6 +126,8 @@ def test_stereo_frames_are_downmixed_to_the_mean_of_both_channels() -> None:
     packed = np.stack([left, right], axis=1).reshape(1, -1)  # aiortc's s16 interleaved
     mono = to_mono(_frame(packed, "stereo", 48000, 0, 48000))
     assert mono.tolist() == [2000, -3000, 30000, 0]
+    planar = av.AudioFrame.from_ndarray(np.stack([left, right]), format="s16p", layout="stereo")
+    assert to_mono(planar).tolist() == [2000, -3000, 30000, 0]
     one = np.array([[5, -5, 9]], np.int16)
     assert to_mono(_frame(one, "mono", 8000, 0, 8000)).tolist() == [5, -5, 9]
 

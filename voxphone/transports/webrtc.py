@@ -57,15 +57,21 @@ _DTMF_KEYS = frozenset("0123456789*#ABCD")
 
 
 def to_mono(frame: av.AudioFrame) -> Pcm:
-    """An aiortc frame (s16, packed, mono or stereo) as int16 mono: the mean of the channels."""
+    """An aiortc frame (s16, mono or stereo) as int16 mono: the mean of the channels."""
     samples = frame.to_ndarray()
     channels = len(frame.layout.channels)
     if channels == 1:
         mono: Pcm = samples.reshape(-1).astype(np.int16, copy=False)
         return mono
-    if not frame.format.is_planar:
-        samples = samples.reshape(-1, channels).T
-    mixed: Pcm = samples.astype(np.int32).mean(axis=0).astype(np.int16)
+    # Planar is (channels, n); packed (aiortc's Opus output) is (1, n * channels), interleaved.
+    flat = samples.reshape(-1)
+    parts = (
+        list(samples) if frame.format.is_planar else [flat[k::channels] for k in range(channels)]
+    )
+    acc = parts[0].astype(np.int32)
+    for part in parts[1:]:
+        acc += part
+    mixed: Pcm = (acc // channels).astype(np.int16)
     return mixed
 
 
