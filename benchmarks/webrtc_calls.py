@@ -1,0 +1,127 @@
+"""Many browser calls on one event loop: server CPU per call and the loop's lag.
+
+Starts voxphone's App in this process with a null engine (so only the WebRTC side is measured:
+ICE, DTLS/SRTP, aiortc's jitter buffer and Opus decoder, voxphone's downmix, timeline, resampler
+and framing), then a second process places N concurrent WHIP calls with aiortc, each playing 20 s
+of a tone. Prints the server's CPU time per call and the event loop's scheduling lag.
+
+    python benchmarks/webrtc_calls.py [N]
+"""
+
+from __future__ import annotations
+
+import asyncio
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from voxphone.app import App
+from voxphone.audio.codecs import Pcm
+from voxphone.config import Config
+from voxphone.engines.base import ChunkQueue
+from voxphone.whip_client import play
+
+SECONDS = 20
+
+
+class NullStream:
+    def __init__(self) -> None:
+        self.out = ChunkQueue()
+
+    async def send(self, frame: Pcm) -> None:
+        pass
+
+    async def close(self) -> None:
+        self.out.close()
+
+    async def abort(self) -> None:
+        self.out.close()
+
+    def chunks(self):  # type: ignore[no-untyped-def]
+        return self.out.__aiter__()
+
+    def stats(self) -> dict[str, int]:
+        return {}
+
+
+class NullEngine:
+    name = "null"
+
+    async def start(self) -> None:
+        pass
+
+    async def open_stream(self, call_id: str) -> NullStream:
+        return NullStream()
+
+    async def stop(self) -> None:
+        pass
+
+
+async def loop_lag(samples: list[float], stop: asyncio.Event) -> None:
+    while not stop.is_set():
+        t0 = time.perf_counter()
+        await asyncio.sleep(0.01)
+        samples.append((time.perf_counter() - t0 - 0.01) * 1000)
+
+
+def tone() -> Path:
+    wav = Path(tempfile.mkdtemp()) / "tone.wav"
+    subprocess.run(
+        ["ffmpeg", "-loglevel", "error", "-f", "lavfi", "-i", f"sine=440:d={SECONDS}", str(wav)],
+        check=True,
+    )
+    return wav
+
+
+async def server(n: int, wav: Path) -> None:
+    cfg = Config.model_validate(
+        {
+            "http": {"port": 18099},
+            "rtp": {"ports": "39900-39901"},
+            "asterisk": {"audiosocket_port": 0},
+            "calls": {"max_concurrent": n + 1},
+            "webrtc": {"interfaces": ["127.0.0.1"]},
+        }
+    )
+    app = App(cfg, engine=NullEngine())
+    await app.start()
+    lag: list[float] = []
+    stop = asyncio.Event()
+    probe = asyncio.create_task(loop_lag(lag, stop))
+    cpu0 = resource.getrusage(resource.RUSAGE_SELF)
+    clients = await asyncio.create_subprocess_exec(
+        sys.executable, __file__, "--clients", str(n), str(wav)
+    )
+    await clients.wait()
+    cpu1 = resource.getrusage(resource.RUSAGE_SELF)
+    stop.set()
+    await probe
+    await app.stop()
+    cpu = (cpu1.ru_utime - cpu0.ru_utime) + (cpu1.ru_stime - cpu0.ru_stime)
+    print(f"{n} concurrent WebRTC calls x {SECONDS} s of Opus, server side (null engine)")
+    print(f"server CPU: {cpu / n / SECONDS * 100:.2f}% of a core per call")
+    print(
+        f"event loop lag: p50 {statistics.median(lag):.2f} ms, "
+        f"p99 {np.percentile(lag, 99):.2f} ms, max {max(lag):.2f} ms"
+    )
+
+
+async def clients(n: int, wav: Path) -> None:
+    url = "http://127.0.0.1:18099/v1/whip"
+    results = await asyncio.gather(*(play(url, wav, "opus") for _ in range(n)))
+    ok = sum(r[-1]["type"] == "call.ended" for r in results)
+    audio = [r[-1]["data"]["audio_ms"] for r in results]
+    print(f"calls ended cleanly: {ok}/{n}; audio per call: min {min(audio)} ms")
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["--clients"]:
+        asyncio.run(clients(int(sys.argv[2]), Path(sys.argv[3])))
+    else:
+        asyncio.run(server(int(sys.argv[1]) if len(sys.argv) > 1 else 10, tone()))
