@@ -31,7 +31,6 @@ def test_chromium_offer_is_answered_with_opus_and_its_data_channel() -> None:
     assert plan.codec is OPUS
     assert plan.mime_type == "audio/opus"
     assert plan.kinds == ["audio", "application"]
-    assert plan.has_data_channel
 
 
 def test_the_offers_first_decodable_codec_wins() -> None:

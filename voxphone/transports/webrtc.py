@@ -40,6 +40,7 @@ from voxphone.clock import Clock
 from voxphone.config import WebRtcConfig
 from voxphone.errors import TransportError
 from voxphone.events.model import Event
+from voxphone.transports.dtmf import DTMF_KEYS
 from voxphone.transports.ice import HostBinder, Unavailable
 from voxphone.transports.webrtc_sdp import (
     OfferPlan,
@@ -53,7 +54,6 @@ log = structlog.get_logger(__name__)
 _TS_MOD = 1 << 32
 #: Events held for a data channel that has not opened yet (call.started comes first).
 _MAX_PENDING_EVENTS = 1000
-_DTMF_KEYS = frozenset("0123456789*#ABCD")
 
 
 def to_mono(frame: av.AudioFrame) -> Pcm:
@@ -181,14 +181,15 @@ class Session:
         """The browser's requests: ``{"type": "hangup"}`` or ``{"type": "dtmf", "digit": "5"}``."""
         try:
             request = json.loads(message)
-            kind = request["type"]
-        except (ValueError, TypeError, KeyError):
+            kind, digit = request["type"], str(request.get("digit", ""))
+            duration_ms = int(request.get("duration_ms", 100))
+        except (ValueError, TypeError, KeyError, AttributeError):
             log.info("webrtc_bad_message", call_id=self.call.call_id, message=str(message)[:80])
             return
         if kind == "hangup":
             self.call.end("hangup")
-        elif kind == "dtmf" and str(request.get("digit", "")) in _DTMF_KEYS:
-            self.call.dtmf(str(request["digit"]), int(request.get("duration_ms", 100)))
+        elif kind == "dtmf" and digit and digit in DTMF_KEYS:
+            self.call.dtmf(digit, duration_ms)
 
     def send(self, event: Event) -> None:
         """Push one event to the browser (held until the data channel opens)."""

@@ -38,7 +38,6 @@ class OfferPlan:
     codec: Codec
     mime_type: str  # e.g. "audio/opus", as aiortc's capabilities name it
     kinds: list[str]  # m= line kinds in order: "audio", "video", "application", ...
-    has_data_channel: bool
 
 
 def plan_offer(text: str) -> OfferPlan:
@@ -50,8 +49,7 @@ def plan_offer(text: str) -> OfferPlan:
         raise TransportError("offer has no a=fingerprint: WebRTC needs it for DTLS")
     audio = _first_audio(offer)
     codec, mime = _choose_codec(audio.rtpmap, audio.formats)
-    kinds = [m.kind for m in offer.media]
-    return OfferPlan(codec, mime, kinds, "application" in kinds)
+    return OfferPlan(codec, mime, [m.kind for m in offer.media])
 
 
 def _first_audio(offer: Offer) -> Media:
