@@ -188,7 +188,7 @@ class Session:
             return
         if kind == "hangup":
             self.call.end("hangup")
-        elif kind == "dtmf" and digit and digit in DTMF_KEYS:
+        elif kind == "dtmf" and len(digit) == 1 and digit in DTMF_KEYS:
             self.call.dtmf(digit, duration_ms)
 
     def send(self, event: Event) -> None:
