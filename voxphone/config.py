@@ -175,6 +175,9 @@ class WebRtcConfig(_Section):
     disconnect_timeout_s: float = Field(5.0, gt=0)
     #: A call with no audio frame for this long ends (``reason: no_media``): a closed tab.
     media_timeout_s: float = Field(10.0, gt=0)
+    #: Web origins whose pages may call the WHIP endpoint (CORS), e.g. ``"https://app.example.com"``
+    #: or ``"*"``; the demo page at ``/`` is same-origin and needs none.
+    cors_origins: list[str] = []
 
     _ports = field_validator("ports", mode="before")(lambda value: _port_range(value))
     _check_ports = field_validator("ports")(lambda value: _check_port_range(value))

@@ -297,3 +297,33 @@ async def test_a_full_port_range_refuses_with_503_and_leaks_nothing(
             await first.hangup(http)
             await asyncio.wait_for(first.ended.wait(), 15)
             await first.close()
+
+
+async def test_cors_lets_a_configured_origin_use_whip_with_a_token(
+    receiver: WebhookReceiver, speech: dict[str, Speech]
+) -> None:
+    cfg = config(receiver, cors_origins=["https://app.example"])
+    cfg = cfg.model_copy(update={"http": cfg.http.model_copy(update={"token": "t0k"})})
+    origin = {"Origin": "https://app.example"}
+    async for app in running(cfg):
+        async with aiohttp.ClientSession() as http:
+            preflight = {**origin, "Access-Control-Request-Method": "POST",
+                         "Access-Control-Request-Headers": "content-type,authorization"}  # fmt: skip
+            async with http.options(whip_url(app), headers=preflight) as r:
+                assert r.status == 200, await r.text()
+                assert r.headers["Access-Control-Allow-Origin"] == "https://app.example"
+            async with http.options(
+                whip_url(app), headers={**preflight, "Origin": "https://evil.example"}
+            ) as r:
+                assert "Access-Control-Allow-Origin" not in r.headers
+            body, headers = await offer_sdp(), {**origin, "Content-Type": "application/sdp"}
+            async with http.post(whip_url(app), data=body, headers=headers) as r:
+                assert r.status == 401  # CORS is no way around the token
+            headers["Authorization"] = "Bearer t0k"
+            async with http.post(whip_url(app), data=body, headers=headers) as r:
+                assert r.status == 201, await r.text()
+                assert "Location" in r.headers["Access-Control-Expose-Headers"]
+                location = r.headers["Location"]
+            base = f"http://127.0.0.1:{app.config.http.port}"
+            async with http.delete(base + location, headers=headers) as r:
+                assert r.status == 200

@@ -17,9 +17,10 @@ TOKEN = web.AppKey("token", str)
 
 @web.middleware
 async def require_token(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """``http.token``: /v1/ needs ``?token=`` or a bearer token; health and readiness do not."""
+    """``http.token``: /v1/ needs ``?token=`` or a bearer token; health and readiness do not,
+    nor CORS preflights (browsers send those without credentials)."""
     token = request.app[TOKEN]
-    if token and request.path.startswith("/v1/"):
+    if token and request.path.startswith("/v1/") and request.method != "OPTIONS":
         given = request.query.get("token") or request.headers.get("Authorization") or ""
         given = given.removeprefix("Bearer ")
         if not hmac.compare_digest(given.encode(), token.encode()):

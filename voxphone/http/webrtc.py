@@ -11,6 +11,7 @@ import json
 from importlib import resources
 from typing import Any
 
+import aiohttp_cors
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -148,9 +149,21 @@ async def static_file(request: web.Request) -> web.Response:
 
 def add_routes(app: web.Application, gateway: WebRtcGateway) -> None:
     app[GATEWAY] = gateway
-    app.router.add_post("/v1/whip", whip_offer)
-    app.router.add_patch("/v1/whip/{session_id}", whip_patch)
-    app.router.add_delete("/v1/whip/{session_id}", whip_delete)
-    app.router.add_post("/v1/webrtc/offer", json_offer)
+    signaling = [
+        app.router.add_post("/v1/whip", whip_offer),
+        app.router.add_patch("/v1/whip/{session_id}", whip_patch),
+        app.router.add_delete("/v1/whip/{session_id}", whip_delete),
+        app.router.add_post("/v1/webrtc/offer", json_offer),
+    ]
     app.router.add_get("/", demo_page)
     app.router.add_get("/static/{name}", static_file)
+    if gateway.settings.cors_origins:  # WHIP clients on other web origins
+        options = aiohttp_cors.ResourceOptions(  # type: ignore[no-untyped-call]
+            allow_headers=("Content-Type", "Authorization", "If-Match"),
+            expose_headers=("Location", "ETag", "X-Call-Id", "Link"),
+        )
+        cors = aiohttp_cors.setup(
+            app, defaults=dict.fromkeys(gateway.settings.cors_origins, options)
+        )
+        for route in signaling:
+            cors.add(route)
