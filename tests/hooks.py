@@ -37,6 +37,8 @@ class Hook:
     #: Answers used (in order) before ``status``: a status and extra response headers.
     script: list[tuple[int, dict[str, str]]] = field(default_factory=list)
     delay_s: float = 0.0
+    #: Per-request delays used (in order) before ``delay_s``.
+    delays: list[float] = field(default_factory=list)
     port: int = field(default_factory=free_tcp_port)
     accepted: list[dict[str, Any]] = field(default_factory=list)
     attempts: list[Attempt] = field(default_factory=list)
@@ -63,8 +65,9 @@ class Hook:
 
     async def _handle(self, request: web.Request) -> web.Response:
         body = await request.read()
-        if self.delay_s:
-            await asyncio.sleep(self.delay_s)
+        delay = self.delays.pop(0) if self.delays else self.delay_s
+        if delay:
+            await asyncio.sleep(delay)
         status, headers = self.script.pop(0) if self.script else (self.status, {})
         loop = asyncio.get_running_loop()
         self.attempts.append(Attempt(request.headers["webhook-id"], loop.time(), status))

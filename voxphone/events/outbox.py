@@ -258,7 +258,7 @@ class Outbox:
         if len(ops) > 1:
             return all([self._commit(db, [op]) for op in ops])
         log.error("outbox_op_refused", error=repr(exc), op=type(ops[0]).__name__)
-        if isinstance(ops[0], _Replay | _Call):
+        if isinstance(ops[0], _Replay | _Call) and not ops[0].done.done():
             ops[0].done.set_exception(exc)
         return True
 
@@ -276,7 +276,7 @@ class Outbox:
         new = [r for r in done if isinstance(r, tuple)]
         self.stats.committed += len(new)
         for op, result in zip(ops, done, strict=True):
-            if isinstance(op, _Replay | _Call):
+            if isinstance(op, _Replay | _Call) and not op.done.done():  # not cancelled
                 op.done.set_result(result)  # type: ignore[arg-type]
         if new and self._loop is not None:
             # A closed loop: they stay pending for the next start.
