@@ -342,10 +342,11 @@ class NatsConfig(DeliveryPolicy):
     create_stream: bool = True
     #: Seconds to wait for JetStream's publish acknowledgement.
     ack_timeout_s: float = Field(5.0, gt=0)
-    #: Deltas are part of the record in a stream: keep them longer than for webhooks.
+    #: A stream is the record: deltas are kept longer than for webhooks, and not coalesced.
     horizons_s: dict[str, float] = Field(
         default_factory=lambda: {**EVENT_HORIZONS, "transcript.delta": 3600.0}
     )
+    coalesce_deltas: bool = False
 
     @field_validator("url")
     @classmethod

@@ -58,6 +58,7 @@ class NatsTransport:
                 servers=[u.strip() for u in (self._config.url or "").split(",")],
                 max_reconnect_attempts=-1, reconnect_time_wait=0.5,
                 connect_timeout=self._config.ack_timeout_s, allow_reconnect=True,
+                error_cb=_log_error, disconnected_cb=_log_disconnected,
             )  # fmt: skip
             js = nc.jetstream()
             try:
@@ -84,3 +85,11 @@ class NatsTransport:
         if self._nc is not None:
             await self._nc.close()
         self._nc = self._js = None
+
+
+async def _log_error(exc: Exception) -> None:
+    log.warning("nats_error", error=f"{type(exc).__name__}: {exc}")
+
+
+async def _log_disconnected() -> None:
+    log.warning("nats_disconnected")
