@@ -278,8 +278,11 @@ class DeliveryPolicy(_Section):
     max_attempts: int = Field(0, ge=0)
     #: Seconds after an event was made that its delivery is given up, by type (``*`` = others).
     horizons_s: dict[str, float] = Field(default_factory=lambda: dict(EVENT_HORIZONS))
-    #: Under backlog, merge consecutive not-yet-tried ``transcript.delta`` events of a call.
+    #: Under backlog (the oldest waiting delta is ``coalesce_after_s`` old), merge a call's
+    #: consecutive not-yet-tried ``transcript.delta`` events into one, so a slow receiver
+    #: catches up instead of drowning.
     coalesce_deltas: bool = True
+    coalesce_after_s: float = Field(2.0, ge=0)
 
     @field_validator("horizons_s")
     @classmethod

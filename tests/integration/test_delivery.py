@@ -96,7 +96,9 @@ async def test_receiver_down_during_20_calls_then_back(tmp_path: Path) -> None:
     rng = random.Random(8)
     try:
         async with service(
-            tmp_path, endpoint("crm", down), endpoint("bulk", flaky, mode="parallel")
+            tmp_path,
+            endpoint("crm", down, coalesce_after_s=0.2),
+            endpoint("bulk", flaky, mode="parallel"),
         ) as svc:
             calls = asyncio.gather(*(synthetic_call(svc, f"call_{i}", rng) for i in range(20)))
             await asyncio.sleep(1.0)

@@ -14,10 +14,11 @@ import asyncio
 import contextlib
 import random
 from collections import deque
+from collections.abc import Coroutine
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from email.utils import parsedate_to_datetime
-from typing import Protocol
+from typing import Any, Protocol
 
 import structlog
 
@@ -141,14 +142,13 @@ class DeliveryStats:
     in_flight: int = 0
 
 
-@dataclass
-class _Lane:
-    jobs: deque[Job] = field(default_factory=deque)
-    task: asyncio.Task[None] | None = None
-
-
 class Deliverer:
-    """Delivers one destination's events; see the module docstring."""
+    """Delivers one destination's events; see the module docstring.
+
+    ``ordered``: a task per call with pending events works through them in order, sleeping
+    out its head's backoff. ``parallel``: ``concurrency`` workers take events from one queue;
+    a failed one goes back on it when its backoff is over, so it holds up nothing else.
+    """
 
     def __init__(
         self,
@@ -169,8 +169,14 @@ class Deliverer:
         self._disable_on_gone = disable_on_gone
         self._rng = rng or random.Random()
         self._sem = asyncio.Semaphore(policy.concurrency)
-        self._lanes: dict[str, _Lane] = {}
+        self._lanes: dict[str, deque[Job]] = {}
+        self._ready: deque[Job] = deque()
+        self._wake = asyncio.Event()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._timers: dict[int, asyncio.TimerHandle] = {}
         self._queued: set[int] = set()
+        self._drained = asyncio.Event()
+        self._drained.set()
         self._enabled = asyncio.Event()
         self._enabled.set()
         self.disabled: str | None = None
@@ -188,11 +194,28 @@ class Deliverer:
         if stored.pos in self._queued:
             return
         self._queued.add(stored.pos)
-        key = stored.event.call_id if self.policy.mode == "ordered" else str(stored.pos)
-        lane = self._lanes.setdefault(key, _Lane())
-        lane.jobs.append(Job(stored, attempts))
-        if lane.task is None:
-            lane.task = asyncio.create_task(self._run(key, lane), name=f"deliver-{self.name}")
+        self._drained.clear()
+        job = Job(stored, attempts)
+        if self.policy.mode == "parallel":
+            self._ready.append(job)
+            self._wake.set()
+            while len(self._tasks) < self.policy.concurrency and len(self._tasks) < self.pending:
+                self._spawn(self._work())
+            return
+        lane = self._lanes.get(stored.event.call_id)
+        if lane is None:
+            lane = self._lanes[stored.event.call_id] = deque()
+            self._spawn(self._lane(stored.event.call_id, lane))
+        lane.append(job)
+
+    async def drained(self) -> None:
+        """Until nothing is pending (delivered or given up)."""
+        await self._drained.wait()
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(coro, name=f"deliver-{self.name}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     def disable(self, reason: str, persist: bool = True) -> None:
         """Stop delivering (until ``enable``); pending events wait in the outbox."""
@@ -213,56 +236,72 @@ class Deliverer:
         self._outbox.call(lambda db: db.execute("DELETE FROM endpoints WHERE name=?", (self.name,)))
 
     async def close(self, timeout_s: float) -> None:
-        """Let lanes finish for up to ``timeout_s``; what is left stays pending in the outbox."""
-        tasks = [lane.task for lane in self._lanes.values() if lane.task is not None]
-        if tasks:
-            _, rest = await asyncio.wait(tasks, timeout=timeout_s)
-            for task in rest:
-                task.cancel()
-            for task in rest:
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+        """Let deliveries finish for up to ``timeout_s``; what is left stays pending."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._drained.wait(), timeout_s)
+        for timer in self._timers.values():
+            timer.cancel()
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         await self.transport.close()
 
-    async def _run(self, key: str, lane: _Lane) -> None:
+    async def _lane(self, call_id: str, jobs: deque[Job]) -> None:
         try:
-            while lane.jobs:
+            while jobs:
                 await self._enabled.wait()
-                await self._step(lane.jobs)
+                self._merge(jobs)
+                async with self._sem:
+                    delay = await self._try(jobs[0])
+                if delay is None:
+                    jobs.popleft()
+                else:
+                    await asyncio.sleep(delay)
         finally:
-            lane.task = None
-            if not lane.jobs:
-                self._lanes.pop(key, None)
+            del self._lanes[call_id]
 
-    async def _step(self, jobs: deque[Job]) -> None:
-        """Try the lane's head once; pop it when it is done with (delivered or given up)."""
-        self._merge(jobs)
-        job = jobs[0]
+    async def _work(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            while not self._ready:
+                self._wake.clear()
+                await self._wake.wait()
+            await self._enabled.wait()
+            if not self._ready:
+                continue
+            job = self._ready.popleft()
+            delay = await self._try(job)
+            if delay is not None:
+                self._timers[job.stored.pos] = loop.call_later(delay, self._requeue, job)
+
+    def _requeue(self, job: Job) -> None:
+        self._timers.pop(job.stored.pos, None)
+        self._ready.append(job)
+        self._wake.set()
+
+    async def _try(self, job: Job) -> float | None:
+        """One attempt; the delay before the next, or None when the job is done with."""
         if self._past_horizon(job.stored):
-            self._finish(jobs, EXPIRED if _is_delta(job) else FAILED, "past its horizon")
-            return
-        async with self._sem:
-            self.stats.in_flight += 1
-            try:
-                result = await self.transport.send(job.stored)
-            finally:
-                self.stats.in_flight -= 1
+            self._finish(job, EXPIRED if _is_delta(job) else FAILED, "past its horizon")
+            return None
+        self.stats.in_flight += 1
+        try:
+            result = await self.transport.send(job.stored)
+        finally:
+            self.stats.in_flight -= 1
         job.attempts += 1
         if isinstance(result, Sent):
-            self._finish(jobs, DELIVERED, None)
-        else:
-            await self._failed(jobs, result)
+            self._finish(job, DELIVERED, None)
+            return None
+        return self._failed(job, result)
 
-    async def _failed(self, jobs: deque[Job], result: Retry | Gone) -> None:
-        job = jobs[0]
+    def _failed(self, job: Job, result: Retry | Gone) -> float | None:
         if isinstance(result, Gone) and self._disable_on_gone:
             self.disable(f"{result.error} at {self._clock.now().isoformat()}")
-        if isinstance(result, Gone) and not self._disable_on_gone:
-            self._finish(jobs, FAILED, result.error)
-            return
-        if 0 < self.policy.max_attempts <= job.attempts:
-            self._finish(jobs, FAILED, result.error)
-            return
+        elif isinstance(result, Gone) or 0 < self.policy.max_attempts <= job.attempts:
+            self._finish(job, FAILED, result.error)
+            return None
         self.stats.retries += 1
         self._outbox.record(
             Outcome(self.name, job.stored.pos, "pending", job.attempts, result.error)
@@ -273,11 +312,14 @@ class Deliverer:
             after = backoff_s(job.attempts, p.retry_base_s, p.retry_max_s, self._rng)
         log.info("delivery_retry", endpoint=self.name, error=result.error, retry_in_s=after,
                  event_id=job.stored.event.id, attempts=job.attempts)  # fmt: skip
-        await asyncio.sleep(after)
+        return after
 
     def _merge(self, jobs: deque[Job]) -> None:
         """Under backlog, fold untried deltas of one segment at the lane's head into one job."""
         if not self.policy.coalesce_deltas or not _untried_delta(jobs[0]):
+            return
+        age = self._clock.now().timestamp() - jobs[0].stored.created
+        if age < self.policy.coalesce_after_s:
             return
         segment = jobs[0].stored.event.data.get("segment_id")
         run = 1
@@ -290,11 +332,12 @@ class Deliverer:
         folded = [jobs.popleft().stored for _ in range(run)]
         jobs.appendleft(Job(coalesce(folded), folded=folded[:-1]))
 
-    def _finish(self, jobs: deque[Job], status: str, err: str | None) -> None:
-        job = jobs.popleft()
-        self._queued.discard(job.stored.pos)
-        for s in job.folded:
+    def _finish(self, job: Job, status: str, err: str | None) -> None:
+        for s in [*job.folded, job.stored]:
             self._queued.discard(s.pos)
+        if not self._queued:
+            self._drained.set()
+        for s in job.folded:
             self._outbox.record(Outcome(self.name, s.pos, COALESCED, 0))
         self.stats.coalesced += len(job.folded)
         self._outbox.record(Outcome(self.name, job.stored.pos, status, job.attempts, err))

@@ -240,7 +240,7 @@ class Outbox:
         first_pos = self._next_pos
         try:
             db.execute("BEGIN IMMEDIATE")
-            done = [self._apply(db, op) for op in ops]
+            done = self._apply_all(db, ops)
             db.execute("COMMIT")
         except Exception as exc:
             self._next_pos = first_pos
@@ -287,42 +287,58 @@ class Outbox:
         for listener in self.listeners:
             listener(batch)
 
-    def _apply(self, db: sqlite3.Connection, op: _Op) -> object:
-        if isinstance(op, Event):
-            return self._insert(db, op)
-        if isinstance(op, Outcome):
-            db.execute(
-                "UPDATE deliveries SET status=?, attempts=?, last_error=?, updated=? "
-                "WHERE endpoint=? AND pos=?",
-                (
-                    op.status,
-                    op.attempts,
-                    op.error,
-                    self._clock.now().timestamp(),
-                    op.endpoint,
-                    op.pos,
-                ),
-            )
-            return None
-        if isinstance(op, _Replay):
-            return _replay(db, op)
-        assert isinstance(op, _Call)
-        return op.fn(db)
+    def _apply_all(self, db: sqlite3.Connection, ops: Sequence[_Op]) -> list[object]:
+        """Apply ``ops`` in order, with runs of events and outcomes written by ``executemany``
+        (the writer holds the GIL the event loop needs: the less Python per row the better)."""
+        rows = _Rows()
+        done: list[object] = []
+        for op in ops:
+            if isinstance(op, Event):
+                done.append(self._row(rows, op))
+            elif isinstance(op, Outcome):
+                now = self._clock.now().timestamp()
+                rows.outcomes.append((op.status, op.attempts, op.error, now, op.endpoint, op.pos))
+                done.append(None)
+            elif isinstance(op, _Replay):
+                rows.write(db)
+                done.append(_replay(db, op))
+            elif isinstance(op, _Call):
+                rows.write(db)
+                done.append(op.fn(db))
+        rows.write(db)
+        return done
 
-    def _insert(self, db: sqlite3.Connection, event: Event) -> tuple[Stored, list[str]]:
+    def _row(self, rows: _Rows, event: Event) -> tuple[Stored, list[str]]:
         body = event.to_json()
         created = datetime.fromisoformat(event.timestamp).timestamp()
         pos, self._next_pos = self._next_pos, self._next_pos + 1
-        db.execute(
-            "INSERT INTO events VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (pos, event.id, event.type, event.call_id, event.seq, created, body),
-        )
+        rows.events.append((pos, event.id, event.type, event.call_id, event.seq, created, body))
         targets = self._select(event, event.call_id in self.routes)
-        db.executemany(
-            "INSERT INTO deliveries (endpoint, pos, status) VALUES (?, ?, 'pending')",
-            [(name, pos) for name in targets],
-        )
+        rows.deliveries += [(name, pos) for name in targets]
         return Stored(pos, event, body, created), targets
+
+
+@dataclass
+class _Rows:
+    events: list[tuple[object, ...]] = field(default_factory=list)
+    deliveries: list[tuple[str, int]] = field(default_factory=list)
+    outcomes: list[tuple[object, ...]] = field(default_factory=list)
+
+    def write(self, db: sqlite3.Connection) -> None:
+        if self.events:
+            db.executemany("INSERT INTO events VALUES (?, ?, ?, ?, ?, ?, ?)", self.events)
+        if self.deliveries:
+            db.executemany(
+                "INSERT INTO deliveries (endpoint, pos, status) VALUES (?, ?, 'pending')",
+                self.deliveries,
+            )
+        if self.outcomes:
+            db.executemany(
+                "UPDATE deliveries SET status=?, attempts=?, last_error=?, updated=? "
+                "WHERE endpoint=? AND pos=?",
+                self.outcomes,
+            )
+        self.events, self.deliveries, self.outcomes = [], [], []
 
 
 def _replay(db: sqlite3.Connection, op: _Replay) -> list[Stored]:

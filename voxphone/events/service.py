@@ -62,7 +62,7 @@ class EventService:
             shorthand = HttpTransport(_fixed(hook.url), secrets, clock, hook.timeout_s)
             dests.append(_Dest(DEFAULT, DeliveryPolicy(), shorthand))
         for ep in cfg.webhooks:
-            http = HttpTransport(_fixed(ep.url), ep.secrets, clock, ep.timeout_s, ep.concurrency)
+            http = HttpTransport(_fixed(ep.url), ep.secrets, clock, ep.timeout_s)
             dests.append(_Dest(ep.name, ep, http))
         if cfg.nats.url:
             from voxphone.events.nats import NatsTransport

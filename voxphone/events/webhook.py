@@ -14,11 +14,10 @@ import hmac
 from collections.abc import Callable, Sequence
 from datetime import datetime
 
-import aiohttp
-
 from voxphone.clock import Clock
 from voxphone.errors import ConfigError
 from voxphone.events.delivery import Gone, Result, Retry, Sent, parse_retry_after
+from voxphone.events.http1 import Http1Client, HttpError
 from voxphone.events.outbox import Stored
 
 SECRET_PREFIX = "whsec_"
@@ -76,14 +75,11 @@ class HttpTransport:
         secrets: Sequence[str],
         clock: Clock,
         timeout_s: float,
-        concurrency: int = 100,
     ) -> None:
         self._url_for = url_for
         self._keys = [decode_secret(s) for s in secrets]
         self._clock = clock
-        self._timeout = aiohttp.ClientTimeout(total=timeout_s)
-        self._limit = concurrency
-        self._session: aiohttp.ClientSession | None = None
+        self._http = Http1Client(timeout_s)
 
     async def send(self, stored: Stored) -> Result:
         url = self._url_for(stored.event.call_id)
@@ -92,18 +88,10 @@ class HttpTransport:
         now = self._clock.now()
         headers = signed_headers(self._keys, stored.event.id, int(now.timestamp()), stored.body)
         try:
-            async with self._http().post(url, data=stored.body, headers=headers) as resp:
-                await resp.read()
-                return classify(resp.status, resp.headers.get("Retry-After"), self._clock.now())
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            return Retry(f"{type(exc).__name__}: {exc}".rstrip(": "))
-
-    def _http(self) -> aiohttp.ClientSession:
-        if self._session is None:
-            connector = aiohttp.TCPConnector(limit=self._limit)
-            self._session = aiohttp.ClientSession(timeout=self._timeout, connector=connector)
-        return self._session
+            resp = await self._http.post(url, headers, stored.body)
+        except HttpError as exc:
+            return Retry(str(exc))
+        return classify(resp.status, resp.headers.get("retry-after"), now)
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
+        await self._http.close()
