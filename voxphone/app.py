@@ -10,6 +10,7 @@ import socket
 import structlog
 from aiohttp import web
 
+from voxphone import metrics
 from voxphone.audio.codecs import Codec
 from voxphone.call import Call, CallRegistry
 from voxphone.clock import Clock, SystemClock
@@ -94,6 +95,7 @@ class App:
         app[STEREO_BOTH] = self.config.media_streams.stereo == "both"
         add_routes(app, self.rtp, self._advertise_host(), self.events)
         events_api.add_routes(app, self.events)
+        metrics.add_routes(app, self.events, self.registry)
         app[PROBLEMS].append(lambda: self.events.problem)
         app.router.add_get("/v1/media/asterisk", chan_websocket)
         app.router.add_get("/v1/media/twilio", twilio)

@@ -112,6 +112,10 @@ async def test_an_unwritable_outbox_is_loud_and_audio_keeps_flowing(tmp_path: Pa
         async with aiohttp.ClientSession() as http:
             body = await until_status(http, ready_url, 503)
             assert body["status"] == "degraded" and "locked" in body["reason"]
+            async with http.get(f"http://127.0.0.1:{serve.http_port}/metrics") as r:
+                scraped = await r.text()
+            assert "voxphone_outbox_healthy 0.0" in scraped
+            assert "voxphone_outbox_write_errors_total 0.0" not in scraped
             calls_url = f"http://127.0.0.1:{serve.http_port}/v1/calls"
             first = await audio_ms(http, calls_url)
             await until_more_audio(http, calls_url, first)
