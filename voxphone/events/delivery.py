@@ -237,8 +237,9 @@ class Deliverer:
 
     async def close(self, timeout_s: float) -> None:
         """Let deliveries finish for up to ``timeout_s``; what is left stays pending."""
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._drained.wait(), timeout_s)
+        if self.disabled is None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._drained.wait(), timeout_s)
         for timer in self._timers.values():
             timer.cancel()
         tasks = list(self._tasks)
