@@ -180,6 +180,7 @@ class Deliverer:
         self._enabled = asyncio.Event()
         self._enabled.set()
         self.disabled: str | None = None
+        self._failing = False
         self.stats = DeliveryStats()
 
     def wants(self, event: Event) -> bool:
@@ -311,8 +312,11 @@ class Deliverer:
         if after is None:
             p = self.policy
             after = backoff_s(job.attempts, p.retry_base_s, p.retry_max_s, self._rng)
-        log.info("delivery_retry", endpoint=self.name, error=result.error, retry_in_s=after,
-                 event_id=job.stored.event.id, attempts=job.attempts)  # fmt: skip
+        if not self._failing:  # once per outage, not once per retry
+            log.warning("endpoint_failing", endpoint=self.name, error=result.error)
+            self._failing = True
+        log.debug("delivery_retry", endpoint=self.name, error=result.error, retry_in_s=after,
+                  event_id=job.stored.event.id, attempts=job.attempts)  # fmt: skip
         return after
 
     def _merge(self, jobs: deque[Job]) -> None:
@@ -344,6 +348,9 @@ class Deliverer:
         self._outbox.record(Outcome(self.name, job.stored.pos, status, job.attempts, err))
         if status == DELIVERED:
             self.stats.delivered += 1
+            if self._failing:
+                log.info("endpoint_recovered", endpoint=self.name)
+                self._failing = False
             return
         if status == EXPIRED:
             self.stats.expired += 1
