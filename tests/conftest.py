@@ -46,6 +46,12 @@ def require(tool: str) -> str:
     return path
 
 
+@pytest.fixture(autouse=True)
+def _outbox_in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every `voxphone serve` a test starts keeps its event outbox in the test's own folder."""
+    monkeypatch.setenv("VOXPHONE_OUTBOX__PATH", str(tmp_path / "events.db"))
+
+
 @pytest.fixture(scope="session")
 def speech(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Speech]:
     flite = require("flite")

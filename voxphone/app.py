@@ -10,6 +10,7 @@ import socket
 import structlog
 from aiohttp import web
 
+from voxphone import metrics
 from voxphone.audio.codecs import Codec
 from voxphone.call import Call, CallRegistry
 from voxphone.clock import Clock, SystemClock
@@ -17,9 +18,10 @@ from voxphone.config import Config
 from voxphone.engines import create_engine
 from voxphone.engines.base import Engine
 from voxphone.events.model import Event, EventSink, FanOut
-from voxphone.events.webhook import WebhookRouter, WebhookSink
+from voxphone.events.service import EventService
+from voxphone.http import events as events_api
 from voxphone.http import webrtc as webrtc_http
-from voxphone.http.api import create_app
+from voxphone.http.api import PROBLEMS, create_app
 from voxphone.http.calls import add_routes
 from voxphone.transports.asterisk import AudioSocketServer, chan_websocket
 from voxphone.transports.mediastream import (
@@ -51,12 +53,8 @@ class App:
         self.config = config
         self.clock = clock or SystemClock()
         self.engine = engine or create_engine(config)
-        hook = config.webhook
-        default = (
-            WebhookSink(hook.url, hook.secret, self.clock, hook.timeout_s) if hook.url else None
-        )
-        self.webhooks = WebhookRouter(default, hook.secret, self.clock)
-        sinks: list[EventSink] = [EventLog(), self.webhooks]
+        self.events = EventService(config, self.clock)
+        sinks: list[EventSink] = [EventLog(), self.events]
         self.sinks = FanOut(sinks)
         self.registry = CallRegistry(
             self.engine,
@@ -97,14 +95,17 @@ class App:
 
     async def start(self) -> None:
         await self.engine.start()
-        await self.webhooks.start()
+        await self.events.start()
         await self.rtp.start()
         if self.audiosocket is not None:
             await self.audiosocket.start()
         app = create_app(self.registry, self.config.http.token)
         app[TWILIO_AUTH] = (self.config.twilio.auth_token or "", self.config.http.public_url or "")
         app[STEREO_BOTH] = self.config.media_streams.stereo == "both"
-        add_routes(app, self.rtp, self._advertise_host(), self.webhooks)
+        add_routes(app, self.rtp, self._advertise_host(), self.events)
+        events_api.add_routes(app, self.events)
+        metrics.add_routes(app, self.events, self.registry)
+        app[PROBLEMS].append(lambda: self.events.problem)
         app.router.add_get("/v1/media/asterisk", chan_websocket)
         app.router.add_get("/v1/media/twilio", twilio)
         app.router.add_get("/v1/media/telnyx", telnyx)
@@ -123,6 +124,8 @@ class App:
             engine=self.engine.name,
             webhook=self.config.webhook.url,
             demo=f"http://localhost:{self.config.http.port}/" if self.webrtc else None,
+            outbox=str(self.events.outbox.path),
+            endpoints=sorted(self.events.deliverers),
         )
 
     def _advertise_host(self) -> str:
@@ -144,7 +147,7 @@ class App:
             await self.webrtc.close_all()
         if self.audiosocket is not None:
             await self.audiosocket.stop()
-        await self.webhooks.close()
+        await self.events.stop()
         if self._runner is not None:
             await self._runner.cleanup()
         await self.engine.stop()

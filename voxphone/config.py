@@ -297,13 +297,117 @@ class WebhookConfig(_Section):
     @field_validator("secret")
     @classmethod
     def _check_secret(cls, value: str | None) -> str | None:
-        if value:
-            from voxphone.events.webhook import decode_secret
+        return _check_secret_value(value) if value else None
 
-            try:
-                decode_secret(value)
-            except ConfigError as exc:
-                raise ValueError(str(exc)) from None
+
+EVENT_HORIZONS: dict[str, float] = {"transcript.delta": 10.0, "*": 3 * 86400.0}
+
+
+def _check_secret_value(value: str) -> str:
+    from voxphone.events.webhook import decode_secret
+
+    try:
+        decode_secret(value)
+    except ConfigError as exc:
+        raise ValueError(str(exc)) from None
+    return value
+
+
+class DeliveryPolicy(_Section):
+    """How one destination is delivered to: ordering, concurrency, retries and their horizons."""
+
+    #: Events of these types only (``call.*`` matches a prefix); empty = every type.
+    types: list[str] = []
+    #: ``ordered``: one event in flight per call, the next waits (FIFO per call);
+    #: ``parallel``: every event on its own, as fast as the destination takes them.
+    mode: Literal["ordered", "parallel"] = "ordered"
+    #: Attempts in flight at once to this destination, over all calls.
+    concurrency: int = Field(32, ge=1, le=10_000)
+    #: Backoff before retry n is ``retry_base_s * 2**(n-1)``, capped, with jitter.
+    retry_base_s: float = Field(1.0, gt=0)
+    retry_max_s: float = Field(600.0, gt=0)
+    #: Give up after this many attempts (0 = only the horizon limits retries).
+    max_attempts: int = Field(0, ge=0)
+    #: Seconds after an event was made that its delivery is given up, by type (``*`` = others).
+    horizons_s: dict[str, float] = Field(default_factory=lambda: dict(EVENT_HORIZONS))
+    #: Under backlog (the oldest waiting delta is ``coalesce_after_s`` old), merge a call's
+    #: consecutive not-yet-tried ``transcript.delta`` events into one, so a slow receiver
+    #: catches up instead of drowning.
+    coalesce_deltas: bool = True
+    coalesce_after_s: float = Field(2.0, ge=0)
+
+    @field_validator("horizons_s")
+    @classmethod
+    def _check_horizons(cls, value: dict[str, float]) -> dict[str, float]:
+        if any(v <= 0 for v in value.values()):
+            raise ValueError("horizons must be positive seconds")
+        return {**EVENT_HORIZONS, **value}
+
+
+class EndpointConfig(DeliveryPolicy):
+    """One webhook endpoint (a ``[[webhooks]]`` entry)."""
+
+    #: Stable name: the outbox keeps delivery state under it and the API addresses it by it.
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    url: str = Field(pattern=r"^https?://")
+    #: ``whsec_…`` keys; during a rotation list new and old: every request carries one
+    #: ``v1,`` signature per key. Empty = unsigned.
+    secrets: list[str] = []
+    timeout_s: float = Field(15.0, gt=0)
+
+    @field_validator("secrets")
+    @classmethod
+    def _check_secrets(cls, value: list[str]) -> list[str]:
+        return [_check_secret_value(s) for s in value]
+
+
+class OutboxConfig(_Section):
+    """The durable event outbox (SQLite, WAL): every event is committed before delivery."""
+
+    #: Database file; default ``$XDG_DATA_HOME/voxphone/events.db`` (~/.local/share/…).
+    path: Path | None = None
+    #: ``FULL``: each commit is fsynced (survives power loss); ``NORMAL``: survives a crash of
+    #: the process but a power cut may lose the last commits.
+    synchronous: Literal["FULL", "NORMAL"] = "FULL"
+    #: How long a write waits for a lock held by someone else before counting as failed.
+    busy_timeout_ms: int = Field(2000, ge=0)
+    #: Delivered events older than this are deleted (compaction runs hourly).
+    retention_h: float = Field(72.0, gt=0)
+    #: Events held in memory while the database can't be written; past it, new events are
+    #: dropped (counted and logged as errors).
+    max_backlog: int = Field(1_000_000, ge=1)
+
+    def resolved_path(self, environ: Mapping[str, str] | None = None) -> Path:
+        if self.path is not None:
+            return self.path
+        env = os.environ if environ is None else environ
+        base = env.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+        return Path(base) / "voxphone" / "events.db"
+
+
+class NatsConfig(DeliveryPolicy):
+    """NATS JetStream: one shared, durable stream for a fleet of voxphone processes."""
+
+    #: ``nats://host:4222`` (several comma-separated); unset = no NATS sink.
+    url: str | None = None
+    stream: str = Field("VOXPHONE", pattern=r"^[A-Za-z0-9_-]+$")
+    #: Events go to ``<subject_prefix>.<type>`` (``voxphone.events.transcript.final``).
+    subject_prefix: str = Field("voxphone.events", pattern=r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$")
+    #: Create the stream (file storage, the prefix's subjects) when it does not exist.
+    create_stream: bool = True
+    #: Seconds to wait for JetStream's publish acknowledgement.
+    ack_timeout_s: float = Field(5.0, gt=0)
+    #: A stream is the record: deltas are kept longer than for webhooks, and not coalesced.
+    horizons_s: dict[str, float] = Field(
+        default_factory=lambda: {**EVENT_HORIZONS, "transcript.delta": 3600.0}
+    )
+    coalesce_deltas: bool = False
+
+    @field_validator("url")
+    @classmethod
+    def _check_url(cls, value: str | None) -> str | None:
+        if value and not all(u.strip().startswith(("nats://", "tls://")) for u in value.split(",")):
+            raise ValueError(f"expected nats:// or tls:// URLs, got {value!r}")
         return value or None
 
 
@@ -325,6 +429,9 @@ class Config(_Section):
     webrtc: WebRtcConfig = WebRtcConfig()
     engine: EngineConfig = EngineConfig()
     webhook: WebhookConfig = WebhookConfig()
+    webhooks: list[EndpointConfig] = []
+    outbox: OutboxConfig = OutboxConfig()
+    nats: NatsConfig = NatsConfig()
     log: LogConfig = LogConfig()
 
     @model_validator(mode="after")
@@ -335,6 +442,12 @@ class Config(_Section):
                 f"engine.vllm.max_num_seqs ({seqs}) is below calls.max_concurrent "
                 f"({self.calls.max_concurrent}): each call holds one vLLM slot"
             )
+        names = [w.name for w in self.webhooks]
+        for reserved in ("default", "call", "nats"):
+            if reserved in names:
+                raise ValueError(f"webhooks: the name {reserved!r} is reserved")
+        if len(set(names)) != len(names):
+            raise ValueError(f"webhooks: names must be unique, got {names}")
         return self
 
 

@@ -56,6 +56,19 @@ def test_layers_file_then_env_then_flags(tmp_path: Path) -> None:
         ),
         ("[webrtc]\nice_servers = [{urls = []}]\n", r"webrtc.ice_servers.0.urls: .*at least 1"),
         ("[webrtc]\nmedia_timeout_s = 0\n", r"webrtc.media_timeout_s: .*greater than 0"),
+        ('[[webhooks]]\nname = "a"\nurl = "ftp://x"\n', r"webhooks.0.url: String should match"),
+        (
+            '[[webhooks]]\nname = "a"\nurl = "http://x"\nsecrets = ["nope!"]\n',
+            r"webhooks.0.secrets: .*not base64",
+        ),
+        ('[[webhooks]]\nname = "a"\nurl = "http://x"\nmode = "fifo"\n', r"webhooks.0.mode: "),
+        ('[[webhooks]]\nname = "call"\nurl = "http://x"\n', r"'call' is reserved"),
+        (
+            '[[webhooks]]\nname="a"\nurl="http://x"\n[[webhooks]]\nname="a"\nurl="http://y"\n',
+            r"names must be unique",
+        ),
+        ('[nats]\nurl = "http://x:4222"\n', r"nats.url: .*expected nats://"),
+        ('[outbox]\nsynchronous = "OFF"\n', r"outbox.synchronous: "),
     ],
 )
 def test_bad_config_names_the_key(tmp_path: Path, toml: str, message: str) -> None:
@@ -103,3 +116,21 @@ def test_bad_payload_types(types: dict[str, str], message: str) -> None:
 def test_bad_environment_override_is_reported_by_key() -> None:
     with pytest.raises(ConfigError, match="calls.max_concurrent: Input should be greater"):
         load_config(environ={"VOXPHONE_CALLS__MAX_CONCURRENT": "0"})
+
+
+def test_webhook_endpoints_from_file_and_environment(tmp_path: Path) -> None:
+    f = tmp_path / "v.toml"
+    f.write_text(
+        '[[webhooks]]\nname = "crm"\nurl = "https://crm/hooks"\ntypes = ["call.*"]\n'
+        'mode = "parallel"\nhorizons_s = { "call.ended" = 600.0 }\n'
+    )
+    env = {"VOXPHONE_OUTBOX__PATH": str(tmp_path / "e.db"), "VOXPHONE_NATS__URL": "nats://n:4222"}
+    c = load_config(f, environ=env)
+    (crm,) = c.webhooks
+    assert (crm.name, crm.mode, crm.types) == ("crm", "parallel", ["call.*"])
+    assert crm.horizons_s == {"transcript.delta": 10.0, "*": 259200.0, "call.ended": 600.0}
+    assert c.outbox.resolved_path() == tmp_path / "e.db"
+    assert c.nats.url == "nats://n:4222" and not c.nats.coalesce_deltas
+    assert load_config(environ={}).outbox.resolved_path({"XDG_DATA_HOME": "/d"}) == Path(
+        "/d/voxphone/events.db"
+    )

@@ -13,6 +13,8 @@ from voxphone.call import CallRegistry
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 REGISTRY = web.AppKey("registry", CallRegistry)
 TOKEN = web.AppKey("token", str)
+#: Checks that make the service not ready: each returns why, or None when all is well.
+PROBLEMS = web.AppKey("problems", list[Callable[[], str | None]])
 
 
 @web.middleware
@@ -32,6 +34,7 @@ def create_app(registry: CallRegistry, token: str | None = None) -> web.Applicat
     app = web.Application(middlewares=[require_token])
     app[TOKEN] = token or ""
     app[REGISTRY] = registry
+    app[PROBLEMS] = []
     app.router.add_get("/health", health)
     app.router.add_get("/ready", ready)
     app.router.add_get("/v1/calls", list_calls)
@@ -44,15 +47,20 @@ async def health(request: web.Request) -> web.Response:
 
 
 async def ready(request: web.Request) -> web.Response:
-    """Readiness: 200 while accepting calls, 503 once draining (take us out of rotation)."""
+    """Readiness: 200 while accepting calls, 503 once draining or while something is broken
+    (the outbox can't write): take us out of rotation, and ``reason`` says why."""
     registry = request.app[REGISTRY]
+    problems = [p for p in (check() for check in request.app[PROBLEMS]) if p]
+    ok = registry.accepting and not problems
     body = {
-        "status": "ready" if registry.accepting else "draining",
+        "status": "ready" if ok else ("draining" if not registry.accepting else "degraded"),
         "engine": registry.engine.name,
         "active_calls": len(registry.calls),
         "max_calls": registry.max_concurrent,
     }
-    return web.json_response(body, status=200 if registry.accepting else 503)
+    if problems:
+        body["reason"] = "; ".join(problems)
+    return web.json_response(body, status=200 if ok else 503)
 
 
 async def list_calls(request: web.Request) -> web.Response:

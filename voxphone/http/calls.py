@@ -17,14 +17,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from voxphone.audio.codecs import STATIC_PAYLOAD_TYPES, Codec, codec_by_name
 from voxphone.call import Call, new_call_id
 from voxphone.errors import DecodeError, TransportError
-from voxphone.events.webhook import WebhookRouter
+from voxphone.events.service import EventService
 from voxphone.http.api import REGISTRY
 from voxphone.transports.rtp import Reservation, RtpPort, RtpServer
 from voxphone.transports.sdp import answer, parse_sdp
 
 RTP = web.AppKey("rtp", RtpServer)
 ADVERTISE = web.AppKey("advertise_host", str)
-WEBHOOKS = web.AppKey("webhooks", WebhookRouter)
+WEBHOOKS = web.AppKey("webhooks", EventService)
 
 
 class CreateCall(BaseModel):
@@ -136,10 +136,10 @@ async def _open(
     meta = {**metadata, "local_port": port.port, "expected_remote_ip": remote_ip}
     call_id = new_call_id()
     if webhook_url is not None:
-        await request.app[WEBHOOKS].route(call_id, webhook_url)
+        request.app[WEBHOOKS].route(call_id, webhook_url)
     call = registry.open(codec, transport="rtp", metadata=meta, call_id=call_id)
     if call is None:
-        await request.app[WEBHOOKS].unroute(call_id)
+        request.app[WEBHOOKS].unroute(call_id)
         return error(503, "not accepting calls: at the concurrent call limit, or draining")
     reservation = Reservation(call, pt, dtmf, remote_ip, registry.clock.monotonic())
     port.reserve(reservation)
@@ -155,7 +155,7 @@ async def end_call(request: web.Request) -> web.Response:
 
 
 def add_routes(
-    app: web.Application, rtp: RtpServer, advertise_host: str, webhooks: WebhookRouter
+    app: web.Application, rtp: RtpServer, advertise_host: str, webhooks: EventService
 ) -> None:
     app[WEBHOOKS] = webhooks
     app[RTP] = rtp

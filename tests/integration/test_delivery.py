@@ -1,0 +1,341 @@
+"""Webhook delivery through the real outbox (SQLite on disk) to real HTTP receivers: outages,
+500s, timeouts, 429 + Retry-After, 410, horizons, restarts, the live stream and the ops API."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+
+from tests.hooks import Hook, by_call, new_secret, until
+from voxphone.clock import SystemClock
+from voxphone.config import load_config
+from voxphone.events.model import Event, EventSequencer
+from voxphone.events.service import EventService
+from voxphone.http import events as events_api
+
+pytestmark = pytest.mark.integration
+
+FAST = {"retry_base_s": 0.05, "retry_max_s": 0.3, "timeout_s": 2.0}
+
+
+def endpoint(name: str, hook: Hook, **kw: Any) -> dict[str, Any]:
+    secrets = [hook.secret] if hook.secret else []
+    return {"name": name, "url": hook.url, "secrets": secrets, **FAST, **kw}
+
+
+@asynccontextmanager
+async def service(tmp_path: Path, *endpoints: dict[str, Any]) -> AsyncIterator[EventService]:
+    config = load_config(
+        overrides={"webhooks": list(endpoints), "outbox.path": str(tmp_path / "events.db")},
+        environ={},
+    )
+    svc = EventService(config, SystemClock())
+    await svc.start()
+    try:
+        yield svc
+    finally:
+        await svc.stop(drain_timeout_s=0.5)
+
+
+async def synthetic_call(sink: EventService, call_id: str, rng: random.Random) -> list[Event]:
+    """A call's worth of events, at a jittered pace: deltas, finals, DTMF, the end."""
+    seq = EventSequencer(call_id, SystemClock())
+    events = [seq.next("call.started", {"transport": "synthetic"})]
+    for segment in range(3):
+        events += [seq.next("transcript.delta", {"text": f"w{i} ", "segment_id": segment})
+                   for i in range(4)]  # fmt: skip
+        events.append(seq.next("transcript.final", {"text": "...", "segment_id": segment}))
+    events += [seq.next("dtmf", {"digit": "7"}), seq.next("call.ended", {"reason": "bye"})]
+    for e in events:
+        sink.publish(e)
+        await asyncio.sleep(rng.uniform(0, 0.02))
+    return events
+
+
+def assert_complete(got: list[dict[str, Any]], sent: list[Event], ordered: bool) -> None:
+    """Every event arrived once per webhook-id; deltas may be coalesced but keep all text."""
+    sent_by_call = by_call([e.to_dict() for e in sent])
+    got_by_call = by_call(got)
+    assert set(got_by_call) == set(sent_by_call)
+    for call_id, events in sent_by_call.items():
+        arrived = got_by_call[call_id]
+        if ordered:
+            assert [e["seq"] for e in arrived] == sorted(e["seq"] for e in arrived), call_id
+        whole = [e for e in events if e["type"] != "transcript.delta"]
+        assert [e["id"] for e in whole] == [
+            e["id"] for e in arrived if e["type"] != "transcript.delta"
+        ]
+        for segment in range(3):
+            texts = [
+                e["data"]["text"]
+                for e in events
+                if e["type"] == "transcript.delta" and e["data"]["segment_id"] == segment
+            ]
+            heard = [
+                e["data"]["text"]
+                for e in sorted(arrived, key=lambda e: e["seq"])
+                if e["type"] == "transcript.delta" and e["data"]["segment_id"] == segment
+            ]
+            assert "".join(heard) == "".join(texts), (call_id, segment)
+
+
+async def test_receiver_down_during_20_calls_then_back(tmp_path: Path) -> None:
+    down = Hook(secret=new_secret())  # not started: connections are refused
+    flaky = Hook(secret=new_secret(), script=[(500, {})] * 40 + [(503, {"Retry-After": "0"})] * 10)
+    await flaky.start()
+    rng = random.Random(8)
+    try:
+        async with service(
+            tmp_path,
+            endpoint("crm", down, coalesce_after_s=0.2),
+            endpoint("bulk", flaky, mode="parallel"),
+        ) as svc:
+            calls = asyncio.gather(*(synthetic_call(svc, f"call_{i}", rng) for i in range(20)))
+            await asyncio.sleep(1.0)
+            await down.start()
+            sent = [e for call in await calls for e in call]
+            finals = {e.id for e in sent if e.type != "transcript.delta"}
+            await down.until(lambda: finals <= {e["id"] for e in down.accepted})
+            await flaky.until(lambda: len(flaky.unique()) == len(sent))
+            crm = svc.deliverers["crm"].stats
+    finally:
+        await down.stop()
+        await flaky.stop()
+    assert down.bad_signatures == flaky.bad_signatures == 0
+    assert_complete(down.unique(), sent, ordered=True)
+    assert crm.coalesced > 0, "the backlog of deltas was coalesced"
+    assert crm.retries > 0 and crm.failed == crm.expired == 0
+    assert sorted(e["id"] for e in flaky.unique()) == sorted(e.id for e in sent)
+    assert sum(a.status >= 500 for a in flaky.attempts) == 50
+
+
+async def test_500s_then_success_back_off_exponentially(tmp_path: Path) -> None:
+    hook = Hook(script=[(500, {})] * 4)
+    await hook.start()
+    try:
+        async with service(tmp_path, endpoint("a", hook, retry_base_s=0.1, retry_max_s=10)) as svc:
+            svc.publish(EventSequencer("c", SystemClock()).next("transcript.final", {"text": "hi"}))
+            await hook.until(lambda: len(hook.accepted) == 1)
+    finally:
+        await hook.stop()
+    times = [a.at for a in hook.attempts]
+    gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
+    assert len(hook.attempts) == 5 and len({a.webhook_id for a in hook.attempts}) == 1
+    for n, gap in enumerate(gaps, start=1):  # 0.1 * 2**(n-1), half of it random
+        assert 0.1 * 2 ** (n - 1) / 2 - 0.02 <= gap <= 0.1 * 2 ** (n - 1) + 0.2, gaps
+
+
+async def test_429_waits_for_retry_after(tmp_path: Path) -> None:
+    hook = Hook(script=[(429, {"Retry-After": "1"})])
+    await hook.start()
+    try:
+        async with service(tmp_path, endpoint("a", hook)) as svc:
+            svc.publish(EventSequencer("c", SystemClock()).next("call.started", {}))
+            await hook.until(lambda: len(hook.accepted) == 1)
+    finally:
+        await hook.stop()
+    first, second = hook.attempts
+    assert second.at - first.at >= 0.95, "retried before Retry-After (backoff alone is 0.05 s)"
+
+
+async def test_a_timeout_is_retried_with_the_same_webhook_id(tmp_path: Path) -> None:
+    hook = Hook(delays=[1.0])
+    await hook.start()
+    try:
+        async with service(tmp_path, endpoint("a", hook, timeout_s=0.3)) as svc:
+            svc.publish(EventSequencer("c", SystemClock()).next("call.started", {}))
+            await hook.until(lambda: len(hook.accepted) == 2)  # the slow one lands late too
+            stats = svc.deliverers["a"].stats
+    finally:
+        await hook.stop()
+    assert hook.accepted[0]["id"] == hook.accepted[1]["id"]
+    assert len(hook.unique()) == 1 and stats.retries == 1 and stats.delivered == 1
+
+
+async def test_410_disables_the_endpoint_until_it_is_enabled(tmp_path: Path) -> None:
+    hook = Hook(script=[(410, {})])
+    await hook.start()
+    try:
+        async with service(tmp_path, endpoint("a", hook)) as svc:
+            seq = EventSequencer("c", SystemClock())
+            svc.publish(seq.next("call.started", {}))
+            await until(lambda: svc.deliverers["a"].disabled is not None)
+            svc.publish(seq.next("call.ended", {}))
+            await svc.outbox.flush()
+            await asyncio.sleep(0.3)  # what would have been several retries
+            assert len(hook.attempts) == 1
+            assert "410" in (svc.deliverers["a"].disabled or "")
+            svc.deliverers["a"].enable()
+            await hook.until(lambda: len(hook.accepted) == 2)
+    finally:
+        await hook.stop()
+    assert [e["type"] for e in hook.accepted] == ["call.started", "call.ended"]
+
+
+async def test_deltas_expire_at_their_horizon_finals_keep_trying(tmp_path: Path) -> None:
+    hook = Hook(status=500)
+    await hook.start()
+    try:
+        horizons = {"transcript.delta": 0.3}
+        async with service(
+            tmp_path, endpoint("a", hook, mode="parallel", horizons_s=horizons)
+        ) as svc:
+            seq = EventSequencer("c", SystemClock())
+            svc.publish(seq.next("transcript.delta", {"text": "a", "segment_id": 0}))
+            svc.publish(seq.next("transcript.final", {"text": "a", "segment_id": 0}))
+            await until(lambda: svc.deliverers["a"].stats.expired == 1)
+            await asyncio.sleep(0.3)
+            assert svc.deliverers["a"].pending == 1, "the final is still being retried"
+            hook.status = 204
+            await hook.until(lambda: len(hook.accepted) == 1)
+            await svc.outbox.flush()
+            rows = await svc.outbox.aread("SELECT status FROM deliveries ORDER BY pos")
+    finally:
+        await hook.stop()
+    assert [r[0] for r in rows] == ["expired", "delivered"]
+    assert hook.accepted[0]["type"] == "transcript.final"
+
+
+async def test_pending_deliveries_survive_a_restart(tmp_path: Path) -> None:
+    hook = Hook()
+    seq = EventSequencer("c", SystemClock())
+    async with service(tmp_path, endpoint("a", hook)) as svc:  # the receiver is down
+        for _ in range(5):
+            svc.publish(seq.next("transcript.final", {"text": "x"}))
+        await until(lambda: svc.deliverers["a"].stats.retries >= 2)
+    await hook.start()
+    try:
+        async with service(tmp_path, endpoint("a", hook)):
+            await hook.until(lambda: len(hook.unique()) == 5)
+    finally:
+        await hook.stop()
+    assert [e["seq"] for e in hook.unique()] == [0, 1, 2, 3, 4]
+
+
+@asynccontextmanager
+async def api(svc: EventService) -> AsyncIterator[TestServer]:
+    app = web.Application()
+    events_api.add_routes(app, svc)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    try:
+        yield server
+    finally:
+        await server.close()
+
+
+async def read_sse(resp: aiohttp.ClientResponse, n: int) -> list[tuple[int, dict[str, Any]]]:
+    """The next ``n`` events of an SSE response: (id, envelope)."""
+    got: list[tuple[int, dict[str, Any]]] = []
+    fields: dict[str, str] = {}
+    async with asyncio.timeout(10):
+        while len(got) < n:
+            line = (await resp.content.readline()).decode().rstrip("\n")
+            if line.startswith(":"):
+                continue
+            if line:
+                key, _, value = line.partition(": ")
+                fields[key] = value
+            elif "data" in fields:
+                got.append((int(fields["id"]), json.loads(fields["data"])))
+                fields = {}
+    return got
+
+
+async def test_sse_resumes_with_last_event_id_without_gaps(tmp_path: Path) -> None:
+    async with service(tmp_path) as svc, api(svc) as server, aiohttp.ClientSession() as http:
+        a, b = EventSequencer("a", SystemClock()), EventSequencer("b", SystemClock())
+        url = server.make_url("/v1/events")
+        async with http.get(url, params={"call_id": "a"}) as resp:
+            assert resp.headers["Content-Type"] == "text/event-stream"
+            for i in range(10):
+                svc.publish(a.next("transcript.final", {"text": str(i)}))
+                svc.publish(b.next("transcript.final", {"text": str(i)}))
+            first = await read_sse(resp, 4)
+        # Disconnected: these happen while nobody listens.
+        for i in range(10, 15):
+            svc.publish(a.next("transcript.final", {"text": str(i)}))
+        svc.publish(a.next("call.ended", {}))
+        await svc.outbox.flush()
+        headers = {"Last-Event-ID": str(first[-1][0])}
+        async with http.get(url, params={"call_id": "a"}, headers=headers) as resp:
+            rest = await read_sse(resp, 12)
+            svc.publish(a.next("dtmf", {"digit": "1"}))  # live after the catch-up
+            live = await read_sse(resp, 1)
+        async with http.get(url, params={"type": "call.*", "last_event_id": "0"}) as resp:
+            only_ended = await read_sse(resp, 1)
+    seqs = [e["seq"] for _, e in first + rest + live]
+    assert seqs == list(range(17)), "every event of call a, once, in order"
+    assert {e["call_id"] for _, e in first + rest} == {"a"}
+    assert [p for p, _ in first + rest] == sorted(p for p, _ in first + rest)
+    assert only_ended[0][1]["type"] == "call.ended"
+
+
+async def test_websocket_stream_filters_and_resumes(tmp_path: Path) -> None:
+    async with service(tmp_path) as svc, api(svc) as server, aiohttp.ClientSession() as http:
+        seq = EventSequencer("c", SystemClock())
+        for kind in ("call.started", "transcript.delta", "transcript.final", "call.ended"):
+            svc.publish(seq.next(kind, {}))
+        await svc.outbox.flush()
+        params = {"last_event_id": "0", "type": "transcript.final"}
+        async with http.ws_connect(server.make_url("/v1/events/ws"), params=params) as ws:
+            msg = json.loads(await ws.receive_str(timeout=5))
+            svc.publish(seq.next("transcript.final", {"text": "live"}))
+            live = json.loads(await ws.receive_str(timeout=5))
+    assert (msg["cursor"], msg["event"]["type"]) == (3, "transcript.final")
+    assert live["event"]["data"] == {"text": "live"} and live["cursor"] == 5
+
+
+async def test_ops_api_lists_failures_replays_and_reenables(tmp_path: Path) -> None:
+    hook = Hook(status=500)
+    await hook.start()
+    try:
+        ep = endpoint("crm", hook, max_attempts=2)
+        async with (
+            service(tmp_path, ep) as svc,
+            api(svc) as server,
+            aiohttp.ClientSession() as http,
+        ):
+            seq = EventSequencer("c", SystemClock())
+            events = [seq.next("transcript.final", {"text": str(i)}) for i in range(3)]
+            for e in events:
+                svc.publish(e)
+            await until(lambda: svc.deliverers["crm"].stats.failed == 3)
+            await svc.outbox.flush()
+            async with http.get(
+                server.make_url("/v1/deliveries"), params={"status": "failed"}
+            ) as r:
+                failed = (await r.json())["deliveries"]
+            hook.status = 204
+            replay = {"endpoint": "crm", "event_id": events[1].id}
+            async with http.post(server.make_url("/v1/deliveries/replay"), json=replay) as r:
+                assert (await r.json())["replayed"] == 1
+            await hook.until(lambda: len(hook.accepted) == 1)
+            since = {"endpoint": "crm", "since": events[0].timestamp, "call_id": "c"}
+            async with http.post(server.make_url("/v1/deliveries/replay"), json=since) as r:
+                assert (await r.json())["replayed"] == 3
+            await hook.until(lambda: len(hook.accepted) == 4)
+            svc.deliverers["crm"].disable("by hand")
+            async with http.post(server.make_url("/v1/endpoints/crm/enable")) as r:
+                assert r.status == 200
+            async with http.get(server.make_url("/v1/endpoints")) as r:
+                (listed,) = (await r.json())["endpoints"][1:]
+            async with http.get(server.make_url("/v1/deliveries"), params={"status": "nope"}) as r:
+                assert r.status == 400 and "status" in (await r.json())["error"]
+    finally:
+        await hook.stop()
+    assert [(d["event_id"], d["attempts"], d["last_error"]) for d in failed] == [
+        (e.id, 2, "HTTP 500") for e in events
+    ]
+    assert [e["id"] for e in hook.accepted] == [events[1].id] + [e.id for e in events]
+    assert listed["name"] == "crm" and listed["disabled"] is None and listed["failed"] == 3

@@ -1,0 +1,114 @@
+"""The JetStream fleet sink against a real `nats-server -js`, restarted (kill -9) mid-call."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import socket
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import nats
+import pytest
+
+from tests.conftest import free_tcp_port, require
+from tests.hooks import until
+from voxphone.clock import SystemClock
+from voxphone.config import load_config
+from voxphone.events.model import EventSequencer
+from voxphone.events.service import EventService
+
+pytestmark = pytest.mark.integration
+
+
+class NatsServer:
+    def __init__(self, store: Path) -> None:
+        self.port = free_tcp_port()
+        self.store = store
+        self.proc: asyncio.subprocess.Process | None = None
+
+    @property
+    def url(self) -> str:
+        return f"nats://127.0.0.1:{self.port}"
+
+    async def start(self) -> None:
+        self.proc = await asyncio.create_subprocess_exec(
+            require("nats-server"), "-js", "-a", "127.0.0.1", "-p", str(self.port),
+            "-sd", str(self.store), stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.DEVNULL,
+        )  # fmt: skip
+        await until(self._listening, timeout_s=15)
+
+    def _listening(self) -> bool:
+        with socket.socket() as s:
+            return s.connect_ex(("127.0.0.1", self.port)) == 0
+
+    async def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        await self.proc.wait()
+
+
+@asynccontextmanager
+async def nats_server(tmp_path: Path) -> AsyncIterator[NatsServer]:
+    server = NatsServer(tmp_path / "jetstream")
+    await server.start()
+    try:
+        yield server
+    finally:
+        if server.proc is not None and server.proc.returncode is None:
+            server.proc.terminate()
+            await server.proc.wait()
+
+
+async def test_events_reach_jetstream_once_across_a_server_restart(tmp_path: Path) -> None:
+    async with nats_server(tmp_path) as server:
+        config = load_config(
+            overrides={"outbox.path": str(tmp_path / "events.db"), "nats.url": server.url,
+                       "nats.retry_base_s": 0.05, "nats.retry_max_s": 0.5,
+                       "nats.ack_timeout_s": 1.0},
+            environ={},
+        )  # fmt: skip
+        svc = EventService(config, SystemClock())
+        await svc.start()
+        calls = [EventSequencer(f"call_{i}", SystemClock()) for i in range(3)]
+        sent = []
+        for n in range(120):
+            if n == 40:
+                await server.kill()
+            if n == 80:
+                await server.start()
+            for seq in calls:
+                event = seq.next("transcript.delta" if n % 4 else "transcript.final", {"n": n})
+                sent.append(event)
+                svc.publish(event)
+            await asyncio.sleep(0.03)  # the outage: 1.2 s, past the 1 s ack timeout
+        nats_sink = svc.deliverers["nats"]
+        await until(lambda: nats_sink.pending == 0, timeout_s=60)
+        await svc.stop()
+        stored = await read_stream(server.url, "VOXPHONE")
+    assert nats_sink.stats.retries > 0, "the outage was felt"
+    ids = [m.headers["Nats-Msg-Id"] for m in stored]  # type: ignore[index]
+    assert len(ids) == len(set(ids)), "no duplicates in the stream"
+    assert sorted(ids) == sorted(e.id for e in sent), "nothing lost"
+    (first,) = [m for m in stored if m.headers["Nats-Msg-Id"] == sent[0].id]  # type: ignore[index]
+    assert first.subject == f"voxphone.events.{sent[0].type}"
+    assert first.headers["Voxphone-Call-Id"] == sent[0].call_id  # type: ignore[index]
+    for seq in calls:  # ordered mode: the stream holds each call in seq order
+        mine = [
+            int(m.headers["Voxphone-Seq"])
+            for m in stored
+            if m.headers["Voxphone-Call-Id"] == seq.call_id
+        ]  # type: ignore[index]
+        assert mine == list(range(120))
+
+
+async def read_stream(url: str, stream: str) -> list[nats.js.api.RawStreamMsg]:
+    nc = await nats.connect(url)
+    try:
+        js = nc.jetstream()
+        info = await js.stream_info(stream)
+        return [await js.get_msg(stream, n) for n in range(1, info.state.last_seq + 1)]
+    finally:
+        await nc.close()

@@ -1,0 +1,372 @@
+"""At-least-once delivery of committed events to one destination, whatever carries them.
+
+A ``Deliverer`` holds its destination's pending events in lanes: one per call in ``ordered``
+mode (the head must be delivered, or given up, before the next is tried), one per event in
+``parallel`` mode. A lane retries its head with exponential backoff and jitter (or the
+destination's ``Retry-After``) until the event's type horizon passes. Every outcome is written
+back to the outbox, so a restart resumes with what is still pending. The transport (HTTP, NATS)
+only answers how one attempt went.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+from collections import deque
+from collections.abc import Coroutine
+from dataclasses import dataclass, field, replace
+from datetime import datetime
+from email.utils import parsedate_to_datetime
+from typing import Any, Protocol
+
+import structlog
+
+from voxphone.clock import Clock
+from voxphone.config import DeliveryPolicy
+from voxphone.events.model import TRANSCRIPT_DELTA, Event
+from voxphone.events.outbox import (
+    COALESCED,
+    DELIVERED,
+    EXPIRED,
+    FAILED,
+    Outbox,
+    Outcome,
+    Stored,
+)
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class Sent:
+    """The destination has the event (2xx, a JetStream ack)."""
+
+
+@dataclass(frozen=True)
+class Retry:
+    """Try again: after ``after_s`` when the destination said so (``Retry-After``)."""
+
+    error: str
+    after_s: float | None = None
+
+
+@dataclass(frozen=True)
+class Gone:
+    """The destination asked never to be called again (HTTP 410)."""
+
+    error: str
+
+
+Result = Sent | Retry | Gone
+
+
+class Transport(Protocol):
+    async def send(self, stored: Stored) -> Result: ...
+
+    async def close(self) -> None: ...
+
+
+# -- pure policy ---------------------------------------------------------------------------------
+
+
+def matches(pattern: str, type_: str) -> bool:
+    """``call.*`` matches ``call.started``; ``*`` matches everything; else exact."""
+    if pattern.endswith("*"):
+        return type_.startswith(pattern[:-1])
+    return pattern == type_
+
+
+def wants(types: list[str], type_: str) -> bool:
+    return not types or any(matches(p, type_) for p in types)
+
+
+def horizon_s(horizons: dict[str, float], type_: str) -> float:
+    """The most specific horizon for ``type_``: exact, then the longest prefix pattern."""
+    if type_ in horizons:
+        return horizons[type_]
+    prefixes = [p for p in horizons if p != "*" and matches(p, type_)]
+    return horizons[max(prefixes, key=len)] if prefixes else horizons["*"]
+
+
+def backoff_s(attempt: int, base_s: float, max_s: float, rng: random.Random) -> float:
+    """Delay before retry ``attempt`` (1 = the first retry): exponential, capped, with "equal
+    jitter" (half fixed, half random) so a fleet of retries doesn't arrive in lockstep."""
+    ceiling = min(max_s, base_s * 2.0 ** min(attempt - 1, 60))
+    return ceiling / 2 + rng.uniform(0, ceiling / 2)
+
+
+def parse_retry_after(value: str | None, now: datetime) -> float | None:
+    """Seconds to wait from a ``Retry-After`` header (delta-seconds or an HTTP date)."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdecimal():
+        return float(value)
+    try:
+        return max(0.0, (parsedate_to_datetime(value) - now).total_seconds())
+    except (TypeError, ValueError):
+        return None
+
+
+def coalesce(items: list[Stored]) -> Stored:
+    """One delta standing for consecutive deltas of one call: the last one's envelope (so
+    ``webhook-id`` and ``seq`` stay the newest), their texts joined, ``coalesced`` = how many."""
+    last = items[-1]
+    if len(items) == 1:
+        return last
+    text = "".join(str(s.event.data.get("text", "")) for s in items)
+    data = {**last.event.data, "text": text, "coalesced": len(items)}
+    event = replace(last.event, data=data)
+    return Stored(last.pos, event, event.to_json(), last.created)
+
+
+# -- the deliverer -------------------------------------------------------------------------------
+
+
+@dataclass
+class Job:
+    stored: Stored
+    attempts: int = 0
+    #: Deltas coalesced into this one (recorded as such once it is done with).
+    folded: list[Stored] = field(default_factory=list)
+
+
+@dataclass
+class DeliveryStats:
+    delivered: int = 0
+    retries: int = 0
+    failed: int = 0
+    expired: int = 0
+    coalesced: int = 0
+    in_flight: int = 0
+
+
+class Deliverer:
+    """Delivers one destination's events; see the module docstring.
+
+    ``ordered``: a task per call with pending events works through them in order, sleeping
+    out its head's backoff. ``parallel``: ``concurrency`` workers take events from one queue;
+    a failed one goes back on it when its backoff is over, so it holds up nothing else.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        policy: DeliveryPolicy,
+        transport: Transport,
+        outbox: Outbox,
+        clock: Clock,
+        *,
+        disable_on_gone: bool = True,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.name = name
+        self.policy = policy
+        self.transport = transport
+        self._outbox = outbox
+        self._clock = clock
+        self._disable_on_gone = disable_on_gone
+        self._rng = rng or random.Random()
+        self._sem = asyncio.Semaphore(policy.concurrency)
+        self._lanes: dict[str, deque[Job]] = {}
+        self._ready: deque[Job] = deque()
+        self._wake = asyncio.Event()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._timers: dict[int, asyncio.TimerHandle] = {}
+        self._queued: set[int] = set()
+        self._drained = asyncio.Event()
+        self._drained.set()
+        self._enabled = asyncio.Event()
+        self._enabled.set()
+        self.disabled: str | None = None
+        self._failing = False
+        self.stats = DeliveryStats()
+
+    def wants(self, event: Event) -> bool:
+        return wants(self.policy.types, event.type)
+
+    @property
+    def pending(self) -> int:
+        return len(self._queued)
+
+    def add(self, stored: Stored, attempts: int = 0) -> None:
+        """Queue a committed event (not twice: a replay of a pending one is a no-op)."""
+        if stored.pos in self._queued:
+            return
+        self._queued.add(stored.pos)
+        self._drained.clear()
+        job = Job(stored, attempts)
+        if self.policy.mode == "parallel":
+            self._ready.append(job)
+            self._wake.set()
+            while len(self._tasks) < self.policy.concurrency and len(self._tasks) < self.pending:
+                self._spawn(self._work())
+            return
+        lane = self._lanes.get(stored.event.call_id)
+        if lane is None:
+            lane = self._lanes[stored.event.call_id] = deque()
+            self._spawn(self._lane(stored.event.call_id, lane))
+        lane.append(job)
+
+    async def drained(self) -> None:
+        """Until nothing is pending (delivered or given up)."""
+        await self._drained.wait()
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(coro, name=f"deliver-{self.name}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def disable(self, reason: str, persist: bool = True) -> None:
+        """Stop delivering (until ``enable``); pending events wait in the outbox."""
+        self.disabled = reason
+        self._enabled.clear()
+        if not persist:
+            return
+        log.error("endpoint_disabled", endpoint=self.name, reason=reason)
+        self._outbox.call(
+            lambda db: db.execute(
+                "INSERT OR REPLACE INTO endpoints VALUES (?, ?)", (self.name, reason)
+            )
+        )
+
+    def enable(self) -> None:
+        self.disabled = None
+        self._enabled.set()
+        self._outbox.call(lambda db: db.execute("DELETE FROM endpoints WHERE name=?", (self.name,)))
+
+    async def close(self, timeout_s: float) -> None:
+        """Let deliveries finish for up to ``timeout_s``; what is left stays pending."""
+        if self.disabled is None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._drained.wait(), timeout_s)
+        for timer in self._timers.values():
+            timer.cancel()
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await self.transport.close()
+
+    async def _lane(self, call_id: str, jobs: deque[Job]) -> None:
+        try:
+            while jobs:
+                await self._enabled.wait()
+                self._merge(jobs)
+                async with self._sem:
+                    delay = await self._try(jobs[0])
+                if delay is None:
+                    jobs.popleft()
+                else:
+                    await asyncio.sleep(delay)
+        finally:
+            del self._lanes[call_id]
+
+    async def _work(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            while not self._ready:
+                self._wake.clear()
+                await self._wake.wait()
+            await self._enabled.wait()
+            if not self._ready:
+                continue
+            job = self._ready.popleft()
+            delay = await self._try(job)
+            if delay is not None:
+                self._timers[job.stored.pos] = loop.call_later(delay, self._requeue, job)
+
+    def _requeue(self, job: Job) -> None:
+        self._timers.pop(job.stored.pos, None)
+        self._ready.append(job)
+        self._wake.set()
+
+    async def _try(self, job: Job) -> float | None:
+        """One attempt; the delay before the next, or None when the job is done with."""
+        if self._past_horizon(job.stored):
+            self._finish(job, EXPIRED if _is_delta(job) else FAILED, "past its horizon")
+            return None
+        self.stats.in_flight += 1
+        try:
+            result = await self.transport.send(job.stored)
+        finally:
+            self.stats.in_flight -= 1
+        job.attempts += 1
+        if isinstance(result, Sent):
+            self._finish(job, DELIVERED, None)
+            return None
+        return self._failed(job, result)
+
+    def _failed(self, job: Job, result: Retry | Gone) -> float | None:
+        if isinstance(result, Gone) and self._disable_on_gone:
+            self.disable(f"{result.error} at {self._clock.now().isoformat()}")
+        elif isinstance(result, Gone) or 0 < self.policy.max_attempts <= job.attempts:
+            self._finish(job, FAILED, result.error)
+            return None
+        self.stats.retries += 1
+        self._outbox.record(
+            Outcome(self.name, job.stored.pos, "pending", job.attempts, result.error)
+        )
+        after = result.after_s if isinstance(result, Retry) else None
+        if after is None:
+            p = self.policy
+            after = backoff_s(job.attempts, p.retry_base_s, p.retry_max_s, self._rng)
+        if not self._failing:  # once per outage, not once per retry
+            log.warning("endpoint_failing", endpoint=self.name, error=result.error)
+            self._failing = True
+        log.debug("delivery_retry", endpoint=self.name, error=result.error, retry_in_s=after,
+                  event_id=job.stored.event.id, attempts=job.attempts)  # fmt: skip
+        return after
+
+    def _merge(self, jobs: deque[Job]) -> None:
+        """Under backlog, fold untried deltas of one segment at the lane's head into one job."""
+        if not self.policy.coalesce_deltas or not _untried_delta(jobs[0]):
+            return
+        age = self._clock.now().timestamp() - jobs[0].stored.created
+        if age < self.policy.coalesce_after_s:
+            return
+        segment = jobs[0].stored.event.data.get("segment_id")
+        run = 1
+        while run < len(jobs) and _untried_delta(jobs[run]):
+            if jobs[run].stored.event.data.get("segment_id") != segment:
+                break
+            run += 1
+        if run == 1:
+            return
+        folded = [jobs.popleft().stored for _ in range(run)]
+        jobs.appendleft(Job(coalesce(folded), folded=folded[:-1]))
+
+    def _finish(self, job: Job, status: str, err: str | None) -> None:
+        for s in [*job.folded, job.stored]:
+            self._queued.discard(s.pos)
+        if not self._queued:
+            self._drained.set()
+        for s in job.folded:
+            self._outbox.record(Outcome(self.name, s.pos, COALESCED, 0))
+        self.stats.coalesced += len(job.folded)
+        self._outbox.record(Outcome(self.name, job.stored.pos, status, job.attempts, err))
+        if status == DELIVERED:
+            self.stats.delivered += 1
+            if self._failing:
+                log.info("endpoint_recovered", endpoint=self.name)
+                self._failing = False
+            return
+        if status == EXPIRED:
+            self.stats.expired += 1
+        else:
+            self.stats.failed += 1
+        log.warning("delivery_given_up", endpoint=self.name, status=status, error=err,
+                    event_id=job.stored.event.id, type=job.stored.event.type)  # fmt: skip
+
+    def _past_horizon(self, stored: Stored) -> bool:
+        age = self._clock.now().timestamp() - stored.created
+        return age > horizon_s(self.policy.horizons_s, stored.event.type)
+
+
+def _is_delta(job: Job) -> bool:
+    return job.stored.event.type == TRANSCRIPT_DELTA
+
+
+def _untried_delta(job: Job) -> bool:
+    return job.attempts == 0 and _is_delta(job)

@@ -1,0 +1,95 @@
+"""NATS JetStream: the fleet sink, one shared durable stream for many voxphone processes.
+
+Each event is published to ``<subject_prefix>.<type>`` with ``Nats-Msg-Id`` = the event id, so
+JetStream drops the duplicates that retries make (within the stream's duplicate window), and
+``Voxphone-Call-Id`` / ``Voxphone-Seq`` headers for consumers that filter without parsing. An
+event counts as delivered only once JetStream acknowledged it; until then the outbox keeps it
+pending (the durable cursor), so a NATS outage or our own restart loses nothing.
+"""
+
+from __future__ import annotations
+
+import nats
+import nats.errors
+import structlog
+from nats.aio.client import Client
+from nats.js import JetStreamContext
+from nats.js.api import StorageType, StreamConfig
+from nats.js.errors import NotFoundError
+
+from voxphone.config import NatsConfig
+from voxphone.events.delivery import Result, Retry, Sent
+from voxphone.events.outbox import Stored
+
+log = structlog.get_logger(__name__)
+
+
+class NatsTransport:
+    """Publishes to JetStream, connecting (and creating the stream) on first use."""
+
+    def __init__(self, config: NatsConfig) -> None:
+        self._config = config
+        self._nc: Client | None = None
+        self._js: JetStreamContext | None = None
+
+    def subject(self, type_: str) -> str:
+        return f"{self._config.subject_prefix}.{type_}"
+
+    async def send(self, stored: Stored) -> Result:
+        ev = stored.event
+        headers = {
+            "Nats-Msg-Id": ev.id,
+            "Voxphone-Call-Id": ev.call_id,
+            "Voxphone-Seq": str(ev.seq),
+        }
+        try:
+            js = await self._jetstream()
+            await js.publish(
+                self.subject(ev.type), stored.body, timeout=self._config.ack_timeout_s,
+                stream=self._config.stream, headers=headers,
+            )  # fmt: skip
+        except (nats.errors.Error, TimeoutError, OSError) as exc:
+            return Retry(f"{type(exc).__name__}: {exc}".rstrip(": "))
+        return Sent()
+
+    async def _jetstream(self) -> JetStreamContext:
+        if self._js is None:
+            nc = await nats.connect(
+                servers=[u.strip() for u in (self._config.url or "").split(",")],
+                max_reconnect_attempts=-1, reconnect_time_wait=0.5,
+                connect_timeout=self._config.ack_timeout_s, allow_reconnect=True,
+                error_cb=_log_error, disconnected_cb=_log_disconnected,
+            )  # fmt: skip
+            js = nc.jetstream()
+            try:
+                if self._config.create_stream:
+                    await self._ensure_stream(js)
+            except BaseException:
+                await nc.close()
+                raise
+            self._nc, self._js = nc, js
+        return self._js
+
+    async def _ensure_stream(self, js: JetStreamContext) -> None:
+        name = self._config.stream
+        try:
+            await js.stream_info(name)
+        except NotFoundError:
+            subjects = [f"{self._config.subject_prefix}.>"]
+            await js.add_stream(
+                StreamConfig(name=name, subjects=subjects, storage=StorageType.FILE)
+            )
+            log.info("nats_stream_created", stream=name, subjects=subjects)
+
+    async def close(self) -> None:
+        if self._nc is not None:
+            await self._nc.close()
+        self._nc = self._js = None
+
+
+async def _log_error(exc: Exception) -> None:
+    log.warning("nats_error", error=f"{type(exc).__name__}: {exc}")
+
+
+async def _log_disconnected() -> None:
+    log.warning("nats_disconnected")

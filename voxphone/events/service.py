@@ -1,0 +1,147 @@
+"""The event pipeline as the app sees it: publish → outbox → deliverers and the live stream.
+
+Destinations, by name (the outbox keeps delivery state under it):
+``default`` (the ``[webhook]`` shorthand), ``call`` (per-call ``webhook_url`` given at
+``POST /v1/calls``; such a call's events go there instead of ``default``), each ``[[webhooks]]``
+endpoint, and ``nats``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import structlog
+
+from voxphone.clock import Clock
+from voxphone.config import Config, DeliveryPolicy
+from voxphone.events.delivery import Deliverer, Transport
+from voxphone.events.model import Event
+from voxphone.events.outbox import Outbox, Stored, compact, pending
+from voxphone.events.stream import LiveFeed
+from voxphone.events.webhook import HttpTransport
+
+log = structlog.get_logger(__name__)
+
+DEFAULT, CALL, NATS = "default", "call", "nats"
+
+
+@dataclass(frozen=True)
+class _Dest:
+    name: str
+    policy: DeliveryPolicy
+    transport: Transport
+    disable_on_gone: bool = True
+
+
+class EventService:
+    """Owns the outbox, one deliverer per destination, and the live feed."""
+
+    def __init__(self, config: Config, clock: Clock) -> None:
+        self.config = config
+        self.clock = clock
+        oc = config.outbox
+        self.outbox = Outbox(
+            oc.resolved_path(), clock, self._select, oc.synchronous, oc.busy_timeout_ms,
+            oc.max_backlog,
+        )  # fmt: skip
+        self.deliverers: dict[str, Deliverer] = {}
+        self.live = LiveFeed()
+        self.outbox.listeners += [self._schedule, self.live]
+        self._compactor: asyncio.Task[None] | None = None
+
+    def _destinations(self) -> list[_Dest]:
+        cfg, clock = self.config, self.clock
+        hook = cfg.webhook
+        secrets = [hook.secret] if hook.secret else []
+        per_call = HttpTransport(self.outbox.routes.get, secrets, clock, hook.timeout_s)
+        dests = [_Dest(CALL, DeliveryPolicy(), per_call, disable_on_gone=False)]
+        if hook.url:
+            shorthand = HttpTransport(_fixed(hook.url), secrets, clock, hook.timeout_s)
+            dests.append(_Dest(DEFAULT, DeliveryPolicy(), shorthand))
+        for ep in cfg.webhooks:
+            http = HttpTransport(_fixed(ep.url), ep.secrets, clock, ep.timeout_s)
+            dests.append(_Dest(ep.name, ep, http))
+        if cfg.nats.url:
+            from voxphone.events.nats import NatsTransport
+
+            dests.append(_Dest(NATS, cfg.nats, NatsTransport(cfg.nats)))
+        return dests
+
+    def _select(self, event: Event, routed: bool) -> list[str]:
+        """Runs in the outbox's writer thread: reads only immutable policy."""
+        skip = DEFAULT if routed else CALL
+        return [n for n, d in self.deliverers.items() if n != skip and d.wants(event)]
+
+    def _schedule(self, batch: list[tuple[Stored, list[str]]]) -> None:
+        for stored, targets in batch:
+            for name in targets:
+                self.deliverers[name].add(stored)
+
+    def publish(self, event: Event) -> None:
+        self.outbox.publish(event)
+
+    def route(self, call_id: str, url: str) -> None:
+        self.outbox.route(call_id, url)
+
+    def unroute(self, call_id: str) -> None:
+        self.outbox.routes.pop(call_id, None)
+
+    @property
+    def problem(self) -> str | None:
+        """Why the pipeline is unhealthy (readiness), or None."""
+        return self.outbox.error
+
+    async def start(self) -> None:
+        """Open the outbox and resume every delivery a previous run left pending."""
+        await asyncio.to_thread(self.outbox.open)
+        for d in self._destinations():
+            self.deliverers[d.name] = Deliverer(
+                d.name, d.policy, d.transport, self.outbox, self.clock,
+                disable_on_gone=d.disable_on_gone,
+            )  # fmt: skip
+        await self._resume()
+        self.outbox.start()
+        self._compactor = asyncio.create_task(self._compact_hourly(), name="outbox-compact")
+
+    async def _resume(self) -> None:
+        disabled = await self.outbox.aread("SELECT name, disabled FROM endpoints")
+        for name, reason in disabled:
+            if name in self.deliverers:
+                self.deliverers[name].disable(reason, persist=False)
+        backlog = await asyncio.to_thread(pending, self.outbox, list(self.deliverers))
+        for name, items in backlog.items():
+            for stored, attempts in items:
+                self.deliverers[name].add(stored, attempts)
+        if any(backlog.values()):
+            log.info("outbox_resumed", pending={n: len(v) for n, v in backlog.items() if v})
+
+    async def compact(self) -> int:
+        before = self.clock.now().timestamp() - self.config.outbox.retention_h * 3600
+        gone = await self.outbox.call(lambda db: compact(db, before))
+        assert isinstance(gone, int)
+        return gone
+
+    async def _compact_hourly(self) -> None:
+        while True:
+            try:
+                log.info("outbox_compacted", events=await self.compact())
+            except Exception as exc:
+                log.error("outbox_compaction_failed", error=repr(exc))
+            await asyncio.sleep(3600)
+
+    async def stop(self, drain_timeout_s: float = 5.0) -> None:
+        """Commit what was published, give deliveries ``drain_timeout_s``, close; anything
+        undelivered stays in the outbox for the next start."""
+        if self._compactor is not None:
+            self._compactor.cancel()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.outbox.flush(), drain_timeout_s)
+        await asyncio.gather(*(d.close(drain_timeout_s) for d in self.deliverers.values()))
+        await self.outbox.close()
+
+
+def _fixed(url: str) -> Callable[[str], str | None]:
+    return lambda _call_id: url
