@@ -7,6 +7,7 @@ signed webhooks to a real receiver. The browser itself is tested in tests/e2e.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import sys
@@ -91,8 +92,21 @@ async def test_the_whip_command_prints_the_calls_events(
     assert overlap(speech["phone"].text, events[-1]["data"]["transcript"]) >= 0.7
 
 
-def open_fds() -> int:
-    return len(os.listdir("/proc/self/fd"))
+def udp_sockets() -> int:
+    """This process's UDP sockets: what a leaked peer connection leaves behind (ICE sockets).
+
+    Counted by inode, from /proc, so the webhook client's TCP connections don't disturb it."""
+    mine = set()
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            target = os.readlink(f"/proc/self/fd/{fd}")
+            if target.startswith("socket:["):
+                mine.add(target[8:-1])
+    udp = set()
+    for table in ("/proc/self/net/udp", "/proc/self/net/udp6"):
+        with contextlib.suppress(OSError), open(table) as f:
+            udp |= {line.split()[9] for line in list(f)[1:]}
+    return len(mine & udp)
 
 
 async def test_opus_and_pcmu_calls_at_once_reach_the_browser_and_the_webhook(
@@ -225,7 +239,7 @@ async def test_hostile_offers_get_precise_4xx_and_leave_no_peer_connection(
     ]
     async with aiohttp.ClientSession() as http:
         await http.get(f"http://127.0.0.1:{app.config.http.port}/health")  # warm the pool
-        before = open_fds()
+        before = udp_sockets()
         for ctype, body, status, message in cases:
             headers = {"Content-Type": ctype}
             async with http.post(whip_url(app), data=body, headers=headers) as r:
@@ -236,7 +250,7 @@ async def test_hostile_offers_get_precise_4xx_and_leave_no_peer_connection(
             async with http.post(json_url, data=body) as r:
                 assert r.status == 400, await r.text()
         await asyncio.sleep(0.2)
-        assert open_fds() == before  # no sockets of half-made peer connections
+        assert udp_sockets() == before  # no sockets of half-made peer connections
     assert not app.webrtc.sessions and not app.registry.calls  # type: ignore[union-attr]
 
 
@@ -288,11 +302,11 @@ async def test_a_full_port_range_refuses_with_503_and_leaks_nothing(
     async for app in running(config(receiver, ports=f"{lo}-{lo}")):
         async with aiohttp.ClientSession() as http:
             first = await whip_call(http, whip_url(app), speech["order"].path)
-            before = open_fds()
+            before = udp_sockets()
             with pytest.raises(TransportError, match="HTTP 503.*no free WebRTC UDP port"):
                 await whip_call(http, whip_url(app), speech["order"].path)
             await asyncio.sleep(0.2)
-            assert open_fds() == before
+            assert udp_sockets() == before
             assert len(app.webrtc.sessions) == 1  # type: ignore[union-attr]
             await first.hangup(http)
             await asyncio.wait_for(first.ended.wait(), 15)
