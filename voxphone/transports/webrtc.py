@@ -96,7 +96,7 @@ class Session:
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
     _disconnected: asyncio.TimerHandle | None = None
     _closing: asyncio.Future[None] | None = None
-    _lifetime: asyncio.Task[None] | None = None
+    _lifetime: asyncio.Task[None] | None = None  # held: the loop keeps only weak references
 
     def start(self, on_done: Callable[[Session], None]) -> None:
         self.last_audio = self.clock.monotonic()
@@ -124,11 +124,7 @@ class Session:
                 break
             assert isinstance(frame, av.AudioFrame)
             self.last_audio = self.clock.monotonic()
-            if frame.sample_rate != self.call.codec.sample_rate:
-                self.call.transport_stats["wrong_rate_frames"] = (
-                    self.call.transport_stats.get("wrong_rate_frames", 0) + 1
-                )
-                continue
+            # The answer named one codec, so every frame has the call's rate (aiortc drops others).
             self.call.push_pcm(media_timestamp(frame, clock_rate), to_mono(frame))
         self.call.end("hangup")
 
