@@ -198,6 +198,8 @@ async def test_deltas_expire_at_their_horizon_finals_keep_trying(tmp_path: Path)
             assert svc.deliverers["a"].pending == 1, "the final is still being retried"
             hook.status = 204
             await hook.until(lambda: len(hook.accepted) == 1)
+            # The receiver has it; the deliverer records that once the response is read.
+            await until(lambda: svc.deliverers["a"].stats.delivered == 1)
             await svc.outbox.flush()
             rows = await svc.outbox.aread("SELECT status FROM deliveries ORDER BY pos")
     finally:
