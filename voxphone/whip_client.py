@@ -90,16 +90,25 @@ async def whip_call(
     return call
 
 
-async def play(url: str, audio: Path, codec: str | None = None, token: str | None = None,
-               end_timeout_s: float = 30.0) -> list[dict[str, Any]]:  # fmt: skip
-    """Place a call that plays ``audio``, hang up when it has played; the events it got back."""
+async def talk(
+    http: aiohttp.ClientSession, url: str, audio: Path, codec: str | None = None,
+    token: str | None = None, end_timeout_s: float = 30.0,
+) -> WhipCall:  # fmt: skip
+    """Place a call that plays ``audio``, hang up when it has played, wait for ``call.ended``."""
+    call = await whip_call(http, url, audio, codec, token)
+    try:
+        await call.played.wait()
+        await asyncio.sleep(0.5)  # the last packets are still on the wire
+        await call.hangup(http)
+        await asyncio.wait_for(call.ended.wait(), end_timeout_s)
+    finally:
+        await call.close()
+    return call
+
+
+async def play(
+    url: str, audio: Path, codec: str | None = None, token: str | None = None
+) -> list[dict[str, Any]]:
+    """``talk`` on its own HTTP session; the events the call got back (``voxphone whip``)."""
     async with aiohttp.ClientSession() as http:
-        call = await whip_call(http, url, audio, codec, token)
-        try:
-            await call.played.wait()
-            await asyncio.sleep(0.5)  # the last packets are still on the wire
-            await call.hangup(http)
-            await asyncio.wait_for(call.ended.wait(), end_timeout_s)
-        finally:
-            await call.close()
-    return call.events
+        return (await talk(http, url, audio, codec, token)).events

@@ -22,6 +22,7 @@ from aiortc.mediastreams import AudioStreamTrack
 
 from tests.conftest import Speech, free_tcp_port, free_udp_range, overlap
 from tests.integration.test_serve import SECRET, WebhookReceiver, calls_of
+from voxphone import whip_client
 from voxphone.app import App
 from voxphone.config import Config
 from voxphone.errors import TransportError
@@ -66,15 +67,7 @@ def whip_url(app: App) -> str:
 
 async def talk(http: aiohttp.ClientSession, app: App, wav: Path, codec: str) -> WhipCall:
     """Place a call that plays ``wav``, hang up when it has played, wait for call.ended."""
-    call = await whip_call(http, whip_url(app), wav, codec=codec)
-    try:
-        await asyncio.wait_for(call.played.wait(), 30)
-        await asyncio.sleep(0.5)  # the last packets are still on the wire
-        await call.hangup(http)
-        await asyncio.wait_for(call.ended.wait(), 30)
-    finally:
-        await call.close()
-    return call
+    return await asyncio.wait_for(whip_client.talk(http, whip_url(app), wav, codec), 60)
 
 
 async def test_the_whip_command_prints_the_calls_events(

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import hmac
+import json
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from aiohttp import web
+from pydantic import ValidationError
 
 from voxphone import __version__
 from voxphone.call import CallRegistry
@@ -17,6 +20,21 @@ TOKEN = web.AppKey("token", str)
 PROBLEMS = web.AppKey("problems", list[Callable[[], str | None]])
 
 
+def error(status: int, message: str) -> web.Response:
+    """Every refusal's shape: ``{"error": "<what was wrong, and where>"}``."""
+    return web.json_response({"error": message}, status=status)
+
+
+def refusal(cls: type[web.HTTPError], message: str, **kwargs: Any) -> web.HTTPError:
+    """``error`` as an exception, for helpers deep inside a handler."""
+    return cls(text=json.dumps({"error": message}), content_type="application/json", **kwargs)
+
+
+def invalid(exc: ValidationError) -> str:
+    """A pydantic error as ``field.path: message; ...``."""
+    return "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+
+
 @web.middleware
 async def require_token(request: web.Request, handler: Handler) -> web.StreamResponse:
     """``http.token``: /v1/ needs ``?token=`` or a bearer token; health and readiness do not,
@@ -26,7 +44,7 @@ async def require_token(request: web.Request, handler: Handler) -> web.StreamRes
         given = request.query.get("token") or request.headers.get("Authorization") or ""
         given = given.removeprefix("Bearer ")
         if not hmac.compare_digest(given.encode(), token.encode()):
-            return web.json_response({"error": "missing or wrong token"}, status=401)
+            return error(401, "missing or wrong token")
     return await handler(request)
 
 

@@ -18,7 +18,7 @@ from voxphone.audio.codecs import STATIC_PAYLOAD_TYPES, Codec, codec_by_name
 from voxphone.call import Call, new_call_id
 from voxphone.errors import DecodeError, TransportError
 from voxphone.events.service import EventService
-from voxphone.http.api import REGISTRY
+from voxphone.http.api import REGISTRY, error, invalid
 from voxphone.transports.rtp import Reservation, RtpPort, RtpServer
 from voxphone.transports.sdp import answer, parse_sdp
 
@@ -43,10 +43,6 @@ class CreateCall(BaseModel):
     metadata: dict[str, str | int | float | bool | None] = {}
 
 
-def error(status: int, message: str) -> web.Response:
-    return web.json_response({"error": message}, status=status)
-
-
 async def create_call(request: web.Request) -> web.Response:
     if request.content_type == "application/sdp":
         return await _from_sdp(request)
@@ -64,9 +60,7 @@ async def _from_json(request: web.Request) -> web.Response:
     except json.JSONDecodeError as exc:
         return error(400, f"body is not JSON: {exc}")
     except ValidationError as exc:
-        return error(
-            400, "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
-        )
+        return error(400, invalid(exc))
     except DecodeError as exc:
         return error(422, f"codec: {exc}")
     pt = body.payload_type if body.payload_type is not None else _static_pt(codec)

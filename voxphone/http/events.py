@@ -19,15 +19,12 @@ from aiohttp import web
 
 from voxphone.events.service import EventService
 from voxphone.events.stream import Filter, follow, head
+from voxphone.http.api import error
 
 EVENTS = web.AppKey("events", EventService)
 #: Live stream handlers, cancelled at shutdown (they would otherwise hold it up).
 STREAMS = web.AppKey("event_streams", set[asyncio.Task[object]])
 STATUSES = ("pending", "delivered", "failed", "expired", "coalesced")
-
-
-def error(status: int, message: str) -> web.Response:
-    return web.json_response({"error": message}, status=status)
 
 
 def _filter(request: web.Request) -> Filter:

@@ -7,7 +7,6 @@ The session id is the call id, so ``DELETE /v1/calls/{id}`` hangs up too.
 
 from __future__ import annotations
 
-import json
 from importlib import resources
 from typing import Any
 
@@ -16,8 +15,9 @@ from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from voxphone.errors import TransportError
+from voxphone.http.api import error, invalid, refusal
 from voxphone.transports.ice import Unavailable
-from voxphone.transports.webrtc import WebRtcGateway
+from voxphone.transports.webrtc import Session, WebRtcGateway
 from voxphone.transports.webrtc_sdp import (
     MAX_OFFER_BYTES,
     Unsupported,
@@ -29,10 +29,6 @@ GATEWAY = web.AppKey("webrtc", WebRtcGateway)
 SDP = "application/sdp"
 SDPFRAG = "application/trickle-ice-sdpfrag"
 STATIC = resources.files("voxphone") / "http" / "static"
-
-
-def error(status: int, message: str) -> web.Response:
-    return web.json_response({"error": message}, status=status)
 
 
 class JsonOffer(BaseModel):
@@ -56,31 +52,23 @@ async def _read_body(request: web.Request) -> str:
     try:
         return body.decode()
     except UnicodeDecodeError as exc:
-        raise web.HTTPBadRequest(
-            text=json.dumps({"error": f"body is not UTF-8: {exc}"}), content_type="application/json"
-        ) from exc
+        raise refusal(web.HTTPBadRequest, f"body is not UTF-8: {exc}") from exc
 
 
 def _client(request: web.Request) -> dict[str, Any]:
     return {"remote": request.remote, "user_agent": request.headers.get("User-Agent", "")[:200]}
 
 
-async def _answer(request: web.Request, sdp: str, metadata: dict[str, Any]) -> Any:
+async def _answer(request: web.Request, sdp: str, metadata: dict[str, Any]) -> tuple[Session, str]:
     try:
         return await request.app[GATEWAY].answer(sdp, {**_client(request), **metadata})
     except Unavailable as exc:
-        raise web.HTTPServiceUnavailable(
-            text=json.dumps({"error": str(exc)}), content_type="application/json",
-            headers={"Retry-After": "5"},
-        ) from exc  # fmt: skip
+        retry = {"Retry-After": "5"}
+        raise refusal(web.HTTPServiceUnavailable, str(exc), headers=retry) from exc
     except Unsupported as exc:  # well-formed, but nothing voxphone can take
-        raise web.HTTPUnprocessableEntity(
-            text=json.dumps({"error": str(exc)}), content_type="application/json"
-        ) from exc
+        raise refusal(web.HTTPUnprocessableEntity, str(exc)) from exc
     except TransportError as exc:  # malformed
-        raise web.HTTPBadRequest(
-            text=json.dumps({"error": str(exc)}), content_type="application/json"
-        ) from exc
+        raise refusal(web.HTTPBadRequest, str(exc)) from exc
 
 
 async def whip_offer(request: web.Request) -> web.Response:
@@ -123,9 +111,7 @@ async def json_offer(request: web.Request) -> web.Response:
     try:
         offer = JsonOffer.model_validate_json(await _read_body(request))
     except ValidationError as exc:
-        return error(
-            400, "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
-        )
+        return error(400, invalid(exc))
     session, answer = await _answer(request, offer.sdp, dict(offer.metadata))
     body = {"type": "answer", "sdp": answer, "call_id": session.session_id}
     return web.json_response(
