@@ -227,7 +227,8 @@ class VoxtralConfig(_Section):
 
 
 class VllmConfig(_Section):
-    """The in-process engine: arguments for vLLM's ``AsyncLLM`` (see vLLM's engine args)."""
+    """The ``vllm`` engine: worker processes voxphone starts, each an ``AsyncLLM`` (see vLLM's
+    engine args; each worker gets these)."""
 
     #: A local directory in Mistral format (params.json, tekken.json, weights) or a hub id.
     model: str = VOXTRAL
@@ -235,7 +236,17 @@ class VllmConfig(_Section):
     max_model_len: int = Field(45_000, ge=256)
     #: Concurrent sessions; default: calls.max_concurrent plus rollover headroom.
     max_num_seqs: int | None = Field(None, ge=1)
+    #: Engine processes sharing the GPU; calls go to the least loaded. One engine's Python
+    #: work per 80 ms frame saturates two cores long before the GPU is busy, so several carry
+    #: more calls (run CUDA MPS so their kernels overlap). See the README's capacity table.
+    engines: int = Field(1, ge=1, le=64)
+    #: Fraction of GPU memory for all engines together (each gets its share).
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
+    #: KV cache bytes per engine (vLLM's ``kv_cache_memory_bytes``): sizes the cache without
+    #: vLLM's memory profiling, so several engines can start at once instead of in turn.
+    kv_cache_memory_bytes: int | None = Field(None, gt=0)
+    #: vLLM's ``max_num_batched_tokens`` (tokens per engine step); default: vLLM's.
+    max_num_batched_tokens: int | None = Field(None, ge=64)
     #: PIECEWISE (the model card's choice), FULL_AND_PIECEWISE or FULL_DECODE_ONLY; never FULL.
     cudagraph_mode: Literal["PIECEWISE", "FULL_AND_PIECEWISE", "FULL_DECODE_ONLY", "NONE"] = (
         "PIECEWISE"

@@ -11,14 +11,15 @@ log = structlog.get_logger(__name__)
 
 
 def choose_kind(config: Config) -> str:
-    """Resolve ``auto``: the in-process vLLM engine when CUDA and vLLM are here, else sphinx."""
+    """Resolve ``auto``: the vLLM engine when a CUDA GPU (by NVML) and vLLM are here, else
+    sphinx. Nothing here may initialise CUDA (see ``vllm_compat.gpu_count``)."""
     kind = config.engine.kind
     if kind != "auto":
         return kind
     from voxphone.engines import vllm_compat
 
     version = vllm_compat.installed_version()
-    if version is not None and vllm_compat.cuda_available():
+    if version is not None and vllm_compat.gpu_count() > 0:
         log.info("engine_auto", chose="vllm", why=f"CUDA GPU and vLLM {version} present")
         return "vllm"
     why = "no vLLM installed" if version is None else "no CUDA GPU visible"
@@ -47,10 +48,11 @@ def create_engine(config: Config) -> Engine:
             watchdog_s=v.watchdog_s, delay_ms=v.transcription_delay_ms,
         )  # fmt: skip
         return VllmRemoteEngine(r.urls, r.model, settings, r.connect_timeout_s)
-    from voxphone.engines.vllm_local import VllmLocalEngine
+    from voxphone.engines.vllm_pool import VllmEngine
 
     c = e.vllm
-    seqs = c.max_num_seqs or config.calls.max_concurrent + max(2, config.calls.max_concurrent // 10)
+    share = -(-config.calls.max_concurrent // c.engines)  # each engine's share of the calls
+    seqs = c.max_num_seqs or share + max(2, share // 10)
     args = {
         "model": c.model,
         "tokenizer_mode": "mistral",
@@ -65,8 +67,12 @@ def create_engine(config: Config) -> Engine:
     if c.device == "cuda":
         args["gpu_memory_utilization"] = c.gpu_memory_utilization
         args["compilation_config"] = {"cudagraph_mode": c.cudagraph_mode}
+        if c.kv_cache_memory_bytes is not None:
+            args["kv_cache_memory_bytes"] = c.kv_cache_memory_bytes
+    if c.max_num_batched_tokens is not None:
+        args["max_num_batched_tokens"] = c.max_num_batched_tokens
     settings = VoxtralSettings(
         pause_s=v.pause_s, max_session_s=v.max_session_s, max_model_len=c.max_model_len,
         watchdog_s=v.watchdog_s,
     )  # fmt: skip
-    return VllmLocalEngine(args, settings, c.device)
+    return VllmEngine(args, settings, c.device, engines=c.engines)

@@ -8,7 +8,9 @@ StreamingInput>)``, with ``VoxtralRealtimeGeneration.buffer_realtime_audio`` fra
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import importlib.metadata
+import os
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -63,9 +65,27 @@ def installed_version() -> str | None:
     return None
 
 
-def cuda_available() -> bool:
+def gpu_count() -> int:
+    """CUDA GPUs this process may use, counted through NVML (``libnvidia-ml``, what
+    ``nvidia-smi`` uses), honouring ``CUDA_VISIBLE_DEVICES``; 0 without a driver.
+
+    Why not ``torch.cuda.is_available()``: it creates CUDA state in the calling process and
+    poisons every later fork — vLLM forks its EngineCore, which then dies with "Cannot
+    re-initialize CUDA in forked subprocess". NVML never touches CUDA. Why not vLLM's own NVML
+    wrapper: importing it imports vLLM and torch (seconds) just to answer ``auto``.
+    """
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None and visible.strip() in ("", "-1"):
+        return 0
     try:
-        import torch
-    except ImportError:
-        return False
-    return bool(torch.cuda.is_available())
+        nvml = ctypes.CDLL("libnvidia-ml.so.1")
+    except OSError:
+        return 0
+    if nvml.nvmlInit_v2() != 0:
+        return 0
+    try:
+        count = ctypes.c_uint(0)
+        found = count.value if nvml.nvmlDeviceGetCount_v2(ctypes.byref(count)) == 0 else 0
+    finally:
+        nvml.nvmlShutdown()
+    return min(found, len(visible.split(","))) if visible else found

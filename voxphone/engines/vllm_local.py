@@ -1,4 +1,4 @@
-"""``vllm``: Voxtral Realtime on an in-process vLLM ``AsyncLLM``, one resumable request per session.
+"""Voxtral Realtime on an in-process vLLM ``AsyncLLM``, one resumable request per session.
 
 Each session feeds 16 kHz float32 frames to vLLM's own Voxtral buffer, which frames them (39-token
 first chunk, then one token per 80 ms) and needs every sampled token fed back before it builds the
@@ -104,7 +104,10 @@ class LocalSession:
 
 
 class VllmLocalEngine:
-    """One ``AsyncLLM`` per process; one Voxtral stream per call."""
+    """One ``AsyncLLM`` in this process; one Voxtral stream per call.
+
+    What each ``vllm_worker`` process runs; voxphone's own ``vllm`` engine (``vllm_pool``) keeps
+    vLLM out of its process. Used directly by the engine tests and as the benchmark baseline."""
 
     name = "vllm"
 
@@ -117,8 +120,8 @@ class VllmLocalEngine:
     async def start(self) -> None:
         if vllm_compat.installed_version() is None:
             raise EngineError("engine 'vllm' needs vLLM: pip install 'voxphone[vllm]'")
-        if self._device == "cuda" and not vllm_compat.cuda_available():
-            raise EngineError("engine 'vllm' needs a CUDA GPU and none is visible (torch.cuda)")
+        if self._device == "cuda" and vllm_compat.gpu_count() == 0:
+            raise EngineError("engine 'vllm' needs a CUDA GPU and NVML sees none")
         delay = check_model_dir(self._args["model"])
         if delay is not None:
             self._settings = dataclasses.replace(self._settings, delay_ms=delay)
