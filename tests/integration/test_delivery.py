@@ -341,3 +341,45 @@ async def test_ops_api_lists_failures_replays_and_reenables(tmp_path: Path) -> N
     ]
     assert [e["id"] for e in hook.accepted] == [events[1].id] + [e.id for e in events]
     assert listed["name"] == "crm" and listed["disabled"] is None and listed["failed"] == 3
+
+
+async def test_a_redirect_is_a_failed_attempt_and_is_never_followed(tmp_path: Path) -> None:
+    """A 301 is retried and shows in ``/v1/deliveries`` with its ``Location``; the signed
+    request never reaches the redirect target (which would take any method)."""
+    elsewhere: list[str] = []
+
+    async def target(request: web.Request) -> web.Response:
+        elsewhere.append(f"{request.method} {request.path}")
+        return web.Response(status=200)
+
+    target_app = web.Application()
+    target_app.router.add_route("*", "/{tail:.*}", target)
+    moved_to = TestServer(target_app, host="127.0.0.1")
+    await moved_to.start_server()
+    location = str(moved_to.make_url("/elsewhere"))
+    hook = Hook(script=[(301, {"Location": location})] * 1000)
+    await hook.start()
+    try:
+        async with (
+            service(tmp_path, endpoint("a", hook)) as svc,
+            api(svc) as server,
+            aiohttp.ClientSession() as http,
+        ):
+            svc.publish(EventSequencer("c", SystemClock()).next("call.started", {}))
+            stats = svc.deliverers["a"].stats
+            await until(lambda: stats.retries >= 2 or stats.delivered > 0)
+            assert elsewhere == [] and stats.delivered == 0, "a redirect was followed"
+            await svc.outbox.flush()
+            params = {"status": "pending", "endpoint": "a"}
+            async with http.get(server.make_url("/v1/deliveries"), params=params) as r:
+                (waiting,) = (await r.json())["deliveries"]
+            hook.script.clear()  # the receiver is fixed: 204 from now on
+            await hook.until(lambda: len(hook.accepted) == 1)
+            await until(lambda: stats.delivered == 1)
+    finally:
+        await hook.stop()
+        await moved_to.close()
+    assert elsewhere == []
+    assert waiting["last_error"] == f"HTTP 301 to {location} (not followed)"
+    assert waiting["attempts"] >= 2
+    assert {a.status for a in hook.attempts} == {301, 204}

@@ -51,7 +51,7 @@ def test_retry_after_in_seconds_or_as_an_http_date() -> None:
     [
         (200, Sent()),
         (204, Sent()),
-        (302, Retry("HTTP 302")),
+        (302, Retry("HTTP 302 (not followed)")),
         (404, Retry("HTTP 404")),
         (500, Retry("HTTP 500")),
         (410, Gone("HTTP 410 Gone")),
