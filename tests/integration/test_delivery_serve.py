@@ -133,6 +133,36 @@ async def test_an_unwritable_outbox_is_loud_and_audio_keeps_flowing(tmp_path: Pa
     assert "outbox_write_failed" in log and "outbox_write_recovered" in log
 
 
+async def test_a_second_serve_on_the_same_outbox_refuses_to_start(tmp_path: Path) -> None:
+    """Two processes on one outbox would each deliver every event: the second stops at once,
+    exit 2, one line naming ``outbox.path`` and the holder, no traceback."""
+    hook = Hook(secret=new_secret())
+    first, second = Serve(tmp_path, hook, calls=1), Serve(tmp_path, hook, calls=1)
+    try:
+        holder = await first.start()
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "voxphone", "serve", "--http-port", str(second.http_port),
+            "--rtp-ports", "{}-{}".format(*second.rtp), "--log-format", "json",
+            env=second.env, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        try:
+            _, err = await asyncio.wait_for(proc.communicate(), 20)
+        finally:
+            if proc.returncode is None:  # it started: the outbox was not locked
+                proc.kill()
+                await proc.wait()
+        assert await first.stop() == 0
+    finally:
+        await hook.stop()
+    errors = [line for line in err.decode().splitlines() if not line.startswith("{")]
+    assert proc.returncode == 2, err.decode()
+    assert errors == [
+        f"voxphone: error: outbox.path {first.db} is in use by another voxphone "
+        f"(pid {holder.pid}): run one process per outbox file, or give this one its own "
+        "outbox.path"
+    ]
+
+
 def read_silence(seconds: float) -> object:
     import numpy as np
 

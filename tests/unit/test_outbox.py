@@ -6,8 +6,11 @@ import sqlite3
 import time
 from pathlib import Path
 
+import pytest
+
 from tests.hooks import until
 from voxphone.clock import FakeClock
+from voxphone.errors import ConfigError
 from voxphone.events.model import Event, EventSequencer
 from voxphone.events.outbox import DELIVERED, Outbox, Outcome, Stored, compact, pending
 
@@ -142,3 +145,17 @@ async def test_replay_and_compaction(tmp_path: Path) -> None:
     assert gone == 2, "the event pending again for 'a' stays"
     await box.close()
     assert box.read("SELECT count(*) FROM deliveries") == [(2,)]
+
+
+async def test_one_outbox_per_database_file(tmp_path: Path) -> None:
+    """A second outbox on the same file (here or in another process) is refused, naming
+    ``outbox.path`` and the holder; closing the first releases the file."""
+    path = tmp_path / "e.db"
+    first, _ = make(path)
+    with pytest.raises(ConfigError, match=r"^outbox\.path .*e\.db is in use .*\(pid \d+\)"):
+        make(path)
+    other, _ = make(tmp_path / "other.db")  # another file is another outbox
+    await first.close()
+    again, _ = make(path)
+    await again.close()
+    await other.close()

@@ -135,8 +135,10 @@ class EventService:
     async def stop(self, drain_timeout_s: float = 5.0) -> None:
         """Commit what was published, give deliveries ``drain_timeout_s``, close; anything
         undelivered stays in the outbox for the next start."""
-        if self._compactor is not None:
-            self._compactor.cancel()
+        if self._compactor is None:  # start() failed or never ran: only release the outbox
+            await self.outbox.close()
+            return
+        self._compactor.cancel()
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self.outbox.flush(), drain_timeout_s)
         await asyncio.gather(*(d.close(drain_timeout_s) for d in self.deliverers.values()))
