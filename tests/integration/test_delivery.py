@@ -62,6 +62,11 @@ async def synthetic_call(sink: EventService, call_id: str, rng: random.Random) -
     return events
 
 
+def order(event: dict[str, Any]) -> tuple[int, int]:
+    """Where an event was published in its call: durable ``seq``, then the deltas after it."""
+    return event["seq"], event.get("delta_seq", -1)
+
+
 def assert_complete(got: list[dict[str, Any]], sent: list[Event], ordered: bool) -> None:
     """Every event arrived once per webhook-id; deltas may be coalesced but keep all text."""
     sent_by_call = by_call([e.to_dict() for e in sent])
@@ -70,7 +75,7 @@ def assert_complete(got: list[dict[str, Any]], sent: list[Event], ordered: bool)
     for call_id, events in sent_by_call.items():
         arrived = got_by_call[call_id]
         if ordered:
-            assert [e["seq"] for e in arrived] == sorted(e["seq"] for e in arrived), call_id
+            assert [order(e) for e in arrived] == sorted(order(e) for e in arrived), call_id
         whole = [e for e in events if e["type"] != "transcript.delta"]
         assert [e["id"] for e in whole] == [
             e["id"] for e in arrived if e["type"] != "transcript.delta"
@@ -83,7 +88,7 @@ def assert_complete(got: list[dict[str, Any]], sent: list[Event], ordered: bool)
             ]
             heard = [
                 e["data"]["text"]
-                for e in sorted(arrived, key=lambda e: e["seq"])
+                for e in sorted(arrived, key=order)
                 if e["type"] == "transcript.delta" and e["data"]["segment_id"] == segment
             ]
             assert "".join(heard) == "".join(texts), (call_id, segment)
@@ -383,3 +388,28 @@ async def test_a_redirect_is_a_failed_attempt_and_is_never_followed(tmp_path: Pa
     assert waiting["last_error"] == f"HTTP 301 to {location} (not followed)"
     assert waiting["attempts"] >= 2
     assert {a.status for a in hook.attempts} == {301, 204}
+
+
+async def test_expired_deltas_leave_no_gap_in_seq(tmp_path: Path) -> None:
+    """Through an outage longer than the delta horizon every delta expires, yet the durable
+    events arrive as seq 0..call.ended's, which is what a receiver checks (README, Events)."""
+    from voxphone.receive import Ledger
+
+    hook = Hook(status=503)
+    await hook.start()
+    ep = endpoint("a", hook, mode="parallel", horizons_s={"transcript.delta": 0.3})
+    try:
+        async with service(tmp_path, ep) as svc:
+            sent = await synthetic_call(svc, "c", random.Random(1))
+            deltas = sum(e.type == "transcript.delta" for e in sent)
+            await until(lambda: svc.deliverers["a"].stats.expired == deltas)
+            hook.status = 204
+            await hook.until(lambda: len(hook.unique()) == len(sent) - deltas)
+    finally:
+        await hook.stop()
+    got = sorted(hook.unique(), key=lambda e: e["seq"])
+    ended = got[-1]
+    assert ended["type"] == "call.ended" and ended["data"]["events"]["transcript.delta"] == deltas
+    assert [e["seq"] for e in got] == list(range(ended["seq"] + 1)), "no hole in seq"
+    ledger = Ledger()
+    assert [ledger.add(e) for e in got][-1] == f"c: complete: seq 0-{ended['seq']}, 0 deltas"

@@ -39,7 +39,7 @@ async def test_events_reach_listeners_only_after_they_are_committed(tmp_path: Pa
     box.start()
     seq = EventSequencer("c1", FakeClock())
     box.route("c2", "http://127.0.0.1:1/x")
-    events = [seq.next("transcript.delta", {"text": str(i)}) for i in range(200)]
+    events = [seq.next("transcript.final", {"text": str(i)}) for i in range(200)]
     routed = EventSequencer("c2", FakeClock()).next("call.started", {})
     for e in [*events, routed]:
         box.publish(e)
