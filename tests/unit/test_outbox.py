@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 import time
 from pathlib import Path
@@ -12,11 +13,17 @@ from tests.hooks import until
 from voxphone.clock import FakeClock
 from voxphone.errors import ConfigError
 from voxphone.events.model import Event, EventSequencer
-from voxphone.events.outbox import DELIVERED, Outbox, Outcome, Stored, compact, pending
+from voxphone.events.outbox import DELIVERED, Outbox, Outcome, Stored, compact, page
 
 
 def everyone(event: Event, routed: bool) -> list[str]:
     return ["call"] if routed else ["a", "b"]
+
+
+def pending(box: Outbox, endpoints: list[str]) -> dict[str, list[tuple[Stored, int]]]:
+    """Each endpoint's pending events with their attempts, as a deliverer pages them in."""
+    with contextlib.closing(sqlite3.connect(box.path)) as db:
+        return {ep: page(db, ep, 0, 1_000_000) for ep in endpoints}
 
 
 def make(path: Path, **kw: object) -> tuple[Outbox, list[tuple[Stored, list[str]]]]:

@@ -25,7 +25,7 @@ import queue
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -151,7 +151,7 @@ class Outbox:
         anyone). Raises ``ConfigError`` naming ``outbox.path`` when another process has it."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock_fd = _lock(self.path)
-        with self._connect() as db:
+        with contextlib.closing(self._connect()) as db:
             db.executescript(SCHEMA)
             self._next_pos = (db.execute("SELECT max(pos) FROM events").fetchone()[0] or 0) + 1
             self.routes.update(db.execute("SELECT call_id, url FROM routes").fetchall())
@@ -213,7 +213,7 @@ class Outbox:
 
     def read(self, sql: str, *args: Any) -> list[Any]:
         """Rows from a fresh read connection (WAL readers never block the writer)."""
-        with self._connect() as db:
+        with contextlib.closing(self._connect()) as db:
             return db.execute(sql, args).fetchall()
 
     async def aread(self, sql: str, *args: Any) -> list[Any]:
@@ -386,17 +386,16 @@ def _replay(db: sqlite3.Connection, op: _Replay) -> list[Stored]:
     return [Stored.from_row(*row) for row in rows]
 
 
-def pending(outbox: Outbox, endpoints: Iterable[str]) -> dict[str, list[tuple[Stored, int]]]:
-    """Each endpoint's undelivered events, oldest first, with their attempts so far."""
-    result: dict[str, list[tuple[Stored, int]]] = {name: [] for name in endpoints}
-    rows = outbox.read(
-        "SELECT d.endpoint, e.pos, e.body, e.created, d.attempts FROM deliveries d "
-        "JOIN events e ON e.pos = d.pos WHERE d.status = 'pending' ORDER BY e.pos"
-    )
-    for name, pos, body, created, attempts in rows:
-        if name in result:
-            result[name].append((Stored.from_row(pos, body, created), attempts))
-    return result
+def page(db: sqlite3.Connection, endpoint: str, start: int, limit: int) -> list[tuple[Stored, int]]:
+    """Up to ``limit`` of ``endpoint``'s pending events from position ``start`` on, oldest
+    first, with their attempts so far (a range of the ``(endpoint, pos)`` primary key)."""
+    rows = db.execute(
+        "SELECT e.pos, e.body, e.created, d.attempts FROM deliveries d "
+        "JOIN events e ON e.pos = d.pos WHERE d.endpoint = ? AND d.pos >= ? "
+        "AND d.status = 'pending' ORDER BY d.pos LIMIT ?",
+        (endpoint, start, limit),
+    ).fetchall()
+    return [(Stored.from_row(pos, body, created), n) for pos, body, created, n in rows]
 
 
 def compact(db: sqlite3.Connection, before: float) -> int:
