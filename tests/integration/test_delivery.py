@@ -203,8 +203,10 @@ async def test_deltas_expire_at_their_horizon_finals_keep_trying(tmp_path: Path)
             seq = EventSequencer("c", SystemClock())
             svc.publish(seq.next("transcript.delta", {"text": "a", "segment_id": 0}))
             svc.publish(seq.next("transcript.final", {"text": "a", "segment_id": 0}))
-            await until(lambda: svc.deliverers["a"].stats.expired == 1)
-            await asyncio.sleep(0.3)
+            stats = svc.deliverers["a"].stats
+            await until(lambda: stats.expired == 1)
+            retried = stats.retries
+            await until(lambda: stats.retries >= retried + 2)  # past the delta's horizon
             assert svc.deliverers["a"].pending == 1, "the final is still being retried"
             hook.status = 204
             await hook.until(lambda: len(hook.accepted) == 1)
