@@ -9,7 +9,6 @@ import asyncio
 import json
 import sys
 from dataclasses import dataclass, field
-from typing import Any
 
 from aiohttp import web
 
@@ -41,9 +40,9 @@ class Ledger:
 
     calls: dict[str, _Call] = field(default_factory=dict)
 
-    def add(self, event: dict[str, Any]) -> str | None:
-        """Take one event (duplicates are fine); a line to report once the call's
-        ``call.ended`` is in and, after that, when the last missing event arrives."""
+    def add(self, event: object) -> str | None:
+        """Take one decoded body (duplicates are fine). From the call's ``call.ended`` on,
+        each of its events gives a line to report, until nothing is missing."""
         if not isinstance(event, dict) or not {"call_id", "type", "seq"} <= event.keys():
             return None  # not an envelope: printed, not counted
         call = self.calls.setdefault(event["call_id"], _Call())

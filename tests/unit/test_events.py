@@ -70,6 +70,9 @@ async def test_receive_command_verifies_signatures(capsys: pytest.CaptureFixture
             _stored(EventSequencer("c", FakeClock()).next("dtmf", {"digit": "5"}))
         )
         refused = await forged.send(_stored(EventSequencer("c", FakeClock()).next("dtmf", {})))
+        call = EventSequencer("d", FakeClock())
+        for kind in ("call.started", "call.ended"):
+            await good.send(_stored(call.next(kind, {})))
     finally:
         await good.close()
         await forged.close()
@@ -78,6 +81,7 @@ async def test_receive_command_verifies_signatures(capsys: pytest.CaptureFixture
     out = capsys.readouterr()
     assert json.loads(out.out.splitlines()[0])["data"] == {"digit": "5"}
     assert "rejected: bad or missing webhook-signature" in out.err
+    assert "d: complete: seq 0-1, 0 deltas" in out.err.splitlines()
 
 
 def test_the_receiver_ledger_names_missing_seqs_until_all_are_in() -> None:
