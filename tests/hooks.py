@@ -43,6 +43,9 @@ class Hook:
     accepted: list[dict[str, Any]] = field(default_factory=list)
     attempts: list[Attempt] = field(default_factory=list)
     bad_signatures: int = 0
+    #: Requests being handled now, and the most at once.
+    in_flight: int = 0
+    most_in_flight: int = 0
     changed: asyncio.Event = field(default_factory=asyncio.Event)
     _runner: web.AppRunner | None = None
 
@@ -66,8 +69,13 @@ class Hook:
     async def _handle(self, request: web.Request) -> web.Response:
         body = await request.read()
         delay = self.delays.pop(0) if self.delays else self.delay_s
-        if delay:
-            await asyncio.sleep(delay)
+        self.in_flight += 1
+        self.most_in_flight = max(self.most_in_flight, self.in_flight)
+        try:
+            if delay:
+                await asyncio.sleep(delay)
+        finally:
+            self.in_flight -= 1
         status, headers = self.script.pop(0) if self.script else (self.status, {})
         loop = asyncio.get_running_loop()
         self.attempts.append(Attempt(request.headers["webhook-id"], loop.time(), status))
@@ -116,3 +124,15 @@ def by_call(events: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
     for e in events:
         calls.setdefault(e["call_id"], []).append(e)
     return calls
+
+
+def metric(scraped: str, name: str, **labels: str) -> float:
+    """The value of one sample in a Prometheus text page; ``KeyError`` when it is missing, so
+    an assertion on it fails instead of passing on an absent metric."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for family in text_string_to_metric_families(scraped):
+        for sample in family.samples:
+            if sample.name == name and sample.labels == labels:
+                return float(sample.value)
+    raise KeyError(f"no sample {name}{labels} in /metrics")

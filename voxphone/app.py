@@ -94,8 +94,8 @@ class App:
         return self.registry.open(codec, transport="rtp", metadata=dict(metadata))
 
     async def start(self) -> None:
+        await self.events.start()  # first: it refuses to start on an outbox already in use
         await self.engine.start()
-        await self.events.start()
         await self.rtp.start()
         if self.audiosocket is not None:
             await self.audiosocket.start()

@@ -1,11 +1,14 @@
 """``voxphone receive``: a webhook receiver for trying voxphone out. It verifies Standard Webhooks
-signatures (when given the secret) and prints each event as a JSON line."""
+signatures (when given the secret), prints each event as a JSON line, and checks each call
+against the sequence contract (the README's "Events"): once ``call.ended`` is in, it says on
+stderr whether every durable event arrived, or which ``seq`` are still missing."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import sys
+from dataclasses import dataclass, field
 
 from aiohttp import web
 
@@ -21,8 +24,51 @@ def verify(key: bytes, headers: dict[str, str], body: bytes) -> bool:
     return expected in headers.get("webhook-signature", "").split()
 
 
+@dataclass
+class _Call:
+    seqs: set[int] = field(default_factory=set)
+    last: int | None = None  # call.ended's seq: the call's durable events are 0..last
+    deltas: set[int] = field(default_factory=set)
+    complete: bool = False
+
+
+@dataclass
+class Ledger:
+    """What a receiver holds of each call: durable ``seq`` (every one from 0 to
+    ``call.ended``'s must come) and ``delta_seq`` (gaps there are deltas that expired or were
+    coalesced: the segment's ``transcript.final`` has their text)."""
+
+    calls: dict[str, _Call] = field(default_factory=dict)
+
+    def add(self, event: object) -> str | None:
+        """Take one decoded body (duplicates are fine). From the call's ``call.ended`` on,
+        each of its events gives a line to report, until nothing is missing."""
+        if not isinstance(event, dict) or not {"call_id", "type", "seq"} <= event.keys():
+            return None  # not an envelope: printed, not counted
+        call = self.calls.setdefault(event["call_id"], _Call())
+        if "delta_seq" in event:
+            call.deltas.add(event["delta_seq"])
+        else:
+            call.seqs.add(event["seq"])
+        if event["type"] == "call.ended":
+            call.last = event["seq"]
+        elif call.last is None or call.complete:
+            return None
+        return self._report(event["call_id"], call)
+
+    @staticmethod
+    def _report(call_id: str, call: _Call) -> str | None:
+        assert call.last is not None
+        missing = sorted(set(range(call.last + 1)) - call.seqs)
+        if missing:
+            return f"{call_id}: waiting for seq {', '.join(map(str, missing))}"
+        call.complete = True
+        return f"{call_id}: complete: seq 0-{call.last}, {len(call.deltas)} deltas"
+
+
 def create_receiver(secret: str | None) -> web.Application:
     key = decode_secret(secret) if secret else None
+    ledger = Ledger()
 
     async def handle(request: web.Request) -> web.Response:
         body = await request.read()
@@ -34,6 +80,8 @@ def create_receiver(secret: str | None) -> web.Application:
         except json.JSONDecodeError:
             return web.Response(status=400, text="body is not JSON\n")
         print(json.dumps(event, ensure_ascii=False), flush=True)
+        if (line := ledger.add(event)) is not None:
+            print(line, file=sys.stderr, flush=True)
         return web.Response(status=204)
 
     app = web.Application()

@@ -171,6 +171,7 @@ async def test_a_call_can_have_its_own_webhook(
     assert receiver.events == []  # the configured webhook saw none of that call
     assert own.bad_signatures == 0
     events = own.events
-    assert [e["seq"] for e in events] == list(range(len(events)))
+    durable = [e for e in events if e["type"] != "transcript.delta"]
+    assert [e["seq"] for e in durable] == list(range(len(durable)))
     assert events[0]["call_id"] == reply["call_id"] and events[-1]["type"] == "call.ended"
     assert overlap(speech["phone"].text, events[-1]["data"]["transcript"]) >= 0.5

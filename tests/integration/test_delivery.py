@@ -9,6 +9,7 @@ import random
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import aiohttp
@@ -16,7 +17,8 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from tests.hooks import Hook, by_call, new_secret, until
+from tests.hooks import Hook, by_call, metric, new_secret, until
+from voxphone import metrics
 from voxphone.clock import SystemClock
 from voxphone.config import load_config
 from voxphone.events.model import Event, EventSequencer
@@ -34,11 +36,14 @@ def endpoint(name: str, hook: Hook, **kw: Any) -> dict[str, Any]:
 
 
 @asynccontextmanager
-async def service(tmp_path: Path, *endpoints: dict[str, Any]) -> AsyncIterator[EventService]:
+async def service(
+    tmp_path: Path, *endpoints: dict[str, Any], **overrides: object
+) -> AsyncIterator[EventService]:
     config = load_config(
-        overrides={"webhooks": list(endpoints), "outbox.path": str(tmp_path / "events.db")},
+        overrides={"webhooks": list(endpoints), "outbox.path": str(tmp_path / "events.db"),
+                   **overrides},
         environ={},
-    )
+    )  # fmt: skip
     svc = EventService(config, SystemClock())
     await svc.start()
     try:
@@ -62,6 +67,11 @@ async def synthetic_call(sink: EventService, call_id: str, rng: random.Random) -
     return events
 
 
+def order(event: dict[str, Any]) -> tuple[int, int]:
+    """Where an event was published in its call: durable ``seq``, then the deltas after it."""
+    return event["seq"], event.get("delta_seq", -1)
+
+
 def assert_complete(got: list[dict[str, Any]], sent: list[Event], ordered: bool) -> None:
     """Every event arrived once per webhook-id; deltas may be coalesced but keep all text."""
     sent_by_call = by_call([e.to_dict() for e in sent])
@@ -70,7 +80,7 @@ def assert_complete(got: list[dict[str, Any]], sent: list[Event], ordered: bool)
     for call_id, events in sent_by_call.items():
         arrived = got_by_call[call_id]
         if ordered:
-            assert [e["seq"] for e in arrived] == sorted(e["seq"] for e in arrived), call_id
+            assert [order(e) for e in arrived] == sorted(order(e) for e in arrived), call_id
         whole = [e for e in events if e["type"] != "transcript.delta"]
         assert [e["id"] for e in whole] == [
             e["id"] for e in arrived if e["type"] != "transcript.delta"
@@ -83,7 +93,7 @@ def assert_complete(got: list[dict[str, Any]], sent: list[Event], ordered: bool)
             ]
             heard = [
                 e["data"]["text"]
-                for e in sorted(arrived, key=lambda e: e["seq"])
+                for e in sorted(arrived, key=order)
                 if e["type"] == "transcript.delta" and e["data"]["segment_id"] == segment
             ]
             assert "".join(heard) == "".join(texts), (call_id, segment)
@@ -193,8 +203,10 @@ async def test_deltas_expire_at_their_horizon_finals_keep_trying(tmp_path: Path)
             seq = EventSequencer("c", SystemClock())
             svc.publish(seq.next("transcript.delta", {"text": "a", "segment_id": 0}))
             svc.publish(seq.next("transcript.final", {"text": "a", "segment_id": 0}))
-            await until(lambda: svc.deliverers["a"].stats.expired == 1)
-            await asyncio.sleep(0.3)
+            stats = svc.deliverers["a"].stats
+            await until(lambda: stats.expired == 1)
+            retried = stats.retries
+            await until(lambda: stats.retries >= retried + 2)  # past the delta's horizon
             assert svc.deliverers["a"].pending == 1, "the final is still being retried"
             hook.status = 204
             await hook.until(lambda: len(hook.accepted) == 1)
@@ -226,8 +238,10 @@ async def test_pending_deliveries_survive_a_restart(tmp_path: Path) -> None:
 
 @asynccontextmanager
 async def api(svc: EventService) -> AsyncIterator[TestServer]:
+    """The events routes and ``/metrics`` of an app around ``svc`` (no calls)."""
     app = web.Application()
     events_api.add_routes(app, svc)
+    metrics.add_routes(app, svc, SimpleNamespace(calls={}))  # type: ignore[arg-type]
     server = TestServer(app, host="127.0.0.1")
     await server.start_server()
     try:
@@ -341,3 +355,215 @@ async def test_ops_api_lists_failures_replays_and_reenables(tmp_path: Path) -> N
     ]
     assert [e["id"] for e in hook.accepted] == [events[1].id] + [e.id for e in events]
     assert listed["name"] == "crm" and listed["disabled"] is None and listed["failed"] == 3
+
+
+async def test_a_redirect_is_a_failed_attempt_and_is_never_followed(tmp_path: Path) -> None:
+    """A 301 is retried and shows in ``/v1/deliveries`` with its ``Location``; the signed
+    request never reaches the redirect target (which would take any method)."""
+    elsewhere: list[str] = []
+
+    async def target(request: web.Request) -> web.Response:
+        elsewhere.append(f"{request.method} {request.path}")
+        return web.Response(status=200)
+
+    target_app = web.Application()
+    target_app.router.add_route("*", "/{tail:.*}", target)
+    moved_to = TestServer(target_app, host="127.0.0.1")
+    await moved_to.start_server()
+    location = str(moved_to.make_url("/elsewhere"))
+    hook = Hook(script=[(301, {"Location": location})] * 1000)
+    await hook.start()
+    try:
+        async with (
+            service(tmp_path, endpoint("a", hook)) as svc,
+            api(svc) as server,
+            aiohttp.ClientSession() as http,
+        ):
+            svc.publish(EventSequencer("c", SystemClock()).next("call.started", {}))
+            stats = svc.deliverers["a"].stats
+            await until(lambda: stats.retries >= 2 or stats.delivered > 0)
+            assert elsewhere == [] and stats.delivered == 0, "a redirect was followed"
+            await svc.outbox.flush()
+            params = {"status": "pending", "endpoint": "a"}
+            async with http.get(server.make_url("/v1/deliveries"), params=params) as r:
+                (waiting,) = (await r.json())["deliveries"]
+            hook.script.clear()  # the receiver is fixed: 204 from now on
+            await hook.until(lambda: len(hook.accepted) == 1)
+            await until(lambda: stats.delivered == 1)
+    finally:
+        await hook.stop()
+        await moved_to.close()
+    assert elsewhere == []
+    assert waiting["last_error"] == f"HTTP 301 to {location} (not followed)"
+    assert waiting["attempts"] >= 2
+    assert {a.status for a in hook.attempts} == {301, 204}
+
+
+async def test_expired_deltas_leave_no_gap_in_seq(tmp_path: Path) -> None:
+    """Through an outage longer than the delta horizon every delta expires, yet the durable
+    events arrive as seq 0..call.ended's, which is what a receiver checks (README, Events)."""
+    from voxphone.receive import Ledger
+
+    hook = Hook(status=503)
+    await hook.start()
+    ep = endpoint("a", hook, mode="parallel", horizons_s={"transcript.delta": 0.3})
+    try:
+        async with service(tmp_path, ep) as svc:
+            sent = await synthetic_call(svc, "c", random.Random(1))
+            deltas = sum(e.type == "transcript.delta" for e in sent)
+            await until(lambda: svc.deliverers["a"].stats.expired == deltas)
+            hook.status = 204
+            await hook.until(lambda: len(hook.unique()) == len(sent) - deltas)
+    finally:
+        await hook.stop()
+    got = sorted(hook.unique(), key=lambda e: e["seq"])
+    ended = got[-1]
+    assert ended["type"] == "call.ended" and ended["data"]["events"]["transcript.delta"] == deltas
+    assert [e["seq"] for e in got] == list(range(ended["seq"] + 1)), "no hole in seq"
+    ledger = Ledger()
+    assert [ledger.add(e) for e in got][-1] == f"c: complete: seq 0-{ended['seq']}, 0 deltas"
+
+
+async def test_every_secret_of_an_endpoint_signs_each_request(tmp_path: Path) -> None:
+    """Key rotation: with ``secrets = [new, old]`` a receiver still on the old key and one
+    already on the new key both verify every request (one ``v1,`` signature per secret)."""
+    old, new = new_secret(), new_secret()
+    on_old, on_new = Hook(secret=old), Hook(secret=new)
+    await on_old.start()
+    await on_new.start()
+    try:
+        async with service(
+            tmp_path,
+            endpoint("old", on_old, secrets=[new, old]),
+            endpoint("new", on_new, secrets=[new, old]),
+        ) as svc:
+            svc.publish(EventSequencer("c", SystemClock()).next("call.started", {}))
+            await on_old.until(lambda: len(on_old.attempts) == 1)
+            await on_new.until(lambda: len(on_new.attempts) == 1)
+    finally:
+        await on_old.stop()
+        await on_new.stop()
+    assert on_old.bad_signatures == on_new.bad_signatures == 0
+    assert len(on_old.accepted) == len(on_new.accepted) == 1
+
+
+async def test_an_endpoint_gets_only_the_types_it_asked_for(tmp_path: Path) -> None:
+    picky, everything = Hook(), Hook()
+    await picky.start()
+    await everything.start()
+    try:
+        async with service(
+            tmp_path,
+            endpoint("picky", picky, types=["transcript.final", "call.*"]),
+            endpoint("all", everything),
+        ) as svc:
+            sent = await synthetic_call(svc, "c", random.Random(2))
+            await everything.until(lambda: len(everything.unique()) == len(sent))
+            await until(lambda: svc.deliverers["picky"].pending == 0)
+            await svc.outbox.flush()
+            rows = await svc.outbox.aread(
+                "SELECT count(*) FROM deliveries WHERE endpoint = 'picky'"
+            )
+    finally:
+        await picky.stop()
+        await everything.stop()
+    wanted = [e.id for e in sent if e.type in ("transcript.final", "call.started", "call.ended")]
+    assert [e["id"] for e in picky.unique()] == wanted and len(wanted) == 5
+    assert rows == [(5,)], "no delivery row for a type the endpoint filters out"
+
+
+@pytest.mark.parametrize("mode", ["parallel", "ordered"])
+async def test_an_endpoint_never_has_more_than_concurrency_requests_in_flight(
+    tmp_path: Path, mode: str
+) -> None:
+    """``concurrency = 3``: a slow receiver sees exactly 3 requests at once, never 4 (in
+    ``ordered`` mode across calls: each call has one in flight)."""
+    hook = Hook(delay_s=0.2)
+    await hook.start()
+    try:
+        async with service(tmp_path, endpoint("a", hook, mode=mode, concurrency=3)) as svc:
+            for i in range(12):
+                svc.publish(EventSequencer(f"c{i}", SystemClock()).next("call.started", {}))
+            await hook.until(lambda: len(hook.accepted) == 12)
+    finally:
+        await hook.stop()
+    assert hook.most_in_flight == 3
+
+
+async def test_delivery_metrics_count_each_outcome(tmp_path: Path) -> None:
+    """``/metrics`` per endpoint, each sample present with its value: ``a`` delivers after two
+    500s; ``b`` gives a final up after two attempts and expires a delta; ``c`` answered 410."""
+    a = Hook(script=[(500, {}), (500, {})])
+    b, c = Hook(status=500), Hook(status=410)
+    for hook in (a, b, c):
+        await hook.start()
+    try:
+        async with (
+            service(
+                tmp_path,
+                endpoint("a", a, types=["transcript.final"]),
+                endpoint("b", b, mode="parallel", max_attempts=2,
+                         horizons_s={"transcript.delta": 1e-6}),
+                endpoint("c", c),
+            ) as svc,
+            api(svc) as server,
+            aiohttp.ClientSession() as http,
+        ):  # fmt: skip
+            seq = EventSequencer("call", SystemClock())
+            svc.publish(seq.next("transcript.final", {"text": "hi"}))
+            svc.publish(seq.next("transcript.delta", {"text": "h"}))
+            da, db, dc = (svc.deliverers[n] for n in "abc")
+            await until(lambda: da.stats.delivered == 1 and dc.disabled is not None)
+            await until(lambda: db.stats.failed == 1 and db.stats.expired == 1)
+            async with http.get(server.make_url("/metrics")) as r:
+                scraped = await r.text()
+    finally:
+        for hook in (a, b, c):
+            await hook.stop()
+
+    def deliveries(endpoint: str, outcome: str) -> float:
+        return metric(scraped, "voxphone_deliveries_total", endpoint=endpoint, outcome=outcome)
+
+    def per(name: str, endpoint: str) -> float:
+        return metric(scraped, name, endpoint=endpoint)
+
+    assert [deliveries("a", o) for o in ("delivered", "failed", "expired")] == [1, 0, 0]
+    assert [deliveries("b", o) for o in ("delivered", "failed", "expired")] == [0, 1, 1]
+    assert [per("voxphone_delivery_retries_total", n) for n in "abc"] == [2, 1, 1]
+    assert [per("voxphone_delivery_pending", n) for n in "abc"] == [0, 0, 2]
+    assert [per("voxphone_endpoint_disabled", n) for n in "abc"] == [0, 0, 1]
+    assert deliveries("a", "coalesced") == 0
+    assert metric(scraped, "voxphone_outbox_committed_total") == 2
+    assert metric(scraped, "voxphone_outbox_healthy") == 1
+
+
+async def test_compaction_deletes_what_is_done_and_keeps_what_is_pending(
+    tmp_path: Path,
+) -> None:
+    """``POST /v1/outbox/compact`` (retention: a few µs) deletes the delivered events and
+    their rows; the one still pending for a down endpoint stays, with its row."""
+    up, down = Hook(), Hook()  # ``down`` is never started
+    await up.start()
+    try:
+        async with (
+            service(tmp_path, endpoint("up", up), endpoint("down", down, types=["call.ended"]),
+                    **{"outbox.retention_h": 1e-9}) as svc,
+            api(svc) as server,
+            aiohttp.ClientSession() as http,
+        ):  # fmt: skip
+            seq = EventSequencer("c", SystemClock())
+            for kind in ("call.started", "transcript.final", "call.ended"):
+                svc.publish(seq.next(kind, {}))
+            await up.until(lambda: len(up.accepted) == 3)
+            await until(lambda: svc.deliverers["up"].stats.delivered == 3)
+            await svc.outbox.flush()
+            async with http.post(server.make_url("/v1/outbox/compact")) as r:
+                assert r.status == 200
+                deleted = (await r.json())["deleted"]
+            left = await svc.outbox.aread("SELECT type FROM events")
+            rows = await svc.outbox.aread("SELECT endpoint, status FROM deliveries ORDER BY 1")
+    finally:
+        await up.stop()
+    assert deleted == 2
+    assert left == [("call.ended",)]
+    assert rows == [("down", "pending"), ("up", "delivered")]

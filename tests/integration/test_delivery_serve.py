@@ -14,7 +14,7 @@ import aiohttp
 import pytest
 
 from tests.conftest import Speech, free_tcp_port, free_udp_range
-from tests.hooks import Hook, by_call, new_secret, until
+from tests.hooks import Hook, by_call, metric, new_secret, until
 from tests.integration.test_serve import wait_ready
 from voxphone.audio.codecs import PCMU
 from voxphone.audio.files import read_audio
@@ -91,11 +91,15 @@ async def test_kill_9_mid_delivery_then_restart_loses_nothing(
     )
     assert settled == total, "every committed event was delivered (or coalesced into one that was)"
     for call_id, events in by_call(hook.unique()).items():
-        seqs = [e["seq"] for e in events]
-        assert seqs == sorted(seqs), f"{call_id}: ordered per call across the restart"
+        order = [(e["seq"], e.get("delta_seq", -1)) for e in events]
+        assert order == sorted(order), f"{call_id}: ordered per call across the restart"
         assert events[0]["type"] == "call.started" and events[-1]["type"] == "call.ended"
-        count = serve.count(f"SELECT count(*) FROM events WHERE call_id = '{call_id}'")
-        assert seqs[-1] == count - 1
+        durable = [e["seq"] for e in events if "delta_seq" not in e]
+        count = serve.count(
+            f"SELECT count(*) FROM events WHERE call_id = '{call_id}' "
+            "AND type != 'transcript.delta'"
+        )
+        assert durable == list(range(count)), f"{call_id}: every durable event, no gap"
 
 
 async def test_an_unwritable_outbox_is_loud_and_audio_keeps_flowing(tmp_path: Path) -> None:
@@ -114,8 +118,8 @@ async def test_an_unwritable_outbox_is_loud_and_audio_keeps_flowing(tmp_path: Pa
             assert body["status"] == "degraded" and "locked" in body["reason"]
             async with http.get(f"http://127.0.0.1:{serve.http_port}/metrics") as r:
                 scraped = await r.text()
-            assert "voxphone_outbox_healthy 0.0" in scraped
-            assert "voxphone_outbox_write_errors_total 0.0" not in scraped
+            assert metric(scraped, "voxphone_outbox_healthy") == 0
+            assert metric(scraped, "voxphone_outbox_write_errors_total") >= 1
             calls_url = f"http://127.0.0.1:{serve.http_port}/v1/calls"
             first = await audio_ms(http, calls_url)
             await until_more_audio(http, calls_url, first)
@@ -131,6 +135,36 @@ async def test_an_unwritable_outbox_is_loud_and_audio_keeps_flowing(tmp_path: Pa
         await hook.stop()
     log = serve.log.read_text()
     assert "outbox_write_failed" in log and "outbox_write_recovered" in log
+
+
+async def test_a_second_serve_on_the_same_outbox_refuses_to_start(tmp_path: Path) -> None:
+    """Two processes on one outbox would each deliver every event: the second stops at once,
+    exit 2, one line naming ``outbox.path`` and the holder, no traceback."""
+    hook = Hook(secret=new_secret())
+    first, second = Serve(tmp_path, hook, calls=1), Serve(tmp_path, hook, calls=1)
+    try:
+        holder = await first.start()
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "voxphone", "serve", "--http-port", str(second.http_port),
+            "--rtp-ports", "{}-{}".format(*second.rtp), "--log-format", "json",
+            env=second.env, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        try:
+            _, err = await asyncio.wait_for(proc.communicate(), 20)
+        finally:
+            if proc.returncode is None:  # it started: the outbox was not locked
+                proc.kill()
+                await proc.wait()
+        assert await first.stop() == 0
+    finally:
+        await hook.stop()
+    errors = [line for line in err.decode().splitlines() if not line.startswith("{")]
+    assert proc.returncode == 2, err.decode()
+    assert errors == [
+        f"voxphone: error: outbox.path {first.db} is in use by another voxphone "
+        f"(pid {holder.pid}): run one process per outbox file, or give this one its own "
+        "outbox.path"
+    ]
 
 
 def read_silence(seconds: float) -> object:

@@ -51,7 +51,7 @@ def test_retry_after_in_seconds_or_as_an_http_date() -> None:
     [
         (200, Sent()),
         (204, Sent()),
-        (302, Retry("HTTP 302")),
+        (302, Retry("HTTP 302 (not followed)")),
         (404, Retry("HTTP 404")),
         (500, Retry("HTTP 500")),
         (410, Gone("HTTP 410 Gone")),
@@ -91,7 +91,7 @@ def test_coalesced_deltas_keep_the_newest_envelope_and_all_the_text() -> None:
     items = _stored([seq.next("transcript.delta", {"text": t, "segment_id": 2}) for t in parts])
     merged = coalesce(items)
     assert merged.pos == items[-1].pos
-    assert merged.event.id == items[-1].event.id and merged.event.seq == 2
+    assert merged.event.id == items[-1].event.id and merged.event.delta_seq == 2
     assert merged.event.data == {"text": "Hello there", "segment_id": 2, "coalesced": 3}
     assert Stored.from_row(merged.pos, merged.body, 0.0).event == merged.event
     assert coalesce(items[:1]) is items[0]

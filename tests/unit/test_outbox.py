@@ -2,18 +2,28 @@
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 import time
 from pathlib import Path
 
+import pytest
+
 from tests.hooks import until
 from voxphone.clock import FakeClock
+from voxphone.errors import ConfigError
 from voxphone.events.model import Event, EventSequencer
-from voxphone.events.outbox import DELIVERED, Outbox, Outcome, Stored, compact, pending
+from voxphone.events.outbox import DELIVERED, Outbox, Outcome, Stored, compact, page
 
 
 def everyone(event: Event, routed: bool) -> list[str]:
     return ["call"] if routed else ["a", "b"]
+
+
+def pending(box: Outbox, endpoints: list[str]) -> dict[str, list[tuple[Stored, int]]]:
+    """Each endpoint's pending events with their attempts, as a deliverer pages them in."""
+    with contextlib.closing(sqlite3.connect(box.path)) as db:
+        return {ep: page(db, ep, 0, 1_000_000) for ep in endpoints}
 
 
 def make(path: Path, **kw: object) -> tuple[Outbox, list[tuple[Stored, list[str]]]]:
@@ -36,7 +46,7 @@ async def test_events_reach_listeners_only_after_they_are_committed(tmp_path: Pa
     box.start()
     seq = EventSequencer("c1", FakeClock())
     box.route("c2", "http://127.0.0.1:1/x")
-    events = [seq.next("transcript.delta", {"text": str(i)}) for i in range(200)]
+    events = [seq.next("transcript.final", {"text": str(i)}) for i in range(200)]
     routed = EventSequencer("c2", FakeClock()).next("call.started", {})
     for e in [*events, routed]:
         box.publish(e)
@@ -142,3 +152,17 @@ async def test_replay_and_compaction(tmp_path: Path) -> None:
     assert gone == 2, "the event pending again for 'a' stays"
     await box.close()
     assert box.read("SELECT count(*) FROM deliveries") == [(2,)]
+
+
+async def test_one_outbox_per_database_file(tmp_path: Path) -> None:
+    """A second outbox on the same file (here or in another process) is refused, naming
+    ``outbox.path`` and the holder; closing the first releases the file."""
+    path = tmp_path / "e.db"
+    first, _ = make(path)
+    with pytest.raises(ConfigError, match=r"^outbox\.path .*e\.db is in use .*\(pid \d+\)"):
+        make(path)
+    other, _ = make(tmp_path / "other.db")  # another file is another outbox
+    await first.close()
+    again, _ = make(path)
+    await again.close()
+    await other.close()

@@ -1,17 +1,20 @@
 """At-least-once delivery of committed events to one destination, whatever carries them.
 
-A ``Deliverer`` holds its destination's pending events in lanes: one per call in ``ordered``
-mode (the head must be delivered, or given up, before the next is tried), one per event in
-``parallel`` mode. A lane retries its head with exponential backoff and jitter (or the
-destination's ``Retry-After``) until the event's type horizon passes. Every outcome is written
-back to the outbox, so a restart resumes with what is still pending. The transport (HTTP, NATS)
-only answers how one attempt went.
+A ``Deliverer`` holds up to ``window`` of its destination's pending events in memory, in
+lanes: one per call in ``ordered`` mode (the head must be delivered, or given up, before the
+next is tried), one per event in ``parallel`` mode. A bigger backlog (a long outage, a restart
+with a million events pending) stays in SQLite and is paged in, oldest first, as the window
+empties: memory is bounded by the window, not by the backlog. A lane retries its head with
+exponential backoff and jitter (or the destination's ``Retry-After``) until the event's type
+horizon passes. Every outcome is written back to the outbox, so a restart resumes with what is
+still pending. The transport (HTTP, NATS) only answers how one attempt went.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import random
 from collections import deque
 from collections.abc import Coroutine
@@ -33,9 +36,13 @@ from voxphone.events.outbox import (
     Outbox,
     Outcome,
     Stored,
+    page,
 )
 
 log = structlog.get_logger(__name__)
+
+#: Pending events a deliverer holds in memory; the rest wait in SQLite (see ``Deliverer``).
+WINDOW = 1000
 
 
 @dataclass(frozen=True)
@@ -160,6 +167,7 @@ class Deliverer:
         *,
         disable_on_gone: bool = True,
         rng: random.Random | None = None,
+        window: int = WINDOW,
     ) -> None:
         self.name = name
         self.policy = policy
@@ -175,6 +183,14 @@ class Deliverer:
         self._tasks: set[asyncio.Task[None]] = set()
         self._timers: dict[int, asyncio.TimerHandle] = {}
         self._queued: set[int] = set()
+        self.window = window
+        #: The lowest outbox position that may be pending in SQLite but not in memory
+        #: (None: memory holds the whole backlog), how many wait there, and the task paging
+        #: them in.
+        self._spill: int | None = None
+        self._spilled = 0
+        self._paging: asyncio.Task[None] | None = None
+        self._spilled_while_paging = False
         self._drained = asyncio.Event()
         self._drained.set()
         self._enabled = asyncio.Event()
@@ -188,19 +204,88 @@ class Deliverer:
 
     @property
     def pending(self) -> int:
+        """Events waiting: those in memory and those left in SQLite (the latter may count a
+        replayed event twice until it is paged in)."""
+        return len(self._queued) + self._spilled
+
+    @property
+    def held(self) -> int:
+        """Pending events held in memory: at most ``window``."""
         return len(self._queued)
 
     def add(self, stored: Stored, attempts: int = 0) -> None:
-        """Queue a committed event (not twice: a replay of a pending one is a no-op)."""
+        """Take a committed event (not twice: a replay of a pending one is a no-op). Once the
+        window is full it stays in SQLite, and so does every later one until paging catches
+        up, so a call's events still go out in order."""
         if stored.pos in self._queued:
             return
+        if self._spill is not None or len(self._queued) >= self.window:
+            self._spill = stored.pos if self._spill is None else min(self._spill, stored.pos)
+            self._spilled += 1
+            self._spilled_while_paging = True
+            self._drained.clear()
+            self._page_soon()
+            return
+        self._hold(Job(stored, attempts))
+
+    def resume(self, pending: int) -> None:
+        """Page in the ``pending`` events a previous run left in the outbox (at startup)."""
+        if pending:
+            self._spill, self._spilled = 0, pending
+            self._drained.clear()
+            self._page_soon()
+
+    def _page_soon(self) -> None:
+        """Start paging in when events wait in SQLite and half the window is free."""
+        if self._spill is None or self._paging is not None:
+            return
+        if len(self._queued) <= self.window // 2:
+            self._paging = asyncio.create_task(self._page(), name=f"page-{self.name}")
+
+    async def _page(self) -> None:
+        """Load the oldest pending events from SQLite while the window has room. The query
+        runs in the outbox's writer, after every outcome queued so far, so nothing delivered
+        comes back; events spilled while it ran make it go round again."""
+        try:
+            while self._spill is not None and len(self._queued) <= self.window // 2:
+                self._spilled_while_paging = False
+                start, room = self._spill, self.window - len(self._queued)
+                query = functools.partial(page, endpoint=self.name, start=start, limit=room)
+                rows = await self._outbox.call(query)
+                assert isinstance(rows, list)
+                self._paged(start, room, rows)
+        except Exception as exc:  # the outbox refused the read: try again in a second
+            log.error("outbox_page_failed", endpoint=self.name, error=repr(exc))
+            asyncio.get_running_loop().call_later(1.0, self._page_soon)
+            return
+        finally:
+            self._paging = None
+        self._page_soon()
+
+    def _paged(self, start: int, room: int, rows: list[tuple[Stored, int]]) -> None:
+        for stored, attempts in rows:
+            if stored.pos not in self._queued:
+                self._hold(Job(stored, attempts))
+        self._spilled = max(0, self._spilled - len(rows))
+        assert self._spill is not None
+        if self._spill < start:  # a replay of older events came in meanwhile
+            return
+        if len(rows) < room and not self._spilled_while_paging:
+            self._spill, self._spilled = None, 0  # caught up: memory holds the backlog
+            if not self._queued:
+                self._drained.set()
+        elif rows:
+            self._spill = rows[-1][0].pos + 1
+
+    def _hold(self, job: Job) -> None:
+        """Put a job in memory: its lane (``ordered``) or the shared queue (``parallel``)."""
+        stored = job.stored
         self._queued.add(stored.pos)
         self._drained.clear()
-        job = Job(stored, attempts)
         if self.policy.mode == "parallel":
             self._ready.append(job)
             self._wake.set()
-            while len(self._tasks) < self.policy.concurrency and len(self._tasks) < self.pending:
+            while len(self._tasks) < self.policy.concurrency and len(self._tasks) < self.held:
                 self._spawn(self._work())
             return
         lane = self._lanes.get(stored.event.call_id)
@@ -243,7 +328,7 @@ class Deliverer:
                 await asyncio.wait_for(self._drained.wait(), timeout_s)
         for timer in self._timers.values():
             timer.cancel()
-        tasks = list(self._tasks)
+        tasks = list(self._tasks) + ([self._paging] if self._paging else [])
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -340,8 +425,9 @@ class Deliverer:
     def _finish(self, job: Job, status: str, err: str | None) -> None:
         for s in [*job.folded, job.stored]:
             self._queued.discard(s.pos)
-        if not self._queued:
+        if not self._queued and self._spill is None:
             self._drained.set()
+        self._page_soon()
         for s in job.folded:
             self._outbox.record(Outcome(self.name, s.pos, COALESCED, 0))
         self.stats.coalesced += len(job.folded)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Final, Protocol
 
@@ -26,9 +27,21 @@ EVENT_TYPES: Final = (
 )
 
 
+#: Events a destination may drop by design (past their horizon): numbered apart from the rest.
+EPHEMERAL_TYPES: Final = frozenset({TRANSCRIPT_DELTA})
+
+
 @dataclass(frozen=True)
 class Event:
-    """One thing that happened in a call. ``seq`` is gap-free per call, starting at 0."""
+    """One thing that happened in a call.
+
+    ``seq`` numbers the call's durable events (every type but ``transcript.delta``) 0, 1, 2, …
+    with no gaps, ``call.started`` first and ``call.ended`` last, so a receiver can tell a
+    lost event from one that is merely late. A delta may expire undelivered (it is stale in
+    seconds), so deltas are numbered apart: ``delta_seq`` (0, 1, 2, … per call, on deltas
+    only), and their ``seq`` is that of the durable event they follow (-1 before any); sorting
+    by ``(seq, delta_seq is not None, delta_seq)`` restores the order they were published in.
+    """
 
     id: str
     type: str
@@ -36,13 +49,17 @@ class Event:
     seq: int
     timestamp: str
     data: dict[str, Any] = field(default_factory=dict)
+    delta_seq: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
+        numbers = {"seq": self.seq}
+        if self.delta_seq is not None:
+            numbers["delta_seq"] = self.delta_seq
         return {
             "id": self.id,
             "type": self.type,
             "call_id": self.call_id,
-            "seq": self.seq,
+            **numbers,
             "timestamp": self.timestamp,
             "data": self.data,
         }
@@ -53,24 +70,36 @@ class Event:
 
 
 class EventSequencer:
-    """Stamps one call's events with ids, timestamps and a gap-free ``seq``."""
+    """Stamps one call's events with ids, timestamps, ``seq`` and ``delta_seq`` (see
+    ``Event``), and ``call.ended`` with ``data.events``: how many events of each type the call
+    published, itself included, so a receiver with a ``types`` filter can count what it got."""
 
     def __init__(self, call_id: str, clock: Clock) -> None:
         self.call_id = call_id
         self._clock = clock
-        self._seq = 0
+        self._seq = -1  # the last durable event's
+        self._delta_seq = -1
+        self._counts: Counter[str] = Counter()
 
     def next(self, type_: str, data: dict[str, Any]) -> Event:
-        event = Event(
+        self._counts[type_] += 1
+        delta_seq = None
+        if type_ in EPHEMERAL_TYPES:
+            self._delta_seq += 1
+            delta_seq = self._delta_seq
+        else:
+            self._seq += 1
+        if type_ == CALL_ENDED:
+            data = {**data, "events": dict(self._counts)}
+        return Event(
             id=f"evt_{uuid.uuid4().hex}",
             type=type_,
             call_id=self.call_id,
             seq=self._seq,
             timestamp=iso_utc(self._clock.now()),
             data=data,
+            delta_seq=delta_seq,
         )
-        self._seq += 1
-        return event
 
 
 class EventSink(Protocol):

@@ -2,7 +2,8 @@
 
 Each event is published to ``<subject_prefix>.<type>`` with ``Nats-Msg-Id`` = the event id, so
 JetStream drops the duplicates that retries make (within the stream's duplicate window), and
-``Voxphone-Call-Id`` / ``Voxphone-Seq`` headers for consumers that filter without parsing. An
+``Voxphone-Call-Id`` / ``Voxphone-Seq`` (and, on deltas, ``Voxphone-Delta-Seq``) headers for
+consumers that filter without parsing. An
 event counts as delivered only once JetStream acknowledged it; until then the outbox keeps it
 pending (the durable cursor), so a NATS outage or our own restart loses nothing.
 """
@@ -42,6 +43,8 @@ class NatsTransport:
             "Voxphone-Call-Id": ev.call_id,
             "Voxphone-Seq": str(ev.seq),
         }
+        if ev.delta_seq is not None:
+            headers["Voxphone-Delta-Seq"] = str(ev.delta_seq)
         try:
             js = await self._jetstream()
             await js.publish(

@@ -7,6 +7,10 @@ Delivery outcomes flow back through the same thread, so one connection does ever
 order. When the database can't be written (disk full, locked) the writer keeps its batch, marks
 the outbox unhealthy (readiness, logs, counters) and retries; nothing is dropped until
 ``max_backlog`` events wait in memory, and those drops are counted and logged as errors.
+
+One process owns a database: ``open`` takes an exclusive ``flock`` on ``<path>.lock`` (held
+until ``close`` or the process dies, even by ``kill -9``), because two outboxes on one file
+would each deliver every event and collide on ``pos``.
 """
 
 from __future__ import annotations
@@ -14,12 +18,14 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import fcntl
 import json
+import os
 import queue
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -28,6 +34,7 @@ from typing import Any
 import structlog
 
 from voxphone.clock import Clock
+from voxphone.errors import ConfigError
 from voxphone.events.model import Event
 
 log = structlog.get_logger(__name__)
@@ -131,6 +138,7 @@ class Outbox:
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._next_pos = 1
+        self._lock_fd: int | None = None
         self.routes: dict[str, str] = {}
         self.listeners: list[Listener] = []
         self.error: str | None = None
@@ -139,9 +147,11 @@ class Outbox:
     # -- the event loop's side ---------------------------------------------------------------
 
     def open(self) -> None:
-        """Create or open the database (blocking; at startup, before the loop serves anyone)."""
+        """Lock, then create or open the database (blocking; at startup, before the loop serves
+        anyone). Raises ``ConfigError`` naming ``outbox.path`` when another process has it."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self._connect() as db:
+        self._lock_fd = _lock(self.path)
+        with contextlib.closing(self._connect()) as db:
             db.executescript(SCHEMA)
             self._next_pos = (db.execute("SELECT max(pos) FROM events").fetchone()[0] or 0) + 1
             self.routes.update(db.execute("SELECT call_id, url FROM routes").fetchall())
@@ -192,6 +202,9 @@ class Outbox:
             if self._thread.is_alive():
                 log.error("outbox_not_committed_at_exit", backlog=self.backlog, error=self.error)
             self._thread = None
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # releases the flock
+            self._lock_fd = None
 
     @property
     def backlog(self) -> int:
@@ -200,7 +213,7 @@ class Outbox:
 
     def read(self, sql: str, *args: Any) -> list[Any]:
         """Rows from a fresh read connection (WAL readers never block the writer)."""
-        with self._connect() as db:
+        with contextlib.closing(self._connect()) as db:
             return db.execute(sql, args).fetchall()
 
     async def aread(self, sql: str, *args: Any) -> list[Any]:
@@ -318,6 +331,26 @@ class Outbox:
         return Stored(pos, event, body, created), targets
 
 
+def _lock(db: Path) -> int:
+    """An open descriptor of ``<db>.lock`` holding an exclusive ``flock``, our pid written in
+    it; ``ConfigError`` naming the holder's pid when another process (or outbox) holds it.
+    A sidecar file, not the database: closing any descriptor of the database would drop
+    SQLite's own POSIX locks (they are per process)."""
+    fd = os.open(db.with_name(db.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise ConfigError(
+            f"outbox.path {db} is in use by another voxphone (pid {holder}): "
+            "run one process per outbox file, or give this one its own outbox.path"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    return fd
+
+
 @dataclass
 class _Rows:
     events: list[tuple[object, ...]] = field(default_factory=list)
@@ -353,17 +386,16 @@ def _replay(db: sqlite3.Connection, op: _Replay) -> list[Stored]:
     return [Stored.from_row(*row) for row in rows]
 
 
-def pending(outbox: Outbox, endpoints: Iterable[str]) -> dict[str, list[tuple[Stored, int]]]:
-    """Each endpoint's undelivered events, oldest first, with their attempts so far."""
-    result: dict[str, list[tuple[Stored, int]]] = {name: [] for name in endpoints}
-    rows = outbox.read(
-        "SELECT d.endpoint, e.pos, e.body, e.created, d.attempts FROM deliveries d "
-        "JOIN events e ON e.pos = d.pos WHERE d.status = 'pending' ORDER BY e.pos"
-    )
-    for name, pos, body, created, attempts in rows:
-        if name in result:
-            result[name].append((Stored.from_row(pos, body, created), attempts))
-    return result
+def page(db: sqlite3.Connection, endpoint: str, start: int, limit: int) -> list[tuple[Stored, int]]:
+    """Up to ``limit`` of ``endpoint``'s pending events from position ``start`` on, oldest
+    first, with their attempts so far (a range of the ``(endpoint, pos)`` primary key)."""
+    rows = db.execute(
+        "SELECT e.pos, e.body, e.created, d.attempts FROM deliveries d "
+        "JOIN events e ON e.pos = d.pos WHERE d.endpoint = ? AND d.pos >= ? "
+        "AND d.status = 'pending' ORDER BY d.pos LIMIT ?",
+        (endpoint, start, limit),
+    ).fetchall()
+    return [(Stored.from_row(pos, body, created), n) for pos, body, created, n in rows]
 
 
 def compact(db: sqlite3.Connection, before: float) -> int:

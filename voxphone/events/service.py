@@ -19,7 +19,7 @@ from voxphone.clock import Clock
 from voxphone.config import Config, DeliveryPolicy
 from voxphone.events.delivery import Deliverer, Transport
 from voxphone.events.model import Event
-from voxphone.events.outbox import Outbox, Stored, compact, pending
+from voxphone.events.outbox import Outbox, Stored, compact
 from voxphone.events.stream import LiveFeed
 from voxphone.events.webhook import HttpTransport
 
@@ -111,12 +111,17 @@ class EventService:
         for name, reason in disabled:
             if name in self.deliverers:
                 self.deliverers[name].disable(reason, persist=False)
-        backlog = await asyncio.to_thread(pending, self.outbox, list(self.deliverers))
-        for name, items in backlog.items():
-            for stored, attempts in items:
-                self.deliverers[name].add(stored, attempts)
-        if any(backlog.values()):
-            log.info("outbox_resumed", pending={n: len(v) for n, v in backlog.items() if v})
+        backlog = dict(
+            await self.outbox.aread(
+                "SELECT endpoint, count(*) FROM deliveries WHERE status = 'pending' "
+                "GROUP BY endpoint"
+            )
+        )
+        for name, count in backlog.items():
+            if name in self.deliverers:
+                self.deliverers[name].resume(count)
+        if backlog:
+            log.info("outbox_resumed", pending=backlog)
 
     async def compact(self) -> int:
         before = self.clock.now().timestamp() - self.config.outbox.retention_h * 3600
@@ -135,8 +140,10 @@ class EventService:
     async def stop(self, drain_timeout_s: float = 5.0) -> None:
         """Commit what was published, give deliveries ``drain_timeout_s``, close; anything
         undelivered stays in the outbox for the next start."""
-        if self._compactor is not None:
-            self._compactor.cancel()
+        if self._compactor is None:  # start() failed or never ran: only release the outbox
+            await self.outbox.close()
+            return
+        self._compactor.cancel()
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self.outbox.flush(), drain_timeout_s)
         await asyncio.gather(*(d.close(drain_timeout_s) for d in self.deliverers.values()))

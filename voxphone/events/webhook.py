@@ -1,8 +1,11 @@
 """Webhooks: Standard Webhooks signing, and the HTTP transport that deliverers retry through.
 
 Success is a 2xx and nothing else; ``410 Gone`` disables the endpoint; every other answer, a
-timeout or a refused connection is retried (``Retry-After`` honoured). ``webhook-id`` is the
-event id, so it stays the same across retries and replays: receivers dedupe on it.
+timeout or a refused connection is retried (``Retry-After`` honoured). Redirects are never
+followed: a 3xx is a failed attempt whose error names the ``Location``, so signed requests go
+to the configured URL and nowhere else (a followed 301 turns the POST into a GET elsewhere,
+and its 200 would mark the event delivered). ``webhook-id`` is the event id, so it stays the
+same across retries and replays: receivers dedupe on it.
 """
 
 from __future__ import annotations
@@ -58,13 +61,18 @@ def signed_headers(
     return headers
 
 
-def classify(status: int, retry_after: str | None, now: datetime) -> Result:
-    """What one HTTP answer means for the delivery."""
+def classify(
+    status: int, retry_after: str | None, now: datetime, location: str | None = None
+) -> Result:
+    """What one HTTP answer means for the delivery (a 3xx: a failure naming its ``location``)."""
     if 200 <= status < 300:
         return Sent()
     if status == 410:
         return Gone("HTTP 410 Gone")
-    return Retry(f"HTTP {status}", parse_retry_after(retry_after, now))
+    error = f"HTTP {status}"
+    if 300 <= status < 400:
+        error += f" to {location} (not followed)" if location else " (not followed)"
+    return Retry(error, parse_retry_after(retry_after, now))
 
 
 class HttpTransport:
@@ -95,11 +103,14 @@ class HttpTransport:
                 timeout=self._timeout, connector=connector, auto_decompress=False
             )
         try:
-            async with self._http.post(url, data=stored.body, headers=headers) as resp:
+            async with self._http.post(
+                url, data=stored.body, headers=headers, allow_redirects=False
+            ) as resp:
                 await resp.read()
         except (aiohttp.ClientError, TimeoutError) as exc:
             return Retry(f"{type(exc).__name__}: {exc}".rstrip(": "))
-        return classify(resp.status, resp.headers.get("retry-after"), now)
+        h = resp.headers
+        return classify(resp.status, h.get("retry-after"), now, h.get("location"))
 
     async def close(self) -> None:
         if self._http is not None:
