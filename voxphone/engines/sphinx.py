@@ -45,13 +45,17 @@ class SphinxSettings:
 
 
 class Recognizer:
-    """Synchronous streaming recognition of one stream: 80 ms frames in, chunks out."""
+    """Synchronous streaming recognition of one stream: 80 ms frames in, chunks out.
 
-    def __init__(self, settings: SphinxSettings) -> None:
+    ``decoder`` (a ``pocketsphinx.Decoder`` with no utterance open) may be passed to skip the
+    model load (about 0.8 s); by default each recognizer loads its own.
+    """
+
+    def __init__(self, settings: SphinxSettings, decoder: Any = None) -> None:
         from pocketsphinx import Decoder, Endpointer
 
         self._ep = Endpointer(window=settings.pause_s, sample_rate=SAMPLE_RATE)
-        self._decoder = Decoder(samprate=SAMPLE_RATE, loglevel="FATAL")
+        self._decoder = decoder or Decoder(samprate=SAMPLE_RATE, loglevel="FATAL")
         self._noise = settings.noise_floor
         self._rng = np.random.default_rng(0)
         self._pending = np.zeros(0, np.int16)
@@ -82,7 +86,9 @@ class Recognizer:
         return chunks
 
     def _feed(self, speech: bytes | None, force_end: bool = False) -> list[TranscriptChunk]:
-        if speech is None:
+        # ``end_stream`` returns b"" (not None) when the endpointer is in speech but its window
+        # starts with non-speech; pocketsphinx raises IndexError on an empty buffer.
+        if not speech:
             return []
         if not self._in_utt:
             self._decoder.start_utt()
