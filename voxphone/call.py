@@ -4,7 +4,9 @@ A ``Call`` owns its pipeline and two tasks: the *feeder* moves frames from a bou
 engine stream (the only place that may wait on the engine), and the *reader* turns engine output
 into events. Transports push packets synchronously and never wait: if the engine falls behind by
 more than the queue holds, the oldest frames are dropped and counted rather than stalling the
-socket. A failure inside one call ends that call with ``call.ended{reason}``, nothing else.
+socket. A failure inside one call ends that call with ``call.ended{reason}``, nothing else: every
+``call.started`` gets exactly one ``call.ended``, and what the engine streamed of a segment it never
+closed (it failed, or missed the flush deadline) is published as that segment's final.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ from voxphone.events import model as ev
 from voxphone.events.model import EventSequencer, EventSink
 
 log = structlog.get_logger(__name__)
+
+FRAME_S = 0.08
 
 
 @dataclass
@@ -52,7 +56,7 @@ class Call:
         metadata: dict[str, Any] | None = None,
         max_gap_s: float = 5.0,
         max_queued_frames: int = 250,
-        end_timeout_s: float = 30.0,
+        end_timeout_s: float = 10.0,
         max_duration_s: float | None = None,
         channel: int | None = None,
     ) -> None:
@@ -71,11 +75,17 @@ class Call:
         self._sink = sink
         self._clock = clock
         self._events = EventSequencer(call_id, clock)
-        self._frames: asyncio.Queue[Pcm | None] = asyncio.Queue(max_queued_frames)
+        #: One place more than ``max_queued_frames``: the end of the audio never costs a frame.
+        self._frames: asyncio.Queue[Pcm | None] = asyncio.Queue(max_queued_frames + 1)
+        self._max_frames = max_queued_frames
         self._end_timeout_s = end_timeout_s
         self._started_at = clock.monotonic()
         self._segments: list[str] = []
         self._segment_id = 0
+        #: The open segment as streamed: its deltas, and the audio sent when the first and the
+        #: last arrived (ms on the call clock), for a final the engine never sends.
+        self._open: list[str] = []
+        self._open_ms = (0, 0)
         self._stream: EngineStream | None = None
         self._task: asyncio.Task[None] | None = None
         self._flush_expired = False
@@ -100,16 +110,21 @@ class Call:
             self._task.add_done_callback(lambda _task: on_done(self))
 
     def end(self, reason: str) -> None:
-        """Hang up: flush the audio path and let the engine finish. Idempotent."""
+        """Hang up: flush the audio path and let the engine finish. Idempotent.
+
+        The engine gets ``end_timeout_s`` plus the queued audio's duration (it must keep up with
+        real time) to say its last words; then the call ends without them (``_flush_deadline``).
+        """
         if self.end_reason is not None:
             return
         self.end_reason = reason
         for frame in self.pipeline.flush():
             self._enqueue(frame)
+        timeout_s = self._end_timeout_s + self._frames.qsize() * FRAME_S
         self._enqueue(None)
         if self._task is not None:
             loop = asyncio.get_running_loop()
-            self._timers.append(loop.call_later(self._end_timeout_s, self._flush_deadline))
+            self._timers.append(loop.call_later(timeout_s, self._flush_deadline, timeout_s))
 
     async def wait(self) -> None:
         """Until ``call.ended`` has been published."""
@@ -189,7 +204,7 @@ class Call:
             return []
 
     def _enqueue(self, frame: Pcm | None) -> None:
-        if self._frames.full():
+        if frame is not None and self._frames.qsize() >= self._max_frames:
             self._frames.get_nowait()
             self.stats.dropped_frames += 1
             if self.stats.dropped_frames % 50 == 1:
@@ -201,26 +216,27 @@ class Call:
     # -- tasks -----------------------------------------------------------------------------
 
     async def _run(self, engine: Engine) -> None:
+        """The call's task boundary: whatever happens inside, ``call.ended`` is published once."""
         try:
-            self._stream = await engine.open_stream(self.call_id)
-            feeder = asyncio.create_task(self._feed(self._stream))
-            try:
-                async for chunk in self._stream.chunks():
-                    self._on_chunk(chunk)
-            finally:
-                feeder.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await feeder
-        except EngineError as exc:
-            self._engine_failed(exc)
+            await self._transcribe(engine)
         except asyncio.CancelledError:
-            if self._stream is not None:
-                await self._stream.abort()
+            await self._abort_stream()
             self._finish()
             if not self._flush_expired:
                 raise
             return
+        except Exception as exc:  # the one place every failure of a call ends up
+            self._failed(exc)
         self._finish()
+
+    async def _transcribe(self, engine: Engine) -> None:
+        """Feed the stream and read its output until it ends; a failure of either stops both."""
+        self._stream = stream = await engine.open_stream(self.call_id)
+        async with asyncio.TaskGroup() as tasks:
+            feeder = tasks.create_task(self._feed(stream))
+            async for chunk in stream.chunks():
+                self._on_chunk(chunk)
+            feeder.cancel()  # the engine has said all it will
 
     async def _feed(self, stream: EngineStream) -> None:
         while (frame := await self._frames.get()) is not None:
@@ -228,22 +244,48 @@ class Call:
             self.frames_sent += 1
         await stream.close()
 
-    def _flush_deadline(self) -> None:
-        """The engine took too long to finish after hang-up: abort the stream."""
+    async def _abort_stream(self) -> None:
+        if self._stream is not None:
+            try:
+                await self._stream.abort()
+            except Exception:  # the call ends anyway; its stream's resources may leak
+                self._log.exception("engine_abort_failed")
+
+    def _flush_deadline(self, timeout_s: float) -> None:
+        """The engine took too long to finish after hang-up: end the call with what it streamed."""
         if self._task is not None and not self._task.done():
-            self._log.warning("engine_flush_timeout", timeout_s=self._end_timeout_s)
+            self._log.warning("engine_flush_timeout", timeout_s=timeout_s)
+            message = (
+                f"engine did not finish the transcript within {timeout_s:g} s of the hang-up; "
+                "the open segment is final as streamed"
+            )
+            self._publish(ev.ENGINE_ERROR, {"message": message, "recovered": False})
             self._flush_expired = True
             self._task.cancel()
+
+    def _failed(self, exc: Exception) -> None:
+        """An engine failure (expected: ``EngineError``) or a bug (anything else)."""
+        while isinstance(exc, ExceptionGroup):  # from the feeder/reader task group
+            exc = exc.exceptions[0]
+        if isinstance(exc, EngineError):
+            self._engine_failed(exc)
+            return
+        self._log.error("call_failed", exc_info=exc)
+        self.end_reason = "internal_error"
 
     def _on_chunk(self, chunk: TranscriptChunk) -> None:
         if chunk.error:
             self._log.warning("engine_recovered", error=chunk.error)
             self._publish(ev.ENGINE_ERROR, {"message": chunk.error, "recovered": True})
         if chunk.delta:
+            at_ms = self.frames_sent * 80
+            self._open_ms = (self._open_ms[0] if self._open else at_ms, at_ms)
+            self._open.append(chunk.delta)
             self._publish(
                 ev.TRANSCRIPT_DELTA, {"text": chunk.delta, "segment_id": self._segment_id}
             )
         if chunk.segment_end:
+            self._open = []
             text = chunk.text.strip()
             if text:
                 self._segments.append(text)
@@ -267,6 +309,12 @@ class Call:
     def _finish(self) -> None:
         for timer in self._timers:  # a pending timer would keep the finished call alive
             timer.cancel()
+        if self._open:  # the engine will never close it: its deltas are all we have
+            start_ms, end_ms = self._open_ms
+            text = "".join(self._open)
+            self._on_chunk(
+                TranscriptChunk(segment_end=True, text=text, start_ms=start_ms, end_ms=end_ms)
+            )
         s = self.pipeline.timeline.stats
         self.stats.late_packets = s.late
         self.stats.gap_ms = s.gap_samples * 1000 // self.codec.sample_rate
