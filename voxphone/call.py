@@ -75,9 +75,11 @@ class Call:
         self._sink = sink
         self._clock = clock
         self._events = EventSequencer(call_id, clock)
-        #: One place more than ``max_queued_frames``: the end of the audio never costs a frame.
-        self._frames: asyncio.Queue[Pcm | None] = asyncio.Queue(max_queued_frames + 1)
+        #: Bounded by ``_enqueue`` (drops) and ``_put`` (waits) at ``max_queued_frames``; the end
+        #: of the audio (the pipeline's last frames, then ``None``) goes in without costing a frame.
+        self._frames: asyncio.Queue[Pcm | None] = asyncio.Queue()
         self._max_frames = max_queued_frames
+        self._room = asyncio.Event()  # set when the feeder takes a frame (for ``feed_*``)
         self._end_timeout_s = end_timeout_s
         self._started_at = clock.monotonic()
         self._segments: list[str] = []
@@ -119,9 +121,10 @@ class Call:
             return
         self.end_reason = reason
         for frame in self.pipeline.flush():
-            self._enqueue(frame)
+            self._frames.put_nowait(frame)
         timeout_s = self._end_timeout_s + self._frames.qsize() * FRAME_S
-        self._enqueue(None)
+        self._frames.put_nowait(None)
+        self._room.set()  # a file's feeder stops waiting
         if self._task is not None:
             loop = asyncio.get_running_loop()
             self._timers.append(loop.call_later(timeout_s, self._flush_deadline, timeout_s))
@@ -186,13 +189,21 @@ class Call:
 
     async def feed_packet(self, timestamp: int, payload: bytes) -> None:
         """Like ``push_packet`` but waits for room instead of dropping (files, not live media)."""
-        for frame in self._decode(timestamp, payload):
-            await self._frames.put(frame)
+        await self._put(self._decode(timestamp, payload))
 
     async def feed_pcm(self, pcm: Pcm) -> None:
-        """Decoded, gap-free PCM at the codec rate, waiting for room (files, not live media)."""
-        for frame in self.pipeline.push_pcm(pcm):
-            await self._frames.put(frame)
+        """Decoded, gap-free PCM at the codec rate, waiting for room (files, not live media).
+        Audio after the call has ended (``end``, say on Ctrl-C) is ignored."""
+        await self._put(self.pipeline.push_pcm(pcm))
+
+    async def _put(self, frames: list[Pcm]) -> None:
+        for frame in frames:
+            while self._frames.qsize() >= self._max_frames and self.end_reason is None:
+                self._room.clear()
+                await self._room.wait()
+            if self.end_reason is not None:
+                return
+            self._frames.put_nowait(frame)
 
     def _decode(self, timestamp: int, payload: bytes) -> list[Pcm]:
         self.stats.packets += 1
@@ -203,8 +214,8 @@ class Call:
             self._log.debug("decode_error", error=str(exc))
             return []
 
-    def _enqueue(self, frame: Pcm | None) -> None:
-        if frame is not None and self._frames.qsize() >= self._max_frames:
+    def _enqueue(self, frame: Pcm) -> None:
+        if self._frames.qsize() >= self._max_frames:
             self._frames.get_nowait()
             self.stats.dropped_frames += 1
             if self.stats.dropped_frames % 50 == 1:
@@ -240,6 +251,7 @@ class Call:
 
     async def _feed(self, stream: EngineStream) -> None:
         while (frame := await self._frames.get()) is not None:
+            self._room.set()
             await stream.send(frame)
             self.frames_sent += 1
         await stream.close()

@@ -4,6 +4,9 @@ pocketsphinx holds the GIL while it decodes (measured: a decoding thread stalls 
 30 ms at the median, 800 ms at worst), so recognition runs in worker *processes*. Each stream is
 pinned to one worker, which owns its stateful decoder; the parent talks to a worker through a pipe
 from one I/O thread, so the event loop never blocks and never decodes.
+
+Workers ignore SIGINT: Ctrl-C in a terminal signals the whole process group, and the parent must
+be the one to decide (drain: the workers finish the open segments, then the parent stops them).
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import asyncio
 import contextlib
 import multiprocessing
 import multiprocessing.connection
+import signal
 import uuid
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
@@ -131,6 +135,8 @@ class Recognizer:
 
 def _worker_main(conn: multiprocessing.connection.Connection, settings: SphinxSettings) -> None:
     """A worker process: serve (op, stream id, argument) requests until the pipe closes."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a SIGINT pending since birth is discarded
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     recognizers: dict[str, Recognizer] = {}
     while True:
         try:
@@ -170,7 +176,12 @@ class _Worker:
         self.process = ctx.Process(
             target=_worker_main, args=(child, settings), name="voxphone-sphinx", daemon=True
         )
-        self.process.start()
+        # Born with SIGINT blocked (the mask survives fork and exec) until it ignores SIGINT.
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        try:
+            self.process.start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
         child.close()
         self._io = ThreadPoolExecutor(1, thread_name_prefix="sphinx-io")
         self.streams = 0
@@ -246,9 +257,13 @@ _END = object()
 
 
 class SphinxStream:
-    """One stream on a worker: frames are batched per round trip, chunks come back in order."""
+    """One stream on a worker: frames are batched per round trip, chunks come back in order.
 
-    def __init__(self, worker: _Worker, sid: str, max_queued_frames: int = 250) -> None:
+    ``send`` waits once ``max_queued_frames`` (2 s) are queued, so a lagging worker backs up into
+    the call's own queue, where frames are dropped and counted, not into a second hidden one.
+    """
+
+    def __init__(self, worker: _Worker, sid: str, max_queued_frames: int = 25) -> None:
         self._worker = worker
         self._sid = sid
         self._frames: asyncio.Queue[object] = asyncio.Queue(max_queued_frames)
