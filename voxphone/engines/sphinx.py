@@ -64,7 +64,7 @@ class Recognizer:
         self._rng = np.random.default_rng(0)
         self._pending = np.zeros(0, np.int16)
         self._step = self._ep.frame_bytes // 2
-        self._emitted: list[str] = []
+        self._sent = 0  # words of the open segment sent as deltas
         self._start_ms = 0
         self._in_utt = False
 
@@ -98,7 +98,7 @@ class Recognizer:
             self._decoder.start_utt()
             self._in_utt = True
             self._start_ms = int(self._ep.speech_start * 1000)
-            self._emitted = []
+            self._sent = 0
         self._decoder.process_raw(self._noisy(speech), False, False)
         if self._ep.in_speech or force_end:
             return []
@@ -110,15 +110,9 @@ class Recognizer:
         return np.clip(pcm, -32768, 32767).astype(np.int16).tobytes()
 
     def _partial(self) -> list[TranscriptChunk]:
-        """Emit the hypothesis' stable words (all but the last, still-moving one) once each."""
         hyp = self._decoder.hyp() if self._in_utt else None
-        words = hyp.hypstr.split()[:-1] if hyp is not None else []
-        if len(words) <= len(self._emitted) or words[: len(self._emitted)] != self._emitted:
-            return []
-        new = words[len(self._emitted) :]
-        delta = (" " if self._emitted else "") + " ".join(new)
-        self._emitted = words
-        return [TranscriptChunk(delta=delta)]
+        delta, self._sent = stable_delta(self._sent, hyp.hypstr if hyp is not None else "")
+        return [TranscriptChunk(delta=delta)] if delta else []
 
     def _end_segment(self) -> TranscriptChunk:
         self._decoder.end_utt()
@@ -131,6 +125,20 @@ class Recognizer:
             start_ms=self._start_ms,
             end_ms=max(end_ms, self._start_ms),
         )
+
+
+def stable_delta(sent: int, hypothesis: str) -> tuple[str, int]:
+    """The next delta of a segment whose ``sent`` first words have gone out: ``(text, sent)``.
+
+    The hypothesis' last word is still moving; the others are stable. Deltas are append-only:
+    the stable words past the ``sent`` first are new even when the recogniser has meanwhile
+    revised some it sent (the final carries the revision), so live text keeps flowing instead of
+    stopping until the final. ``text`` starts with a space unless it starts the segment.
+    """
+    words = hypothesis.split()[:-1]
+    if len(words) <= sent:
+        return "", sent
+    return (" " if sent else "") + " ".join(words[sent:]), len(words)
 
 
 def _worker_main(conn: multiprocessing.connection.Connection, settings: SphinxSettings) -> None:
