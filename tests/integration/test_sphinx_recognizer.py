@@ -7,7 +7,7 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 
-from tests.conftest import Speech
+from tests.conftest import Speech, overlap
 from voxphone.audio.files import read_audio
 from voxphone.engines.base import TranscriptChunk
 from voxphone.engines.sphinx import SAMPLE_RATE, Recognizer, SphinxSettings
@@ -33,8 +33,10 @@ def choppy(speech: Speech) -> np.ndarray:
     return np.concatenate([p for pair in parts for p in pair])
 
 
-def recognise(pcm: np.ndarray, decoder: object) -> list[TranscriptChunk]:
-    rec = Recognizer(SphinxSettings(), decoder)
+def recognise(
+    pcm: np.ndarray, decoder: object, settings: SphinxSettings | None = None
+) -> list[TranscriptChunk]:
+    rec = Recognizer(settings or SphinxSettings(), decoder)
     chunks = [c for pos in range(0, pcm.size, FRAME) for c in rec.process(pcm[pos : pos + FRAME])]
     return chunks + rec.finish()
 
@@ -54,3 +56,20 @@ def test_every_stream_length_ends_with_its_segment_closed(
     assert all(e.start_ms <= e.end_ms <= n * 1000 // SAMPLE_RATE + 80 for e in ends)
     if n >= 12 * FRAME:  # enough speech for the endpointer (0.5 s window) to have heard some
         assert ends and ends[-1].text
+
+
+@pytest.mark.parametrize("max_segment_s", [2.0, 30.0])
+def test_speech_without_pauses_is_cut_at_word_boundaries_past_max_segment(
+    max_segment_s: float, speech: dict[str, Speech], decoder: object
+) -> None:
+    said = speech["order"]
+    pcm = np.concatenate([read_audio(said.path, SAMPLE_RATE)] * 3)  # 9.6 s, no pause
+    settings = SphinxSettings(max_segment_s=max_segment_s)
+    finals = [c for c in recognise(pcm, decoder, settings) if c.segment_end and c.text]
+    if max_segment_s > 10:
+        assert len(finals) == 1
+    else:
+        assert len(finals) >= 4
+        assert all(f.end_ms - f.start_ms <= 2 * max_segment_s * 1000 for f in finals)
+        assert all(a.end_ms == b.start_ms for a, b in zip(finals, finals[1:], strict=False))
+    assert overlap(said.text, " ".join(f.text for f in finals)) >= 0.6

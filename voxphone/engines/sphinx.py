@@ -46,6 +46,13 @@ class SphinxSettings:
     #: mel filters see log(0). A faint noise floor fixes that (flite speech via G.711 goes from
     #: nonsense to near-verbatim); on wideband audio it is inaudible to the model.
     noise_floor: float = 30.0
+    #: Speech without a pause is cut into segments of about this many seconds, at the first word
+    #: boundary past it (the decoder's best path ends after a finished word), or at twice it.
+    max_segment_s: float = 30.0
+
+
+#: What the best path of a partial hypothesis ends in between words.
+_BETWEEN_WORDS = ("</s>", "<sil>", "[NOISE]")
 
 
 class Recognizer:
@@ -61,11 +68,14 @@ class Recognizer:
         self._ep = Endpointer(window=settings.pause_s, sample_rate=SAMPLE_RATE)
         self._decoder = decoder or Decoder(samprate=SAMPLE_RATE, loglevel="FATAL")
         self._noise = settings.noise_floor
+        self._max_ms = round(settings.max_segment_s * 1000)
         self._rng = np.random.default_rng(0)
         self._pending = np.zeros(0, np.int16)
         self._step = self._ep.frame_bytes // 2
         self._sent = 0  # words of the open segment sent as deltas
         self._start_ms = 0
+        self._region = -1.0  # the endpointer's speech region the decoder is in (its start, s)
+        self._at_ms = 0  # the end of the speech fed to the decoder (ms on the stream's clock)
         self._in_utt = False
 
     def process(self, frame: Pcm) -> list[TranscriptChunk]:
@@ -95,14 +105,31 @@ class Recognizer:
         if not speech:
             return []
         if not self._in_utt:
-            self._decoder.start_utt()
-            self._in_utt = True
-            self._start_ms = int(self._ep.speech_start * 1000)
-            self._sent = 0
+            self._start_utt()
         self._decoder.process_raw(self._noisy(speech), False, False)
-        if self._ep.in_speech or force_end:
+        self._at_ms += len(speech) * 1000 // (2 * SAMPLE_RATE)
+        if force_end:
             return []
-        return [self._end_segment()]
+        if not self._ep.in_speech:
+            return [self._end_segment()]
+        return [self._end_segment(self._at_ms)] if self._too_long() else []
+
+    def _start_utt(self) -> None:
+        if self._ep.speech_start != self._region:  # a new speech region, not a cut inside one
+            self._region = self._ep.speech_start
+            self._at_ms = int(self._region * 1000)
+        self._decoder.start_utt()
+        self._in_utt = True
+        self._start_ms = self._at_ms
+        self._sent = 0
+
+    def _too_long(self) -> bool:
+        """Past ``max_segment_s`` and between two words (or at twice the limit, regardless)."""
+        length = self._at_ms - self._start_ms
+        if length < self._max_ms:
+            return False
+        best = list(self._decoder.seg() or ())
+        return length >= 2 * self._max_ms or not best or best[-1].word in _BETWEEN_WORDS
 
     def _noisy(self, speech: bytes) -> bytes:
         pcm = np.frombuffer(speech, np.int16).astype(np.float32)
@@ -114,11 +141,13 @@ class Recognizer:
         delta, self._sent = stable_delta(self._sent, hyp.hypstr if hyp is not None else "")
         return [TranscriptChunk(delta=delta)] if delta else []
 
-    def _end_segment(self) -> TranscriptChunk:
+    def _end_segment(self, end_ms: int | None = None) -> TranscriptChunk:
+        """Close the utterance: at ``end_ms`` (a cut) or where the endpointer says speech ended."""
         self._decoder.end_utt()
         self._in_utt = False
         hyp = self._decoder.hyp()
-        end_ms = int(self._ep.speech_end * 1000) if self._ep.speech_end else self._start_ms
+        if end_ms is None:
+            end_ms = int(self._ep.speech_end * 1000) if self._ep.speech_end else self._start_ms
         return TranscriptChunk(
             segment_end=True,
             text=hyp.hypstr if hyp is not None else "",
