@@ -12,7 +12,6 @@ closed (it failed, or missed the flush deadline) is published as that segment's 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -30,7 +29,8 @@ from voxphone.events.model import EventSequencer, EventSink
 
 log = structlog.get_logger(__name__)
 
-FRAME_S = 0.08
+FRAME_MS = 80
+FRAME_S = FRAME_MS / 1000
 
 
 @dataclass
@@ -137,10 +137,8 @@ class Call:
     async def abort(self, reason: str) -> None:
         """End now without waiting for the engine's last words (shutdown deadline passed)."""
         self.end_reason = self.end_reason or reason
-        if self._task is not None and not self._task.done():
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        self._give_up("engine did not finish the transcript before the shutdown deadline")
+        await self.wait()
 
     @property
     def done(self) -> bool:
@@ -264,13 +262,13 @@ class Call:
                 self._log.exception("engine_abort_failed")
 
     def _flush_deadline(self, timeout_s: float) -> None:
-        """The engine took too long to finish after hang-up: end the call with what it streamed."""
-        if self._task is not None and not self._task.done():
-            self._log.warning("engine_flush_timeout", timeout_s=timeout_s)
-            message = (
-                f"engine did not finish the transcript within {timeout_s:g} s of the hang-up; "
-                "the open segment is final as streamed"
-            )
+        self._give_up(f"engine did not finish the transcript within {timeout_s:g} s of the hang-up")
+
+    def _give_up(self, why: str) -> None:
+        """Stop waiting for the engine: say so, and end the call with what it streamed."""
+        if self._task is not None and not self._task.done() and not self._flush_expired:
+            self._log.warning("engine_flush_timeout", why=why)
+            message = f"{why}; the open segment is final as streamed"
             self._publish(ev.ENGINE_ERROR, {"message": message, "recovered": False})
             self._flush_expired = True
             self._task.cancel()
@@ -290,7 +288,7 @@ class Call:
             self._log.warning("engine_recovered", error=chunk.error)
             self._publish(ev.ENGINE_ERROR, {"message": chunk.error, "recovered": True})
         if chunk.delta:
-            at_ms = self.frames_sent * 80
+            at_ms = self.frames_sent * FRAME_MS
             self._open_ms = (self._open_ms[0] if self._open else at_ms, at_ms)
             self._open.append(chunk.delta)
             self._publish(

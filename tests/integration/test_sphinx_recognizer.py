@@ -7,7 +7,7 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 
-from tests.conftest import Speech, overlap
+from tests.conftest import Speech, choppy, overlap
 from voxphone.audio.files import read_audio
 from voxphone.engines.base import TranscriptChunk
 from voxphone.engines.sphinx import SAMPLE_RATE, Recognizer, SphinxSettings
@@ -23,14 +23,6 @@ def decoder() -> Iterator[object]:
     from pocketsphinx import Decoder
 
     yield Decoder(samprate=SAMPLE_RATE, loglevel="FATAL")
-
-
-def choppy(speech: Speech) -> np.ndarray:
-    """Speech in 0.32 s pieces with 0.3 s gaps: the endpointer stays in speech while its window
-    starts with a gap, where ``end_stream`` returns no samples (the issue's IndexError)."""
-    pcm = read_audio(speech.path, SAMPLE_RATE)
-    parts = [(pcm[i : i + 5120], np.zeros(4800, np.int16)) for i in range(0, pcm.size, 5120)]
-    return np.concatenate([p for pair in parts for p in pair])
 
 
 def recognise(

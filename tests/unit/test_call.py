@@ -160,3 +160,18 @@ async def test_frames_are_dropped_oldest_first_and_counted_when_the_engine_lags(
     got = [int(f[0]) for f in stream.received]
     assert got == [0, *range(16, 26)]  # the newest 10 survive the lag; 1..15 were dropped
     assert sink.events[-1].data["stats"]["dropped_frames"] == 15
+
+
+async def test_a_drain_that_times_out_keeps_what_was_streamed() -> None:
+    stream = ScriptedStream()  # an engine that never finishes
+    call, sink = started(stream)
+    stream.out.put(TranscriptChunk(delta="call me back"))
+    await until(lambda: sink.of_type("transcript.delta"))
+    call.end("shutdown")
+    await asyncio.wait_for(
+        call.abort("shutdown"), 5
+    )  # what CallRegistry.drain does at its deadline
+    assert types(sink)[-3:] == ["engine.error", "transcript.final", "call.ended"]
+    assert "shutdown deadline" in sink.of_type("engine.error")[0].data["message"]
+    ended = sink.events[-1].data
+    assert ended["reason"] == "shutdown" and ended["transcript"] == "call me back"
