@@ -317,6 +317,8 @@ class Call:
         self.end_reason = "engine_error"
 
     def _finish(self) -> None:
+        self.end_reason = self.end_reason or "ended"  # no more audio, even for a waiting file
+        self._room.set()
         for timer in self._timers:  # a pending timer would keep the finished call alive
             timer.cancel()
         if self._open:  # the engine will never close it: its deltas are all we have
@@ -332,7 +334,7 @@ class Call:
         self._publish(
             ev.CALL_ENDED,
             {
-                "reason": self.end_reason or "ended",
+                "reason": self.end_reason,
                 "duration_ms": duration_ms,
                 "audio_ms": self.pipeline.framer.position_ms,
                 "transcript": " ".join(self._segments),

@@ -7,6 +7,7 @@ import asyncio
 from collections.abc import AsyncIterator
 
 import numpy as np
+import pytest
 from structlog.testing import capture_logs
 
 from tests.hooks import until
@@ -175,3 +176,19 @@ async def test_a_drain_that_times_out_keeps_what_was_streamed() -> None:
     assert "shutdown deadline" in sink.of_type("engine.error")[0].data["message"]
     ended = sink.events[-1].data
     assert ended["reason"] == "shutdown" and ended["transcript"] == "call me back"
+
+
+@pytest.mark.parametrize("failed", [True, False], ids=["engine-error", "engine-ended"])
+async def test_a_file_waiting_for_room_stops_when_the_engine_stops(failed: bool) -> None:
+    stream = ScriptedStream()
+    stream.gate.clear()  # the engine takes one frame and stalls
+    call, sink = started(stream, max_queued_frames=5)
+    feeding = asyncio.create_task(call.feed_pcm(np.zeros(30 * 1280, np.int16)))
+    await until(lambda: call._frames.qsize() == 5)  # the file waits for room
+    if failed:
+        stream.out.fail(EngineError("worker died"))
+    else:
+        stream.out.close()  # the engine ends the stream on its own
+    await asyncio.wait_for(call.wait(), 5)
+    await asyncio.wait_for(feeding, 5)  # and does not wait forever
+    assert sink.events[-1].data["reason"] == ("engine_error" if failed else "ended")
