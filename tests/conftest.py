@@ -9,7 +9,10 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pytest
+
+from voxphone.audio.files import read_audio
 
 # Sentences flite says clearly enough for pocketsphinx, even through 8 kHz G.711.
 SENTENCES = {
@@ -88,3 +91,11 @@ def free_udp_range(n: int) -> tuple[int, int]:
             for s in socks:
                 s.close()
     raise RuntimeError("no free UDP port range")
+
+
+def choppy(speech: Speech) -> np.ndarray:
+    """Speech in 0.32 s pieces with 0.3 s gaps: the endpointer stays in speech while its window
+    starts with a gap, where ``end_stream`` returns no samples (the issue's IndexError)."""
+    pcm = read_audio(speech.path, 16000)
+    parts = [(pcm[i : i + 5120], np.zeros(4800, np.int16)) for i in range(0, pcm.size, 5120)]
+    return np.concatenate([p for pair in parts for p in pair])

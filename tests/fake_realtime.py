@@ -28,6 +28,7 @@ class Behaviour:
     error_after_steps: int | None = None
     error_code: str = "processing_error"
     step_delay_s: float = 0.0  # a slow server
+    hang_at_end: bool = False  # the final commit gets no steps and no transcription.done
 
 
 @dataclass
@@ -100,6 +101,8 @@ class FakeRealtimeServer:
                 )
             elif event.get("final"):
                 conn.final = True
+                if conn.behaviour.hang_at_end:
+                    return True
                 for _ in range(RIGHT_PAD_STEPS):
                     if not await self._step(ws, conn):
                         return False

@@ -4,13 +4,14 @@ A ``Call`` owns its pipeline and two tasks: the *feeder* moves frames from a bou
 engine stream (the only place that may wait on the engine), and the *reader* turns engine output
 into events. Transports push packets synchronously and never wait: if the engine falls behind by
 more than the queue holds, the oldest frames are dropped and counted rather than stalling the
-socket. A failure inside one call ends that call with ``call.ended{reason}``, nothing else.
+socket. A failure inside one call ends that call with ``call.ended{reason}``, nothing else: every
+``call.started`` gets exactly one ``call.ended``, and what the engine streamed of a segment it never
+closed (it failed, or missed the flush deadline) is published as that segment's final.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -27,6 +28,9 @@ from voxphone.events import model as ev
 from voxphone.events.model import EventSequencer, EventSink
 
 log = structlog.get_logger(__name__)
+
+FRAME_MS = 80
+FRAME_S = FRAME_MS / 1000
 
 
 @dataclass
@@ -52,7 +56,7 @@ class Call:
         metadata: dict[str, Any] | None = None,
         max_gap_s: float = 5.0,
         max_queued_frames: int = 250,
-        end_timeout_s: float = 30.0,
+        end_timeout_s: float = 10.0,
         max_duration_s: float | None = None,
         channel: int | None = None,
     ) -> None:
@@ -71,11 +75,19 @@ class Call:
         self._sink = sink
         self._clock = clock
         self._events = EventSequencer(call_id, clock)
-        self._frames: asyncio.Queue[Pcm | None] = asyncio.Queue(max_queued_frames)
+        #: Bounded by ``_enqueue`` (drops) and ``_put`` (waits) at ``max_queued_frames``; the end
+        #: of the audio (the pipeline's last frames, then ``None``) goes in without costing a frame.
+        self._frames: asyncio.Queue[Pcm | None] = asyncio.Queue()
+        self._max_frames = max_queued_frames
+        self._room = asyncio.Event()  # set when the feeder takes a frame (for ``feed_*``)
         self._end_timeout_s = end_timeout_s
         self._started_at = clock.monotonic()
         self._segments: list[str] = []
         self._segment_id = 0
+        #: The open segment as streamed: its deltas, and the audio sent when the first and the
+        #: last arrived (ms on the call clock), for a final the engine never sends.
+        self._open: list[str] = []
+        self._open_ms = (0, 0)
         self._stream: EngineStream | None = None
         self._task: asyncio.Task[None] | None = None
         self._flush_expired = False
@@ -100,16 +112,22 @@ class Call:
             self._task.add_done_callback(lambda _task: on_done(self))
 
     def end(self, reason: str) -> None:
-        """Hang up: flush the audio path and let the engine finish. Idempotent."""
+        """Hang up: flush the audio path and let the engine finish. Idempotent.
+
+        The engine gets ``end_timeout_s`` plus the queued audio's duration (it must keep up with
+        real time) to say its last words; then the call ends without them (``_flush_deadline``).
+        """
         if self.end_reason is not None:
             return
         self.end_reason = reason
         for frame in self.pipeline.flush():
-            self._enqueue(frame)
-        self._enqueue(None)
+            self._frames.put_nowait(frame)
+        timeout_s = self._end_timeout_s + self._frames.qsize() * FRAME_S
+        self._frames.put_nowait(None)
+        self._room.set()  # a file's feeder stops waiting
         if self._task is not None:
             loop = asyncio.get_running_loop()
-            self._timers.append(loop.call_later(self._end_timeout_s, self._flush_deadline))
+            self._timers.append(loop.call_later(timeout_s, self._flush_deadline, timeout_s))
 
     async def wait(self) -> None:
         """Until ``call.ended`` has been published."""
@@ -119,10 +137,8 @@ class Call:
     async def abort(self, reason: str) -> None:
         """End now without waiting for the engine's last words (shutdown deadline passed)."""
         self.end_reason = self.end_reason or reason
-        if self._task is not None and not self._task.done():
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        self._give_up("engine did not finish the transcript before the shutdown deadline")
+        await self.wait()
 
     @property
     def done(self) -> bool:
@@ -171,13 +187,21 @@ class Call:
 
     async def feed_packet(self, timestamp: int, payload: bytes) -> None:
         """Like ``push_packet`` but waits for room instead of dropping (files, not live media)."""
-        for frame in self._decode(timestamp, payload):
-            await self._frames.put(frame)
+        await self._put(self._decode(timestamp, payload))
 
     async def feed_pcm(self, pcm: Pcm) -> None:
-        """Decoded, gap-free PCM at the codec rate, waiting for room (files, not live media)."""
-        for frame in self.pipeline.push_pcm(pcm):
-            await self._frames.put(frame)
+        """Decoded, gap-free PCM at the codec rate, waiting for room (files, not live media).
+        Audio after the call has ended (``end``, say on Ctrl-C) is ignored."""
+        await self._put(self.pipeline.push_pcm(pcm))
+
+    async def _put(self, frames: list[Pcm]) -> None:
+        for frame in frames:
+            while self._frames.qsize() >= self._max_frames and self.end_reason is None:
+                self._room.clear()
+                await self._room.wait()
+            if self.end_reason is not None:
+                return
+            self._frames.put_nowait(frame)
 
     def _decode(self, timestamp: int, payload: bytes) -> list[Pcm]:
         self.stats.packets += 1
@@ -188,8 +212,8 @@ class Call:
             self._log.debug("decode_error", error=str(exc))
             return []
 
-    def _enqueue(self, frame: Pcm | None) -> None:
-        if self._frames.full():
+    def _enqueue(self, frame: Pcm) -> None:
+        if self._frames.qsize() >= self._max_frames:
             self._frames.get_nowait()
             self.stats.dropped_frames += 1
             if self.stats.dropped_frames % 50 == 1:
@@ -201,49 +225,77 @@ class Call:
     # -- tasks -----------------------------------------------------------------------------
 
     async def _run(self, engine: Engine) -> None:
+        """The call's task boundary: whatever happens inside, ``call.ended`` is published once."""
         try:
-            self._stream = await engine.open_stream(self.call_id)
-            feeder = asyncio.create_task(self._feed(self._stream))
-            try:
-                async for chunk in self._stream.chunks():
-                    self._on_chunk(chunk)
-            finally:
-                feeder.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await feeder
-        except EngineError as exc:
-            self._engine_failed(exc)
+            await self._transcribe(engine)
         except asyncio.CancelledError:
-            if self._stream is not None:
-                await self._stream.abort()
+            await self._abort_stream()
             self._finish()
             if not self._flush_expired:
                 raise
             return
+        except Exception as exc:  # the one place every failure of a call ends up
+            self._failed(exc)
         self._finish()
+
+    async def _transcribe(self, engine: Engine) -> None:
+        """Feed the stream and read its output until it ends; a failure of either stops both."""
+        self._stream = stream = await engine.open_stream(self.call_id)
+        async with asyncio.TaskGroup() as tasks:
+            feeder = tasks.create_task(self._feed(stream))
+            async for chunk in stream.chunks():
+                self._on_chunk(chunk)
+            feeder.cancel()  # the engine has said all it will
 
     async def _feed(self, stream: EngineStream) -> None:
         while (frame := await self._frames.get()) is not None:
+            self._room.set()
             await stream.send(frame)
             self.frames_sent += 1
         await stream.close()
 
-    def _flush_deadline(self) -> None:
-        """The engine took too long to finish after hang-up: abort the stream."""
-        if self._task is not None and not self._task.done():
-            self._log.warning("engine_flush_timeout", timeout_s=self._end_timeout_s)
+    async def _abort_stream(self) -> None:
+        if self._stream is not None:
+            try:
+                await self._stream.abort()
+            except Exception:  # the call ends anyway; its stream's resources may leak
+                self._log.exception("engine_abort_failed")
+
+    def _flush_deadline(self, timeout_s: float) -> None:
+        self._give_up(f"engine did not finish the transcript within {timeout_s:g} s of the hang-up")
+
+    def _give_up(self, why: str) -> None:
+        """Stop waiting for the engine: say so, and end the call with what it streamed."""
+        if self._task is not None and not self._task.done() and not self._flush_expired:
+            self._log.warning("engine_flush_timeout", why=why)
+            message = f"{why}; the open segment is final as streamed"
+            self._publish(ev.ENGINE_ERROR, {"message": message, "recovered": False})
             self._flush_expired = True
             self._task.cancel()
+
+    def _failed(self, exc: Exception) -> None:
+        """An engine failure (expected: ``EngineError``) or a bug (anything else)."""
+        while isinstance(exc, ExceptionGroup):  # from the feeder/reader task group
+            exc = exc.exceptions[0]
+        if isinstance(exc, EngineError):
+            self._engine_failed(exc)
+            return
+        self._log.error("call_failed", exc_info=exc)
+        self.end_reason = "internal_error"
 
     def _on_chunk(self, chunk: TranscriptChunk) -> None:
         if chunk.error:
             self._log.warning("engine_recovered", error=chunk.error)
             self._publish(ev.ENGINE_ERROR, {"message": chunk.error, "recovered": True})
         if chunk.delta:
+            at_ms = self.frames_sent * FRAME_MS
+            self._open_ms = (self._open_ms[0] if self._open else at_ms, at_ms)
+            self._open.append(chunk.delta)
             self._publish(
                 ev.TRANSCRIPT_DELTA, {"text": chunk.delta, "segment_id": self._segment_id}
             )
         if chunk.segment_end:
+            self._open = []
             text = chunk.text.strip()
             if text:
                 self._segments.append(text)
@@ -265,8 +317,16 @@ class Call:
         self.end_reason = "engine_error"
 
     def _finish(self) -> None:
+        self.end_reason = self.end_reason or "ended"  # no more audio, even for a waiting file
+        self._room.set()
         for timer in self._timers:  # a pending timer would keep the finished call alive
             timer.cancel()
+        if self._open:  # the engine will never close it: its deltas are all we have
+            start_ms, end_ms = self._open_ms
+            text = "".join(self._open)
+            self._on_chunk(
+                TranscriptChunk(segment_end=True, text=text, start_ms=start_ms, end_ms=end_ms)
+            )
         s = self.pipeline.timeline.stats
         self.stats.late_packets = s.late
         self.stats.gap_ms = s.gap_samples * 1000 // self.codec.sample_rate
@@ -274,7 +334,7 @@ class Call:
         self._publish(
             ev.CALL_ENDED,
             {
-                "reason": self.end_reason or "ended",
+                "reason": self.end_reason,
                 "duration_ms": duration_ms,
                 "audio_ms": self.pipeline.framer.position_ms,
                 "transcript": " ".join(self._segments),

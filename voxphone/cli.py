@@ -179,7 +179,7 @@ def _transcribe(args: argparse.Namespace) -> int:
     from voxphone.transcribe import transcribe_file
 
     config = _load(args, {"log.level": args.log_level or "warning"})
-    text = asyncio.run(
+    ended = asyncio.run(
         transcribe_file(
             config,
             args.file,
@@ -188,7 +188,9 @@ def _transcribe(args: argparse.Namespace) -> int:
             progress=sys.stderr.isatty(),
         )
     )
-    return 0 if text is not None else 1
+    if ended is None:
+        return 1
+    return 130 if ended.data["reason"] == "shutdown" else 0  # 130: interrupted, as shells say
 
 
 def _call(args: argparse.Namespace) -> int:

@@ -200,6 +200,8 @@ class SphinxConfig(_Section):
     pause_s: float = Field(0.5, gt=0.05, le=5)
     #: Faint white noise (int16 standard deviation) that makes 8 kHz audio usable by the model.
     noise_floor: float = Field(30.0, ge=0)
+    #: Speech without a pause closes a segment at the first word boundary past this many seconds.
+    max_segment_s: float = Field(30.0, ge=1)
 
 
 VOXTRAL = "mistralai/Voxtral-Mini-4B-Realtime-2602"
@@ -210,6 +212,8 @@ class VoxtralConfig(_Section):
 
     #: Seconds without new text, after some text, that close a ``transcript.final``.
     pause_s: float = Field(0.8, ge=0.16, le=10)
+    #: Speech without a pause closes a segment at the first word boundary past this many seconds.
+    max_segment_s: float = Field(30.0, ge=1)
     #: A session is rolled over (at a pause) before this many seconds, and before max_model_len.
     max_session_s: float = Field(600.0, ge=10)
     #: Restart a session that has heard this many seconds of speech without writing anything.

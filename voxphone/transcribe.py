@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import signal
 import sys
 from pathlib import Path
 
-from voxphone.audio.codecs import L16_16K, PCMU, Codec
+from voxphone.audio.codecs import L16_16K, PCMU, Codec, Pcm
 from voxphone.audio.files import read_audio
 from voxphone.call import Call
 from voxphone.clock import SystemClock
@@ -17,6 +18,8 @@ from voxphone.events.model import Event
 from voxphone.testing import rtp_packets
 
 PTIME_MS = 20
+#: Audio read ahead of the engine (2 s), so Ctrl-C stops soon after the words being heard.
+QUEUED_FRAMES = 25
 
 
 class _Printer:
@@ -39,31 +42,35 @@ class _Printer:
 
 async def transcribe_file(
     config: Config, path: Path, *, telephony: bool, json_lines: bool, progress: bool
-) -> str | None:
-    """Transcribe ``path``; returns the full transcript (``None`` if the engine failed)."""
+) -> Event | None:
+    """Transcribe ``path``; returns the call's ``call.ended`` (``None`` if the engine failed).
+
+    SIGINT (Ctrl-C) ends the call as a shutdown drains one: no more audio, the engine finishes
+    the open segment, and the transcript so far is printed (``reason`` is ``shutdown``).
+    """
     codec: Codec = PCMU if telephony else L16_16K
     pcm = read_audio(path, codec.sample_rate)
     engine = create_engine(config)
     await engine.start()
     printer = _Printer(json_lines)
     call = Call(
-        "file", codec, printer, SystemClock(), transport="file", metadata={"file": str(path)}
-    )
+        "file", codec, printer, SystemClock(), transport="file", metadata={"file": str(path)},
+        max_queued_frames=QUEUED_FRAMES,
+    )  # fmt: skip
     bar = (
         asyncio.create_task(_progress(call, pcm.size * 16000 // codec.sample_rate))
         if progress
         else None
     )
+    loop = asyncio.get_running_loop()
     try:
         call.start(engine)
-        if telephony:
-            for pkt in rtp_packets(pcm, codec, ptime_ms=PTIME_MS, seed=0):
-                await call.feed_packet(pkt.timestamp, pkt.payload)
-        else:
-            await call.feed_pcm(pcm)
+        loop.add_signal_handler(signal.SIGINT, call.end, "shutdown")
+        await _feed(call, pcm, telephony)
         call.end("end_of_file")
         await call.wait()
     finally:
+        loop.remove_signal_handler(signal.SIGINT)
         if bar is not None:
             bar.cancel()
             _clear_progress()
@@ -71,10 +78,23 @@ async def transcribe_file(
     ended = printer.ended
     if ended is None or ended.data["reason"] == "engine_error":
         return None
-    transcript: str = ended.data["transcript"]
-    if not json_lines and not transcript:
+    if not json_lines and not ended.data["transcript"]:
         print("(no speech recognised)", file=sys.stderr)
-    return transcript
+    return ended
+
+
+async def _feed(call: Call, pcm: Pcm, telephony: bool) -> None:
+    """The file as packets (``telephony``) or 1 s pieces of PCM, until it or the call ends."""
+    if telephony:
+        for pkt in rtp_packets(pcm, call.codec, ptime_ms=PTIME_MS, seed=0):
+            if call.end_reason is not None:
+                return
+            await call.feed_packet(pkt.timestamp, pkt.payload)
+        return
+    for pos in range(0, pcm.size, call.codec.sample_rate):
+        if call.end_reason is not None:
+            return
+        await call.feed_pcm(pcm[pos : pos + call.codec.sample_rate])
 
 
 async def _progress(call: Call, total_samples: int) -> None:

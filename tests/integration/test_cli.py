@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
+import wave
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from tests.conftest import Speech, overlap
+from voxphone.audio.files import read_audio
 
 pytestmark = pytest.mark.integration
 
@@ -79,3 +84,37 @@ def test_auto_engine_explains_its_choice(speech: dict[str, Speech]) -> None:
     r = voxphone("transcribe", "--log-level", "info", str(speech["order"].path))
     assert r.returncode == 0
     assert "engine_auto" in r.stderr and "sphinx" in r.stderr and "no CUDA GPU visible" in r.stderr
+
+
+def test_ctrl_c_ends_a_transcription_with_the_words_so_far(
+    speech: dict[str, Speech], tmp_path: Path
+) -> None:
+    """Ctrl-C signals the terminal's whole process group, the sphinx workers too: the open
+    segment still comes out, as in a server's drain, and the exit status says "interrupted"."""
+    pcm = read_audio(speech["order"].path, 16000)
+    gap = np.zeros(3200, np.int16)
+    long = tmp_path / "long.wav"
+    with wave.open(str(long), "wb") as w:
+        w.setnchannels(1), w.setsampwidth(2), w.setframerate(16000)
+        w.writeframes(np.concatenate([pcm, gap] * 10).tobytes())
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "voxphone", "transcribe", "--json", str(long)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )  # fmt: skip
+    assert proc.stdout is not None
+    lines = []
+    for line in proc.stdout:  # until the first words, mid-file
+        lines.append(line)
+        if json.loads(line)["type"] == "transcript.delta":
+            break
+    os.killpg(proc.pid, signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    events = [json.loads(line) for line in lines + out.splitlines()]
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err
+    assert [e["type"] for e in events if e["type"] == "engine.error"] == []
+    ended = events[-1]
+    assert ended["type"] == "call.ended" and ended["data"]["reason"] == "shutdown"
+    assert ended["data"]["audio_ms"] < pcm.size * 10 // 16  # it stopped early
+    finals = [e["data"]["text"] for e in events if e["type"] == "transcript.final"]
+    assert finals and ended["data"]["transcript"] == " ".join(finals)

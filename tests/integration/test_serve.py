@@ -241,29 +241,53 @@ async def test_a_bad_network_still_makes_one_call_with_the_words(
     assert overlap(s.text, ended["transcript"]) >= 0.5, ended["transcript"]
 
 
-async def test_sigterm_drains_live_calls_and_delivers_their_events(
-    receiver: WebhookReceiver, speech: dict[str, Speech], tmp_path: Path
+@pytest.mark.parametrize("ctrl_c", [False, True], ids=["sigterm", "ctrl-c"])
+async def test_a_signal_drains_live_calls_and_delivers_their_events(
+    receiver: WebhookReceiver, speech: dict[str, Speech], tmp_path: Path, ctrl_c: bool
 ) -> None:
-    """Shutdown mid-call: the call ends with `shutdown`, its words so far are flushed through the
-    engine, and every webhook is delivered before the process exits."""
+    """Shutdown mid-call, by SIGTERM to the process or by Ctrl-C in its terminal (SIGINT to the
+    whole process group, sphinx workers included): the call ends with `shutdown`, its words so
+    far are flushed through the engine, and every webhook is delivered before the process exits."""
     lo, hi = free_udp_range(2)
     http_port = free_tcp_port()
     log = (tmp_path / "serve.log").open("wb")
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "voxphone", "serve", "--http-port", str(http_port),
         "--rtp-ports", f"{lo}-{hi}", "--webhook", str(receiver.server.make_url("/hooks")),
-        "--webhook-secret", SECRET,
-        env={**os.environ, "VOXPHONE_ASTERISK__AUDIOSOCKET_PORT": "0"}, stdout=log, stderr=log,
+        "--webhook-secret", SECRET, "--log-format", "json",
+        env={**os.environ, "VOXPHONE_ASTERISK__AUDIOSOCKET_PORT": "0",
+             "VOXPHONE_ENGINE__SPHINX__WORKERS": "2"},
+        stdout=log, stderr=log, start_new_session=True,  # its own process group, as a terminal's
     )  # fmt: skip
     await wait_ready(http_port, proc)
     pcm = read_audio(speech["order"].path, 8000)
     sender = asyncio.create_task(send_rtp(list(rtp_packets(pcm, PCMU, seed=5)), ("127.0.0.1", lo)))
-    await asyncio.sleep(2.8)  # most of the sentence has been said
-    proc.send_signal(signal.SIGTERM)
+    await until_delta(receiver, words=4)  # the caller is mid-sentence
+    if ctrl_c:
+        os.killpg(proc.pid, signal.SIGINT)
+    else:
+        proc.send_signal(signal.SIGTERM)
     assert await asyncio.wait_for(proc.wait(), 30) == 0
     log.close()
     sender.cancel()
     (events,) = calls_of(receiver).values()
     assert events[-1]["type"] == "call.ended" and events[-1]["data"]["reason"] == "shutdown"
     assert [e["seq"] for e in events] == list(range(len(events)))
+    assert not [e for e in events if e["type"] == "engine.error"]
+    finals = [e["data"]["text"] for e in events if e["type"] == "transcript.final"]
+    assert finals and events[-1]["data"]["transcript"] == " ".join(finals)
     assert overlap(speech["order"].text, events[-1]["data"]["transcript"]) >= 0.3
+    assert "Traceback" not in (tmp_path / "serve.log").read_text()
+
+
+async def until_delta(receiver: WebhookReceiver, words: int, timeout_s: float = 30) -> None:
+    """Until the deltas delivered hold ``words`` words."""
+
+    def heard() -> int:
+        deltas = [e["data"]["text"] for e in receiver.events if e["type"] == "transcript.delta"]
+        return len(" ".join(deltas).split())
+
+    async with asyncio.timeout(timeout_s):
+        while heard() < words:
+            receiver.changed.clear()
+            await receiver.changed.wait()

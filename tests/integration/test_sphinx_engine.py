@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 import numpy as np
 import pytest
 
-from tests.conftest import Speech, overlap
+from tests.conftest import Speech, choppy, overlap
 from voxphone.audio.codecs import L16_16K
 from voxphone.audio.files import read_audio
 from voxphone.call import Call
@@ -61,6 +61,24 @@ async def test_pauses_split_segments_with_times_on_the_call_clock(
     assert ended["reason"] == "hangup"
     assert ended["transcript"] == " ".join(f.data["text"] for f in finals)
     assert ended["audio_ms"] == -(-(pa.size + pb.size + 40000) // 1280) * 80
+
+
+@pytest.mark.parametrize("samples", [15360 - 37, 15360, 20480 + 481, 159_414])
+async def test_a_call_ends_cleanly_whatever_its_length(
+    engine: SphinxEngine, speech: dict[str, Speech], samples: int
+) -> None:
+    """Lengths where the stream ends while the endpointer's window starts with a pause (the
+    first three), and the issue's 159,414 samples (choppy speech repeated)."""
+    pcm = np.resize(choppy(speech["order"]), samples)
+    sink = capture_events()
+    call = Call("c5", L16_16K, sink, SystemClock(), transport="test")
+    call.start(engine)
+    await call.feed_pcm(pcm)
+    call.end("hangup")
+    await asyncio.wait_for(call.wait(), 120)
+    assert not sink.of_type("engine.error")
+    ended = sink.events[-1].data
+    assert ended["reason"] == "hangup" and ended["transcript"]
 
 
 async def test_a_dead_worker_fails_only_its_call_and_is_replaced(

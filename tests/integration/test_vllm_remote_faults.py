@@ -40,10 +40,10 @@ async def server() -> AsyncIterator[FakeRealtimeServer]:
 
 
 async def run_call(
-    engine: VllmRemoteEngine, audio: np.ndarray, realtime: bool = False
+    engine: VllmRemoteEngine, audio: np.ndarray, realtime: bool = False, end_timeout_s: float = 10
 ) -> CapturedEvents:
     sink = capture_events()
-    call = Call("c", L16_16K, sink, SystemClock(), transport="test")
+    call = Call("c", L16_16K, sink, SystemClock(), transport="test", end_timeout_s=end_timeout_s)
     call.start(engine)
     for pos in range(0, audio.size, 1280):
         await call.feed_pcm(audio[pos : pos + 1280])
@@ -224,3 +224,26 @@ async def test_rollover_cuts_in_a_pause_and_loses_no_words(server: FakeRealtimeS
     assert len(finals) == bursts
     assert [f.data["start_ms"] // 1600 for f in finals] == list(range(bursts))
     assert not sink.of_type("engine.error")
+
+
+async def test_a_server_that_never_finishes_keeps_the_streamed_words(
+    server: FakeRealtimeServer,
+) -> None:
+    server.behaviours = [Behaviour(hang_at_end=True)]
+    engine = await started(server)
+    loop = asyncio.get_running_loop()
+    try:
+        start = loop.time()
+        sink = await run_call(engine, tone(1.5), end_timeout_s=1.0)  # hang up mid-sentence
+        elapsed = loop.time() - start
+    finally:
+        await engine.stop()
+    deltas = "".join(d.data["text"] for d in sink.of_type("transcript.delta"))
+    assert deltas.startswith("w1 w2")
+    finals = sink.of_type("transcript.final")
+    assert [f.data["text"] for f in finals] == [deltas]
+    error = sink.of_type("engine.error")[-1].data
+    assert error["recovered"] is False and "did not finish" in error["message"]
+    ended = sink.events[-1].data
+    assert ended["reason"] == "hangup" and ended["transcript"] == deltas
+    assert elapsed < 5  # the deadline, not the session's idle timeout

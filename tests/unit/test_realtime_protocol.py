@@ -103,6 +103,18 @@ def test_segmenter_closes_on_pause_with_times() -> None:
     ]
 
 
+def test_segmenter_cuts_speech_without_pauses_at_the_next_word_past_max_segment() -> None:
+    seg = Segmenter(pause_steps=3, max_segment_ms=200)
+    out = []
+    for i, text in enumerate([" One", " two", " th", "ree", " four", " five", "s", " six", ""]):
+        out += seg.step(i, text)
+    out += seg.close()
+    finals = [(c.text, c.start_ms, c.end_ms) for c in out if c.segment_end]
+    # 200 ms are reached inside "three": the cut waits for the next word.
+    assert finals == [("One two three", 0, 320), ("four fives", 320, 560), ("six", 560, 640)]
+    assert "".join(c.delta for c in out) == "One two three" + "four fives" + "six"
+
+
 def test_hard_step_limit_respects_max_model_len_and_seconds() -> None:
     assert VoxtralSettings(max_session_s=600, max_model_len=45_000).hard_steps == 7500
     assert VoxtralSettings(max_session_s=600, max_model_len=1024).hard_steps == 1024 - 39 - 17 - 8

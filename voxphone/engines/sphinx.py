@@ -4,6 +4,9 @@ pocketsphinx holds the GIL while it decodes (measured: a decoding thread stalls 
 30 ms at the median, 800 ms at worst), so recognition runs in worker *processes*. Each stream is
 pinned to one worker, which owns its stateful decoder; the parent talks to a worker through a pipe
 from one I/O thread, so the event loop never blocks and never decodes.
+
+Workers ignore SIGINT: Ctrl-C in a terminal signals the whole process group, and the parent must
+be the one to decide (drain: the workers finish the open segments, then the parent stops them).
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import asyncio
 import contextlib
 import multiprocessing
 import multiprocessing.connection
+import signal
 import uuid
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
@@ -42,22 +46,36 @@ class SphinxSettings:
     #: mel filters see log(0). A faint noise floor fixes that (flite speech via G.711 goes from
     #: nonsense to near-verbatim); on wideband audio it is inaudible to the model.
     noise_floor: float = 30.0
+    #: Speech without a pause is cut into segments of about this many seconds, at the first word
+    #: boundary past it (the decoder's best path ends after a finished word), or at twice it.
+    max_segment_s: float = 30.0
+
+
+#: What the best path of a partial hypothesis ends in between words.
+_BETWEEN_WORDS = ("</s>", "<sil>", "[NOISE]")
 
 
 class Recognizer:
-    """Synchronous streaming recognition of one stream: 80 ms frames in, chunks out."""
+    """Synchronous streaming recognition of one stream: 80 ms frames in, chunks out.
 
-    def __init__(self, settings: SphinxSettings) -> None:
+    ``decoder`` (a ``pocketsphinx.Decoder`` with no utterance open) may be passed to skip the
+    model load (about 0.8 s); by default each recognizer loads its own.
+    """
+
+    def __init__(self, settings: SphinxSettings, decoder: Any = None) -> None:
         from pocketsphinx import Decoder, Endpointer
 
         self._ep = Endpointer(window=settings.pause_s, sample_rate=SAMPLE_RATE)
-        self._decoder = Decoder(samprate=SAMPLE_RATE, loglevel="FATAL")
+        self._decoder = decoder or Decoder(samprate=SAMPLE_RATE, loglevel="FATAL")
         self._noise = settings.noise_floor
+        self._max_ms = round(settings.max_segment_s * 1000)
         self._rng = np.random.default_rng(0)
         self._pending = np.zeros(0, np.int16)
         self._step = self._ep.frame_bytes // 2
-        self._emitted: list[str] = []
+        self._sent = 0  # words of the open segment sent as deltas
         self._start_ms = 0
+        self._region = -1.0  # the endpointer's speech region the decoder is in (its start, s)
+        self._at_ms = 0  # the end of the speech fed to the decoder (ms on the stream's clock)
         self._in_utt = False
 
     def process(self, frame: Pcm) -> list[TranscriptChunk]:
@@ -82,17 +100,36 @@ class Recognizer:
         return chunks
 
     def _feed(self, speech: bytes | None, force_end: bool = False) -> list[TranscriptChunk]:
-        if speech is None:
+        # ``end_stream`` returns b"" (not None) when the endpointer is in speech but its window
+        # starts with non-speech; pocketsphinx raises IndexError on an empty buffer.
+        if not speech:
             return []
         if not self._in_utt:
-            self._decoder.start_utt()
-            self._in_utt = True
-            self._start_ms = int(self._ep.speech_start * 1000)
-            self._emitted = []
+            self._start_utt()
         self._decoder.process_raw(self._noisy(speech), False, False)
-        if self._ep.in_speech or force_end:
+        self._at_ms += len(speech) * 1000 // (2 * SAMPLE_RATE)
+        if force_end:
             return []
-        return [self._end_segment()]
+        if not self._ep.in_speech:
+            return [self._end_segment()]
+        return [self._end_segment(self._at_ms)] if self._too_long() else []
+
+    def _start_utt(self) -> None:
+        if self._ep.speech_start != self._region:  # a new speech region, not a cut inside one
+            self._region = self._ep.speech_start
+            self._at_ms = int(self._region * 1000)
+        self._decoder.start_utt()
+        self._in_utt = True
+        self._start_ms = self._at_ms
+        self._sent = 0
+
+    def _too_long(self) -> bool:
+        """Past ``max_segment_s`` and between two words (or at twice the limit, regardless)."""
+        length = self._at_ms - self._start_ms
+        if length < self._max_ms:
+            return False
+        best = list(self._decoder.seg() or ())
+        return length >= 2 * self._max_ms or not best or best[-1].word in _BETWEEN_WORDS
 
     def _noisy(self, speech: bytes) -> bytes:
         pcm = np.frombuffer(speech, np.int16).astype(np.float32)
@@ -100,21 +137,17 @@ class Recognizer:
         return np.clip(pcm, -32768, 32767).astype(np.int16).tobytes()
 
     def _partial(self) -> list[TranscriptChunk]:
-        """Emit the hypothesis' stable words (all but the last, still-moving one) once each."""
         hyp = self._decoder.hyp() if self._in_utt else None
-        words = hyp.hypstr.split()[:-1] if hyp is not None else []
-        if len(words) <= len(self._emitted) or words[: len(self._emitted)] != self._emitted:
-            return []
-        new = words[len(self._emitted) :]
-        delta = (" " if self._emitted else "") + " ".join(new)
-        self._emitted = words
-        return [TranscriptChunk(delta=delta)]
+        delta, self._sent = stable_delta(self._sent, hyp.hypstr if hyp is not None else "")
+        return [TranscriptChunk(delta=delta)] if delta else []
 
-    def _end_segment(self) -> TranscriptChunk:
+    def _end_segment(self, end_ms: int | None = None) -> TranscriptChunk:
+        """Close the utterance: at ``end_ms`` (a cut) or where the endpointer says speech ended."""
         self._decoder.end_utt()
         self._in_utt = False
         hyp = self._decoder.hyp()
-        end_ms = int(self._ep.speech_end * 1000) if self._ep.speech_end else self._start_ms
+        if end_ms is None:
+            end_ms = int(self._ep.speech_end * 1000) if self._ep.speech_end else self._start_ms
         return TranscriptChunk(
             segment_end=True,
             text=hyp.hypstr if hyp is not None else "",
@@ -123,8 +156,24 @@ class Recognizer:
         )
 
 
+def stable_delta(sent: int, hypothesis: str) -> tuple[str, int]:
+    """The next delta of a segment whose ``sent`` first words have gone out: ``(text, sent)``.
+
+    The hypothesis' last word is still moving; the others are stable. Deltas are append-only:
+    the stable words past the ``sent`` first are new even when the recogniser has meanwhile
+    revised some it sent (the final carries the revision), so live text keeps flowing instead of
+    stopping until the final. ``text`` starts with a space unless it starts the segment.
+    """
+    words = hypothesis.split()[:-1]
+    if len(words) <= sent:
+        return "", sent
+    return (" " if sent else "") + " ".join(words[sent:]), len(words)
+
+
 def _worker_main(conn: multiprocessing.connection.Connection, settings: SphinxSettings) -> None:
     """A worker process: serve (op, stream id, argument) requests until the pipe closes."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a SIGINT pending since birth is discarded
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     recognizers: dict[str, Recognizer] = {}
     while True:
         try:
@@ -164,7 +213,12 @@ class _Worker:
         self.process = ctx.Process(
             target=_worker_main, args=(child, settings), name="voxphone-sphinx", daemon=True
         )
-        self.process.start()
+        # Born with SIGINT blocked (the mask survives fork and exec) until it ignores SIGINT.
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        try:
+            self.process.start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
         child.close()
         self._io = ThreadPoolExecutor(1, thread_name_prefix="sphinx-io")
         self.streams = 0
@@ -240,9 +294,13 @@ _END = object()
 
 
 class SphinxStream:
-    """One stream on a worker: frames are batched per round trip, chunks come back in order."""
+    """One stream on a worker: frames are batched per round trip, chunks come back in order.
 
-    def __init__(self, worker: _Worker, sid: str, max_queued_frames: int = 250) -> None:
+    ``send`` waits once ``max_queued_frames`` (2 s) are queued, so a lagging worker backs up into
+    the call's own queue, where frames are dropped and counted, not into a second hidden one.
+    """
+
+    def __init__(self, worker: _Worker, sid: str, max_queued_frames: int = 25) -> None:
         self._worker = worker
         self._sid = sid
         self._frames: asyncio.Queue[object] = asyncio.Queue(max_queued_frames)

@@ -8,7 +8,9 @@ audio clock: its text describes audio ending about ``(i + 1) * 80`` ms after the
 ``VoxtralStream`` turns sessions into one endless ``EngineStream`` for a call:
 
 * **Segments.** ``pause_s`` of steps without text (``[STREAMING_PAD]``) after some text closes a
-  ``transcript.final``; the segment's text is exactly its deltas.
+  ``transcript.final``; the segment's text is exactly its deltas. Speech without pauses is cut
+  into segments of about ``max_segment_s``, at the first word boundary (text that starts with a
+  space: Voxtral's tokens carry the space before a word) past it.
 * **Rollover.** A session cannot outlive ``max_model_len`` tokens (vLLM stops it there), and long
   ones grow host memory (vllm#50860). Past 90 % of the allowed length we cut at the next pause:
   the old session flushes (nothing is in flight in a pause), the new one starts with the next
@@ -79,6 +81,8 @@ SessionFactory = Callable[[], Awaitable[Session]]
 @dataclass(frozen=True)
 class VoxtralSettings:
     pause_s: float = 0.8
+    #: A segment closes at the first word boundary past this many seconds, pause or not.
+    max_segment_s: float = 30.0
     #: Longest session before rollover, in seconds (and never past ``max_model_len``).
     max_session_s: float = 600.0
     max_model_len: int = 45_000
@@ -108,8 +112,9 @@ class VoxtralSettings:
 class Segmenter:
     """Turns per-step text into deltas and pause-closed segments with times on the call clock."""
 
-    def __init__(self, pause_steps: int) -> None:
+    def __init__(self, pause_steps: int, max_segment_ms: int = 30_000) -> None:
         self.pause_steps = max(1, pause_steps)
+        self.max_segment_ms = max_segment_ms
         self._offset_ms = 0
         self._text: list[str] = []
         self._start_ms = 0
@@ -129,6 +134,11 @@ class Segmenter:
         if not text:
             self._quiet += 1
             return self.close() if self._quiet >= self.pause_steps else []
+        long = self._last_text_ms - self._start_ms >= self.max_segment_ms
+        closed = self.close() if self._text and long and text[:1].isspace() else []
+        return closed + self._append(at_ms, text)
+
+    def _append(self, at_ms: int, text: str) -> list[TranscriptChunk]:
         if not self._text:
             self._start_ms = max(self._offset_ms, at_ms - FRAME_MS)
             text = text.lstrip()
@@ -181,7 +191,9 @@ class VoxtralStream:
     def __init__(self, open_session: SessionFactory, settings: VoxtralSettings, call_id: str):
         self._open = open_session
         self._s = settings
-        self._seg = Segmenter(round(settings.pause_s * 1000 / FRAME_MS))
+        self._seg = Segmenter(
+            round(settings.pause_s * 1000 / FRAME_MS), round(settings.max_segment_s * 1000)
+        )
         self._queue: asyncio.Queue[_Live | None] = asyncio.Queue()
         self._out = ChunkQueue()
         self._replay: deque[Pcm] = deque(maxlen=max(1, int(settings.replay_s * 1000 / FRAME_MS)))

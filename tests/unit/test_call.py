@@ -1,0 +1,194 @@
+"""A Call's promises with a scripted engine: one ``call.ended`` whatever fails, nothing streamed
+is lost, frames dropped under engine lag are counted."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import numpy as np
+import pytest
+from structlog.testing import capture_logs
+
+from tests.hooks import until
+from voxphone.audio.codecs import L16_16K, Pcm
+from voxphone.call import Call
+from voxphone.clock import SystemClock
+from voxphone.engines.base import ChunkQueue, TranscriptChunk
+from voxphone.errors import EngineError
+from voxphone.testing import CapturedEvents, capture_events
+
+
+class ScriptedStream:
+    """An engine stream whose output the test writes; ``send`` waits while ``gate`` is clear."""
+
+    def __init__(self, fail_send: BaseException | None = None) -> None:
+        self.out = ChunkQueue()
+        self.bug: BaseException | None = None  # raised by ``chunks`` once its output is read
+        self.received: list[Pcm] = []
+        self.gate = asyncio.Event()
+        self.gate.set()
+        self.closed = self.aborted = False
+        self._fail_send = fail_send
+
+    async def send(self, frame: Pcm) -> None:
+        if self._fail_send is not None:
+            raise self._fail_send
+        await self.gate.wait()
+        self.received.append(frame)
+
+    async def close(self) -> None:
+        self.closed = True
+
+    async def abort(self) -> None:
+        self.aborted = True
+
+    async def chunks(self) -> AsyncIterator[TranscriptChunk]:
+        async for chunk in self.out:
+            yield chunk
+        if self.bug is not None:
+            raise self.bug
+
+    def stats(self) -> dict[str, int]:
+        return {}
+
+
+class ScriptedEngine:
+    name = "scripted"
+
+    def __init__(self, stream: ScriptedStream) -> None:
+        self.stream = stream
+
+    async def start(self) -> None: ...
+
+    async def open_stream(self, call_id: str) -> ScriptedStream:
+        return self.stream
+
+    async def stop(self) -> None: ...
+
+
+def frame(value: int) -> Pcm:
+    return np.full(1280, value, np.int16)
+
+
+def started(stream: ScriptedStream, **kwargs: float) -> tuple[Call, CapturedEvents]:
+    sink = capture_events()
+    call = Call("c", L16_16K, sink, SystemClock(), transport="test", **kwargs)  # type: ignore[arg-type]
+    call.start(ScriptedEngine(stream))
+    return call, sink
+
+
+def types(sink: CapturedEvents) -> list[str]:
+    return [e.type for e in sink.events]
+
+
+class Boom(RuntimeError):
+    pass
+
+
+async def test_an_unexpected_error_in_the_engine_output_ends_the_call_once() -> None:
+    stream = ScriptedStream()
+    call, sink = started(stream)
+    stream.out.put(TranscriptChunk(delta="hello"))
+    stream.out.put(TranscriptChunk(delta=" world"))
+    stream.bug = Boom("bug")
+    with capture_logs() as logs:
+        stream.out.close()
+        await asyncio.wait_for(call.wait(), 5)
+    assert types(sink).count("call.ended") == 1
+    ended = sink.events[-1].data
+    assert ended["reason"] == "internal_error"
+    assert ended["transcript"] == "hello world"  # the streamed words became a final
+    assert sink.of_type("transcript.final")[0].data["text"] == "hello world"
+    failed = [e for e in logs if e["event"] == "call_failed"]
+    assert len(failed) == 1 and isinstance(failed[0]["exc_info"], Boom)
+
+
+async def test_an_unexpected_error_while_sending_audio_ends_the_call_once() -> None:
+    stream = ScriptedStream(fail_send=Boom("bug in send"))
+    call, sink = started(stream)
+    call.push_pcm(0, frame(1))  # the call is live: no hang-up will come to unblock it
+    await asyncio.wait_for(call.wait(), 5)
+    assert types(sink) == ["call.started", "call.ended"]
+    assert sink.events[-1].data["reason"] == "internal_error"
+
+
+async def test_an_engine_error_keeps_what_was_streamed() -> None:
+    stream = ScriptedStream()
+    call, sink = started(stream)
+    stream.out.put(TranscriptChunk(delta="my order"))
+    stream.out.fail(EngineError("worker died"))
+    await asyncio.wait_for(call.wait(), 5)
+    assert types(sink) == [
+        "call.started", "transcript.delta", "engine.error", "transcript.final", "call.ended"
+    ]  # fmt: skip
+    assert sink.events[-1].data["reason"] == "engine_error"
+    assert sink.events[-1].data["transcript"] == "my order"
+
+
+async def test_the_flush_deadline_ends_the_call_with_what_was_streamed() -> None:
+    stream = ScriptedStream()  # an engine that never finishes its last segment
+    call, sink = started(stream, end_timeout_s=0.2)
+    call.push_pcm(0, frame(1))
+    await until(lambda: stream.received)
+    stream.out.put(TranscriptChunk(delta="status of"))
+    stream.out.put(TranscriptChunk(delta=" my"))
+    await until(lambda: len(sink.of_type("transcript.delta")) == 2)
+    call.end("hangup")
+    await asyncio.wait_for(call.wait(), 5)
+    assert stream.closed and stream.aborted
+    assert types(sink)[-3:] == ["engine.error", "transcript.final", "call.ended"]
+    error = sink.of_type("engine.error")[0].data
+    assert error["recovered"] is False and "did not finish" in error["message"]
+    final = sink.of_type("transcript.final")[0].data
+    assert final["text"] == "status of my" and final["segment_id"] == 0
+    ended = sink.events[-1].data
+    assert ended["reason"] == "hangup" and ended["transcript"] == "status of my"
+
+
+async def test_frames_are_dropped_oldest_first_and_counted_when_the_engine_lags() -> None:
+    stream = ScriptedStream()
+    stream.gate.clear()  # the engine stops taking audio
+    call, sink = started(stream, max_queued_frames=10)
+    call.push_pcm(0, frame(0))
+    await until(lambda: call._frames.empty())  # the feeder holds frame 0, waiting on the engine
+    for i in range(1, 26):  # 25 more frames arrive, at the transport's pace, never blocking
+        call.push_pcm(i * 1280, frame(i))
+    stream.gate.set()
+    call.end("hangup")
+    stream.out.close()
+    await asyncio.wait_for(call.wait(), 5)
+    got = [int(f[0]) for f in stream.received]
+    assert got == [0, *range(16, 26)]  # the newest 10 survive the lag; 1..15 were dropped
+    assert sink.events[-1].data["stats"]["dropped_frames"] == 15
+
+
+async def test_a_drain_that_times_out_keeps_what_was_streamed() -> None:
+    stream = ScriptedStream()  # an engine that never finishes
+    call, sink = started(stream)
+    stream.out.put(TranscriptChunk(delta="call me back"))
+    await until(lambda: sink.of_type("transcript.delta"))
+    call.end("shutdown")
+    await asyncio.wait_for(
+        call.abort("shutdown"), 5
+    )  # what CallRegistry.drain does at its deadline
+    assert types(sink)[-3:] == ["engine.error", "transcript.final", "call.ended"]
+    assert "shutdown deadline" in sink.of_type("engine.error")[0].data["message"]
+    ended = sink.events[-1].data
+    assert ended["reason"] == "shutdown" and ended["transcript"] == "call me back"
+
+
+@pytest.mark.parametrize("failed", [True, False], ids=["engine-error", "engine-ended"])
+async def test_a_file_waiting_for_room_stops_when_the_engine_stops(failed: bool) -> None:
+    stream = ScriptedStream()
+    stream.gate.clear()  # the engine takes one frame and stalls
+    call, sink = started(stream, max_queued_frames=5)
+    feeding = asyncio.create_task(call.feed_pcm(np.zeros(30 * 1280, np.int16)))
+    await until(lambda: call._frames.qsize() == 5)  # the file waits for room
+    if failed:
+        stream.out.fail(EngineError("worker died"))
+    else:
+        stream.out.close()  # the engine ends the stream on its own
+    await asyncio.wait_for(call.wait(), 5)
+    await asyncio.wait_for(feeding, 5)  # and does not wait forever
+    assert sink.events[-1].data["reason"] == ("engine_error" if failed else "ended")
