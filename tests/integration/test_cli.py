@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import Speech, overlap
+from tests.conftest import Speech, free_udp_range, overlap
 
 pytestmark = pytest.mark.integration
 
@@ -78,3 +78,27 @@ def test_auto_engine_explains_its_choice(speech: dict[str, Speech]) -> None:
     r = voxphone("transcribe", "--log-level", "info", str(speech["order"].path))
     assert r.returncode == 0
     assert "engine_auto" in r.stderr and "sphinx" in r.stderr and "no CUDA GPU visible" in r.stderr
+
+
+@pytest.mark.parametrize(
+    ("to", "message"),
+    [
+        (
+            "127.0.0.1:99999",
+            "--to: port 99999 is out of range: use 1-65534 (RTCP goes to port + 1)",
+        ),
+        ("127.0.0.1", "--to must be HOST:PORT, got '127.0.0.1'"),
+    ],
+)
+def test_call_refuses_a_bad_destination(speech: dict[str, Speech], to: str, message: str) -> None:
+    r = voxphone("call", str(speech["order"].path), "--to", to)
+    assert (r.returncode, r.stderr.strip()) == (2, f"voxphone: error: {message}")
+
+
+def test_call_to_a_port_where_nothing_listens_fails(speech: dict[str, Speech]) -> None:
+    """RTP is UDP, but the ICMP port unreachable that comes back is reported, not success."""
+    port = free_udp_range(2)[0]
+    r = voxphone("call", str(speech["order"].path), "--to", f"127.0.0.1:{port}", "--no-pace")
+    assert r.returncode == 2 and r.stdout == ""
+    assert f"voxphone: error: nothing listens at 127.0.0.1:{port}" in r.stderr
+    assert "Traceback" not in r.stderr
