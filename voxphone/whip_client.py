@@ -14,7 +14,13 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-from aiortc import RTCConfiguration, RTCPeerConnection, RTCRtpSender, RTCSessionDescription
+from aiortc import (
+    RTCConfiguration,
+    RTCDataChannel,
+    RTCPeerConnection,
+    RTCRtpSender,
+    RTCSessionDescription,
+)
 from aiortc.contrib.media import MediaPlayer
 from yarl import URL
 
@@ -27,6 +33,7 @@ class WhipCall:
 
     pc: RTCPeerConnection
     player: MediaPlayer
+    channel: RTCDataChannel
     session_url: str
     call_id: str
     headers: dict[str, str]
@@ -83,7 +90,7 @@ async def whip_call(
             raise TransportError(f"WHIP offer refused: HTTP {resp.status}: {answer}")
         location = str(resp.url.join(URL(resp.headers["Location"])))
         call_id = resp.headers.get("X-Call-Id", location.rsplit("/", 1)[-1])
-    call = WhipCall(pc, player, location, call_id, headers)
+    call = WhipCall(pc, player, channel, location, call_id, headers)
     channel.on("message", call.on_message)
     player.audio.on("ended", call.played.set)
     await pc.setRemoteDescription(RTCSessionDescription(sdp=answer, type="answer"))

@@ -11,16 +11,18 @@ import contextlib
 import json
 import os
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+import aioice.ice
 import pytest
 from aiortc import RTCConfiguration, RTCPeerConnection
 from aiortc.mediastreams import AudioStreamTrack
 
 from tests.conftest import Speech, free_tcp_port, free_udp_range, overlap
+from tests.hooks import until
 from tests.integration.test_serve import SECRET, WebhookReceiver, calls_of
 from voxphone import whip_client
 from voxphone.app import App
@@ -334,3 +336,80 @@ async def test_cors_lets_a_configured_origin_use_whip_with_a_token(
             base = f"http://127.0.0.1:{app.config.http.port}"
             async with http.delete(base + location, headers=headers) as r:
                 assert r.status == 200
+
+
+async def rtp_count(pc: RTCPeerConnection, kind: str, field: str) -> int:
+    """``packetsSent`` of outbound-rtp or ``packetsReceived`` of inbound-rtp (aiortc stats)."""
+    report = await pc.getStats()
+    return sum(getattr(s, field) for s in report.values() if s.type == kind)
+
+
+@pytest.mark.parametrize("hang_up", ["whip", "calls_api"])
+async def test_every_packet_before_the_hangup_is_transcribed(
+    app: App, speech: dict[str, Speech], hang_up: str
+) -> None:
+    """aiortc's jitter buffer holds the newest 4 packets; a hang-up (WHIP DELETE, or DELETE
+    /v1/calls/{id}) plays them out before the stream ends, so nothing sent is lost."""
+    async with aiohttp.ClientSession() as http:
+        call = await whip_call(http, whip_url(app), speech["order"].path, "PCMU")
+        await asyncio.wait_for(call.played.wait(), 30)
+        sent = await rtp_count(call.pc, "outbound-rtp", "packetsSent")
+        session = app.webrtc.sessions[call.call_id]  # type: ignore[union-attr]
+        async with asyncio.timeout(10):  # every packet has reached voxphone's aiortc
+            while await rtp_count(session.pc, "inbound-rtp", "packetsReceived") < sent:  # noqa: ASYNC110
+                await asyncio.sleep(0.02)
+        base = f"http://127.0.0.1:{app.config.http.port}"
+        target = call.session_url if hang_up == "whip" else f"{base}/v1/calls/{call.call_id}"
+        async with http.delete(target) as r:
+            assert r.status in (200, 204), await r.text()
+        await asyncio.wait_for(call.ended.wait(), 15)
+        await call.close()
+    ended = call.events[-1]["data"]
+    assert ended["reason"] == "hangup"
+    assert ended["stats"]["packets"] == sent > 100
+
+
+def in_call(app: App, call_id: str, packets: int) -> Callable[[], bool]:
+    """Whether the live call has had ``packets`` packets (for ``until``)."""
+    return lambda: (c := app.registry.calls.get(call_id)) is not None and c.stats.packets >= packets
+
+
+async def test_a_hangup_message_on_the_data_channel_ends_the_call(
+    app: App, speech: dict[str, Speech]
+) -> None:
+    async with aiohttp.ClientSession() as http:
+        call = await whip_call(http, whip_url(app), speech["order"].path)
+        await until(in_call(app, call.call_id, 25), timeout_s=15)
+        call.channel.send(json.dumps({"type": "hangup"}))
+        await asyncio.wait_for(call.ended.wait(), 15)
+        assert not call.played.is_set()  # the browser hung up before its audio ran out
+        await call.close()
+    ended = call.events[-1]["data"]
+    assert ended["reason"] == "hangup" and ended["audio_ms"] >= 500
+
+
+def vanish(pc: RTCPeerConnection) -> None:
+    """Close a client's ICE sockets without a word, as a laptop whose Wi-Fi drops does."""
+    for transceiver in pc.getTransceivers():
+        ice = transceiver.sender.transport.transport
+        for protocol in ice._connection._protocols:
+            protocol.transport.close()
+
+
+async def test_a_browser_that_vanishes_ends_with_ice_failed(
+    app: App, receiver: WebhookReceiver, speech: dict[str, Speech], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No DTLS close, no DELETE: ICE consent freshness (RFC 7675, made fast here) fails, and the
+    call ends ``ice_failed`` with what was said until then."""
+    monkeypatch.setattr(aioice.ice, "CONSENT_INTERVAL", 0.2)
+    monkeypatch.setattr(aioice.ice, "CONSENT_FAILURES", 2)
+    async with aiohttp.ClientSession() as http:
+        call = await whip_call(http, whip_url(app), speech["order"].path)
+        await until(in_call(app, call.call_id, 50), timeout_s=15)
+        vanish(call.pc)
+        await receiver.wait_ended(1, 15)
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(call.close(), 5)
+    ended = calls_of(receiver)[call.call_id][-1]["data"]
+    assert ended["reason"] == "ice_failed" and ended["audio_ms"] >= 1000
+    await until(lambda: not app.webrtc.sessions, timeout_s=10)  # type: ignore[union-attr]

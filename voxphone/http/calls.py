@@ -144,7 +144,7 @@ async def end_call(request: web.Request) -> web.Response:
     call = request.app[REGISTRY].calls.get(request.match_info["call_id"])
     if call is None:
         return error(404, f"no live call {request.match_info['call_id']!r}")
-    call.end("hangup")
+    call.hangup("hangup")  # through its transport, which plays out what it holds first
     return web.Response(status=204)
 
 

@@ -368,6 +368,7 @@ class RtpPort(asyncio.DatagramProtocol):
         if call is None:
             self.stats.rejected_calls += 1
             return
+        call.hangup = functools.partial(self.hang_up, call)
         jitter = JitterBuffer(codec.clock_rate, self.policy.jitter_ms)
         session = _Session(call, pkt.ssrc, pkt.payload_type, self._clock.monotonic(), jitter)
         self.sessions[addr] = session
@@ -390,6 +391,16 @@ class RtpPort(asyncio.DatagramProtocol):
 
     def reserve(self, reservation: Reservation) -> None:
         self.reservation = reservation
+        reservation.call.hangup = functools.partial(self.hang_up, reservation.call)
+
+    def hang_up(self, call: Call, reason: str) -> None:
+        """End ``call`` from outside (API ``DELETE``, shutdown) as ``end`` does: what its
+        jitter buffer holds is played out first."""
+        addr = next((a for a, s in self.sessions.items() if s.call is call), None)
+        if addr is None:
+            call.end(reason)
+        else:
+            self.end(addr, reason)
 
     @property
     def free(self) -> bool:
