@@ -145,6 +145,21 @@ def _config_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-format", choices=["auto", "json", "console"])
 
 
+#: The flag behind each config key a flag sets, so a bad value is blamed on the flag.
+FLAGS = {
+    "engine.kind": "--engine",
+    "log.level": "--log-level",
+    "log.format": "--log-format",
+    "http.host": "--http-host",
+    "http.port": "--http-port",
+    "rtp.host": "--rtp-host",
+    "rtp.ports": "--rtp-ports",
+    "webhook.url": "--webhook",
+    "webhook.secret": "--webhook-secret",
+    "calls.max_concurrent": "--max-calls",
+}
+
+
 def _load(args: argparse.Namespace, extra: dict[str, Any] | None = None) -> Config:
     overrides = {
         "engine.kind": args.engine,
@@ -152,7 +167,7 @@ def _load(args: argparse.Namespace, extra: dict[str, Any] | None = None) -> Conf
         "log.format": args.log_format,
         **(extra or {}),
     }
-    config = load_config(args.config, overrides)
+    config = load_config(args.config, overrides, flags=FLAGS)
     from voxphone.logging import configure
 
     configure(config.log.level, config.log.format)

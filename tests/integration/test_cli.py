@@ -102,3 +102,29 @@ def test_call_to_a_port_where_nothing_listens_fails(speech: dict[str, Speech]) -
     assert r.returncode == 2 and r.stdout == ""
     assert f"voxphone: error: nothing listens at 127.0.0.1:{port}" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "first_line"),
+    [
+        (["--http-port", "99999"], {}, "--http-port: http.port: Input should be less than"),
+        ([], {"VOXPHONE_RTP__INACTIVITY_TIMEOUT_S": "0"}, "VOXPHONE_RTP__INACTIVITY_TIMEOUT_S: "),
+        (["--webhook-secret", "abc"], {}, "--webhook-secret: webhook.secret: Value error, "),
+    ],
+)
+def test_serve_blames_the_flag_or_variable_not_the_file(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    args: list[str],
+    env: dict[str, str],
+    first_line: str,
+) -> None:
+    config = tmp_path / "my.toml"
+    config.write_text("[rtp]\ninactivity_timeout_s = 3\n")
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    r = voxphone("serve", "--config", str(config), *args)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    (line,) = r.stderr.splitlines()
+    assert line.startswith(f"voxphone: error: {first_line}"), line
+    assert "my.toml" not in line
