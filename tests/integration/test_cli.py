@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import Speech, free_udp_range, overlap
+from tests.conftest import Speech, free_tcp_port, free_udp_range, overlap
 
 pytestmark = pytest.mark.integration
 
@@ -38,14 +39,6 @@ def test_transcribe_json_lines_are_events(speech: dict[str, Speech]) -> None:
     assert events[0]["type"] == "call.started" and events[0]["data"]["transport"] == "file"
     assert events[-1]["type"] == "call.ended" and events[-1]["data"]["reason"] == "end_of_file"
     assert [e["seq"] for e in events] == list(range(len(events)))
-
-
-def test_transcribe_rejects_a_non_audio_file(tmp_path: Path) -> None:
-    junk = tmp_path / "notes.txt"
-    junk.write_text("not audio")
-    r = voxphone("transcribe", str(junk))
-    assert r.returncode == 2
-    assert f"voxphone: error: {junk}" in r.stderr
 
 
 def test_help_explains_every_serve_flag() -> None:
@@ -128,3 +121,52 @@ def test_serve_blames_the_flag_or_variable_not_the_file(
     (line,) = r.stderr.splitlines()
     assert line.startswith(f"voxphone: error: {first_line}"), line
     assert "my.toml" not in line
+
+
+@pytest.mark.parametrize("command", ["transcribe", "call", "whip"])
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [(None, "No such file or directory"), (b"", "empty file"), (b"not audio", "cannot read audio")],
+    ids=["missing", "empty", "not-audio"],
+)
+def test_a_file_that_is_no_audio_is_one_line(
+    tmp_path: Path, command: str, content: bytes | None, message: str
+) -> None:
+    path = tmp_path / "speech.wav"
+    if content is not None:
+        path.write_bytes(content)
+    url = ["--url", f"http://127.0.0.1:{free_tcp_port()}/v1/whip"] if command == "whip" else []
+    r = voxphone(command, str(path), *url)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.startswith(f"voxphone: error: {path}: ") and message in r.stderr, r.stderr
+    assert len(r.stderr.splitlines()) == 1
+
+
+def test_whip_to_a_server_that_is_not_running(speech: dict[str, Speech]) -> None:
+    url = f"http://127.0.0.1:{free_tcp_port()}/v1/whip"
+    r = voxphone("whip", str(speech["order"].path), "--url", url)
+    assert r.returncode == 2 and len(r.stderr.splitlines()) == 1, r.stderr
+    assert r.stderr.startswith(f"voxphone: error: cannot reach the WHIP endpoint {url}: ")
+    assert "is voxphone serve running there?" in r.stderr
+
+
+@pytest.mark.parametrize("kind", ["http", "rtp"])
+def test_serve_on_a_port_in_use_says_so_in_one_line(kind: str) -> None:
+    http_port, (lo, hi) = free_tcp_port(), free_udp_range(2)
+    family, port = (socket.SOCK_STREAM, http_port) if kind == "http" else (socket.SOCK_DGRAM, lo)
+    with socket.socket(socket.AF_INET, family) as holder:
+        holder.bind(("127.0.0.1", port))
+        if kind == "http":
+            holder.listen()
+        r = voxphone(
+            "serve", "--http-port", str(http_port), "--rtp-ports", f"{lo}-{hi}",
+            "--engine", "sphinx", "--log-level", "error",
+        )  # fmt: skip
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    (line,) = r.stderr.splitlines()
+    what = (
+        f"listen for HTTP on 127.0.0.1:{port}"
+        if kind == "http"
+        else f"bind RTP port 127.0.0.1:{port}"
+    )
+    assert line.startswith(f"voxphone: error: cannot {what}: Address already in use; "), line

@@ -473,7 +473,10 @@ class RtpServer:
                 )
             except OSError as exc:
                 await self.stop()
-                raise TransportError(f"cannot bind RTP port {self.host}:{port}: {exc}") from exc
+                raise TransportError(
+                    f"cannot bind RTP port {self.host}:{port}: {exc.strerror or exc}; choose "
+                    "another range (--rtp-ports, rtp.ports) or stop what holds it"
+                ) from exc
             proto.on_rtcp = self._rtcp
             self.ports.append(proto)
             self._transports.append(transport)
