@@ -9,7 +9,7 @@ loss becomes silence. Events go back to the browser over the data channel it ope
 
 A call ends when the browser hangs up (WHIP ``DELETE``, a ``hangup`` message, closing the peer
 connection), when ICE fails or stays disconnected, or when audio stops arriving (a closed tab
-that said nothing). Each ending first plays out what aiortc still holds (``drain_receiver``).
+that said nothing). Each ending first plays out what aiortc still holds (``play_out_on_stop``).
 """
 
 from __future__ import annotations
@@ -82,32 +82,46 @@ def media_timestamp(frame: av.AudioFrame, clock_rate: int) -> int:
     return round(frame.pts * frame.time_base * clock_rate) % _TS_MOD
 
 
-def drain_receiver(receiver: RTCRtpReceiver) -> bool:
-    """Send what aiortc's audio jitter buffer still holds to its decoder, then stop the decoder,
-    which ends the track once those frames are out. ``False`` if the decoder is already gone.
+_PRIVATE = "_RTCRtpReceiver__"  # aiortc's name-mangled receiver internals
+
+
+def play_out_on_stop(receiver: RTCRtpReceiver) -> None:
+    """Make every way aiortc stops a receiver's decoder — an RTCP BYE, DTLS closing under it,
+    ``stop()``, our own hang-up — first send it what the jitter buffer still holds.
 
     aiortc 1.16 (``rtcrtpreceiver.py``) keeps the newest 4 audio packets (``prefetch=4``) until
-    later ones arrive, so without this every hang-up loses the last 80 ms or more (4 packets of
-    any ptime). It reaches into the receiver's private state; ``test_webrtc`` counts the packets
-    that arrive against those transcribed, so an aiortc upgrade that moves it fails loudly.
+    later ones arrive and drops them when the decoder stops, so every call would lose its last
+    80 ms or more (4 packets of any ptime). This reaches into private state; ``test_webrtc``
+    counts the packets sent against those transcribed, so an aiortc change fails loudly.
     """
-    private = "_RTCRtpReceiver__"
-    thread = getattr(receiver, private + "decoder_thread", None)
-    if thread is None:
+    stop = getattr(receiver, _PRIVATE + "stop_decoder")
+
+    def play_out_then_stop() -> None:
+        if getattr(receiver, _PRIVATE + "decoder_thread", None) is not None:
+            _decode_held(receiver)
+        stop()
+
+    setattr(receiver, _PRIVATE + "stop_decoder", play_out_then_stop)
+
+
+def stop_decoder(receiver: RTCRtpReceiver) -> bool:
+    """Stop the decoder (the track ends after its last frames); ``False`` if it was stopped."""
+    if getattr(receiver, _PRIVATE + "decoder_thread", None) is None:
         return False
-    jitter, queue = (
-        getattr(receiver, private + "jitter_buffer"),
-        getattr(receiver, private + "decoder_queue"),
+    getattr(receiver, _PRIVATE + "stop_decoder")()
+    return True
+
+
+def _decode_held(receiver: RTCRtpReceiver) -> None:
+    """Queue the held packets for the decoder thread, as aiortc queues complete frames."""
+    queue, codecs = (
+        getattr(receiver, _PRIVATE + "decoder_queue"),
+        getattr(receiver, _PRIVATE + "codecs"),
     )
-    codecs, mapper = (
-        getattr(receiver, private + "codecs"),
-        getattr(receiver, private + "timestamp_mapper"),
-    )
-    for packet in held_packets(jitter):
+    mapper = getattr(receiver, _PRIVATE + "timestamp_mapper")
+    for packet in held_packets(getattr(receiver, _PRIVATE + "jitter_buffer")):
         frame = JitterFrame(packet._data, mapper.map(packet.timestamp))
         queue.put((codecs[packet.payload_type], frame))
-    getattr(receiver, private + "stop_decoder")()
-    return True
 
 
 def held_packets(jitter: Any) -> list[Any]:
@@ -144,6 +158,7 @@ class Session:
         self._receiver = receiving[0].receiver
         self._spawn(self._read(self._receiver.track))
         self.call.hangup = self.hangup  # DELETE /v1/calls/{id} and shutdown play out the tail too
+        play_out_on_stop(self._receiver)
         self.pc.on("datachannel", self._on_datachannel)
         self.pc.on("connectionstatechange", self._on_state)
         self._spawn(self._watch_media())
@@ -182,7 +197,7 @@ class Session:
         if self._ending is not None or self.call.end_reason is not None:
             return
         self._ending = reason
-        if self._receiver is None or not drain_receiver(self._receiver):
+        if self._receiver is None or not stop_decoder(self._receiver):
             self.call.end(reason)
 
     async def _watch_media(self) -> None:
