@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from voxphone import __version__
 from voxphone.config import Config, load_config
-from voxphone.errors import ConfigError, VoxphoneError
+from voxphone.errors import ConfigError, TransportError, VoxphoneError
 
 if TYPE_CHECKING:
     from voxphone.transports.rtp import RtpPacket
@@ -266,14 +266,15 @@ async def _send_call(
                 packets, (host, port), ptime_ms=args.ptime, loss=args.loss,
                 pace=not args.no_pace, sock=sock,
             )  # fmt: skip
-            sock.sendto(bye(first.ssrc, "hangup"), (host, port + 1))
+            sock.connect((host, port + 1))  # the same local port: the RTCP port, from the source
+            sock.send(bye(first.ssrc, "hangup"))
     except ConnectionRefusedError:
-        raise VoxphoneError(
+        raise TransportError(
             f"nothing listens at {host}:{port} (ICMP port unreachable): is voxphone serve "
             "running, and is that port in its rtp.ports range?"
         ) from None
     except OSError as exc:
-        raise VoxphoneError(f"cannot send RTP to {host}:{port}: {exc.strerror or exc}") from None
+        raise TransportError(f"cannot send RTP to {host}:{port}: {exc.strerror or exc}") from None
     return sent
 
 
