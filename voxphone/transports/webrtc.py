@@ -119,12 +119,12 @@ def _decode_held(receiver: RTCRtpReceiver) -> None:
         getattr(receiver, _PRIVATE + "codecs"),
     )
     mapper = getattr(receiver, _PRIVATE + "timestamp_mapper")
-    for packet in held_packets(getattr(receiver, _PRIVATE + "jitter_buffer")):
+    for packet in _held_packets(getattr(receiver, _PRIVATE + "jitter_buffer")):
         frame = JitterFrame(packet._data, mapper.map(packet.timestamp))
         queue.put((codecs[packet.payload_type], frame))
 
 
-def held_packets(jitter: Any) -> list[Any]:
+def _held_packets(jitter: Any) -> list[Any]:
     """The packets an aiortc ``JitterBuffer`` holds, in sequence order from its origin."""
     if jitter._origin is None:
         return []
