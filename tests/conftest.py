@@ -55,6 +55,13 @@ def _outbox_in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("VOXPHONE_OUTBOX__PATH", str(tmp_path / "events.db"))
 
 
+@pytest.fixture(autouse=True)
+def _no_fixed_ports(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every `voxphone serve` a test starts binds free ports only: AudioSocket (default 9092)
+    is off unless the test gives it a free port; HTTP and RTP ports are always given."""
+    monkeypatch.setenv("VOXPHONE_ASTERISK__AUDIOSOCKET_PORT", "0")
+
+
 @pytest.fixture(scope="session")
 def speech(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Speech]:
     flite = require("flite")

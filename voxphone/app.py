@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import signal
 import socket
 
@@ -17,6 +18,7 @@ from voxphone.clock import Clock, SystemClock
 from voxphone.config import Config
 from voxphone.engines import create_engine
 from voxphone.engines.base import Engine
+from voxphone.errors import TransportError
 from voxphone.events.model import Event, EventSink, FanOut
 from voxphone.events.service import EventService
 from voxphone.http import events as events_api
@@ -116,7 +118,15 @@ class App:
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.config.http.host, self.config.http.port)
-        await site.start()
+        try:
+            await site.start()
+        except OSError as exc:
+            where = f"{self.config.http.host}:{self.config.http.port}"
+            why = os.strerror(exc.errno) if exc.errno else str(exc)  # asyncio's words are long
+            raise TransportError(
+                f"cannot listen for HTTP on {where}: {why}; "
+                "choose another port (--http-port, http.port) or stop what holds it"
+            ) from exc
         log.info(
             "voxphone_ready",
             http=f"http://{self.config.http.host}:{self.config.http.port}",

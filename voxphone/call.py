@@ -72,6 +72,9 @@ class Call:
         #: Transport-specific counters (jitter buffer, RTCP...), reported in ``call.ended``.
         self.transport_stats: dict[str, int] = {}
         self.end_reason: str | None = None
+        #: Hang up from outside (API, shutdown): a transport that holds media (a jitter buffer)
+        #: replaces it with one that plays that out first, then calls ``end``.
+        self.hangup: Callable[[str], None] = self.end
         self._sink = sink
         self._clock = clock
         self._events = EventSequencer(call_id, clock)
@@ -418,7 +421,7 @@ class CallRegistry:
         self.accepting = False
         calls = list(self.calls.values())
         for call in calls:
-            call.end("shutdown")
+            call.hangup("shutdown")
         if not calls:
             return
         await asyncio.wait([asyncio.ensure_future(c.wait()) for c in calls], timeout=timeout_s)

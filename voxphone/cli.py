@@ -8,11 +8,14 @@ import json
 import socket
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from voxphone import __version__
 from voxphone.config import Config, load_config
-from voxphone.errors import VoxphoneError
+from voxphone.errors import ConfigError, TransportError, VoxphoneError
+
+if TYPE_CHECKING:
+    from voxphone.transports.rtp import RtpPacket
 
 DESCRIPTION = """\
 Phone and browser calls in, live transcript events out.
@@ -142,6 +145,21 @@ def _config_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-format", choices=["auto", "json", "console"])
 
 
+#: The flag behind each config key a flag sets, so a bad value is blamed on the flag.
+FLAGS = {
+    "engine.kind": "--engine",
+    "log.level": "--log-level",
+    "log.format": "--log-format",
+    "http.host": "--http-host",
+    "http.port": "--http-port",
+    "rtp.host": "--rtp-host",
+    "rtp.ports": "--rtp-ports",
+    "webhook.url": "--webhook",
+    "webhook.secret": "--webhook-secret",
+    "calls.max_concurrent": "--max-calls",
+}
+
+
 def _load(args: argparse.Namespace, extra: dict[str, Any] | None = None) -> Config:
     overrides = {
         "engine.kind": args.engine,
@@ -149,7 +167,7 @@ def _load(args: argparse.Namespace, extra: dict[str, Any] | None = None) -> Conf
         "log.format": args.log_format,
         **(extra or {}),
     }
-    config = load_config(args.config, overrides)
+    config = load_config(args.config, overrides, flags=FLAGS)
     from voxphone.logging import configure
 
     configure(config.log.level, config.log.format)
@@ -196,18 +214,12 @@ def _transcribe(args: argparse.Namespace) -> int:
 def _call(args: argparse.Namespace) -> int:
     from voxphone.audio.codecs import codec_by_name
     from voxphone.audio.files import read_audio
-    from voxphone.testing import dtmf_packets, rtp_packets, send_rtp
+    from voxphone.testing import dtmf_packets, rtp_packets
     from voxphone.transports.dtmf import DTMF_KEYS
-    from voxphone.transports.rtcp import bye
-    from voxphone.transports.rtp import RtpPacket
 
-    host, _, port = args.to.rpartition(":")
-    if not host or not port.isdecimal():
-        print(f"voxphone: error: --to must be HOST:PORT, got {args.to!r}", file=sys.stderr)
-        return 2
+    host, port = _host_port(args.to)
     if bad := set(args.dtmf.upper()) - set(DTMF_KEYS):
-        print(f"voxphone: error: --dtmf: not DTMF keys: {''.join(sorted(bad))}", file=sys.stderr)
-        return 2
+        raise ConfigError(f"--dtmf: not DTMF keys: {''.join(sorted(bad))}")
     codec = codec_by_name(args.codec)
     pcm = read_audio(args.file, codec.sample_rate)
     packets: list[RtpPacket | None] = list(rtp_packets(pcm, codec, ptime_ms=args.ptime))
@@ -220,20 +232,52 @@ def _call(args: argparse.Namespace) -> int:
         f"calling {host}:{port}: {len(packets)} {codec.name} packets, {seconds:.1f} s",
         file=sys.stderr,
     )
-    sent = asyncio.run(
-        send_rtp(
-            packets, (host, int(port)), ptime_ms=args.ptime, loss=args.loss, pace=not args.no_pace
-        )
-    )
-    # Hang up as a gateway does: RTCP BYE to the RTCP port (RTP port + 1).
-    first = packets[0]
-    assert first is not None
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-        sock.sendto(bye(first.ssrc, "hangup"), (host, int(port) + 1))
+    sent = asyncio.run(_send_call(packets, host, port, args))
     print(
         json.dumps({"to": args.to, "codec": codec.name, "packets_sent": sent, "seconds": seconds})
     )
     return 0
+
+
+def _host_port(text: str) -> tuple[str, int]:
+    """``HOST:PORT`` → ``(host, port)``; ``ConfigError`` naming ``--to`` otherwise."""
+    host, _, port = text.rpartition(":")
+    if not host or not port.isdecimal():
+        raise ConfigError(f"--to must be HOST:PORT, got {text!r}")
+    if not 1 <= int(port) <= 65534:
+        raise ConfigError(f"--to: port {port} is out of range: use 1-65534 (RTCP goes to port + 1)")
+    return host, int(port)
+
+
+async def _send_call(
+    packets: list[RtpPacket | None], host: str, port: int, args: argparse.Namespace
+) -> int:
+    """Send the call from one connected UDP socket, then hang up as a gateway does: RTCP BYE to
+    the RTCP port (RTP port + 1), from the RTP source (the one voxphone latched onto).
+
+    UDP confirms nothing, but a connected socket reports an ICMP port unreachable as
+    ``ConnectionRefusedError`` on a later send: nothing listens there."""
+    from voxphone.testing import send_rtp
+    from voxphone.transports.rtcp import bye
+
+    first = next(p for p in packets if p is not None)
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            sock.connect((host, port))
+            sent = await send_rtp(
+                packets, (host, port), ptime_ms=args.ptime, loss=args.loss,
+                pace=not args.no_pace, sock=sock,
+            )  # fmt: skip
+            sock.connect((host, port + 1))  # the same local port: the RTCP port, from the source
+            sock.send(bye(first.ssrc, "hangup"))
+    except ConnectionRefusedError:
+        raise TransportError(
+            f"nothing listens at {host}:{port} (ICMP port unreachable): is voxphone serve "
+            "running, and is that port in its rtp.ports range?"
+        ) from None
+    except OSError as exc:
+        raise TransportError(f"cannot send RTP to {host}:{port}: {exc.strerror or exc}") from None
+    return sent
 
 
 def _whip(args: argparse.Namespace) -> int:

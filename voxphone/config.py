@@ -318,14 +318,31 @@ class WebhookConfig(_Section):
 EVENT_HORIZONS: dict[str, float] = {"transcript.delta": 10.0, "*": 3 * 86400.0}
 
 
+#: How to make a webhook secret, for messages about a bad one.
+MAKE_SECRET = (
+    """python3 -c "import secrets,base64;"""
+    """print('whsec_'+base64.b64encode(secrets.token_bytes(24)).decode())\""""
+)
+MIN_SECRET_BYTES = 24  # Standard Webhooks: 24 to 64 random bytes
+
+
 def _check_secret_value(value: str) -> str:
+    """A ``whsec_<base64>`` key of at least 24 bytes; the error says how to make one."""
     from voxphone.events.webhook import decode_secret
 
     try:
-        decode_secret(value)
+        key = decode_secret(value)
     except ConfigError as exc:
-        raise ValueError(str(exc)) from None
+        raise ValueError(f"{exc}; {_SECRET_HELP}") from None
+    if len(key) < MIN_SECRET_BYTES:
+        raise ValueError(f"webhook secret is {len(key)} bytes, too short; {_SECRET_HELP}")
     return value
+
+
+_SECRET_HELP = (
+    f"a secret is 'whsec_' + base64 of {MIN_SECRET_BYTES} to 64 random bytes; "
+    f"make one with: {MAKE_SECRET}"
+)
 
 
 class DeliveryPolicy(_Section):
@@ -470,24 +487,31 @@ def load_config(
     path: Path | None = None,
     overrides: Mapping[str, Any] | None = None,
     environ: Mapping[str, str] | None = None,
+    flags: Mapping[str, str] | None = None,
 ) -> Config:
     """Build the config: file, then ``VOXPHONE_SECTION__KEY`` variables, then ``overrides``.
 
-    ``overrides`` maps dotted keys (``"rtp.ports"``) to values, as the CLI flags produce them.
+    ``overrides`` maps dotted keys (``"rtp.ports"``) to values, as the CLI flags produce them;
+    ``flags`` names the flag behind each (``"--rtp-ports"``). A bad value is blamed on its real
+    source: the variable, the flag, or else the file.
     """
     data: dict[str, Any] = _read_toml(path) if path else {}
+    origins: dict[str, str] = {}  # dotted key → the variable or flag that set it
     env = os.environ if environ is None else environ
     for name, value in env.items():
         if name.startswith(ENV_PREFIX) and "__" in name:
             key = name.removeprefix(ENV_PREFIX).lower().replace("__", ".")
-            _set_dotted(data, key, _env_value(key, value))
+            _set_dotted(data, key, _env_value(name, value), name)
+            origins[key] = name
     for key, value in (overrides or {}).items():
         if value is not None:
-            _set_dotted(data, key, value)
+            origin = (flags or {}).get(key, "override")
+            _set_dotted(data, key, value, origin)
+            origins[key] = origin
     try:
         return Config.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(_describe(exc, path)) from None
+        raise ConfigError(_describe(exc, str(path) if path else "config", origins)) from None
 
 
 def _read_toml(path: Path) -> dict[str, Any]:
@@ -500,32 +524,41 @@ def _read_toml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: invalid TOML: {exc}") from None
 
 
-def _env_value(key: str, value: str) -> Any:
+def _env_value(name: str, value: str) -> Any:
     """Tables and lists come as JSON (``VOXPHONE_RTP__PAYLOAD_TYPES='{"119": "L16/8000"}'``)."""
     if not value.lstrip().startswith(("{", "[")):
         return value
     try:
         return json.loads(value)
     except json.JSONDecodeError as exc:
-        raise ConfigError(f"environment: {key}: invalid JSON: {exc}") from None
+        raise ConfigError(f"{name}: invalid JSON: {exc}") from None
 
 
-def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
+def _set_dotted(data: dict[str, Any], key: str, value: Any, origin: str) -> None:
     *parents, leaf = key.split(".")
     node = data
     for part in parents:
         child = node.setdefault(part, {})
         if not isinstance(child, dict):
-            raise ConfigError(f"{key}: {part!r} is a value, not a table")
+            raise ConfigError(f"{origin}: {key}: {part!r} is a value, not a table")
         node = child
     node[leaf] = value
 
 
-def _describe(exc: ValidationError, path: Path | None) -> str:
-    source = str(path) if path else "config"
+def _describe(exc: ValidationError, default: str, origins: Mapping[str, str]) -> str:
+    """One ``source: dotted.key: message`` line per error."""
     lines = []
     for err in exc.errors():
-        key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        key = ".".join(str(p) for p in err["loc"])
         msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
-        lines.append(f"{source}: {key}: {msg}")
+        lines.append(f"{_origin(key, origins, default)}: {key or '(top level)'}: {msg}")
     return "\n".join(lines)
+
+
+def _origin(key: str, origins: Mapping[str, str], default: str) -> str:
+    """Who set the value at ``key``: the last variable or flag that set it, a table holding it
+    or a key inside it; else ``default`` (the file). A whole-config error has no one key."""
+    for set_key, origin in list(origins.items())[::-1]:
+        if key and (f"{key}.".startswith(f"{set_key}.") or set_key.startswith(f"{key}.")):
+            return origin
+    return default

@@ -101,14 +101,18 @@ async def send_rtp(
     loss: float = 0.0,
     pace: bool = True,
     seed: int | None = None,
+    sock: socket.socket | None = None,
 ) -> int:
     """Send packets over UDP at real-time pace (each on its own schedule, no drift); returns the
     number sent. ``None`` is a tick with no packet. ``loss`` drops that fraction at random, as a
-    lossy network would."""
+    lossy network would. ``sock``: send from this socket and leave it open (so the caller's RTCP
+    can come from the same, latched, source); by default a fresh one."""
     rng = random.Random(seed)
     loop = asyncio.get_running_loop()
     sent = 0
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+    own = sock is None
+    sock = sock or socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
         sock.setblocking(False)
         start = loop.time()
         for i, pkt in enumerate(packets):
@@ -118,6 +122,9 @@ async def send_rtp(
                 continue
             sock.sendto(pkt.serialize(), target)
             sent += 1
+    finally:
+        if own:
+            sock.close()
     return sent
 
 

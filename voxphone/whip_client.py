@@ -14,11 +14,19 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-from aiortc import RTCConfiguration, RTCPeerConnection, RTCRtpSender, RTCSessionDescription
+import av
+from aiortc import (
+    RTCConfiguration,
+    RTCDataChannel,
+    RTCPeerConnection,
+    RTCRtpSender,
+    RTCSessionDescription,
+)
 from aiortc.contrib.media import MediaPlayer
 from yarl import URL
 
-from voxphone.errors import TransportError
+from voxphone.audio.files import check_file
+from voxphone.errors import DecodeError, TransportError
 
 
 @dataclass
@@ -27,6 +35,7 @@ class WhipCall:
 
     pc: RTCPeerConnection
     player: MediaPlayer
+    channel: RTCDataChannel
     session_url: str
     call_id: str
     headers: dict[str, str]
@@ -58,10 +67,40 @@ async def whip_call(
     codec: str | None = None,
     token: str | None = None,
 ) -> WhipCall:
-    """Offer a call to the WHIP endpoint ``url`` that plays ``audio`` (``codec``: e.g. ``PCMU``)."""
+    """Offer a call to the WHIP endpoint ``url`` that plays ``audio`` (``codec``: e.g. ``PCMU``).
+
+    ``DecodeError``: the file is no audio; ``TransportError``: the endpoint is unreachable or
+    refuses the offer. Either way nothing is left open."""
+    player = _player(audio)
+    assert player.audio is not None
     pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
-    player = MediaPlayer(str(audio))
-    assert player.audio is not None, f"{audio} has no audio stream"
+    try:
+        return await _offer(http, url, pc, player, codec, token)
+    except BaseException:
+        await pc.close()
+        player.audio.stop()  # closes the file
+        raise
+
+
+def _player(audio: Path) -> MediaPlayer:
+    """An aiortc player of the file's audio, or ``DecodeError`` saying why there is none."""
+    check_file(audio)
+    try:
+        player = MediaPlayer(str(audio))
+    except (av.FFmpegError, OSError) as exc:
+        raise DecodeError(f"{audio}: cannot read audio: {exc}") from exc
+    if player.audio is None:
+        if player.video is not None:
+            player.video.stop()
+        raise DecodeError(f"{audio}: no audio stream")
+    return player
+
+
+async def _offer(
+    http: aiohttp.ClientSession, url: str, pc: RTCPeerConnection, player: MediaPlayer,
+    codec: str | None, token: str | None,
+) -> WhipCall:  # fmt: skip
+    assert player.audio is not None
     transceiver = pc.addTransceiver(player.audio, direction="sendonly")
     if codec is not None:
         caps = RTCRtpSender.getCapabilities("audio")
@@ -75,15 +114,18 @@ async def whip_call(
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     body = pc.localDescription.sdp
     sdp_headers = {**headers, "Content-Type": "application/sdp"}
-    async with http.post(url, data=body, headers=sdp_headers) as resp:
-        answer = await resp.text()
-        if resp.status != 201:
-            await pc.close()
-            player.audio.stop()  # closes the file
-            raise TransportError(f"WHIP offer refused: HTTP {resp.status}: {answer}")
-        location = str(resp.url.join(URL(resp.headers["Location"])))
-        call_id = resp.headers.get("X-Call-Id", location.rsplit("/", 1)[-1])
-    call = WhipCall(pc, player, location, call_id, headers)
+    try:
+        async with http.post(url, data=body, headers=sdp_headers) as resp:
+            answer = await resp.text()
+            if resp.status != 201:
+                raise TransportError(f"WHIP offer refused: HTTP {resp.status}: {answer}")
+            location = str(resp.url.join(URL(resp.headers["Location"])))
+            call_id = resp.headers.get("X-Call-Id", location.rsplit("/", 1)[-1])
+    except aiohttp.ClientError as exc:
+        raise TransportError(
+            f"cannot reach the WHIP endpoint {url}: {exc}; is voxphone serve running there?"
+        ) from exc
+    call = WhipCall(pc, player, channel, location, call_id, headers)
     channel.on("message", call.on_message)
     player.audio.on("ended", call.played.set)
     await pc.setRemoteDescription(RTCSessionDescription(sdp=answer, type="answer"))
@@ -111,4 +153,7 @@ async def play(
 ) -> list[dict[str, Any]]:
     """``talk`` on its own HTTP session; the events the call got back (``voxphone whip``)."""
     async with aiohttp.ClientSession() as http:
-        return (await talk(http, url, audio, codec, token)).events
+        try:
+            return (await talk(http, url, audio, codec, token)).events
+        except TimeoutError:
+            raise TransportError(f"the call to {url} never ended (no call.ended)") from None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import wave
@@ -13,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import Speech, overlap
+from tests.conftest import Speech, free_tcp_port, free_udp_range, overlap
 from voxphone.audio.files import read_audio
 
 pytestmark = pytest.mark.integration
@@ -44,14 +45,6 @@ def test_transcribe_json_lines_are_events(speech: dict[str, Speech]) -> None:
     assert events[-1]["type"] == "call.ended" and events[-1]["data"]["reason"] == "end_of_file"
     durable = [e for e in events if e["type"] != "transcript.delta"]
     assert [e["seq"] for e in durable] == list(range(len(durable)))
-
-
-def test_transcribe_rejects_a_non_audio_file(tmp_path: Path) -> None:
-    junk = tmp_path / "notes.txt"
-    junk.write_text("not audio")
-    r = voxphone("transcribe", str(junk))
-    assert r.returncode == 2
-    assert f"voxphone: error: {junk}" in r.stderr
 
 
 def test_help_explains_every_serve_flag() -> None:
@@ -118,3 +111,102 @@ def test_ctrl_c_ends_a_transcription_with_the_words_so_far(
     assert ended["data"]["audio_ms"] < pcm.size * 10 // 16  # it stopped early
     finals = [e["data"]["text"] for e in events if e["type"] == "transcript.final"]
     assert finals and ended["data"]["transcript"] == " ".join(finals)
+
+
+@pytest.mark.parametrize(
+    ("to", "message"),
+    [
+        (
+            "127.0.0.1:99999",
+            "--to: port 99999 is out of range: use 1-65534 (RTCP goes to port + 1)",
+        ),
+        ("127.0.0.1", "--to must be HOST:PORT, got '127.0.0.1'"),
+    ],
+)
+def test_call_refuses_a_bad_destination(speech: dict[str, Speech], to: str, message: str) -> None:
+    r = voxphone("call", str(speech["order"].path), "--to", to)
+    assert (r.returncode, r.stderr.strip()) == (2, f"voxphone: error: {message}")
+
+
+def test_call_to_a_port_where_nothing_listens_fails(speech: dict[str, Speech]) -> None:
+    """RTP is UDP, but the ICMP port unreachable that comes back is reported, not success."""
+    port = free_udp_range(2)[0]
+    r = voxphone("call", str(speech["order"].path), "--to", f"127.0.0.1:{port}", "--no-pace")
+    assert r.returncode == 2 and r.stdout == ""
+    assert f"voxphone: error: nothing listens at 127.0.0.1:{port}" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "first_line"),
+    [
+        (["--http-port", "99999"], {}, "--http-port: http.port: Input should be less than"),
+        ([], {"VOXPHONE_RTP__INACTIVITY_TIMEOUT_S": "0"}, "VOXPHONE_RTP__INACTIVITY_TIMEOUT_S: "),
+        (["--webhook-secret", "abc"], {}, "--webhook-secret: webhook.secret: Value error, "),
+    ],
+)
+def test_serve_blames_the_flag_or_variable_not_the_file(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    args: list[str],
+    env: dict[str, str],
+    first_line: str,
+) -> None:
+    config = tmp_path / "my.toml"
+    config.write_text("[rtp]\ninactivity_timeout_s = 3\n")
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    r = voxphone("serve", "--config", str(config), *args)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    (line,) = r.stderr.splitlines()
+    assert line.startswith(f"voxphone: error: {first_line}"), line
+    assert "my.toml" not in line
+
+
+@pytest.mark.parametrize("command", ["transcribe", "call", "whip"])
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [(None, "No such file or directory"), (b"", "empty file"), (b"not audio", "cannot read audio")],
+    ids=["missing", "empty", "not-audio"],
+)
+def test_a_file_that_is_no_audio_is_one_line(
+    tmp_path: Path, command: str, content: bytes | None, message: str
+) -> None:
+    path = tmp_path / "speech.wav"
+    if content is not None:
+        path.write_bytes(content)
+    url = ["--url", f"http://127.0.0.1:{free_tcp_port()}/v1/whip"] if command == "whip" else []
+    r = voxphone(command, str(path), *url)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.startswith(f"voxphone: error: {path}: ") and message in r.stderr, r.stderr
+    assert len(r.stderr.splitlines()) == 1
+
+
+def test_whip_to_a_server_that_is_not_running(speech: dict[str, Speech]) -> None:
+    url = f"http://127.0.0.1:{free_tcp_port()}/v1/whip"
+    r = voxphone("whip", str(speech["order"].path), "--url", url)
+    assert r.returncode == 2 and len(r.stderr.splitlines()) == 1, r.stderr
+    assert r.stderr.startswith(f"voxphone: error: cannot reach the WHIP endpoint {url}: ")
+    assert "is voxphone serve running there?" in r.stderr
+
+
+@pytest.mark.parametrize("kind", ["http", "rtp"])
+def test_serve_on_a_port_in_use_says_so_in_one_line(kind: str) -> None:
+    http_port, (lo, hi) = free_tcp_port(), free_udp_range(2)
+    family, port = (socket.SOCK_STREAM, http_port) if kind == "http" else (socket.SOCK_DGRAM, lo)
+    with socket.socket(socket.AF_INET, family) as holder:
+        holder.bind(("127.0.0.1", port))
+        if kind == "http":
+            holder.listen()
+        r = voxphone(
+            "serve", "--http-port", str(http_port), "--rtp-ports", f"{lo}-{hi}",
+            "--engine", "sphinx", "--log-level", "error",
+        )  # fmt: skip
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    (line,) = r.stderr.splitlines()
+    what = (
+        f"listen for HTTP on 127.0.0.1:{port}"
+        if kind == "http"
+        else f"bind RTP port 127.0.0.1:{port}"
+    )
+    assert line.startswith(f"voxphone: error: cannot {what}: Address already in use; "), line

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import shlex
+import subprocess
 from pathlib import Path
 
 import pytest
 
-from voxphone.config import load_config
+from voxphone.config import MAKE_SECRET, load_config
 from voxphone.errors import ConfigError
 
 ROOT = Path(__file__).parents[2]
@@ -134,3 +136,60 @@ def test_webhook_endpoints_from_file_and_environment(tmp_path: Path) -> None:
     assert load_config(environ={}).outbox.resolved_path({"XDG_DATA_HOME": "/d"}) == Path(
         "/d/voxphone/events.db"
     )
+
+
+@pytest.mark.parametrize(
+    ("env", "overrides", "message"),
+    [
+        (
+            {"VOXPHONE_RTP__INACTIVITY_TIMEOUT_S": "-1"},
+            {},
+            "VOXPHONE_RTP__INACTIVITY_TIMEOUT_S: rtp.inactivity_timeout_s: Input should be greater",
+        ),
+        ({}, {"http.port": 99999}, "--http-port: http.port: Input should be less than"),
+        ({"VOXPHONE_HTTTP__PORT": "1"}, {}, "VOXPHONE_HTTTP__PORT: htttp: unknown key"),
+        (
+            {"VOXPHONE_RTP__PAYLOAD_TYPES": '{"5": "opus"}'},
+            {},
+            "VOXPHONE_RTP__PAYLOAD_TYPES: rtp.payload_types: .*not dynamic",
+        ),
+        ({"VOXPHONE_RTP__PORTS": "[1"}, {}, "VOXPHONE_RTP__PORTS: invalid JSON"),
+        (
+            {"VOXPHONE_RTP__HOST__X": "1"},
+            {},
+            "VOXPHONE_RTP__HOST__X: rtp.host.x: 'host' is a value",
+        ),
+    ],
+)
+def test_a_bad_variable_or_flag_is_blamed_not_the_file(
+    tmp_path: Path, env: dict[str, str], overrides: dict[str, object], message: str
+) -> None:
+    """The file is valid; the error names the variable or flag that set the bad value."""
+    f = tmp_path / "my.toml"
+    f.write_text('[rtp]\ninactivity_timeout_s = 3\nhost = "127.0.0.1"\n[http]\nport = 8000\n')
+    with pytest.raises(ConfigError, match=f"^{message}") as err:
+        load_config(f, overrides, env, flags={"http.port": "--http-port"})
+    assert "my.toml" not in str(err.value)
+
+
+def test_the_file_is_blamed_for_its_own_mistakes_alongside_a_variable(tmp_path: Path) -> None:
+    f = tmp_path / "my.toml"
+    f.write_text("[rtp]\ninactivity_timeout_s = 0\n")
+    env = {"VOXPHONE_HTTP__PORT": "-5"}
+    with pytest.raises(ConfigError) as err:
+        load_config(f, environ=env)
+    assert str(err.value).splitlines() == [
+        "VOXPHONE_HTTP__PORT: http.port: Input should be greater than or equal to 0",
+        f"{f}: rtp.inactivity_timeout_s: Input should be greater than 0",
+    ]
+
+
+@pytest.mark.parametrize(("secret", "why"), [("abc", "not base64"), ("abcd", "3 bytes, too short")])
+def test_a_bad_webhook_secret_says_what_one_is_and_how_to_make_one(secret: str, why: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(overrides={"webhook.secret": secret}, environ={})
+    message = str(err.value)
+    assert why in message and "a secret is 'whsec_' + base64 of 24 to 64 random bytes" in message
+    assert MAKE_SECRET in message
+    made = subprocess.run(shlex.split(MAKE_SECRET), capture_output=True, text=True, check=True)
+    assert load_config(overrides={"webhook.secret": made.stdout.strip()}, environ={})

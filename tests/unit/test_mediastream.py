@@ -4,14 +4,20 @@ from __future__ import annotations
 
 import base64
 import json
+from types import SimpleNamespace
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from voxphone.audio.codecs import PCMU
+from voxphone.call import Call
+from voxphone.clock import FakeClock
 from voxphone.errors import TransportError
+from voxphone.http.api import REGISTRY
+from voxphone.testing import capture_events
 from voxphone.transports.mediastream import (
+    JsonStreamSession,
     StreamDtmf,
     StreamMedia,
     StreamOther,
@@ -186,3 +192,17 @@ def test_raw_stream_metadata_never_fails_otherwise(text: str, query: dict[str, s
         assert str(exc).startswith("stream: ")
     else:
         assert start.channels in (1, 2)
+
+
+def test_hanging_up_a_stream_plays_out_its_jitter_buffer() -> None:
+    """DELETE /v1/calls/{id} or shutdown mid-stream: the frames held for reordering (Telnyx) are
+    transcribed before the call ends, as at the stream's own ``stop``."""
+    call = Call("c", PCMU, capture_events(), FakeClock(), transport="telnyx")
+    registry = SimpleNamespace(open=lambda *a, **kw: call)
+    stream = JsonStreamSession(SimpleNamespace(app={REGISTRY: registry}), "telnyx")  # type: ignore[arg-type]
+    stream.handle(StreamStart("c", PCMU, {}))
+    for seq in (0, 1, 3, 4):  # frame 2 is late: the start is still held to be reordered
+        stream.handle(StreamMedia(seq, 20 * seq, "inbound", b"\xff" * 160))
+    assert call.stats.packets == 0
+    call.hangup("hangup")
+    assert (call.end_reason, call.stats.packets) == ("hangup", 4)

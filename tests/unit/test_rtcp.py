@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import socket
 import struct
 
@@ -12,13 +11,14 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tests.conftest import free_udp_range
+from tests.hooks import until
 from tests.unit.test_rtp_port import Calls
 from voxphone.audio.codecs import PCMU
 from voxphone.clock import SystemClock
 from voxphone.errors import TransportError
 from voxphone.testing import rtp_packets
 from voxphone.transports.rtcp import Bye, Other, SenderReport, bye, parse_rtcp
-from voxphone.transports.rtp import RtpServer
+from voxphone.transports.rtp import RtpServer, rtcp_source_ok
 
 
 def sender_report(ssrc: int, packets: int) -> bytes:
@@ -72,14 +72,14 @@ async def test_bye_on_the_rtcp_port_ends_the_call() -> None:
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
             for p in packets[:8]:
                 s.sendto(p.serialize(), ("127.0.0.1", lo))
-            await asyncio.sleep(0.1)
+            await until(lambda: len(calls.calls) == 1 and calls.calls[0].stats.packets >= 8)
             s.sendto(sender_report(packets[0].ssrc, 10), ("127.0.0.1", hi))
             for p in packets[8:]:  # the last packets race the BYE, as they may on a network
                 s.sendto(p.serialize(), ("127.0.0.1", lo))
             s.sendto(bye(packets[0].ssrc), ("127.0.0.1", hi))
-            await asyncio.sleep(0.2)
+            await until(lambda: calls.calls[0].end_reason is not None)
             s.sendto(packets[-1].serialize(), ("127.0.0.1", lo))  # a straggler after the BYE
-            await asyncio.sleep(0.1)
+            await until(lambda: server.totals().after_bye >= 1)  # it never starts a second call
     finally:
         await server.stop()
     assert len(calls.calls) == 1, [c.metadata for c in calls.calls]
@@ -87,4 +87,53 @@ async def test_bye_on_the_rtcp_port_ends_the_call() -> None:
     assert call.end_reason == "bye"
     assert call.transport_stats["sender_reports"] == 1
     assert call.stats.packets >= 8
-    assert server.totals().after_bye >= 1  # stragglers never start a second call
+
+
+async def test_a_strangers_bye_with_the_callers_ssrc_is_dropped_and_counted() -> None:
+    """Another address sends the caller's SSRC in a BYE and a sender report to the call's RTCP
+    port (and, rtcp-mux style, to its RTP port): the call goes on; the caller's own BYE ends it."""
+    lo, hi = free_udp_range(2)
+    calls = Calls()
+    server = RtpServer("127.0.0.1", (lo, hi), calls, SystemClock(), inactivity_timeout_s=30)
+    await server.start()
+    packets = list(rtp_packets((np.ones(1600) * 3000).astype(np.int16), PCMU, seed=4))
+    ssrc = packets[0].ssrc
+    try:
+        with (
+            socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as caller,
+            socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as stranger,
+        ):
+            for p in packets[:5]:
+                caller.sendto(p.serialize(), ("127.0.0.1", lo))
+            await until(lambda: len(calls.calls) == 1 and calls.calls[0].stats.packets == 5)
+            (call,) = calls.calls
+            stranger.sendto(sender_report(ssrc, 5) + bye(ssrc), ("127.0.0.1", hi))
+            stranger.sendto(bye(ssrc), ("127.0.0.1", lo))
+            await until(lambda: server.totals().foreign_rtcp == 2)
+            for p in packets[5:]:
+                caller.sendto(p.serialize(), ("127.0.0.1", lo))
+            await until(lambda: call.stats.packets == len(packets))
+            assert call.end_reason is None
+            caller.sendto(bye(ssrc), ("127.0.0.1", hi))
+            await until(lambda: call.end_reason is not None)
+    finally:
+        await server.stop()
+    assert call.end_reason == "bye"
+    assert call.transport_stats["foreign_rtcp"] == 2
+    assert "sender_reports" not in call.transport_stats
+
+
+@pytest.mark.parametrize(
+    ("rtcp", "ok"),
+    [
+        (("192.0.2.1", 5004), True),  # rtcp-mux, or one socket for both
+        (("192.0.2.1", 5005), True),  # RFC 3550 §11: RTP port + 1
+        (("192.0.2.1", 5006), False),
+        (("192.0.2.1", 5003), False),
+        (("192.0.2.9", 5005), False),
+    ],
+)
+def test_rtcp_may_come_from_the_rtp_source_or_its_next_port(
+    rtcp: tuple[str, int], ok: bool
+) -> None:
+    assert rtcp_source_ok(("192.0.2.1", 5004), rtcp) is ok

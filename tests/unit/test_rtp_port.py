@@ -209,3 +209,24 @@ def test_allocated_port_latches_and_maybe_relatches_after_nat_rebinding(
         assert call.stats.packets == 10 and port.stats.relatched == 1
         assert call.metadata["remote"] == "192.0.2.10:61000"
         assert call.pipeline.timeline.stats.late == 0
+
+
+@pytest.mark.parametrize("allocated", [True, False])
+def test_hanging_up_plays_out_what_the_jitter_buffer_holds(allocated: bool) -> None:
+    """API DELETE and shutdown go through ``call.hangup``: the packets waiting behind a lost one
+    are transcribed and the buffer's counters reported, as on an RTCP BYE."""
+    if allocated:
+        port, call = reserved_port(None, FakeClock())
+    else:
+        calls = Calls()
+        port = RtpPort(40000, calls, FakeClock())
+    pkts = tone_packets(n=6)
+    for p in pkts[:3] + pkts[4:]:  # packet 3 is lost: 4 and 5 wait for it
+        port.handle(p.serialize(), CALLER)
+    call = call if allocated else calls.calls[0]
+    assert call.stats.packets == 3
+    call.hangup("hangup")
+    assert call.end_reason == "hangup"
+    assert call.stats.packets == 5
+    assert call.transport_stats["lost"] == 0 and "jitter_ms" in call.transport_stats
+    assert port.sessions == {}

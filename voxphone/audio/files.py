@@ -11,8 +11,21 @@ from voxphone.audio.codecs import Pcm
 from voxphone.errors import DecodeError
 
 
+def check_file(path: Path) -> None:
+    """``DecodeError`` for a missing or empty file, said plainly: FFmpeg calls an empty file
+    ``[Errno 1094995529] Invalid data found when processing input``."""
+    try:
+        size = path.stat().st_size
+    except OSError as exc:
+        raise DecodeError(f"{path}: {exc.strerror or exc}") from None
+    if size == 0:
+        raise DecodeError(f"{path}: empty file")
+
+
 def read_audio(path: Path, rate: int) -> Pcm:
-    """The whole file as int16 mono PCM at ``rate`` (downmixed and resampled by FFmpeg)."""
+    """The whole file as int16 mono PCM at ``rate`` (downmixed and resampled by FFmpeg);
+    ``DecodeError`` if it is missing, empty, not audio, or holds no samples."""
+    check_file(path)
     try:
         with av.open(str(path)) as container:
             if not container.streams.audio:
@@ -26,4 +39,7 @@ def read_audio(path: Path, rate: int) -> Pcm:
             parts += [out.to_ndarray().reshape(-1) for out in resampler.resample(None)]
     except (av.FFmpegError, OSError) as exc:
         raise DecodeError(f"{path}: cannot read audio: {exc}") from exc
-    return np.concatenate(parts).astype(np.int16) if parts else np.zeros(0, np.int16)
+    pcm: Pcm = np.concatenate(parts).astype(np.int16) if parts else np.zeros(0, np.int16)
+    if not pcm.size:
+        raise DecodeError(f"{path}: no audio samples in the file")
+    return pcm

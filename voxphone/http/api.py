@@ -9,6 +9,7 @@ from typing import Any
 
 from aiohttp import web
 from pydantic import ValidationError
+from pydantic_core import ErrorDetails
 
 from voxphone import __version__
 from voxphone.call import CallRegistry
@@ -31,8 +32,19 @@ def refusal(cls: type[web.HTTPError], message: str, **kwargs: Any) -> web.HTTPEr
 
 
 def invalid(exc: ValidationError) -> str:
-    """A pydantic error as ``field.path: message; ...``."""
-    return "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+    """A pydantic error as ``field.path: message; ...`` (``body`` for the body as a whole)."""
+    return "; ".join(_invalid(e) for e in exc.errors())
+
+
+_JSON_TYPES = {dict: "an object", list: "an array", str: "a string", bool: "a boolean"}
+
+
+def _invalid(e: ErrorDetails) -> str:
+    where = ".".join(map(str, e["loc"])) or "body"
+    if e["type"] != "model_type":
+        return f"{where}: {e['msg']}"
+    got = _JSON_TYPES.get(type(e["input"]), "null" if e["input"] is None else "a number")
+    return f'{where}: expected a JSON object ({{"field": value, ...}}), got {got}'
 
 
 @web.middleware

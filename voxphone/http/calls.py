@@ -7,12 +7,13 @@ field or SDP line; nothing is allocated for a refused request.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import uuid
 from typing import Any
 
 from aiohttp import web
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from voxphone.audio.codecs import STATIC_PAYLOAD_TYPES, Codec, codec_by_name
 from voxphone.call import Call, new_call_id
@@ -41,6 +42,18 @@ class CreateCall(BaseModel):
     #: This call's events go here instead of the configured webhook URL.
     webhook_url: str | None = Field(None, pattern=r"^https?://")
     metadata: dict[str, str | int | float | bool | None] = {}
+
+    @field_validator("remote_ip")
+    @classmethod
+    def _check_ip(cls, value: str | None) -> str | None:
+        """An address as sockets report it (``"192.0.2.1"``), or latching would never match."""
+        if value is None:
+            return None
+        try:
+            ip = ipaddress.ip_address(value)
+        except ValueError:
+            raise ValueError(f"{value!r} is not an IPv4 or IPv6 address") from None
+        return str(getattr(ip, "ipv4_mapped", None) or ip)
 
 
 async def create_call(request: web.Request) -> web.Response:
@@ -144,7 +157,7 @@ async def end_call(request: web.Request) -> web.Response:
     call = request.app[REGISTRY].calls.get(request.match_info["call_id"])
     if call is None:
         return error(404, f"no live call {request.match_info['call_id']!r}")
-    call.end("hangup")
+    call.hangup("hangup")  # through its transport, which plays out what it holds first
     return web.Response(status=204)
 
 

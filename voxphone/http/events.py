@@ -12,11 +12,12 @@ import asyncio
 import contextlib
 import json
 from collections.abc import Iterator
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from aiohttp import web
 
+from voxphone.clock import iso_utc
 from voxphone.events.service import EventService
 from voxphone.events.stream import Filter, follow, head
 from voxphone.http.api import error
@@ -128,8 +129,23 @@ async def list_deliveries(request: web.Request) -> web.Response:
         status, ep, ep, int(limit),
     )  # fmt: skip
     keys = ("endpoint", "event_id", "type", "call_id", "seq", "cursor", "status", "attempts",
-            "last_error", "updated")  # fmt: skip
-    return web.json_response({"deliveries": [dict(zip(keys, r, strict=True)) for r in rows]})
+            "last_error")  # fmt: skip
+    return web.json_response({"deliveries": [
+        {**dict(zip(keys, r[:-1], strict=True)), "updated": _iso(r[-1])} for r in rows
+    ]})  # fmt: skip
+
+
+def _iso(seconds: object) -> str | None:
+    """An outbox time (Unix seconds) as events write theirs (RFC 3339, ms, Z)."""
+    if not isinstance(seconds, int | float):
+        return None
+    return iso_utc(datetime.fromtimestamp(seconds, UTC))
+
+
+REPLAY_BODY = (
+    'a JSON object {"endpoint": name, "event_id": id} or '
+    '{"endpoint": name, "since": time, "until"?: time, "call_id"?: id}, times in ISO 8601'
+)
 
 
 async def replay(request: web.Request) -> web.Response:
@@ -138,10 +154,20 @@ async def replay(request: web.Request) -> web.Response:
     svc = request.app[EVENTS]
     try:
         body = json.loads(await request.text() or "{}")
-        deliverer = svc.deliverers[body["endpoint"]]
+    except json.JSONDecodeError as exc:
+        return error(400, f"body is not JSON: {exc}")
+    if not isinstance(body, dict):
+        return error(400, f"body: expected {REPLAY_BODY}")
+    try:
+        name = str(body["endpoint"])
         where, args = _replay_range(body)
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
-        return error(400, f"replay: {type(exc).__name__}: {exc}")
+    except KeyError as exc:
+        return error(400, f"replay: missing {exc}: expected {REPLAY_BODY}")
+    except (TypeError, ValueError) as exc:
+        return error(400, f"replay: {exc}")
+    deliverer = svc.deliverers.get(name)
+    if deliverer is None:
+        return error(404, f"no endpoint {name!r}")
     stored = await svc.outbox.replay(deliverer.name, where, *args)
     for s in stored:
         deliverer.add(s)

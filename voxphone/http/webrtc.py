@@ -103,7 +103,7 @@ async def whip_delete(request: web.Request) -> web.Response:
     session = request.app[GATEWAY].sessions.get(request.match_info["session_id"])
     if session is None:
         return error(404, f"no WHIP session {request.match_info['session_id']!r}")
-    session.call.end("hangup")
+    session.hangup("hangup")
     return web.Response(status=200)
 
 

@@ -225,6 +225,12 @@ class JsonStreamSession:
         )
         if self.call is None:
             self.reason = "rejected"
+        else:
+            self.call.hangup = self._hang_up  # API DELETE, shutdown: play out the buffer first
+
+    def _hang_up(self, reason: str) -> None:
+        self.reason = self.reason or reason
+        self.finish()
 
     def _media(self, m: StreamMedia) -> None:
         if m.track not in ("inbound", "inbound_track"):

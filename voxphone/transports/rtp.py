@@ -3,7 +3,8 @@
 A call is created by the first packets of a new source on any port of the configured range and
 ends after a period of silence on the wire. A new source must first pass RFC 3550 §A.1 probation
 (two packets with consecutive sequence numbers), so a flood of random datagrams never creates a
-call; once a source is latched, packets from it with another SSRC are dropped and counted.
+call; once a source is latched, packets from it with another SSRC are dropped and counted, and so
+is RTCP about the call from anywhere but that source (a stranger's BYE must not hang it up).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from voxphone.transports.rtcp import Bye, RtcpPacket, SenderReport, parse_rtcp
 log = structlog.get_logger(__name__)
 
 _HEADER = struct.Struct("!BBHII")
+Address = tuple[str, int]
 COMFORT_NOISE_PT = 13
 
 
@@ -64,6 +66,13 @@ class RtpPacket:
 def is_rtcp(data: bytes) -> bool:
     """RFC 5761 §4: an RTP/RTCP demultiplexer looks at the second byte (RTCP types 192–223)."""
     return len(data) >= 2 and 192 <= data[1] <= 223
+
+
+def rtcp_source_ok(rtp: Address, rtcp: Address) -> bool:
+    """Whether RTCP from ``rtcp`` may speak for the stream latched from ``rtp``: the same address
+    (RFC 5761 mux, or a sender that uses one socket) or its port + 1 (RFC 3550 §11). A gateway
+    whose RTCP leaves from anywhere else has its BYE dropped, and its calls end on inactivity."""
+    return rtcp[0] == rtp[0] and rtcp[1] in (rtp[1], rtp[1] + 1)
 
 
 def parse_rtp(data: bytes) -> RtpPacket:
@@ -104,7 +113,6 @@ def parse_rtp(data: bytes) -> RtpPacket:
     )
 
 
-Address = tuple[str, int]
 CallFactory = Callable[[Codec, dict[str, object]], Call | None]
 
 
@@ -123,6 +131,7 @@ class RtpStats:
     foreign_source: int = 0
     relatched: int = 0
     after_bye: int = 0
+    foreign_rtcp: int = 0  # RTCP naming a call's SSRC from another source, dropped
 
 
 @dataclass
@@ -192,9 +201,9 @@ class RtpPort(asyncio.DatagramProtocol):
         self._new_call = new_call
         self._clock = clock
         self.sessions: dict[Address, _Session] = {}
-        #: Where parsed RTCP goes; the server matches it to calls by SSRC, whichever port
-        #: it arrived on (port + 1, or the RTP port itself with rtcp-mux).
-        self.on_rtcp: Callable[[list[RtcpPacket]], None] | None = None
+        #: Where parsed RTCP goes, with the port it arrived on and its source; the server
+        #: matches it to this port's calls and the previous port's (RTCP is on RTP port + 1).
+        self.on_rtcp: Callable[[RtpPort, Address, list[RtcpPacket]], None] | None = None
         self._candidates: OrderedDict[Address, _Candidate] = OrderedDict()
         self._said_bye: dict[Address, int] = {}  # source → the SSRC that sent RTCP BYE
         self.reservation: Reservation | None = None
@@ -206,14 +215,7 @@ class RtpPort(asyncio.DatagramProtocol):
     def handle(self, data: bytes, addr: Address) -> None:
         self.stats.received += 1
         if is_rtcp(data):
-            try:
-                packets = parse_rtcp(data)
-            except TransportError:
-                self.stats.malformed += 1
-                return
-            self.stats.rtcp += 1
-            if self.on_rtcp is not None:
-                self.on_rtcp(packets)
+            self._rtcp(data, addr)
             return
         try:
             pkt = parse_rtp(data)
@@ -235,6 +237,16 @@ class RtpPort(asyncio.DatagramProtocol):
             if pkt.payload_type == session.payload_type:
                 self._arrival(session, pkt)
             self._play(session, [pkt])
+
+    def _rtcp(self, data: bytes, addr: Address) -> None:
+        try:
+            packets = parse_rtcp(data)
+        except TransportError:
+            self.stats.malformed += 1
+            return
+        self.stats.rtcp += 1
+        if self.on_rtcp is not None:
+            self.on_rtcp(self, addr, packets)
 
     def _arrival(self, session: _Session, pkt: RtpPacket) -> None:
         """RFC 3550 §A.8: smoothed variation of transit time, the jitter a receiver reports."""
@@ -356,6 +368,7 @@ class RtpPort(asyncio.DatagramProtocol):
         if call is None:
             self.stats.rejected_calls += 1
             return
+        call.hangup = functools.partial(self.hang_up, call)
         jitter = JitterBuffer(codec.clock_rate, self.policy.jitter_ms)
         session = _Session(call, pkt.ssrc, pkt.payload_type, self._clock.monotonic(), jitter)
         self.sessions[addr] = session
@@ -378,6 +391,16 @@ class RtpPort(asyncio.DatagramProtocol):
 
     def reserve(self, reservation: Reservation) -> None:
         self.reservation = reservation
+        reservation.call.hangup = functools.partial(self.hang_up, reservation.call)
+
+    def hang_up(self, call: Call, reason: str) -> None:
+        """End ``call`` from outside (API ``DELETE``, shutdown) as ``end`` does: what its
+        jitter buffer holds is played out first."""
+        addr = next((a for a, s in self.sessions.items() if s.call is call), None)
+        if addr is None:
+            call.end(reason)
+        else:
+            self.end(addr, reason)
 
     @property
     def free(self) -> bool:
@@ -400,6 +423,19 @@ class RtpPort(asyncio.DatagramProtocol):
 
 def _same(proto: RtpPort) -> RtpPort:
     return proto
+
+
+def _ssrcs(pkt: RtcpPacket) -> tuple[int, ...]:
+    """The sources an RTCP packet speaks for (SR: its sender; BYE: those leaving)."""
+    if isinstance(pkt, Bye):
+        return pkt.ssrcs
+    if isinstance(pkt, SenderReport):
+        return (pkt.ssrc,)
+    return ()
+
+
+def _count(call: Call, key: str, n: int = 1) -> None:
+    call.transport_stats[key] = call.transport_stats.get(key, 0) + n
 
 
 class RtpServer:
@@ -437,7 +473,10 @@ class RtpServer:
                 )
             except OSError as exc:
                 await self.stop()
-                raise TransportError(f"cannot bind RTP port {self.host}:{port}: {exc}") from exc
+                raise TransportError(
+                    f"cannot bind RTP port {self.host}:{port}: {exc.strerror or exc}; choose "
+                    "another range (--rtp-ports, rtp.ports) or stop what holds it"
+                ) from exc
             proto.on_rtcp = self._rtcp
             self.ports.append(proto)
             self._transports.append(transport)
@@ -460,24 +499,27 @@ class RtpServer:
         lo, hi = self.port_range
         raise TransportError(f"no free RTP port in {lo}-{hi}")
 
-    def _rtcp(self, packets: list[RtcpPacket]) -> None:
-        """A sender's BYE ends its call; sender reports are counted on the call."""
-        for pkt in packets:
-            if isinstance(pkt, Bye):
-                ssrcs = pkt.ssrcs
-            elif isinstance(pkt, SenderReport):
-                ssrcs = (pkt.ssrc,)
-            else:
-                continue
-            for port in self.ports:
-                for addr, session in list(port.sessions.items()):
-                    if session.ssrc not in ssrcs:
-                        continue
-                    if isinstance(pkt, Bye):
-                        port.end(addr, "bye")
-                    else:
-                        stats = session.call.transport_stats
-                        stats["sender_reports"] = stats.get("sender_reports", 0) + 1
+    def _rtcp(self, port: RtpPort, source: Address, packets: list[RtcpPacket]) -> None:
+        """A sender's BYE ends its call; its sender reports are counted on the call. RTCP about a
+        call from anywhere but its latched source is dropped and counted (``foreign_rtcp``)."""
+        for media in self._media_ports(port):
+            for addr, session in list(media.sessions.items()):
+                named = [p for p in packets if session.ssrc in _ssrcs(p)]
+                if not named:
+                    continue
+                if not rtcp_source_ok(addr, source):
+                    port.stats.foreign_rtcp += 1
+                    _count(session.call, "foreign_rtcp")
+                elif any(isinstance(p, Bye) for p in named):
+                    media.end(addr, "bye")
+                else:
+                    _count(session.call, "sender_reports", len(named))
+
+    def _media_ports(self, port: RtpPort) -> list[RtpPort]:
+        """The ports whose calls RTCP arriving on ``port`` may concern: itself (rtcp-mux) and
+        the RTP port below it (RFC 3550 §11: RTCP goes to RTP port + 1)."""
+        index = port.port - self.port_range[0]
+        return self.ports[max(0, index - 1) : index + 1]
 
     def end_all(self, reason: str) -> None:
         """End every RTP call, playing out what each jitter buffer holds first."""

@@ -9,7 +9,7 @@ loss becomes silence. Events go back to the browser over the data channel it ope
 
 A call ends when the browser hangs up (WHIP ``DELETE``, a ``hangup`` message, closing the peer
 connection), when ICE fails or stays disconnected, or when audio stops arriving (a closed tab
-that said nothing).
+that said nothing). Each ending first plays out what aiortc still holds (``play_out_on_stop``).
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from aiortc import (
     RTCRtpReceiver,
     RTCSessionDescription,
 )
+from aiortc.jitterbuffer import JitterFrame
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from aiortc.sdp import candidate_from_sdp
 
@@ -81,6 +82,56 @@ def media_timestamp(frame: av.AudioFrame, clock_rate: int) -> int:
     return round(frame.pts * frame.time_base * clock_rate) % _TS_MOD
 
 
+_PRIVATE = "_RTCRtpReceiver__"  # aiortc's name-mangled receiver internals
+
+
+def play_out_on_stop(receiver: RTCRtpReceiver) -> None:
+    """Make every way aiortc stops a receiver's decoder — an RTCP BYE, DTLS closing under it,
+    ``stop()``, our own hang-up — first send it what the jitter buffer still holds.
+
+    aiortc 1.16 (``rtcrtpreceiver.py``) keeps the newest 4 audio packets (``prefetch=4``) until
+    later ones arrive and drops them when the decoder stops, so every call would lose its last
+    80 ms or more (4 packets of any ptime). This reaches into private state; ``test_webrtc``
+    counts the packets sent against those transcribed, so an aiortc change fails loudly.
+    """
+    stop = getattr(receiver, _PRIVATE + "stop_decoder")
+
+    def play_out_then_stop() -> None:
+        if getattr(receiver, _PRIVATE + "decoder_thread", None) is not None:
+            _decode_held(receiver)
+        stop()
+
+    setattr(receiver, _PRIVATE + "stop_decoder", play_out_then_stop)
+
+
+def stop_decoder(receiver: RTCRtpReceiver) -> bool:
+    """Stop the decoder (the track ends after its last frames); ``False`` if it was stopped."""
+    if getattr(receiver, _PRIVATE + "decoder_thread", None) is None:
+        return False
+    getattr(receiver, _PRIVATE + "stop_decoder")()
+    return True
+
+
+def _decode_held(receiver: RTCRtpReceiver) -> None:
+    """Queue the held packets for the decoder thread, as aiortc queues complete frames."""
+    queue, codecs = (
+        getattr(receiver, _PRIVATE + "decoder_queue"),
+        getattr(receiver, _PRIVATE + "codecs"),
+    )
+    mapper = getattr(receiver, _PRIVATE + "timestamp_mapper")
+    for packet in _held_packets(getattr(receiver, _PRIVATE + "jitter_buffer")):
+        frame = JitterFrame(packet._data, mapper.map(packet.timestamp))
+        queue.put((codecs[packet.payload_type], frame))
+
+
+def _held_packets(jitter: Any) -> list[Any]:
+    """The packets an aiortc ``JitterBuffer`` holds, in sequence order from its origin."""
+    if jitter._origin is None:
+        return []
+    slots = jitter._packets
+    return [p for i in range(len(slots)) if (p := slots[(jitter._origin + i) % len(slots)])]
+
+
 @dataclass
 class Session:
     """One browser call: its peer connection, call, data channel and watchdogs."""
@@ -94,6 +145,8 @@ class Session:
     pending: list[str] = field(default_factory=list)
     last_audio: float = 0.0
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
+    _receiver: RTCRtpReceiver | None = None
+    _ending: str | None = None  # why the call is ending, once its last audio is on the way
     _disconnected: asyncio.TimerHandle | None = None
     _closing: asyncio.Future[None] | None = None
     _lifetime: asyncio.Task[None] | None = None  # held: the loop keeps only weak references
@@ -102,7 +155,10 @@ class Session:
         self.last_audio = self.clock.monotonic()
         # The answer has one receiving audio transceiver; its track exists from negotiation on.
         receiving = [t for t in self.pc.getTransceivers() if t.direction == "recvonly"]
-        self._spawn(self._read(receiving[0].receiver.track))
+        self._receiver = receiving[0].receiver
+        self._spawn(self._read(self._receiver.track))
+        self.call.hangup = self.hangup  # DELETE /v1/calls/{id} and shutdown play out the tail too
+        play_out_on_stop(self._receiver)
         self.pc.on("datachannel", self._on_datachannel)
         self.pc.on("connectionstatechange", self._on_state)
         self._spawn(self._watch_media())
@@ -126,7 +182,23 @@ class Session:
             self.last_audio = self.clock.monotonic()
             # The answer named one codec, so every frame has the call's rate (aiortc drops others).
             self.call.push_pcm(media_timestamp(frame, clock_rate), to_mono(frame))
-        self.call.end("hangup")
+        self.call.end(self._ending or self._lost())
+
+    def _lost(self) -> str:
+        """Why the track ended unasked: DTLS closed, because the browser closed the connection
+        (``hangup``) or because ICE consent expired (RFC 7675: ``ice_failed``). aiortc then closes
+        the peer connection itself, so only the ICE transport still says ``failed``."""
+        assert self._receiver is not None
+        failed = self._receiver.transport.transport.state == "failed"
+        return "ice_failed" if failed or self.pc.connectionState == "failed" else "hangup"
+
+    def hangup(self, reason: str) -> None:
+        """End the call once the audio aiortc still holds has been transcribed."""
+        if self._ending is not None or self.call.end_reason is not None:
+            return
+        self._ending = reason
+        if self._receiver is None or not stop_decoder(self._receiver):
+            self.call.end(reason)
 
     async def _watch_media(self) -> None:
         timeout = self.settings.media_timeout_s
@@ -134,26 +206,27 @@ class Session:
             idle = self.clock.monotonic() - self.last_audio
             if idle >= timeout:
                 log.info("webrtc_no_media", call_id=self.call.call_id, idle_s=round(idle, 1))
-                self.call.end("no_media")
+                self.hangup("no_media")
                 return
             await asyncio.sleep(min(1.0, timeout - idle))
 
     # -- connection state -------------------------------------------------------------------
 
     async def _on_state(self) -> None:
+        """``failed`` ends the call; ``disconnected`` (aiortc 1.16 never reports it, browsers'
+        stacks do) ends it if it lasts. ``closed`` is left to the reader: the track ends after
+        its last frames, and ``_lost`` says why."""
         state = self.pc.connectionState
         log.debug("webrtc_state", call_id=self.call.call_id, state=state)
         if self._disconnected is not None:
             self._disconnected.cancel()
             self._disconnected = None
         if state == "failed":
-            self.call.end("ice_failed")
-        elif state == "closed":
-            self.call.end("hangup")
+            self.hangup("ice_failed")
         elif state == "disconnected":
             loop = asyncio.get_running_loop()
             self._disconnected = loop.call_later(
-                self.settings.disconnect_timeout_s, self.call.end, "ice_disconnected"
+                self.settings.disconnect_timeout_s, self.hangup, "ice_disconnected"
             )
 
     # -- data channel -----------------------------------------------------------------------
@@ -183,7 +256,7 @@ class Session:
             log.info("webrtc_bad_message", call_id=self.call.call_id, message=str(message)[:80])
             return
         if kind == "hangup":
-            self.call.end("hangup")
+            self.hangup("hangup")
         elif kind == "dtmf" and len(digit) == 1 and digit in DTMF_KEYS:
             self.call.dtmf(digit, duration_ms)
 
