@@ -115,3 +115,30 @@ async def test_chan_websocket_unsupported_format_closes_with_the_reason(
         assert ws.close_code == 1008
         assert "format 'gsm' is not supported" in (msg.extra or "")
     assert receiver.events == []
+
+
+async def test_chan_websocket_media_before_media_start_is_kept(
+    receiver: WebhookReceiver, speech: dict[str, Speech], tmp_path: Path
+) -> None:
+    """Asterisk sent 1.2 s of media before its MEDIA_START: those words used to be lost. They
+    are held and lead the call; the whole file is heard."""
+    pcm = read_audio(speech["order"].path, 8000)
+    frames = [Encoder(PCMU).encode(c) for c in chunks(pcm, 160)]
+    start = (
+        "MEDIA_START connection_id:early1 channel:PJSIP/100-0002 format:ulaw optimal_frame_size:160"
+    )
+    async with running_serve(tmp_path, receiver) as srv, aiohttp.ClientSession() as http:
+        async with http.ws_connect(f"http://127.0.0.1:{srv.http_port}/v1/media/asterisk") as ws:
+            for i, f in enumerate(frames):
+                if i == 60:
+                    await ws.send_str(start)
+                await ws.send_bytes(f)
+                await asyncio.sleep(0.02)
+            await ws.send_str("MEDIA_XON")  # documented, nothing to transcribe
+        await receiver.wait_ended(1, timeout_s=60)
+    (events,) = calls_of(receiver).values()
+    ended = events[-1]["data"]
+    assert events[0]["call_id"] == "early1" and ended["reason"] == "hangup"
+    assert ended["audio_ms"] >= len(frames) * 20 - 80 and ended["stats"]["dropped"] == {}
+    assert overlap(speech["order"].text, ended["transcript"]) >= 0.5
+    assert "hello" in ended["transcript"].split()[:2]  # the first word was in the early audio
