@@ -136,11 +136,13 @@ class _AudioSocketCall:
             self._audio(AUDIO_TYPES[frame.kind], frame.payload)
         elif frame.kind == DTMF and frame.payload and self.call is not None:
             self.call.dtmf(frame.payload[:1].decode("ascii", "replace"), 0)
+        elif frame.kind == DTMF:  # a key before any audio: the call does not exist yet
+            self._unknown[DTMF] = self._unknown.get(DTMF, 0) + 1
         elif frame.kind == HANGUP:
             self.reason = "hangup"
         elif frame.kind == ERROR:
             self._error(frame.payload)
-        elif frame.kind != UUID and frame.kind != DTMF:
+        else:  # a repeated UUID, or a type the docs do not list
             self._unknown_kind(frame.kind)
 
     def _error(self, payload: bytes) -> None:
@@ -168,6 +170,8 @@ class _AudioSocketCall:
             if self.call is None:
                 self.reason = "rejected"
                 return
+            dtmf = self._unknown.pop(DTMF, 0)
+            self.call.count_dropped("dtmf_before_audio", dtmf)
             self.call.count_dropped("unknown_message", sum(self._unknown.values()))
         elif rate != self._rate:
             raise TransportError(f"AudioSocket: audio changed from {self._rate} to {rate} Hz")
