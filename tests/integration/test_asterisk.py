@@ -4,6 +4,7 @@ against a running `voxphone serve`."""
 from __future__ import annotations
 
 import asyncio
+import json
 import struct
 import uuid
 from pathlib import Path
@@ -14,7 +15,7 @@ import pytest
 
 from tests.conftest import Speech, overlap
 from tests.integration.test_serve import WebhookReceiver, calls_of, running_serve
-from voxphone.audio.codecs import PCMU, Encoder
+from voxphone.audio.codecs import OPUS, PCMU, Encoder
 from voxphone.audio.files import read_audio
 
 pytestmark = pytest.mark.integration
@@ -144,3 +145,28 @@ async def test_chan_websocket_media_before_media_start_is_kept(
     assert ended["audio_ms"] >= len(frames) * 20 - 80 and ended["stats"]["dropped"] == {}
     assert overlap(speech["order"].text, ended["transcript"]) >= 0.5
     assert "hello" in ended["transcript"].split()[:2]  # the first word was in the early audio
+
+
+async def test_chan_websocket_opus_passthrough(
+    receiver: WebhookReceiver, speech: dict[str, Speech], tmp_path: Path
+) -> None:
+    """``Dial(WebSocket/voxphone/c(opus)p)``: passthrough mode, one Opus packet per BINARY
+    frame (WebSocket.md: opus "MUST" use passthrough); JSON control messages."""
+    pcm = read_audio(speech["phone"].path, 48000)
+    enc = Encoder(OPUS)
+    packets = [enc.encode(c) for c in chunks(pcm, 960)]
+    start = {"event": "MEDIA_START", "connection_id": "op1", "channel": "WebSocket/voxphone-01",
+             "channel_id": "1732770000.77", "format": "opus", "optimal_frame_size": 0, "ptime": 20}  # fmt: skip
+    async with running_serve(tmp_path, receiver) as srv, aiohttp.ClientSession() as http:
+        async with http.ws_connect(f"http://127.0.0.1:{srv.http_port}/v1/media/asterisk") as ws:
+            await ws.send_str(json.dumps(start))
+            for p in filter(None, packets):
+                await ws.send_bytes(p)
+                await asyncio.sleep(0.02)
+            await ws.send_str('{"event": "MEDIA_MARK_PROCESSED", "correlation_id": "x"}')
+        await receiver.wait_ended(1, timeout_s=60)
+    (events,) = calls_of(receiver).values()
+    assert events[0]["call_id"] == "1732770000.77" and events[0]["data"]["codec"] == "opus"
+    ended = events[-1]["data"]
+    assert ended["stats"]["dropped"] == {} and ended["stats"]["decode_errors"] == 0
+    assert overlap(speech["phone"].text, ended["transcript"]) >= 0.5

@@ -181,7 +181,7 @@ def test_every_documented_notification_is_known_and_others_are_counted() -> None
     registry = FakeRegistry()
     ws = ChanWebsocketSession(registry, {})  # type: ignore[arg-type]
     ws.control(START)
-    for text in ("MEDIA_XOFF", "MEDIA_XON", "QUEUE_DRAINED", "MEDIA_BUFFERING_COMPLETED prompt-3",
+    for text in ("MEDIA_XOFF", "MEDIA_XON", "QUEUE_DRAINED", "MEDIA_BUFFERING_COMPLETED prompt-3", '{"event": "MEDIA_MARK_PROCESSED", "correlation_id": "m1"}',
                  "STATUS queue_length:43 xon_level:800 xoff_level:900 queue_full:false",
                  "DTMF_END digit:4", "SURPRISE x:1"):  # fmt: skip
         assert ws.control(text)

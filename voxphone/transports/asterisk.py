@@ -21,7 +21,7 @@ from typing import Any
 import structlog
 from aiohttp import WSMsgType, web
 
-from voxphone.audio.codecs import G722, PCMA, PCMU, SLIN, Codec
+from voxphone.audio.codecs import G722, OPUS, PCMA, PCMU, SLIN, Codec
 from voxphone.call import Call, CallRegistry
 from voxphone.errors import TransportError
 from voxphone.http.api import REGISTRY
@@ -179,10 +179,11 @@ class _AudioSocketCall:
 
 
 #: chan_websocket ``format`` names → codecs (Asterisk's slin is host order: little-endian).
+#: ``opus`` runs in passthrough mode (WebSocket.md, ``p``): one Opus packet per BINARY frame.
 WS_FORMATS: dict[str, Codec] = {
-    "ulaw": PCMU, "alaw": PCMA, "g722": G722, "slin": SLIN[8000], "slin12": SLIN[12000],
-    "slin16": SLIN[16000], "slin24": SLIN[24000], "slin32": SLIN[32000], "slin44": SLIN[44100],
-    "slin48": SLIN[48000], "slin96": SLIN[96000], "slin192": SLIN[192000],
+    "ulaw": PCMU, "alaw": PCMA, "g722": G722, "opus": OPUS, "slin": SLIN[8000],
+    "slin12": SLIN[12000], "slin16": SLIN[16000], "slin24": SLIN[24000], "slin32": SLIN[32000],
+    "slin44": SLIN[44100], "slin48": SLIN[48000], "slin96": SLIN[96000], "slin192": SLIN[192000],
 }  # fmt: skip
 
 
@@ -214,7 +215,7 @@ def parse_control(text: str) -> dict[str, str]:
 #: chan_websocket notifications with nothing to transcribe (WebSocket.md, "Notifications"):
 #: answers to commands an app sends and flow control for media it sends back.
 WS_NOTIFICATIONS = frozenset({"MEDIA_XOFF", "MEDIA_XON", "STATUS", "MEDIA_BUFFERING_COMPLETED",
-                              "QUEUE_DRAINED"})  # fmt: skip
+                              "MEDIA_MARK_PROCESSED", "QUEUE_DRAINED"})  # fmt: skip
 #: BINARY frames held while waiting for ``MEDIA_START`` (Asterisk sends 20 ms frames: 5 s).
 EARLY_FRAMES = 250
 #: ``MEDIA_START`` fields kept as the call's metadata.
