@@ -332,3 +332,35 @@ async def test_jambonz_listen_at_64khz_with_pass_dtmf(
     dtmf = [(e["data"]["digit"], e["data"]["duration_ms"]) for e in events if e["type"] == "dtmf"]
     assert dtmf == [("3", 200)]
     assert overlap(speech["order"].text, events[-1]["data"]["transcript"]) >= 0.5
+
+
+async def test_telnyx_media_that_overtakes_start_is_kept(
+    receiver: WebhookReceiver, speech: dict[str, Speech], tmp_path: Path
+) -> None:
+    """Telnyx: "Media frame order is not guaranteed". The first 200 ms arrive before `start`
+    (which used to close the stream with 1007 and make no call): held, then played in order."""
+    pcm = read_audio(speech["order"].path, 8000)
+    enc = Encoder(PCMU)
+    media = [
+        {"event": "media", "sequence_number": str(i + 2), "stream_id": "s2",
+         "media": {"track": "inbound", "chunk": str(i + 1), "timestamp": str(i * 20),
+                   "payload": base64.b64encode(enc.encode(pcm[p : p + 160])).decode()}}
+        for i, p in enumerate(range(0, pcm.size - 159, 160))
+    ]  # fmt: skip
+    start = {"event": "start", "sequence_number": "1", "stream_id": "s2",
+             "start": {"call_control_id": "v2:early", "media_format": {"encoding": "PCMU", "sample_rate": 8000, "channels": 1}}}  # fmt: skip
+    async with running_serve(tmp_path, receiver) as srv, aiohttp.ClientSession() as http:
+        async with http.ws_connect(f"http://127.0.0.1:{srv.http_port}/v1/media/telnyx") as ws:
+            await ws.send_str(json.dumps({"event": "connected", "version": "1.0.0"}))
+            for i, m in enumerate(media):
+                if i == 10:
+                    await ws.send_str(json.dumps(start))
+                await ws.send_str(json.dumps(m))
+                await asyncio.sleep(0.02)
+            await ws.send_str(json.dumps({"event": "stop", "sequence_number": "999"}))
+        await receiver.wait_ended(1, timeout_s=60)
+    (events,) = calls_of(receiver).values()
+    ended = events[-1]["data"]
+    assert events[0]["call_id"] == "v2:early" and ended["reason"] == "stop"
+    assert ended["audio_ms"] >= len(media) * 20 - 80 and ended["stats"]["dropped"] == {}
+    assert overlap(speech["order"].text, ended["transcript"]) >= 0.5

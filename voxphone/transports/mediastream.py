@@ -15,6 +15,7 @@ import binascii
 import hashlib
 import hmac
 import json
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -213,6 +214,10 @@ def parse_telnyx(text: str) -> StreamMessage:
     return TELNYX.parse(text)
 
 
+#: Media messages held when they overtake ``start`` (20 ms each: one second).
+EARLY_MESSAGES = 50
+
+
 class JsonStreamSession:
     """One stream: opens the call at ``start``, plays media in order, ends at ``stop``.
 
@@ -229,6 +234,8 @@ class JsonStreamSession:
         self._buffer = JitterBuffer(1000, 120, hold_start=True)
         self.other_tracks = 0
         self._unknown_before_start = 0
+        self._early: deque[StreamMessage] = deque(maxlen=EARLY_MESSAGES)
+        self._early_over = 0
 
     def handle(self, message: StreamMessage) -> None:
         if isinstance(message, StreamOther):
@@ -236,7 +243,7 @@ class JsonStreamSession:
         elif isinstance(message, StreamStart):
             self._start(message)
         elif self.call is None:
-            raise TransportError(f"{self._transport}: {type(message).__name__} before 'start'")
+            self._before_start(message)
         elif isinstance(message, StreamMedia):
             self._media(message)
         elif isinstance(message, StreamDtmf):
@@ -255,6 +262,15 @@ class JsonStreamSession:
         else:
             self.call.count_dropped("unknown_message", message=message.event)
 
+    def _before_start(self, message: StreamMessage) -> None:
+        """Telnyx does not guarantee frame order: media (or a key) may overtake ``start``. It is
+        held, up to ``EARLY_MESSAGES``; the oldest beyond that are counted, then dropped."""
+        if isinstance(message, StreamStop):
+            self.reason = "stop"
+            return
+        self._early_over += len(self._early) == EARLY_MESSAGES
+        self._early.append(message)
+
     def _start(self, s: StreamStart) -> None:
         if self.call is not None:
             raise TransportError(f"{self._transport}: a second 'start' on one stream")
@@ -263,8 +279,11 @@ class JsonStreamSession:
         )
         if self.call is None:
             self.reason = "rejected"
-        else:
-            self.call.count_dropped("unknown_message", self._unknown_before_start)
+            return
+        self.call.count_dropped("unknown_message", self._unknown_before_start)
+        self.call.count_dropped("early_audio_over_limit", self._early_over)
+        while self._early:
+            self.handle(self._early.popleft())
 
     def _media(self, m: StreamMedia) -> None:
         if m.track not in ("inbound", "inbound_track"):
@@ -281,6 +300,8 @@ class JsonStreamSession:
 
     def finish(self) -> None:
         if self.call is None:
+            if self._early:
+                log.warning("media_stream_ended_before_start", held=len(self._early))
             return
         self._play(self._buffer.flush())
         self.call.transport_stats.update(vars(self._buffer.stats), other_tracks=self.other_tracks)
