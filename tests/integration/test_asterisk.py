@@ -35,6 +35,7 @@ async def test_audiosocket_call(
         reader, writer = await asyncio.open_connection("127.0.0.1", srv.audiosocket_port)
         writer.write(audiosocket_frame(0x01, call_uuid.bytes))
         writer.write(audiosocket_frame(0x42, b"?"))  # a type the docs do not list: counted
+        writer.write(audiosocket_frame(0x03, b"1"))  # a key before any audio: kept
         for pos in range(0, pcm.size, 160):  # Asterisk paces frames in real time
             writer.write(audiosocket_frame(0x10, pcm[pos : pos + 160].astype("<i2").tobytes()))
             await writer.drain()
@@ -51,7 +52,7 @@ async def test_audiosocket_call(
         events[0]["data"]["transport"] == "audiosocket"
         and events[0]["data"]["codec"] == "SLIN/8000"
     )
-    assert [e["data"]["digit"] for e in events if e["type"] == "dtmf"] == ["5"]
+    assert [e["data"]["digit"] for e in events if e["type"] == "dtmf"] == ["1", "5"]
     assert events[-1]["data"]["reason"] == "hangup"
     assert events[-1]["data"]["stats"]["dropped"] == {"unknown_message": 1}
     assert overlap(speech["order"].text, events[-1]["data"]["transcript"]) >= 0.5

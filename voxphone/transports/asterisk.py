@@ -124,6 +124,7 @@ class _AudioSocketCall:
         self._call_id: str | None = None
         self._rate = 0
         self._unknown: dict[int, int] = {}  # frame type -> count, before the call opened
+        self._early_digits: list[str] = []
 
     def handle(self, frame: Frame) -> None:
         if self._call_id is None:
@@ -134,16 +135,20 @@ class _AudioSocketCall:
             self._call_id = call_id_from_uuid(frame.payload)
         elif frame.kind in AUDIO_TYPES:
             self._audio(AUDIO_TYPES[frame.kind], frame.payload)
-        elif frame.kind == DTMF and frame.payload and self.call is not None:
-            self.call.dtmf(frame.payload[:1].decode("ascii", "replace"), 0)
-        elif frame.kind == DTMF:  # a key before any audio: the call does not exist yet
-            self._unknown[DTMF] = self._unknown.get(DTMF, 0) + 1
+        elif frame.kind == DTMF and frame.payload:
+            self._dtmf(frame.payload[:1].decode("ascii", "replace"))
         elif frame.kind == HANGUP:
             self.reason = "hangup"
         elif frame.kind == ERROR:
             self._error(frame.payload)
-        else:  # a repeated UUID, or a type the docs do not list
+        else:  # a repeated UUID, an empty DTMF, or a type the docs do not list
             self._unknown_kind(frame.kind)
+
+    def _dtmf(self, digit: str) -> None:
+        if self.call is not None:
+            self.call.dtmf(digit, 0)
+        else:  # a key before the first audio frame opened the call: it is played then
+            self._early_digits.append(digit)
 
     def _error(self, payload: bytes) -> None:
         """0xff: the payload is Asterisk's error code (0x01 hang-up, 0x02 frame forwarding,
@@ -170,9 +175,9 @@ class _AudioSocketCall:
             if self.call is None:
                 self.reason = "rejected"
                 return
-            dtmf = self._unknown.pop(DTMF, 0)
-            self.call.count_dropped("dtmf_before_audio", dtmf)
             self.call.count_dropped("unknown_message", sum(self._unknown.values()))
+            for digit in self._early_digits:
+                self.call.dtmf(digit, 0)
         elif rate != self._rate:
             raise TransportError(f"AudioSocket: audio changed from {self._rate} to {rate} Hz")
         self.call.push_payload(payload)
