@@ -146,12 +146,14 @@ def test_media_before_media_start_is_held_and_played_first() -> None:
     early = [bytes([i]) * 160 for i in range(60)]
     for f in early:
         ws.audio(f)
+    ws.control("DTMF_END digit:2")  # a key before MEDIA_START is kept too
     assert registry.calls == []
     assert ws.control(START)
     ws.audio(b"\xff" * 160)
     (call,) = registry.calls
     assert call.fields["codec"] == "PCMU" and call.fields["call_id"] == "c1"
     assert call.audio == b"".join(early) + b"\xff" * 160 and call.dropped == {}
+    assert call.digits == ["2"]
 
 
 def test_early_media_over_the_bound_is_counted() -> None:

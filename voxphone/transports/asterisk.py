@@ -234,14 +234,17 @@ class ChanWebsocketSession:
     ``v(format=ulaw,channel_id=...)`` option (WebSocket.md, "Dialstring Syntax") adds URL
     parameters, and then the call opens when the socket does. Media that arrives before
     ``MEDIA_START`` otherwise is held (up to ``EARLY_FRAMES``; older frames beyond that are
-    dropped and counted as ``early_audio_over_limit``) and played first once it comes; its
-    fields are merged into a call opened from the URL. ``open`` returns ``False`` when the
-    call was refused (at the limit, draining)."""
+    dropped and counted as ``early_audio_over_limit``) and played first once it comes, as are
+    control messages (a ``DTMF_END``) that came before it; its fields are merged into a call
+    opened from the URL. ``open_from_url`` and ``control`` return ``False`` when the call was
+    refused (at the limit, draining)."""
 
     def __init__(self, registry: CallRegistry, query: dict[str, str]) -> None:
         self._registry = registry
         self.call: Call | None = None
         self._held: deque[bytes] = deque(maxlen=EARLY_FRAMES)
+        self._early_controls: deque[str] = deque(maxlen=EARLY_FRAMES)
+        self._over_controls = 0
         self._over = 0
         self._query = query
 
@@ -263,8 +266,10 @@ class ChanWebsocketSession:
         event = fields["event"]
         if event == "MEDIA_START":
             return self._media_start(fields)
-        if self.call is None:
-            return True  # nothing before MEDIA_START but media is documented
+        if self.call is None:  # a key (or a notification) before MEDIA_START: played after it
+            self._over_controls += len(self._early_controls) == EARLY_FRAMES
+            self._early_controls.append(text)
+            return True
         if event == "DTMF_END":
             self.call.dtmf(fields.get("digit", "?")[:1], int(fields.get("duration", 0) or 0))
         elif event not in WS_NOTIFICATIONS:
@@ -279,15 +284,21 @@ class ChanWebsocketSession:
         if self.call is None:
             return False
         self.call.count_dropped("early_audio_over_limit", self._over)
+        self.call.count_dropped("early_control_over_limit", self._over_controls)
         while self._held:
             self.call.push_payload(self._held.popleft())
+        while self._early_controls:
+            self.control(self._early_controls.popleft())
         return True
 
     def end(self, reason: str) -> None:
         if self.call is not None:
             self.call.end(reason)
-        elif self._held:
-            log.warning("chan_websocket_audio_without_media_start", frames=len(self._held))
+        elif self._held or self._early_controls:
+            log.warning(
+                "chan_websocket_ended_before_media_start",
+                frames=len(self._held), controls=len(self._early_controls),
+            )  # fmt: skip
 
 
 async def chan_websocket(request: web.Request) -> web.WebSocketResponse:
