@@ -5,7 +5,8 @@ Twilio Media Streams (``<Connect><Stream>`` / ``<Start><Stream>``): JSON text fr
 µ-law 8 kHz, ~20 ms, numbers as strings), ``dtmf``, ``mark``, ``stop``. Each media frame is
 placed on the call's clock by its ``timestamp`` (ms since the stream began) through the same
 jitter buffer and timeline as RTP, keyed by ``sequenceNumber``, so duplicates, gaps and
-reordering are handled exactly as on a network.
+reordering are handled exactly as on a network. Telnyx is the same in snake_case. The raw L16
+streams (Vonage, FreeSWITCH, jambonz) are parsed in ``rawstream``; their handler is here.
 """
 
 from __future__ import annotations
@@ -256,9 +257,8 @@ class JsonStreamSession:
             log.warning("media_stream_provider_error", vendor=self._transport, error=message.detail)
         if message.known:
             return
-        if self.call is None:
+        if self.call is None:  # counted on the call once it opens, logged there
             self._unknown_before_start += 1
-            log.info("media_stream_unknown_message", vendor=self._transport, event=message.event)
         else:
             self.call.count_dropped("unknown_message", message=message.event)
 
