@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import structlog
@@ -40,6 +40,9 @@ class CallStats:
     late_packets: int = 0
     gap_ms: int = 0
     dropped_frames: int = 0
+    #: What a transport received and could not use, by reason (``early_audio_over_limit``,
+    #: ``unknown_message``...): counted, never dropped silently.
+    dropped: dict[str, int] = field(default_factory=dict)
 
 
 class Call:
@@ -75,6 +78,8 @@ class Call:
         #: Hang up from outside (API, shutdown): a transport that holds media (a jitter buffer)
         #: replaces it with one that plays that out first, then calls ``end``.
         self.hangup: Callable[[str], None] = self.end
+        #: Metadata that arrived after ``call.started`` (reported in ``call.ended``).
+        self.late_metadata: dict[str, Any] = {}
         self._sink = sink
         self._clock = clock
         self._events = EventSequencer(call_id, clock)
@@ -173,6 +178,21 @@ class Call:
         if self.end_reason is None:
             at_ms = self.pipeline.framer.position_ms
             self._publish(ev.DTMF, {"digit": digit, "duration_ms": duration_ms, "at_ms": at_ms})
+
+    def count_dropped(self, reason: str, n: int = 1, **detail: Any) -> None:
+        """``n`` things the transport could not use, by ``reason``; logged once per reason
+        (with ``detail``, e.g. the unknown message's name)."""
+        if n <= 0:
+            return
+        if reason not in self.stats.dropped:
+            self._log.warning("transport_dropped", reason=reason, count=n, **detail)
+        self.stats.dropped[reason] = self.stats.dropped.get(reason, 0) + n
+
+    def merge_metadata(self, metadata: dict[str, Any]) -> None:
+        """Metadata learnt after ``call.started`` (a late metadata frame): kept on the call and
+        reported in ``call.ended.metadata``."""
+        self.metadata.update(metadata)
+        self.late_metadata.update(metadata)
 
     def push_payload(self, payload: bytes) -> None:
         """A payload from a stream with no timestamps: it follows the previous one directly."""
@@ -344,6 +364,7 @@ class Call:
                 "stats": asdict(self.stats),
                 "engine": self._stream.stats() if self._stream is not None else {},
                 "transport": self.transport_stats,
+                **({"metadata": self.late_metadata} if self.late_metadata else {}),
             },
         )
         self._log.info(

@@ -4,6 +4,7 @@ against a running `voxphone serve`."""
 from __future__ import annotations
 
 import asyncio
+import json
 import struct
 import uuid
 from pathlib import Path
@@ -14,7 +15,7 @@ import pytest
 
 from tests.conftest import Speech, overlap
 from tests.integration.test_serve import WebhookReceiver, calls_of, running_serve
-from voxphone.audio.codecs import PCMU, Encoder
+from voxphone.audio.codecs import OPUS, PCMU, Encoder
 from voxphone.audio.files import read_audio
 
 pytestmark = pytest.mark.integration
@@ -33,6 +34,8 @@ async def test_audiosocket_call(
     async with running_serve(tmp_path, receiver) as srv:
         reader, writer = await asyncio.open_connection("127.0.0.1", srv.audiosocket_port)
         writer.write(audiosocket_frame(0x01, call_uuid.bytes))
+        writer.write(audiosocket_frame(0x42, b"?"))  # a type the docs do not list: counted
+        writer.write(audiosocket_frame(0x03, b"1"))  # a key before any audio: kept
         for pos in range(0, pcm.size, 160):  # Asterisk paces frames in real time
             writer.write(audiosocket_frame(0x10, pcm[pos : pos + 160].astype("<i2").tobytes()))
             await writer.drain()
@@ -49,8 +52,9 @@ async def test_audiosocket_call(
         events[0]["data"]["transport"] == "audiosocket"
         and events[0]["data"]["codec"] == "SLIN/8000"
     )
-    assert [e["data"]["digit"] for e in events if e["type"] == "dtmf"] == ["5"]
+    assert [e["data"]["digit"] for e in events if e["type"] == "dtmf"] == ["1", "5"]
     assert events[-1]["data"]["reason"] == "hangup"
+    assert events[-1]["data"]["stats"]["dropped"] == {"unknown_message": 1}
     assert overlap(speech["order"].text, events[-1]["data"]["transcript"]) >= 0.5
 
 
@@ -115,3 +119,55 @@ async def test_chan_websocket_unsupported_format_closes_with_the_reason(
         assert ws.close_code == 1008
         assert "format 'gsm' is not supported" in (msg.extra or "")
     assert receiver.events == []
+
+
+async def test_chan_websocket_media_before_media_start_is_kept(
+    receiver: WebhookReceiver, speech: dict[str, Speech], tmp_path: Path
+) -> None:
+    """Asterisk sent 1.2 s of media before its MEDIA_START: those words used to be lost. They
+    are held and lead the call; the whole file is heard."""
+    pcm = read_audio(speech["order"].path, 8000)
+    frames = [Encoder(PCMU).encode(c) for c in chunks(pcm, 160)]
+    start = (
+        "MEDIA_START connection_id:early1 channel:PJSIP/100-0002 format:ulaw optimal_frame_size:160"
+    )
+    async with running_serve(tmp_path, receiver) as srv, aiohttp.ClientSession() as http:
+        async with http.ws_connect(f"http://127.0.0.1:{srv.http_port}/v1/media/asterisk") as ws:
+            for i, f in enumerate(frames):
+                if i == 60:
+                    await ws.send_str(start)
+                await ws.send_bytes(f)
+                await asyncio.sleep(0.02)
+            await ws.send_str("MEDIA_XON")  # documented, nothing to transcribe
+        await receiver.wait_ended(1, timeout_s=60)
+    (events,) = calls_of(receiver).values()
+    ended = events[-1]["data"]
+    assert events[0]["call_id"] == "early1" and ended["reason"] == "hangup"
+    assert ended["audio_ms"] >= len(frames) * 20 - 80 and ended["stats"]["dropped"] == {}
+    assert overlap(speech["order"].text, ended["transcript"]) >= 0.5
+    assert "hello" in ended["transcript"].split()[:2]  # the first word was in the early audio
+
+
+async def test_chan_websocket_opus_passthrough(
+    receiver: WebhookReceiver, speech: dict[str, Speech], tmp_path: Path
+) -> None:
+    """``Dial(WebSocket/voxphone/c(opus)p)``: passthrough mode, one Opus packet per BINARY
+    frame (WebSocket.md: opus "MUST" use passthrough); JSON control messages."""
+    pcm = read_audio(speech["phone"].path, 48000)
+    enc = Encoder(OPUS)
+    packets = [enc.encode(c) for c in chunks(pcm, 960)]
+    start = {"event": "MEDIA_START", "connection_id": "op1", "channel": "WebSocket/voxphone-01",
+             "channel_id": "1732770000.77", "format": "opus", "optimal_frame_size": 0, "ptime": 20}  # fmt: skip
+    async with running_serve(tmp_path, receiver) as srv, aiohttp.ClientSession() as http:
+        async with http.ws_connect(f"http://127.0.0.1:{srv.http_port}/v1/media/asterisk") as ws:
+            await ws.send_str(json.dumps(start))
+            for p in filter(None, packets):
+                await ws.send_bytes(p)
+                await asyncio.sleep(0.02)
+            await ws.send_str('{"event": "MEDIA_MARK_PROCESSED", "correlation_id": "x"}')
+        await receiver.wait_ended(1, timeout_s=60)
+    (events,) = calls_of(receiver).values()
+    assert events[0]["call_id"] == "1732770000.77" and events[0]["data"]["codec"] == "opus"
+    ended = events[-1]["data"]
+    assert ended["stats"]["dropped"] == {} and ended["stats"]["decode_errors"] == 0
+    assert overlap(speech["phone"].text, ended["transcript"]) >= 0.5

@@ -55,6 +55,7 @@ async def test_twilio_stream(
                 json.dumps({"event": "connected", "protocol": "Call", "version": "1.0.0"})
             )
             await ws.send_str(json.dumps(start))
+            await ws.send_str(json.dumps({"event": "surprise", "streamSid": sid}))  # undocumented
             for m in media:
                 await ws.send_str(json.dumps(m))
                 await asyncio.sleep(0.02)
@@ -86,6 +87,7 @@ async def test_twilio_stream(
     assert ended["data"]["reason"] == ("stop" if ending == "stop" else "disconnected")
     t = ended["data"]["transport"]
     assert t["reordered"] == 1 and t["duplicates"] + t["late"] == 1
+    assert ended["data"]["stats"]["dropped"] == {"unknown_message": 1}
     assert overlap(speech["order"].text, ended["data"]["transcript"]) >= 0.5
 
 
@@ -274,3 +276,91 @@ async def test_stereo_stream_as_two_speakers(
         events = calls[call_id]
         assert all(e["data"]["channel"] == channel for e in events)
         assert overlap(speech[key].text, events[-1]["data"]["transcript"]) >= 0.5
+
+
+@pytest.mark.parametrize("metadata", ["late", "none"])
+async def test_mod_audio_stream_audio_before_or_without_metadata(
+    receiver: WebhookReceiver, speech: dict[str, Speech], tmp_path: Path, metadata: str
+) -> None:
+    """mod_audio_stream sends its metadata "first" only when given: audio that comes before it
+    (or without it) used to close the stream with 1007. The call opens (from the metadata when
+    it comes within EARLY_AUDIO_MS, else from the URL), nothing is lost, and metadata that
+    comes after the call opened is merged into it."""
+    pcm = read_audio(speech["order"].path, 16000)
+    chunks = [pcm[p : p + 320].astype("<i2").tobytes() for p in range(0, pcm.size - 319, 320)]
+    late_at = {"late": 15, "none": 100}[metadata]  # 300 ms: within the hold; 2 s: after it
+    async with running_serve(tmp_path, receiver) as srv, aiohttp.ClientSession() as http:
+        url = f"http://127.0.0.1:{srv.http_port}/v1/media/stream?rate=16k&uuid=fs-url-1"
+        async with http.ws_connect(url) as ws:
+            for i, c in enumerate(chunks):
+                if i == late_at:
+                    await ws.send_str(json.dumps({"call_id": "fs-meta-1", "from": "+15550100"}))
+                await ws.send_bytes(c)
+                await asyncio.sleep(0.02)
+        await receiver.wait_ended(1, timeout_s=60)
+    (events,) = calls_of(receiver).values()
+    started, ended = events[0], events[-1]["data"]
+    if metadata == "late":
+        assert started["call_id"] == "fs-meta-1" and started["data"]["from"] == "+15550100"
+    else:
+        assert started["call_id"] == "fs-url-1" and "from" not in started["data"]
+        assert ended["metadata"] == {"call_id": "fs-meta-1", "from": "+15550100"}
+    assert started["data"]["codec"] == "SLIN/16000" and ended["reason"] == "hangup"
+    assert ended["audio_ms"] >= len(chunks) * 20 - 80
+    assert overlap(speech["order"].text, ended["transcript"]) >= 0.5
+
+
+async def test_jambonz_listen_at_64khz_with_pass_dtmf(
+    receiver: WebhookReceiver, speech: dict[str, Speech], tmp_path: Path
+) -> None:
+    """jambonz documents sampleRate up to 64000 (refused with 1007 before) and, with passDtmf,
+    key presses as TEXT {"event": "dtmf", "dtmf", "duration" (8 kHz samples)}."""
+    pcm = read_audio(speech["order"].path, 64000)
+    meta = {"callSid": "jb-64", "sampleRate": 64000, "mixType": "mono", "from": "+15550100",
+            "direction": "inbound", "metadata": {"tenant": "acme"}}  # fmt: skip
+    async with running_serve(tmp_path, receiver) as srv, aiohttp.ClientSession() as http:
+        url = f"http://127.0.0.1:{srv.http_port}/v1/media/stream"
+        async with http.ws_connect(url, protocols=("audio.jambonz.org",)) as ws:
+            await ws.send_str(json.dumps(meta))
+            for pos in range(0, pcm.size - 1279, 1280):
+                await ws.send_bytes(pcm[pos : pos + 1280].astype("<i2").tobytes())
+                await asyncio.sleep(0.02)
+            await ws.send_str(json.dumps({"event": "dtmf", "dtmf": "3", "duration": 1600}))
+        await receiver.wait_ended(1, timeout_s=60)
+    (events,) = calls_of(receiver).values()
+    assert events[0]["call_id"] == "jb-64" and events[0]["data"]["codec"] == "SLIN/64000"
+    dtmf = [(e["data"]["digit"], e["data"]["duration_ms"]) for e in events if e["type"] == "dtmf"]
+    assert dtmf == [("3", 200)]
+    assert overlap(speech["order"].text, events[-1]["data"]["transcript"]) >= 0.5
+
+
+async def test_telnyx_media_that_overtakes_start_is_kept(
+    receiver: WebhookReceiver, speech: dict[str, Speech], tmp_path: Path
+) -> None:
+    """Telnyx: "Media frame order is not guaranteed". The first 200 ms arrive before `start`
+    (which used to close the stream with 1007 and make no call): held, then played in order."""
+    pcm = read_audio(speech["order"].path, 8000)
+    enc = Encoder(PCMU)
+    media = [
+        {"event": "media", "sequence_number": str(i + 2), "stream_id": "s2",
+         "media": {"track": "inbound", "chunk": str(i + 1), "timestamp": str(i * 20),
+                   "payload": base64.b64encode(enc.encode(pcm[p : p + 160])).decode()}}
+        for i, p in enumerate(range(0, pcm.size - 159, 160))
+    ]  # fmt: skip
+    start = {"event": "start", "sequence_number": "1", "stream_id": "s2",
+             "start": {"call_control_id": "v2:early", "media_format": {"encoding": "PCMU", "sample_rate": 8000, "channels": 1}}}  # fmt: skip
+    async with running_serve(tmp_path, receiver) as srv, aiohttp.ClientSession() as http:
+        async with http.ws_connect(f"http://127.0.0.1:{srv.http_port}/v1/media/telnyx") as ws:
+            await ws.send_str(json.dumps({"event": "connected", "version": "1.0.0"}))
+            for i, m in enumerate(media):
+                if i == 10:
+                    await ws.send_str(json.dumps(start))
+                await ws.send_str(json.dumps(m))
+                await asyncio.sleep(0.02)
+            await ws.send_str(json.dumps({"event": "stop", "sequence_number": "999"}))
+        await receiver.wait_ended(1, timeout_s=60)
+    (events,) = calls_of(receiver).values()
+    ended = events[-1]["data"]
+    assert events[0]["call_id"] == "v2:early" and ended["reason"] == "stop"
+    assert ended["audio_ms"] >= len(media) * 20 - 80 and ended["stats"]["dropped"] == {}
+    assert overlap(speech["order"].text, ended["transcript"]) >= 0.5

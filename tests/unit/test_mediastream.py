@@ -23,10 +23,10 @@ from voxphone.transports.mediastream import (
     StreamOther,
     StreamStart,
     StreamStop,
-    parse_raw_start,
     parse_telnyx,
     parse_twilio,
 )
+from voxphone.transports.rawstream import parse_raw_start
 
 START = {
     "event": "start", "sequenceNumber": "1", "streamSid": "MZ18ad3ab5a668481ce02b83e7395059f0",
@@ -172,7 +172,8 @@ def test_raw_stream_metadata(
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        ('{"sampleRate": 11025}', "sample rate 11025 Hz is not supported"),
+        ('{"sampleRate": 4000}', "sample rate 4000 Hz is not supported"),
+        ('{"sampleRate": 384000}', "sample rate 384000 Hz is not supported"),
         ('{"channels": 3}', "3 channels"),
         ('{"channels": "two"}', "two channels; 1 .* or 2"),
     ],
@@ -206,3 +207,14 @@ def test_hanging_up_a_stream_plays_out_its_jitter_buffer() -> None:
     assert call.stats.packets == 0
     call.hangup("hangup")
     assert (call.end_reason, call.stats.packets) == ("hangup", 4)
+
+
+def test_every_documented_event_is_known_and_others_are_not() -> None:
+    """Twilio: connected, start, media, dtmf, mark, stop; Telnyx adds error (its payload is kept
+    for the log). Anything else is counted on the call as ``unknown_message``."""
+    assert parse_twilio('{"event": "mark", "mark": {"name": "x"}}') == StreamOther("mark")
+    assert parse_twilio('{"event": "surprise"}') == StreamOther("surprise", known=False)
+    assert parse_telnyx('{"event": "mark"}') == StreamOther("mark")
+    error = parse_telnyx('{"event": "error", "payload": {"code": 100002, "title": "Unknown"}}')
+    assert isinstance(error, StreamOther) and error.known and "100002" in error.detail
+    assert parse_twilio('{"event": "error"}') == StreamOther("error", known=False)

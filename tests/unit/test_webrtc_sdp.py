@@ -18,6 +18,7 @@ from voxphone.transports.webrtc_sdp import (
     MAX_OFFER_BYTES,
     Unsupported,
     announce_public_ip,
+    answer_dtls_passive,
     ice_credentials,
     parse_sdpfrag,
     plan_offer,
@@ -136,3 +137,32 @@ def test_media_timestamps_come_back_in_rtp_clock_units() -> None:
     # aiortc's G.722 decoder stamps pts in 16 kHz samples; G.722's RTP clock is 8 kHz.
     assert media_timestamp(_frame(pcm, "mono", 16000, 3200, 16000), 8000) == 1600
     assert media_timestamp(_frame(pcm, "mono", 48000, 2**32 + 960, 48000), 48000) == 960
+
+
+def test_an_actpass_offer_is_answered_passive_so_voxphone_is_the_dtls_server() -> None:
+    """GStreamer's webrtcbin has an RSA certificate: as its DTLS client, aiortc (ECDSA suites
+    only) gets 'no shared cipher'; as the server it works with every client (issue 14.9)."""
+    answer = "v=0\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111\r\na=setup:active\r\na=mid:0\r\n"
+    assert "a=setup:passive\r\n" in answer_dtls_passive(CHROME, answer)
+    assert "a=setup:active" not in answer_dtls_passive(CHROME, answer)
+    for chosen in ("active", "passive"):  # the offerer chose: the answer keeps aiortc's role
+        offer = CHROME.replace("a=setup:actpass", f"a=setup:{chosen}")
+        assert answer_dtls_passive(offer, answer) == answer
+
+
+async def test_aiortc_takes_the_server_role_from_the_rewritten_answer() -> None:
+    """The answer voxphone's gateway gives a Chromium offer says passive, and aiortc's own
+    transport is then the DTLS server (the role comes from ``setLocalDescription``)."""
+    from aiortc import RTCPeerConnection, RTCSessionDescription
+
+    pc = RTCPeerConnection()
+    try:
+        pc.addTransceiver("audio", direction="recvonly")
+        await pc.setRemoteDescription(RTCSessionDescription(sdp=CHROME, type="offer"))
+        answer = await pc.createAnswer()
+        passive = answer_dtls_passive(CHROME, answer.sdp)
+        await pc.setLocalDescription(RTCSessionDescription(sdp=passive, type="answer"))
+        assert "a=setup:passive" in pc.localDescription.sdp
+        assert pc.getTransceivers()[0].receiver.transport._role == "server"
+    finally:
+        await pc.close()

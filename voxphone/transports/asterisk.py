@@ -14,12 +14,14 @@ import contextlib
 import json
 import struct
 import uuid
+from collections import deque
 from dataclasses import dataclass
+from typing import Any
 
 import structlog
 from aiohttp import WSMsgType, web
 
-from voxphone.audio.codecs import G722, PCMA, PCMU, SLIN, Codec
+from voxphone.audio.codecs import G722, OPUS, PCMA, PCMU, SLIN, Codec
 from voxphone.call import Call, CallRegistry
 from voxphone.errors import TransportError
 from voxphone.http.api import REGISTRY
@@ -40,7 +42,8 @@ class Frame:
 
 
 class AudioSocketParser:
-    """Bytes from the TCP stream in, whole frames out."""
+    """Bytes from the TCP stream in, whole frames out. A frame of a type the docs do not list
+    is framed like any other (its length says where the next starts): the session counts it."""
 
     def __init__(self) -> None:
         self._buf = bytearray()
@@ -50,8 +53,6 @@ class AudioSocketParser:
         frames = []
         while len(self._buf) >= 3:
             kind, length = self._buf[0], struct.unpack_from("!H", self._buf, 1)[0]
-            if kind not in (HANGUP, UUID, DTMF, ERROR) and kind not in AUDIO_TYPES:
-                raise TransportError(f"AudioSocket: unknown frame type 0x{kind:02x}")
             if length > MAX_FRAME:
                 raise TransportError(f"AudioSocket: frame of {length} bytes exceeds {MAX_FRAME}")
             if len(self._buf) < 3 + length:
@@ -122,6 +123,8 @@ class _AudioSocketCall:
         self._remote = f"{peer[0]}:{peer[1]}" if peer else None
         self._call_id: str | None = None
         self._rate = 0
+        self._unknown: dict[int, int] = {}  # frame type -> count, before the call opened
+        self._early_digits: list[str] = []
 
     def handle(self, frame: Frame) -> None:
         if self._call_id is None:
@@ -132,12 +135,35 @@ class _AudioSocketCall:
             self._call_id = call_id_from_uuid(frame.payload)
         elif frame.kind in AUDIO_TYPES:
             self._audio(AUDIO_TYPES[frame.kind], frame.payload)
-        elif frame.kind == DTMF and frame.payload and self.call is not None:
-            self.call.dtmf(frame.payload[:1].decode("ascii", "replace"), 0)
+        elif frame.kind == DTMF and frame.payload:
+            self._dtmf(frame.payload[:1].decode("ascii", "replace"))
         elif frame.kind == HANGUP:
             self.reason = "hangup"
         elif frame.kind == ERROR:
-            self.reason = "audiosocket_error"
+            self._error(frame.payload)
+        else:  # a repeated UUID, an empty DTMF, or a type the docs do not list
+            self._unknown_kind(frame.kind)
+
+    def _dtmf(self, digit: str) -> None:
+        if self.call is not None:
+            self.call.dtmf(digit, 0)
+        else:  # a key before the first audio frame opened the call: it is played then
+            self._early_digits.append(digit)
+
+    def _error(self, payload: bytes) -> None:
+        """0xff: the payload is Asterisk's error code (0x01 hang-up, 0x02 frame forwarding,
+        0x04 memory); kept on the call as ``audiosocket_error_code``."""
+        self.reason = "audiosocket_error"
+        code = payload[0] if payload else 0
+        log.warning("audiosocket_error", code=code, call_id=self._call_id)
+        if self.call is not None:
+            self.call.transport_stats["audiosocket_error_code"] = code
+
+    def _unknown_kind(self, kind: int) -> None:
+        if self.call is not None:
+            self.call.count_dropped("unknown_message", message=f"0x{kind:02x}")
+        else:
+            self._unknown[kind] = self._unknown.get(kind, 0) + 1
 
     def _audio(self, rate: int, payload: bytes) -> None:
         if self.call is None:
@@ -149,22 +175,26 @@ class _AudioSocketCall:
             if self.call is None:
                 self.reason = "rejected"
                 return
+            self.call.count_dropped("unknown_message", sum(self._unknown.values()))
+            for digit in self._early_digits:
+                self.call.dtmf(digit, 0)
         elif rate != self._rate:
             raise TransportError(f"AudioSocket: audio changed from {self._rate} to {rate} Hz")
         self.call.push_payload(payload)
 
 
 #: chan_websocket ``format`` names → codecs (Asterisk's slin is host order: little-endian).
+#: ``opus`` runs in passthrough mode (WebSocket.md, ``p``): one Opus packet per BINARY frame.
 WS_FORMATS: dict[str, Codec] = {
-    "ulaw": PCMU, "alaw": PCMA, "g722": G722, "slin": SLIN[8000], "slin12": SLIN[12000],
-    "slin16": SLIN[16000], "slin24": SLIN[24000], "slin32": SLIN[32000], "slin44": SLIN[44100],
-    "slin48": SLIN[48000], "slin96": SLIN[96000], "slin192": SLIN[192000],
+    "ulaw": PCMU, "alaw": PCMA, "g722": G722, "opus": OPUS, "slin": SLIN[8000],
+    "slin12": SLIN[12000], "slin16": SLIN[16000], "slin24": SLIN[24000], "slin32": SLIN[32000],
+    "slin44": SLIN[44100], "slin48": SLIN[48000], "slin96": SLIN[96000], "slin192": SLIN[192000],
 }  # fmt: skip
 
 
 def parse_control(text: str) -> dict[str, str]:
     """A chan_websocket TEXT frame: ``EVENT key:value ...`` or JSON ``{"event": ...}``.
-    Returns the fields with the event name under ``"event"``."""
+    Returns the fields with the event name under ``"event"`` (bare words under ``"args"``)."""
     text = text.strip()
     if text.startswith("{"):
         try:
@@ -180,44 +210,133 @@ def parse_control(text: str) -> dict[str, str]:
     fields = {"event": event}
     for word in words:
         key, sep, value = word.partition(":")
-        if not sep:
-            raise TransportError(f"chan_websocket: {event}: expected key:value, got {word!r}")
-        fields[key] = value
+        if sep:
+            fields[key] = value
+        else:  # a bare argument: ``MEDIA_BUFFERING_COMPLETED <optional_id>``
+            fields["args"] = f"{fields['args']} {word}" if "args" in fields else word
     return fields
+
+
+#: chan_websocket notifications with nothing to transcribe (WebSocket.md, "Notifications"):
+#: answers to commands an app sends and flow control for media it sends back.
+WS_NOTIFICATIONS = frozenset({"MEDIA_XOFF", "MEDIA_XON", "STATUS", "MEDIA_BUFFERING_COMPLETED",
+                              "MEDIA_MARK_PROCESSED", "QUEUE_DRAINED"})  # fmt: skip
+#: BINARY frames held while waiting for ``MEDIA_START`` (Asterisk sends 20 ms frames: 5 s).
+EARLY_FRAMES = 250
+#: ``MEDIA_START`` fields kept as the call's metadata.
+WS_METADATA = ("channel", "channel_id", "connection_id", "optimal_frame_size", "ptime")
+
+
+class ChanWebsocketSession:
+    """One chan_websocket connection, fed frame by frame (the handler stays a thin loop).
+
+    The codec is known from ``MEDIA_START``, or earlier from the URL: the dial string's
+    ``v(format=ulaw,channel_id=...)`` option (WebSocket.md, "Dialstring Syntax") adds URL
+    parameters, and then the call opens when the socket does. Media that arrives before
+    ``MEDIA_START`` otherwise is held (up to ``EARLY_FRAMES``; older frames beyond that are
+    dropped and counted as ``early_audio_over_limit``) and played first once it comes, as are
+    control messages (a ``DTMF_END``) that came before it; its fields are merged into a call
+    opened from the URL. ``open_from_url`` and ``control`` return ``False`` when the call was
+    refused (at the limit, draining)."""
+
+    def __init__(self, registry: CallRegistry, query: dict[str, str]) -> None:
+        self._registry = registry
+        self.call: Call | None = None
+        self._held: deque[bytes] = deque(maxlen=EARLY_FRAMES)
+        self._early_controls: deque[str] = deque(maxlen=EARLY_FRAMES)
+        self._over_controls = 0
+        self._over = 0
+        self._query = query
+
+    def open_from_url(self) -> bool:
+        if "format" not in self._query:
+            return True
+        self.call = _start_ws_call(self._registry, self._query)
+        return self.call is not None
+
+    def audio(self, data: bytes) -> None:
+        if self.call is not None:
+            self.call.push_payload(data)
+            return
+        self._over += len(self._held) == EARLY_FRAMES
+        self._held.append(data)
+
+    def control(self, text: str) -> bool:
+        fields = parse_control(text)
+        event = fields["event"]
+        if event == "MEDIA_START":
+            return self._media_start(fields)
+        if self.call is None:  # a key (or a notification) before MEDIA_START: played after it
+            self._over_controls += len(self._early_controls) == EARLY_FRAMES
+            self._early_controls.append(text)
+            return True
+        if event == "DTMF_END":
+            self.call.dtmf(fields.get("digit", "?")[:1], int(fields.get("duration", 0) or 0))
+        elif event not in WS_NOTIFICATIONS:
+            self.call.count_dropped("unknown_message", message=event)
+        return True
+
+    def _media_start(self, fields: dict[str, str]) -> bool:
+        if self.call is not None:
+            self.call.merge_metadata(_ws_metadata(fields))
+            return True
+        self.call = _start_ws_call(self._registry, fields)
+        if self.call is None:
+            return False
+        self.call.count_dropped("early_audio_over_limit", self._over)
+        self.call.count_dropped("early_control_over_limit", self._over_controls)
+        while self._held:
+            self.call.push_payload(self._held.popleft())
+        while self._early_controls:
+            self.control(self._early_controls.popleft())
+        return True
+
+    def end(self, reason: str) -> None:
+        if self.call is not None:
+            self.call.end(reason)
+        elif self._held or self._early_controls:
+            log.warning(
+                "chan_websocket_ended_before_media_start",
+                frames=len(self._held), controls=len(self._early_controls),
+            )  # fmt: skip
 
 
 async def chan_websocket(request: web.Request) -> web.WebSocketResponse:
     """``/v1/media/asterisk``: Asterisk's chan_websocket connects here (externalMedia with
     ``transport=websocket``, or a ``WebSocket`` channel with ``connection_type=client``)."""
-    registry = request.app[REGISTRY]
     ws = web.WebSocketResponse(max_msg_size=65_536, protocols=("media",))
     await ws.prepare(request)
-    call: Call | None = None
+    session = ChanWebsocketSession(request.app[REGISTRY], dict(request.query))
     reason = "disconnected"
     try:
-        async for msg in ws:
-            if msg.type == WSMsgType.BINARY and call is not None:
-                call.push_payload(msg.data)
-            elif msg.type == WSMsgType.TEXT:
-                fields = parse_control(msg.data)
-                if fields["event"] == "MEDIA_START" and call is None:
-                    call = _start_ws_call(registry, fields)
-                    if call is None:
-                        reason = "rejected"
-                        break
-                elif fields["event"] == "DTMF_END" and call is not None:
-                    call.dtmf(fields.get("digit", "?")[:1], int(fields.get("duration", 0) or 0))
+        if not session.open_from_url():
+            reason = "rejected"
         else:
-            if ws.close_code in (1000, 1001):
-                reason = "hangup"  # Asterisk closes the socket when the channel hangs up
+            async for msg in ws:
+                if msg.type == WSMsgType.BINARY:
+                    session.audio(msg.data)
+                elif msg.type == WSMsgType.TEXT and not session.control(msg.data):
+                    reason = "rejected"
+                    break
+            else:
+                if ws.close_code in (1000, 1001):
+                    reason = "hangup"  # Asterisk closes the socket when the channel hangs up
     except TransportError as exc:
         log.warning("chan_websocket_rejected", error=str(exc))
         reason = "protocol_error"
         await ws.close(code=1008, message=str(exc)[:120].encode())
     finally:
-        if call is not None:
-            call.end(reason)
+        session.end(reason)
     return ws
+
+
+def _ws_metadata(fields: dict[str, str]) -> dict[str, Any]:
+    meta: dict[str, Any] = {k: v for k, v in fields.items() if k in WS_METADATA}
+    variables = fields.get("channel_variables")  # JSON MEDIA_START only
+    if variables:
+        with contextlib.suppress(json.JSONDecodeError):
+            meta["channel_variables"] = json.loads(variables)
+    return meta
 
 
 def _start_ws_call(registry: CallRegistry, fields: dict[str, str]) -> Call | None:
@@ -225,6 +344,7 @@ def _start_ws_call(registry: CallRegistry, fields: dict[str, str]) -> Call | Non
     codec = WS_FORMATS.get(fmt)
     if codec is None:
         raise TransportError(f"chan_websocket: MEDIA_START format {fmt!r} is not supported")
-    meta = {k: v for k, v in fields.items() if k in ("channel", "channel_id", "connection_id")}
     call_id = fields.get("channel_id") or fields.get("connection_id")
-    return registry.open(codec, transport="asterisk_websocket", metadata=meta, call_id=call_id)
+    return registry.open(
+        codec, transport="asterisk_websocket", metadata=_ws_metadata(fields), call_id=call_id
+    )

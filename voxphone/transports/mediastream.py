@@ -5,7 +5,8 @@ Twilio Media Streams (``<Connect><Stream>`` / ``<Start><Stream>``): JSON text fr
 µ-law 8 kHz, ~20 ms, numbers as strings), ``dtmf``, ``mark``, ``stop``. Each media frame is
 placed on the call's clock by its ``timestamp`` (ms since the stream began) through the same
 jitter buffer and timeline as RTP, keyed by ``sequenceNumber``, so duplicates, gaps and
-reordering are handled exactly as on a network.
+reordering are handled exactly as on a network. Telnyx is the same in snake_case. The raw L16
+streams (Vonage, FreeSWITCH, jambonz) are parsed in ``rawstream``; their handler is here.
 """
 
 from __future__ import annotations
@@ -15,19 +16,26 @@ import binascii
 import hashlib
 import hmac
 import json
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import structlog
-from aiohttp import WSMsgType, web
+from aiohttp import WSMessage, WSMsgType, web
 
-from voxphone.audio.codecs import CODECS, G722, OPUS, PCMA, PCMU, SLIN, Codec
+from voxphone.audio.codecs import CODECS, G722, OPUS, PCMA, PCMU, Codec
 from voxphone.call import Call, new_call_id
 from voxphone.errors import TransportError
 from voxphone.http.api import REGISTRY
 from voxphone.transports.jitter import JitterBuffer
+from voxphone.transports.rawstream import (
+    SUBPROTOCOLS,
+    Opener,
+    RawStreamSession,
+    RawStreamStart,
+    slin,
+)
 from voxphone.transports.rtp import RtpPacket
 
 log = structlog.get_logger(__name__)
@@ -62,7 +70,12 @@ class StreamStop:
 
 @dataclass(frozen=True)
 class StreamOther:
+    """A message with nothing to transcribe: documented (``connected``, ``mark``, Telnyx's
+    ``error``) or not (``known=False``: counted on the call as ``unknown_message``)."""
+
     event: str
+    known: bool = True
+    detail: str = ""
 
 
 StreamMessage = StreamStart | StreamMedia | StreamDtmf | StreamStop | StreamOther
@@ -71,12 +84,23 @@ StreamMessage = StreamStart | StreamMedia | StreamDtmf | StreamStop | StreamOthe
 ENCODINGS = {"PCMU": PCMU, "audio/x-mulaw": PCMU, "PCMA": PCMA, "G722": G722, "OPUS": OPUS}
 
 
+#: Every event each provider documents sending. Twilio:
+#: https://www.twilio.com/docs/voice/media-streams/websocket-messages ("WebSocket messages from
+#: Twilio"); Telnyx: https://developers.telnyx.com/api-reference/websockets/stream-call-media-over-websocket
+#: ("Connection Flow": connected, start, media, dtmf, mark, error, stop).
+DOCUMENTED_EVENTS = {
+    "twilio": frozenset({"connected", "start", "media", "dtmf", "mark", "stop"}),
+    "telnyx": frozenset({"connected", "start", "media", "dtmf", "mark", "error", "stop"}),
+}
+
+
 class JsonStream:
     """Twilio's and Telnyx's JSON messages, which differ in naming (camelCase, snake_case)."""
 
     def __init__(self, vendor: str) -> None:
         self.vendor = vendor
         self._snake = vendor == "telnyx"
+        self._documented = DOCUMENTED_EVENTS[vendor]
 
     def parse(self, text: str) -> StreamMessage:
         """One message; ``TransportError`` names what is malformed."""
@@ -96,7 +120,9 @@ class JsonStream:
             return StreamDtmf(self._field(self._object(msg, "dtmf"), "digit", "dtmf")[:1])
         if event == "stop":
             return StreamStop()
-        return StreamOther(event)
+        if event == "error" and event in self._documented:  # Telnyx: payload{code, title, detail}
+            return StreamOther(event, detail=json.dumps(msg.get("payload"))[:200])
+        return StreamOther(event, event in self._documented)
 
     def _media(self, msg: dict[str, Any]) -> StreamMedia:
         media = self._object(msg, "media")
@@ -146,6 +172,7 @@ class JsonStream:
         call_control_id = self._field(start, "call_control_id", "start")
         meta = {
             "call_control_id": call_control_id,
+            "user_id": start.get("user_id"),
             "stream_id": str(msg.get("stream_id") or start.get("stream_id") or ""),
             "client_state": start.get("client_state"),
             "from": start.get("from"),
@@ -188,6 +215,10 @@ def parse_telnyx(text: str) -> StreamMessage:
     return TELNYX.parse(text)
 
 
+#: Media messages held when they overtake ``start`` (20 ms each: one second).
+EARLY_MESSAGES = 50
+
+
 class JsonStreamSession:
     """One stream: opens the call at ``start``, plays media in order, ends at ``stop``.
 
@@ -203,19 +234,42 @@ class JsonStreamSession:
         # Clock in ms: wait up to 120 ms for a frame; hold the start so it can be reordered too.
         self._buffer = JitterBuffer(1000, 120, hold_start=True)
         self.other_tracks = 0
+        self._unknown_before_start = 0
+        self._early: deque[StreamMessage] = deque(maxlen=EARLY_MESSAGES)
+        self._early_over = 0
 
     def handle(self, message: StreamMessage) -> None:
-        if isinstance(message, StreamStart):
+        if isinstance(message, StreamOther):
+            self._other(message)
+        elif isinstance(message, StreamStart):
             self._start(message)
         elif self.call is None:
-            if not isinstance(message, StreamOther):
-                raise TransportError(f"{self._transport}: {type(message).__name__} before 'start'")
+            self._before_start(message)
         elif isinstance(message, StreamMedia):
             self._media(message)
         elif isinstance(message, StreamDtmf):
             self.call.dtmf(message.digit, 0)
         elif isinstance(message, StreamStop):
             self.reason = "stop"
+
+    def _other(self, message: StreamOther) -> None:
+        if message.detail:  # the provider reports an error (Telnyx): worth a line, not an end
+            log.warning("media_stream_provider_error", vendor=self._transport, error=message.detail)
+        if message.known:
+            return
+        if self.call is None:  # counted on the call once it opens, logged there
+            self._unknown_before_start += 1
+        else:
+            self.call.count_dropped("unknown_message", message=message.event)
+
+    def _before_start(self, message: StreamMessage) -> None:
+        """Telnyx does not guarantee frame order: media (or a key) may overtake ``start``. It is
+        held, up to ``EARLY_MESSAGES``; the oldest beyond that are counted, then dropped."""
+        if isinstance(message, StreamStop):
+            self.reason = "stop"
+            return
+        self._early_over += len(self._early) == EARLY_MESSAGES
+        self._early.append(message)
 
     def _start(self, s: StreamStart) -> None:
         if self.call is not None:
@@ -225,8 +279,12 @@ class JsonStreamSession:
         )
         if self.call is None:
             self.reason = "rejected"
-        else:
-            self.call.hangup = self._hang_up  # API DELETE, shutdown: play out the buffer first
+            return
+        self.call.hangup = self._hang_up  # API DELETE, shutdown: play out the buffer first
+        self.call.count_dropped("unknown_message", self._unknown_before_start)
+        self.call.count_dropped("early_audio_over_limit", self._early_over)
+        while self._early:
+            self.handle(self._early.popleft())
 
     def _hang_up(self, reason: str) -> None:
         self.reason = self.reason or reason
@@ -247,6 +305,8 @@ class JsonStreamSession:
 
     def finish(self) -> None:
         if self.call is None:
+            if self._early:
+                log.warning("media_stream_ended_before_start", held=len(self._early))
             return
         self._play(self._buffer.flush())
         self.call.transport_stats.update(vars(self._buffer.stats), other_tracks=self.other_tracks)
@@ -308,128 +368,46 @@ telnyx = json_stream_handler(TELNYX)
 
 # -- raw L16 streams: Vonage, FreeSWITCH mod_audio_fork / mod_audio_stream, jambonz listen -------
 
-#: First-frame keys that name the call, in the order tried.
-CALL_ID_KEYS = ("callSid", "call_sid", "call_id", "callId", "uuid", "conversation_uuid")
-
-
-@dataclass(frozen=True)
-class RawStreamStart:
-    """What the first TEXT frame (and the URL query) say about a raw L16 stream."""
-
-    call_id: str | None
-    rate: int
-    channels: int
-    metadata: dict[str, Any]
-
-
-def parse_raw_start(text: str, query: dict[str, str], vendor: str) -> RawStreamStart:
-    """The metadata frame. Vonage: ``{"event": "websocket:connected", "content-type":
-    "audio/l16;rate=16000", ...headers}``; jambonz: ``{"callSid", "sampleRate", "mixType"}``;
-    mod_audio_fork: whatever the dialplan passed (often JSON), with the rate in the URL query
-    (``?rate=16000&mix=stereo``) since the module does not send it."""
-    try:
-        meta = json.loads(text) if text.strip() else {}
-    except json.JSONDecodeError:
-        meta = {"metadata": text}
-    if not isinstance(meta, dict):
-        meta = {"metadata": meta}
-    rate_text = str(meta.get("sampleRate") or meta.get("sample_rate") or query.get("rate") or "")
-    content_type = str(meta.get("content-type", ""))
-    if "rate=" in content_type:
-        rate_text = content_type.split("rate=", 1)[1].split(";")[0]
-    rate = _rate(rate_text)
-    if rate not in SLIN:
-        raise TransportError(f"{vendor}: sample rate {rate} Hz is not supported")
-    mix = str(meta.get("mixType") or query.get("mix") or "mono")
-    channels = meta.get("channels") or (2 if mix == "stereo" else 1)
-    if channels not in (1, 2):
-        raise TransportError(
-            f"{vendor}: {channels} channels; 1 (mono/mixed) or 2 (stereo) expected"
-        )
-    call_id = next((str(meta[k]) for k in CALL_ID_KEYS if meta.get(k)), None)
-    return RawStreamStart(call_id, rate, channels, meta)
-
-
-def _rate(text: str) -> int:
-    """``16000``, ``16k`` or nothing (8 kHz)."""
-    digits = text.removesuffix("k")
-    if not digits.isdecimal():
-        return 8000
-    return int(digits) * (1000 if text.endswith("k") else 1)
-
-
 #: Whether stereo L16 streams are transcribed as two speakers (``media_streams.stereo``).
 STEREO_BOTH = web.AppKey("stereo_both", bool)
 
 
-class RawStream:
-    """One raw L16 stream: the metadata frame opens its call(s), audio frames feed them."""
+def _raw_opener(request: web.Request, vendor: str) -> Opener:
+    """Opens a raw stream's call, or with ``media_streams.stereo = "both"`` one per channel."""
 
-    def __init__(self, request: web.Request, vendor: str) -> None:
-        self._request, self._vendor = request, vendor
-        self.calls: list[tuple[Call, int]] = []  # (call, the interleaved channel it hears)
-        self._channels = 1
-        self._rest = b""
-
-    def start(self, text: str) -> bool:
-        """Open the call(s); ``False`` when refused (at the limit, or draining)."""
-        req = self._request
-        start = parse_raw_start(text, dict(req.query), self._vendor)
-        self._channels = start.channels
-        both = start.channels == 2 and req.app.get(STEREO_BOTH, False)
+    def open_calls(start: RawStreamStart) -> list[tuple[Call, int]] | None:
+        both = start.channels == 2 and request.app.get(STEREO_BOTH, False)
         call_id = start.call_id or new_call_id()
         sides = [(call_id, 0), (f"{call_id}:callee", 1)] if both else [(call_id, 0)]
+        calls = []
         for cid, channel in sides:
-            call = req.app[REGISTRY].open(
-                SLIN[start.rate], transport=self._vendor, metadata=start.metadata,
+            call = request.app[REGISTRY].open(
+                slin(start.rate), transport=vendor, metadata=start.metadata,
                 call_id=cid, channel=channel if both else None,
             )  # fmt: skip
             if call is None:
-                return False
-            self.calls.append((call, channel))
-        return True
+                return None
+            calls.append((call, channel))
+        return calls
 
-    def audio(self, data: bytes) -> None:
-        """Interleaved s16le; a sample split across frames is kept for the next one."""
-        data = self._rest + data
-        whole = len(data) - len(data) % (2 * self._channels)
-        self._rest = data[whole:]
-        pcm = np.frombuffer(data[:whole], "<i2")
-        for call, channel in self.calls:
-            call.push_payload(pcm[channel :: self._channels].tobytes())
-
-    def control(self, text: str) -> None:
-        for call, _ in self.calls:
-            _control(call, text)
-
-    def end(self, reason: str) -> None:
-        for call, _ in self.calls:
-            call.end(reason)
+    return open_calls
 
 
 def raw_stream_handler(vendor: str) -> Handler:
-    """A websocket endpoint for raw s16le streams: a JSON TEXT frame first, then BINARY audio.
-    Stereo is caller/callee interleaved: the caller (channel 0) is transcribed, or both."""
+    """A websocket endpoint for raw s16le streams (``rawstream``): TEXT metadata and control,
+    BINARY audio. Stereo is caller/callee interleaved: the caller (channel 0) is transcribed,
+    or both."""
 
     async def handle(request: web.Request) -> web.WebSocketResponse:
-        ws = web.WebSocketResponse(
-            max_msg_size=1 << 20, protocols=("audio.drachtio.org", "audio.jambonz.org")
-        )
+        ws = web.WebSocketResponse(max_msg_size=1 << 20, protocols=SUBPROTOCOLS)
         await ws.prepare(request)
-        stream, started, reason = RawStream(request, vendor), False, "disconnected"
+        stream = RawStreamSession(vendor, dict(request.query), _raw_opener(request, vendor))
+        reason = "disconnected"
         try:
             async for msg in ws:
-                if not started:
-                    if msg.type != WSMsgType.TEXT:
-                        raise TransportError(f"{vendor}: the first frame must be TEXT metadata")
-                    started = True
-                    if not stream.start(msg.data):
-                        reason = "rejected"
-                        break
-                elif msg.type == WSMsgType.BINARY:
-                    stream.audio(msg.data)
-                elif msg.type == WSMsgType.TEXT:
-                    stream.control(msg.data)
+                if not _feed(stream, msg):
+                    reason = "rejected"
+                    break
             else:
                 if ws.close_code in (1000, 1001):
                     reason = "hangup"  # these streams end by closing the socket
@@ -444,14 +422,12 @@ def raw_stream_handler(vendor: str) -> Handler:
     return handle
 
 
-def _control(call: Call, text: str) -> None:
-    """Later TEXT frames: Vonage's ``websocket:dtmf``; anything else is ignored."""
-    try:
-        msg = json.loads(text)
-    except json.JSONDecodeError:
-        return
-    if isinstance(msg, dict) and msg.get("event") == "websocket:dtmf" and msg.get("digit"):
-        call.dtmf(str(msg["digit"])[:1], int(msg.get("duration") or 0))
+def _feed(stream: RawStreamSession, msg: WSMessage) -> bool:
+    if msg.type == WSMsgType.BINARY:
+        return stream.audio(msg.data)
+    if msg.type == WSMsgType.TEXT:
+        return stream.text(msg.data)
+    return True
 
 
 vonage = raw_stream_handler("vonage")

@@ -47,6 +47,7 @@ from voxphone.transports.webrtc_sdp import (
     OfferPlan,
     TrickleCandidate,
     announce_public_ip,
+    answer_dtls_passive,
     plan_offer,
 )
 
@@ -392,7 +393,8 @@ class WebRtcGateway:
             raise TransportError(f"offer rejected by the WebRTC stack: {exc}") from exc
         self._binder.apply(pc)
         answer = await pc.createAnswer()
-        await pc.setLocalDescription(answer)
+        passive = answer_dtls_passive(offer_sdp, answer.sdp)  # DTLS server: see its docstring
+        await pc.setLocalDescription(RTCSessionDescription(sdp=passive, type="answer"))
         sdp = pc.localDescription.sdp
         if self.settings.public_ip:
             sdp = announce_public_ip(sdp, self.settings.public_ip)

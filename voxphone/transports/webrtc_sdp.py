@@ -2,8 +2,9 @@
 
 aiortc does the offer/answer; this module decides *before* aiortc sees an offer whether it is
 one voxphone can serve (so a bad one gets a precise 4xx and no peer connection is made), picks
-the one audio codec to answer with, parses WHIP trickle-ICE fragments, and adds a 1:1-NAT public
-address to the answer's candidates.
+the one audio codec to answer with, parses WHIP trickle-ICE fragments, makes voxphone the DTLS
+server when the offerer lets it choose, and adds a 1:1-NAT public address to the answer's
+candidates.
 """
 
 from __future__ import annotations
@@ -134,3 +135,22 @@ def announce_public_ip(sdp: str, public_ip: str) -> str:
             fields[4] = public_ip
             out.append(" ".join(fields))
     return "\r\n".join(out)
+
+
+def answer_dtls_passive(offer: str, answer: str) -> str:
+    """``answer`` with ``a=setup:active`` made ``a=setup:passive`` when every ``a=setup`` of the
+    ``offer`` is ``actpass``; otherwise ``answer`` unchanged (an offer that chose a role keeps it).
+
+    Why: aiortc answers ``actpass`` as ``active`` and so becomes the DTLS *client*, offering only
+    ECDHE-ECDSA suites; a peer whose DTLS server holds an RSA certificate (GStreamer's
+    ``webrtcbin``, so ``whipclientsink``) then fails with ``no shared cipher``. As the DTLS
+    *server*, aiortc's ECDSA certificate is accepted by browsers, aiortc and GStreamer alike.
+    RFC 5763 section 5 (updated by RFC 8842) lets the answerer of an ``actpass`` offer pick
+    ``active`` or ``passive``. aiortc has no API for the answer's role, but
+    ``setLocalDescription`` takes the role from the answer it is given, so rewriting the SDP
+    before that call sets it.
+    """
+    offered = set(re.findall(r"^a=setup:(\w+)", offer, re.MULTILINE))
+    if offered != {"actpass"}:
+        return answer
+    return re.sub(r"^a=setup:active(?=\r?$)", "a=setup:passive", answer, flags=re.MULTILINE)
