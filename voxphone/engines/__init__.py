@@ -35,7 +35,12 @@ def create_engine(config: Config) -> Engine:
         from voxphone.engines.sphinx import SphinxEngine, SphinxSettings
 
         s = e.sphinx
-        return SphinxEngine(s.workers, SphinxSettings(pause_s=s.pause_s, noise_floor=s.noise_floor))
+        return SphinxEngine(
+            s.workers,
+            SphinxSettings(
+                pause_s=s.pause_s, noise_floor=s.noise_floor, max_segment_s=s.max_segment_s
+            ),
+        )
     from voxphone.engines.voxtral import VoxtralSettings
 
     v = e.voxtral
@@ -43,11 +48,12 @@ def create_engine(config: Config) -> Engine:
         from voxphone.engines.vllm_remote import VllmRemoteEngine
 
         r = e.vllm_remote
-        settings = VoxtralSettings(
+        remote = VoxtralSettings(
             pause_s=v.pause_s, max_session_s=v.max_session_s, max_model_len=131_072,
-            watchdog_s=v.watchdog_s, delay_ms=v.transcription_delay_ms,
+            watchdog_s=v.watchdog_s, max_segment_s=v.max_segment_s,
+            delay_ms=v.transcription_delay_ms,
         )  # fmt: skip
-        return VllmRemoteEngine(r.urls, r.model, settings, r.connect_timeout_s)
+        return VllmRemoteEngine(r.urls, r.model, remote, r.connect_timeout_s)
     from voxphone.engines.vllm_pool import VllmEngine
 
     c = e.vllm
@@ -71,8 +77,8 @@ def create_engine(config: Config) -> Engine:
             args["kv_cache_memory_bytes"] = c.kv_cache_memory_bytes
     if c.max_num_batched_tokens is not None:
         args["max_num_batched_tokens"] = c.max_num_batched_tokens
-    settings = VoxtralSettings(
+    local = VoxtralSettings(
         pause_s=v.pause_s, max_session_s=v.max_session_s, max_model_len=c.max_model_len,
-        watchdog_s=v.watchdog_s,
+        watchdog_s=v.watchdog_s, max_segment_s=v.max_segment_s,
     )  # fmt: skip
-    return VllmEngine(args, settings, c.device, engines=c.engines)
+    return VllmEngine(args, local, c.device, engines=c.engines)
