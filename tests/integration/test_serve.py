@@ -98,7 +98,12 @@ class Serve:
 
 @asynccontextmanager
 async def running_serve(
-    tmp_path: Path, receiver: WebhookReceiver, *args: str, n_ports: int = 4, **env: str
+    tmp_path: Path,
+    receiver: WebhookReceiver,
+    *args: str,
+    n_ports: int = 4,
+    ready_timeout_s: float = 60,
+    **env: str,
 ) -> AsyncIterator[Serve]:
     """`voxphone serve` as a process, webhooks to ``receiver``; stopped with SIGTERM after."""
     serve = Serve(free_tcp_port(), free_udp_range(n_ports), free_tcp_port())
@@ -112,7 +117,7 @@ async def running_serve(
         env={**os.environ, **env}, stdout=log, stderr=log,
     )  # fmt: skip
     try:
-        await wait_ready(serve.http_port, proc)
+        await wait_ready(serve.http_port, proc, ready_timeout_s)
         yield serve
     finally:
         proc.send_signal(signal.SIGTERM)

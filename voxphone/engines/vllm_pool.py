@@ -8,9 +8,9 @@ per-frame Python work over several cores — the limit of a single engine (see t
 GPU capacity table).
 
 Start-up: workers start together when ``kv_cache_memory_bytes`` fixes each one's KV cache (vLLM
-then skips memory profiling, which cannot tell two starting engines apart); otherwise one after
-another, each with ``gpu_memory_utilization / engines``. A worker that fails to start is reported
-in one line — the root cause from its log — and the full log is kept in a file.
+then skips memory profiling, which cannot tell two starting engines apart) or on the CPU build;
+otherwise one after another, each with ``gpu_memory_utilization / engines``. A worker that fails
+to start is reported in one line — the root cause from its log — and the full log is kept.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import dataclasses
 import json
 import os
 import re
+import shutil
 import sys
 import tempfile
 import time
@@ -79,10 +80,12 @@ class WorkerSession:
         self._worker.write(encode(Kind.AUDIO, self.sid, frame.astype("<i2").tobytes()))
 
     async def finish(self) -> None:
-        self._worker.write(encode(Kind.FINISH, self.sid))
+        if self._worker.alive:  # a lost worker has already failed the session
+            self._worker.write(encode(Kind.FINISH, self.sid))
 
     async def abort(self) -> None:
-        self._worker.write(encode(Kind.ABORT, self.sid))
+        if self._worker.alive:
+            self._worker.write(encode(Kind.ABORT, self.sid))
         self._worker.forget(self.sid)
 
     async def steps(self) -> AsyncIterator[Step]:
@@ -95,11 +98,11 @@ class WorkerSession:
 class Worker:
     """One engine worker process and its connection."""
 
-    def __init__(self, index: int, engine_args: dict[str, Any], rundir: Path) -> None:
+    def __init__(self, index: int, engine_args: dict[str, Any]) -> None:
         self.index = index
         self._args = engine_args
-        self._socket = rundir / f"engine-{index}.sock"
-        self._logfile = rundir / f"engine-{index}.log"
+        self._socket = Path()
+        self._logfile = Path()
         self._tail: deque[str] = deque(maxlen=400)
         self._proc: asyncio.subprocess.Process | None = None
         self._writer: asyncio.StreamWriter | None = None
@@ -108,7 +111,10 @@ class Worker:
         self._next_sid = 0
         self.alive = False
 
-    async def start(self) -> None:
+    async def start(self, rundir: Path) -> None:
+        """Start the process and wait until its engine is up; ``EngineError`` if it dies."""
+        self._socket = rundir / f"engine-{self.index}.sock"
+        self._logfile = rundir / f"engine-{self.index}.log"
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         # Its own session: Ctrl-C in voxphone's terminal must not reach vLLM; voxphone drains
         # its calls and then stops the workers itself.
@@ -172,7 +178,8 @@ class Worker:
         if not self.alive:
             return
         self.alive = False
-        log.error("vllm_engine_lost", engine=self.index, why=why, cause=root_cause(self.tail()))
+        code = self._proc.returncode if self._proc is not None else None
+        log.error("vllm_engine_lost", engine=self.index, why=why, exit_code=code)
         for session in list(self.sessions.values()):
             session.inbox.put_nowait(SessionFailed(why, retry=True))
         self.sessions.clear()
@@ -221,8 +228,8 @@ class VllmEngine:
         self._args = engine_args
         self._settings = settings
         self._device = device
-        self._rundir = Path(tempfile.mkdtemp(prefix="voxphone-vllm-"))
-        self.workers = [Worker(i, self._worker_args(engines), self._rundir) for i in range(engines)]
+        self.workers = [Worker(i, self._worker_args(engines)) for i in range(engines)]
+        self._rundir: Path | None = None
 
     def _worker_args(self, engines: int) -> dict[str, Any]:
         args = dict(self._args)
@@ -250,14 +257,18 @@ class VllmEngine:
         if delay is not None:
             self._settings = dataclasses.replace(self._settings, delay_ms=delay)
         began = time.monotonic()
+        rundir = self._rundir = Path(tempfile.mkdtemp(prefix="voxphone-vllm-"))
         log.info("vllm_starting", version=vllm_compat.installed_version(),
                  engines=len(self.workers), **self._args)  # fmt: skip
         try:
-            if len(self.workers) == 1 or self._args.get("kv_cache_memory_bytes"):
-                await asyncio.gather(*(w.start() for w in self.workers))
-            else:  # vLLM's memory profiling needs the GPU to itself while it measures
+            # vLLM's memory profiling needs the GPU to itself while it measures; a fixed KV size
+            # skips it, and the CPU build sizes its cache from VLLM_CPU_KVCACHE_SPACE.
+            profiles = self._device == "cuda" and not self._args.get("kv_cache_memory_bytes")
+            if len(self.workers) == 1 or not profiles:
+                await asyncio.gather(*(w.start(rundir) for w in self.workers))
+            else:
                 for worker in self.workers:
-                    await worker.start()
+                    await worker.start(rundir)
         except BaseException:
             await self.stop()
             raise
@@ -281,3 +292,5 @@ class VllmEngine:
 
     async def stop(self) -> None:
         await asyncio.gather(*(w.stop() for w in self.workers))
+        if self._rundir is not None and not any(self._rundir.glob("*.log")):
+            shutil.rmtree(self._rundir, ignore_errors=True)  # a failed start's log stays
