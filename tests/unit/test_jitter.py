@@ -6,7 +6,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from voxphone.transports.jitter import JitterBuffer, seq_delta
-from voxphone.transports.rtp import RtpPacket
+from voxphone.transports.rtp_packet import RtpPacket
 
 
 def pkt(seq: int) -> RtpPacket:

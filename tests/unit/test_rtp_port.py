@@ -12,7 +12,8 @@ from voxphone.audio.codecs import PCMA, PCMU, Codec
 from voxphone.call import Call
 from voxphone.clock import FakeClock
 from voxphone.testing import capture_events, dtmf_packets, rtp_packets
-from voxphone.transports.rtp import PortPolicy, Reservation, RtpPacket, RtpPort
+from voxphone.transports.rtp import PortPolicy, Reservation, RtpPort
+from voxphone.transports.rtp_packet import RtpPacket
 
 CALLER = ("192.0.2.10", 5004)
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from voxphone.transports.rtp import RtpPacket
+    from voxphone.transports.rtp_packet import RtpPacket
 
 
 def seq_delta(a: int, b: int) -> int:
