@@ -57,6 +57,36 @@ def test_first_decodable_format_is_chosen(m: str, attrs: list[str], codec: str, 
 
 
 @pytest.mark.parametrize(
+    ("m", "events", "codec", "dtmf"),
+    [
+        ("m=audio 5004 RTP/AVP 111 110", ["a=rtpmap:110 telephone-event/48000"], "opus", 110),
+        (
+            "m=audio 5004 RTP/AVP 111 101 110",
+            ["a=rtpmap:101 telephone-event/8000", "a=rtpmap:110 telephone-event/48000"],
+            "opus",
+            110,
+        ),
+        (
+            "m=audio 5004 RTP/AVP 0 110 101",
+            ["a=rtpmap:110 telephone-event/48000", "a=rtpmap:101 telephone-event/8000"],
+            "PCMU",
+            101,
+        ),
+        ("m=audio 5004 RTP/AVP 0 110", ["a=rtpmap:110 telephone-event/48000"], "PCMU", None),
+    ],
+)
+def test_telephone_event_is_paired_at_the_chosen_codecs_clock_rate(
+    m: str, events: list[str], codec: str, dtmf: int | None
+) -> None:
+    """RFC 4733 §2.1: events share the audio's RTP clock (Opus 48000, RFC 7587)."""
+    sdp = offer(m, "a=rtpmap:111 opus/48000/2", *events)
+    a = answer(parse_sdp(sdp), "127.0.0.1", 40000, 1)
+    assert (a.codec.name, a.telephone_event) == (codec, dtmf)
+    media = next(line for line in a.sdp.split("\r\n") if line.startswith("m="))
+    assert media.split()[3:] == [str(a.payload_type)] + ([str(dtmf)] if dtmf else [])
+
+
+@pytest.mark.parametrize(
     ("sdp", "message"),
     [
         ("hello", "SDP must start with 'v=0'"),

@@ -147,11 +147,16 @@ def answer(offer: Offer, host: str, port: int, session_id: int) -> Answer:
         offered = ", ".join(m.rtpmap.get(pt, str(pt)) for pt in m.formats)
         raise TransportError(f"SDP offer has no codec voxphone decodes (offered: {offered})")
     pt, codec = chosen
-    dtmf = next(
-        (p for p in m.formats if m.rtpmap.get(p, "").lower().startswith("telephone-event/8000")),
-        None,
-    )
+    dtmf = _telephone_event(m, codec)
     return Answer(_render(host, port, session_id, pt, m, dtmf), codec, pt, dtmf, _remote(offer, m))
+
+
+def _telephone_event(m: Media, codec: Codec) -> int | None:
+    """The offered telephone-event at the chosen codec's RTP clock rate: RFC 4733 §2.1 has
+    events share the audio stream's clock (Opus: 48000, RFC 7587; G.722: 8000, RFC 3551
+    §4.5.2), so an offer may list one per rate and the answer must pick the matching one."""
+    want = ["telephone-event", str(codec.clock_rate)]
+    return next((p for p in m.formats if m.rtpmap.get(p, "").lower().split("/")[:2] == want), None)
 
 
 def _remote(offer: Offer, m: Media) -> tuple[str, int] | None:
