@@ -222,6 +222,8 @@ class RtpPort(asyncio.DatagramProtocol):
             call.end(reason)
         else:
             self.end(addr, reason)
+        if self.reservation is not None and self.reservation.call is call:
+            self.reservation.ended_at = self._clock.monotonic()
 
     # -- first-packet mode ------------------------------------------------------------------
 
