@@ -172,9 +172,12 @@ class Call:
 
     def fill_silence(self, timestamp: int) -> None:
         """Silence up to ``timestamp`` (comfort noise, RFC 3389: the sender's pause is media)."""
-        if self.end_reason is None:
-            for frame in self.pipeline.push_timed_pcm(timestamp, np.zeros(0, np.int16)):
-                self._enqueue(frame)
+        if self.end_reason is not None:
+            return
+        late = self.pipeline.timeline.stats.late
+        for frame in self.pipeline.push_timed_pcm(timestamp, np.zeros(0, np.int16)):
+            self._enqueue(frame)
+        self.count_dropped("late", self.pipeline.timeline.stats.late - late)
 
     def push_pcm(self, timestamp: int, pcm: Pcm) -> None:
         """Decoded mono PCM at the codec's rate with its media timestamp; never blocks."""

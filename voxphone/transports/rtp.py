@@ -36,7 +36,7 @@ from voxphone.clock import Clock
 from voxphone.errors import TransportError
 from voxphone.transports.rtcp import Bye, RtcpPacket, SenderReport, parse_rtcp
 from voxphone.transports.rtp_packet import RtpPacket, is_rtcp, parse_rtp
-from voxphone.transports.rtp_source import Candidate, RtpSource, SourceTerms
+from voxphone.transports.rtp_source import COMFORT_NOISE_PT, Candidate, RtpSource, SourceTerms
 
 log = structlog.get_logger(__name__)
 
@@ -169,10 +169,13 @@ class RtpPort(asyncio.DatagramProtocol):
         return self.reservation.call if self.reservation is not None else None
 
     def _count(self, call: Call | None, reason: str, n: int = 1, **detail: object) -> None:
-        """On the call while its ``call.ended`` is still to come, else on the server."""
+        """On the call while its ``call.ended`` is still to come, else on the server (logged
+        once per reason, as a call logs its own)."""
         if call is not None and not call.done:
             call.count_dropped(reason, n, **detail)
         elif n > 0:
+            if reason not in self.counts:
+                log.info("rtp_dropped", reason=reason, port=self.port, **detail)
             self.counts[reason] = self.counts.get(reason, 0) + n
 
     def _rtcp(self, data: bytes, addr: Address) -> None:
@@ -231,7 +234,9 @@ class RtpPort(asyncio.DatagramProtocol):
         """RFC 3550 §A.1: a source is valid after two packets in sequence."""
         codec = self.policy.payload_types.get(pkt.payload_type)
         if codec is None:
-            self._count(None, "unknown_payload_type")
+            pt = pkt.payload_type
+            known = pt in self.policy.telephone_events or pt == COMFORT_NOISE_PT
+            self._count(None, "before_start" if known else "unknown_payload_type")
             return
         packets = self._confirmed(pkt, addr, now)
         if packets is None:
