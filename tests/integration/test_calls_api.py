@@ -88,15 +88,16 @@ async def test_sdp_offer_answer_then_delete(
 ) -> None:
     offer = (
         "v=0\r\no=- 1 1 IN IP4 127.0.0.1\r\ns=gw\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\n"
-        "m=audio 5004 RTP/AVP 118 0 101\r\na=rtpmap:118 L16/16000\r\n"
-        "a=rtpmap:101 telephone-event/8000\r\na=ptime:20\r\n"
+        "m=audio 5004 RTP/AVP 118 0 101 102\r\na=rtpmap:118 L16/16000\r\n"
+        "a=rtpmap:101 telephone-event/8000\r\na=rtpmap:102 telephone-event/16000\r\n"
+        "a=ptime:20\r\n"
     )
     async with running_serve(tmp_path, receiver) as srv:
         status, sdp, headers = await post(srv.http_port, offer, "application/sdp")
         assert status == 201, sdp
         assert headers["Content-Type"].startswith("application/sdp")
         media = next(line for line in sdp.splitlines() if line.startswith("m=audio"))
-        assert media.split()[3:] == ["118", "101"]
+        assert media.split()[3:] == ["118", "102"]  # events on the codec's clock (RFC 4733)
         await ffmpeg_rtp(
             speech["order"].path, int(media.split()[1]), "-ar", "16000", "-acodec", "pcm_s16be",
             "-payload_type", "118",

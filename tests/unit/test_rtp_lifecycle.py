@@ -172,7 +172,10 @@ async def test_the_server_queues_free_ports_and_sweeps_only_busy_ones() -> None:
         call.hangup("hangup")
         clock.advance(PortPolicy().ended_grace_s)
         server.sweep(clock.monotonic())
-        assert {server.allocate().port for _ in range(4)} == set(range(lo, hi + 1))
+        ports = [server.allocate() for _ in range(4)]
+        assert {p.port for p in ports} == set(range(lo, hi + 1))
+        server.release(ports[2])  # a refused request gives its port back at once
+        assert server.allocate() is ports[2]
         with pytest.raises(TransportError, match="no free RTP port"):
             server.allocate()
     finally:

@@ -109,6 +109,7 @@ async def _from_sdp(request: web.Request) -> web.Response:
     try:
         ans = answer(offer, request.app[ADVERTISE], port.port, uuid.uuid4().int % 10**10)
     except TransportError as exc:
+        rtp.release(port)
         return error(422, str(exc))  # SIP would say 488 Not Acceptable Here
     # The offer's address is a hint, not a filter: behind NAT media comes from elsewhere.
     opened = await _open(
@@ -149,6 +150,7 @@ async def _open(
     call = registry.open(codec, transport="rtp", metadata=meta, call_id=call_id)
     if call is None:
         request.app[WEBHOOKS].unroute(call_id)
+        rtp.release(port)
         return error(503, "not accepting calls: at the concurrent call limit, or draining")
     reservation = Reservation(call, pt, dtmf, remote_ip, registry.clock.monotonic(), hint)
     port.reserve(reservation)

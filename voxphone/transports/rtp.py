@@ -501,6 +501,13 @@ class RtpServer:
         lo, hi = self.port_range
         raise TransportError(f"no free RTP port in {lo}-{hi}")
 
+    def release(self, port: RtpPort) -> None:
+        """Give back an allocated port that was never reserved (the request was refused): it
+        is the next one allocated."""
+        if port.free and not port.queued:
+            port.queued = True
+            self._free.appendleft(port)
+
     def _rtcp(self, port: RtpPort, source: Address, packets: list[RtcpPacket]) -> None:
         """A sender's BYE ends its call; its sender reports are counted on the call. RTCP about a
         call from anywhere but its latched source is dropped and counted (``foreign_rtcp``).
