@@ -131,6 +131,8 @@ class RtpPort(asyncio.DatagramProtocol):
         self.handle(data, (str(addr[0]), int(addr[1])))
 
     def handle(self, data: bytes, addr: Address) -> None:
+        """One datagram from ``addr``: RTCP, or RTP for a latched source, an ended call's
+        stream, the reserved call's caller-to-be, or a new source on probation."""
         self.on_active(self)
         if is_rtcp(data):
             self._rtcp(data, addr)
@@ -392,11 +394,8 @@ class RtpPort(asyncio.DatagramProtocol):
 
     @property
     def free(self) -> bool:
-        return self.idle
-
-    @property
-    def idle(self) -> bool:
-        """Nothing to sweep: no call, no reservation, nothing on probation or in its grace."""
+        """Nothing to sweep, so free to allocate: no call, no reservation, nothing on
+        probation or in its grace period."""
         return (
             self.reservation is None
             and not self.sources
@@ -485,7 +484,7 @@ class RtpServer:
         """End silent calls and free ports, visiting only the ports with something going on."""
         for port in list(self._active):
             port.expire(now)
-            if port.idle:
+            if port.free:
                 self._active.discard(port)
                 self._enqueue(port)
 
