@@ -98,7 +98,8 @@ async def test_sdp_offer_answer_then_delete(
         assert status == 201, sdp
         assert headers["Content-Type"].startswith("application/sdp")
         media = next(line for line in sdp.splitlines() if line.startswith("m=audio"))
-        assert media.split()[3:] == ["118", "102"]  # events on the codec's clock (RFC 4733)
+        # L16/16000 alone on its 16 kHz clock (PCMU's is 8 kHz); events on that clock (RFC 4733)
+        assert media.split()[3:] == ["118", "102"]
         await ffmpeg_rtp(
             speech["order"].path, int(media.split()[1]), "-ar", "16000", "-acodec", "pcm_s16be",
             "-payload_type", "118",

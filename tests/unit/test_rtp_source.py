@@ -191,3 +191,28 @@ def test_every_packet_that_is_not_audio_is_counted_by_reason_on_the_call() -> No
     (call,) = calls.calls
     assert call.stats.dropped == {"unknown_payload_type": 1, "duplicate": 2, "malformed": 1}
     assert call.stats.packets == 11
+
+
+def test_a_signalled_call_switches_among_the_formats_its_answer_accepted() -> None:
+    """The SDP answer's formats (G.722, PCMA) are what the caller may switch among; a payload
+    type the answer did not list is counted, even where the port's config would know it."""
+    clock = FakeClock()
+    sink = capture_events()
+    call = Call("sdp", G722, sink, clock, transport="rtp")
+    port = RtpPort(40002, Calls(), clock)
+    port.reserve(Reservation(call, 9, created=clock.monotonic(), codecs={9: G722, 8: PCMA}))
+    wide = list(rtp_packets(np.zeros(3200, np.int16), G722, seed=5))
+    last = wide[-1]
+    narrow = shifted(tone_packets(PCMA, n=10), seq=last.sequence + 1, ts=last.timestamp + 160)
+    slin = RtpPacket(118, (last.sequence + 11) & 0xFFFF, 0, last.ssrc, bytes(320))
+    feed(
+        port,
+        [
+            *wide,
+            *[RtpPacket(8, p.sequence, p.timestamp, last.ssrc, p.payload) for p in narrow],
+            slin,
+        ],
+    )
+    call.hangup("hangup")
+    assert call.stats.packets == 20 and call.transport_stats["codec_switches"] == 1
+    assert call.stats.dropped == {"unknown_payload_type": 1}

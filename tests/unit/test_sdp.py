@@ -30,11 +30,14 @@ def offer(m: str, *attrs: str, c: str = "c=IN IP4 192.0.2.5") -> str:
 
 
 def test_asterisk_offer_gets_g722_with_telephone_event_recvonly() -> None:
+    """G.722 first; PCMU and PCMA share its 8000 Hz RTP clock, so they are accepted too and the
+    sender may switch to them mid-stream (RFC 3264 §6.1)."""
     a = answer(parse_sdp(ASTERISK_OFFER), "198.51.100.1", 40002, 7)
     assert (a.codec.name, a.payload_type, a.telephone_event) == ("G722", 9, 101)
+    assert {pt: c.name for pt, c in a.formats.items()} == {9: "G722", 0: "PCMU", 8: "PCMA"}
     assert a.remote == ("192.0.2.5", 17000)
     lines = a.sdp.split("\r\n")
-    assert "m=audio 40002 RTP/AVP 9 101" in lines
+    assert "m=audio 40002 RTP/AVP 9 0 8 101" in lines
     assert "c=IN IP4 198.51.100.1" in lines
     assert {"a=rtpmap:9 G722/8000", "a=rtpmap:101 telephone-event/8000", "a=fmtp:101 0-16"} <= set(
         lines

@@ -113,8 +113,9 @@ async def _from_sdp(request: web.Request) -> web.Response:
         return error(422, str(exc))  # SIP would say 488 Not Acceptable Here
     # The offer's address is a hint, not a filter: behind NAT media comes from elsewhere.
     opened = await _open(
-        request, ans.codec, ans.payload_type, ans.telephone_event, None, {}, port, hint=ans.remote
-    )
+        request, ans.codec, ans.payload_type, ans.telephone_event, None, {}, port,
+        hint=ans.remote, codecs=ans.formats,
+    )  # fmt: skip
     if isinstance(opened, web.Response):
         return opened
     call, _ = opened
@@ -136,6 +137,7 @@ async def _open(
     port: RtpPort | None = None,
     webhook_url: str | None = None,
     hint: tuple[str, int] | None = None,
+    codecs: dict[int, Codec] | None = None,
 ) -> tuple[Call, RtpPort] | web.Response:
     registry, rtp = request.app[REGISTRY], request.app[RTP]
     try:
@@ -152,7 +154,7 @@ async def _open(
         request.app[WEBHOOKS].unroute(call_id)
         rtp.release(port)
         return error(503, "not accepting calls: at the concurrent call limit, or draining")
-    reservation = Reservation(call, pt, dtmf, remote_ip, registry.clock.monotonic(), hint)
+    reservation = Reservation(call, pt, dtmf, remote_ip, registry.clock.monotonic(), hint, codecs)
     port.reserve(reservation)
     return call, port
 

@@ -87,6 +87,8 @@ class Reservation:
     expected_ip: str | None = None
     created: float = 0.0
     hint: Address | None = None
+    #: The formats the SDP answer accepted (``payload_type`` among them); else the port's.
+    codecs: Mapping[int, Codec] | None = None
     latched_at: float | None = None
     ended_at: float | None = None
 
@@ -324,8 +326,10 @@ class RtpPort(asyncio.DatagramProtocol):
         self._add(addr, RtpSource(res.call, packets[0], terms, now), packets, now)
 
     def _codecs(self, res: Reservation) -> Mapping[int, Codec]:
-        """The formats a signalled caller may send: the negotiated one, and the static and
-        configured ones it might switch to mid-stream (RFC 3550 §5.1)."""
+        """The formats a signalled caller may send and switch among mid-stream (RFC 3550
+        §5.1): those its SDP answer accepted, else the negotiated one and the port's."""
+        if res.codecs:
+            return res.codecs
         return {**self.policy.payload_types, res.payload_type: res.call.codec}
 
     def _may_take_over(self, res: Reservation, addr: Address, now: float) -> bool:
