@@ -154,7 +154,10 @@ async def _open(
         request.app[WEBHOOKS].unroute(call_id)
         rtp.release(port)
         return error(503, "not accepting calls: at the concurrent call limit, or draining")
-    reservation = Reservation(call, pt, dtmf, remote_ip, registry.clock.monotonic(), hint, codecs)
+    reservation = Reservation(
+        call, pt, dtmf, expected_ip=remote_ip, created=registry.clock.monotonic(), hint=hint,
+        codecs=codecs,
+    )  # fmt: skip
     port.reserve(reservation)
     return call, port
 
