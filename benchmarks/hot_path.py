@@ -25,7 +25,8 @@ from voxphone.audio.resample import Resampler
 from voxphone.call import Call
 from voxphone.clock import FakeClock
 from voxphone.testing import rtp_packets
-from voxphone.transports.rtp import RtpPort, parse_rtp
+from voxphone.transports.rtp import RtpPort
+from voxphone.transports.rtp_packet import parse_rtp
 from voxphone.transports.webrtc import media_timestamp, to_mono
 
 SECONDS = 60

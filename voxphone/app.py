@@ -79,6 +79,8 @@ class App:
             telephone_events=frozenset(rtp.telephone_event_payload_types),
             jitter_ms=rtp.jitter_ms,
             relatch_after_s=rtp.relatch_after_s,
+            ended_grace_s=rtp.ended_grace_s,
+            learning_s=rtp.learning_s,
         )
         self.rtp = RtpServer(
             rtp.host, rtp.ports, self._new_rtp_call, self.clock, rtp.inactivity_timeout_s,

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import numpy as np
 import structlog
 
 from voxphone.audio.codecs import Codec, Pcm
@@ -115,7 +116,10 @@ class Call:
         self._task = asyncio.create_task(self._run(engine), name=f"call-{self.call_id}")
         if self._max_duration_s is not None:
             loop = asyncio.get_running_loop()
-            self._timers.append(loop.call_later(self._max_duration_s, self.end, "max_duration"))
+            # Through the transport (``hangup``), so it stops the media as well as the call.
+            self._timers.append(
+                loop.call_later(self._max_duration_s, lambda: self.hangup("max_duration"))
+            )
         if on_done is not None:
             self._task.add_done_callback(lambda _task: on_done(self))
 
@@ -154,12 +158,26 @@ class Call:
 
     # -- audio in --------------------------------------------------------------------------
 
-    def push_packet(self, timestamp: int, payload: bytes) -> None:
-        """One codec payload with its media timestamp; never blocks, never raises."""
+    def push_packet(self, timestamp: int, payload: bytes, codec: Codec | None = None) -> None:
+        """One codec payload with its media timestamp; never blocks, never raises. ``codec``:
+        the payload's format when the sender may switch formats mid-stream (RTP payload types);
+        the decoder changes at this packet and the call's clock goes on."""
         if self.end_reason is not None:
             return
+        if codec is not None:
+            for frame in self.pipeline.switch(codec):
+                self._enqueue(frame)
         for frame in self._decode(timestamp, payload):
             self._enqueue(frame)
+
+    def fill_silence(self, timestamp: int) -> None:
+        """Silence up to ``timestamp`` (comfort noise, RFC 3389: the sender's pause is media)."""
+        if self.end_reason is not None:
+            return
+        late = self.pipeline.timeline.stats.late
+        for frame in self.pipeline.push_timed_pcm(timestamp, np.zeros(0, np.int16)):
+            self._enqueue(frame)
+        self.count_dropped("late", self.pipeline.timeline.stats.late - late)
 
     def push_pcm(self, timestamp: int, pcm: Pcm) -> None:
         """Decoded mono PCM at the codec's rate with its media timestamp; never blocks."""
@@ -173,10 +191,16 @@ class Call:
         """The media stream restarted (new SSRC): its timestamps start afresh."""
         self.pipeline.timeline.reset()
 
-    def dtmf(self, digit: str, duration_ms: int) -> None:
-        """A key press (RFC 4733, AudioSocket, a media-stream ``dtmf`` message)."""
+    def dtmf(self, digit: str, duration_ms: int, timestamp: int | None = None) -> None:
+        """A key press (RFC 4733, AudioSocket, a media-stream ``dtmf`` message). ``at_ms`` is
+        when it was pressed on the call clock: from its media ``timestamp`` when the transport
+        has one (RFC 4733 stamps an event with its start), else the audio received so far."""
         if self.end_reason is None:
-            at_ms = self.pipeline.framer.position_ms
+            at_ms = (
+                self.pipeline.framer.position_ms
+                if timestamp is None
+                else self.pipeline.timeline.ms_at(timestamp)
+            )
             self._publish(ev.DTMF, {"digit": digit, "duration_ms": duration_ms, "at_ms": at_ms})
 
     def count_dropped(self, reason: str, n: int = 1, **detail: Any) -> None:
@@ -227,13 +251,18 @@ class Call:
             self._frames.put_nowait(frame)
 
     def _decode(self, timestamp: int, payload: bytes) -> list[Pcm]:
+        """Decode and place one payload; one the codec rejects is counted ``undecodable``, one
+        wholly behind the play-out point ``late`` (both in ``stats.dropped``)."""
         self.stats.packets += 1
+        late = self.pipeline.timeline.stats.late
         try:
-            return self.pipeline.push_packet(timestamp, payload)
+            frames = self.pipeline.push_packet(timestamp, payload)
         except DecodeError as exc:
             self.stats.decode_errors += 1
-            self._log.debug("decode_error", error=str(exc))
+            self.count_dropped("undecodable", error=str(exc))
             return []
+        self.count_dropped("late", self.pipeline.timeline.stats.late - late)
+        return frames
 
     def _enqueue(self, frame: Pcm) -> None:
         if self._frames.qsize() >= self._max_frames:

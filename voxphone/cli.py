@@ -15,7 +15,7 @@ from voxphone.config import Config, load_config
 from voxphone.errors import ConfigError, TransportError, VoxphoneError
 
 if TYPE_CHECKING:
-    from voxphone.transports.rtp import RtpPacket
+    from voxphone.transports.rtp_packet import RtpPacket
 
 DESCRIPTION = """\
 Phone and browser calls in, live transcript events out.

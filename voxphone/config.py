@@ -55,7 +55,7 @@ class RtpConfig(_Section):
     host: str = "127.0.0.1"
     #: Inclusive UDP port range, ``"40000-40100"``; every port in it accepts calls.
     ports: tuple[int, int] = (40000, 40100)
-    #: A call ends after this many seconds without a packet.
+    #: A first-packet call (no signalling) ends after this many seconds without a packet.
     inactivity_timeout_s: float = Field(5.0, gt=0)
     #: Largest gap in a call's media timestamps filled with silence; a bigger jump re-anchors.
     max_gap_s: float = Field(5.0, gt=0)
@@ -77,8 +77,15 @@ class RtpConfig(_Section):
                 raise ValueError(f"payload type {pt}: {exc}") from None
         return value
 
-    #: A call created by the API ends if no media arrives within this many seconds.
+    #: A call created by the API ends after this many seconds without a packet, from the start
+    #: or since the last one: its pauses (silence suppression, DTX) are not a hang-up.
     no_media_timeout_s: float = Field(30.0, gt=0)
+    #: An ended call's media is ignored (counted ``after_end``) until it has stopped for this
+    #: many seconds; then its port returns to the pool.
+    ended_grace_s: float = Field(3.0, ge=0)
+    #: After an API call latched onto a source that is not the SDP's address (NAT), media from
+    #: the SDP's address may still take over for this many seconds (Asterisk strictrtp learning).
+    learning_s: float = Field(5.0, ge=0)
     #: The address put in SDP answers and API replies (default: ``host``, unless 0.0.0.0).
     advertise_host: str | None = None
     #: NAT rebinding: on an API-allocated port, a new source may take over the call once the

@@ -13,7 +13,7 @@ from voxphone.audio.codecs import Codec, Encoder, Pcm
 from voxphone.clock import FakeClock
 from voxphone.events.model import Event
 from voxphone.transports.dtmf import DTMF_KEYS
-from voxphone.transports.rtp import RtpPacket
+from voxphone.transports.rtp_packet import RtpPacket
 
 __all__ = [
     "CapturedEvents",

@@ -20,7 +20,8 @@ from tests.integration.test_serve import (
     running_serve,
 )
 from voxphone.audio.codecs import PCMU
-from voxphone.testing import rtp_packets
+from voxphone.audio.files import read_audio
+from voxphone.testing import rtp_packets, send_rtp
 
 pytestmark = pytest.mark.integration
 
@@ -88,15 +89,17 @@ async def test_sdp_offer_answer_then_delete(
 ) -> None:
     offer = (
         "v=0\r\no=- 1 1 IN IP4 127.0.0.1\r\ns=gw\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\n"
-        "m=audio 5004 RTP/AVP 118 0 101\r\na=rtpmap:118 L16/16000\r\n"
-        "a=rtpmap:101 telephone-event/8000\r\na=ptime:20\r\n"
+        "m=audio 5004 RTP/AVP 118 0 101 102\r\na=rtpmap:118 L16/16000\r\n"
+        "a=rtpmap:101 telephone-event/8000\r\na=rtpmap:102 telephone-event/16000\r\n"
+        "a=ptime:20\r\n"
     )
     async with running_serve(tmp_path, receiver) as srv:
         status, sdp, headers = await post(srv.http_port, offer, "application/sdp")
         assert status == 201, sdp
         assert headers["Content-Type"].startswith("application/sdp")
         media = next(line for line in sdp.splitlines() if line.startswith("m=audio"))
-        assert media.split()[3:] == ["118", "101"]
+        # L16/16000 alone on its 16 kHz clock (PCMU's is 8 kHz); events on that clock (RFC 4733)
+        assert media.split()[3:] == ["118", "102"]
         await ffmpeg_rtp(
             speech["order"].path, int(media.split()[1]), "-ar", "16000", "-acodec", "pcm_s16be",
             "-payload_type", "118",
@@ -179,3 +182,40 @@ async def test_a_call_can_have_its_own_webhook(
     assert [e["seq"] for e in durable] == list(range(len(durable)))
     assert events[0]["call_id"] == reply["call_id"] and events[-1]["type"] == "call.ended"
     assert overlap(speech["phone"].text, events[-1]["data"]["transcript"]) >= 0.5
+
+
+async def test_an_sdp_call_survives_pauses_and_stays_ended_after_delete(
+    receiver: WebhookReceiver, speech: dict[str, Speech], tmp_path: Path
+) -> None:
+    """Silence suppression leaves the wire quiet for longer than the first-packet inactivity
+    timeout: the signalled call goes on. After ``DELETE`` the gateway, not yet told, keeps
+    sending: its packets are counted ``after_end`` and open no phantom call."""
+    offer = (
+        "v=0\r\no=- 1 1 IN IP4 192.0.2.5\r\ns=gw\r\nc=IN IP4 192.0.2.5\r\nt=0 0\r\n"
+        "m=audio 17000 RTP/AVP 0\r\n"
+    )  # behind NAT: media will come from 127.0.0.1, not the address in the offer
+    pcm = read_audio(speech["order"].path, 8000)
+    packets = list(rtp_packets(pcm, PCMU, seed=21))
+    third = len(packets) // 3
+    async with running_serve(tmp_path, receiver, VOXPHONE_RTP__INACTIVITY_TIMEOUT_S="0.5") as srv:
+        status, sdp, headers = await post(srv.http_port, offer, "application/sdp")
+        assert status == 201, sdp
+        port = int(next(x for x in sdp.splitlines() if x.startswith("m=audio")).split()[1])
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as gateway:
+            await send_rtp(packets[:third], ("127.0.0.1", port), sock=gateway)
+            await asyncio.sleep(1.5)  # a pause three times the inactivity timeout
+            await send_rtp(packets[third : 2 * third], ("127.0.0.1", port), sock=gateway)
+            async with aiohttp.ClientSession() as http:
+                url = f"http://127.0.0.1:{srv.http_port}{headers['Location']}"
+                async with http.delete(url) as r:
+                    assert r.status == 204
+            await send_rtp(packets[2 * third :], ("127.0.0.1", port), sock=gateway)
+        await receiver.wait_ended(1, timeout_s=60)
+        await asyncio.sleep(0.5)  # time for a phantom call to show itself, were there one
+    by_call = calls_of(receiver)
+    assert len(by_call) == 1, list(by_call)
+    (events,) = by_call.values()
+    assert sum(e["type"] == "call.started" for e in events) == 1
+    ended = events[-1]["data"]
+    assert ended["reason"] == "hangup"
+    assert ended["audio_ms"] >= 2 * third * 20 - 200  # both stretches, one call

@@ -7,7 +7,7 @@ import pytest
 import soxr
 
 from voxphone.audio.codecs import PCMU, Encoder
-from voxphone.audio.framer import FRAME_SAMPLES, Framer, Timeline, ts_delta
+from voxphone.audio.framer import FRAME_SAMPLES, Framer, Placement, Timeline, ts_delta
 from voxphone.audio.pipeline import AudioPipeline
 from voxphone.audio.resample import Resampler
 from voxphone.testing import rtp_packets
@@ -130,3 +130,17 @@ def test_pipeline_matches_clean_audio_where_packets_arrived() -> None:
 
 def test_encoder_payload_size_matches_ptime() -> None:
     assert len(Encoder(PCMU).encode(np.zeros(160, np.int16))) == 160
+
+
+def test_timeline_places_events_on_the_call_clock_and_survives_format_changes() -> None:
+    """``ms_at``: media time of a timestamp (for key presses); ``retime``: a format with the
+    same RTP clock continues the timeline, one with another clock re-anchors it."""
+    tl = Timeline(8000, 16000)  # G.722
+    for i in range(10):
+        assert tl.place(1000 + 160 * i, 320) is not None
+    assert tl.elapsed_ms == 200 and tl.ms_at(1000 + 1600 + 800) == 300 and tl.ms_at(1000) == 0
+    tl.retime(8000, 8000)  # PCMA: same clock, continues with a 20 ms gap filled
+    assert tl.place(1000 + 1760, 160) == Placement(160, 0) and tl.elapsed_ms == 240
+    tl.retime(48000, 48000)  # Opus: timestamps not comparable, so the next one anchors
+    assert tl.place(7, 960) == Placement(0, 0) and tl.elapsed_ms == 260
+    assert tl.stats.late == 0 and tl.stats.discontinuities == 0

@@ -192,3 +192,21 @@ async def test_a_file_waiting_for_room_stops_when_the_engine_stops(failed: bool)
     await asyncio.wait_for(call.wait(), 5)
     await asyncio.wait_for(feeding, 5)  # and does not wait forever
     assert sink.events[-1].data["reason"] == ("engine_error" if failed else "ended")
+
+
+async def test_max_duration_hangs_up_through_the_transport() -> None:
+    """``max_duration`` goes through ``call.hangup``, so the transport stops the media too (an
+    RTP port refuses the rest of the stream instead of opening a new call with it)."""
+    sink = capture_events()
+    call = Call("c", L16_16K, sink, SystemClock(), transport="test", max_duration_s=0.01)
+    hung_up: list[str] = []
+
+    def hangup(reason: str) -> None:  # as a transport's: stop the media, then end the call
+        hung_up.append(reason)
+        call.end(reason)
+
+    call.hangup = hangup
+    call.start(ScriptedEngine(ScriptedStream()))
+    await until(lambda: call.end_reason is not None)
+    assert hung_up == ["max_duration"]
+    await call.wait()

@@ -12,7 +12,8 @@ from voxphone.audio.codecs import PCMA, PCMU, Codec
 from voxphone.call import Call
 from voxphone.clock import FakeClock
 from voxphone.testing import capture_events, dtmf_packets, rtp_packets
-from voxphone.transports.rtp import PortPolicy, Reservation, RtpPacket, RtpPort
+from voxphone.transports.rtp import PortPolicy, Reservation, RtpPort
+from voxphone.transports.rtp_packet import RtpPacket
 
 CALLER = ("192.0.2.10", 5004)
 
@@ -66,8 +67,11 @@ def test_static_payload_type_picks_the_codec() -> None:
 
 def test_random_datagrams_never_create_or_disturb_a_call() -> None:
     """A flood of junk from the caller's own address and from strangers."""
+    clock = FakeClock()
     calls = Calls()
-    port = RtpPort(40000, calls, FakeClock())
+    port = RtpPort(40000, calls, clock)
+    rtcp: list[object] = []
+    port.on_rtcp = lambda _port, _addr, packets: rtcp.append(packets)
     pkts = tone_packets(n=50)
     rng = random.Random(3)
     for i, p in enumerate(pkts):
@@ -80,9 +84,11 @@ def test_random_datagrams_never_create_or_disturb_a_call() -> None:
     assert call.stats.packets == 50
     assert call.stats.decode_errors == 0
     assert call.pipeline.timeline.stats.late == 0
-    st = port.stats
-    dropped = st.malformed + st.rtcp + st.unsupported_payload + st.foreign_ssrc + st.on_probation
-    assert dropped == st.received - 50 + 1  # all junk accounted for (+1: the first real packet)
+    port.end(CALLER, "hangup")
+    clock.advance(10)
+    port.expire(clock.monotonic())  # what is still on probation is given up, and counted
+    counted = sum(call.stats.dropped.values()) + sum(port.counts.values()) + len(rtcp)
+    assert counted == 50 * 20  # every junk datagram, by reason, on the call or the server
 
 
 def test_other_ssrc_from_a_latched_source_is_dropped() -> None:
@@ -92,21 +98,26 @@ def test_other_ssrc_from_a_latched_source_is_dropped() -> None:
         port.handle(p.serialize(), CALLER)
     stranger = RtpPacket(0, 1, 1, ssrc=0xDEADBEEF, payload=b"\xff" * 160)
     port.handle(stranger.serialize(), CALLER)
-    assert port.stats.foreign_ssrc == 1
+    port.end(CALLER, "hangup")
+    assert calls.calls[0].stats.dropped == {"foreign_ssrc": 1}
     assert calls.calls[0].stats.packets == 3
 
 
 def test_rtcp_and_comfort_noise_are_not_audio() -> None:
     calls = Calls()
     port = RtpPort(40000, calls, FakeClock())
+    rtcp: list[object] = []
+    port.on_rtcp = lambda _port, _addr, packets: rtcp.append(packets)
     pkts = tone_packets(n=3)
     for p in pkts:
         port.handle(p.serialize(), CALLER)
     port.handle(bytes([0x80, 200, 0, 6]) + bytes(24), CALLER)
     cn = RtpPacket(13, pkts[-1].sequence + 1, pkts[-1].timestamp + 160, pkts[0].ssrc, b"\x40")
     port.handle(cn.serialize(), CALLER)
-    assert port.stats.rtcp == 1
+    port.end(CALLER, "hangup")
+    assert len(rtcp) == 1
     assert calls.calls[0].stats.packets == 3
+    assert calls.calls[0].stats.dropped == {}
 
 
 def test_refused_call_is_counted() -> None:
@@ -114,7 +125,7 @@ def test_refused_call_is_counted() -> None:
     port = RtpPort(40000, calls, FakeClock())
     for p in tone_packets(n=2):
         port.handle(p.serialize(), CALLER)
-    assert port.stats.rejected_calls == 1
+    assert port.counts == {"call_refused": 2}
 
 
 async def test_silence_on_the_wire_ends_the_call() -> None:
@@ -124,12 +135,12 @@ async def test_silence_on_the_wire_ends_the_call() -> None:
     for p in tone_packets(n=3):
         port.handle(p.serialize(), CALLER)
     clock.advance(4.9)
-    port.expire(clock.monotonic(), 5.0)
+    port.expire(clock.monotonic())
     assert calls.calls[0].end_reason is None
     clock.advance(0.2)
-    port.expire(clock.monotonic(), 5.0)
+    port.expire(clock.monotonic())
     assert calls.calls[0].end_reason == "inactivity"
-    assert port.sessions == {}
+    assert port.sources == {}
 
 
 def test_dtmf_digits_become_events_once_each() -> None:
@@ -148,7 +159,9 @@ def test_dtmf_digits_become_events_once_each() -> None:
         ("9", 100),
         ("#", 100),
     ]
-    assert port.stats.unsupported_payload == 0
+    assert calls.calls[0].stats.dropped == {
+        "duplicate": len([p for p in dtmf_packets("19#", audio[-1]) if p])
+    }
 
 
 def test_a_new_ssrc_from_the_same_source_continues_the_call() -> None:
@@ -161,7 +174,7 @@ def test_a_new_ssrc_from_the_same_source_continues_the_call() -> None:
     for p in rtp_packets(pcm, PCMU, ssrc=0xABCDEF, seed=9):
         port.handle(p.serialize(), CALLER)
     assert len(calls.calls) == 1
-    assert port.stats.ssrc_changes == 1
+    assert calls.calls[0].transport_stats["restarts"] == 1
     assert calls.calls[0].stats.packets == 10  # all but none: the probation packet is kept
     assert calls.calls[0].pipeline.timeline.stats.late == 0
 
@@ -199,14 +212,14 @@ def test_allocated_port_latches_and_maybe_relatches_after_nat_rebinding(
         port.handle(p.serialize(), first)
     for p in tone_packets(n=2):
         port.handle(p.serialize(), ("198.51.100.9", 4000))  # a stranger, while the caller talks
-    assert port.stats.foreign_source == 2
+    assert call.stats.dropped == {"foreign_source": 2}
     clock.advance(1.5)  # the NAT rebinds: the caller's packets now come from another port
     for p in pkts[4:]:
         port.handle(p.serialize(), moved)
     if relatch is None:
-        assert call.stats.packets == 4 and port.stats.relatched == 0
+        assert call.stats.packets == 4 and "relatched" not in call.transport_stats
     else:
-        assert call.stats.packets == 10 and port.stats.relatched == 1
+        assert call.stats.packets == 10 and call.transport_stats["relatched"] == 1
         assert call.metadata["remote"] == "192.0.2.10:61000"
         assert call.pipeline.timeline.stats.late == 0
 
@@ -229,4 +242,4 @@ def test_hanging_up_plays_out_what_the_jitter_buffer_holds(allocated: bool) -> N
     assert call.end_reason == "hangup"
     assert call.stats.packets == 5
     assert call.transport_stats["lost"] == 0 and "jitter_ms" in call.transport_stats
-    assert port.sessions == {}
+    assert port.sources == {}

@@ -30,11 +30,14 @@ def offer(m: str, *attrs: str, c: str = "c=IN IP4 192.0.2.5") -> str:
 
 
 def test_asterisk_offer_gets_g722_with_telephone_event_recvonly() -> None:
+    """G.722 first; PCMU and PCMA share its 8000 Hz RTP clock, so they are accepted too and the
+    sender may switch to them mid-stream (RFC 3264 §6.1)."""
     a = answer(parse_sdp(ASTERISK_OFFER), "198.51.100.1", 40002, 7)
     assert (a.codec.name, a.payload_type, a.telephone_event) == ("G722", 9, 101)
+    assert {pt: c.name for pt, c in a.formats.items()} == {9: "G722", 0: "PCMU", 8: "PCMA"}
     assert a.remote == ("192.0.2.5", 17000)
     lines = a.sdp.split("\r\n")
-    assert "m=audio 40002 RTP/AVP 9 101" in lines
+    assert "m=audio 40002 RTP/AVP 9 0 8 101" in lines
     assert "c=IN IP4 198.51.100.1" in lines
     assert {"a=rtpmap:9 G722/8000", "a=rtpmap:101 telephone-event/8000", "a=fmtp:101 0-16"} <= set(
         lines
@@ -54,6 +57,36 @@ def test_asterisk_offer_gets_g722_with_telephone_event_recvonly() -> None:
 def test_first_decodable_format_is_chosen(m: str, attrs: list[str], codec: str, pt: int) -> None:
     a = answer(parse_sdp(offer(m, *attrs)), "127.0.0.1", 40000, 1)
     assert (a.codec.name, a.payload_type, a.telephone_event) == (codec, pt, None)
+
+
+@pytest.mark.parametrize(
+    ("m", "events", "codec", "dtmf"),
+    [
+        ("m=audio 5004 RTP/AVP 111 110", ["a=rtpmap:110 telephone-event/48000"], "opus", 110),
+        (
+            "m=audio 5004 RTP/AVP 111 101 110",
+            ["a=rtpmap:101 telephone-event/8000", "a=rtpmap:110 telephone-event/48000"],
+            "opus",
+            110,
+        ),
+        (
+            "m=audio 5004 RTP/AVP 0 110 101",
+            ["a=rtpmap:110 telephone-event/48000", "a=rtpmap:101 telephone-event/8000"],
+            "PCMU",
+            101,
+        ),
+        ("m=audio 5004 RTP/AVP 0 110", ["a=rtpmap:110 telephone-event/48000"], "PCMU", None),
+    ],
+)
+def test_telephone_event_is_paired_at_the_chosen_codecs_clock_rate(
+    m: str, events: list[str], codec: str, dtmf: int | None
+) -> None:
+    """RFC 4733 §2.1: events share the audio's RTP clock (Opus 48000, RFC 7587)."""
+    sdp = offer(m, "a=rtpmap:111 opus/48000/2", *events)
+    a = answer(parse_sdp(sdp), "127.0.0.1", 40000, 1)
+    assert (a.codec.name, a.telephone_event) == (codec, dtmf)
+    media = next(line for line in a.sdp.split("\r\n") if line.startswith("m="))
+    assert media.split()[3:] == [str(a.payload_type)] + ([str(dtmf)] if dtmf else [])
 
 
 @pytest.mark.parametrize(

@@ -53,11 +53,35 @@ class Timeline:
     def __init__(
         self, clock_rate: int, sample_rate: int, max_gap_s: float = 5.0, max_late_s: float = 1.0
     ) -> None:
-        self._ratio = sample_rate / clock_rate
-        self._max_gap = int(max_gap_s * clock_rate)
-        self._max_late = int(max_late_s * clock_rate)
+        self._max_gap_s, self._max_late_s = max_gap_s, max_late_s
         self._next_ts: int | None = None
+        #: Media time placed so far (ms on the call clock), across re-anchors and codec changes.
+        self.elapsed_ms = 0.0
         self.stats = TimelineStats()
+        self._clock_rate = clock_rate
+        self.retime(clock_rate, sample_rate)
+
+    def retime(self, clock_rate: int, sample_rate: int) -> None:
+        """A new payload format from the same source (RFC 3550 §5.1: the clock is the format's).
+        The same RTP clock rate continues the timeline (G.722 → PCMA, both 8000 Hz clocks,
+        RFC 3551 §4.5.2); another one makes timestamps incomparable, so the next packet
+        re-anchors."""
+        if clock_rate != self._clock_rate:
+            self.reset()
+        self._clock_rate = clock_rate
+        self._ratio = sample_rate / clock_rate
+        self._max_gap = int(self._max_gap_s * clock_rate)
+        self._max_late = int(self._max_late_s * clock_rate)
+
+    def ms_at(self, timestamp: int) -> int:
+        """Where an RTP ``timestamp`` falls on the call clock (ms of media since the call began):
+        the end of what is placed, plus the timestamp's distance from there. For events that
+        carry no audio (an RFC 4733 key press is stamped with its start, §2.3.1)."""
+        if self._next_ts is None:
+            return round(self.elapsed_ms)
+        return max(
+            0, round(self.elapsed_ms + ts_delta(timestamp, self._next_ts) * 1000 / self._clock_rate)
+        )
 
     def place(self, timestamp: int, n_samples: int) -> Placement | None:
         """Place a packet of ``n_samples`` decoded samples; ``None`` means drop it as late."""
@@ -69,10 +93,11 @@ class Timeline:
         if d > self._max_gap or d < -self._max_late:
             self.stats.discontinuities += 1
             return self._anchor(timestamp, duration)
-        if d + duration <= 0:
+        if d < 0 and d + duration <= 0:  # (an empty packet at the play-out point is not late)
             self.stats.late += 1
             return None
         self._next_ts = (timestamp + duration) % _TS_MOD
+        self.elapsed_ms += (d + duration) * 1000 / self._clock_rate
         if d >= 0:
             silence = round(d * self._ratio)
             self.stats.gap_samples += silence
@@ -81,6 +106,7 @@ class Timeline:
 
     def _anchor(self, timestamp: int, duration: int) -> Placement:
         self._next_ts = (timestamp + duration) % _TS_MOD
+        self.elapsed_ms += duration * 1000 / self._clock_rate
         return Placement(0, 0)
 
     def reset(self) -> None:

@@ -19,6 +19,19 @@ class AudioPipeline:
         self.resampler = Resampler(codec.sample_rate, MODEL_RATE)
         self.framer = Framer()
 
+    def switch(self, codec: Codec) -> list[Pcm]:
+        """Decode what follows as ``codec`` (an RTP payload type change mid-stream, RFC 3550
+        §5.1): the resampler's tail is played out, a decoder and resampler for the new format
+        take over, and the timeline goes on (``Timeline.retime``). Returns the frames completed."""
+        if codec == self.codec:
+            return []
+        frames = self.framer.push(self.resampler.flush())
+        self.codec = codec
+        self.decoder = Decoder(codec)
+        self.timeline.retime(codec.clock_rate, codec.sample_rate)
+        self.resampler = Resampler(codec.sample_rate, MODEL_RATE)
+        return frames
+
     def push_packet(self, timestamp: int, payload: bytes) -> list[Pcm]:
         """A timestamped payload; raises ``DecodeError`` for one the codec rejects."""
         return self.push_timed_pcm(timestamp, self.decoder.decode(payload))

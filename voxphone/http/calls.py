@@ -109,11 +109,13 @@ async def _from_sdp(request: web.Request) -> web.Response:
     try:
         ans = answer(offer, request.app[ADVERTISE], port.port, uuid.uuid4().int % 10**10)
     except TransportError as exc:
+        rtp.release(port)
         return error(422, str(exc))  # SIP would say 488 Not Acceptable Here
-    remote_ip = ans.remote[0] if ans.remote else None
+    # The offer's address is a hint, not a filter: behind NAT media comes from elsewhere.
     opened = await _open(
-        request, ans.codec, ans.payload_type, ans.telephone_event, remote_ip, {}, port
-    )
+        request, ans.codec, ans.payload_type, ans.telephone_event, None, {}, port,
+        hint=ans.remote, codecs=ans.formats,
+    )  # fmt: skip
     if isinstance(opened, web.Response):
         return opened
     call, _ = opened
@@ -134,21 +136,28 @@ async def _open(
     metadata: dict[str, Any],
     port: RtpPort | None = None,
     webhook_url: str | None = None,
+    hint: tuple[str, int] | None = None,
+    codecs: dict[int, Codec] | None = None,
 ) -> tuple[Call, RtpPort] | web.Response:
     registry, rtp = request.app[REGISTRY], request.app[RTP]
     try:
         port = port or rtp.allocate()
     except TransportError as exc:
         return error(503, str(exc))
-    meta = {**metadata, "local_port": port.port, "expected_remote_ip": remote_ip}
+    expected = remote_ip or (hint[0] if hint else None)
+    meta = {**metadata, "local_port": port.port, "expected_remote_ip": expected}
     call_id = new_call_id()
     if webhook_url is not None:
         request.app[WEBHOOKS].route(call_id, webhook_url)
     call = registry.open(codec, transport="rtp", metadata=meta, call_id=call_id)
     if call is None:
         request.app[WEBHOOKS].unroute(call_id)
+        rtp.release(port)
         return error(503, "not accepting calls: at the concurrent call limit, or draining")
-    reservation = Reservation(call, pt, dtmf, remote_ip, registry.clock.monotonic())
+    reservation = Reservation(
+        call, pt, dtmf, expected_ip=remote_ip, created=registry.clock.monotonic(), hint=hint,
+        codecs=codecs,
+    )  # fmt: skip
     port.reserve(reservation)
     return call, port
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from voxphone.transports.rtp import RtpPacket
+    from voxphone.transports.rtp_packet import RtpPacket
 
 
 def seq_delta(a: int, b: int) -> int:
@@ -30,6 +30,8 @@ class JitterStats:
 
 
 class JitterBuffer:
+    REMEMBER = 512  # played slots remembered, to tell a duplicate from a late packet
+
     def __init__(self, clock_rate: int, depth_ms: int = 60, hold_start: bool = False) -> None:
         """``hold_start``: buffer ``depth`` before playing the first packet, so a stream whose
         very first packets arrive out of order (Telnyx's websocket) still starts in order."""
@@ -38,6 +40,7 @@ class JitterBuffer:
         self._next: int | None = None  # extended sequence number to release next
         self._buf: dict[int, RtpPacket] = {}
         self._highest: int | None = None
+        self._played: set[int] = set()  # recent slots played: a packet for one is a copy
         self.stats = JitterStats()
 
     def push(self, pkt: RtpPacket) -> list[RtpPacket]:
@@ -48,7 +51,7 @@ class JitterBuffer:
         if ext < self._next and self._holding:
             self._next = ext  # an earlier packet, before play-out began: start from it
         elif ext < self._next:
-            self.stats.late += 1
+            self._behind(ext)
             return []
         if ext in self._buf:
             self.stats.duplicates += 1
@@ -65,8 +68,7 @@ class JitterBuffer:
         out = self._release()
         while self._buf and self._span() >= self._depth:
             first = min(self._buf)
-            self.stats.lost += first - self._next
-            self._next = first
+            self._give_up(first)
             out += self._release()
         return out
 
@@ -76,14 +78,33 @@ class JitterBuffer:
         out = [self._buf[k] for k in sorted(self._buf)]
         self._buf.clear()
         self._next = self._highest = None
+        self._played.clear()
         return out
+
+    def _behind(self, ext: int) -> None:
+        """A packet behind the play-out point: a copy of one played (networks and some
+        gateways duplicate packets), else late (its slot was given up, or play-out began
+        after it)."""
+        if ext in self._played:
+            self.stats.duplicates += 1
+        else:
+            self.stats.late += 1
+
+    def _give_up(self, first: int) -> None:
+        """Stop waiting for the packets before ``first``."""
+        assert self._next is not None
+        self.stats.lost += first - self._next
+        self._next = first
 
     def _release(self) -> list[RtpPacket]:
         out = []
         assert self._next is not None
         while self._next in self._buf:
             out.append(self._buf.pop(self._next))
+            self._played.add(self._next)
             self._next += 1
+        if len(self._played) > 2 * self.REMEMBER:  # the latest few hundred are enough
+            self._played = {e for e in self._played if e >= self._next - self.REMEMBER}
         return out
 
     def _span(self) -> int:

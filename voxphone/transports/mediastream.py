@@ -36,7 +36,7 @@ from voxphone.transports.rawstream import (
     RawStreamStart,
     slin,
 )
-from voxphone.transports.rtp import RtpPacket
+from voxphone.transports.rtp_packet import RtpPacket
 
 log = structlog.get_logger(__name__)
 

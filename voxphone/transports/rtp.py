@@ -1,20 +1,32 @@
-"""Plain RTP ingress (RFC 3550): sans-I/O packet parsing plus a thin asyncio UDP endpoint.
+"""Plain RTP ingress (RFC 3550): UDP ports that demultiplex sources into calls, and the server.
 
-A call is created by the first packets of a new source on any port of the configured range and
-ends after a period of silence on the wire. A new source must first pass RFC 3550 §A.1 probation
-(two packets with consecutive sequence numbers), so a flood of random datagrams never creates a
-call; once a source is latched, packets from it with another SSRC are dropped and counted, and so
-is RTCP about the call from anywhere but that source (a stranger's BYE must not hang it up).
+Two kinds of call. **First-packet mode**: any port of the range; a new source becomes a call once
+it passes RFC 3550 §A.1 probation (two packets in sequence), so random datagrams never create one,
+and it ends after ``inactivity_s`` without packets. **Signalled** (``POST /v1/calls``): the API
+reserves a port; the port latches onto its caller and the call ends on ``DELETE``, RTCP BYE,
+``max_duration`` or ``no_media_s`` without packets (silence suppression is not a hang-up).
+
+Addresses in signalling are hints (NAT): as Asterisk's ``strictrtp`` learning does, media from the
+address the SDP named latches at once; otherwise the first source to pass probation latches, and
+for ``learning_s`` after that the signalled address may still take over. A JSON ``remote_ip`` is
+an explicit filter instead. Once latched, other sources are dropped and counted.
+
+A call ended from above (hang-up, ``max_duration``, BYE) stays ended: its source's packets are
+counted as ``after_end`` and ignored until it has been quiet for ``ended_grace_s``; only then does
+its port return to the pool. Everything that is not audio is counted: on the call when it can be
+told whose it is (``Call.count_dropped``), else on the server (``RtpServer.totals``).
+
+The per-source state machine is ``rtp_source.py``; the packet format is ``rtp_packet.py``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
-import struct
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import structlog
 
@@ -22,50 +34,16 @@ from voxphone.audio.codecs import STATIC_PAYLOAD_TYPES, Codec
 from voxphone.call import Call
 from voxphone.clock import Clock
 from voxphone.errors import TransportError
-from voxphone.transports.dtmf import DtmfReceiver
-from voxphone.transports.jitter import JitterBuffer
 from voxphone.transports.rtcp import Bye, RtcpPacket, SenderReport, parse_rtcp
+from voxphone.transports.rtp_packet import RtpPacket, is_rtcp, parse_rtp
+from voxphone.transports.rtp_source import COMFORT_NOISE_PT, Candidate, RtpSource, SourceTerms
 
 log = structlog.get_logger(__name__)
 
-_HEADER = struct.Struct("!BBHII")
 Address = tuple[str, int]
-COMFORT_NOISE_PT = 13
-
-
-@dataclass(frozen=True)
-class RtpPacket:
-    """A parsed RTP packet. ``payload`` excludes CSRCs, the header extension and padding."""
-
-    payload_type: int
-    sequence: int
-    timestamp: int
-    ssrc: int
-    payload: bytes
-    marker: bool = False
-    csrcs: tuple[int, ...] = ()
-    extension: tuple[int, bytes] | None = None
-
-    def serialize(self) -> bytes:
-        """Wire form (no padding), for senders and tests."""
-        first = 0x80 | (0x10 if self.extension else 0) | len(self.csrcs)
-        out = _HEADER.pack(
-            first,
-            (0x80 if self.marker else 0) | self.payload_type,
-            self.sequence,
-            self.timestamp,
-            self.ssrc,
-        )
-        out += b"".join(struct.pack("!I", c) for c in self.csrcs)
-        if self.extension:
-            profile, body = self.extension
-            out += struct.pack("!HH", profile, len(body) // 4) + body
-        return out + self.payload
-
-
-def is_rtcp(data: bytes) -> bool:
-    """RFC 5761 §4: an RTP/RTCP demultiplexer looks at the second byte (RTCP types 192–223)."""
-    return len(data) >= 2 and 192 <= data[1] <= 223
+CallFactory = Callable[[Codec, dict[str, object]], Call | None]
+#: Counts of packets no call could be charged with, by reason (shared by a server's ports).
+Counts = dict[str, int]
 
 
 def rtcp_source_ok(rtp: Address, rtcp: Address) -> bool:
@@ -75,119 +53,57 @@ def rtcp_source_ok(rtp: Address, rtcp: Address) -> bool:
     return rtcp[0] == rtp[0] and rtcp[1] in (rtp[1], rtp[1] + 1)
 
 
-def parse_rtp(data: bytes) -> RtpPacket:
-    """Parse one RTP packet; raise ``TransportError`` saying exactly what is wrong."""
-    if len(data) < 12:
-        raise TransportError(f"RTP packet too short: {len(data)} bytes, header needs 12")
-    first, second, seq, ts, ssrc = _HEADER.unpack_from(data)
-    if first >> 6 != 2:
-        raise TransportError(f"RTP version is {first >> 6}, expected 2")
-    end = len(data)
-    if first & 0x20:
-        pad = data[-1]
-        if pad == 0 or pad > end - 12:
-            raise TransportError(f"RTP padding length {pad} invalid for a {end}-byte packet")
-        end -= pad
-    pos = 12 + 4 * (first & 0x0F)
-    if pos > end:
-        raise TransportError(f"RTP CSRC count {first & 0x0F} overruns a {len(data)}-byte packet")
-    csrcs = struct.unpack_from(f"!{first & 0x0F}I", data, 12)
-    extension = None
-    if first & 0x10:
-        if pos + 4 > end:
-            raise TransportError("RTP header extension header overruns the packet")
-        profile, words = struct.unpack_from("!HH", data, pos)
-        if pos + 4 + 4 * words > end:
-            raise TransportError(f"RTP header extension of {words} words overruns the packet")
-        extension = (profile, data[pos + 4 : pos + 4 + 4 * words])
-        pos += 4 + 4 * words
-    return RtpPacket(
-        payload_type=second & 0x7F,
-        sequence=seq,
-        timestamp=ts,
-        ssrc=ssrc,
-        payload=data[pos:end],
-        marker=bool(second & 0x80),
-        csrcs=csrcs,
-        extension=extension,
-    )
-
-
-CallFactory = Callable[[Codec, dict[str, object]], Call | None]
-
-
-@dataclass
-class RtpStats:
-    """Counters of one port (all ports are summed for reporting)."""
-
-    received: int = 0
-    malformed: int = 0
-    rtcp: int = 0
-    unsupported_payload: int = 0
-    foreign_ssrc: int = 0
-    on_probation: int = 0
-    rejected_calls: int = 0
-    ssrc_changes: int = 0
-    foreign_source: int = 0
-    relatched: int = 0
-    after_bye: int = 0
-    foreign_rtcp: int = 0  # RTCP naming a call's SSRC from another source, dropped
-
-
-@dataclass
-class _Candidate:
-    """A source (or a new SSRC of a known one) on RFC 3550 §A.1 probation."""
-
-    ssrc: int
-    sequence: int
-    packets: list[RtpPacket] = field(default_factory=list)
-
-    def confirms(self, pkt: RtpPacket) -> bool:
-        return pkt.ssrc == self.ssrc and (self.sequence + 1) & 0xFFFF == pkt.sequence
-
-
 @dataclass(frozen=True)
 class PortPolicy:
-    """How every port of the range treats media (from the ``[rtp]`` config)."""
+    """How every port of the range treats media (from the ``[rtp]`` config); times in seconds."""
 
     payload_types: Mapping[int, Codec] = field(default_factory=lambda: dict(STATIC_PAYLOAD_TYPES))
     telephone_events: frozenset[int] = frozenset({101})
     jitter_ms: int = 60
-    #: On an API-allocated port, a new source may take over once the latched one has been
-    #: silent this long (NAT rebinding); ``None`` never.
+    #: A latched source that has been silent this long may be replaced (NAT rebinding).
     relatch_after_s: float | None = None
+    #: First-packet calls end after this long without a packet.
+    inactivity_s: float = 5.0
+    #: Signalled calls end after this long without a packet (or without any, from the start).
+    no_media_s: float = 30.0
+    #: An ended call's source is ignored until it has been quiet this long; then its port is free.
+    ended_grace_s: float = 3.0
+    #: After latching elsewhere, the address the SDP named may still take over for this long
+    #: (Asterisk's STRICT_RTP_LEARN_TIMEOUT is 5 s).
+    learning_s: float = 5.0
+    #: Sources on probation kept per port, and how long one may wait for its second packet.
+    max_candidates: int = 256
+    probation_s: float = 2.0
 
 
 @dataclass
 class Reservation:
-    """A port allocated to one call by the API: it latches onto the first valid source (only
-    ``expected_ip``, when given) and drops every other source (symmetric RTP)."""
+    """A port allocated to one call by the API. ``expected_ip`` (JSON ``remote_ip``) admits only
+    that address; ``hint`` (the SDP's connection address and port) is preferred, not required."""
 
     call: Call
     payload_type: int
     telephone_event: int | None = None
     expected_ip: str | None = None
     created: float = 0.0
+    hint: Address | None = None
+    #: The formats the SDP answer accepted (``payload_type`` among them); else the port's.
+    codecs: Mapping[int, Codec] | None = None
+    latched_at: float | None = None
+    ended_at: float | None = None
 
 
 @dataclass
-class _Session:
+class _Ended:
+    """A source whose call ended: ignored (``after_end``) until quiet for the grace period."""
+
     call: Call
-    ssrc: int
-    payload_type: int
-    last_seen: float
-    buffer: JitterBuffer
-    dtmf: DtmfReceiver = field(default_factory=DtmfReceiver)
-    new_ssrc: _Candidate | None = None
-    telephone_events: frozenset[int] | None = None  # negotiated; else the port's default
-    transit: float | None = None
-    jitter: float = 0.0  # RFC 3550 §A.8 interarrival jitter, in RTP clock units
+    ssrc: int | None  # None: every stream from there (a reserved port's caller)
+    last: float
 
 
 class RtpPort(asyncio.DatagramProtocol):
     """One UDP port: demultiplexes sources into calls. All logic is in ``handle``."""
-
-    MAX_CANDIDATES = 256
 
     def __init__(
         self,
@@ -195,169 +111,139 @@ class RtpPort(asyncio.DatagramProtocol):
         new_call: CallFactory,
         clock: Clock,
         policy: PortPolicy | None = None,
+        counts: Counts | None = None,
     ) -> None:
         self.port = port
         self.policy = policy or PortPolicy()
         self._new_call = new_call
         self._clock = clock
-        self.sessions: dict[Address, _Session] = {}
-        #: Where parsed RTCP goes, with the port it arrived on and its source; the server
-        #: matches it to this port's calls and the previous port's (RTCP is on RTP port + 1).
-        self.on_rtcp: Callable[[RtpPort, Address, list[RtcpPacket]], None] | None = None
-        self._candidates: OrderedDict[Address, _Candidate] = OrderedDict()
-        self._said_bye: dict[Address, int] = {}  # source → the SSRC that sent RTCP BYE
+        self.sources: dict[Address, RtpSource] = {}
+        self.by_ssrc: dict[int, Address] = {}
         self.reservation: Reservation | None = None
-        self.stats = RtpStats()
+        self.counts: Counts = counts if counts is not None else {}
+        #: Where parsed RTCP goes, with the port it arrived on and its source.
+        self.on_rtcp: Callable[[RtpPort, Address, list[RtcpPacket]], None] | None = None
+        #: Told when a packet arrives or the port is reserved (the server's sweep set).
+        self.on_active: Callable[[RtpPort], None] = lambda _port: None
+        self._candidates: OrderedDict[Address, Candidate] = OrderedDict()
+        self._ended: dict[Address, _Ended] = {}
+        self.queued = False  # in the server's free-port queue
 
     def datagram_received(self, data: bytes, addr: tuple[str | object, int]) -> None:
         self.handle(data, (str(addr[0]), int(addr[1])))
 
     def handle(self, data: bytes, addr: Address) -> None:
-        self.stats.received += 1
+        """One datagram from ``addr``: RTCP, or RTP for a latched source, an ended call's
+        stream, the reserved call's caller-to-be, or a new source on probation."""
+        self.on_active(self)
         if is_rtcp(data):
             self._rtcp(data, addr)
             return
         try:
             pkt = parse_rtp(data)
-        except TransportError:
-            self.stats.malformed += 1
+        except TransportError as exc:
+            self._count(self._owner(addr), "malformed", error=str(exc))
             return
-        session = self.sessions.get(addr)
-        if session is None and self.reservation is not None:
-            self._latch(self.reservation, pkt, addr)
-        elif session is None:
-            if self._said_bye.get(addr) == pkt.ssrc:
-                self.stats.after_bye += 1  # stragglers of a stream that hung up
-                return
-            self._probation(pkt, addr)
-        elif pkt.ssrc != session.ssrc:
-            self._ssrc_change(session, pkt)
+        now = self._clock.monotonic()
+        source = self.sources.get(addr)
+        if source is not None and source.call.end_reason is not None:
+            self._close(addr, source, now)  # ended elsewhere (engine failure): stop its media
+            source = None
+        if source is not None:
+            self._receive(addr, source, pkt, now)
+        elif self._after_end(addr, pkt, now):
+            return
+        elif self.reservation is not None:
+            self._latch(self.reservation, pkt, addr, now)
         else:
-            session.last_seen = self._clock.monotonic()
-            if pkt.payload_type == session.payload_type:
-                self._arrival(session, pkt)
-            self._play(session, [pkt])
+            self._probation(pkt, addr, now)
+
+    def _receive(self, addr: Address, source: RtpSource, pkt: RtpPacket, now: float) -> None:
+        ssrc = source.ssrc
+        source.receive(pkt, now)
+        if source.ssrc != ssrc:  # a new SSRC passed probation: keep the RTCP index true
+            self.by_ssrc.pop(ssrc, None)
+            self.by_ssrc[source.ssrc] = addr
+
+    def _owner(self, addr: Address) -> Call | None:
+        """The call a packet from ``addr`` concerns: its latched source's, else the port's."""
+        source = self.sources.get(addr)
+        if source is not None:
+            return source.call
+        return self.reservation.call if self.reservation is not None else None
+
+    def _count(self, call: Call | None, reason: str, n: int = 1, **detail: object) -> None:
+        """On the call while its ``call.ended`` is still to come, else on the server (logged
+        once per reason, as a call logs its own)."""
+        if call is not None and not call.done:
+            call.count_dropped(reason, n, **detail)
+        elif n > 0:
+            if reason not in self.counts:
+                log.info("rtp_dropped", reason=reason, port=self.port, **detail)
+            self.counts[reason] = self.counts.get(reason, 0) + n
 
     def _rtcp(self, data: bytes, addr: Address) -> None:
         try:
             packets = parse_rtcp(data)
-        except TransportError:
-            self.stats.malformed += 1
+        except TransportError as exc:
+            self._count(self._owner(addr), "malformed", error=str(exc))
             return
-        self.stats.rtcp += 1
         if self.on_rtcp is not None:
             self.on_rtcp(self, addr, packets)
 
-    def _arrival(self, session: _Session, pkt: RtpPacket) -> None:
-        """RFC 3550 §A.8: smoothed variation of transit time, the jitter a receiver reports."""
-        transit = session.last_seen * session.call.codec.clock_rate - pkt.timestamp
-        if session.transit is not None:
-            d = abs(transit - session.transit)
-            if d < session.call.codec.clock_rate:  # not across a timestamp jump or wrap
-                session.jitter += (d - session.jitter) / 16
-        session.transit = transit
+    # -- ended calls ------------------------------------------------------------------------
 
-    def _ssrc_change(self, session: _Session, pkt: RtpPacket) -> None:
-        """A new SSRC from the latched address (re-INVITE, transfer, a media server switch) is
-        the same call after a discontinuity, once it passes probation; a stray packet is not."""
-        cand = session.new_ssrc
-        if cand is None or not cand.confirms(pkt):
-            self.stats.foreign_ssrc += 1
-            session.new_ssrc = _Candidate(pkt.ssrc, pkt.sequence, [pkt])
-            return
-        self.stats.ssrc_changes += 1
-        for ready in session.buffer.flush():
-            self._deliver(session, ready)
-        session.call.discontinuity()
-        session.ssrc, session.new_ssrc = pkt.ssrc, None
-        session.last_seen = self._clock.monotonic()
-        self._play(session, [*cand.packets, pkt])
+    def _after_end(self, addr: Address, pkt: RtpPacket, now: float) -> bool:
+        """Packets of an ended call's stream: counted ``after_end``, never a new call."""
+        ended = self._ended.get(addr)
+        if ended is not None and ended.ssrc in (None, pkt.ssrc):
+            ended.last = now
+            self._count(ended.call, "after_end")
+            return True
+        res = self.reservation
+        if res is not None and res.call.end_reason is not None:
+            self._count(res.call, "after_end")  # the port is closed until its grace is over
+            return True
+        return False
 
-    def _latch(self, res: Reservation, pkt: RtpPacket, addr: Address) -> None:
-        if res.expected_ip is not None and addr[0] != res.expected_ip:
-            self.stats.foreign_source += 1
-            return
-        if self.sessions and not self._may_relatch():
-            self.stats.foreign_source += 1
-            return
-        if pkt.payload_type != res.payload_type:
-            self.stats.unsupported_payload += 1
-            return
-        if res.expected_ip is None:  # anyone may latch: make them pass probation first
-            cand = self._candidates.pop(addr, None)
-            if cand is None or not cand.confirms(pkt):
-                self.stats.on_probation += 1
-                self._candidates[addr] = _Candidate(pkt.ssrc, pkt.sequence, [pkt])
-                return
-            packets = [*cand.packets, pkt]
+    def _close(self, addr: Address, source: RtpSource, now: float, refuse: bool = True) -> None:
+        """Forget a finished source; unless it ended by its own silence (``refuse=False``), its
+        address stays closed until quiet for the grace period."""
+        del self.sources[addr]
+        self.by_ssrc.pop(source.ssrc, None)
+        if refuse:
+            ssrc = None if self.reservation is not None else source.ssrc
+            self._ended[addr] = _Ended(source.call, ssrc, now)
+
+    def end(self, addr: Address, reason: str, refuse: bool = True) -> None:
+        """Play out what the source's jitter buffer holds, then end its call."""
+        source = self.sources[addr]
+        self._close(addr, source, self._clock.monotonic(), refuse)
+        source.finish(reason)
+
+    def hang_up(self, call: Call, reason: str) -> None:
+        """End ``call`` from outside (API ``DELETE``, ``max_duration``, shutdown) as ``end``
+        does: what its jitter buffer holds is played out first, then its media is refused."""
+        addr = next((a for a, s in self.sources.items() if s.call is call), None)
+        if addr is None:
+            call.end(reason)
         else:
-            packets = [pkt]
-        self._candidates.clear()
-        if self.sessions:  # NAT rebinding: the caller's media now comes from a new address
-            self._relatch(res, addr, packets)
-            return
-        jitter = JitterBuffer(res.call.codec.clock_rate, self.policy.jitter_ms)
-        dtmf = frozenset({res.telephone_event}) if res.telephone_event is not None else None
-        session = _Session(res.call, pkt.ssrc, pkt.payload_type, self._clock.monotonic(), jitter)
-        session.telephone_events = dtmf
-        res.call.metadata["remote"] = f"{addr[0]}:{addr[1]}"
-        self.sessions[addr] = session
-        self._play(session, packets)
+            self.end(addr, reason)
+        if self.reservation is not None and self.reservation.call is call:
+            self.reservation.ended_at = self._clock.monotonic()
 
-    def _may_relatch(self) -> bool:
-        """A latched source that has gone quiet for ``relatch_after_s`` may be replaced."""
-        after = self.policy.relatch_after_s
-        if after is None:
-            return False
-        (session,) = self.sessions.values()
-        return self._clock.monotonic() - session.last_seen >= after
+    # -- first-packet mode ------------------------------------------------------------------
 
-    def _relatch(self, res: Reservation, addr: Address, packets: list[RtpPacket]) -> None:
-        ((old_addr, session),) = self.sessions.items()
-        for ready in session.buffer.flush():
-            self._deliver(session, ready)
-        del self.sessions[old_addr]
-        self.sessions[addr] = session
-        self.stats.relatched += 1
-        res.call.metadata["remote"] = f"{addr[0]}:{addr[1]}"
-        if packets[0].ssrc != session.ssrc:
-            session.ssrc = packets[0].ssrc
-            res.call.discontinuity()
-        session.last_seen = self._clock.monotonic()
-        self._play(session, packets)
-
-    def _play(self, session: _Session, packets: list[RtpPacket]) -> None:
-        """Packets through the jitter buffer; whatever comes out in order is delivered."""
-        for pkt in packets:
-            for ready in session.buffer.push(pkt):
-                self._deliver(session, ready)
-
-    def _deliver(self, session: _Session, pkt: RtpPacket) -> None:
-        if pkt.payload_type == session.payload_type:
-            session.call.push_packet(pkt.timestamp, pkt.payload)
-        elif pkt.payload_type in (session.telephone_events or self.policy.telephone_events):
-            try:
-                digits = session.dtmf.feed(pkt.timestamp, pkt.payload)
-            except TransportError:
-                self.stats.malformed += 1
-                return
-            for d in digits:
-                session.call.dtmf(d.key, d.duration_ms)
-        elif pkt.payload_type != COMFORT_NOISE_PT:
-            self.stats.unsupported_payload += 1
-
-    def _probation(self, pkt: RtpPacket, addr: Address) -> None:
+    def _probation(self, pkt: RtpPacket, addr: Address, now: float) -> None:
         """RFC 3550 §A.1: a source is valid after two packets in sequence."""
         codec = self.policy.payload_types.get(pkt.payload_type)
         if codec is None:
-            self.stats.unsupported_payload += 1
+            pt = pkt.payload_type
+            known = pt in self.policy.telephone_events or pt == COMFORT_NOISE_PT
+            self._count(None, "before_start" if known else "unknown_payload_type")
             return
-        cand = self._candidates.pop(addr, None)
-        if cand is None or not cand.confirms(pkt):
-            self.stats.on_probation += 1
-            self._candidates[addr] = _Candidate(pkt.ssrc, pkt.sequence, [pkt])
-            while len(self._candidates) > self.MAX_CANDIDATES:
-                self._candidates.popitem(last=False)
+        packets = self._confirmed(pkt, addr, now)
+        if packets is None:
             return
         meta: dict[str, object] = {
             "remote": f"{addr[0]}:{addr[1]}",
@@ -366,59 +252,160 @@ class RtpPort(asyncio.DatagramProtocol):
         }
         call = self._new_call(codec, meta)
         if call is None:
-            self.stats.rejected_calls += 1
+            self._count(None, "call_refused", len(packets))
             return
         call.hangup = functools.partial(self.hang_up, call)
-        jitter = JitterBuffer(codec.clock_rate, self.policy.jitter_ms)
-        session = _Session(call, pkt.ssrc, pkt.payload_type, self._clock.monotonic(), jitter)
-        self.sessions[addr] = session
-        self._play(session, [*cand.packets, pkt])
+        terms = self._terms(self.policy.payload_types, None, signalled=False)
+        self._add(addr, RtpSource(call, packets[0], terms, now), packets, now)
 
-    def expire(self, now: float, timeout_s: float, no_media_s: float = 30.0) -> None:
-        """End calls whose source has been silent for ``timeout_s`` (or, allocated by the API,
-        never sent anything for ``no_media_s``); forget finished ones and free their port."""
-        for addr, session in list(self.sessions.items()):
-            if session.call.done:
-                del self.sessions[addr]
-            elif now - session.last_seen >= timeout_s:
-                self.end(addr, "inactivity")
-        res = self.reservation
-        if res is not None and (res.call.done or res.call.end_reason is not None):
-            self.reservation = None
-            self.sessions.clear()
-        elif res is not None and not self.sessions and now - res.created >= no_media_s:
-            res.call.end("no_media")
+    def _confirmed(self, pkt: RtpPacket, addr: Address, now: float) -> list[RtpPacket] | None:
+        """The packets that validate ``addr`` as a source, or ``None`` while on probation."""
+        cand = self._candidates.pop(addr, None)
+        if cand is not None and cand.confirms(pkt):
+            return [*cand.packets, pkt]
+        if cand is not None:
+            self._count(self._reserved_call(), "unvalidated", len(cand.packets))
+        self._candidates[addr] = Candidate(pkt.ssrc, pkt.sequence, now, [pkt])
+        while len(self._candidates) > self.policy.max_candidates:
+            _, evicted = self._candidates.popitem(last=False)
+            self._count(self._reserved_call(), "over_buffer_limit", len(evicted.packets))
+        return None
+
+    def _reserved_call(self) -> Call | None:
+        return self.reservation.call if self.reservation is not None else None
+
+    def _terms(
+        self, codecs: Mapping[int, Codec], dtmf: int | None, *, signalled: bool
+    ) -> SourceTerms:
+        p = self.policy
+        return SourceTerms(
+            codecs=codecs,
+            telephone_events=frozenset({dtmf}) if dtmf is not None else p.telephone_events,
+            jitter_ms=p.jitter_ms,
+            timeout_s=p.no_media_s if signalled else p.inactivity_s,
+            timeout_reason="no_media" if signalled else "inactivity",
+        )
+
+    def _add(self, addr: Address, source: RtpSource, packets: list[RtpPacket], now: float) -> None:
+        self.sources[addr] = source
+        self.by_ssrc[source.ssrc] = addr
+        for pkt in packets:
+            self._receive(addr, source, pkt, now)
+
+    # -- signalled calls --------------------------------------------------------------------
 
     def reserve(self, reservation: Reservation) -> None:
         self.reservation = reservation
         reservation.call.hangup = functools.partial(self.hang_up, reservation.call)
+        self.on_active(self)
 
-    def hang_up(self, call: Call, reason: str) -> None:
-        """End ``call`` from outside (API ``DELETE``, shutdown) as ``end`` does: what its
-        jitter buffer holds is played out first."""
-        addr = next((a for a, s in self.sessions.items() if s.call is call), None)
-        if addr is None:
-            call.end(reason)
-        else:
-            self.end(addr, reason)
+    def _latch(self, res: Reservation, pkt: RtpPacket, addr: Address, now: float) -> None:
+        """Admit the reserved call's caller: only ``expected_ip`` when given; else the SDP's
+        address at once, or the first source to pass probation (Asterisk strictrtp learning)."""
+        if res.expected_ip is not None and addr[0] != res.expected_ip:
+            self._count(res.call, "foreign_source", source=f"{addr[0]}:{addr[1]}")
+            return
+        codecs = self._codecs(res)
+        if pkt.payload_type not in codecs:
+            self._count(res.call, "unknown_payload_type", payload_type=pkt.payload_type)
+            return
+        trusted = res.expected_ip is not None or addr == res.hint
+        if self.sources and not self._may_take_over(res, addr, now):
+            self._count(res.call, "foreign_source", source=f"{addr[0]}:{addr[1]}")
+            return
+        packets = [pkt] if trusted else self._confirmed(pkt, addr, now)
+        if packets is None:
+            return
+        self._candidates.clear()
+        if self.sources:
+            self._relatch(res, addr, packets, now)
+            return
+        res.latched_at = now
+        res.call.metadata["remote"] = f"{addr[0]}:{addr[1]}"
+        terms = self._terms(codecs, res.telephone_event, signalled=True)
+        self._add(addr, RtpSource(res.call, packets[0], terms, now), packets, now)
+
+    def _codecs(self, res: Reservation) -> Mapping[int, Codec]:
+        """The formats a signalled caller may send and switch among mid-stream (RFC 3550
+        §5.1): those its SDP answer accepted, else the negotiated one and the port's."""
+        if res.codecs:
+            return res.codecs
+        return {**self.policy.payload_types, res.payload_type: res.call.codec}
+
+    def _may_take_over(self, res: Reservation, addr: Address, now: float) -> bool:
+        """Another address may replace the latched one: the SDP's own address during the
+        learning window, or anyone once the latched one has been silent ``relatch_after_s``."""
+        learning = res.latched_at is not None and now - res.latched_at < self.policy.learning_s
+        if addr == res.hint and learning:
+            return True
+        after = self.policy.relatch_after_s
+        if after is None:
+            return False
+        (source,) = self.sources.values()
+        return now - source.last_seen >= after
+
+    def _relatch(
+        self, res: Reservation, addr: Address, packets: list[RtpPacket], now: float
+    ) -> None:
+        ((old, source),) = self.sources.items()
+        del self.sources[old]
+        self.by_ssrc.pop(source.ssrc, None)
+        self.sources[addr] = source
+        res.call.transport_stats["relatched"] = res.call.transport_stats.get("relatched", 0) + 1
+        res.call.metadata["remote"] = f"{addr[0]}:{addr[1]}"
+        log.info(
+            "rtp_relatched",
+            call_id=res.call.call_id,
+            old=f"{old[0]}:{old[1]}",
+            new=f"{addr[0]}:{addr[1]}",
+        )
+        source.moved(packets, now)
+        self.by_ssrc[source.ssrc] = addr
+
+    # -- the sweep --------------------------------------------------------------------------
+
+    def expire(self, now: float) -> None:
+        """End silent calls; forget ended sources, stale candidates, a finished reservation."""
+        for addr, source in list(self.sources.items()):
+            if source.call.end_reason is not None:
+                self._close(addr, source, now)
+            elif source.timed_out(now):
+                self.end(addr, source.terms.timeout_reason, refuse=False)
+        grace = self.policy.ended_grace_s
+        for addr, ended in list(self._ended.items()):
+            if now - ended.last >= grace:
+                del self._ended[addr]
+        for addr, cand in list(self._candidates.items()):
+            if now - cand.since >= self.policy.probation_s:
+                del self._candidates[addr]
+                self._count(self._reserved_call(), "unvalidated", len(cand.packets))
+        self._expire_reservation(now)
+
+    def _expire_reservation(self, now: float) -> None:
+        """A reserved call that never got media ends ``no_media``; an ended one gives its port
+        back once the grace period is over and its caller has gone quiet."""
+        res = self.reservation
+        if res is None:
+            return
+        waited = now - res.created >= self.policy.no_media_s
+        if res.call.end_reason is None and res.latched_at is None and waited:
+            res.call.end("no_media")
+        if res.call.end_reason is None or self.sources:
+            return
+        res.ended_at = now if res.ended_at is None else res.ended_at
+        if now - res.ended_at >= self.policy.ended_grace_s and not self._ended:
+            self.reservation = None
 
     @property
     def free(self) -> bool:
-        return self.reservation is None and not self.sessions and not self._candidates
-
-    def end(self, addr: Address, reason: str) -> None:
-        """Play out what the jitter buffer holds, then end the call."""
-        session = self.sessions.pop(addr)
-        if reason == "bye":
-            self._said_bye[addr] = session.ssrc
-            while len(self._said_bye) > self.MAX_CANDIDATES:
-                self._said_bye.pop(next(iter(self._said_bye)))
-        for ready in session.buffer.flush():
-            self._deliver(session, ready)
-        stats = session.call.transport_stats
-        stats.update(asdict(session.buffer.stats))
-        stats["jitter_ms"] = round(session.jitter * 1000 / session.call.codec.clock_rate)
-        session.call.end(reason)
+        """Nothing to sweep, so free to allocate: no call, no reservation, nothing on
+        probation or in its grace period."""
+        return (
+            self.reservation is None
+            and not self.sources
+            and not self._candidates
+            and not self._ended
+        )
 
 
 def _same(proto: RtpPort) -> RtpPort:
@@ -434,12 +421,9 @@ def _ssrcs(pkt: RtcpPacket) -> tuple[int, ...]:
     return ()
 
 
-def _count(call: Call, key: str, n: int = 1) -> None:
-    call.transport_stats[key] = call.transport_stats.get(key, 0) + n
-
-
 class RtpServer:
-    """Every port of a range, bound on one host, and the sweeper that ends silent calls."""
+    """Every port of a range, bound on one host; a free-port queue for the calls API, and the
+    sweeper that ends silent calls. Ports report activity, so the sweep visits only busy ones."""
 
     def __init__(
         self,
@@ -452,13 +436,16 @@ class RtpServer:
         policy: PortPolicy | None = None,
     ) -> None:
         self.host = host
-        self.no_media_timeout_s = no_media_timeout_s
-        self.policy = policy or PortPolicy()
+        self.policy = dataclasses.replace(
+            policy or PortPolicy(), inactivity_s=inactivity_timeout_s, no_media_s=no_media_timeout_s
+        )
         self.port_range = ports
         self._new_call = new_call
         self._clock = clock
-        self._timeout = inactivity_timeout_s
-        self.ports: list[RtpPort] = []
+        self.ports: dict[int, RtpPort] = {}
+        self._counts: Counts = {}
+        self._free: deque[RtpPort] = deque()
+        self._active: set[RtpPort] = set()
         self._transports: list[asyncio.DatagramTransport] = []
         self._sweeper: asyncio.Task[None] | None = None
 
@@ -466,7 +453,7 @@ class RtpServer:
         loop = asyncio.get_running_loop()
         lo, hi = self.port_range
         for port in range(lo, hi + 1):
-            proto = RtpPort(port, self._new_call, self._clock, self.policy)
+            proto = RtpPort(port, self._new_call, self._clock, self.policy, self._counts)
             try:
                 transport, _ = await loop.create_datagram_endpoint(
                     functools.partial(_same, proto), local_addr=(self.host, port)
@@ -478,61 +465,87 @@ class RtpServer:
                     "another range (--rtp-ports, rtp.ports) or stop what holds it"
                 ) from exc
             proto.on_rtcp = self._rtcp
-            self.ports.append(proto)
+            proto.on_active = self._active.add
+            self.ports[port] = proto
             self._transports.append(transport)
+        for proto in sorted(self.ports.values(), key=lambda p: (p.port % 2, p.port)):
+            self._enqueue(proto)  # even numbers first: RTCP goes to port + 1
         self._sweeper = asyncio.create_task(self._sweep(), name="rtp-sweeper")
         log.info("rtp_listening", host=self.host, ports=f"{lo}-{hi}")
 
+    def _enqueue(self, port: RtpPort) -> None:
+        if not port.queued:
+            port.queued = True
+            self._free.append(port)
+
     async def _sweep(self) -> None:
-        interval = min(0.25, self._timeout / 4)
+        interval = min(0.25, self.policy.inactivity_s / 4)
         while True:
             await asyncio.sleep(interval)
-            now = self._clock.monotonic()
-            for port in self.ports:
-                port.expire(now, self._timeout, self.no_media_timeout_s)
+            self.sweep(self._clock.monotonic())
+
+    def sweep(self, now: float) -> None:
+        """End silent calls and free ports, visiting only the ports with something going on."""
+        for port in list(self._active):
+            port.expire(now)
+            if port.free:
+                self._active.discard(port)
+                self._enqueue(port)
 
     def allocate(self) -> RtpPort:
-        """A free port for an API-created call: even numbers first (RTCP goes to port + 1)."""
-        for port in sorted(self.ports, key=lambda p: (p.port % 2, p.port)):
+        """A free port for an API-created call, from the queue (even numbers first). A queued
+        port that a first-packet call took meanwhile is skipped; it returns when idle again."""
+        while self._free:
+            port = self._free.popleft()
+            port.queued = False
+            self._active.add(port)  # swept back into the queue if it is never reserved
             if port.free:
                 return port
         lo, hi = self.port_range
         raise TransportError(f"no free RTP port in {lo}-{hi}")
 
+    def release(self, port: RtpPort) -> None:
+        """Give back an allocated port that was never reserved (the request was refused): it
+        is the next one allocated."""
+        if port.free and not port.queued:
+            port.queued = True
+            self._free.appendleft(port)
+
     def _rtcp(self, port: RtpPort, source: Address, packets: list[RtcpPacket]) -> None:
         """A sender's BYE ends its call; its sender reports are counted on the call. RTCP about a
-        call from anywhere but its latched source is dropped and counted (``foreign_rtcp``)."""
-        for media in self._media_ports(port):
-            for addr, session in list(media.sessions.items()):
-                named = [p for p in packets if session.ssrc in _ssrcs(p)]
-                if not named:
-                    continue
-                if not rtcp_source_ok(addr, source):
-                    port.stats.foreign_rtcp += 1
-                    _count(session.call, "foreign_rtcp")
-                elif any(isinstance(p, Bye) for p in named):
-                    media.end(addr, "bye")
-                else:
-                    _count(session.call, "sender_reports", len(named))
+        call from anywhere but its latched source is dropped and counted (``foreign_rtcp``).
+        Looked up by SSRC on this port (rtcp-mux) and the one below (RFC 3550 §11: port + 1)."""
+        named = {ssrc for p in packets for ssrc in _ssrcs(p)}
+        for media in (port, self.ports.get(port.port - 1)):
+            for ssrc in named if media is not None else ():
+                assert media is not None
+                addr = media.by_ssrc.get(ssrc)
+                if addr is not None and addr in media.sources:
+                    self._rtcp_for(media, addr, source, [p for p in packets if ssrc in _ssrcs(p)])
 
-    def _media_ports(self, port: RtpPort) -> list[RtpPort]:
-        """The ports whose calls RTCP arriving on ``port`` may concern: itself (rtcp-mux) and
-        the RTP port below it (RFC 3550 §11: RTCP goes to RTP port + 1)."""
-        index = port.port - self.port_range[0]
-        return self.ports[max(0, index - 1) : index + 1]
+    def _rtcp_for(
+        self, media: RtpPort, addr: Address, source: Address, packets: list[RtcpPacket]
+    ) -> None:
+        call = media.sources[addr].call
+        if not rtcp_source_ok(addr, source):
+            call.count_dropped("foreign_rtcp", source=f"{source[0]}:{source[1]}")
+        elif any(isinstance(p, Bye) for p in packets):
+            media.end(addr, "bye")
+        else:
+            stats = call.transport_stats
+            stats["sender_reports"] = stats.get("sender_reports", 0) + len(packets)
 
     def end_all(self, reason: str) -> None:
         """End every RTP call, playing out what each jitter buffer holds first."""
-        for port in self.ports:
-            for addr in list(port.sessions):
+        for port in list(self._active):
+            for addr in list(port.sources):
                 port.end(addr, reason)
 
-    def totals(self) -> RtpStats:
-        total = RtpStats()
-        for port in self.ports:
-            for name, value in vars(port.stats).items():
-                setattr(total, name, getattr(total, name) + value)
-        return total
+    def totals(self) -> dict[str, int]:
+        """Packets no call could be charged with, by reason (no call on the port, or the call's
+        ``call.ended`` already published): ``unvalidated``, ``unknown_payload_type``,
+        ``malformed``, ``call_refused``, ``after_end``, ``over_buffer_limit``."""
+        return dict(self._counts)
 
     async def stop(self) -> None:
         if self._sweeper is not None:

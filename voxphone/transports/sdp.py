@@ -1,8 +1,9 @@
 """SDP offer/answer for one receive-only audio stream (RFC 4566, RFC 3264), sans I/O.
 
-voxphone only listens, so the answer takes the first audio format of the offer it can decode,
-plus telephone-event if offered, and answers ``recvonly``. Everything it cannot use is refused
-with a message naming the line.
+voxphone only listens, so the answer takes the first audio format of the offer it can decode
+(and the other decodable ones on the same RTP clock, which the sender may switch to), plus
+telephone-event at that clock rate if offered, and answers ``recvonly``. Everything it cannot
+use is refused with a message naming the line.
 """
 
 from __future__ import annotations
@@ -104,7 +105,9 @@ class Answer:
     codec: Codec
     payload_type: int
     telephone_event: int | None
-    remote: tuple[str, int] | None  # where the offerer sends from (symmetric RTP)
+    remote: tuple[str, int] | None  # where the offerer says it sends from: a hint (NAT)
+    #: Every format the answer accepts (``payload_type`` first), for switches mid-stream.
+    formats: dict[int, Codec] = field(default_factory=dict)
 
 
 _ENCODINGS = {"pcmu": "PCMU", "pcma": "PCMA", "g722": "G722", "opus": "opus"}
@@ -142,16 +145,32 @@ def answer(offer: Offer, host: str, port: int, session_id: int) -> Answer:
     direction = m.direction or offer.direction
     if direction in ("recvonly", "inactive"):
         raise TransportError(f"SDP offer is {direction}: the caller would send no audio")
-    chosen = next(((pt, c) for pt in m.formats if (c := _codec_for(pt, m.rtpmap))), None)
-    if chosen is None:
+    formats = _formats(m)
+    pt, codec = next(iter(formats.items()))
+    dtmf = _telephone_event(m, codec)
+    sdp = _render(host, port, session_id, [*formats, *([dtmf] if dtmf is not None else [])], m)
+    return Answer(sdp, codec, pt, dtmf, _remote(offer, m), formats)
+
+
+def _formats(m: Media) -> dict[int, Codec]:
+    """What the answer accepts, the offer's preferred decodable format first: every decodable
+    format on that one's RTP clock rate. RFC 3264 §6.1 lets the offerer send any format the
+    answer lists and switch among them mid-stream (G.722 and PCMA both run an 8000 Hz clock,
+    RFC 3551 §4.5.2); one clock keeps the call's timeline and telephone-events on one clock."""
+    decodable = {pt: c for pt in m.formats if (c := _codec_for(pt, m.rtpmap)) is not None}
+    if not decodable:
         offered = ", ".join(m.rtpmap.get(pt, str(pt)) for pt in m.formats)
         raise TransportError(f"SDP offer has no codec voxphone decodes (offered: {offered})")
-    pt, codec = chosen
-    dtmf = next(
-        (p for p in m.formats if m.rtpmap.get(p, "").lower().startswith("telephone-event/8000")),
-        None,
-    )
-    return Answer(_render(host, port, session_id, pt, m, dtmf), codec, pt, dtmf, _remote(offer, m))
+    rate = next(iter(decodable.values())).clock_rate
+    return {pt: c for pt, c in decodable.items() if c.clock_rate == rate}
+
+
+def _telephone_event(m: Media, codec: Codec) -> int | None:
+    """The offered telephone-event at the chosen codec's RTP clock rate: RFC 4733 §2.1 has
+    events share the audio stream's clock (Opus: 48000, RFC 7587; G.722: 8000, RFC 3551
+    §4.5.2), so an offer may list one per rate and the answer must pick the matching one."""
+    want = ["telephone-event", str(codec.clock_rate)]
+    return next((p for p in m.formats if m.rtpmap.get(p, "").lower().split("/")[:2] == want), None)
 
 
 def _remote(offer: Offer, m: Media) -> tuple[str, int] | None:
@@ -159,9 +178,8 @@ def _remote(offer: Offer, m: Media) -> tuple[str, int] | None:
     return (addr, m.port) if addr and addr not in ("0.0.0.0", "::") else None
 
 
-def _render(host: str, port: int, sid: int, pt: int, m: Media, dtmf: int | None) -> str:
+def _render(host: str, port: int, sid: int, pts: list[int], m: Media) -> str:
     ip = "IP6" if ":" in host else "IP4"
-    pts = [pt] + ([dtmf] if dtmf is not None else [])
     lines = [
         "v=0",
         f"o=voxphone {sid} {sid} IN {ip} {host}",

@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from voxphone.errors import TransportError
-from voxphone.transports.rtp import RtpPacket, is_rtcp, parse_rtp
+from voxphone.transports.rtp_packet import RtpPacket, is_rtcp, parse_rtp
 
 
 def header(

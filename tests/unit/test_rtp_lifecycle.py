@@ -1,0 +1,182 @@
+"""How RTP calls end and what their media does afterwards; latching when signalling is a hint.
+
+Ports are driven without sockets and swept on a ``FakeClock``; the server tests bind free ports
+only and call ``sweep`` themselves.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.conftest import free_udp_range
+from tests.unit.test_rtp_port import CALLER, Calls, tone_packets
+from voxphone.audio.codecs import PCMU
+from voxphone.call import Call
+from voxphone.clock import FakeClock
+from voxphone.errors import TransportError
+from voxphone.testing import capture_events
+from voxphone.transports.rtp import PortPolicy, Reservation, RtpPort, RtpServer
+from voxphone.transports.rtp_packet import RtpPacket
+
+GATEWAY = ("192.0.2.5", 17000)  # where the SDP says media comes from
+NATTED = ("203.0.113.9", 31000)  # where it really comes from
+
+
+def reserved(
+    clock: FakeClock, *, hint: tuple[str, int] | None = None, expected_ip: str | None = None
+) -> tuple[RtpPort, Call, Calls]:
+    calls = Calls()
+    call = Call("api", PCMU, capture_events(), clock, transport="rtp")
+    port = RtpPort(40002, calls, clock)
+    port.reserve(Reservation(call, 0, 101, expected_ip, clock.monotonic(), hint))
+    return port, call, calls
+
+
+def send(port: RtpPort, packets: list[RtpPacket], source: tuple[str, int] = CALLER) -> None:
+    for p in packets:
+        port.handle(p.serialize(), source)
+
+
+class TestEndedCallsStayEnded:
+    @pytest.mark.parametrize("reason", ["hangup", "max_duration"])
+    def test_an_api_call_ended_from_above_opens_no_phantom_call(self, reason: str) -> None:
+        """After ``DELETE`` (or ``max_duration``, which also goes through ``call.hangup``) the
+        gateway's remaining packets are counted ``after_end``; the port is given back only once
+        they have stopped for the grace period."""
+        clock = FakeClock()
+        port, call, calls = reserved(clock)
+        pkts = tone_packets(n=100)
+        send(port, pkts[:50])
+        call.hangup(reason)
+        assert call.end_reason == reason
+        for p in pkts[50:]:
+            clock.advance(0.02)
+            port.handle(p.serialize(), CALLER)
+            port.expire(clock.monotonic())
+        assert calls.calls == [] and port.reservation is not None and not port.free
+        assert call.stats.dropped == {"after_end": 50}
+        clock.advance(PortPolicy().ended_grace_s)
+        port.expire(clock.monotonic())
+        assert port.free and port.reservation is None
+
+    def test_a_first_packet_call_hung_up_ignores_its_stream_but_not_a_new_one(self) -> None:
+        calls = Calls()
+        port = RtpPort(40000, calls, FakeClock())
+        send(port, tone_packets(n=10))
+        calls.calls[0].hangup("hangup")
+        send(port, tone_packets(n=10, first_seq=500))  # the same stream (SSRC), going on
+        assert len(calls.calls) == 1
+        assert calls.calls[0].stats.dropped == {"after_end": 10}
+        fresh = tone_packets(n=2, ssrc=0xC0FFEE)  # a new call from the same address
+        send(port, fresh)
+        assert len(calls.calls) == 2
+
+    def test_a_call_that_ended_elsewhere_stops_its_media_too(self) -> None:
+        """An engine failure ends the call inside; the transport notices at the next packet."""
+        calls = Calls()
+        port = RtpPort(40000, calls, FakeClock())
+        pkts = tone_packets(n=20)
+        send(port, pkts[:10])
+        calls.calls[0].end("engine_error")
+        send(port, pkts[10:])
+        assert len(calls.calls) == 1 and calls.calls[0].stats.dropped == {"after_end": 10}
+
+
+class TestSilence:
+    def test_a_signalled_call_survives_a_pause_and_ends_after_the_long_timeout(self) -> None:
+        """Silence suppression: 7 s without packets is not a hang-up for an API call; the
+        ``no_media_s`` timeout (30 s) is."""
+        clock = FakeClock()
+        port, call, _ = reserved(clock)
+        pkts = tone_packets(n=20)
+        send(port, pkts[:10])
+        clock.advance(7)
+        port.expire(clock.monotonic())
+        send(port, pkts[10:])
+        assert call.end_reason is None and call.stats.packets == 20
+        clock.advance(29.9)
+        port.expire(clock.monotonic())
+        assert call.end_reason is None
+        clock.advance(0.2)
+        port.expire(clock.monotonic())
+        assert call.end_reason == "no_media"
+
+    def test_a_first_packet_call_keeps_the_short_inactivity_timeout(self) -> None:
+        clock = FakeClock()
+        calls = Calls()
+        port = RtpPort(40000, calls, clock, PortPolicy(inactivity_s=5.0, no_media_s=30.0))
+        send(port, tone_packets(n=5))
+        clock.advance(5)
+        port.expire(clock.monotonic())
+        assert calls.calls[0].end_reason == "inactivity"
+
+
+class TestSignalledAddressesAreHints:
+    """Asterisk strictrtp learning: the SDP's address latches at once; behind NAT, the first
+    source to pass probation does, and the SDP's address may take over while learning."""
+
+    def test_media_from_behind_nat_latches_after_probation(self) -> None:
+        clock = FakeClock()
+        port, call, _ = reserved(clock, hint=GATEWAY)
+        pkts = tone_packets(n=10)
+        send(port, pkts, NATTED)
+        assert call.stats.packets == 10
+        assert call.metadata["remote"] == "203.0.113.9:31000"
+        send(port, tone_packets(n=4, ssrc=0xBAD), ("198.51.100.7", 4000))  # anyone else
+        assert call.stats.dropped == {"foreign_source": 4}
+
+    def test_the_signalled_address_latches_at_once_and_may_take_over_while_learning(
+        self,
+    ) -> None:
+        clock = FakeClock()
+        port, call, _ = reserved(clock, hint=GATEWAY)
+        pkts = tone_packets(n=30)
+        send(port, pkts[:10], NATTED)
+        clock.advance(1)
+        send(port, pkts[10:20], GATEWAY)  # the address the SDP named: it takes over
+        assert call.metadata["remote"] == "192.0.2.5:17000"
+        assert call.transport_stats["relatched"] == 1 and call.stats.packets == 20
+        clock.advance(PortPolicy().learning_s)
+        send(port, pkts[20:], NATTED)  # learning is over: the latch holds
+        assert call.stats.dropped == {"foreign_source": 10}
+
+    def test_the_json_remote_ip_stays_a_filter(self) -> None:
+        clock = FakeClock()
+        port, call, _ = reserved(clock, expected_ip="192.0.2.5")
+        send(port, tone_packets(n=4), NATTED)
+        assert call.stats.packets == 0 and call.stats.dropped == {"foreign_source": 4}
+        send(port, tone_packets(n=4), GATEWAY)
+        assert call.stats.packets == 4
+
+
+async def test_the_server_queues_free_ports_and_sweeps_only_busy_ones() -> None:
+    """Allocation takes even ports first from a queue; a port comes back to it once its call
+    has ended and the grace period is over; packets to idle ports are counted on the server."""
+    first, _ = free_udp_range(5)
+    lo = first + first % 2  # four ports, the first even
+    hi = lo + 3
+    clock = FakeClock()
+    calls = Calls()
+    server = RtpServer("127.0.0.1", (lo, hi), calls, clock, inactivity_timeout_s=5)
+    await server.start()
+    try:
+        evens = [server.allocate(), server.allocate()]
+        assert [p.port % 2 for p in evens] == [0, 0]
+        call = Call("api", PCMU, capture_events(), clock, transport="rtp")
+        evens[0].reserve(Reservation(call, 0, created=clock.monotonic()))
+        server.sweep(clock.monotonic())  # the unreserved one goes back to the queue
+        odd = server.allocate()
+        assert odd.port % 2 == 1
+        server.ports[odd.port].handle(RtpPacket(77, 1, 1, 1, b"").serialize(), CALLER)
+        assert server.totals() == {"unknown_payload_type": 1}
+        call.hangup("hangup")
+        clock.advance(PortPolicy().ended_grace_s)
+        server.sweep(clock.monotonic())
+        ports = [server.allocate() for _ in range(4)]
+        assert {p.port for p in ports} == set(range(lo, hi + 1))
+        server.release(ports[2])  # a refused request gives its port back at once
+        assert server.allocate() is ports[2]
+        with pytest.raises(TransportError, match="no free RTP port"):
+            server.allocate()
+    finally:
+        await server.stop()
