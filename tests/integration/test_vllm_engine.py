@@ -13,12 +13,14 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import Speech, free_tcp_port, free_udp_range
-from tests.integration.test_serve import WebhookReceiver, calls_of, running_serve
+from tests.integration.test_serve import Serve, WebhookReceiver, calls_of, running_serve
 from voxphone.engines import vllm_compat
 from voxphone.engines.tiny_voxtral import write_tiny_voxtral
 
@@ -79,6 +81,23 @@ def worker_pids(parent: int) -> list[int]:
     )
 
 
+@asynccontextmanager
+async def serve_with_engines(
+    tmp_path: Path, model: Path, rx: WebhookReceiver
+) -> AsyncIterator[tuple[Serve, int, list[int]]]:
+    """`voxphone serve` on two vLLM engine workers: (serve, its pid, the workers' pids)."""
+    config = vllm_config(tmp_path / "voxphone.toml", model, engines=2)
+    await rx.server.start_server()
+    try:
+        async with running_serve(
+            tmp_path, rx, "--config", str(config), ready_timeout_s=240, VLLM_CPU_KVCACHE_SPACE="1"
+        ) as serve:
+            parent = serve_pid(serve.http_port)
+            yield serve, parent, worker_pids(parent)
+    finally:
+        await rx.server.close()
+
+
 async def call(wav: Path, port: int) -> None:
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "voxphone", "call", str(wav), "--to", f"127.0.0.1:{port}",
@@ -96,23 +115,12 @@ async def test_serve_runs_vllm_in_engine_workers_and_never_imports_torch_itself(
     imports = tmp_path / "imports.txt"
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(site), os.getcwd()]))
     monkeypatch.setenv("VOXPHONE_TEST_IMPORTS", str(imports))
-    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
-    config = vllm_config(tmp_path / "voxphone.toml", tiny_model, engines=2)
     rx = WebhookReceiver()
-    await rx.server.start_server()
-    try:
-        async with running_serve(
-            tmp_path, rx, "--config", str(config), ready_timeout_s=240
-        ) as serve:
-            parent = serve_pid(serve.http_port)
-            workers = worker_pids(parent)
-            assert len(workers) == 2
-            lo = serve.rtp_ports[0]
-            # Two calls at once: one on each engine (least loaded first).
-            await asyncio.gather(call(speech["order"].path, lo), call(speech["phone"].path, lo + 2))
-            await rx.wait_ended(2, timeout_s=60)
-    finally:
-        await rx.server.close()
+    async with serve_with_engines(tmp_path, tiny_model, rx) as (serve, parent, workers):
+        assert len(workers) == 2
+        lo = serve.rtp_ports[0]
+        await asyncio.gather(call(speech["order"].path, lo), call(speech["phone"].path, lo + 2))
+        await rx.wait_ended(2, timeout_s=60)
     calls = list(calls_of(rx).values())
     assert len(calls) == 2
     for events in calls:
@@ -128,26 +136,17 @@ async def test_serve_runs_vllm_in_engine_workers_and_never_imports_torch_itself(
 
 
 async def test_a_call_on_a_lost_engine_moves_to_the_other(
-    tiny_model: Path, speech: dict[str, Speech], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tiny_model: Path, speech: dict[str, Speech], tmp_path: Path
 ) -> None:
     """Kill the engine that holds a live call: ``engine.error`` (recovered) and the call goes on
     on the other engine, audio since the last final replayed, to the caller's own hang-up."""
-    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
-    config = vllm_config(tmp_path / "voxphone.toml", tiny_model, engines=2)
     rx = WebhookReceiver()
-    await rx.server.start_server()
-    try:
-        async with running_serve(
-            tmp_path, rx, "--config", str(config), ready_timeout_s=240
-        ) as serve:
-            first, _ = worker_pids(serve_pid(serve.http_port))
-            caller = asyncio.create_task(call(speech["order"].path, serve.rtp_ports[0]))
-            await asyncio.sleep(1.5)  # the call's session is on the first engine (least loaded)
-            os.killpg(first, signal.SIGKILL)
-            await caller
-            await rx.wait_ended(1, timeout_s=60)
-    finally:
-        await rx.server.close()
+    async with serve_with_engines(tmp_path, tiny_model, rx) as (serve, _, (first, _)):
+        caller = asyncio.create_task(call(speech["order"].path, serve.rtp_ports[0]))
+        await asyncio.sleep(1.5)  # the call's session is on the first engine (least loaded)
+        os.killpg(first, signal.SIGKILL)
+        await caller
+        await rx.wait_ended(1, timeout_s=60)
     (events,) = calls_of(rx).values()
     errors = [e["data"] for e in events if e["type"] == "engine.error"]
     assert len(errors) == 1 and errors[0]["recovered"] is True, errors
