@@ -189,6 +189,9 @@ class CallsConfig(_Section):
     max_concurrent: int = Field(50, ge=1)
     #: A call is hung up (``call.ended{reason: max_duration}``) after this long.
     max_duration_s: float = Field(4 * 3600, gt=0)
+    #: On SIGTERM, live calls go on until they end or this many seconds pass; then the rest
+    #: end with ``shutdown``. A rolling deploy sets its grace period above it.
+    drain_s: float = Field(30.0, ge=0)
 
 
 class SphinxConfig(_Section):

@@ -144,8 +144,8 @@ class EventService:
             await self.outbox.close()
             return
         self._compactor.cancel()
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(self.outbox.flush(), drain_timeout_s)
+        with contextlib.suppress(Exception):  # committing is local: it gets at least 5 s
+            await asyncio.wait_for(self.outbox.flush(), max(drain_timeout_s, 5.0))
         await asyncio.gather(*(d.close(drain_timeout_s) for d in self.deliverers.values()))
         await self.outbox.close()
 
