@@ -57,8 +57,8 @@ def _outbox_in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.fixture(autouse=True)
 def _no_fixed_ports(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Every `voxphone serve` a test starts binds free ports only: AudioSocket (default 9092)
-    is off unless the test gives it a free port; HTTP and RTP ports are always given."""
+    """Every `voxphone serve` a test starts binds free ports only: AudioSocket (off by default)
+    stays off unless the test gives it a free port; HTTP and RTP ports are always given."""
     monkeypatch.setenv("VOXPHONE_ASTERISK__AUDIOSOCKET_PORT", "0")
 
 

@@ -18,7 +18,7 @@ from voxphone.clock import Clock, SystemClock
 from voxphone.config import Config
 from voxphone.engines import create_engine
 from voxphone.engines.base import Engine
-from voxphone.errors import TransportError
+from voxphone.errors import ConfigError, TransportError
 from voxphone.events.model import Event, EventSink, FanOut
 from voxphone.events.service import EventService
 from voxphone.http import events as events_api
@@ -41,11 +41,11 @@ log = structlog.get_logger(__name__)
 
 
 class EventLog:
-    """Logs every event at debug level (and finals at info), so a bare ``serve`` shows words."""
+    """Logs every event at debug level: transcripts are what callers said, so they stay out of
+    INFO logs (the call's lifecycle, ``call_started``/``call_ended``, is logged at INFO)."""
 
     def publish(self, event: Event) -> None:
-        level = log.info if event.type in ("transcript.final", "call.ended") else log.debug
-        level("event", type=event.type, call_id=event.call_id, seq=event.seq, data=event.data)
+        log.debug("event", type=event.type, call_id=event.call_id, seq=event.seq, data=event.data)
 
 
 class App:
@@ -199,7 +199,10 @@ class Signals:
 
 async def serve(config: Config) -> None:
     """Run until SIGINT or SIGTERM, drain for ``calls.drain_s``, then stop (a second signal
-    cuts both short)."""
+    cuts both short). ``ConfigError`` before anything starts when the HTTP port would be
+    open to anyone (``HttpConfig.exposure_error``)."""
+    if (why := config.http.exposure_error()) is not None:
+        raise ConfigError(why)
     app = App(config)
     signals = Signals()
     signals.install(asyncio.get_running_loop())

@@ -65,7 +65,19 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--webhook", metavar="URL", help="POST every event here as JSON")
     g.add_argument("--webhook-secret", metavar="whsec_…", help="sign webhooks (Standard Webhooks)")
     g.add_argument("--max-calls", type=int, help="concurrent call limit [50]")
+    g.add_argument(
+        "--audiosocket-port", type=int, metavar="PORT", help="Asterisk AudioSocket port [0: off]"
+    )
     serve.set_defaults(run=_serve)
+
+    check = sub.add_parser(
+        "check-config",
+        help="validate a config file and print the effective config",
+        description="Validate FILE (with VOXPHONE_* variables applied, as serve would) and "
+        "print the effective config as JSON, secrets masked; exit 2 with the bad keys if invalid.",
+    )
+    check.add_argument("file", type=Path, metavar="FILE")
+    check.set_defaults(run=_check_config)
 
     tr = sub.add_parser(
         "transcribe",
@@ -157,6 +169,7 @@ FLAGS = {
     "webhook.url": "--webhook",
     "webhook.secret": "--webhook-secret",
     "calls.max_concurrent": "--max-calls",
+    "asterisk.audiosocket_port": "--audiosocket-port",
 }
 
 
@@ -187,9 +200,20 @@ def _serve(args: argparse.Namespace) -> int:
             "webhook.url": args.webhook,
             "webhook.secret": args.webhook_secret,
             "calls.max_concurrent": args.max_calls,
+            "asterisk.audiosocket_port": args.audiosocket_port,
         },
     )
     asyncio.run(serve(config))
+    return 0
+
+
+def _check_config(args: argparse.Namespace) -> int:
+    from voxphone.config import masked
+
+    config = load_config(args.file)
+    print(json.dumps(masked(config.model_dump(mode="json")), indent=2))
+    if (why := config.http.exposure_error()) is not None:
+        raise ConfigError(f"{args.file}: serve would refuse to start: {why}")
     return 0
 
 
