@@ -62,6 +62,13 @@ def _no_fixed_ports(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("VOXPHONE_ASTERISK__AUDIOSOCKET_PORT", "0")
 
 
+@pytest.fixture(autouse=True)
+def _quick_shutdown(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`voxphone serve` processes stopped at a test's end hang up live calls at once (as before
+    drain_s); the drain tests set ``VOXPHONE_CALLS__DRAIN_S`` themselves."""
+    monkeypatch.setenv("VOXPHONE_CALLS__DRAIN_S", "0")
+
+
 @pytest.fixture(scope="session")
 def speech(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Speech]:
     flite = require("flite")
