@@ -157,7 +157,7 @@ async def serve_process(
     tmp_path: Path, receiver: WebhookReceiver, drain_s: float
 ) -> AsyncIterator[tuple[asyncio.subprocess.Process, int, int]]:
     """`voxphone serve` as a deploy runs it: (process, HTTP port, first RTP port)."""
-    lo, hi = free_udp_range(4)
+    lo, hi = free_udp_range(6)
     http_port = free_tcp_port()
     log = (tmp_path / "serve.log").open("wb")
     proc = await asyncio.create_subprocess_exec(
@@ -194,6 +194,30 @@ async def until_draining(port: int) -> float:
     return asyncio.get_running_loop().time()
 
 
+async def refused_everywhere(http_port: int, rtp_port: int) -> None:
+    """While the process drains: the calls API and a media websocket refuse, a new RTP source
+    makes no call; /metrics counts each."""
+    base = f"http://127.0.0.1:{http_port}"
+    silence = list(rtp_packets(np.zeros(1600, np.int16), PCMU, seed=9))
+    await send_rtp(silence, ("127.0.0.1", rtp_port), pace=False)
+    refused_rtp = 'voxphone_calls_refused_total{reason="draining",transport="rtp"}'
+    async with aiohttp.ClientSession() as http:
+        async with asyncio.timeout(5):  # the RTP source first, before the API adds to "rtp"
+            while refused_rtp not in await (await http.get(f"{base}/metrics")).text():  # noqa: ASYNC110
+                await asyncio.sleep(0.05)
+        async with http.post(f"{base}/v1/calls", json={"codec": "PCMU"}) as r:
+            assert r.status == 503 and r.headers["Retry-After"] == "5"
+        async with http.ws_connect(f"{base}/v1/media/stream") as ws:
+            msg = await ws.receive()
+            assert msg.data == 1013 and "draining" in msg.extra
+        async with http.get(f"{base}/metrics") as r:
+            text = await r.text()
+    for transport in ("rtp", "stream"):
+        line = f'voxphone_calls_refused_total{{reason="draining",transport="{transport}"}}'
+        assert line in text, transport
+    assert "voxphone_draining 1.0" in text
+
+
 async def test_sigterm_lets_live_calls_end_then_cuts_the_rest_at_drain_s(
     receiver: WebhookReceiver, speech: dict[str, Speech], tmp_path: Path
 ) -> None:
@@ -212,6 +236,7 @@ async def test_sigterm_lets_live_calls_end_then_cuts_the_rest_at_drain_s(
         proc.send_signal(signal.SIGTERM)
         signalled = loop.time()
         assert await until_draining(http_port) - signalled < 1.0
+        await refused_everywhere(http_port, lo + 4)
         assert await asyncio.wait_for(proc.wait(), 40) == 0
         took = loop.time() - signalled
         for sender in senders:
@@ -220,6 +245,7 @@ async def test_sigterm_lets_live_calls_end_then_cuts_the_rest_at_drain_s(
     started = {e["data"]["local_port"]: e for e in receiver.events if e["type"] == "call.started"}
     by_call = calls_of(receiver)
     short_call, long_call = (by_call[started[port]["call_id"]] for port in (lo, lo + 2))
+    assert len(by_call) == 2, "no call was accepted while draining"
     assert short_call[-1]["type"] == "call.ended" and long_call[-1]["type"] == "call.ended"
     assert short_call[-1]["data"]["reason"] == "inactivity"  # not cut short by the deploy
     assert overlap(speech["order"].text, short_call[-1]["data"]["transcript"]) >= 0.5
