@@ -216,6 +216,7 @@ async def refused_everywhere(http_port: int, rtp_port: int) -> None:
         line = f'voxphone_calls_refused_total{{reason="draining",transport="{transport}"}}'
         assert line in text, transport
     assert "voxphone_draining 1.0" in text
+    assert 'voxphone_calls_started_total{transport="rtp"} 2.0' in text
 
 
 async def test_sigterm_lets_live_calls_end_then_cuts_the_rest_at_drain_s(

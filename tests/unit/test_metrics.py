@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
 from prometheus_client import CollectorRegistry
 
+from tests.hooks import until
 from voxphone.clock import FakeClock
 from voxphone.events.model import EventSequencer
-from voxphone.events.outbox import OutboxStats
+from voxphone.events.outbox import OutboxStats, Stored
 from voxphone.metrics import CallMetrics, Metrics, StateCollector
 
 ROOT = Path(__file__).parents[2]
@@ -73,3 +76,24 @@ def test_the_grafana_dashboard_reads_only_series_voxphone_exports() -> None:
     used = {re.sub(r"_(total|bucket|sum|count)$", "", n)
             for e in exprs for n in re.findall(r"\b(?:voxphone|process)_[a-z_]+", e)}  # fmt: skip
     assert used and used <= exported, used - exported
+
+
+def test_a_delivered_final_is_timed_from_when_it_was_made() -> None:
+    registry = CollectorRegistry()
+    m = CallMetrics(registry)
+    seq = EventSequencer("c1", FakeClock())
+    for type_ in ("transcript.final", "transcript.delta"):
+        event = seq.next(type_, {"text": "hi"})
+        m.delivered("crm", Stored(1, event, event.to_json(), time.time() - 1.5))
+    assert value(registry, "voxphone_webhook_ack_seconds_count", endpoint="crm") == 1  # finals only
+    assert 1.5 <= value(registry, "voxphone_webhook_ack_seconds_sum", endpoint="crm") < 3
+
+
+async def test_the_loop_lag_probe_sees_a_blocked_loop() -> None:
+    registry = CollectorRegistry()
+    m = CallMetrics(registry)
+    probe = asyncio.create_task(m.probe_loop(interval_s=0.01))
+    await asyncio.sleep(0.02)
+    time.sleep(0.2)  # noqa: ASYNC251 -- a blocking call on the loop: what the probe is for
+    await until(lambda: value(registry, "voxphone_event_loop_lag_seconds_sum") >= 0.15)
+    probe.cancel()
