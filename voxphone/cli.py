@@ -53,8 +53,9 @@ def _parser() -> argparse.ArgumentParser:
     serve = sub.add_parser(
         "serve",
         help="run the service",
-        description="Run the service until "
-        "SIGINT/SIGTERM, then drain: live calls finish their transcripts.",
+        description="Run the service until SIGINT/SIGTERM, then drain: /ready answers 503, "
+        "new calls are refused, live calls go on until they end or calls.drain_s (30 s) "
+        "passes, then end with `shutdown`. A second signal ends at once.",
     )
     _config_flags(serve)
     g = serve.add_argument_group("overrides (each beats the config file and VOXPHONE_* variables)")
