@@ -107,7 +107,7 @@ class App:
         app[STEREO_BOTH] = self.config.media_streams.stereo == "both"
         add_routes(app, self.rtp, self._advertise_host(), self.events)
         events_api.add_routes(app, self.events)
-        self.metrics.start(app, self.events, self.registry)
+        self.metrics.start(app, self.events, self.registry, self.rtp.totals)
         app[PROBLEMS].append(lambda: self.events.problem)
         app.router.add_get("/v1/media/asterisk", chan_websocket)
         app.router.add_get("/v1/media/twilio", twilio)

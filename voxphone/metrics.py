@@ -23,7 +23,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import asdict
 from typing import Any
 
 from aiohttp import web
@@ -177,9 +178,16 @@ class CallMetrics:
 class StateCollector(Collector):
     """Read at scrape time: live calls, refusals, the outbox and every destination."""
 
-    def __init__(self, events: EventService, calls: CallRegistry) -> None:
+    def __init__(
+        self,
+        events: EventService,
+        calls: CallRegistry,
+        rtp_totals: Callable[[], Any] | None = None,
+    ) -> None:
+        """``rtp_totals``: the RTP ports' summed counters (a dataclass of ints), if any."""
         self._events = events
         self._calls = calls
+        self._rtp_totals = rtp_totals
 
     def collect(self) -> Iterator[Metric]:
         box = self._events.outbox
@@ -200,6 +208,21 @@ class StateCollector(Collector):
         yield _gauge("voxphone_outbox_backlog", "Events and outcomes not committed.", box.backlog)
         yield _gauge("voxphone_outbox_healthy", "1 when the outbox writes.", box.error is None)
         yield from self._deliveries()
+        if self._rtp_totals is not None:
+            yield self._rtp()
+
+    def _rtp(self) -> Metric:
+        """Every datagram the RTP ports saw, by what became of it: junk (``malformed``),
+        ``unsupported_payload``, ``foreign_source``, ``after_bye``... (the field-hardening
+        counters, before any call exists)."""
+        assert self._rtp_totals is not None
+        family = CounterMetricFamily(
+            "voxphone_rtp_datagrams", "RTP port counters, summed over the ports, by kind.",
+            labels=["kind"],
+        )  # fmt: skip
+        for kind, n in asdict(self._rtp_totals()).items():
+            family.add_metric([kind], n)
+        return family
 
     def _deliveries(self) -> Iterator[Metric]:
         done = CounterMetricFamily(
@@ -247,9 +270,15 @@ class Metrics:
         ProcessCollector(registry=self.registry)
         self._probe: asyncio.Task[None] | None = None
 
-    def start(self, app: web.Application, events: EventService, calls: CallRegistry) -> None:
+    def start(
+        self,
+        app: web.Application,
+        events: EventService,
+        calls: CallRegistry,
+        rtp_totals: Callable[[], Any] | None = None,
+    ) -> None:
         """Serve ``/metrics`` on ``app`` and start watching (after ``events.start``)."""
-        self.registry.register(StateCollector(events, calls))
+        self.registry.register(StateCollector(events, calls, rtp_totals))
         for name, deliverer in events.deliverers.items():
             deliverer.on_delivered = lambda stored, name=name: self.calls.delivered(name, stored)
         app[METRICS] = self.registry

@@ -71,7 +71,7 @@ def test_bad_flag_value_names_the_key() -> None:
 def test_gpu_engine_without_a_gpu_is_a_clear_error(speech: dict[str, Speech]) -> None:
     r = voxphone("transcribe", "--engine", "vllm", str(speech["order"].path))
     assert r.returncode == 2
-    assert "voxphone: error: engine 'vllm' needs a CUDA GPU and none is visible" in r.stderr
+    assert "voxphone: error: engine 'vllm' needs a CUDA GPU and NVML sees none" in r.stderr
 
 
 def test_auto_engine_explains_its_choice(speech: dict[str, Speech]) -> None:

@@ -217,6 +217,7 @@ async def refused_everywhere(http_port: int, rtp_port: int) -> None:
         assert line in text, transport
     assert "voxphone_draining 1.0" in text
     assert 'voxphone_calls_started_total{transport="rtp"} 2.0' in text
+    assert 'voxphone_rtp_datagrams_total{kind="rejected_calls"}' in text
 
 
 async def test_sigterm_lets_live_calls_end_then_cuts_the_rest_at_drain_s(

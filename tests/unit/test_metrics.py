@@ -16,6 +16,7 @@ from voxphone.clock import FakeClock
 from voxphone.events.model import EventSequencer
 from voxphone.events.outbox import OutboxStats, Stored
 from voxphone.metrics import CallMetrics, Metrics, StateCollector
+from voxphone.transports.rtp import RtpStats
 
 ROOT = Path(__file__).parents[2]
 
@@ -69,7 +70,7 @@ def test_the_grafana_dashboard_reads_only_series_voxphone_exports() -> None:
     box = SimpleNamespace(stats=OutboxStats(), backlog=0, error=None)
     events = SimpleNamespace(outbox=box, deliverers={})
     calls = SimpleNamespace(calls={}, refused={}, accepting=True)
-    registry.register(StateCollector(events, calls))  # type: ignore[arg-type]
+    registry.register(StateCollector(events, calls, RtpStats))  # type: ignore[arg-type]
     exported = {family.name for family in registry.collect()}
     dashboard = json.loads((ROOT / "configs/grafana/voxphone.json").read_text())
     exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
