@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import re
 import socket
 import sys
 from pathlib import Path
@@ -209,8 +210,6 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _check_config(args: argparse.Namespace) -> int:
-    from voxphone.config import masked
-
     config = load_config(args.file)
     print(json.dumps(masked(config.model_dump(mode="json")), indent=2))
     if (why := config.http.exposure_error()) is not None:
@@ -318,3 +317,26 @@ def _receive(args: argparse.Namespace) -> int:
 
     asyncio.run(receive(args.host, args.port, args.secret))
     return 0
+
+
+#: Keys whose values are secrets (``check-config`` prints them masked).
+SECRET_KEYS = frozenset({"token", "secret", "secrets", "auth_token", "credential", "password"})
+MASK = "***"
+
+
+def masked(data: Any) -> Any:
+    """``data`` (a config as JSON types) with every secret value replaced by ``***`` and the
+    password in any ``scheme://user:password@host`` URL too."""
+    if isinstance(data, dict):
+        return {k: _mask(v) if k in SECRET_KEYS else masked(v) for k, v in data.items()}
+    if isinstance(data, list):
+        return [masked(v) for v in data]
+    if isinstance(data, str) and "://" in data and "@" in data:
+        return re.sub(r"(://[^:/@]*):[^@/]*@", rf"\1:{MASK}@", data)
+    return data
+
+
+def _mask(value: Any) -> Any:
+    if value is None or value == "":
+        return value
+    return [MASK for _ in value] if isinstance(value, list) else MASK

@@ -9,7 +9,6 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
-import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -597,26 +596,3 @@ def _origin(key: str, origins: Mapping[str, str], default: str) -> str:
         if key and (f"{key}.".startswith(f"{set_key}.") or set_key.startswith(f"{key}.")):
             return origin
     return default
-
-
-#: Keys whose values are secrets (``check-config`` prints them masked).
-SECRET_KEYS = frozenset({"token", "secret", "secrets", "auth_token", "credential", "password"})
-MASK = "***"
-
-
-def masked(data: Any) -> Any:
-    """``data`` (a config as JSON types) with every secret value replaced by ``***`` and the
-    password in any ``scheme://user:password@host`` URL too."""
-    if isinstance(data, dict):
-        return {k: _mask(v) if k in SECRET_KEYS else masked(v) for k, v in data.items()}
-    if isinstance(data, list):
-        return [masked(v) for v in data]
-    if isinstance(data, str) and "://" in data and "@" in data:
-        return re.sub(r"(://[^:/@]*):[^@/]*@", rf"\1:{MASK}@", data)
-    return data
-
-
-def _mask(value: Any) -> Any:
-    if value is None or value == "":
-        return value
-    return [MASK for _ in value] if isinstance(value, list) else MASK
