@@ -57,9 +57,16 @@ def _outbox_in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.fixture(autouse=True)
 def _no_fixed_ports(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Every `voxphone serve` a test starts binds free ports only: AudioSocket (default 9092)
-    is off unless the test gives it a free port; HTTP and RTP ports are always given."""
+    """Every `voxphone serve` a test starts binds free ports only: AudioSocket (off by default)
+    stays off unless the test gives it a free port; HTTP and RTP ports are always given."""
     monkeypatch.setenv("VOXPHONE_ASTERISK__AUDIOSOCKET_PORT", "0")
+
+
+@pytest.fixture(autouse=True)
+def _quick_shutdown(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`voxphone serve` processes stopped at a test's end hang up live calls at once (as before
+    drain_s); the drain tests set ``VOXPHONE_CALLS__DRAIN_S`` themselves."""
+    monkeypatch.setenv("VOXPHONE_CALLS__DRAIN_S", "0")
 
 
 @pytest.fixture(scope="session")

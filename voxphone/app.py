@@ -18,7 +18,7 @@ from voxphone.clock import Clock, SystemClock
 from voxphone.config import Config
 from voxphone.engines import create_engine
 from voxphone.engines.base import Engine
-from voxphone.errors import TransportError
+from voxphone.errors import ConfigError, TransportError
 from voxphone.events.model import Event, EventSink, FanOut
 from voxphone.events.service import EventService
 from voxphone.http import events as events_api
@@ -41,11 +41,11 @@ log = structlog.get_logger(__name__)
 
 
 class EventLog:
-    """Logs every event at debug level (and finals at info), so a bare ``serve`` shows words."""
+    """Logs every event at debug level: transcripts are what callers said, so they stay out of
+    INFO logs (the call's lifecycle, ``call_started``/``call_ended``, is logged at INFO)."""
 
     def publish(self, event: Event) -> None:
-        level = log.info if event.type in ("transcript.final", "call.ended") else log.debug
-        level("event", type=event.type, call_id=event.call_id, seq=event.seq, data=event.data)
+        log.debug("event", type=event.type, call_id=event.call_id, seq=event.seq, data=event.data)
 
 
 class App:
@@ -56,7 +56,8 @@ class App:
         self.clock = clock or SystemClock()
         self.engine = engine or create_engine(config)
         self.events = EventService(config, self.clock)
-        sinks: list[EventSink] = [EventLog(), self.events]
+        self.metrics = metrics.Metrics()
+        sinks: list[EventSink] = [EventLog(), self.metrics.calls, self.events]
         self.sinks = FanOut(sinks)
         self.registry = CallRegistry(
             self.engine,
@@ -108,7 +109,7 @@ class App:
         app[STEREO_BOTH] = self.config.media_streams.stereo == "both"
         add_routes(app, self.rtp, self._advertise_host(), self.events)
         events_api.add_routes(app, self.events)
-        metrics.add_routes(app, self.events, self.registry)
+        self.metrics.start(app, self.events, self.registry, self.rtp.totals)
         app[PROBLEMS].append(lambda: self.events.problem)
         app.router.add_get("/v1/media/asterisk", chan_websocket)
         app.router.add_get("/v1/media/twilio", twilio)
@@ -149,34 +150,67 @@ class App:
             return socket.gethostbyname(socket.gethostname())
         return rtp.host
 
-    async def stop(self, drain_timeout_s: float = 10.0) -> None:
-        """Refuse new calls, let live ones finish their transcripts, deliver events, shut down."""
+    async def drain(self, drain_s: float, urgent: asyncio.Event | None = None) -> None:
+        """Stop taking calls (``/ready`` answers 503 from here on; every ingress refuses) and
+        let live calls go on until they end by themselves, ``drain_s`` passes or ``urgent``
+        is set (a second signal)."""
         self.registry.accepting = False
-        self.rtp.end_all("shutdown")
-        await self.registry.drain(drain_timeout_s)
+        live = len(self.registry.calls)
+        log.info("voxphone_draining", active_calls=live, drain_s=drain_s)
+        if live and not await self.registry.wait_idle(drain_s, urgent):
+            log.info("drain_deadline", active_calls=len(self.registry.calls))
+
+    async def stop(self, flush_s: float = 10.0, urgent: asyncio.Event | None = None) -> None:
+        """End the calls still live with ``shutdown`` (the engine gets ``flush_s`` for their
+        last words), deliver what the outbox holds (5 s), shut down. Once ``urgent`` is set,
+        nothing is waited for: calls are cut off and undelivered events stay in the outbox
+        for the next start."""
+        self.registry.accepting = False
+        await self.registry.drain(flush_s, urgent)
         await self.rtp.stop()
         if self.webrtc is not None:
             await self.webrtc.close_all()
         if self.audiosocket is not None:
             await self.audiosocket.stop()
-        await self.events.stop()
+        await self.events.stop(0.0 if urgent is not None and urgent.is_set() else 5.0)
         if self._runner is not None:
             await self._runner.cleanup()
         await self.engine.stop()
+        await self.metrics.stop()
         log.info("voxphone_stopped")
 
 
+class Signals:
+    """SIGINT/SIGTERM: the first sets ``stop`` (drain), the second ``urgent`` (end now)."""
+
+    def __init__(self) -> None:
+        self.stop = asyncio.Event()
+        self.urgent = asyncio.Event()
+
+    def install(self, loop: asyncio.AbstractEventLoop) -> None:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError):
+                loop.add_signal_handler(sig, self._received, sig)
+
+    def _received(self, sig: signal.Signals) -> None:
+        if self.stop.is_set():
+            log.warning("voxphone_stopping_now", signal=sig.name)
+            self.urgent.set()
+        self.stop.set()
+
+
 async def serve(config: Config) -> None:
-    """Run until SIGINT or SIGTERM, then drain gracefully."""
+    """Run until SIGINT or SIGTERM, drain for ``calls.drain_s``, then stop (a second signal
+    cuts both short). ``ConfigError`` before anything starts when the HTTP port would be
+    open to anyone (``HttpConfig.exposure_error``)."""
+    if (why := config.http.exposure_error()) is not None:
+        raise ConfigError(why)
     app = App(config)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        with contextlib.suppress(NotImplementedError):
-            loop.add_signal_handler(sig, stop.set)
+    signals = Signals()
+    signals.install(asyncio.get_running_loop())
     try:
         await app.start()
-        await stop.wait()
-        log.info("voxphone_draining")
+        await signals.stop.wait()
+        await app.drain(config.calls.drain_s, signals.urgent)
     finally:
-        await app.stop()
+        await app.stop(urgent=signals.urgent)

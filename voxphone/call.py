@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from collections import deque
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -32,6 +33,8 @@ log = structlog.get_logger(__name__)
 
 FRAME_MS = 80
 FRAME_S = FRAME_MS / 1000
+#: Frames whose arrival times are kept for latency (4 minutes: longer than any segment).
+ARRIVALS_KEPT = 3000
 
 
 @dataclass
@@ -89,6 +92,11 @@ class Call:
         self._frames: asyncio.Queue[Pcm | None] = asyncio.Queue()
         self._max_frames = max_queued_frames
         self._room = asyncio.Event()  # set when the feeder takes a frame (for ``feed_*``)
+        #: When each queued frame arrived (monotonic s), in step with ``_frames``; then, for
+        #: frames sent, ``(frames sent so far, arrival)``: the arrival of the audio ending at
+        #: any ``end_ms`` the engine reports, for ``transcript.final.latency_ms``.
+        self._queued_at: deque[float] = deque()
+        self._sent_at: deque[tuple[int, float]] = deque(maxlen=ARRIVALS_KEPT)
         self._end_timeout_s = end_timeout_s
         self._started_at = clock.monotonic()
         self._segments: list[str] = []
@@ -133,7 +141,7 @@ class Call:
             return
         self.end_reason = reason
         for frame in self.pipeline.flush():
-            self._frames.put_nowait(frame)
+            self._queue(frame)
         timeout_s = self._end_timeout_s + self._frames.qsize() * FRAME_S
         self._frames.put_nowait(None)
         self._room.set()  # a file's feeder stops waiting
@@ -248,7 +256,7 @@ class Call:
                 await self._room.wait()
             if self.end_reason is not None:
                 return
-            self._frames.put_nowait(frame)
+            self._queue(frame)
 
     def _decode(self, timestamp: int, payload: bytes) -> list[Pcm]:
         """Decode and place one payload; one the codec rejects is counted ``undecodable``, one
@@ -267,12 +275,17 @@ class Call:
     def _enqueue(self, frame: Pcm) -> None:
         if self._frames.qsize() >= self._max_frames:
             self._frames.get_nowait()
+            self._queued_at.popleft()
             self.stats.dropped_frames += 1
             if self.stats.dropped_frames % 50 == 1:
                 self._log.warning(
                     "engine_lagging_frames_dropped", dropped=self.stats.dropped_frames
                 )
+        self._queue(frame)
+
+    def _queue(self, frame: Pcm) -> None:
         self._frames.put_nowait(frame)
+        self._queued_at.append(self._clock.monotonic())
 
     # -- tasks -----------------------------------------------------------------------------
 
@@ -302,8 +315,10 @@ class Call:
     async def _feed(self, stream: EngineStream) -> None:
         while (frame := await self._frames.get()) is not None:
             self._room.set()
+            arrived = self._queued_at.popleft()
             await stream.send(frame)
             self.frames_sent += 1
+            self._sent_at.append((self.frames_sent, arrived))
         await stream.close()
 
     async def _abort_stream(self) -> None:
@@ -358,9 +373,24 @@ class Call:
                         "segment_id": self._segment_id,
                         "start_ms": chunk.start_ms,
                         "end_ms": chunk.end_ms,
+                        **self._latency(chunk.end_ms),
                     },
                 )
             self._segment_id += 1
+
+    def _latency(self, end_ms: int | None) -> dict[str, int]:
+        """``{"latency_ms": …}``: from the arrival of the audio at ``end_ms`` (the end of the
+        segment's speech, on the engine's clock) to now; empty when that is not known (no
+        ``end_ms``, or its frame no longer remembered)."""
+        if end_ms is None:
+            return {}
+        frames = -(-end_ms // FRAME_MS)  # the frame holding end_ms, counted from 1
+        for sent, arrived in reversed(self._sent_at):
+            if sent == frames:
+                return {"latency_ms": round((self._clock.monotonic() - arrived) * 1000)}
+            if sent < frames:
+                break
+        return {}
 
     def _engine_failed(self, exc: EngineError) -> None:
         self._log.error("engine_error", error=str(exc))
@@ -429,8 +459,12 @@ class CallRegistry:
         self.max_concurrent = max_concurrent
         self._max_gap_s = max_gap_s
         self.calls: dict[str, Call] = {}
-        self.rejected = 0
+        #: Calls refused, by ``(transport, reason)``; reason is ``draining``, ``limit`` or
+        #: ``duplicate_id`` (for ``/metrics``).
+        self.refused: dict[tuple[str, str], int] = {}
         self.accepting = True
+        self._idle = asyncio.Event()
+        self._idle.set()
 
     def open(
         self,
@@ -441,12 +475,9 @@ class CallRegistry:
         call_id: str | None = None,
         channel: int | None = None,
     ) -> Call | None:
-        """Admit and start a call, or return ``None`` when draining or at the limit."""
-        if not self.accepting or len(self.calls) >= self.max_concurrent or call_id in self.calls:
-            self.rejected += 1
-            log.warning(
-                "call_rejected", active=len(self.calls), accepting=self.accepting, call_id=call_id
-            )
+        """Admit and start a call, or return ``None`` (counted) when draining or at the limit."""
+        if (why := self.why_refused(call_id)) is not None:
+            self.refuse(transport, why, call_id=call_id)
             return None
         call = Call(
             call_id or new_call_id(),
@@ -460,21 +491,53 @@ class CallRegistry:
             channel=channel,
         )
         self.calls[call.call_id] = call
+        self._idle.clear()
         call.start(self.engine, on_done=self._forget)
         return call
 
+    def why_refused(self, call_id: str | None = None) -> str | None:
+        """Why a new call would be refused now (``draining``, ``limit``...), or None."""
+        if not self.accepting:
+            return "draining"
+        if len(self.calls) >= self.max_concurrent:
+            return "limit"
+        return "duplicate_id" if call_id in self.calls else None
+
+    def refuse(self, transport: str, reason: str, **detail: Any) -> None:
+        """Count a call refused at ``transport`` (an ingress that refuses before ``open``
+        calls this itself); logged on the first of each kind and every 100th after."""
+        key = (transport, reason)
+        n = self.refused[key] = self.refused.get(key, 0) + 1
+        if n % 100 == 1:
+            log.warning("call_refused", transport=transport, reason=reason, count=n, **detail)
+
     def _forget(self, call: Call) -> None:
         self.calls.pop(call.call_id, None)
+        if not self.calls:
+            self._idle.set()
 
-    async def drain(self, timeout_s: float) -> None:
-        """Refuse new calls, hang up the live ones, give the engine ``timeout_s`` to finish."""
+    async def wait_idle(self, timeout_s: float, urgent: asyncio.Event | None = None) -> bool:
+        """Until every live call has ended on its own, ``timeout_s`` passes, or ``urgent`` is
+        set; True when no call is left."""
+        waits = [asyncio.ensure_future(self._idle.wait())]
+        if urgent is not None:
+            waits.append(asyncio.ensure_future(urgent.wait()))
+        try:
+            await asyncio.wait(waits, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waits:
+                w.cancel()
+        return not self.calls
+
+    async def drain(self, timeout_s: float, urgent: asyncio.Event | None = None) -> None:
+        """Refuse new calls, hang up the live ones (``shutdown``), give the engine
+        ``timeout_s`` to finish their transcripts (none once ``urgent`` is set), then abort."""
         self.accepting = False
         calls = list(self.calls.values())
         for call in calls:
             call.hangup("shutdown")
-        if not calls:
-            return
-        await asyncio.wait([asyncio.ensure_future(c.wait()) for c in calls], timeout=timeout_s)
+        if calls and not (urgent is not None and urgent.is_set()):
+            await self.wait_idle(timeout_s, urgent)
         for call in calls:
             if not call.done:
                 await call.abort("shutdown")

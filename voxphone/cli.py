@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import re
 import socket
 import sys
 from pathlib import Path
@@ -53,8 +54,9 @@ def _parser() -> argparse.ArgumentParser:
     serve = sub.add_parser(
         "serve",
         help="run the service",
-        description="Run the service until "
-        "SIGINT/SIGTERM, then drain: live calls finish their transcripts.",
+        description="Run the service until SIGINT/SIGTERM, then drain: /ready answers 503, "
+        "new calls are refused, live calls go on until they end or calls.drain_s (30 s) "
+        "passes, then end with `shutdown`. A second signal ends at once.",
     )
     _config_flags(serve)
     g = serve.add_argument_group("overrides (each beats the config file and VOXPHONE_* variables)")
@@ -65,7 +67,19 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--webhook", metavar="URL", help="POST every event here as JSON")
     g.add_argument("--webhook-secret", metavar="whsec_…", help="sign webhooks (Standard Webhooks)")
     g.add_argument("--max-calls", type=int, help="concurrent call limit [50]")
+    g.add_argument(
+        "--audiosocket-port", type=int, metavar="PORT", help="Asterisk AudioSocket port [0: off]"
+    )
     serve.set_defaults(run=_serve)
+
+    check = sub.add_parser(
+        "check-config",
+        help="validate a config file and print the effective config",
+        description="Validate FILE (with VOXPHONE_* variables applied, as serve would) and "
+        "print the effective config as JSON, secrets masked; exit 2 with the bad keys if invalid.",
+    )
+    check.add_argument("file", type=Path, metavar="FILE")
+    check.set_defaults(run=_check_config)
 
     tr = sub.add_parser(
         "transcribe",
@@ -157,6 +171,7 @@ FLAGS = {
     "webhook.url": "--webhook",
     "webhook.secret": "--webhook-secret",
     "calls.max_concurrent": "--max-calls",
+    "asterisk.audiosocket_port": "--audiosocket-port",
 }
 
 
@@ -187,9 +202,18 @@ def _serve(args: argparse.Namespace) -> int:
             "webhook.url": args.webhook,
             "webhook.secret": args.webhook_secret,
             "calls.max_concurrent": args.max_calls,
+            "asterisk.audiosocket_port": args.audiosocket_port,
         },
     )
     asyncio.run(serve(config))
+    return 0
+
+
+def _check_config(args: argparse.Namespace) -> int:
+    config = load_config(args.file)
+    print(json.dumps(masked(config.model_dump(mode="json")), indent=2))
+    if (why := config.http.exposure_error()) is not None:
+        raise ConfigError(f"{args.file}: serve would refuse to start: {why}")
     return 0
 
 
@@ -293,3 +317,26 @@ def _receive(args: argparse.Namespace) -> int:
 
     asyncio.run(receive(args.host, args.port, args.secret))
     return 0
+
+
+#: Keys whose values are secrets (``check-config`` prints them masked).
+SECRET_KEYS = frozenset({"token", "secret", "secrets", "auth_token", "credential", "password"})
+MASK = "***"
+
+
+def masked(data: Any) -> Any:
+    """``data`` (a config as JSON types) with every secret value replaced by ``***`` and the
+    password in any ``scheme://user:password@host`` URL too."""
+    if isinstance(data, dict):
+        return {k: _mask(v) if k in SECRET_KEYS else masked(v) for k, v in data.items()}
+    if isinstance(data, list):
+        return [masked(v) for v in data]
+    if isinstance(data, str) and "://" in data and "@" in data:
+        return re.sub(r"(://[^:/@]*):[^@/]*@", rf"\1:{MASK}@", data)
+    return data
+
+
+def _mask(value: Any) -> Any:
+    if value is None or value == "":
+        return value
+    return [MASK for _ in value] if isinstance(value, list) else MASK

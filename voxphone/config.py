@@ -6,6 +6,7 @@ its source and dotted key (``voxphone.toml: rtp.ports: ...``) instead of a trace
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import tomllib
@@ -41,6 +42,30 @@ class HttpConfig(_Section):
     #: This server's address as callers see it (``https://voxphone.example.com``), for
     #: checking Twilio's request signatures behind proxies.
     public_url: str | None = None
+    #: Listen beyond loopback without a token (only behind something that authenticates).
+    allow_unauthenticated: bool = False
+
+    def exposure_error(self) -> str | None:
+        """Why serving this way is refused: a non-loopback ``host`` with no ``token`` gives
+        anyone who reaches the port the calls API, every live transcript, replays and per-call
+        webhooks. None when loopback, with a token, or explicitly allowed."""
+        if self.token or self.allow_unauthenticated or _is_loopback(self.host):
+            return None
+        return (
+            f"http.host {self.host} listens beyond loopback with no http.token: anyone who "
+            "reaches it gets the calls API and every transcript; set http.token "
+            "(VOXPHONE_HTTP__TOKEN), or http.allow_unauthenticated = true behind a proxy "
+            "that authenticates"
+        )
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 class TwilioConfig(_Section):
@@ -126,10 +151,11 @@ def _check_port_range(value: tuple[int, int] | None) -> tuple[int, int] | None:
 
 class AsteriskConfig(_Section):
     """Asterisk's stream media paths. chan_websocket is always at ``/v1/media/asterisk`` on the
-    HTTP port; AudioSocket has its own TCP port (0 turns it off)."""
+    HTTP port; AudioSocket has its own TCP port, off (0) unless configured: its customary 9092
+    is Kafka's too, and a second instance on one host would fail to start."""
 
     audiosocket_host: str = "127.0.0.1"
-    audiosocket_port: int = Field(9092, ge=0, le=65535)
+    audiosocket_port: int = Field(0, ge=0, le=65535)
 
 
 class MediaStreamsConfig(_Section):
@@ -196,6 +222,9 @@ class CallsConfig(_Section):
     max_concurrent: int = Field(50, ge=1)
     #: A call is hung up (``call.ended{reason: max_duration}``) after this long.
     max_duration_s: float = Field(4 * 3600, gt=0)
+    #: On SIGTERM, live calls go on until they end or this many seconds pass; then the rest
+    #: end with ``shutdown``. A rolling deploy sets its grace period above it.
+    drain_s: float = Field(30.0, ge=0)
 
 
 class SphinxConfig(_Section):
@@ -309,6 +338,11 @@ class WebhookConfig(_Section):
     url: str | None = None
     secret: str | None = None
     timeout_s: float = Field(10.0, gt=0)
+    #: Per-call ``webhook_url``s (given through the API) may not reach loopback, link-local,
+    #: private or other non-public addresses, except these host names, addresses or networks
+    #: (``["hooks.internal", "10.0.0.0/8"]``). The configured ``url`` and ``[[webhooks]]``
+    #: are trusted and not limited.
+    allowed_hosts: list[str] = []
 
     @field_validator("url")
     @classmethod

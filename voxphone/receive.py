@@ -1,17 +1,21 @@
 """``voxphone receive``: a webhook receiver for trying voxphone out. It verifies Standard Webhooks
-signatures (when given the secret), prints each event as a JSON line, and checks each call
+signatures (when given the secret), prints each event as a JSON line (with its arrival time,
+``received_at``, and ``delay_ms`` since it was made), and checks each call
 against the sequence contract (the README's "Events"): once ``call.ended`` is in, it says on
 stderr whether every durable event arrived, or which ``seq`` are still missing."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import sys
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 
 from aiohttp import web
 
+from voxphone.clock import iso_utc
 from voxphone.events.webhook import decode_secret, sign
 
 
@@ -66,6 +70,19 @@ class Ledger:
         return f"{call_id}: complete: seq 0-{call.last}, {len(call.deltas)} deltas"
 
 
+def arrived(event: object, now: datetime | None = None) -> object:
+    """The event as printed: with ``received_at`` (RFC 3339, UTC) and, when it has a
+    ``timestamp``, ``delay_ms`` (made → received: the delivery's latency, clocks allowing)."""
+    if not isinstance(event, dict):
+        return event
+    now = now or datetime.now(UTC)
+    stamped = {**event, "received_at": iso_utc(now)}
+    with contextlib.suppress(KeyError, TypeError, ValueError):
+        made = datetime.fromisoformat(str(event["timestamp"]).replace("Z", "+00:00"))
+        stamped["delay_ms"] = round((now - made).total_seconds() * 1000)
+    return stamped
+
+
 def create_receiver(secret: str | None) -> web.Application:
     key = decode_secret(secret) if secret else None
     ledger = Ledger()
@@ -79,7 +96,7 @@ def create_receiver(secret: str | None) -> web.Application:
             event = json.loads(body)
         except json.JSONDecodeError:
             return web.Response(status=400, text="body is not JSON\n")
-        print(json.dumps(event, ensure_ascii=False), flush=True)
+        print(json.dumps(arrived(event), ensure_ascii=False), flush=True)
         if (line := ledger.add(event)) is not None:
             print(line, file=sys.stderr, flush=True)
         return web.Response(status=204)

@@ -157,7 +157,9 @@ async def test_a_call_can_have_its_own_webhook(
     own = WebhookReceiver()
     await own.server.start_server()
     try:
-        async with running_serve(tmp_path, receiver) as srv:
+        # The receiver is on loopback: a per-call URL may reach it only when allowed.
+        allowed = {"VOXPHONE_WEBHOOK__ALLOWED_HOSTS": '["127.0.0.1"]'}
+        async with running_serve(tmp_path, receiver, **allowed) as srv:
             body = {"codec": "PCMA", "webhook_url": str(own.server.make_url("/hooks"))}
             status, text, _ = await post(srv.http_port, json.dumps(body), "application/json")
             assert status == 201, text
@@ -173,6 +175,10 @@ async def test_a_call_can_have_its_own_webhook(
                 srv.http_port, '{"webhook_url": "ftp://x"}', "application/json"
             )
             assert status == 400 and "webhook_url" in text
+            for url in ("http://10.0.0.5/x", "http://169.254.169.254/latest/meta-data/"):
+                body = {"codec": "PCMA", "webhook_url": url}
+                status, text, _ = await post(srv.http_port, json.dumps(body), "application/json")
+                assert status == 400 and "webhook.allowed_hosts" in text, text
     finally:
         await own.server.close()
     assert receiver.events == []  # the configured webhook saw none of that call
@@ -219,3 +225,22 @@ async def test_an_sdp_call_survives_pauses_and_stays_ended_after_delete(
     ended = events[-1]["data"]
     assert ended["reason"] == "hangup"
     assert ended["audio_ms"] >= 2 * third * 20 - 200  # both stretches, one call
+
+
+async def test_a_per_call_webhook_to_a_private_address_is_refused_by_default(
+    receiver: WebhookReceiver, tmp_path: Path
+) -> None:
+    """Server-side request forgery: loopback, link-local and private targets get a 400 naming
+    the address and the key that allows it; no call is made."""
+    async with running_serve(tmp_path, receiver) as srv:
+        for url, kind in (
+            ("http://127.0.0.1:9000/hooks", "loopback"),
+            ("http://169.254.169.254/latest/meta-data/", "link-local"),
+            ("http://10.0.0.5/hooks", "private"),
+        ):
+            body = json.dumps({"codec": "PCMU", "webhook_url": url})
+            status, text, _ = await post(srv.http_port, body, "application/json")
+            assert status == 400, text
+            error = json.loads(text)["error"]
+            assert error.startswith("webhook_url: ") and kind in error and "allowed_hosts" in error
+    assert receiver.events == []

@@ -57,6 +57,7 @@ def test_help_explains_every_serve_flag() -> None:
         "--webhook",
         "--webhook-secret",
         "--engine",
+        "--audiosocket-port",
     ]:
         assert flag in r.stdout
 
@@ -70,7 +71,7 @@ def test_bad_flag_value_names_the_key() -> None:
 def test_gpu_engine_without_a_gpu_is_a_clear_error(speech: dict[str, Speech]) -> None:
     r = voxphone("transcribe", "--engine", "vllm", str(speech["order"].path))
     assert r.returncode == 2
-    assert "voxphone: error: engine 'vllm' needs a CUDA GPU and none is visible" in r.stderr
+    assert "voxphone: error: engine 'vllm' needs a CUDA GPU and NVML sees none" in r.stderr
 
 
 def test_auto_engine_explains_its_choice(speech: dict[str, Speech]) -> None:
@@ -210,3 +211,44 @@ def test_serve_on_a_port_in_use_says_so_in_one_line(kind: str) -> None:
         else f"bind RTP port 127.0.0.1:{port}"
     )
     assert line.startswith(f"voxphone: error: cannot {what}: Address already in use; "), line
+
+
+def test_serve_refuses_to_listen_beyond_loopback_without_a_token(tmp_path: Path) -> None:
+    """One line saying why, and how to fix it; nothing listens."""
+    port = free_tcp_port()
+    r = voxphone("serve", "--http-host", "0.0.0.0", "--http-port", str(port), timeout=60)
+    assert r.returncode == 2
+    assert r.stderr.startswith("voxphone: error: http.host 0.0.0.0 listens beyond loopback")
+    assert "http.token" in r.stderr and "allow_unauthenticated" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+
+
+def test_check_config_prints_the_effective_config_with_secrets_masked(tmp_path: Path) -> None:
+    toml = tmp_path / "voxphone.toml"
+    toml.write_text(
+        '[http]\ntoken = "s3cret-token"\n[webhook]\nurl = "https://hooks.example.com/x"\n'
+        '[nats]\nurl = "nats://app:hunter2@nats.example.com:4222"\n'
+        '[[webhooks]]\nname = "crm"\nurl = "https://crm.example.com/h"\n'
+        'secrets = ["whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"]\n'
+    )
+    r = voxphone("check-config", str(toml), timeout=60)
+    assert r.returncode == 0, r.stderr
+    config = json.loads(r.stdout)
+    assert config["http"]["token"] == "***" and config["webhooks"][0]["secrets"] == ["***"]
+    assert config["nats"]["url"] == "nats://app:***@nats.example.com:4222"
+    assert config["asterisk"]["audiosocket_port"] == 0  # off unless configured
+    assert config["calls"]["drain_s"] == 0  # VOXPHONE_CALLS__DRAIN_S (conftest) applies
+    for secret in ("s3cret-token", "hunter2", "MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"):
+        assert secret not in r.stdout
+
+
+def test_check_config_names_a_bad_key_in_one_line(tmp_path: Path) -> None:
+    toml = tmp_path / "voxphone.toml"
+    toml.write_text('[http]\nhost = "0.0.0.0"\n[rtp]\nports = "40100-40000"\n')
+    r = voxphone("check-config", str(toml), timeout=60)
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr.startswith(f"voxphone: error: {toml}: rtp.ports: ")
+    assert len(r.stderr.strip().splitlines()) == 1
+    toml.write_text('[http]\nhost = "0.0.0.0"\n')
+    r = voxphone("check-config", str(toml), timeout=60)
+    assert r.returncode == 2 and "serve would refuse to start" in r.stderr

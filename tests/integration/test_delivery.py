@@ -241,13 +241,16 @@ async def api(svc: EventService) -> AsyncIterator[TestServer]:
     """The events routes and ``/metrics`` of an app around ``svc`` (no calls)."""
     app = web.Application()
     events_api.add_routes(app, svc)
-    metrics.add_routes(app, svc, SimpleNamespace(calls={}))  # type: ignore[arg-type]
+    calls = SimpleNamespace(calls={}, refused={}, accepting=True)
+    watch = metrics.Metrics()
+    watch.start(app, svc, calls)  # type: ignore[arg-type]
     server = TestServer(app, host="127.0.0.1")
     await server.start_server()
     try:
         yield server
     finally:
         await server.close()
+        await watch.stop()
 
 
 async def read_sse(resp: aiohttp.ClientResponse, n: int) -> list[tuple[int, dict[str, Any]]]:

@@ -13,7 +13,7 @@ from structlog.testing import capture_logs
 from tests.hooks import until
 from voxphone.audio.codecs import L16_16K, Pcm
 from voxphone.call import Call
-from voxphone.clock import SystemClock
+from voxphone.clock import FakeClock, SystemClock
 from voxphone.engines.base import ChunkQueue, TranscriptChunk
 from voxphone.errors import EngineError
 from voxphone.testing import CapturedEvents, capture_events
@@ -210,3 +210,27 @@ async def test_max_duration_hangs_up_through_the_transport() -> None:
     await until(lambda: call.end_reason is not None)
     assert hung_up == ["max_duration"]
     await call.wait()
+
+
+async def test_a_final_says_how_long_after_its_last_audio_arrived_it_came() -> None:
+    """``latency_ms``: from the arrival of the frame holding ``end_ms`` to the final; absent
+    when the engine gives no end."""
+    clock = FakeClock()
+    stream = ScriptedStream()
+    sink = capture_events()
+    call = Call("c", L16_16K, sink, clock, transport="test")
+    call.start(ScriptedEngine(stream))
+    for i in range(3):  # frames 1..3 arrive at t, t + 0.1, t + 0.2
+        call.push_pcm(i * 1280, frame(1))
+        clock.advance(0.1)
+    await until(lambda: len(stream.received) == 3)
+    clock.advance(0.4)  # now = frame 2's arrival + 0.6 s
+    stream.out.put(TranscriptChunk(segment_end=True, text="hi", start_ms=0, end_ms=150))
+    stream.out.put(TranscriptChunk(segment_end=True, text="there"))  # no end_ms
+    await until(lambda: len(sink.of_type("transcript.final")) == 2)
+    first, second = sink.of_type("transcript.final")
+    assert first.data["latency_ms"] == 600
+    assert "latency_ms" not in second.data
+    stream.out.close()
+    call.end("hangup")
+    await asyncio.wait_for(call.wait(), 5)

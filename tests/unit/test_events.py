@@ -79,7 +79,9 @@ async def test_receive_command_verifies_signatures(capsys: pytest.CaptureFixture
         await server.close()
     assert sent == Sent() and refused == Retry("HTTP 401")
     out = capsys.readouterr()
-    assert json.loads(out.out.splitlines()[0])["data"] == {"digit": "5"}
+    first = json.loads(out.out.splitlines()[0])
+    assert first["data"] == {"digit": "5"}
+    assert first["received_at"].endswith("Z") and isinstance(first["delay_ms"], int)
     assert "rejected: bad or missing webhook-signature" in out.err
     assert "d: complete: seq 0-1, 0 deltas" in out.err.splitlines()
 

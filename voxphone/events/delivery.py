@@ -17,7 +17,7 @@ import contextlib
 import functools
 import random
 from collections import deque
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from email.utils import parsedate_to_datetime
@@ -198,6 +198,9 @@ class Deliverer:
         self.disabled: str | None = None
         self._failing = False
         self.stats = DeliveryStats()
+        #: Called with each event the destination acknowledged (metrics); must not raise.
+        self.on_delivered: Callable[[Stored], None] | None = None
+        self._closed = False
 
     def wants(self, event: Event) -> bool:
         return wants(self.policy.types, event.type)
@@ -216,8 +219,9 @@ class Deliverer:
     def add(self, stored: Stored, attempts: int = 0) -> None:
         """Take a committed event (not twice: a replay of a pending one is a no-op). Once the
         window is full it stays in SQLite, and so does every later one until paging catches
-        up, so a call's events still go out in order."""
-        if stored.pos in self._queued:
+        up, so a call's events still go out in order. After ``close`` it stays pending in the
+        outbox for the next start."""
+        if stored.pos in self._queued or self._closed:
             return
         if self._spill is not None or len(self._queued) >= self.window:
             self._spill = stored.pos if self._spill is None else min(self._spill, stored.pos)
@@ -326,6 +330,7 @@ class Deliverer:
         if self.disabled is None:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._drained.wait(), timeout_s)
+        self._closed = True
         for timer in self._timers.values():
             timer.cancel()
         tasks = list(self._tasks) + ([self._paging] if self._paging else [])
@@ -434,6 +439,8 @@ class Deliverer:
         self._outbox.record(Outcome(self.name, job.stored.pos, status, job.attempts, err))
         if status == DELIVERED:
             self.stats.delivered += 1
+            if self.on_delivered is not None:
+                self.on_delivered(job.stored)
             if self._failing:
                 log.info("endpoint_recovered", endpoint=self.name)
                 self._failing = False

@@ -288,13 +288,15 @@ class Outbox:
             self.error = None
         new = [r for r in done if isinstance(r, tuple)]
         self.stats.committed += len(new)
-        for op, result in zip(ops, done, strict=True):
-            if isinstance(op, _Replay | _Call) and not op.done.done():  # not cancelled
-                op.done.set_result(result)  # type: ignore[arg-type]
+        # Hand the new events to the deliverers before resolving a waiter (``flush``), so
+        # whoever flushed before closing them sees those events queued.
         if new and self._loop is not None:
             # A closed loop: they stay pending for the next start.
             with contextlib.suppress(RuntimeError):
                 self._loop.call_soon_threadsafe(self._deliver, new)
+        for op, result in zip(ops, done, strict=True):
+            if isinstance(op, _Replay | _Call) and not op.done.done():  # not cancelled
+                op.done.set_result(result)  # type: ignore[arg-type]
 
     def _deliver(self, batch: list[tuple[Stored, list[str]]]) -> None:
         for listener in self.listeners:

@@ -20,6 +20,7 @@ from voxphone.config import Config, DeliveryPolicy
 from voxphone.events.delivery import Deliverer, Transport
 from voxphone.events.model import Event
 from voxphone.events.outbox import Outbox, Stored, compact
+from voxphone.events.ssrf import HostPolicy
 from voxphone.events.stream import LiveFeed
 from voxphone.events.webhook import HttpTransport
 
@@ -51,12 +52,17 @@ class EventService:
         self.live = LiveFeed()
         self.outbox.listeners += [self._schedule, self.live]
         self._compactor: asyncio.Task[None] | None = None
+        #: What per-call ``webhook_url``s may reach (checked at ``POST /v1/calls`` and at
+        #: every connection).
+        self.url_policy = HostPolicy(config.webhook.allowed_hosts)
 
     def _destinations(self) -> list[_Dest]:
         cfg, clock = self.config, self.clock
         hook = cfg.webhook
         secrets = [hook.secret] if hook.secret else []
-        per_call = HttpTransport(self.outbox.routes.get, secrets, clock, hook.timeout_s)
+        per_call = HttpTransport(
+            self.outbox.routes.get, secrets, clock, hook.timeout_s, guard=self.url_policy
+        )
         dests = [_Dest(CALL, DeliveryPolicy(), per_call, disable_on_gone=False)]
         if hook.url:
             shorthand = HttpTransport(_fixed(hook.url), secrets, clock, hook.timeout_s)
@@ -144,8 +150,8 @@ class EventService:
             await self.outbox.close()
             return
         self._compactor.cancel()
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(self.outbox.flush(), drain_timeout_s)
+        with contextlib.suppress(Exception):  # committing is local: it gets at least 5 s
+            await asyncio.wait_for(self.outbox.flush(), max(drain_timeout_s, 5.0))
         await asyncio.gather(*(d.close(drain_timeout_s) for d in self.deliverers.values()))
         await self.outbox.close()
 

@@ -14,8 +14,10 @@ import base64
 import binascii
 import hashlib
 import hmac
+import ipaddress
 from collections.abc import Callable, Sequence
 from datetime import datetime
+from urllib.parse import urlsplit
 
 import aiohttp
 
@@ -23,6 +25,7 @@ from voxphone.clock import Clock
 from voxphone.errors import ConfigError
 from voxphone.events.delivery import Gone, Result, Retry, Sent, parse_retry_after
 from voxphone.events.outbox import Stored
+from voxphone.events.ssrf import GuardedResolver, HostPolicy, RefusedUrl
 
 SECRET_PREFIX = "whsec_"
 
@@ -84,7 +87,11 @@ class HttpTransport:
         secrets: Sequence[str],
         clock: Clock,
         timeout_s: float,
+        guard: HostPolicy | None = None,
     ) -> None:
+        """``guard``: URLs that come from the API (per-call) are checked against it at every
+        connection (a refused one is given up on), configured ones are not."""
+        self._guard = guard
         self._url_for = url_for
         self._keys = [decode_secret(s) for s in secrets]
         self._clock = clock
@@ -97,13 +104,10 @@ class HttpTransport:
             return Gone(f"no webhook URL for call {stored.event.call_id}")
         now = self._clock.now()
         headers = signed_headers(self._keys, stored.event.id, int(now.timestamp()), stored.body)
-        if self._http is None:
-            connector = aiohttp.TCPConnector(limit=0)  # deliverers bound their own concurrency
-            self._http = aiohttp.ClientSession(
-                timeout=self._timeout, connector=connector, auto_decompress=False
-            )
+        if self._guard is not None and (refused := self._refused(url)) is not None:
+            return Gone(refused)
         try:
-            async with self._http.post(
+            async with self._session.post(
                 url, data=stored.body, headers=headers, allow_redirects=False
             ) as resp:
                 await resp.read()
@@ -111,6 +115,31 @@ class HttpTransport:
             return Retry(f"{type(exc).__name__}: {exc}".rstrip(": "))
         h = resp.headers
         return classify(resp.status, h.get("retry-after"), now, h.get("location"))
+
+    @property
+    def _session(self) -> aiohttp.ClientSession:
+        """Made on the loop, on first use; a guard resolves through ``GuardedResolver``."""
+        if self._http is None:
+            resolver = GuardedResolver(self._guard) if self._guard is not None else None
+            # limit=0: the deliverers bound their own concurrency
+            connector = aiohttp.TCPConnector(limit=0, resolver=resolver)
+            self._http = aiohttp.ClientSession(
+                timeout=self._timeout, connector=connector, auto_decompress=False
+            )
+        return self._http
+
+    def _refused(self, url: str) -> str | None:
+        """Why a literal-address URL is refused (aiohttp resolves no literal), or None."""
+        assert self._guard is not None
+        host = urlsplit(url).hostname or ""
+        try:
+            ipaddress.ip_address(host)
+            self._guard.check_address(host, host)
+        except ValueError:
+            return None  # a name: the resolver checks what it resolves to
+        except RefusedUrl as exc:
+            return str(exc)
+        return None
 
     async def close(self) -> None:
         if self._http is not None:

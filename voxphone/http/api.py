@@ -7,7 +7,7 @@ import json
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from aiohttp import web
+from aiohttp import WSCloseCode, web
 from pydantic import ValidationError
 from pydantic_core import ErrorDetails
 
@@ -60,8 +60,44 @@ async def require_token(request: web.Request, handler: Handler) -> web.StreamRes
     return await handler(request)
 
 
+#: Requests that start a call, by path: the transport named in refusal counts.
+CALL_STARTS = {
+    ("POST", "/v1/calls"): "rtp",
+    ("POST", "/v1/whip"): "webrtc",
+    ("POST", "/v1/webrtc/offer"): "webrtc",
+    ("GET", "/v1/media/asterisk"): "asterisk_websocket",
+    ("GET", "/v1/media/twilio"): "twilio",
+    ("GET", "/v1/media/telnyx"): "telnyx",
+    ("GET", "/v1/media/vonage"): "vonage",
+    ("GET", "/v1/media/stream"): "stream",
+}
+#: Seconds a refused client should wait before trying again (another instance, by then).
+RETRY_AFTER_S = 5
+DRAINING = "draining: this instance is shutting down and takes no new calls"
+
+
+@web.middleware
+async def refuse_when_draining(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """While draining, a request that would start a call is refused before its handler runs:
+    HTTP gets 503 with ``Retry-After``, a media websocket is accepted and closed at once with
+    1013 (try again later) and the reason, so the provider fails over instead of retrying."""
+    registry = request.app[REGISTRY]
+    transport = CALL_STARTS.get((request.method, request.path))
+    if transport is None or registry.accepting:
+        return await handler(request)
+    registry.refuse(transport, "draining")
+    if request.headers.get("Upgrade", "").lower() == "websocket":
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        await ws.close(code=WSCloseCode.TRY_AGAIN_LATER, message=DRAINING.encode())
+        return ws
+    response = error(503, DRAINING)
+    response.headers["Retry-After"] = str(RETRY_AFTER_S)
+    return response
+
+
 def create_app(registry: CallRegistry, token: str | None = None) -> web.Application:
-    app = web.Application(middlewares=[require_token])
+    app = web.Application(middlewares=[require_token, refuse_when_draining])
     app[TOKEN] = token or ""
     app[REGISTRY] = registry
     app[PROBLEMS] = []

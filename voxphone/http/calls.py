@@ -19,6 +19,7 @@ from voxphone.audio.codecs import STATIC_PAYLOAD_TYPES, Codec, codec_by_name
 from voxphone.call import Call, new_call_id
 from voxphone.errors import DecodeError, TransportError
 from voxphone.events.service import EventService
+from voxphone.events.ssrf import RefusedUrl
 from voxphone.http.api import REGISTRY, error, invalid
 from voxphone.transports.rtp import Reservation, RtpPort, RtpServer
 from voxphone.transports.sdp import answer, parse_sdp
@@ -76,6 +77,11 @@ async def _from_json(request: web.Request) -> web.Response:
         return error(400, invalid(exc))
     except DecodeError as exc:
         return error(422, f"codec: {exc}")
+    if body.webhook_url is not None:
+        try:
+            await request.app[WEBHOOKS].url_policy.check_url(body.webhook_url)
+        except RefusedUrl as exc:
+            return error(400, f"webhook_url: {exc}")
     pt = body.payload_type if body.payload_type is not None else _static_pt(codec)
     if pt is None:
         return error(
