@@ -129,7 +129,7 @@ async def pipecat_round(msgs: list[str]) -> tuple[float, int, float]:
     return us, released, samples / 16.0
 
 
-async def main() -> None:
+async def measure() -> dict[str, Any]:
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.ERROR))
     from loguru import logger  # Pipecat logs through loguru: keep its per-message lines out
 
@@ -157,10 +157,15 @@ async def main() -> None:
         "audio_in_ms": MESSAGES * 20,
         "pipecat_ratio": round(best["pipecat"][0] / best["voxphone"][0], 2),
     }
+    return result
+
+
+def main() -> None:
+    result = asyncio.run(measure())
     print(json.dumps(result, indent=2))
-    out = Path(f"benchmarks/results/pipecat_twilio-{machine}.json")
+    out = Path(f"benchmarks/results/pipecat_twilio-{result['machine']}.json")
     out.write_text(json.dumps(result, indent=2) + "\n")
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    main()
