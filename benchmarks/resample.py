@@ -55,8 +55,8 @@ Chunker = Callable[[Pcm], Pcm]
 class SoxrStream:
     """python-soxr's ``ResampleStream`` at one quality (what voxphone used: HQ)."""
 
-    def __init__(self, in_rate: int, out_rate: int, quality: str) -> None:
-        self._s = soxr.ResampleStream(in_rate, out_rate, 1, dtype="int16", quality=quality)
+    def __init__(self, in_rate: int, out_rate: int, quality: str, vr: bool = False) -> None:
+        self._s = soxr.ResampleStream(in_rate, out_rate, 1, dtype="int16", quality=quality, vr=vr)
 
     def process(self, pcm: Pcm) -> Pcm:
         out: Pcm = self._s.resample_chunk(pcm)
@@ -92,6 +92,7 @@ def candidates(in_rate: int) -> dict[str, Callable[[], Any]]:
         f"soxr-{q}": (lambda q=q: SoxrStream(in_rate, MODEL_RATE, q))
         for q in ("QQ", "LQ", "MQ", "HQ", "VHQ")
     }
+    out["soxr-HQ vr (variable-rate mode)"] = lambda: SoxrStream(in_rate, MODEL_RATE, "HQ", True)
     out["swr (PyAV AudioResampler)"] = lambda: SwrStream(in_rate, MODEL_RATE)
     out["voxphone Resampler"] = lambda: Resampler(in_rate, MODEL_RATE)
     return out
