@@ -202,13 +202,16 @@ def plot(results: dict[str, Any], png: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 5))
+    markers = "os^vDPX*"
     for ax, (rate, rows) in zip(axes, results["rates"].items(), strict=True):
-        for name, row in rows.items():
-            ax.scatter(row["delay_max_ms"], row["snr_db"])
-            ax.annotate(name, (row["delay_max_ms"], row["snr_db"]), fontsize=8)
+        for i, (name, row) in enumerate(rows.items()):
+            label = f"{name}: {row['delay_max_ms']:g} ms, {row['snr_in_band_db']:g} dB"
+            ax.scatter(row["delay_max_ms"], row["snr_in_band_db"], marker=markers[i % 8], s=60,
+                       label=label, alpha=0.8)  # fmt: skip
         ax.set_xlabel("max input held back per 20 ms packet (ms)")
-        ax.set_ylabel("SNR vs offline FFT resample (dB)")
+        ax.set_ylabel("in-band SNR vs offline FFT resample (dB)")
         ax.set_title(f"{rate} -> 16 kHz, flite speech")
+        ax.legend(fontsize=7, loc="lower right")
         ax.grid(alpha=0.3)
     fig.suptitle(f"streaming resamplers: fidelity vs added delay — {results['machine']}")
     fig.tight_layout()
