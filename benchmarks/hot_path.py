@@ -1,25 +1,34 @@
-"""Per-packet cost of the RTP and WebRTC ingress hot paths, and the latency the resampler adds.
+"""Per-packet cost of the RTP and WebRTC ingress hot paths, and the latency the audio path adds.
 
-Prints, for 20 ms G.711 packets: RTP parse, and parse + decode + timeline + resample + framing,
-in microseconds per packet, and what that means in calls per core (50 packets/s per call). For
-WebRTC, the 20 ms 48 kHz stereo frames aiortc hands over: voxphone's part (downmix + timeline +
-resample + framing) and, for scale, aiortc's Opus decode of the same audio.
+Prints, for 20 ms G.711 packets: each stage alone (RTP parse, decode, timeline, resample,
+framing), then parse + decode + timeline + resample + framing, then the whole ``RtpPort.handle``
+path (jitter buffer and call queue too), in microseconds per packet, and what that means in
+calls per core (50 packets/s per call; no sockets, no event loop: see ``load.py`` for those).
+For WebRTC, the 20 ms 48 kHz stereo frames aiortc hands over: voxphone's part (downmix +
+timeline + resample + framing) and, for scale, aiortc's Opus decode of the same audio.
+Last, the added latency: how long after the packet completing an 80 ms frame's audio arrives
+the frame leaves the pipeline (in packets of audio), plus the resampler's lead.
 
-    python benchmarks/hot_path.py
+    python benchmarks/hot_path.py   # also writes benchmarks/results/hot_path-<machine>.json
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import platform
 import time
 from collections.abc import Callable
 from fractions import Fraction
+from pathlib import Path
 
 import av
 import numpy as np
 import structlog
 
-from voxphone.audio.codecs import OPUS, PCMU
+from voxphone.audio.codecs import OPUS, PCMU, Decoder, Encoder
+from voxphone.audio.framer import FRAME_MS, Framer, Timeline
 from voxphone.audio.pipeline import AudioPipeline
 from voxphone.audio.resample import Resampler
 from voxphone.call import Call
@@ -55,12 +64,45 @@ def per_packet_us(make_fn, items: list) -> float:  # type: ignore[no-untyped-def
     return best
 
 
+def stages(wire: list[bytes]) -> dict[str, float]:
+    """Each stage of the RTP path alone, µs per 20 ms packet (resampling is done per 80 ms
+    frame by the pipeline, so it is timed on 80 ms chunks and divided by four)."""
+    pkts = [parse_rtp(w) for w in wire]
+    pcm = [Decoder(PCMU).decode(p.payload) for p in pkts]
+    frames_in = [np.concatenate(pcm[i : i + 4]) for i in range(0, len(pcm) - 3, 4)]
+    resampled = [Resampler(8000).process(x) for x in pcm]
+    return {
+        "rtp_parse": per_packet_us(lambda: parse_rtp, wire),
+        "decode": per_packet_us(lambda: Decoder(PCMU).decode, [p.payload for p in pkts]),
+        "timeline": per_packet_us(
+            lambda: (lambda tl: lambda p: tl.place(p.timestamp, 160))(Timeline(8000, 8000)), pkts
+        ),
+        "resample_per_packet": per_packet_us(lambda: Resampler(8000).process, pcm),
+        "resample_per_frame": per_packet_us(lambda: Resampler(8000).process, frames_in) / 4,
+        "framing": per_packet_us(lambda: Framer().push, resampled),
+    }
+
+
+def added_latency_ms() -> float:
+    """Worst, over 10 s of 20 ms PCMU packets, of the audio that had arrived beyond a frame's
+    end when the frame left the pipeline, plus the resampler's lead (ms)."""
+    pipe, enc, x = AudioPipeline(PCMU), Encoder(PCMU), speechlike(10)
+    worst, frames = 0.0, 0
+    for n in range(1, x.size // 160 + 1):
+        out = len(pipe.push_packet(n * 160, enc.encode(x[(n - 1) * 160 : n * 160])))
+        frames += out
+        if out:
+            worst = max(worst, n * 20 - frames * FRAME_MS)
+    return worst + pipe.resampler.lead / 16
+
+
 def main() -> None:
     # No engine drains the call's frame queue here, so frames take the drop-oldest path (and
     # would log it): the RtpPort figure is an upper bound. Keep the log quiet.
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.ERROR))
+    load_before = os.getloadavg()
     wire = [p.serialize() for p in rtp_packets(speechlike(SECONDS), PCMU, seed=1)]
-    parse_us = per_packet_us(lambda: parse_rtp, wire)
+    stage_us = stages(wire)
 
     def full() -> Callable[[bytes], object]:
         pipe = AudioPipeline(PCMU)
@@ -83,28 +125,32 @@ def main() -> None:
 
     port_us = per_packet_us(port, wire)
     print(f"packets: {len(wire)} x 20 ms PCMU")
-    print(f"rtp parse:                          {parse_us:6.2f} us/packet")
+    for name, us in stage_us.items():
+        print(f"  {name:34} {us:6.2f} us/packet")
     print(f"parse+decode+resample+frame:        {full_us:6.2f} us/packet")
     print(
         f"RtpPort.handle (all of the above + jitter buffer + call queue): {port_us:6.2f} us/packet"
     )
     print(f"=> calls per core (audio path only): {1e6 / (port_us * 50):8.0f}")
+    webrtc_us = webrtc()
+    latency = added_latency_ms()
+    print(f"added latency (frame after its audio, resampler lead included): {latency:.1f} ms")
+    result = {
+        "machine": f"{os.cpu_count()}core-{platform.machine()}",
+        "loadavg_before": load_before,
+        "loadavg_after": os.getloadavg(),
+        "rtp_pcmu_stage_us_per_packet": {k: round(v, 2) for k, v in stage_us.items()},
+        "rtp_pipeline_us_per_packet": round(full_us, 2),
+        "rtp_port_handle_us_per_packet": round(port_us, 2),
+        "calls_per_core_audio_path_only": round(1e6 / (port_us * 50)),
+        "webrtc_us_per_frame": webrtc_us,
+        "added_latency_max_ms": latency,
+    }
+    out = Path(f"benchmarks/results/hot_path-{result['machine']}.json")
+    out.write_text(json.dumps(result, indent=2) + "\n")
 
-    webrtc()
 
-    r = Resampler(8000, 16000)
-    lag = []
-    fed = out = 0
-    for chunk in np.split(speechlike(4), 200):
-        fed += chunk.size * 2
-        out += r.process(chunk).size
-        lag.append((fed - out) / 16)
-    print(
-        f"resampler (soxr HQ 8k->16k) lag:    mean {np.mean(lag):5.1f} ms, max {max(lag):5.1f} ms"
-    )
-
-
-def webrtc() -> None:
+def webrtc() -> dict[str, float]:
     """aiortc's frames (s16 stereo 48 kHz, 20 ms) through voxphone's side of a browser call."""
     t = np.arange(SECONDS * 48000) / 48000
     mono = (np.sin(2 * np.pi * 220 * t) * 6000).astype(np.int16)
@@ -133,6 +179,7 @@ def webrtc() -> None:
     print(f"downmix+timeline+resample+frame (voxphone): {ours_us:6.2f} us/frame")
     print(f"opus decode (aiortc's decoder thread):      {decode_us:6.2f} us/frame")
     print(f"=> calls per core (audio path only): {1e6 / ((ours_us + decode_us) * 50):8.0f}")
+    return {"voxphone": round(ours_us, 2), "aiortc_opus_decode": round(decode_us, 2)}
 
 
 if __name__ == "__main__":

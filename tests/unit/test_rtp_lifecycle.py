@@ -6,6 +6,8 @@ only and call ``sweep`` themselves.
 
 from __future__ import annotations
 
+import socket
+
 import pytest
 
 from tests.conftest import free_udp_range
@@ -15,7 +17,7 @@ from voxphone.call import Call
 from voxphone.clock import FakeClock
 from voxphone.errors import TransportError
 from voxphone.testing import capture_events
-from voxphone.transports.rtp import PortPolicy, Reservation, RtpPort, RtpServer
+from voxphone.transports.rtp import PortPolicy, Reservation, RtpPort, RtpServer, _bind, _drain
 from voxphone.transports.rtp_packet import RtpPacket
 
 GATEWAY = ("192.0.2.5", 17000)  # where the SDP says media comes from
@@ -180,3 +182,24 @@ async def test_the_server_queues_free_ports_and_sweeps_only_busy_ones() -> None:
             server.allocate()
     finally:
         await server.stop()
+
+
+def test_a_port_reads_every_waiting_datagram_in_one_wake_up() -> None:
+    """A burst queued on a port's socket is handed over in one go, in order — not one datagram
+    per event-loop iteration (asyncio's transport), which made packets on busy ports queue."""
+    lo, _ = free_udp_range(1)
+    sock = _bind("127.0.0.1", lo)
+    sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    seen: list[int] = []
+    port = RtpPort(lo, Calls(), FakeClock())
+    port.datagram_received = lambda data, addr: seen.append(data[0])  # type: ignore[method-assign]
+    try:
+        for i in range(100):
+            sender.sendto(bytes([i]), ("127.0.0.1", lo))
+        _drain(sock, port)
+        assert seen == list(range(100))
+        _drain(sock, port)  # nothing waiting: returns at once
+        assert len(seen) == 100
+    finally:
+        sender.close()
+        sock.close()

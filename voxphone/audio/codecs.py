@@ -76,11 +76,28 @@ def _context(codec: Codec, mode: Literal["r", "w"], layout: str) -> av.AudioCode
     return ctx
 
 
+#: Codecs whose every byte is one sample on its own (G.711), decoded by table lookup.
+_BYTE_CODECS = ("pcm_mulaw", "pcm_alaw")
+_tables: dict[str, Pcm] = {}
+
+
+def byte_table(codec: Codec) -> Pcm:
+    """The 256 samples FFmpeg decodes G.711's 256 byte values to, built once per codec: a
+    numpy lookup then decodes a 20 ms packet in about 1 µs instead of PyAV's 6 µs (its
+    per-packet frame and array set-up), with FFmpeg still the definition of the codec."""
+    if codec.ffmpeg_name not in _tables:
+        ctx = _context(codec, "r", "mono")
+        frames = ctx.decode(av.Packet(bytes(range(256))))
+        _tables[codec.ffmpeg_name] = _frames_to_mono_int16(frames)
+    return _tables[codec.ffmpeg_name]
+
+
 class Decoder:
     """Decodes one call's payloads of one codec into int16 mono PCM at ``codec.sample_rate``."""
 
     def __init__(self, codec: Codec) -> None:
         self.codec = codec
+        self._table = byte_table(codec) if codec.ffmpeg_name in _BYTE_CODECS else None
         self._ctx = _context(codec, "r", "mono" if codec.channels == 1 else "stereo")
         # Opus decodes to float and to its signalled channel count; convert inside FFmpeg.
         self._convert = (
@@ -93,6 +110,9 @@ class Decoder:
         """Decode one payload; an empty payload gives an empty array."""
         if not payload:
             return np.zeros(0, np.int16)
+        if self._table is not None:
+            pcm: Pcm = self._table[np.frombuffer(payload, np.uint8)]
+            return pcm
         try:
             frames = self._ctx.decode(av.Packet(payload))
         except (av.FFmpegError, ValueError) as exc:

@@ -149,6 +149,11 @@ class Framer:
         return self._buf.copy()
 
     @property
+    def missing(self) -> int:
+        """Samples still needed to complete the current frame (1..``FRAME_SAMPLES``)."""
+        return self.frame_samples - self._fill
+
+    @property
     def position_ms(self) -> int:
         """Audio time emitted so far, on the call's clock."""
         return self.frames_out * FRAME_MS

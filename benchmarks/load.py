@@ -1,0 +1,349 @@
+"""Load generator: N concurrent G.711 RTP callers against voxphone's server, end to end.
+
+The server is voxphone's ``App`` (what ``voxphone serve`` runs: UDP ports, the event loop, the
+call registry, the outbox, the HTTP server), started in this process with a null engine, so
+what is measured is the transport and audio path — RTP parsing, jitter buffer, decode,
+timeline, resampling, framing and the call's frame queue — not recognition. A separate process
+plays N callers from one UDP socket each: real speech (flite), PCMU, 20 ms packets at real-time
+pace, the callers' start times spread over ``--ramp`` seconds, with optional loss and jitter.
+
+Reported (and written to ``benchmarks/results/load-<machine>-<N>.json``):
+
+- ``calls_per_core``: N divided by the server's CPU time per wall second (user + system,
+  ``getrusage``), over the window when every call is up: how many such calls one core carries.
+- ``packet_latency_ms``: for one packet per call per second, from the caller's ``sendto`` to
+  the return of the server's handler (kernel, event-loop queueing and handling; both processes
+  read the same ``CLOCK_MONOTONIC``). p50/p99/max.
+- ``loop_lag_ms``: how late a 10 ms sleep wakes on the server's loop.
+- ``frames``: frames handed to the engine, frames dropped from full call queues, and the
+  frames expected from the audio sent.
+- ``sender_late_ms``: how far behind schedule the load process sent (p99): if it is large, the
+  load process, not the server, could not keep up and the figures undercount.
+- ``keeping_up``: both of those p99s under 20 ms; if not, ``calls_per_core`` is no capacity.
+
+    python benchmarks/load.py --calls 200 --seconds 30 [--loss 0.05 --jitter-ms 20] [--profile]
+    python benchmarks/load.py --plot   # benchmarks/results/load-<machine>.png from the JSON files
+
+On a shared machine the CPU figures move with the neighbours' load: the JSON records
+``os.getloadavg()`` before and after.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import cProfile
+import heapq
+import io
+import json
+import os
+import platform
+import pstats
+import random
+import resource
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from voxphone.app import App
+from voxphone.audio.codecs import PCMU, Encoder
+from voxphone.audio.files import read_audio
+from voxphone.call import Call
+from voxphone.config import Config
+from voxphone.transports.rtp import RtpPort
+
+sys.path.insert(0, str(Path(__file__).parent))
+from webrtc_calls import NullEngine, loop_lag  # noqa: E402
+
+HOST = "127.0.0.1"
+BASE_PORT = 39800
+PACKET_S = 0.02
+SAMPLE_EVERY = 50  # packets: one latency sample per call per second
+TEXT = (
+    "Hello, I am calling about my order. It was supposed to arrive on Tuesday and it has not "
+    "come yet. Could you tell me where it is and when I can expect it? Thank you very much."
+)
+
+
+# -- the load process ---------------------------------------------------------------------------
+
+
+def speech_payloads() -> list[bytes]:
+    """flite's speech as 20 ms PCMU payloads (looped by the callers)."""
+    wav = Path(tempfile.mkdtemp()) / "speech.wav"
+    subprocess.run(["flite", "-voice", "rms", "-t", TEXT, "-o", str(wav)], check=True)
+    pcm = read_audio(wav, 8000)
+    enc = Encoder(PCMU)
+    return [enc.encode(pcm[i : i + 160]) for i in range(0, pcm.size - 159, 160)]
+
+
+def rtp(seq: int, ts: int, ssrc: int, payload: bytes) -> bytes:
+    """RFC 3550 header (version 2, PT 0 = PCMU) + payload."""
+    return struct.pack("!BBHII", 0x80, 0, seq & 0xFFFF, ts & 0xFFFFFFFF, ssrc) + payload
+
+
+def send(args: argparse.Namespace) -> None:
+    """Play ``args.calls`` callers at real-time pace; write send times of sampled packets."""
+    payloads = speech_payloads()
+    rng = random.Random(args.seed)
+    socks = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(args.calls)]
+    for s in socks:
+        s.bind((HOST, 0))
+    dests = [(HOST, BASE_PORT + i % args.ports) for i in range(args.calls)]
+    n_packets = int(args.seconds / PACKET_S)
+    t0 = time.monotonic() + 0.5
+    starts = [t0 + args.ramp * i / args.calls for i in range(args.calls)]
+    heap = [(starts[i], i, 0) for i in range(args.calls)]
+    heapq.heapify(heap)
+    sampled: list[tuple[int, int, float]] = []
+    late: list[float] = []
+    while heap:
+        due, i, k = heap[0]
+        now = time.monotonic()
+        if due > now:
+            time.sleep(min(due - now, 0.002))
+            continue
+        heapq.heappop(heap)
+        if k >= 2 and rng.random() < args.loss:  # (the first two pass probation)
+            pass
+        else:
+            socks[i].sendto(rtp(k, k * 160, 1000 + i, payloads[k % len(payloads)]), dests[i])
+            if k % SAMPLE_EVERY == 0:
+                sampled.append((socks[i].getsockname()[1], k, time.monotonic()))
+                late.append((now - due) * 1000)
+        if k + 1 < n_packets:
+            nominal = starts[i] + (k + 1) * PACKET_S
+            heapq.heappush(heap, (nominal + rng.uniform(0, args.jitter_ms / 1000), i, k + 1))
+    Path(args.sent).write_text(json.dumps({"sampled": sampled, "late_ms": late}))
+
+
+# -- the server ---------------------------------------------------------------------------------
+
+
+class Probe:
+    """Wraps ``RtpPort.datagram_received`` to stamp when sampled packets were handled."""
+
+    def __init__(self) -> None:
+        self.handled: dict[tuple[int, int], float] = {}
+        self.calls: list[Call] = []
+        original = RtpPort.datagram_received
+        handled = self.handled
+
+        def stamped(port: RtpPort, data: bytes, addr: tuple[str | object, int]) -> None:
+            original(port, data, addr)
+            seq = (data[2] << 8) | data[3]
+            if seq % SAMPLE_EVERY == 0:
+                handled[(int(addr[1]), seq)] = time.monotonic()
+
+        RtpPort.datagram_received = stamped  # type: ignore[method-assign]
+
+
+def config(args: argparse.Namespace) -> Config:
+    return Config.model_validate(
+        {
+            "http": {"port": 18098},
+            "rtp": {
+                "ports": f"{BASE_PORT}-{BASE_PORT + args.ports - 1}",
+                "inactivity_timeout_s": 1.0,
+            },
+            "asterisk": {"audiosocket_port": 0},
+            "calls": {"max_concurrent": args.calls + 10},
+            "webrtc": {"enabled": False},
+            "outbox": {"path": str(Path(tempfile.mkdtemp()) / "outbox.db")},
+        }
+    )
+
+
+def percentiles(values: list[float]) -> dict[str, float]:
+    if not values:
+        return {}
+    a = np.asarray(values)
+    return {
+        "p50": round(float(np.percentile(a, 50)), 3),
+        "p99": round(float(np.percentile(a, 99)), 3),
+        "max": round(float(a.max()), 3),
+        "n": len(values),
+    }
+
+
+def cpu_s() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+async def serve(args: argparse.Namespace) -> dict[str, Any]:
+    probe = Probe()
+    app = App(config(args), engine=NullEngine())
+    open_call = app.registry.open
+
+    def keep(*a: Any, **kw: Any) -> Call | None:
+        call = open_call(*a, **kw)
+        if call is not None:
+            probe.calls.append(call)
+        return call
+
+    app.registry.open = keep  # type: ignore[method-assign]
+    await app.start()
+    lag: list[tuple[float, float]] = []
+    stop = asyncio.Event()
+    lag_task = asyncio.create_task(loop_lag(lag, stop))
+    sent = Path(tempfile.mkdtemp()) / "sent.json"
+    cmd = [sys.executable, __file__, "--send", str(sent), *sys.argv[1:]]
+    sender = await asyncio.create_subprocess_exec(*cmd)
+    await asyncio.sleep(0.5 + args.ramp + 2.0)  # every call up and steady
+    window = max(1.0, args.seconds - args.ramp - 4.0)
+    profiler = cProfile.Profile() if args.profile else None
+    if profiler is not None:
+        profiler.enable()
+    cpu0, wall0, t_start = cpu_s(), time.perf_counter(), time.perf_counter()
+    await asyncio.sleep(window)
+    cpu, wall = cpu_s() - cpu0, time.perf_counter() - wall0
+    if profiler is not None:
+        profiler.disable()
+    up = sum(c.end_reason is None for c in probe.calls)
+    await sender.wait()
+    await asyncio.sleep(2.5)  # inactivity ends the calls; their last frames reach the engine
+    stop.set()
+    await lag_task
+    await app.stop()
+    return report(args, probe, json.loads(sent.read_text()), cpu, wall, up, lag, t_start, profiler)
+
+
+def keeping_up(result: dict[str, Any]) -> bool:
+    """Whether the run measured a server keeping pace: the load process sent on time and the
+    server handled packets within 20 ms at p99. Otherwise ``calls_per_core`` is not a capacity."""
+    lat, late = result["packet_latency_ms"], result["sender_late_ms"]
+    return bool(lat and late and lat["p99"] < 20 and late["p99"] < 20)
+
+
+def report(
+    args: argparse.Namespace,
+    probe: Probe,
+    sent: dict[str, Any],
+    cpu: float,
+    wall: float,
+    up: int,
+    lag: list[tuple[float, float]],
+    t_start: float,
+    profiler: cProfile.Profile | None,
+) -> dict[str, Any]:
+    latency = [
+        (probe.handled[(port, seq)] - t) * 1000
+        for port, seq, t in sent["sampled"]
+        if (port, seq) in probe.handled
+    ]
+    frames_sent = sum(c.frames_sent for c in probe.calls)
+    dropped = sum(c.stats.dropped_frames for c in probe.calls)
+    out: dict[str, Any] = {
+        "calls": args.calls,
+        "calls_up_during_window": up,
+        "codec": "PCMU 20 ms",
+        "seconds": args.seconds,
+        "loss": args.loss,
+        "jitter_ms": args.jitter_ms,
+        "server_ports": args.ports,
+        "engine": "null (transport + audio path only)",
+        "window_s": round(wall, 2),
+        "server_cpu_cores": round(cpu / wall, 3),
+        "calls_per_core": round(args.calls / (cpu / wall)) if cpu else None,
+        "packet_latency_ms": percentiles(latency),
+        "loop_lag_ms": percentiles([ms for t, ms in lag if t >= t_start and t < t_start + wall]),
+        "sender_late_ms": percentiles(sent["late_ms"]),
+        "frames": {
+            "to_engine": frames_sent,
+            "dropped": dropped,
+            "expected_approx": args.calls * int(args.seconds * 1000 / 80 * (1 - args.loss)),
+        },
+        "calls_seen": len(probe.calls),
+    }
+    out["keeping_up"] = keeping_up(out)
+    if profiler is not None:
+        buf = io.StringIO()
+        pstats.Stats(profiler, stream=buf).sort_stats("tottime").print_stats(25)
+        out["profile_top"] = buf.getvalue().splitlines()[:60]
+    return out
+
+
+def plot(machine: str) -> Path:
+    """Server CPU and p99 packet latency against calls, from this machine's clean runs."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = []
+    for f in Path("benchmarks/results").glob(f"load-{machine}-*.json"):
+        r = json.loads(f.read_text())
+        if not r["loss"] and not r["jitter_ms"] and "profile_top" not in r:
+            runs.append(r)
+    runs.sort(key=lambda r: r["calls"])
+    calls = [r["calls"] for r in runs]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.5))
+    a.plot(calls, [r["server_cpu_cores"] for r in runs], "o-")
+    a.set_xlabel("concurrent PCMU calls")
+    a.set_ylabel("server CPU (cores)")
+    a.grid(alpha=0.3)
+    b.semilogy(calls, [r["packet_latency_ms"]["p99"] for r in runs], "o-", label="sendto→handled")
+    b.semilogy(calls, [r["sender_late_ms"]["p99"] for r in runs], "x--", label="sender late")
+    b.set_xlabel("concurrent PCMU calls")
+    b.set_ylabel("p99 (ms)")
+    b.legend()
+    b.grid(alpha=0.3)
+    loads = ", ".join(f"{r['loadavg_before'][0]:.1f}" for r in runs)
+    fig.suptitle(f"voxphone RTP load, null engine — {machine} (load avg before: {loads})")
+    fig.tight_layout()
+    out = Path(f"benchmarks/results/load-{machine}.png")
+    fig.savefig(out, dpi=100)
+    return out
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--calls", type=int, default=100)
+    p.add_argument("--seconds", type=float, default=30.0)
+    p.add_argument("--ramp", type=float, default=3.0, help="spread call starts over (s)")
+    p.add_argument("--loss", type=float, default=0.0, help="packet loss probability")
+    p.add_argument("--jitter-ms", type=float, default=0.0, help="uniform send delay, 0..ms")
+    p.add_argument("--ports", type=int, default=4, help="server UDP ports the calls spread over")
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--profile", action="store_true", help="cProfile the server's window")
+    p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--plot", action="store_true", help="plot this machine's results and exit")
+    p.add_argument("--send", dest="sent", default=None, help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def main() -> None:
+    args = parse(sys.argv[1:])
+    machine = f"{os.cpu_count()}core-{platform.machine()}"
+    if args.sent is not None:
+        send(args)
+        return
+    if args.plot:
+        print(plot(machine))
+        return
+    import logging
+
+    import structlog
+
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
+    load_before = os.getloadavg()
+    result = asyncio.run(serve(args))
+    result = {"machine": machine, "loadavg_before": load_before, **result}
+    result["loadavg_after"] = os.getloadavg()
+    print(json.dumps({k: v for k, v in result.items() if k != "profile_top"}, indent=2))
+    for line in result.get("profile_top", []):
+        print(line)
+    out = args.out or Path(f"benchmarks/results/load-{machine}-{args.calls}.json")
+    out.write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,171 @@
+"""Side by side with Pipecat on the same Twilio media-stream input, measured in one run.
+
+3,000 Twilio ``media`` messages (60 s of 20 ms µ-law from flite speech, as Twilio sends them:
+JSON, base64) go through:
+
+- Pipecat: ``TwilioFrameSerializer.deserialize`` (JSON, base64, µ-law decode and its soxr
+  stream resampler to 16 kHz), awaited per message as its transport does;
+- voxphone: ``parse_twilio`` and the stream session's media path (``JsonStreamSession``: jitter
+  buffer, decode, timeline, resample, 80 ms framing into the call's queue).
+
+The two alternate, five rounds each with fresh state; the best round of each is kept, and
+``pipecat_ratio`` is Pipecat's µs per message over voxphone's (above 1: voxphone is cheaper).
+Also reported: how many messages released audio at once, and the audio each side had handed
+on after the last message (ms), which shows the resamplers' held-back audio.
+
+Pipecat is not a voxphone dependency: run this with an interpreter that has it, e.g.
+
+    python3 -m venv --system-site-packages /tmp/pc && /tmp/pc/bin/pip install pipecat-ai
+    PYTHONPATH=$PWD /tmp/pc/bin/python benchmarks/pipecat_twilio.py
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import logging
+import os
+import platform
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import structlog
+
+from voxphone.audio.codecs import PCMU, Encoder
+from voxphone.audio.files import read_audio
+from voxphone.call import Call
+from voxphone.clock import FakeClock
+from voxphone.http.api import REGISTRY
+from voxphone.testing import capture_events
+from voxphone.transports.mediastream import JsonStreamSession, parse_twilio
+
+MESSAGES = 3000
+ROUNDS = 5
+TEXT = "Hello, I would like to check the status of my order. It has not arrived yet."
+
+
+def messages() -> list[str]:
+    """A Twilio ``start`` and ``MESSAGES`` ``media`` messages of looped speech."""
+    wav = Path(tempfile.mkdtemp()) / "speech.wav"
+    subprocess.run(["flite", "-voice", "rms", "-t", TEXT, "-o", str(wav)], check=True)
+    pcm, enc = read_audio(wav, 8000), Encoder(PCMU)
+    chunks = [enc.encode(pcm[i : i + 160]) for i in range(0, pcm.size - 159, 160)]
+    sid = "MZ0123456789abcdef0123456789abcdef"
+    start = {
+        "event": "start",
+        "sequenceNumber": "1",
+        "streamSid": sid,
+        "start": {
+            "streamSid": sid,
+            "callSid": "CA0123456789abcdef0123456789abcdef",
+            "accountSid": "AC0123456789abcdef0123456789abcdef",
+            "tracks": ["inbound"],
+            "mediaFormat": {"encoding": "audio/x-mulaw", "sampleRate": 8000, "channels": 1},
+        },
+    }
+    out = [json.dumps(start)]
+    for n in range(MESSAGES):
+        media = {
+            "track": "inbound",
+            "chunk": str(n + 1),
+            "timestamp": str(n * 20),
+            "payload": base64.b64encode(chunks[n % len(chunks)]).decode(),
+        }
+        out.append(
+            json.dumps(
+                {"event": "media", "sequenceNumber": str(n + 2), "media": media, "streamSid": sid}
+            )
+        )
+    return out
+
+
+class _Registry:
+    """Opens real (unstarted) calls, as the server's registry would."""
+
+    def __init__(self) -> None:
+        self.calls: list[Call] = []
+
+    def open(self, codec: Any, *, transport: str, metadata: Any, call_id: Any) -> Call:
+        call = Call(call_id, codec, capture_events(), FakeClock(), transport=transport)
+        self.calls.append(call)
+        return call
+
+
+async def voxphone_round(msgs: list[str]) -> tuple[float, int, float]:
+    """µs per media message, messages that released a frame, audio handed on (ms)."""
+    registry = _Registry()
+    session = JsonStreamSession(SimpleNamespace(app={REGISTRY: registry}), "twilio")  # type: ignore[arg-type]
+    session.handle(parse_twilio(msgs[0]))
+    call = registry.calls[0]
+    released = 0
+    t0 = time.perf_counter()
+    for text in msgs[1:]:
+        before = call.pipeline.framer.frames_out
+        session.handle(parse_twilio(text))
+        released += call.pipeline.framer.frames_out != before
+    us = (time.perf_counter() - t0) / (len(msgs) - 1) * 1e6
+    return us, released, call.pipeline.framer.frames_out * 80.0
+
+
+async def pipecat_round(msgs: list[str]) -> tuple[float, int, float]:
+    from pipecat.serializers.twilio import TwilioFrameSerializer
+
+    params = TwilioFrameSerializer.InputParams(sample_rate=16000, auto_hang_up=False)
+    ser = TwilioFrameSerializer("MZ0123456789abcdef0123456789abcdef", params=params)
+    ser._sample_rate = 16000  # what ``setup`` sets from the pipeline's StartFrame
+    released, samples = 0, 0
+    t0 = time.perf_counter()
+    for text in msgs[1:]:
+        frame = await ser.deserialize(text)
+        if frame is not None:
+            released += 1
+            samples += len(frame.audio) // 2
+    us = (time.perf_counter() - t0) / (len(msgs) - 1) * 1e6
+    return us, released, samples / 16.0
+
+
+async def measure() -> dict[str, Any]:
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.ERROR))
+    from loguru import logger  # Pipecat logs through loguru: keep its per-message lines out
+
+    logger.remove()
+    import pipecat
+
+    msgs = messages()
+    load_before = os.getloadavg()
+    best: dict[str, tuple[float, int, float]] = {}
+    for _ in range(ROUNDS):
+        for name, run in (("pipecat", pipecat_round), ("voxphone", voxphone_round)):
+            r = await run(msgs)
+            if name not in best or r[0] < best[name][0]:
+                best[name] = r
+    machine = f"{os.cpu_count()}core-{platform.machine()}"
+    result = {
+        "machine": machine,
+        "loadavg_before": load_before,
+        "loadavg_after": os.getloadavg(),
+        "messages": MESSAGES,
+        "pipecat_version": getattr(pipecat, "__version__", "?"),
+        "us_per_message": {k: round(v[0], 2) for k, v in best.items()},
+        "messages_releasing_audio": {k: v[1] for k, v in best.items()},
+        "audio_out_ms_after_last": {k: v[2] for k, v in best.items()},
+        "audio_in_ms": MESSAGES * 20,
+        "pipecat_ratio": round(best["pipecat"][0] / best["voxphone"][0], 2),
+    }
+    return result
+
+
+def main() -> None:
+    result = asyncio.run(measure())
+    print(json.dumps(result, indent=2))
+    out = Path(f"benchmarks/results/pipecat_twilio-{result['machine']}.json")
+    out.write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
