@@ -381,15 +381,14 @@ class Call:
     def _latency(self, end_ms: int | None) -> dict[str, int]:
         """``{"latency_ms": …}``: from the arrival of the audio at ``end_ms`` (the end of the
         segment's speech, on the engine's clock) to now; empty when that is not known (no
-        ``end_ms``, or its frame no longer remembered)."""
+        ``end_ms``, or its frame no longer remembered). An ``end_ms`` past the last frame (the
+        engine rounds up to its own step) counts from the last frame: no later audio exists."""
         if end_ms is None:
             return {}
         frames = -(-end_ms // FRAME_MS)  # the frame holding end_ms, counted from 1
         for sent, arrived in reversed(self._sent_at):
-            if sent == frames:
+            if sent <= frames:
                 return {"latency_ms": round((self._clock.monotonic() - arrived) * 1000)}
-            if sent < frames:
-                break
         return {}
 
     def _engine_failed(self, exc: EngineError) -> None:

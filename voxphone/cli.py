@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from voxphone import __version__
-from voxphone.config import Config, load_config
+from voxphone.config import Config, check_secret, load_config
 from voxphone.errors import ConfigError, TransportError, VoxphoneError
 
 if TYPE_CHECKING:
@@ -242,6 +242,8 @@ def _call(args: argparse.Namespace) -> int:
     from voxphone.transports.dtmf import DTMF_KEYS
 
     host, port = _host_port(args.to)
+    if not 0 <= args.loss < 1:
+        raise ConfigError(f"--loss: {args.loss:g} is not a fraction from 0 to 1 (0.05 drops 5 %)")
     if bad := set(args.dtmf.upper()) - set(DTMF_KEYS):
         raise ConfigError(f"--dtmf: not DTMF keys: {''.join(sorted(bad))}")
     codec = codec_by_name(args.codec)
@@ -315,6 +317,13 @@ def _whip(args: argparse.Namespace) -> int:
 def _receive(args: argparse.Namespace) -> int:
     from voxphone.receive import receive
 
+    if not 1 <= args.port <= 65535:
+        raise ConfigError(f"--port: {args.port} is not a TCP port (1-65535)")
+    if args.secret:
+        try:
+            check_secret(args.secret)
+        except ValueError as exc:
+            raise ConfigError(f"--secret: {exc}") from None
     asyncio.run(receive(args.host, args.port, args.secret))
     return 0
 

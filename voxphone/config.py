@@ -354,7 +354,7 @@ class WebhookConfig(_Section):
     @field_validator("secret")
     @classmethod
     def _check_secret(cls, value: str | None) -> str | None:
-        return _check_secret_value(value) if value else None
+        return check_secret(value) if value else None
 
 
 EVENT_HORIZONS: dict[str, float] = {"transcript.delta": 10.0, "*": 3 * 86400.0}
@@ -368,7 +368,7 @@ MAKE_SECRET = (
 MIN_SECRET_BYTES = 24  # Standard Webhooks: 24 to 64 random bytes
 
 
-def _check_secret_value(value: str) -> str:
+def check_secret(value: str) -> str:
     """A ``whsec_<base64>`` key of at least 24 bytes; the error says how to make one."""
     from voxphone.events.webhook import decode_secret
 
@@ -432,7 +432,7 @@ class EndpointConfig(DeliveryPolicy):
     @field_validator("secrets")
     @classmethod
     def _check_secrets(cls, value: list[str]) -> list[str]:
-        return [_check_secret_value(s) for s in value]
+        return [check_secret(s) for s in value]
 
 
 class OutboxConfig(_Section):

@@ -16,6 +16,7 @@ from datetime import UTC, datetime
 from aiohttp import web
 
 from voxphone.clock import iso_utc
+from voxphone.errors import ConfigError
 from voxphone.events.webhook import decode_secret, sign
 
 
@@ -109,7 +110,13 @@ def create_receiver(secret: str | None) -> web.Application:
 async def receive(host: str, port: int, secret: str | None) -> None:
     runner = web.AppRunner(create_receiver(secret), access_log=None)
     await runner.setup()
-    await web.TCPSite(runner, host, port).start()
+    try:
+        await web.TCPSite(runner, host, port).start()
+    except OSError as exc:
+        await runner.cleanup()
+        raise ConfigError(
+            f"cannot listen on {host}:{port}: {exc.strerror or exc}; choose another --port"
+        ) from None
     verified = "verifying signatures" if secret else "not verifying signatures"
     print(f"listening on http://{host}:{port}/ ({verified})", file=sys.stderr, flush=True)
     try:

@@ -252,3 +252,36 @@ def test_check_config_names_a_bad_key_in_one_line(tmp_path: Path) -> None:
     toml.write_text('[http]\nhost = "0.0.0.0"\n')
     r = voxphone("check-config", str(toml), timeout=60)
     assert r.returncode == 2 and "serve would refuse to start" in r.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (
+            ["call", "{wav}", "--to", "127.0.0.1:20000", "--loss", "5"],
+            "--loss: 5 is not a fraction",
+        ),
+        (["receive", "--secret", "nope"], "--secret: webhook secret is 3 bytes, too short; "),
+        (["receive", "--port", "70000"], "--port: 70000 is not a TCP port (1-65535)"),
+    ],
+    ids=["loss", "receive-secret", "receive-port"],
+)
+def test_bad_values_are_one_line_before_anything_runs(
+    speech: dict[str, Speech], args: list[str], message: str
+) -> None:
+    r = voxphone(*(a.format(wav=speech["order"].path) for a in args))
+    assert (r.returncode, r.stdout) == (2, "")
+    (line,) = r.stderr.splitlines()
+    assert line.startswith(f"voxphone: error: {message}"), line
+
+
+def test_receive_on_a_port_in_use_says_so_in_one_line() -> None:
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        r = voxphone("receive", "--port", str(port))
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    (line,) = r.stderr.splitlines()
+    assert line.startswith(f"voxphone: error: cannot listen on 127.0.0.1:{port}: ")
+    assert line.endswith("choose another --port")

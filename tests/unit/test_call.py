@@ -227,10 +227,13 @@ async def test_a_final_says_how_long_after_its_last_audio_arrived_it_came() -> N
     clock.advance(0.4)  # now = frame 2's arrival + 0.6 s
     stream.out.put(TranscriptChunk(segment_end=True, text="hi", start_ms=0, end_ms=150))
     stream.out.put(TranscriptChunk(segment_end=True, text="there"))  # no end_ms
-    await until(lambda: len(sink.of_type("transcript.final")) == 2)
-    first, second = sink.of_type("transcript.final")
+    # Past the last frame (Voxtral's steps round up): timed from the last frame, t + 0.2.
+    stream.out.put(TranscriptChunk(segment_end=True, text="you", start_ms=200, end_ms=250))
+    await until(lambda: len(sink.of_type("transcript.final")) == 3)
+    first, second, third = sink.of_type("transcript.final")
     assert first.data["latency_ms"] == 600
     assert "latency_ms" not in second.data
+    assert third.data["latency_ms"] == 500
     stream.out.close()
     call.end("hangup")
     await asyncio.wait_for(call.wait(), 5)
