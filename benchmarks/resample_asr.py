@@ -22,9 +22,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import soxr
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks.resample import SoxrStream  # noqa: E402
 from tests.conftest import SENTENCES, overlap  # noqa: E402
 from voxphone.audio.codecs import PCMU, Encoder, Pcm  # noqa: E402
 from voxphone.audio.files import read_audio  # noqa: E402
@@ -34,24 +34,16 @@ from voxphone.engines.sphinx import Recognizer, SphinxSettings  # noqa: E402
 SEEDS = 6  # seed 0: no loss
 
 
-class SoxrHQ:
+class SoxrHQ(SoxrStream):
     """soxr's stream as voxphone used it, with the pipeline's batching turned off."""
 
     lead = 0
 
     def __init__(self) -> None:
-        self._s = soxr.ResampleStream(8000, 16000, 1, dtype="int16", quality="HQ")
+        super().__init__(8000, 16000, "HQ")
 
     def releasable(self, more_in: int) -> int:
         return 1 << 30
-
-    def process(self, pcm: Pcm) -> Pcm:
-        out: Pcm = self._s.resample_chunk(pcm)
-        return out
-
-    def flush(self) -> Pcm:
-        out: Pcm = self._s.resample_chunk(np.zeros(0, np.int16), last=True)
-        return out
 
 
 def pipeline(variant: str) -> AudioPipeline:
