@@ -286,10 +286,6 @@ class VllmEngine:
             raise SessionFailed("no vLLM engine worker is running", retry=False)
         return min(alive, key=lambda w: len(w.sessions)).open()
 
-    def load(self) -> list[int]:
-        """Sessions per worker, for metrics and the benchmark."""
-        return [len(w.sessions) for w in self.workers]
-
     async def stop(self) -> None:
         await asyncio.gather(*(w.stop() for w in self.workers))
         if self._rundir is not None and not any(self._rundir.glob("*.log")):

@@ -567,12 +567,6 @@ class RtpServer:
             stats = call.transport_stats
             stats["sender_reports"] = stats.get("sender_reports", 0) + len(packets)
 
-    def end_all(self, reason: str) -> None:
-        """End every RTP call, playing out what each jitter buffer holds first."""
-        for port in list(self._active):
-            for addr in list(port.sources):
-                port.end(addr, reason)
-
     def totals(self) -> dict[str, int]:
         """Packets no call could be charged with, by reason (no call on the port, or the call's
         ``call.ended`` already published): ``unvalidated``, ``unknown_payload_type``,
