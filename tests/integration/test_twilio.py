@@ -15,7 +15,7 @@ import pytest
 
 from tests.conftest import Speech, overlap
 from tests.integration.test_serve import WebhookReceiver, calls_of, running_serve
-from voxphone.audio.codecs import PCMU, Encoder
+from voxphone.audio.codecs import PCMU, Codec, Encoder
 from voxphone.audio.files import read_audio
 
 pytestmark = pytest.mark.integration
@@ -32,6 +32,18 @@ def media_messages(wav: Path, stream_sid: str) -> list[dict[str, Any]]:
             "media": {"track": "inbound", "chunk": str(i + 1), "timestamp": str(i * 20), "payload": payload},
         })  # fmt: skip
     return out
+
+
+def telnyx_media(wav: Path, codec: Codec, stream_id: str) -> list[dict[str, Any]]:
+    """Telnyx ``media`` messages of 20 ms each (sequence numbers after ``start``'s 1)."""
+    pcm = read_audio(wav, 8000)
+    enc = Encoder(codec)
+    return [
+        {"event": "media", "sequence_number": str(i + 2), "stream_id": stream_id,
+         "media": {"track": "inbound", "chunk": str(i + 1), "timestamp": str(i * 20),
+                   "payload": base64.b64encode(enc.encode(pcm[p : p + 160])).decode()}}
+        for i, p in enumerate(range(0, pcm.size - 159, 160))
+    ]  # fmt: skip
 
 
 @pytest.mark.parametrize("ending", ["stop", "disconnect"])
@@ -127,14 +139,7 @@ async def test_telnyx_stream_reordered_in_flight(
 
     from voxphone.audio.codecs import PCMA
 
-    pcm = read_audio(speech["order"].path, 8000)
-    enc = Encoder(PCMA)
-    frames = [
-        {"event": "media", "sequence_number": str(i + 2), "stream_id": "s1",
-         "media": {"track": "inbound", "chunk": str(i + 1), "timestamp": str(i * 20),
-                   "payload": base64.b64encode(enc.encode(pcm[p : p + 160])).decode()}}
-        for i, p in enumerate(range(0, pcm.size - 159, 160))
-    ]  # fmt: skip
+    frames = telnyx_media(speech["order"].path, PCMA, "s1")
     rng = random.Random(7)
     shuffled = []
     for i in range(0, len(frames), 3):
@@ -339,14 +344,7 @@ async def test_telnyx_media_that_overtakes_start_is_kept(
 ) -> None:
     """Telnyx: "Media frame order is not guaranteed". The first 200 ms arrive before `start`
     (which used to close the stream with 1007 and make no call): held, then played in order."""
-    pcm = read_audio(speech["order"].path, 8000)
-    enc = Encoder(PCMU)
-    media = [
-        {"event": "media", "sequence_number": str(i + 2), "stream_id": "s2",
-         "media": {"track": "inbound", "chunk": str(i + 1), "timestamp": str(i * 20),
-                   "payload": base64.b64encode(enc.encode(pcm[p : p + 160])).decode()}}
-        for i, p in enumerate(range(0, pcm.size - 159, 160))
-    ]  # fmt: skip
+    media = telnyx_media(speech["order"].path, PCMU, "s2")
     start = {"event": "start", "sequence_number": "1", "stream_id": "s2",
              "start": {"call_control_id": "v2:early", "media_format": {"encoding": "PCMU", "sample_rate": 8000, "channels": 1}}}  # fmt: skip
     async with running_serve(tmp_path, receiver) as srv, aiohttp.ClientSession() as http:
