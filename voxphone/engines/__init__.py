@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import structlog
 
 from voxphone.config import Config
@@ -44,15 +46,15 @@ def create_engine(config: Config) -> Engine:
     from voxphone.engines.voxtral import VoxtralSettings
 
     v = e.voxtral
+    voxtral = VoxtralSettings(
+        pause_s=v.pause_s, max_session_s=v.max_session_s, watchdog_s=v.watchdog_s,
+        max_segment_s=v.max_segment_s,
+    )  # fmt: skip
     if kind == "vllm-remote":
         from voxphone.engines.vllm_remote import VllmRemoteEngine
 
         r = e.vllm_remote
-        remote = VoxtralSettings(
-            pause_s=v.pause_s, max_session_s=v.max_session_s, max_model_len=131_072,
-            watchdog_s=v.watchdog_s, max_segment_s=v.max_segment_s,
-            delay_ms=v.transcription_delay_ms,
-        )  # fmt: skip
+        remote = replace(voxtral, max_model_len=131_072, delay_ms=v.transcription_delay_ms)
         return VllmRemoteEngine(r.urls, r.model, remote, r.connect_timeout_s)
     from voxphone.engines.vllm_pool import VllmEngine
 
@@ -77,8 +79,5 @@ def create_engine(config: Config) -> Engine:
             args["kv_cache_memory_bytes"] = c.kv_cache_memory_bytes
     if c.max_num_batched_tokens is not None:
         args["max_num_batched_tokens"] = c.max_num_batched_tokens
-    local = VoxtralSettings(
-        pause_s=v.pause_s, max_session_s=v.max_session_s, max_model_len=c.max_model_len,
-        watchdog_s=v.watchdog_s, max_segment_s=v.max_segment_s,
-    )  # fmt: skip
+    local = replace(voxtral, max_model_len=c.max_model_len)
     return VllmEngine(args, local, c.device, engines=c.engines)
