@@ -59,6 +59,20 @@ def check_model_dir(model: str) -> int | None:
     return delay
 
 
+def preflight(engine_args: dict[str, Any], device: str) -> int | None:
+    """What a vLLM engine needs before it starts — vLLM installed, a GPU for ``cuda``, a usable
+    model directory — checked here in one line each rather than deep in vLLM's start-up.
+    Returns the model's ``transcription_delay_ms`` (``None`` for a hub id); ``EngineError``."""
+    if vllm_compat.installed_version() is None:
+        raise EngineError("engine 'vllm' needs vLLM: pip install 'voxphone[vllm]'")
+    if device == "cuda" and vllm_compat.gpu_count() == 0:
+        raise EngineError(
+            "engine 'vllm' needs a CUDA GPU and NVML sees none (check nvidia-smi and "
+            'CUDA_VISIBLE_DEVICES), or set engine.vllm.device = "cpu" for vLLM\'s CPU build'
+        )
+    return check_model_dir(engine_args["model"])
+
+
 class LocalSession:
     """One resumable vLLM request."""
 
@@ -106,8 +120,8 @@ class LocalSession:
 class VllmLocalEngine:
     """One ``AsyncLLM`` in this process; one Voxtral stream per call.
 
-    What each ``vllm_worker`` process runs; voxphone's own ``vllm`` engine (``vllm_pool``) keeps
-    vLLM out of its process. Used directly by the engine tests and as the benchmark baseline."""
+    voxphone's own ``vllm`` engine (``vllm_pool``) keeps vLLM out of its process, in workers
+    that run ``LocalSession``s; this class serves the engine tests and the benchmark baseline."""
 
     name = "vllm"
 
@@ -118,11 +132,7 @@ class VllmLocalEngine:
         self._engine: Any = None
 
     async def start(self) -> None:
-        if vllm_compat.installed_version() is None:
-            raise EngineError("engine 'vllm' needs vLLM: pip install 'voxphone[vllm]'")
-        if self._device == "cuda" and vllm_compat.gpu_count() == 0:
-            raise EngineError("engine 'vllm' needs a CUDA GPU and NVML sees none")
-        delay = check_model_dir(self._args["model"])
+        delay = preflight(self._args, self._device)
         if delay is not None:
             self._settings = dataclasses.replace(self._settings, delay_ms=delay)
         # vLLM otherwise installs its own stdout handler; this routes its logs through ours.

@@ -34,7 +34,7 @@ import structlog
 
 from voxphone.audio.codecs import Pcm
 from voxphone.engines import vllm_compat
-from voxphone.engines.vllm_local import check_model_dir
+from voxphone.engines.vllm_local import preflight
 from voxphone.engines.voxtral import SessionFailed, Step, VoxtralSettings, VoxtralStream
 from voxphone.engines.worker_protocol import (
     HEADER,
@@ -246,14 +246,7 @@ class VllmEngine:
         return args
 
     async def start(self) -> None:
-        if vllm_compat.installed_version() is None:
-            raise EngineError("engine 'vllm' needs vLLM: pip install 'voxphone[vllm]'")
-        if self._device == "cuda" and vllm_compat.gpu_count() == 0:
-            raise EngineError(
-                "engine 'vllm' needs a CUDA GPU and NVML sees none (check nvidia-smi and "
-                'CUDA_VISIBLE_DEVICES), or set engine.vllm.device = "cpu" for vLLM\'s CPU build'
-            )
-        delay = check_model_dir(self._args["model"])
+        delay = preflight(self._args, self._device)
         if delay is not None:
             self._settings = dataclasses.replace(self._settings, delay_ms=delay)
         began = time.monotonic()
