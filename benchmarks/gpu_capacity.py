@@ -39,6 +39,7 @@ import json
 import os
 import platform
 import random
+import re
 import statistics
 import subprocess
 import sys
@@ -70,6 +71,8 @@ def engine_args(a: argparse.Namespace, seqs: int) -> dict[str, Any]:
         args["kv_cache_memory_bytes"] = a.kv_cache_memory_bytes
     if a.max_num_batched_tokens:
         args["max_num_batched_tokens"] = a.max_num_batched_tokens
+    if a.kv_cache_dtype != "auto":
+        args["kv_cache_dtype"] = a.kv_cache_dtype
     if a.device == "cpu":  # vLLM's CPU build: tests and trying this script out
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
         args.update(enforce_eager=True, dtype="bfloat16")
@@ -104,7 +107,7 @@ def start_vllm_serve(a: argparse.Namespace) -> subprocess.Popen[bytes]:
         "--max-model-len", str(a.max_model_len), "--max-num-seqs", str(max(a.levels) + 8),
         "--gpu-memory-utilization", str(a.gpu_memory_utilization),
         "--compilation-config", json.dumps({"cudagraph_mode": a.cudagraph_mode}),
-        "--host", "127.0.0.1", "--port", port,
+        "--host", "127.0.0.1", "--port", port, "--kv-cache-dtype", a.kv_cache_dtype,
     ]  # fmt: skip
     log = Path(a.out).with_suffix(".serve.log").open("wb")
     return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -229,6 +232,95 @@ class Sampler:
         }
 
 
+# -- what vLLM says and where its processes spend their time -------------------------------
+
+KV_USAGE = re.compile(r"Running: (\d+) reqs.*KV cache usage: ([\d.]+)%")
+
+
+class VllmLog:
+    """vLLM's periodic stats lines ("Running: N reqs, … GPU KV cache usage: X%"), from every
+    engine worker's log tail (``pool``) or ``vllm serve``'s log file (``remote``)."""
+
+    def __init__(self, engine: Any, serve_log: Path | None) -> None:
+        self._engine = engine
+        self._serve_log = serve_log
+        self._seen: set[str] = set()
+
+    def _lines(self) -> list[str]:
+        if self._serve_log is not None:
+            return self._serve_log.read_text(errors="replace").splitlines()
+        return [line for w in getattr(self._engine, "workers", []) for line in w.tail()]
+
+    def new(self) -> list[tuple[int, float]]:
+        """``(running requests, KV usage %)`` of every stats line since the last call."""
+        out = []
+        for line in self._lines():
+            if line in self._seen:
+                continue
+            self._seen.add(line)
+            if m := KV_USAGE.search(line):
+                out.append((int(m[1]), float(m[2])))
+        return out
+
+
+def children() -> list[Any]:
+    import psutil  # a vLLM dependency
+
+    return psutil.Process().children(recursive=True)
+
+
+async def profile(a: argparse.Namespace, calls: int) -> dict[str, Any]:
+    """``py-spy record`` (raw collapsed stacks) of one EngineCore and one engine worker or API
+    server for ``--profile-s`` seconds, summarised as the functions with the most samples
+    (inclusive, as % of the process's samples) — the "where does the time go" answer."""
+    import shutil
+
+    spy = shutil.which("py-spy") or "/tmp/site/bin/py-spy"
+    procs = children()
+    core = next((p for p in procs if "EngineCore" in p.name()), None)
+    front = next((p for p in procs if "EngineCore" not in p.name() and p.name() != "nvidia-smi"
+                  and "resource_tracker" not in " ".join(p.cmdline())), None)  # fmt: skip
+    out: dict[str, Any] = {"calls": calls, "seconds": a.profile_s}
+    for role, proc in (("engine_core", core), ("frontend", front)):
+        if proc is None:
+            continue
+        raw = Path(a.out).with_suffix(f".{role}.txt")
+        cmd = [spy, "record", "--pid", str(proc.pid), "--duration", str(a.profile_s), "--rate",
+               "100", "--nonblocking", "--format", "raw", "--output", str(raw)]  # fmt: skip
+        p = await asyncio.create_subprocess_exec(
+            *cmd, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE
+        )
+        _, err = await p.communicate()
+        out[role] = {"pid": proc.pid, "name": proc.name(), **summarise(raw, err.decode()[-300:])}
+    return out
+
+
+def summarise(raw: Path, err: str) -> dict[str, Any]:
+    """Top functions by inclusive and by self samples from py-spy's collapsed stacks."""
+    if not raw.exists():
+        return {"error": err.strip()}
+    inclusive: dict[str, int] = {}
+    own: dict[str, int] = {}
+    total = 0
+    for line in raw.read_text(errors="replace").splitlines():
+        stack, _, n_str = line.rpartition(" ")
+        if not stack or not n_str.isdigit():
+            continue
+        n = int(n_str)
+        total += n
+        frames = [f.split(" (")[0] + " " + f.rsplit("/", 1)[-1].split(":")[0].rstrip(")")
+                  for f in stack.split(";")]  # fmt: skip
+        for f in set(frames):
+            inclusive[f] = inclusive.get(f, 0) + n
+        own[frames[-1]] = own.get(frames[-1], 0) + n
+
+    def top(d: dict[str, int], k: int) -> list[list[Any]]:
+        ranked = sorted(d.items(), key=lambda kv: -kv[1])[:k]
+        return [[f, round(100 * n / total, 1)] for f, n in ranked]
+
+    return {"samples": total, "inclusive_percent": top(inclusive, 40), "self_percent": top(own, 25)}
+
+
 # -- one level -----------------------------------------------------------------------------
 
 
@@ -238,11 +330,15 @@ def pct(values: list[float], q: float) -> float | None:
     return round(float(np.percentile(values, q)), 1)
 
 
-async def run_level(engine: Any, n: int, a: argparse.Namespace) -> dict[str, Any]:
+async def run_level(
+    engine: Any, n: int, a: argparse.Namespace, vlog: VllmLog, seconds: float | None = None
+) -> dict[str, Any]:
+    """One level: ``n`` calls of ``seconds`` (``--seconds``) each, measured as the module says."""
     loop = asyncio.get_running_loop()
+    vlog.new()  # forget what came before this level
     rng = np.random.default_rng(n)
     audio = [rng.normal(0, 3000, 1280).astype(np.int16) for _ in range(25)]
-    frames = round(a.seconds / FRAME_S)
+    frames = round((seconds or a.seconds) / FRAME_S)
     t0 = loop.time() + 1.0
     calls = []
     for _ in range(n):
@@ -252,8 +348,22 @@ async def run_level(engine: Any, n: int, a: argparse.Namespace) -> dict[str, Any
     sampler = Sampler()
     sampler.begin()
     tasks = [asyncio.create_task(c.receive()) for c in calls]
+    kv_timeline: list[list[float]] = []
+
+    async def watch_kv() -> None:  # vLLM logs its stats every VLLM_LOG_STATS_INTERVAL s
+        while True:
+            await asyncio.sleep(1)
+            for running, usage in vlog.new():
+                kv_timeline.append([round(loop.time() - t0, 1), running, usage])
+
+    watcher = asyncio.create_task(watch_kv())
+    spied: asyncio.Task[dict[str, Any]] | None = None
+    if n == a.profile_at:
+        await asyncio.sleep(max(0.0, steady_from + 1.0 - loop.time()))
+        spied = asyncio.create_task(profile(a, n))
     await asyncio.gather(*(c.send(audio) for c in calls))
     machine = sampler.end()  # steady state: every call sending
+    watcher.cancel()
     done, late = await asyncio.wait(tasks, timeout=60)
     for t in late:
         t.cancel()
@@ -275,7 +385,12 @@ async def run_level(engine: Any, n: int, a: argparse.Namespace) -> dict[str, Any
         "steps_expected": expected,
         "failed_calls": sum(1 for t in done if t.exception() is not None) + len(late),
         **machine,
+        # [s since the first call, requests running, KV cache usage %] per engine stats line
+        "kv_cache_usage": kv_timeline,
+        "kv_cache_usage_percent_max": max((u for _, _, u in kv_timeline), default=None),
     }
+    if spied is not None:
+        result["profile"] = await spied
     p99 = result["lag_ms"]["p99"]
     result["keeps_up"] = bool(p99 is not None and p99 <= KEEPS_UP_MS and len(every) == expected)
     return result
@@ -326,10 +441,12 @@ async def main(a: argparse.Namespace) -> None:
             "max_model_len": a.max_model_len, "cudagraph_mode": a.cudagraph_mode,
             "lag": LAG_DEFINITION,
             "kv_cache_memory_bytes": a.kv_cache_memory_bytes, "vllm_kv_log": kv_lines,
-            "levels": [],
+            "kv_cache_dtype": a.kv_cache_dtype, "levels": [],
         }  # fmt: skip
+        serve_log = Path(a.out).with_suffix(".serve.log") if serve is not None else None
+        vlog = VllmLog(engine, serve_log)
         for n in a.levels:
-            level = await run_level(engine, n, a)
+            level = await run_level(engine, n, a, vlog)
             report["levels"].append(level)
             print(json.dumps(level), flush=True)
             Path(a.out).write_text(json.dumps(report, indent=1))  # noqa: ASYNC240 (between levels)
@@ -337,6 +454,10 @@ async def main(a: argparse.Namespace) -> None:
             if p99 is None or p99 > GIVE_UP_MS:
                 break
             await asyncio.sleep(2)  # let aborted sessions leave the engine
+        if a.long:  # long calls: how KV use grows once the encoder's window is full
+            report["long"] = await run_level(engine, a.long, a, vlog, a.long_seconds)
+            print(json.dumps({k: v for k, v in report["long"].items() if k != "profile"}))
+            Path(a.out).write_text(json.dumps(report, indent=1))  # noqa: ASYNC240
     finally:
         await engine.stop()
         if serve is not None:
@@ -385,6 +506,11 @@ def parse() -> argparse.Namespace:
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     p.add_argument("--kv-cache-memory-bytes", type=int, default=None)
     p.add_argument("--max-num-batched-tokens", type=int, default=None)
+    p.add_argument("--kv-cache-dtype", default="auto", help="vLLM's: auto (bf16) or fp8")
+    p.add_argument("--profile-at", type=int, default=0, help="py-spy at this many calls")
+    p.add_argument("--profile-s", type=int, default=8)
+    p.add_argument("--long", type=int, default=0, help="then this many long calls")
+    p.add_argument("--long-seconds", type=float, default=60.0)
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     p.add_argument("--url", default="ws://127.0.0.1:8123/v1/realtime")
     p.add_argument("--served-name", default="voxtral")

@@ -26,6 +26,16 @@ def create_engine(**engine_args: Any) -> Any:
     return AsyncLLM.from_engine_args(AsyncEngineArgs(**engine_args))
 
 
+async def log_stats_every(engine: Any) -> None:
+    """Log vLLM's engine stats ("Running: N reqs, … GPU KV cache usage: X%") every
+    ``VLLM_LOG_STATS_INTERVAL`` seconds (vLLM's variable, 10 by default), as ``vllm serve`` does:
+    ``AsyncLLM`` only logs them when asked. Runs until cancelled."""
+    interval = float(os.environ.get("VLLM_LOG_STATS_INTERVAL", "10"))
+    while True:
+        await asyncio.sleep(interval)
+        await engine.do_log_stats()
+
+
 def sampling_params() -> Any:
     """What vLLM's realtime server uses: greedy, one token per step, text as deltas."""
     from vllm.sampling_params import RequestOutputKind, SamplingParams

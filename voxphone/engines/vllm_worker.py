@@ -99,9 +99,11 @@ async def run(socket_path: str, engine_args: dict[str, Any]) -> None:
             closed.set()
 
     server = await asyncio.start_unix_server(on_connect, path=socket_path)
+    stats = asyncio.create_task(vllm_compat.log_stats_every(engine))
     try:
         await closed.wait()
     finally:
+        stats.cancel()
         server.close()
         engine.shutdown()
         with contextlib.suppress(FileNotFoundError):
