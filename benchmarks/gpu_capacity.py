@@ -73,6 +73,8 @@ def engine_args(a: argparse.Namespace, seqs: int) -> dict[str, Any]:
         args["max_num_batched_tokens"] = a.max_num_batched_tokens
     if a.kv_cache_dtype != "auto":
         args["kv_cache_dtype"] = a.kv_cache_dtype
+    if a.async_scheduling != "auto":
+        args["async_scheduling"] = a.async_scheduling == "on"
     if a.device == "cpu":  # vLLM's CPU build: tests and trying this script out
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
         args.update(enforce_eager=True, dtype="bfloat16")
@@ -441,7 +443,8 @@ async def main(a: argparse.Namespace) -> None:
             "max_model_len": a.max_model_len, "cudagraph_mode": a.cudagraph_mode,
             "lag": LAG_DEFINITION,
             "kv_cache_memory_bytes": a.kv_cache_memory_bytes, "vllm_kv_log": kv_lines,
-            "kv_cache_dtype": a.kv_cache_dtype, "levels": [],
+            "kv_cache_dtype": a.kv_cache_dtype, "async_scheduling": a.async_scheduling,
+            "levels": [],
         }  # fmt: skip
         serve_log = Path(a.out).with_suffix(".serve.log") if serve is not None else None
         vlog = VllmLog(engine, serve_log)
@@ -507,6 +510,7 @@ def parse() -> argparse.Namespace:
     p.add_argument("--kv-cache-memory-bytes", type=int, default=None)
     p.add_argument("--max-num-batched-tokens", type=int, default=None)
     p.add_argument("--kv-cache-dtype", default="auto", help="vLLM's: auto (bf16) or fp8")
+    p.add_argument("--async-scheduling", choices=["auto", "on", "off"], default="auto")
     p.add_argument("--profile-at", type=int, default=0, help="py-spy at this many calls")
     p.add_argument("--profile-s", type=int, default=8)
     p.add_argument("--long", type=int, default=0, help="then this many long calls")
