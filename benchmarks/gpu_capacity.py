@@ -386,6 +386,10 @@ async def run_level(
         "steps_answered": len(every),
         "steps_expected": expected,
         "failed_calls": sum(1 for t in done if t.exception() is not None) + len(late),
+        "errors": sorted(
+            {repr(t.exception())[:300] for t in done if t.exception() is not None}
+            | ({"no end within 60 s"} if late else set())
+        )[:5],  # fmt: skip
         **machine,
         # [s since the first call, requests running, KV cache usage %] per engine stats line
         "kv_cache_usage": kv_timeline,
