@@ -360,9 +360,13 @@ async def run_level(
 
     watcher = asyncio.create_task(watch_kv())
     spied: asyncio.Task[dict[str, Any]] | None = None
-    if n == a.profile_at:
-        await asyncio.sleep(max(0.0, steady_from + 1.0 - loop.time()))
-        spied = asyncio.create_task(profile(a, n))
+    if n == a.profile_at:  # in the steady state; the senders must not wait for it
+
+        async def spy_later() -> dict[str, Any]:
+            await asyncio.sleep(max(0.0, steady_from + 1.0 - loop.time()))
+            return await profile(a, n)
+
+        spied = asyncio.create_task(spy_later())
     await asyncio.gather(*(c.send(audio) for c in calls))
     machine = sampler.end()  # steady state: every call sending
     watcher.cancel()
