@@ -16,8 +16,8 @@ from dataclasses import dataclass
 import structlog
 
 from voxphone.clock import Clock
-from voxphone.config import Config, DeliveryPolicy
-from voxphone.events.delivery import Deliverer, Transport
+from voxphone.config import Config
+from voxphone.events.delivery import Deliverer, DeliveryPolicy, Transport
 from voxphone.events.model import Event
 from voxphone.events.outbox import Outbox, Stored, compact
 from voxphone.events.ssrf import HostPolicy
