@@ -20,7 +20,7 @@ from voxphone.engines import create_engine
 from voxphone.engines.base import Engine
 from voxphone.errors import ConfigError, TransportError
 from voxphone.events.model import Event, EventSink, FanOut
-from voxphone.events.service import EventService
+from voxphone.events.service import Endpoint, EventService, EventSettings
 from voxphone.http import events as events_api
 from voxphone.http import webrtc as webrtc_http
 from voxphone.http.api import PROBLEMS, create_app
@@ -48,6 +48,37 @@ class EventLog:
         log.debug("event", type=event.type, call_id=event.call_id, seq=event.seq, data=event.data)
 
 
+def event_settings(config: Config) -> EventSettings:
+    """The event pipeline's settings from ``[outbox]``, ``[webhook]``, ``[[webhooks]]`` and
+    ``[nats]``. Resolves the outbox's default path (``$XDG_DATA_HOME``) now."""
+    out, hook, nats = config.outbox, config.webhook, config.nats
+    nats_settings = None
+    if nats.url:
+        from voxphone.events.nats import NatsSettings  # nats-py is optional: only when used
+
+        nats_settings = NatsSettings(
+            url=nats.url, stream=nats.stream, subject_prefix=nats.subject_prefix,
+            create_stream=nats.create_stream, ack_timeout_s=nats.ack_timeout_s,
+        )  # fmt: skip
+    return EventSettings(
+        outbox_path=out.resolved_path(),
+        outbox_synchronous=out.synchronous,
+        outbox_busy_timeout_ms=out.busy_timeout_ms,
+        outbox_max_backlog=out.max_backlog,
+        outbox_retention_h=out.retention_h,
+        webhook_url=hook.url,
+        webhook_secrets=(hook.secret,) if hook.secret else (),
+        webhook_timeout_s=hook.timeout_s,
+        allowed_hosts=tuple(hook.allowed_hosts),
+        endpoints=tuple(
+            Endpoint(ep.name, ep.url, tuple(ep.secrets), ep.timeout_s, policy=ep)
+            for ep in config.webhooks
+        ),
+        nats=nats_settings,
+        nats_policy=nats,
+    )
+
+
 class App:
     """The running service. ``start`` brings everything up in dependency order, ``stop`` drains."""
 
@@ -55,7 +86,7 @@ class App:
         self.config = config
         self.clock = clock or SystemClock()
         self.engine = engine or create_engine(config)
-        self.events = EventService(config, self.clock)
+        self.events = EventService(event_settings(config), self.clock)
         self.metrics = metrics.Metrics()
         sinks: list[EventSink] = [EventLog(), self.metrics.calls, self.events]
         self.sinks = FanOut(sinks)
