@@ -10,6 +10,7 @@ import socket
 
 import structlog
 from aiohttp import web
+from aiortc import RTCIceServer
 
 from voxphone import metrics
 from voxphone.audio.codecs import Codec
@@ -35,7 +36,7 @@ from voxphone.transports.mediastream import (
     vonage,
 )
 from voxphone.transports.rtp import PortPolicy, RtpServer
-from voxphone.transports.webrtc import WebRtcGateway
+from voxphone.transports.webrtc import WebRtcGateway, WebRtcSettings
 
 log = structlog.get_logger(__name__)
 
@@ -79,6 +80,23 @@ def event_settings(config: Config) -> EventSettings:
     )
 
 
+def webrtc_settings(config: Config) -> WebRtcSettings:
+    """The WebRTC transport's settings from ``[webrtc]``."""
+    w = config.webrtc
+    return WebRtcSettings(
+        ice_servers=tuple(
+            RTCIceServer(urls=s.urls, username=s.username, credential=s.credential)
+            for s in w.ice_servers
+        ),
+        interfaces=tuple(w.interfaces),
+        public_ip=w.public_ip,
+        ports=w.ports,
+        disconnect_timeout_s=w.disconnect_timeout_s,
+        media_timeout_s=w.media_timeout_s,
+        cors_origins=tuple(w.cors_origins),
+    )
+
+
 class App:
     """The running service. ``start`` brings everything up in dependency order, ``stop`` drains."""
 
@@ -99,7 +117,7 @@ class App:
             config.calls.max_duration_s,
         )
         self.webrtc = (
-            WebRtcGateway(self.registry, config.webrtc, self.clock)
+            WebRtcGateway(self.registry, webrtc_settings(config), self.clock)
             if config.webrtc.enabled
             else None
         )
