@@ -27,6 +27,7 @@ from pathlib import Path
 import structlog
 from aiohttp import web
 
+from voxphone.app import event_settings
 from voxphone.clock import SystemClock
 from voxphone.config import load_config
 from voxphone.events.model import EventSequencer
@@ -103,7 +104,7 @@ async def run(args: argparse.Namespace, port: int, db: Path) -> None:
         overrides={"webhooks": endpoints, "outbox.path": str(db), "outbox.synchronous": args.sync},
         environ={},
     )
-    svc = EventService(config, SystemClock())
+    svc = EventService(event_settings(config), SystemClock())
     await svc.start()
     t0 = time.perf_counter()
     latencies = await offer(svc, args.events, args.rate, args.calls)

@@ -7,20 +7,22 @@ import contextlib
 import os
 import signal
 import socket
+from dataclasses import replace
 
 import structlog
 from aiohttp import web
+from aiortc import RTCIceServer
 
 from voxphone import metrics
 from voxphone.audio.codecs import Codec
 from voxphone.call import Call, CallRegistry
 from voxphone.clock import Clock, SystemClock
 from voxphone.config import Config
-from voxphone.engines import create_engine
+from voxphone.engines import choose_kind
 from voxphone.engines.base import Engine
 from voxphone.errors import ConfigError, TransportError
 from voxphone.events.model import Event, EventSink, FanOut
-from voxphone.events.service import EventService
+from voxphone.events.service import Endpoint, EventService, EventSettings
 from voxphone.http import events as events_api
 from voxphone.http import webrtc as webrtc_http
 from voxphone.http.api import PROBLEMS, create_app
@@ -35,7 +37,7 @@ from voxphone.transports.mediastream import (
     vonage,
 )
 from voxphone.transports.rtp import PortPolicy, RtpServer
-from voxphone.transports.webrtc import WebRtcGateway
+from voxphone.transports.webrtc import WebRtcGateway, WebRtcSettings
 
 log = structlog.get_logger(__name__)
 
@@ -48,6 +50,109 @@ class EventLog:
         log.debug("event", type=event.type, call_id=event.call_id, seq=event.seq, data=event.data)
 
 
+def create_engine(config: Config) -> Engine:
+    """The configured engine (``[engine]``, sized by ``calls.max_concurrent``), not yet
+    started: each engine's own settings built from its table."""
+    kind = choose_kind(config.engine.kind)
+    e = config.engine
+    if kind == "sphinx":
+        from voxphone.engines.sphinx import SphinxEngine, SphinxSettings
+
+        s = e.sphinx
+        return SphinxEngine(
+            s.workers,
+            SphinxSettings(
+                pause_s=s.pause_s, noise_floor=s.noise_floor, max_segment_s=s.max_segment_s
+            ),
+        )
+    from voxphone.engines.voxtral import VoxtralSettings
+
+    v = e.voxtral
+    voxtral = VoxtralSettings(
+        pause_s=v.pause_s, max_session_s=v.max_session_s, watchdog_s=v.watchdog_s,
+        max_segment_s=v.max_segment_s,
+    )  # fmt: skip
+    if kind == "vllm-remote":
+        from voxphone.engines.vllm_remote import VllmRemoteEngine
+
+        r = e.vllm_remote
+        remote = replace(voxtral, max_model_len=131_072, delay_ms=v.transcription_delay_ms)
+        return VllmRemoteEngine(r.urls, r.model, remote, r.connect_timeout_s)
+    from voxphone.engines.vllm_pool import VllmEngine
+
+    c = e.vllm
+    share = -(-config.calls.max_concurrent // c.engines)  # each engine's share of the calls
+    seqs = c.max_num_seqs or share + max(2, share // 10)
+    args = {
+        "model": c.model,
+        "tokenizer_mode": "mistral",
+        "config_format": "mistral",
+        "load_format": c.load_format,
+        "max_model_len": c.max_model_len,
+        "max_num_seqs": seqs,
+        "dtype": c.dtype,
+        "enforce_eager": c.enforce_eager,
+        "limit_mm_per_prompt": {"audio": 1},
+    }
+    if c.device == "cuda":
+        args["gpu_memory_utilization"] = c.gpu_memory_utilization
+        args["compilation_config"] = {"cudagraph_mode": c.cudagraph_mode}
+        if c.kv_cache_memory_bytes is not None:
+            args["kv_cache_memory_bytes"] = c.kv_cache_memory_bytes
+    if c.max_num_batched_tokens is not None:
+        args["max_num_batched_tokens"] = c.max_num_batched_tokens
+    local = replace(voxtral, max_model_len=c.max_model_len)
+    return VllmEngine(args, local, c.device, engines=c.engines)
+
+
+def event_settings(config: Config) -> EventSettings:
+    """The event pipeline's settings from ``[outbox]``, ``[webhook]``, ``[[webhooks]]`` and
+    ``[nats]``. Resolves the outbox's default path (``$XDG_DATA_HOME``) now."""
+    out, hook, nats = config.outbox, config.webhook, config.nats
+    nats_settings = None
+    if nats.url:
+        from voxphone.events.nats import NatsSettings  # nats-py is optional: only when used
+
+        nats_settings = NatsSettings(
+            url=nats.url, stream=nats.stream, subject_prefix=nats.subject_prefix,
+            create_stream=nats.create_stream, ack_timeout_s=nats.ack_timeout_s,
+        )  # fmt: skip
+    return EventSettings(
+        outbox_path=out.resolved_path(),
+        outbox_synchronous=out.synchronous,
+        outbox_busy_timeout_ms=out.busy_timeout_ms,
+        outbox_max_backlog=out.max_backlog,
+        outbox_retention_h=out.retention_h,
+        webhook_url=hook.url,
+        webhook_secrets=(hook.secret,) if hook.secret else (),
+        webhook_timeout_s=hook.timeout_s,
+        allowed_hosts=tuple(hook.allowed_hosts),
+        endpoints=tuple(
+            Endpoint(ep.name, ep.url, tuple(ep.secrets), ep.timeout_s, policy=ep)
+            for ep in config.webhooks
+        ),
+        nats=nats_settings,
+        nats_policy=nats,
+    )
+
+
+def webrtc_settings(config: Config) -> WebRtcSettings:
+    """The WebRTC transport's settings from ``[webrtc]``."""
+    w = config.webrtc
+    return WebRtcSettings(
+        ice_servers=tuple(
+            RTCIceServer(urls=s.urls, username=s.username, credential=s.credential)
+            for s in w.ice_servers
+        ),
+        interfaces=tuple(w.interfaces),
+        public_ip=w.public_ip,
+        ports=w.ports,
+        disconnect_timeout_s=w.disconnect_timeout_s,
+        media_timeout_s=w.media_timeout_s,
+        cors_origins=tuple(w.cors_origins),
+    )
+
+
 class App:
     """The running service. ``start`` brings everything up in dependency order, ``stop`` drains."""
 
@@ -55,7 +160,7 @@ class App:
         self.config = config
         self.clock = clock or SystemClock()
         self.engine = engine or create_engine(config)
-        self.events = EventService(config, self.clock)
+        self.events = EventService(event_settings(config), self.clock)
         self.metrics = metrics.Metrics()
         sinks: list[EventSink] = [EventLog(), self.metrics.calls, self.events]
         self.sinks = FanOut(sinks)
@@ -68,7 +173,7 @@ class App:
             config.calls.max_duration_s,
         )
         self.webrtc = (
-            WebRtcGateway(self.registry, config.webrtc, self.clock)
+            WebRtcGateway(self.registry, webrtc_settings(config), self.clock)
             if config.webrtc.enabled
             else None
         )

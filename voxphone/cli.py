@@ -218,12 +218,13 @@ def _check_config(args: argparse.Namespace) -> int:
 
 
 def _transcribe(args: argparse.Namespace) -> int:
+    from voxphone.app import create_engine
     from voxphone.transcribe import transcribe_file
 
     config = _load(args, {"log.level": args.log_level or "warning"})
     ended = asyncio.run(
         transcribe_file(
-            config,
+            lambda: create_engine(config),
             args.file,
             telephony=args.telephony,
             json_lines=args.json,

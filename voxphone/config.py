@@ -23,6 +23,8 @@ from voxphone.audio.codecs import (
     codec_by_name,
 )
 from voxphone.errors import ConfigError, DecodeError
+from voxphone.events.delivery import EVENT_HORIZONS, DeliveryPolicy
+from voxphone.events.webhook import decode_secret
 
 ENV_PREFIX = "VOXPHONE_"
 
@@ -357,9 +359,6 @@ class WebhookConfig(_Section):
         return check_secret(value) if value else None
 
 
-EVENT_HORIZONS: dict[str, float] = {"transcript.delta": 10.0, "*": 3 * 86400.0}
-
-
 #: How to make a webhook secret, for messages about a bad one.
 MAKE_SECRET = (
     """python3 -c "import secrets,base64;"""
@@ -370,8 +369,6 @@ MIN_SECRET_BYTES = 24  # Standard Webhooks: 24 to 64 random bytes
 
 def check_secret(value: str) -> str:
     """A ``whsec_<base64>`` key of at least 24 bytes; the error says how to make one."""
-    from voxphone.events.webhook import decode_secret
-
     try:
         key = decode_secret(value)
     except ConfigError as exc:
@@ -385,37 +382,6 @@ _SECRET_HELP = (
     f"a secret is 'whsec_' + base64 of {MIN_SECRET_BYTES} to 64 random bytes; "
     f"make one with: {MAKE_SECRET}"
 )
-
-
-class DeliveryPolicy(_Section):
-    """How one destination is delivered to: ordering, concurrency, retries and their horizons."""
-
-    #: Events of these types only (``call.*`` matches a prefix); empty = every type.
-    types: list[str] = []
-    #: ``ordered``: one event in flight per call, the next waits (FIFO per call);
-    #: ``parallel``: every event on its own, as fast as the destination takes them.
-    mode: Literal["ordered", "parallel"] = "ordered"
-    #: Attempts in flight at once to this destination, over all calls.
-    concurrency: int = Field(32, ge=1, le=10_000)
-    #: Backoff before retry n is ``retry_base_s * 2**(n-1)``, capped, with jitter.
-    retry_base_s: float = Field(1.0, gt=0)
-    retry_max_s: float = Field(600.0, gt=0)
-    #: Give up after this many attempts (0 = only the horizon limits retries).
-    max_attempts: int = Field(0, ge=0)
-    #: Seconds after an event was made that its delivery is given up, by type (``*`` = others).
-    horizons_s: dict[str, float] = Field(default_factory=lambda: dict(EVENT_HORIZONS))
-    #: Under backlog (the oldest waiting delta is ``coalesce_after_s`` old), merge a call's
-    #: consecutive not-yet-tried ``transcript.delta`` events into one, so a slow receiver
-    #: catches up instead of drowning.
-    coalesce_deltas: bool = True
-    coalesce_after_s: float = Field(2.0, ge=0)
-
-    @field_validator("horizons_s")
-    @classmethod
-    def _check_horizons(cls, value: dict[str, float]) -> dict[str, float]:
-        if any(v <= 0 for v in value.values()):
-            raise ValueError("horizons must be positive seconds")
-        return {**EVENT_HORIZONS, **value}
 
 
 class EndpointConfig(DeliveryPolicy):

@@ -6,14 +6,14 @@ import asyncio
 import contextlib
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from voxphone.audio.codecs import L16_16K, PCMU, Codec, Pcm
 from voxphone.audio.files import read_audio
 from voxphone.call import Call
 from voxphone.clock import SystemClock
-from voxphone.config import Config
-from voxphone.engines import create_engine
+from voxphone.engines.base import Engine
 from voxphone.events.model import Event
 from voxphone.testing import rtp_packets
 
@@ -41,16 +41,22 @@ class _Printer:
 
 
 async def transcribe_file(
-    config: Config, path: Path, *, telephony: bool, json_lines: bool, progress: bool
+    new_engine: Callable[[], Engine],
+    path: Path,
+    *,
+    telephony: bool,
+    json_lines: bool,
+    progress: bool,
 ) -> Event | None:
     """Transcribe ``path``; returns the call's ``call.ended`` (``None`` if the engine failed).
+    ``new_engine`` builds the configured engine, not yet started, once the file is read.
 
     SIGINT (Ctrl-C) ends the call as a shutdown drains one: no more audio, the engine finishes
     the open segment, and the transcript so far is printed (``reason`` is ``shutdown``).
     """
     codec: Codec = PCMU if telephony else L16_16K
     pcm = read_audio(path, codec.sample_rate)
-    engine = create_engine(config)
+    engine = new_engine()
     await engine.start()
     printer = _Printer(json_lines)
     call = Call(

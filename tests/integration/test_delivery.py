@@ -19,6 +19,7 @@ from aiohttp.test_utils import TestServer
 
 from tests.hooks import Hook, by_call, metric, new_secret, until
 from voxphone import metrics
+from voxphone.app import event_settings
 from voxphone.clock import SystemClock
 from voxphone.config import load_config
 from voxphone.events.model import Event, EventSequencer
@@ -44,7 +45,7 @@ async def service(
                    **overrides},
         environ={},
     )  # fmt: skip
-    svc = EventService(config, SystemClock())
+    svc = EventService(event_settings(config), SystemClock())
     await svc.start()
     try:
         yield svc

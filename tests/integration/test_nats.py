@@ -14,6 +14,7 @@ import pytest
 
 from tests.conftest import free_tcp_port, require
 from tests.hooks import until
+from voxphone.app import event_settings
 from voxphone.clock import SystemClock
 from voxphone.config import load_config
 from voxphone.events.model import EventSequencer
@@ -70,7 +71,7 @@ async def test_events_reach_jetstream_once_across_a_server_restart(tmp_path: Pat
                        "nats.ack_timeout_s": 1.0},
             environ={},
         )  # fmt: skip
-        svc = EventService(config, SystemClock())
+        svc = EventService(event_settings(config), SystemClock())
         await svc.start()
         calls = [EventSequencer(f"call_{i}", SystemClock()) for i in range(3)]
         sent = []

@@ -12,8 +12,7 @@ import pytest
 
 from tests.hooks import until
 from voxphone.clock import FakeClock
-from voxphone.config import DeliveryPolicy
-from voxphone.events.delivery import Deliverer, Result, Sent
+from voxphone.events.delivery import Deliverer, DeliveryPolicy, Result, Sent
 from voxphone.events.model import Event, EventSequencer
 from voxphone.events.outbox import Outbox, Stored
 

@@ -13,8 +13,8 @@ from standardwebhooks.webhooks import WebhookVerificationError
 
 from tests.hooks import new_secret
 from voxphone.clock import FakeClock
-from voxphone.config import EVENT_HORIZONS
 from voxphone.events.delivery import (
+    EVENT_HORIZONS,
     Gone,
     Retry,
     Sent,

@@ -10,18 +10,22 @@ from aiortc.jitterbuffer import JitterBuffer
 from aiortc.rtp import RtpPacket
 
 from tests.hooks import until
+from voxphone.app import webrtc_settings
 from voxphone.audio.codecs import PCMU
 from voxphone.call import Call
 from voxphone.clock import FakeClock
-from voxphone.config import WebRtcConfig
+from voxphone.config import load_config
 from voxphone.testing import capture_events
 from voxphone.transports.webrtc import Session, _held_packets
 
 
 def session(**settings: Any) -> tuple[Session, SimpleNamespace]:
+    """A session under the ``[webrtc]`` settings given (``disconnect_timeout_s=…``), the
+    config's defaults for the rest."""
     call = Call("c", PCMU, capture_events(), FakeClock(), transport="webrtc")
     pc = SimpleNamespace(connectionState="connected")
-    return Session("c", pc, call, WebRtcConfig(**settings), FakeClock()), pc  # type: ignore[arg-type]
+    config = load_config(overrides={f"webrtc.{k}": v for k, v in settings.items()}, environ={})
+    return Session("c", pc, call, webrtc_settings(config), FakeClock()), pc  # type: ignore[arg-type]
 
 
 async def test_ice_disconnected_for_longer_than_the_timeout_ends_the_call() -> None:
@@ -59,3 +63,32 @@ def test_the_packets_aiortc_holds_back_are_found_in_order() -> None:
     held = [p.timestamp // 160 for p in _held_packets(jitter)]
     assert released + held == list(range(65530, 65530 + 30))
     assert len(held) == 4
+
+
+def test_the_webrtc_table_reaches_the_transport_as_aiortc_ice_servers() -> None:
+    """The app's translation keeps every ``[webrtc]`` value the transport reads."""
+    config = load_config(
+        overrides={
+            "webrtc.ice_servers": [
+                {"urls": "stun:stun.example:3478"},
+                {"urls": ["turn:turn.example"], "username": "u", "credential": "p"},
+            ],
+            "webrtc.ports": "50000-50010",
+            "webrtc.interfaces": ["10.0.0.5"],
+            "webrtc.public_ip": "203.0.113.7",
+            "webrtc.cors_origins": ["https://app.example"],
+        },
+        environ={},
+    )
+    s = webrtc_settings(config)
+    assert [(i.urls, i.username, i.credential) for i in s.ice_servers] == [
+        (["stun:stun.example:3478"], None, None),
+        (["turn:turn.example"], "u", "p"),
+    ]
+    assert (s.ports, s.interfaces, s.public_ip) == ((50000, 50010), ("10.0.0.5",), "203.0.113.7")
+    assert s.cors_origins == ("https://app.example",)
+    w = config.webrtc
+    assert (s.disconnect_timeout_s, s.media_timeout_s) == (
+        w.disconnect_timeout_s,
+        w.media_timeout_s,
+    )

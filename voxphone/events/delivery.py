@@ -21,12 +21,12 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from email.utils import parsedate_to_datetime
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import structlog
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from voxphone.clock import Clock
-from voxphone.config import DeliveryPolicy
 from voxphone.events.model import TRANSCRIPT_DELTA, Event
 from voxphone.events.outbox import (
     COALESCED,
@@ -43,6 +43,48 @@ log = structlog.get_logger(__name__)
 
 #: Pending events a deliverer holds in memory; the rest wait in SQLite (see ``Deliverer``).
 WINDOW = 1000
+
+
+#: Seconds after an event was made that its delivery is given up, by type (``*`` = others):
+#: a delta is stale within seconds, the rest is kept three days.
+EVENT_HORIZONS: dict[str, float] = {"transcript.delta": 10.0, "*": 3 * 86400.0}
+
+
+class DeliveryPolicy(BaseModel):
+    """How one destination is delivered to: ordering, concurrency, retries and their horizons.
+
+    The delivery part owns it; the config's ``[[webhooks]]`` entries and ``[nats]`` table
+    extend it with where to deliver (``voxphone.config``). Immutable once validated.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    #: Events of these types only (``call.*`` matches a prefix); empty = every type.
+    types: list[str] = []
+    #: ``ordered``: one event in flight per call, the next waits (FIFO per call);
+    #: ``parallel``: every event on its own, as fast as the destination takes them.
+    mode: Literal["ordered", "parallel"] = "ordered"
+    #: Attempts in flight at once to this destination, over all calls.
+    concurrency: int = Field(32, ge=1, le=10_000)
+    #: Backoff before retry n is ``retry_base_s * 2**(n-1)``, capped, with jitter.
+    retry_base_s: float = Field(1.0, gt=0)
+    retry_max_s: float = Field(600.0, gt=0)
+    #: Give up after this many attempts (0 = only the horizon limits retries).
+    max_attempts: int = Field(0, ge=0)
+    #: Seconds after an event was made that its delivery is given up, by type (``*`` = others).
+    horizons_s: dict[str, float] = Field(default_factory=lambda: dict(EVENT_HORIZONS))
+    #: Under backlog (the oldest waiting delta is ``coalesce_after_s`` old), merge a call's
+    #: consecutive not-yet-tried ``transcript.delta`` events into one, so a slow receiver
+    #: catches up instead of drowning.
+    coalesce_deltas: bool = True
+    coalesce_after_s: float = Field(2.0, ge=0)
+
+    @field_validator("horizons_s")
+    @classmethod
+    def _check_horizons(cls, value: dict[str, float]) -> dict[str, float]:
+        if any(v <= 0 for v in value.values()):
+            raise ValueError("horizons must be positive seconds")
+        return {**EVENT_HORIZONS, **value}
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,8 @@ pending (the durable cursor), so a NATS outage or our own restart loses nothing.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import nats
 import nats.errors
 import structlog
@@ -18,23 +20,39 @@ from nats.js import JetStreamContext
 from nats.js.api import StorageType, StreamConfig
 from nats.js.errors import NotFoundError
 
-from voxphone.config import NatsConfig
 from voxphone.events.delivery import Result, Retry, Sent
 from voxphone.events.outbox import Stored
 
 log = structlog.get_logger(__name__)
 
 
+@dataclass(frozen=True)
+class NatsSettings:
+    """Where events are published: the ``[nats]`` table without its delivery policy.
+
+    ``url``: one or more ``nats://`` or ``tls://`` servers, comma-separated. Events go to
+    ``<subject_prefix>.<type>`` and are stored by the JetStream stream ``stream``, which is
+    created (file storage, the prefix's subjects) when missing if ``create_stream``.
+    ``ack_timeout_s`` bounds the connection and each publish acknowledgement (seconds).
+    """
+
+    url: str
+    stream: str
+    subject_prefix: str
+    create_stream: bool
+    ack_timeout_s: float
+
+
 class NatsTransport:
     """Publishes to JetStream, connecting (and creating the stream) on first use."""
 
-    def __init__(self, config: NatsConfig) -> None:
-        self._config = config
+    def __init__(self, settings: NatsSettings) -> None:
+        self._settings = settings
         self._nc: Client | None = None
         self._js: JetStreamContext | None = None
 
     def subject(self, type_: str) -> str:
-        return f"{self._config.subject_prefix}.{type_}"
+        return f"{self._settings.subject_prefix}.{type_}"
 
     async def send(self, stored: Stored) -> Result:
         ev = stored.event
@@ -48,8 +66,8 @@ class NatsTransport:
         try:
             js = await self._jetstream()
             await js.publish(
-                self.subject(ev.type), stored.body, timeout=self._config.ack_timeout_s,
-                stream=self._config.stream, headers=headers,
+                self.subject(ev.type), stored.body, timeout=self._settings.ack_timeout_s,
+                stream=self._settings.stream, headers=headers,
             )  # fmt: skip
         except (nats.errors.Error, TimeoutError, OSError) as exc:
             return Retry(f"{type(exc).__name__}: {exc}".rstrip(": "))
@@ -58,14 +76,14 @@ class NatsTransport:
     async def _jetstream(self) -> JetStreamContext:
         if self._js is None:
             nc = await nats.connect(
-                servers=[u.strip() for u in (self._config.url or "").split(",")],
+                servers=[u.strip() for u in self._settings.url.split(",")],
                 max_reconnect_attempts=-1, reconnect_time_wait=0.5,
-                connect_timeout=self._config.ack_timeout_s, allow_reconnect=True,
+                connect_timeout=self._settings.ack_timeout_s, allow_reconnect=True,
                 error_cb=_log_error, disconnected_cb=_log_disconnected,
             )  # fmt: skip
             js = nc.jetstream()
             try:
-                if self._config.create_stream:
+                if self._settings.create_stream:
                     await self._ensure_stream(js)
             except BaseException:
                 await nc.close()
@@ -74,11 +92,11 @@ class NatsTransport:
         return self._js
 
     async def _ensure_stream(self, js: JetStreamContext) -> None:
-        name = self._config.stream
+        name = self._settings.stream
         try:
             await js.stream_info(name)
         except NotFoundError:
-            subjects = [f"{self._config.subject_prefix}.>"]
+            subjects = [f"{self._settings.subject_prefix}.>"]
             await js.add_stream(
                 StreamConfig(name=name, subjects=subjects, storage=StorageType.FILE)
             )

@@ -12,21 +12,63 @@ import asyncio
 import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import structlog
 
 from voxphone.clock import Clock
-from voxphone.config import Config, DeliveryPolicy
-from voxphone.events.delivery import Deliverer, Transport
+from voxphone.events.delivery import Deliverer, DeliveryPolicy, Transport
 from voxphone.events.model import Event
 from voxphone.events.outbox import Outbox, Stored, compact
 from voxphone.events.ssrf import HostPolicy
 from voxphone.events.stream import LiveFeed
 from voxphone.events.webhook import HttpTransport
 
+if TYPE_CHECKING:  # the NATS client is an optional dependency, imported only when used
+    from voxphone.events.nats import NatsSettings
+
 log = structlog.get_logger(__name__)
 
 DEFAULT, CALL, NATS = "default", "call", "nats"
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """One ``[[webhooks]]`` endpoint: where, signed with which ``whsec_`` keys (all of them
+    during a rotation; none = unsigned), the request timeout (seconds), how it is delivered."""
+
+    name: str
+    url: str
+    secrets: tuple[str, ...]
+    timeout_s: float
+    policy: DeliveryPolicy
+
+
+@dataclass(frozen=True)
+class EventSettings:
+    """What the event pipeline needs; the app builds it from the config (``[outbox]``,
+    ``[webhook]``, ``[[webhooks]]``, ``[nats]``), where each value is documented.
+
+    The outbox: its SQLite file, ``synchronous`` (``FULL`` or ``NORMAL``), the lock wait
+    (ms), the in-memory backlog cap (events) and how long delivered events are kept (hours).
+    ``webhook_url`` is the ``default`` shorthand destination; it and per-call URLs are signed
+    with ``webhook_secrets`` and time out after ``webhook_timeout_s``; per-call URLs may reach
+    non-public addresses only in ``allowed_hosts``. ``nats`` unset = no NATS sink.
+    """
+
+    outbox_path: Path
+    outbox_synchronous: str
+    outbox_busy_timeout_ms: int
+    outbox_max_backlog: int
+    outbox_retention_h: float
+    webhook_url: str | None
+    webhook_secrets: tuple[str, ...]
+    webhook_timeout_s: float
+    allowed_hosts: tuple[str, ...]
+    endpoints: tuple[Endpoint, ...]
+    nats: NatsSettings | None
+    nats_policy: DeliveryPolicy
 
 
 @dataclass(frozen=True)
@@ -40,13 +82,13 @@ class _Dest:
 class EventService:
     """Owns the outbox, one deliverer per destination, and the live feed."""
 
-    def __init__(self, config: Config, clock: Clock) -> None:
-        self.config = config
+    def __init__(self, settings: EventSettings, clock: Clock) -> None:
+        self.settings = settings
         self.clock = clock
-        oc = config.outbox
+        s = settings
         self.outbox = Outbox(
-            oc.resolved_path(), clock, self._select, oc.synchronous, oc.busy_timeout_ms,
-            oc.max_backlog,
+            s.outbox_path, clock, self._select, s.outbox_synchronous, s.outbox_busy_timeout_ms,
+            s.outbox_max_backlog,
         )  # fmt: skip
         self.deliverers: dict[str, Deliverer] = {}
         self.live = LiveFeed()
@@ -54,26 +96,25 @@ class EventService:
         self._compactor: asyncio.Task[None] | None = None
         #: What per-call ``webhook_url``s may reach (checked at ``POST /v1/calls`` and at
         #: every connection).
-        self.url_policy = HostPolicy(config.webhook.allowed_hosts)
+        self.url_policy = HostPolicy(settings.allowed_hosts)
 
     def _destinations(self) -> list[_Dest]:
-        cfg, clock = self.config, self.clock
-        hook = cfg.webhook
-        secrets = [hook.secret] if hook.secret else []
+        s, clock = self.settings, self.clock
+        secrets = s.webhook_secrets
         per_call = HttpTransport(
-            self.outbox.routes.get, secrets, clock, hook.timeout_s, guard=self.url_policy
+            self.outbox.routes.get, secrets, clock, s.webhook_timeout_s, guard=self.url_policy
         )
         dests = [_Dest(CALL, DeliveryPolicy(), per_call, disable_on_gone=False)]
-        if hook.url:
-            shorthand = HttpTransport(_fixed(hook.url), secrets, clock, hook.timeout_s)
+        if s.webhook_url:
+            shorthand = HttpTransport(_fixed(s.webhook_url), secrets, clock, s.webhook_timeout_s)
             dests.append(_Dest(DEFAULT, DeliveryPolicy(), shorthand))
-        for ep in cfg.webhooks:
+        for ep in s.endpoints:
             http = HttpTransport(_fixed(ep.url), ep.secrets, clock, ep.timeout_s)
-            dests.append(_Dest(ep.name, ep, http))
-        if cfg.nats.url:
+            dests.append(_Dest(ep.name, ep.policy, http))
+        if s.nats is not None:
             from voxphone.events.nats import NatsTransport
 
-            dests.append(_Dest(NATS, cfg.nats, NatsTransport(cfg.nats)))
+            dests.append(_Dest(NATS, s.nats_policy, NatsTransport(s.nats)))
         return dests
 
     def _select(self, event: Event, routed: bool) -> list[str]:
@@ -130,7 +171,7 @@ class EventService:
             log.info("outbox_resumed", pending=backlog)
 
     async def compact(self) -> int:
-        before = self.clock.now().timestamp() - self.config.outbox.retention_h * 3600
+        before = self.clock.now().timestamp() - self.settings.outbox_retention_h * 3600
         gone = await self.outbox.call(lambda db: compact(db, before))
         assert isinstance(gone, int)
         return gone

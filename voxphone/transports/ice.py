@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import itertools
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from functools import partial
 from typing import Any
 
@@ -31,7 +31,7 @@ class Unavailable(TransportError):
 class HostBinder:
     """Binds host-candidate sockets on ``interfaces`` within ``ports`` (shared by all calls)."""
 
-    def __init__(self, interfaces: list[str], ports: tuple[int, int] | None) -> None:
+    def __init__(self, interfaces: Sequence[str], ports: tuple[int, int] | None) -> None:
         self.interfaces = interfaces
         self.ports = ports
         self._cursor: Iterator[int] = itertools.cycle(

@@ -38,7 +38,6 @@ from aiortc.sdp import candidate_from_sdp
 from voxphone.audio.codecs import Pcm
 from voxphone.call import Call, CallRegistry, new_call_id
 from voxphone.clock import Clock
-from voxphone.config import WebRtcConfig
 from voxphone.errors import TransportError
 from voxphone.events.model import Event
 from voxphone.transports.dtmf import DTMF_KEYS
@@ -133,6 +132,27 @@ def _held_packets(jitter: Any) -> list[Any]:
     return [p for i in range(len(slots)) if (p := slots[(jitter._origin + i) % len(slots)])]
 
 
+@dataclass(frozen=True)
+class WebRtcSettings:
+    """The ``[webrtc]`` table as the transport uses it (the app builds it from the config).
+
+    ``ice_servers``: STUN/TURN servers for the server's own candidates. ``interfaces``: local
+    addresses for host candidates (empty = every interface but loopback), ``ports`` their UDP
+    range (None = ephemeral), ``public_ip`` a 1:1 NAT's address announced as an extra host
+    candidate. A call ends after ICE stays disconnected ``disconnect_timeout_s`` or no audio
+    frame comes for ``media_timeout_s`` (seconds). ``cors_origins``: web origins that may call
+    WHIP (``"*"`` = any).
+    """
+
+    ice_servers: tuple[RTCIceServer, ...]
+    interfaces: tuple[str, ...]
+    public_ip: str | None
+    ports: tuple[int, int] | None
+    disconnect_timeout_s: float
+    media_timeout_s: float
+    cors_origins: tuple[str, ...]
+
+
 @dataclass
 class Session:
     """One browser call: its peer connection, call, data channel and watchdogs."""
@@ -140,7 +160,7 @@ class Session:
     session_id: str
     pc: RTCPeerConnection
     call: Call
-    settings: WebRtcConfig
+    settings: WebRtcSettings
     clock: Clock
     channel: RTCDataChannel | None = None
     pending: list[str] = field(default_factory=list)
@@ -326,17 +346,14 @@ class Session:
 class WebRtcGateway:
     """The process's WebRTC calls: answers offers, routes events to data channels, hangs up."""
 
-    def __init__(self, registry: CallRegistry, settings: WebRtcConfig, clock: Clock) -> None:
+    def __init__(self, registry: CallRegistry, settings: WebRtcSettings, clock: Clock) -> None:
         self.registry = registry
         self.settings = settings
         self.clock = clock
         self.sessions: dict[str, Session] = {}
         self._early: dict[str, list[str]] = {}
         self._binder = HostBinder(settings.interfaces, settings.ports)
-        self._ice_servers = [
-            RTCIceServer(urls=s.urls, username=s.username, credential=s.credential)
-            for s in settings.ice_servers
-        ]
+        self._ice_servers = list(settings.ice_servers)
 
     async def answer(self, offer_sdp: str, metadata: dict[str, Any]) -> tuple[Session, str]:
         """Answer a browser's offer and start its call.
