@@ -487,18 +487,30 @@ def plot(files: list[str]) -> None:
     reports = [json.loads(Path(f).read_text()) for f in files]
     label = {"local": "in-process AsyncLLM (old)", "remote": "vllm serve via vllm-remote"}
     for r in reports:
+        # Early runs measured lag against frame j+6: 80 ms more than against j+7.
+        offset = 80 if "j+6" in r.get("lag", "") else 0
         xs = [lv["calls"] for lv in r["levels"]]
-        ys = [lv["lag_ms"]["p99"] for lv in r["levels"]]
-        name = label.get(r["path"], f"voxphone vllm, {r['engines']} engines (MPS)")
+        ys = [lv["lag_ms"]["p99"] - offset for lv in r["levels"]]
+        name = label.get(r["path"], f"voxphone vllm, {r['engines']} engines")
+        if r["path"] == "pool" and r.get("async_scheduling", "auto") != "off":
+            name += ", vLLM's async scheduling"
+        if r.get("kv_cache_dtype") == "fp8":
+            name += ", fp8 KV cache"
         ax.plot(xs, ys, marker="o", label=name)
-    # Runs before the lag was measured against frame j+7 measured it against j+6: 80 ms more.
-    offset = 80 if any("j+6" in r.get("lag", "") for r in reports) else 0
-    ax.axhline(KEEPS_UP_MS + offset, color="grey", linestyle="--", label="200 ms target")
+        levels = zip(xs, ys, r["levels"], strict=True)
+        failed = [(x, y) for x, y, lv in levels if lv["failed_calls"]]
+        if failed:
+            ax.scatter(*zip(*failed, strict=True), marker="x", s=90, color="black", zorder=3)
+    ax.scatter([], [], marker="x", color="black", label="calls did not finish (KV cache full)")
+    ax.axhline(KEEPS_UP_MS, color="grey", linestyle="--", label="200 ms target")
     m = reports[0]["machine"]
     ax.set(xscale="log", yscale="log", xlabel="concurrent real-time calls")
-    ax.set(ylabel=f"steady-state lag p99, ms (step j - frame j+{7 - offset // 80})")
+    ticks = sorted({lv["calls"] for r in reports for lv in r["levels"]})
+    ax.set_xticks(ticks, [str(t) for t in ticks], fontsize=7)
+    ax.minorticks_off()
+    ax.set(ylabel="steady-state lag p99, ms (step j - frame j+7)")
     ax.set_title(f"Voxtral Mini 4B Realtime dims, {m['gpu'].split(',')[0]}, vLLM {m['vllm']}")
-    ax.legend()
+    ax.legend(fontsize=8)
     out = Path(files[0]).with_name(f"gpu_capacity-{m['gpu'].split(',')[0].split()[-1].lower()}.png")
     fig.savefig(out, dpi=120, bbox_inches="tight")
     print(out)

@@ -93,6 +93,7 @@ def create_engine(config: Config) -> Engine:
         "dtype": c.dtype,
         "enforce_eager": c.enforce_eager,
         "limit_mm_per_prompt": {"audio": 1},
+        "async_scheduling": c.async_scheduling,
     }
     if c.device == "cuda":
         args["gpu_memory_utilization"] = c.gpu_memory_utilization

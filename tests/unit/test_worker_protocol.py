@@ -77,10 +77,10 @@ def test_with_no_engine_left_a_session_is_refused_for_good() -> None:
 
 def test_engines_share_the_gpu_memory_or_start_together_on_fixed_kv_bytes() -> None:
     shared = VllmEngine({"model": "m", "gpu_memory_utilization": 0.9}, VoxtralSettings(), "cuda", 3)
-    assert shared.workers[0]._args["gpu_memory_utilization"] == pytest.approx(0.3)
+    assert shared.workers[0].args["gpu_memory_utilization"] == pytest.approx(0.3)
     fixed = VllmEngine(
         {"model": "m", "gpu_memory_utilization": 0.9, "kv_cache_memory_bytes": 2**33},
         VoxtralSettings(), "cuda", 8,
     )  # fmt: skip
     # vLLM only checks that this much is free at start; 8 engines starting together must pass.
-    assert fixed.workers[7]._args["gpu_memory_utilization"] == 0.01
+    assert fixed.workers[7].args["gpu_memory_utilization"] == 0.01

@@ -100,7 +100,8 @@ class Worker:
 
     def __init__(self, index: int, engine_args: dict[str, Any]) -> None:
         self.index = index
-        self._args = engine_args
+        #: vLLM's engine args for this worker (JSON-able; its command line carries them).
+        self.args = engine_args
         self._socket = Path()
         self._logfile = Path()
         self._tail: deque[str] = deque(maxlen=400)
@@ -120,7 +121,7 @@ class Worker:
         # its calls and then stops the workers itself.
         self._proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "voxphone.engines.vllm_worker", str(self._socket),
-            json.dumps(self._args), stdin=asyncio.subprocess.DEVNULL,
+            json.dumps(self.args), stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
             start_new_session=True, env=env,
         )  # fmt: skip
