@@ -19,7 +19,7 @@ from voxphone.call import Call, CallRegistry
 from voxphone.clock import Clock, SystemClock
 from voxphone.config import Config
 from voxphone.engines import choose_kind
-from voxphone.engines.base import Engine
+from voxphone.engines.base import Degradable, Engine
 from voxphone.errors import ConfigError, TransportError
 from voxphone.events.model import Event, EventSink, FanOut
 from voxphone.events.service import Endpoint, EventService, EventSettings
@@ -217,6 +217,8 @@ class App:
         events_api.add_routes(app, self.events)
         self.metrics.start(app, self.events, self.registry, self.rtp.totals)
         app[PROBLEMS].append(lambda: self.events.problem)
+        if isinstance(engine := self.engine, Degradable):
+            app[PROBLEMS].append(lambda: engine.problem)
         app.router.add_get("/v1/media/asterisk", chan_websocket)
         app.router.add_get("/v1/media/twilio", twilio)
         app.router.add_get("/v1/media/telnyx", telnyx)

@@ -16,7 +16,9 @@ import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
+import aiohttp
 import pytest
 
 from tests.conftest import Speech, free_tcp_port, free_udp_range
@@ -98,6 +100,14 @@ async def serve_with_engines(
         await rx.server.close()
 
 
+async def readiness(http_port: int) -> tuple[int, dict[str, Any]]:
+    async with (
+        aiohttp.ClientSession() as http,
+        http.get(f"http://127.0.0.1:{http_port}/ready") as r,
+    ):
+        return r.status, await r.json()
+
+
 async def call(wav: Path, port: int) -> None:
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "voxphone", "call", str(wav), "--to", f"127.0.0.1:{port}",
@@ -139,14 +149,27 @@ async def test_a_call_on_a_lost_engine_moves_to_the_other(
     tiny_model: Path, speech: dict[str, Speech], tmp_path: Path
 ) -> None:
     """Kill the engine that holds a live call: ``engine.error`` (recovered) and the call goes on
-    on the other engine, audio since the last final replayed, to the caller's own hang-up."""
+    on the other engine, audio since the last final replayed, to the caller's own hang-up; kill
+    the other too and ``/ready`` turns 503, naming the cause."""
     rx = WebhookReceiver()
-    async with serve_with_engines(tmp_path, tiny_model, rx) as (serve, _, (first, _)):
+    async with serve_with_engines(tmp_path, tiny_model, rx) as (serve, _, (first, second)):
         caller = asyncio.create_task(call(speech["order"].path, serve.rtp_ports[0]))
         await asyncio.sleep(1.5)  # the call's session is on the first engine (least loaded)
         os.killpg(first, signal.SIGKILL)
         await caller
         await rx.wait_ended(1, timeout_s=60)
+        status, body = await readiness(serve.http_port)
+        assert status == 200, body  # one engine left: still taking calls
+        # The last engine goes too: out of rotation, saying why and where vLLM's logs are.
+        os.killpg(second, signal.SIGKILL)
+        for _ in range(150):  # the connection's loss is noticed within moments
+            status, body = await readiness(serve.http_port)
+            if status != 200:
+                break
+            await asyncio.sleep(0.2)
+        assert status == 503 and body["status"] == "degraded", body
+        assert "every vLLM engine worker (2) has exited; restart voxphone" in body["reason"]
+        assert "engine-1.log" in body["reason"]
     (events,) = calls_of(rx).values()
     errors = [e["data"] for e in events if e["type"] == "engine.error"]
     assert len(errors) == 1 and errors[0]["recovered"] is True, errors

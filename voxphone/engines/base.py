@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from voxphone.audio.codecs import Pcm
 from voxphone.errors import EngineError
@@ -92,3 +92,13 @@ class ChunkQueue:
             if isinstance(item, EngineError):
                 raise item
             yield item
+
+
+@runtime_checkable
+class Degradable(Protocol):
+    """An engine that can lose what it runs on while serving (worker processes that die)."""
+
+    @property
+    def problem(self) -> str | None:
+        """Why it cannot take calls now (``/ready`` answers 503 with it), or None."""
+        ...

@@ -180,7 +180,10 @@ class Worker:
             return
         self.alive = False
         code = self._proc.returncode if self._proc is not None else None
-        log.error("vllm_engine_lost", engine=self.index, why=why, exit_code=code)
+        # What vLLM said before it went: kept in a file, its root cause in the error line.
+        self._logfile.write_text("\n".join(self._tail) + "\n")
+        log.error("vllm_engine_lost", engine=self.index, why=why, exit_code=code,
+                  cause=root_cause(list(self._tail)), log=str(self._logfile))  # fmt: skip
         for session in list(self.sessions.values()):
             session.inbox.put_nowait(SessionFailed(why, retry=True))
         self.sessions.clear()
@@ -268,6 +271,18 @@ class VllmEngine:
             raise
         log.info("engine_started", engine=self.name, engines=len(self.workers),
                  seconds=round(time.monotonic() - began, 1))  # fmt: skip
+
+    @property
+    def problem(self) -> str | None:
+        """Why no call can be transcribed (every worker has exited), for ``/ready``; else None.
+        Calls then end ``engine_error``: a load balancer should send them elsewhere."""
+        if self._rundir is None or any(w.alive for w in self.workers):
+            return None
+        logs = sorted(str(f) for f in self._rundir.glob("engine-*.log"))
+        return (
+            f"every vLLM engine worker ({len(self.workers)}) has exited; restart voxphone "
+            f"(vLLM's logs: {', '.join(logs) or 'none kept'})"
+        )
 
     async def open_stream(self, call_id: str) -> VoxtralStream:
         stream = VoxtralStream(self._open_session, self._settings, call_id)
