@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import re
 import socket
 import sys
@@ -40,6 +41,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # The reader went away (`voxphone transcribe --json | head`): nothing more to say. Point
+        # stdout at /dev/null so the interpreter's last flush cannot fail too (Python's docs,
+        # "Note on SIGPIPE"); 141 = 128 + SIGPIPE, what a shell reports for such a program.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -47,6 +47,21 @@ def test_transcribe_json_lines_are_events(speech: dict[str, Speech]) -> None:
     assert [e["seq"] for e in durable] == list(range(len(durable)))
 
 
+def test_a_reader_that_goes_away_is_no_traceback(speech: dict[str, Speech]) -> None:
+    """`voxphone transcribe --json FILE | head -1`: the pipe closes before voxphone is done."""
+    reader, writer = os.pipe()
+    os.close(reader)  # the reader is gone before the first event is written
+    try:
+        r = subprocess.run(
+            [sys.executable, "-m", "voxphone", "transcribe", "--json", str(speech["callback"].path)],
+            stdout=writer, stderr=subprocess.PIPE, text=True, timeout=120,
+        )  # fmt: skip
+    finally:
+        os.close(writer)
+    assert r.returncode == 141, r.stderr
+    assert "Traceback" not in r.stderr and "BrokenPipeError" not in r.stderr, r.stderr
+
+
 def test_help_explains_every_serve_flag() -> None:
     r = voxphone("serve", "--help")
     assert r.returncode == 0
