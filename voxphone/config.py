@@ -510,6 +510,10 @@ def load_config(
     origins: dict[str, str] = {}  # dotted key → the variable or flag that set it
     env = os.environ if environ is None else environ
     for name, value in env.items():
+        if name.startswith(ENV_PREFIX) and "__" not in name and (meant := _misspelt(name)):
+            raise ConfigError(
+                f"{name}: not read: a key inside a section takes a double underscore, {meant}"
+            )
         if name.startswith(ENV_PREFIX) and "__" in name:
             key = name.removeprefix(ENV_PREFIX).lower().replace("__", ".")
             _set_dotted(data, key, _env_value(name, value), name)
@@ -523,6 +527,28 @@ def load_config(
         return Config.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(_describe(exc, str(path) if path else "config", origins)) from None
+
+
+def _misspelt(name: str) -> str | None:
+    """The variable ``name`` was meant to be, when it is a config key written with single
+    underscores (``VOXPHONE_HTTP_PORT`` for ``VOXPHONE_HTTP__PORT``): silently ignoring it would
+    leave the default in force. Other ``VOXPHONE_*`` names (not config keys) are left alone."""
+    for key in _dotted_keys(Config):
+        if name == ENV_PREFIX + key.upper().replace(".", "_"):
+            return ENV_PREFIX + key.upper().replace(".", "__")
+    return None
+
+
+def _dotted_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
+    """Every settable key below the top level: ``http.port``, ``engine.vllm.engines``…"""
+    keys = []
+    for name, field in model.model_fields.items():
+        kind = field.annotation
+        if isinstance(kind, type) and issubclass(kind, BaseModel):
+            keys += _dotted_keys(kind, f"{prefix}{name}.")
+        elif prefix:
+            keys.append(prefix + name)
+    return keys
 
 
 def _read_toml(path: Path) -> dict[str, Any]:

@@ -207,3 +207,24 @@ def test_vllm_async_scheduling_is_off_unless_asked(
         overrides["engine.vllm.async_scheduling"] = setting["async"]
     engine = create_engine(load_config(overrides=overrides, environ={}))
     assert [w.args["async_scheduling"] for w in engine.workers] == [expected]
+
+
+@pytest.mark.parametrize(
+    ("name", "meant"),
+    [
+        ("VOXPHONE_HTTP_PORT", "VOXPHONE_HTTP__PORT"),
+        ("VOXPHONE_ENGINE_VLLM_ENGINES", "VOXPHONE_ENGINE__VLLM__ENGINES"),
+        ("VOXPHONE_CALLS_MAX_CONCURRENT", "VOXPHONE_CALLS__MAX_CONCURRENT"),
+    ],
+)
+def test_a_variable_with_single_underscores_is_named_not_ignored(name: str, meant: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(environ={name: "9"})
+    assert str(err.value) == (
+        f"{name}: not read: a key inside a section takes a double underscore, {meant}"
+    )
+
+
+def test_other_voxphone_variables_are_not_config_keys() -> None:
+    """Names that are no config key written wrongly (a test's, a script's) are left alone."""
+    assert load_config(environ={"VOXPHONE_TEST_IMPORTS": "/tmp/x", "VOXPHONE_HTTP": "1"})
