@@ -10,7 +10,7 @@ import re
 import socket
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from voxphone import __version__
 from voxphone.config import Config, check_secret, load_config
@@ -49,8 +49,16 @@ def main(argv: list[str] | None = None) -> int:
         return 141
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a usage mistake in one line (the ground rule for every error) that says
+    where the help is, instead of argparse's usage block followed by the error."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="voxphone",
         description=DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,

@@ -62,6 +62,22 @@ def test_a_reader_that_goes_away_is_no_traceback(speech: dict[str, Speech]) -> N
     assert "Traceback" not in r.stderr and "BrokenPipeError" not in r.stderr, r.stderr
 
 
+@pytest.mark.parametrize(
+    ("args", "line"),
+    [
+        (["serve", "--max-calls", "x"], "voxphone serve: error: argument --max-calls: invalid int "
+         "value: 'x' (see `voxphone serve --help`)"),
+        (["call"], "voxphone call: error: the following arguments are required: file "
+         "(see `voxphone call --help`)"),
+        ([], "voxphone: error: the following arguments are required: COMMAND "
+         "(see `voxphone --help`)"),
+    ],
+)  # fmt: skip
+def test_a_usage_mistake_is_one_line(args: list[str], line: str) -> None:
+    r = voxphone(*args)
+    assert r.returncode == 2 and r.stderr.splitlines() == [line], r.stderr
+
+
 def test_help_explains_every_serve_flag() -> None:
     r = voxphone("serve", "--help")
     assert r.returncode == 0
