@@ -1,0 +1,219 @@
+"""Talk back: a call's outbound queue on the 20 ms clock, its events, clear, DTMF and hang-up,
+through the in-memory endpoint (the contract a transport implements)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+
+from tests.unit.test_call import ScriptedEngine, ScriptedStream
+from voxphone.audio.codecs import L16_16K
+from voxphone.call import Call, CallRegistry
+from voxphone.clock import SystemClock
+from voxphone.errors import PlaybackError
+from voxphone.playback import FRAME_MS, PlayoutTicker
+from voxphone.testing import CapturedEvents, MemoryEndpoint, capture_events
+
+RATE = 8000
+FRAME = RATE * FRAME_MS // 1000
+
+
+class EndingStream(ScriptedStream):
+    """An engine stream that says its last words as soon as the audio ends."""
+
+    async def close(self) -> None:
+        self.closed = True
+        self.out.close()
+
+
+class EndingEngine(ScriptedEngine):
+    """A fresh ``EndingStream`` per call."""
+
+    def __init__(self) -> None:
+        super().__init__(EndingStream())
+
+    async def open_stream(self, call_id: str) -> ScriptedStream:
+        return EndingStream()
+
+
+def tone(ms: int, rate: int = RATE, value: int = 1000) -> np.ndarray:
+    return np.full(rate * ms // 1000, value, np.int16)
+
+
+def talking(
+    endpoint: MemoryEndpoint | None = None,
+) -> tuple[Call, MemoryEndpoint, PlayoutTicker, CapturedEvents]:
+    """A started call with an in-memory endpoint on a ticker the test turns by hand."""
+    sink = capture_events()
+    ticker = PlayoutTicker(autostart=False)
+    ep = endpoint or MemoryEndpoint(sample_rate=RATE)
+    call = Call("c", L16_16K, sink, SystemClock(), transport="test", ticker=ticker)
+    call.start(EndingEngine())
+    ep.on_hangup = call.end
+    call.attach_endpoint(ep)
+    return call, ep, ticker, sink
+
+
+def playback_events(sink: CapturedEvents) -> list[tuple[str, dict[str, object]]]:
+    return [(e.type, e.data) for e in sink.events if e.type.startswith("playback.")]
+
+
+async def test_a_clip_goes_out_one_frame_per_tick_and_finishes() -> None:
+    call, ep, ticker, sink = talking()
+    playback = call.play(tone(100), RATE)
+    assert len(ep.frames) == 1 and ep.frames[0][2]  # the first frame at once, a talkspurt start
+    for _ in range(10):
+        ticker.tick()
+    assert len(ep.frames) == 5  # 100 ms = 5 frames, then nothing
+    assert all(pcm.size == FRAME for _, pcm, _ in ep.frames)
+    assert [first for _, _, first in ep.frames] == [True, False, False, False, False]
+    assert not ticker.playouts  # idle calls cost the ticker nothing
+    assert playback_events(sink) == [
+        ("playback.started", {"playback_id": playback.id}),
+        ("playback.finished", {"playback_id": playback.id, "played_ms": 100}),
+    ]
+
+
+async def test_a_second_play_queues_after_the_first_without_a_gap() -> None:
+    call, ep, ticker, sink = talking()
+    first = call.play(tone(30, value=1), RATE)
+    second = call.play(tone(30, value=2), RATE)
+    for _ in range(5):
+        ticker.tick()
+    audio = ep.audio()
+    assert audio[:240].tolist() == [1] * 240 and audio[240:480].tolist() == [2] * 240
+    assert [t for _, _, t in ep.frames].count(True) == 1  # one talkspurt
+    assert [(t, d["playback_id"]) for t, d in playback_events(sink)] == [
+        ("playback.started", first.id),
+        ("playback.finished", first.id),
+        ("playback.started", second.id),
+        ("playback.finished", second.id),
+    ]
+
+
+async def test_audio_is_resampled_to_the_endpoints_rate() -> None:
+    call, ep, ticker, _ = talking()
+    t = np.arange(16000) / 16000
+    call.play((np.sin(2 * np.pi * 440 * t) * 8000).astype(np.int16), 16000)  # 1 s at 16 kHz
+    for _ in range(60):
+        ticker.tick()
+    audio = ep.audio()
+    assert len(ep.frames) == 50 and audio.size == RATE
+    spectrum = np.abs(np.fft.rfft(audio))
+    assert abs(np.argmax(spectrum) * RATE / audio.size - 440) < 2
+
+
+async def test_a_mark_fires_when_the_audio_before_it_has_been_sent() -> None:
+    call, ep, ticker, sink = talking()
+    stream = call.open_audio_stream(RATE)
+    stream.write(tone(40))
+    stream.mark("first")
+    stream.write(tone(40))
+    assert [t for t, _ in playback_events(sink)] == ["playback.started"]
+    ticker.tick()  # the second frame: the end of the first 40 ms
+    assert playback_events(sink)[-1][0] == "playback.mark"
+    assert playback_events(sink)[-1][1]["name"] == "first"
+
+
+async def test_a_mark_on_an_idle_call_fires_at_once() -> None:
+    call, _, _, sink = talking()
+    call.mark("nothing-queued")
+    assert playback_events(sink) == [
+        ("playback.mark", {"playback_id": None, "name": "nothing-queued"})
+    ]
+
+
+async def test_clear_silences_the_next_tick_and_says_why() -> None:
+    call, ep, ticker, sink = talking()
+    playing = call.play(tone(1000), RATE)
+    queued = call.play(tone(1000), RATE)
+    ticker.tick()
+    assert call.clear() == [playing.id, queued.id]
+    sent = len(ep.frames)
+    ticker.tick()
+    assert len(ep.frames) == sent and ep.clears == 1 and not call.playing
+    cleared = [d for t, d in playback_events(sink) if t == "playback.cleared"]
+    assert cleared == [
+        {"playback_id": playing.id, "reason": "api", "played_ms": 40},
+        {"playback_id": queued.id, "reason": "api", "played_ms": 0},
+    ]
+    call.play(tone(20), RATE)  # the next talkspurt starts afresh
+    assert ep.frames[-1][2]
+
+
+async def test_a_stream_late_by_a_tick_keeps_its_talkspurt() -> None:
+    call, ep, ticker, sink = talking()
+    stream = call.open_audio_stream(RATE)
+    stream.write(tone(20))
+    ticker.tick()  # nothing ready: an underrun within the grace
+    stream.write(tone(20))
+    ticker.tick()
+    assert [first for _, _, first in ep.frames] == [True, False]
+    assert call.playout is not None and call.playout.stats["underruns"] == 1
+    for _ in range(3):
+        ticker.tick()  # dry past the grace: the talkspurt and its playback end
+    assert [t for t, _ in playback_events(sink)] == ["playback.started", "playback.finished"]
+    stream.write(tone(20))  # a new talkspurt, a new playback
+    assert ep.frames[-1][2]
+    assert [t for t, _ in playback_events(sink)][-1] == "playback.started"
+
+
+async def test_hangup_goes_through_the_endpoint_and_stops_the_audio() -> None:
+    call, ep, ticker, sink = talking()
+    playback = call.play(tone(1000), RATE)
+    call.hangup("hangup")
+    assert ep.hangups == ["hangup"]
+    await asyncio.wait_for(call.wait(), 5)
+    sent = len(ep.frames)
+    ticker.tick()
+    assert len(ep.frames) == sent
+    kinds = [e.type for e in sink.events]
+    assert kinds[-2:] == ["playback.cleared", "call.ended"]  # in the one ordered stream
+    assert sink.events[-2].data == {"playback_id": playback.id, "reason": "hangup", "played_ms": 20}
+    assert [e.seq for e in sink.events] == list(range(len(sink.events)))
+    with pytest.raises(PlaybackError, match="ended"):
+        call.play(tone(20), RATE)
+
+
+async def test_dtmf_digits_go_out_one_at_a_time() -> None:
+    call, ep, _, _ = talking()
+    await call.send_dtmf("1#", 40)
+    assert ep.digits == [("1", 40), ("#", 40)]
+    with pytest.raises(PlaybackError, match="0-9"):
+        await call.send_dtmf("1x", 40)
+
+
+async def test_dtmf_on_a_transport_without_it_is_refused() -> None:
+    call, _, _, _ = talking(MemoryEndpoint(sample_rate=RATE, can_send_dtmf=False))
+    with pytest.raises(PlaybackError, match="cannot send DTMF"):
+        await call.send_dtmf("1", 40)
+
+
+async def test_a_call_without_an_endpoint_cannot_play() -> None:
+    sink = capture_events()
+    call = Call("c", L16_16K, sink, SystemClock(), transport="file")
+    with pytest.raises(PlaybackError, match="cannot play"):
+        call.play(tone(20), RATE)
+
+
+async def test_the_registry_paces_every_call_on_one_clock() -> None:
+    registry = CallRegistry(EndingEngine(), capture_events(), SystemClock(), 10, 5.0)
+    endpoints = [MemoryEndpoint(sample_rate=RATE) for _ in range(3)]
+    calls = []
+    for ep in endpoints:
+        call = registry.open(L16_16K, transport="test", endpoint=ep)
+        assert call is not None
+        call.play(tone(200), RATE)
+        calls.append(call)
+    await asyncio.sleep(0.3)
+    for ep in endpoints:
+        times = [t for t, _, _ in ep.frames]
+        assert len(times) == 10
+        gaps = np.diff(times[1:])  # after the immediate first frame, the shared 20 ms grid
+        assert abs(float(np.mean(gaps)) - 0.020) < 0.003
+    assert registry.ticker.ticks >= 9 and not registry.ticker.playouts
+    for call in calls:
+        call.end("hangup")
+        await call.wait()
