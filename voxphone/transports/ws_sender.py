@@ -100,6 +100,7 @@ class WebSocketSender:
                 else:
                     await self._ws.send_str(message)
             except ConnectionError:  # the peer went away: the receive loop ends the call
+                self._on_drop(int(is_audio))
                 self._stop_writing()
                 return
             self.sent += 1
