@@ -85,6 +85,12 @@ async def test_demo_page_call_shows_the_words_and_hangs_up(
             browser.find_element(By.ID, "call").click()
             WebDriverWait(browser, 60).until(lambda d: overlap(expected, finals(d)) >= 0.7)
             assert text_of(browser, "status") == "live"
+            # The answer is sendrecv: the bot's track plays in the page's <audio id="bot">.
+            bot_tracks = browser.execute_script(
+                "const s = document.getElementById('bot').srcObject;"
+                "return s ? s.getAudioTracks().filter((t) => t.readyState === 'live').length : 0"
+            )
+            assert bot_tracks == 1
             ARTIFACTS.mkdir(parents=True, exist_ok=True)
             browser.save_screenshot(str(ARTIFACTS / "browser-call.png"))
             browser.set_window_size(390, 844)  # a phone
