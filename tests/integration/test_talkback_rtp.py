@@ -100,14 +100,17 @@ async def create_call(http: aiohttp.ClientSession, base: str, codec: str = "PCMU
 
 
 def _pt(codec: str) -> dict[str, int]:
-    return {"payload_type": 118} if codec.startswith("L16") else {}
+    dynamic = {"opus": 107, "L16/16000": 118}
+    return {"payload_type": dynamic[codec]} if codec in dynamic else {}
 
 
 def types_of(receiver: WebhookReceiver, call_id: str) -> list[str]:
     return [e["type"] for e in calls_of(receiver).get(call_id, [])]
 
 
-@pytest.mark.parametrize(("codec", "payload_type"), [("PCMU", 0), ("G722", 9)])
+@pytest.mark.parametrize(
+    ("codec", "payload_type"), [("PCMU", 0), ("G722", 9), ("opus", 107), ("L16/16000", 118)]
+)
 async def test_played_speech_comes_back_over_rtp_and_is_recognised(
     receiver: WebhookReceiver,
     speech: dict[str, Speech],
@@ -154,14 +157,15 @@ async def test_played_speech_comes_back_over_rtp_and_is_recognised(
     steps = {
         (b.timestamp - a.timestamp) & 0xFFFFFFFF for a, b in zip(audio, audio[1:], strict=False)
     }
-    assert steps == {160}, "20 ms of the 8 kHz RTP clock per packet (G.722 too)"
+    clock = codec_by_name(codec).clock_rate
+    assert steps == {clock // 50}, "20 ms of the RTP clock per packet (G.722: 8 kHz)"
     assert abs(len(audio) * 20 - played["duration_ms"]) <= 20
     arrivals = [t for t, p in caller.received if p.payload_type == payload_type]
     assert abs((arrivals[-1] - arrivals[0]) - (len(audio) - 1) * 0.02) < 0.1, "paced in real time"
     heard = hear(caller.audio(codec_by_name(codec), payload_type), decoder)
     assert overlap(speech["callback"].text, heard) >= 0.5, heard
 
-    keys = DtmfReceiver(8000)
+    keys = DtmfReceiver(clock)
     digits = [
         d.key for p in pkts if p.payload_type == 101 for d in keys.feed(p.timestamp, p.payload)
     ]
