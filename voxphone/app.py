@@ -22,6 +22,7 @@ from voxphone.errors import ConfigError, TransportError
 from voxphone.events.model import Event, EventSink, FanOut
 from voxphone.events.service import EventService
 from voxphone.http import events as events_api
+from voxphone.http import talkback
 from voxphone.http import webrtc as webrtc_http
 from voxphone.http.api import PROBLEMS, create_app
 from voxphone.http.calls import add_routes
@@ -109,6 +110,8 @@ class App:
         app[STEREO_BOTH] = self.config.media_streams.stereo == "both"
         add_routes(app, self.rtp, self._advertise_host(), self.events)
         events_api.add_routes(app, self.events)
+        play = self.config.playback
+        talkback.add_routes(app, talkback.TalkbackLimits(play.max_clip_bytes, play.fetch_timeout_s))
         self.metrics.start(app, self.events, self.registry, self.rtp.totals)
         app[PROBLEMS].append(lambda: self.events.problem)
         app.router.add_get("/v1/media/asterisk", chan_websocket)

@@ -36,6 +36,8 @@ FRAME_MS = 80
 FRAME_S = FRAME_MS / 1000
 #: Frames whose arrival times are kept for latency (4 minutes: longer than any segment).
 ARRIVALS_KEPT = 3000
+#: Ended calls whose ids the registry remembers (about 1 MB).
+ENDED_KEPT = 10_000
 
 
 @dataclass
@@ -216,6 +218,10 @@ class Call:
         """Send key presses to the caller, one after another (``PlaybackError`` when the
         transport cannot, a key is invalid, or the call has ended)."""
         await self._out().send_dtmf(digits, duration_ms)
+
+    def start_dtmf(self, digits: str, duration_ms: int = 100) -> None:
+        """``send_dtmf`` in the background, checked at once (``PlaybackError``)."""
+        self._out().start_dtmf(digits, duration_ms)
 
     @property
     def playing(self) -> bool:
@@ -521,6 +527,9 @@ class CallRegistry:
         self.max_concurrent = max_concurrent
         self._max_gap_s = max_gap_s
         self.calls: dict[str, Call] = {}
+        #: Ids of the calls that ended most recently (``ENDED_KEPT``), so the API can tell an
+        #: ended call (410) from one that never was (404).
+        self.ended: dict[str, None] = {}
         #: The one 20 ms clock every call's outbound audio is paced by.
         self.ticker = PlayoutTicker()
         #: Calls refused, by ``(transport, reason)``; reason is ``draining``, ``limit`` or
@@ -580,6 +589,9 @@ class CallRegistry:
 
     def _forget(self, call: Call) -> None:
         self.calls.pop(call.call_id, None)
+        self.ended[call.call_id] = None
+        if len(self.ended) > ENDED_KEPT:
+            del self.ended[next(iter(self.ended))]
         if not self.calls:
             self._idle.set()
 

@@ -227,6 +227,21 @@ class CallsConfig(_Section):
     drain_s: float = Field(30.0, ge=0)
 
 
+class PlaybackConfig(_Section):
+    """Talk back: bot audio played into calls (``POST /v1/calls/{id}/play``, the audio socket)."""
+
+    #: Clear the bot's audio when the caller starts speaking over it
+    #: (``playback.cleared{reason: "barge_in"}``).
+    barge_in: bool = False
+    #: Speech onset for barge-in: inbound RMS (dBFS) above this for ``barge_in_onset_ms``.
+    barge_in_threshold_dbfs: float = Field(-35.0, ge=-90, le=0)
+    barge_in_onset_ms: int = Field(60, ge=10, le=180)
+    #: The largest clip ``play`` accepts, as uploaded or fetched (bytes).
+    max_clip_bytes: int = Field(20_000_000, ge=1024)
+    #: Fetching ``{"url": ...}`` gives up after this long.
+    fetch_timeout_s: float = Field(10.0, gt=0)
+
+
 class SphinxConfig(_Section):
     """The embedded pocketsphinx engine."""
 
@@ -497,6 +512,7 @@ class Config(_Section):
     http: HttpConfig = HttpConfig()
     rtp: RtpConfig = RtpConfig()
     calls: CallsConfig = CallsConfig()
+    playback: PlaybackConfig = PlaybackConfig()
     asterisk: AsteriskConfig = AsteriskConfig()
     twilio: TwilioConfig = TwilioConfig()
     media_streams: MediaStreamsConfig = MediaStreamsConfig()

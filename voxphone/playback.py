@@ -171,6 +171,7 @@ class Playout:
         self.stopped = False
         self._dry_ticks = 0
         self._dtmf_lock = asyncio.Lock()
+        self._dtmf_tasks: set[asyncio.Task[None]] = set()
         #: Frames sent, talkspurts begun, ticks an open stream had nothing ready.
         self.stats: dict[str, int] = {"frames_out": 0, "talkspurts": 0, "underruns": 0}
 
@@ -231,16 +232,15 @@ class Playout:
             return
         self.clear(reason)
         self.stopped = True
+        for task in self._dtmf_tasks:
+            task.cancel()
 
     @property
     def playing(self) -> bool:
         """Whether a talkspurt is under way (for barge-in)."""
         return self.active
 
-    async def send_dtmf(self, digits: str, duration_ms: int) -> None:
-        """Send ``digits`` one after another through the endpoint, ``DTMF_GAP_MS`` apart;
-        concurrent requests are sent in turn, never interleaved. ``PlaybackError`` when the
-        endpoint cannot send DTMF, a digit is not a DTMF key, or the call has ended."""
+    def _check_dtmf(self, digits: str) -> None:
         bad = [d for d in digits if d.upper() not in DTMF_KEYS]
         if not digits or bad:
             raise PlaybackError(
@@ -249,6 +249,26 @@ class Playout:
         if not self.endpoint.can_send_dtmf:
             raise PlaybackError("this call's transport cannot send DTMF")
         self._check_live()
+
+    def start_dtmf(self, digits: str, duration_ms: int) -> asyncio.Task[None]:
+        """``send_dtmf`` in the background (checked now: ``PlaybackError`` at once); the task
+        is cancelled when the call ends. For the API, which answers before the keys are out."""
+        self._check_dtmf(digits)
+        task = asyncio.create_task(self.send_dtmf(digits, duration_ms))
+        self._dtmf_tasks.add(task)
+        task.add_done_callback(self._dtmf_done)
+        return task
+
+    def _dtmf_done(self, task: asyncio.Task[None]) -> None:
+        self._dtmf_tasks.discard(task)
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            log.error("dtmf_send_failed", exc_info=exc)
+
+    async def send_dtmf(self, digits: str, duration_ms: int) -> None:
+        """Send ``digits`` one after another through the endpoint, ``DTMF_GAP_MS`` apart;
+        concurrent requests are sent in turn, never interleaved. ``PlaybackError`` when the
+        endpoint cannot send DTMF, a digit is not a DTMF key, or the call has ended."""
+        self._check_dtmf(digits)
         async with self._dtmf_lock:
             for i, digit in enumerate(digits.upper()):
                 if self.stopped:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
+from typing import BinaryIO
 
 import av
 import numpy as np
@@ -26,8 +28,21 @@ def read_audio(path: Path, rate: int) -> Pcm:
     """The whole file as int16 mono PCM at ``rate`` (downmixed and resampled by FFmpeg);
     ``DecodeError`` if it is missing, empty, not audio, or holds no samples."""
     check_file(path)
+    return _decode(str(path), rate, str(path))
+
+
+def decode_audio(data: bytes, rate: int) -> Pcm:
+    """An audio file held in memory (an upload, a download) as int16 mono PCM at ``rate``;
+    ``DecodeError`` if it is empty, not audio FFmpeg knows, or holds no samples. CPU-bound
+    (about 1 ms per second of audio): run it off the event loop for large files."""
+    if not data:
+        raise DecodeError("the audio is empty")
+    return _decode(io.BytesIO(data), rate, "the audio")
+
+
+def _decode(source: str | BinaryIO, rate: int, path: str) -> Pcm:
     try:
-        with av.open(str(path)) as container:
+        with av.open(source, mode="r") as container:
             if not container.streams.audio:
                 raise DecodeError(f"{path}: no audio stream")
             resampler = av.AudioResampler(format="s16", layout="mono", rate=rate)

@@ -16,6 +16,9 @@ counted as ``after_end`` and ignored until it has been quiet for ``ended_grace_s
 its port return to the pool. Everything that is not audio is counted: on the call when it can be
 told whose it is (``Call.count_dropped``), else on the server (``RtpServer.totals``).
 
+Each call talks back through an ``RtpEndpoint`` (``rtp_out.py``): bot audio and DTMF leave from
+the call's port to its latched caller (symmetric RTP).
+
 The per-source state machine is ``rtp_source.py``; the packet format is ``rtp_packet.py``.
 """
 
@@ -36,6 +39,7 @@ from voxphone.call import Call
 from voxphone.clock import Clock
 from voxphone.errors import TransportError
 from voxphone.transports.rtcp import Bye, RtcpPacket, SenderReport, parse_rtcp
+from voxphone.transports.rtp_out import RtpEndpoint
 from voxphone.transports.rtp_packet import RtpPacket, is_rtcp, parse_rtp
 from voxphone.transports.rtp_source import COMFORT_NOISE_PT, Candidate, RtpSource, SourceTerms
 
@@ -92,6 +96,8 @@ class Reservation:
     codecs: Mapping[int, Codec] | None = None
     latched_at: float | None = None
     ended_at: float | None = None
+    #: Whether voxphone may send media back (the SDP answer is ``sendrecv``).
+    sends: bool = True
 
 
 @dataclass
@@ -129,6 +135,30 @@ class RtpPort(asyncio.DatagramProtocol):
         self._candidates: OrderedDict[Address, Candidate] = OrderedDict()
         self._ended: dict[Address, _Ended] = {}
         self.queued = False  # in the server's free-port queue
+        #: Sends a datagram from this port (the server sets it once the socket is bound).
+        self.transmit: Callable[[bytes, Address], None] = self._unbound
+
+    def _unbound(self, data: bytes, addr: Address) -> None:
+        self._count(None, "unbound_send")
+
+    def remote_of(self, call: Call) -> Address | None:
+        """Where ``call``'s caller is: its latched source, else the address its SDP named."""
+        addr = next((a for a, s in self.sources.items() if s.call is call), None)
+        if addr is not None:
+            return addr
+        res = self.reservation
+        return res.hint if res is not None and res.call is call else None
+
+    def talk_back(self, call: Call, payload_type: int, telephone_event: int | None) -> None:
+        """Give ``call`` its way back (``RtpEndpoint``): audio in ``payload_type`` (the call's
+        codec), DTMF on ``telephone_event``; its hang-up goes through this port."""
+        endpoint = RtpEndpoint(
+            call, call.codec, payload_type, telephone_event,
+            transmit=lambda data, addr: self.transmit(data, addr),
+            remote=functools.partial(self.remote_of, call),
+            hang_up=functools.partial(self.hang_up, call),
+        )  # fmt: skip
+        call.attach_endpoint(endpoint)
 
     def datagram_received(self, data: bytes, addr: tuple[str | object, int]) -> None:
         self.handle(data, (str(addr[0]), int(addr[1])))
@@ -255,7 +285,8 @@ class RtpPort(asyncio.DatagramProtocol):
         if call is None:
             self._count(None, "call_refused", len(packets))
             return
-        call.hangup = functools.partial(self.hang_up, call)
+        events = sorted(self.policy.telephone_events)
+        self.talk_back(call, pkt.payload_type, events[0] if events else None)
         terms = self._terms(self.policy.payload_types, None, signalled=False)
         self._add(addr, RtpSource(call, packets[0], terms, now), packets, now)
 
@@ -297,7 +328,11 @@ class RtpPort(asyncio.DatagramProtocol):
 
     def reserve(self, reservation: Reservation) -> None:
         self.reservation = reservation
-        reservation.call.hangup = functools.partial(self.hang_up, reservation.call)
+        call = reservation.call
+        if reservation.sends:
+            self.talk_back(call, reservation.payload_type, reservation.telephone_event)
+        else:
+            call.hangup = functools.partial(self.hang_up, call)
         self.on_active(self)
 
     def _latch(self, res: Reservation, pkt: RtpPacket, addr: Address, now: float) -> None:
@@ -445,6 +480,15 @@ def _drain(sock: socket.socket, proto: RtpPort) -> None:
         proto.datagram_received(data, addr)
 
 
+def _transmit(sock: socket.socket, proto: RtpPort, data: bytes, addr: Address) -> None:
+    """Send from the port's own socket (symmetric RTP); a full send buffer or an ICMP error
+    loses the datagram, counted (``send_failed``) as the network would lose it."""
+    try:
+        sock.sendto(data, addr)
+    except OSError as exc:
+        proto._count(None, "send_failed", error=str(exc))
+
+
 def _ssrcs(pkt: RtcpPacket) -> tuple[int, ...]:
     """The sources an RTCP packet speaks for (SR: its sender; BYE: those leaving)."""
     if isinstance(pkt, Bye):
@@ -497,6 +541,7 @@ class RtpServer:
                 ) from exc
             proto.on_rtcp = self._rtcp
             proto.on_active = self._active.add
+            proto.transmit = functools.partial(_transmit, sock, proto)
             self.ports[port] = proto
             self._sockets.append(sock)
             loop.add_reader(sock.fileno(), _drain, sock, proto)

@@ -1,0 +1,302 @@
+"""Talk back over RTP, end to end: `voxphone serve` as a process, a caller on a real UDP socket
+(symmetric RTP), bot audio through the HTTP API and its websocket; what comes back on the
+caller's socket is decoded and recognised by pocketsphinx, and its DTMF parsed back."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import socket
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aiohttp
+import numpy as np
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+
+from tests.conftest import Speech, overlap
+from tests.hooks import until
+from tests.integration.test_serve import WebhookReceiver, calls_of, running_serve
+from voxphone.audio.codecs import PCMU, Codec, Decoder, codec_by_name
+from voxphone.audio.files import read_audio
+from voxphone.audio.resample import Resampler
+from voxphone.engines.sphinx import SAMPLE_RATE, Recognizer, SphinxSettings
+from voxphone.testing import rtp_packets, send_rtp
+from voxphone.transports.dtmf import DtmfReceiver
+from voxphone.transports.rtp_packet import RtpPacket, parse_rtp
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def decoder() -> Iterator[object]:
+    from pocketsphinx import Decoder as SphinxDecoder
+
+    yield SphinxDecoder(samprate=SAMPLE_RATE, loglevel="FATAL")
+
+
+def hear(pcm16k: np.ndarray, decoder: object) -> str:
+    """What pocketsphinx hears in 16 kHz PCM."""
+    rec = Recognizer(SphinxSettings(), decoder)
+    chunks = [
+        c for pos in range(0, pcm16k.size, 1280) for c in rec.process(pcm16k[pos : pos + 1280])
+    ]
+    chunks += rec.finish()
+    return " ".join(c.text for c in chunks if c.segment_end and c.text)
+
+
+@dataclass
+class Caller:
+    """A phone on a UDP socket: sends silence to its call's port and keeps what comes back."""
+
+    sock: socket.socket
+    target: tuple[str, int]
+    received: list[tuple[float, RtpPacket]] = field(default_factory=list)
+
+    def audio(self, codec: Codec, payload_type: int) -> np.ndarray:
+        """The audio packets received, in sequence order, decoded and resampled to 16 kHz."""
+        pkts = sorted(
+            (p for _, p in self.received if p.payload_type == payload_type),
+            key=lambda p: p.sequence,
+        )
+        dec, res = Decoder(codec), Resampler(codec.sample_rate, SAMPLE_RATE)
+        pcm = np.concatenate([dec.decode(p.payload) for p in pkts])
+        return np.concatenate([res.process(pcm), res.flush()])
+
+
+@contextlib.asynccontextmanager
+async def calling(rtp_port: int, seconds: float) -> AsyncIterator[Caller]:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("127.0.0.1", 0))
+    sock.setblocking(False)
+    caller = Caller(sock, ("127.0.0.1", rtp_port))
+    loop = asyncio.get_running_loop()
+
+    async def receive() -> None:
+        while True:
+            data = await loop.sock_recv(sock, 2048)
+            caller.received.append((loop.time(), parse_rtp(data)))
+
+    silence = np.zeros(int(8000 * seconds), np.int16)
+    sending = asyncio.create_task(send_rtp(rtp_packets(silence, PCMU), caller.target, sock=sock))
+    receiving = asyncio.create_task(receive())
+    try:
+        yield caller
+    finally:
+        sending.cancel()
+        receiving.cancel()
+        await asyncio.gather(sending, receiving, return_exceptions=True)
+        sock.close()
+
+
+async def create_call(http: aiohttp.ClientSession, base: str, codec: str = "PCMU") -> dict:  # type: ignore[type-arg]
+    async with http.post(f"{base}/v1/calls", json={"codec": codec, **_pt(codec)}) as r:
+        assert r.status == 201, await r.text()
+        return await r.json()  # type: ignore[no-any-return]
+
+
+def _pt(codec: str) -> dict[str, int]:
+    dynamic = {"opus": 107, "L16/16000": 118}
+    return {"payload_type": dynamic[codec]} if codec in dynamic else {}
+
+
+def types_of(receiver: WebhookReceiver, call_id: str) -> list[str]:
+    return [e["type"] for e in calls_of(receiver).get(call_id, [])]
+
+
+@pytest.mark.parametrize(
+    ("codec", "payload_type"), [("PCMU", 0), ("G722", 9), ("opus", 107), ("L16/16000", 118)]
+)
+async def test_played_speech_comes_back_over_rtp_and_is_recognised(
+    receiver: WebhookReceiver,
+    speech: dict[str, Speech],
+    tmp_path: Path,
+    decoder: object,
+    codec: str,
+    payload_type: int,
+) -> None:
+    async with (
+        running_serve(tmp_path, receiver, n_ports=2) as srv,
+        aiohttp.ClientSession() as http,
+    ):
+        base = f"http://127.0.0.1:{srv.http_port}"
+        call = await create_call(http, base, codec)
+        call_id = call["call_id"]
+        async with calling(call["rtp_port"], 12) as caller:
+            await asyncio.sleep(0.3)  # latched
+            wav = speech["callback"].path.read_bytes()
+            async with http.post(
+                f"{base}/v1/calls/{call_id}/play", data=wav, headers={"Content-Type": "audio/wav"}
+            ) as r:
+                assert r.status == 202, await r.text()
+                played = await r.json()
+            await until(lambda: "playback.finished" in types_of(receiver, call_id))
+            await asyncio.sleep(0.2)
+            async with http.post(
+                f"{base}/v1/calls/{call_id}/dtmf", json={"digits": "12#", "duration_ms": 100}
+            ) as r:
+                assert r.status == 202, await r.text()
+            await asyncio.sleep(1.0)
+            async with http.delete(f"{base}/v1/calls/{call_id}") as r:
+                assert r.status == 204
+            await receiver.wait_ended(1, timeout_s=30)
+            ended_at = asyncio.get_running_loop().time()
+            await asyncio.sleep(0.3)
+        assert not [t for t, _ in caller.received if t > ended_at + 0.1], "media stopped"
+
+    pkts = [p for _, p in caller.received]
+    audio = [p for p in pkts if p.payload_type == payload_type]
+    assert len({p.ssrc for p in pkts}) == 1, "one SSRC for audio and events"
+    seqs = [p.sequence for p in pkts]
+    assert all((b - a) & 0xFFFF == 1 for a, b in zip(seqs, seqs[1:], strict=False))
+    assert audio[0].marker and not any(p.marker for p in audio[1:]), "one talkspurt"
+    steps = {
+        (b.timestamp - a.timestamp) & 0xFFFFFFFF for a, b in zip(audio, audio[1:], strict=False)
+    }
+    clock = codec_by_name(codec).clock_rate
+    assert steps == {clock // 50}, "20 ms of the RTP clock per packet (G.722: 8 kHz)"
+    assert abs(len(audio) * 20 - played["duration_ms"]) <= 20
+    arrivals = [t for t, p in caller.received if p.payload_type == payload_type]
+    assert abs((arrivals[-1] - arrivals[0]) - (len(audio) - 1) * 0.02) < 0.1, "paced in real time"
+    heard = hear(caller.audio(codec_by_name(codec), payload_type), decoder)
+    assert overlap(speech["callback"].text, heard) >= 0.5, heard
+
+    keys = DtmfReceiver(clock)
+    digits = [
+        d.key for p in pkts if p.payload_type == 101 for d in keys.feed(p.timestamp, p.payload)
+    ]
+    assert digits == ["1", "2", "#"]
+    events = [p for p in pkts if p.payload_type == 101]
+    assert sum(p.marker for p in events) == 3, "a marker on each event's first packet"
+
+    (events_of_call,) = calls_of(receiver).values()
+    types = [e["type"] for e in events_of_call]
+    assert types.index("playback.started") < types.index("playback.finished")
+    assert types[-1] == "call.ended"
+    finished = next(e for e in events_of_call if e["type"] == "playback.finished")
+    assert finished["data"]["playback_id"] == played["playback_id"]
+
+
+async def test_streamed_audio_marks_and_events_on_the_audio_socket(
+    receiver: WebhookReceiver, speech: dict[str, Speech], tmp_path: Path, decoder: object
+) -> None:
+    """The websocket: 16 kHz PCM in, as a TTS would stream it; marks and the call's events
+    out on the same socket; the speech comes back over RTP at the call's 8 kHz."""
+    pcm = read_audio(speech["phone"].path, 16000)
+    async with (
+        running_serve(tmp_path, receiver, n_ports=2) as srv,
+        aiohttp.ClientSession() as http,
+    ):
+        base = f"http://127.0.0.1:{srv.http_port}"
+        call = await create_call(http, base)
+        call_id = call["call_id"]
+        async with calling(call["rtp_port"], 12) as caller:
+            await asyncio.sleep(0.3)
+            async with http.ws_connect(f"{base}/v1/calls/{call_id}/audio?rate=16000") as ws:
+                got: list[dict] = []  # type: ignore[type-arg]
+
+                async def read() -> None:
+                    async for msg in ws:
+                        got.append(json.loads(msg.data))
+
+                reader = asyncio.create_task(read())
+                for pos in range(0, pcm.size, 320 * 5):  # 100 ms chunks, a little ahead of time
+                    await ws.send_bytes(pcm[pos : pos + 320 * 5].astype("<i2").tobytes())
+                    await asyncio.sleep(0.08)
+                await ws.send_str(json.dumps({"type": "mark", "name": "said-number"}))
+                await ws.send_str(json.dumps({"type": "bogus"}))
+
+                def mark_seen() -> bool:
+                    return any(g.get("event", {}).get("type") == "playback.mark" for g in got)
+
+                await until(mark_seen)
+                async with http.delete(f"{base}/v1/calls/{call_id}") as r:
+                    assert r.status == 204
+                await asyncio.wait_for(reader, 30)  # closed by the server after call.ended
+    types = [g["event"]["type"] for g in got if "event" in g]
+    assert types[0] == "playback.started" and types[-1] == "call.ended"
+    mark = next(g["event"] for g in got if "event" in g and g["event"]["type"] == "playback.mark")
+    assert mark["data"]["name"] == "said-number" and mark["call_id"] == call_id
+    assert any("error" in g and "bogus" in g["error"] for g in got)
+    heard = hear(caller.audio(PCMU, 0), decoder)
+    assert overlap(speech["phone"].text, heard) >= 0.5, heard
+
+
+async def test_the_api_refuses_precisely(
+    receiver: WebhookReceiver, speech: dict[str, Speech], tmp_path: Path
+) -> None:
+    wav = speech["order"].path.read_bytes()
+    files = web.Application()
+    files.router.add_get("/hello.wav", lambda _r: web.Response(body=wav, content_type="audio/wav"))
+    files.router.add_get("/junk.wav", lambda _r: web.Response(body=b"junk" * 100))
+    async with (
+        TestServer(files, host="127.0.0.1") as server,
+        running_serve(
+            tmp_path, receiver, n_ports=2,
+            VOXPHONE_PLAYBACK__MAX_CLIP_BYTES=str(len(wav) + 10),
+            VOXPHONE_WEBHOOK__ALLOWED_HOSTS=json.dumps([f"127.0.0.1:{server.port}", "127.0.0.1"]),
+        ) as srv,
+        aiohttp.ClientSession() as http,
+    ):  # fmt: skip
+        base = f"http://127.0.0.1:{srv.http_port}"
+        call = await create_call(http, base)
+        call_id = call["call_id"]
+        url = f"{base}/v1/calls/{call_id}"
+
+        async def status(method: str, path: str, **kwargs: object) -> tuple[int, str]:
+            async with http.request(method, path, **kwargs) as r:  # type: ignore[arg-type]
+                body = await r.json()
+                return r.status, body.get("error", "") if isinstance(body, dict) else ""
+
+        wav_h = {"Content-Type": "audio/wav"}
+        assert (await status("POST", f"{base}/v1/calls/call_nope/play", data=wav, headers=wav_h))[
+            0
+        ] == 404
+        code, why = await status("POST", f"{url}/play", data=b"RIFF not really", headers=wav_h)
+        assert code == 415 and "Invalid data found" in why and "Errno" not in why, why
+        code, why = await status("POST", f"{url}/play", data=wav + bytes(100), headers=wav_h)
+        assert code == 413 and "playback.max_clip_bytes" in why, why
+        code, why = await status("POST", f"{url}/play", data=b"", headers=wav_h)
+        assert code == 400 and "empty" in why, why
+        code, why = await status(
+            "POST", f"{url}/play", data=b"{", headers={"Content-Type": "application/json"}
+        )
+        assert code == 400 and "not JSON" in why, why
+        for bad in ("file:///etc/passwd", "ftp://example.com/a.wav"):
+            code, why = await status("POST", f"{url}/play", json={"url": bad})
+            assert code == 400 and "url" in why, why
+        code, why = await status("POST", f"{url}/play", json={"url": "http://10.1.2.3/a.wav"})
+        assert code == 400 and "private" in why, why
+        code, why = await status(
+            "POST", f"{url}/play", json={"url": str(server.make_url("/junk.wav"))}
+        )
+        assert code == 422 and "cannot be decoded" in why and "junk.wav" in why, why
+        code, why = await status(
+            "POST", f"{url}/play", json={"url": str(server.make_url("/missing.wav"))}
+        )
+        assert code == 422 and "404" in why, why
+        code, _ = await status(
+            "POST", f"{url}/play", json={"url": str(server.make_url("/hello.wav"))}
+        )
+        assert code == 202
+        code, why = await status("POST", f"{url}/dtmf", json={"digits": "12x"})
+        assert code == 400 and "digits" in why, why
+        code, why = await status("GET", f"{url}/audio?rate=7")
+        assert code == 400 and "rate" in why, why
+        code, body = await status("POST", f"{url}/clear")
+        assert code == 200
+        async with http.delete(url) as r:
+            assert r.status == 204
+        await receiver.wait_ended(1, timeout_s=30)  # published: the registry has let it go
+        code, why = await status("POST", f"{url}/clear")
+        assert code == 410 and "has ended" in why, why
+        code, why = await status("POST", f"{url}/play", data=wav, headers=wav_h)
+        assert code == 410 and "ended" in why, why
+        async with http.delete(url) as r:
+            assert r.status == 410
+    cleared = [e["data"] for e in calls_of(receiver)[call_id] if e["type"] == "playback.cleared"]
+    assert [c["reason"] for c in cleared] == ["api"]  # the URL's clip, cleared by the API
