@@ -2,11 +2,12 @@
 
 An in-process App (sphinx engine) takes a call from a client written from the vendor's docs:
 Twilio, Telnyx, Vonage and jambonz websockets, Asterisk chan_websocket (plain and JSON control)
-and AudioSocket, and an aiortc browser stand-in. The call plays flite speech into the call
-(``Call.play``); the client decodes what comes back as the vendor would and pocketsphinx must
-hear the words. Then ``clear`` mid-sentence (the vendor's clear message, and no audio after
-it) and a hang-up from voxphone's side (the vendor's hang-up, the socket closed, the call
-ended with the reason given).
+and AudioSocket, and an aiortc browser stand-in. A bot plays a flite WAV into the call through
+the control API (``POST /v1/calls/{id}/play``); the client decodes what comes back as the
+vendor would and pocketsphinx must hear the words. Then ``POST …/clear`` mid-sentence (the
+vendor's clear message, and no audio after it), DTMF (the browser gets it on its data channel;
+the others have no way to send it: 409) and ``DELETE /v1/calls/{id}`` (the vendor's hang-up,
+the socket closed, the call ended ``hangup``).
 """
 
 from __future__ import annotations
@@ -32,7 +33,6 @@ from tests.conftest import Speech, free_tcp_port, free_udp_range, overlap
 from tests.hooks import until
 from voxphone.app import App
 from voxphone.audio.codecs import PCMA, PCMU, Decoder, Pcm
-from voxphone.audio.files import read_audio
 from voxphone.audio.resample import Resampler
 from voxphone.call import Call
 from voxphone.config import Config
@@ -68,6 +68,12 @@ async def app() -> AsyncIterator[App]:
         await a.stop()
 
 
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as session:
+        yield session
+
+
 @pytest.fixture(scope="module")
 def decoder() -> object:
     """One pocketsphinx model for the module (loading it takes 0.8 s)."""
@@ -92,9 +98,39 @@ async def opened(app: App, call_id: str) -> Call:
     return call
 
 
-async def play_all(call: Call, speech: Speech) -> None:
+@dataclass
+class Bot:
+    """The voice-agent backend: voxphone's control API for one call."""
+
+    http: aiohttp.ClientSession
+    base: str
+
+    async def play(self, speech: Speech) -> None:
+        body, headers = speech.path.read_bytes(), {"Content-Type": "audio/wav"}
+        async with self.http.post(f"{self.base}/play", data=body, headers=headers) as resp:
+            assert resp.status == 202, await resp.text()
+
+    async def clear(self) -> None:
+        async with self.http.post(f"{self.base}/clear") as resp:
+            assert resp.status == 200, await resp.text()
+            assert len((await resp.json())["cleared"]) == 1
+
+    async def dtmf(self, digits: str) -> int:
+        async with self.http.post(f"{self.base}/dtmf", json={"digits": digits}) as resp:
+            return resp.status
+
+    async def hang_up(self) -> None:
+        async with self.http.delete(self.base) as resp:
+            assert resp.status == 204, await resp.text()
+
+
+def bot(http: aiohttp.ClientSession, app: App, call_id: str) -> Bot:
+    return Bot(http, f"http://127.0.0.1:{app.config.http.port}/v1/calls/{call_id}")
+
+
+async def play_all(bot: Bot, call: Call, speech: Speech) -> None:
     """Play the sentence into the call and wait until its last frame has been sent."""
-    call.play(read_audio(speech.path, 16000), 16000)
+    await bot.play(speech)
     await until(lambda: not call.playing, timeout_s=30)
 
 
@@ -250,24 +286,26 @@ async def _read(ws: aiohttp.ClientWebSocketResponse, dialect: Dialect, heard: He
 
 @pytest.mark.parametrize("dialect", DIALECTS, ids=[d.name for d in DIALECTS])
 async def test_websocket_transports_play_clear_and_hang_up(
-    app: App, speech: dict[str, Speech], decoder: object, dialect: Dialect
+    app: App,
+    http: aiohttp.ClientSession,
+    speech: dict[str, Speech],
+    decoder: object,
+    dialect: Dialect,
 ) -> None:
     said = speech[SAID]
     url = f"http://127.0.0.1:{app.config.http.port}{dialect.path}"
     heard = Heard()
-    async with (
-        aiohttp.ClientSession() as http,
-        http.ws_connect(url, protocols=dialect.protocols) as ws,
-    ):
+    async with http.ws_connect(url, protocols=dialect.protocols) as ws:
         for text in dialect.opening:
             await ws.send_str(text)
         feeder = asyncio.create_task(_feed(ws, dialect.silence))
         reader = asyncio.create_task(_read(ws, dialect, heard))
         call = await opened(app, dialect.call_id)
         assert call.playout is not None and call.playout.rate == dialect.rate
+        agent = bot(http, app, dialect.call_id)
 
         # 1. The whole sentence comes back, every frame sent, at the stream's rate.
-        await play_all(call, said)
+        await play_all(agent, call, said)
         await until(lambda: len(heard.frames) == call.playout.stats["frames_out"], timeout_s=5)
         frame = dialect.rate // 50
         assert {f.size for f in heard.frames} == {frame}  # 20 ms each (Vonage requires it)
@@ -275,9 +313,9 @@ async def test_websocket_transports_play_clear_and_hang_up(
 
         # 2. Cleared mid-sentence: the vendor's clear, and no audio after it.
         before = len(heard.frames)
-        call.play(read_audio(said.path, 16000), 16000)
+        await agent.play(said)
         await until(lambda: len(heard.frames) >= before + 25, timeout_s=10)
-        call.clear()
+        await agent.clear()
         if dialect.clear is not None:
             await until(lambda: dialect.clear in heard.texts, timeout_s=5)
         await asyncio.sleep(0.2)
@@ -287,11 +325,14 @@ async def test_websocket_transports_play_clear_and_hang_up(
             assert not [k for k, _ in after_clear if k == "audio"], "audio after the clear"
         assert len(heard.frames) < before + 100  # the 3.2 s sentence did not play out
 
-        # 3. voxphone hangs up: the vendor's goodbye, then the socket closes normally.
-        call.hangup("api")
+        # 3. No DTMF on these streams (the vendors send digits by REST or NCCO).
+        assert await agent.dtmf("5") == 409
+
+        # 4. voxphone hangs up: the vendor's goodbye, then the socket closes normally.
+        await agent.hang_up()
         await asyncio.wait_for(heard.closed.wait(), 10)
         await asyncio.wait_for(call.wait(), 15)
-        assert call.end_reason == "api"
+        assert call.end_reason == "hangup"
         assert ws.close_code == 1000
         texts = heard.texts
         assert texts[len(texts) - len(dialect.goodbye) :] == dialect.goodbye
@@ -308,7 +349,7 @@ def audiosocket_frame(kind: int, payload: bytes) -> bytes:
 
 
 async def test_audiosocket_plays_back_slin_frames_and_hangs_up_with_type_0(
-    app: App, speech: dict[str, Speech], decoder: object
+    app: App, http: aiohttp.ClientSession, speech: dict[str, Speech], decoder: object
 ) -> None:
     """``AudioSocket(uuid,host:port)``: 20 ms type-0x10 frames back; a hang-up is ``00 00 00``
     and then the end of the stream."""
@@ -334,27 +375,31 @@ async def test_audiosocket_plays_back_slin_frames_and_hangs_up_with_type_0(
                     heard.add("audio", _slin(f.payload))
                 else:
                     heard.add("frame", f)
+                if f.kind == 0x00:  # Asterisk hangs the channel up and closes the socket
+                    writer.close()
         heard.closed.set()
 
     feeder, reading = asyncio.create_task(feed()), asyncio.create_task(read())
     call = await opened(app, str(call_uuid))
-    await play_all(call, said)
+    agent = bot(http, app, str(call_uuid))
+    await play_all(agent, call, said)
     await until(lambda: len(heard.frames) == call.playout.stats["frames_out"], timeout_s=5)  # type: ignore[union-attr]
     assert {f.size for f in heard.frames} == {160}
     assert overlap(said.text, hear(heard.audio(), 8000, decoder)) >= 0.6
 
     before = len(heard.frames)
-    call.play(read_audio(said.path, 16000), 16000)
+    await agent.play(said)
     await until(lambda: len(heard.frames) >= before + 25, timeout_s=10)
-    call.clear()
+    await agent.clear()
     at_clear = len(heard.frames)
     await asyncio.sleep(0.2)
     assert len(heard.frames) <= at_clear + 1  # at most the frame already on the wire
+    assert await agent.dtmf("5") == 409  # Asterisk reads only audio and hang-up frames back
 
-    call.hangup("api")
+    await agent.hang_up()
     await asyncio.wait_for(heard.closed.wait(), 10)
     await asyncio.wait_for(call.wait(), 15)
-    assert call.end_reason == "api"
+    assert call.end_reason == "hangup"
     hangups = [v for _, k, v in heard.log if k == "frame"]
     assert [(f.kind, f.payload) for f in hangups] == [(0x00, b"")]
     feeder.cancel()
@@ -367,7 +412,7 @@ async def test_audiosocket_plays_back_slin_frames_and_hangs_up_with_type_0(
 
 @pytest.mark.parametrize("codec", ["opus", "PCMU"])
 async def test_a_browser_hears_the_bot_on_its_sendrecv_track(
-    app: App, speech: dict[str, Speech], decoder: object, codec: str
+    app: App, http: aiohttp.ClientSession, speech: dict[str, Speech], decoder: object, codec: str
 ) -> None:
     """An aiortc peer that offers sendrecv (as the demo page does) hears the bot on the track
     the answer sends; ``clear`` turns it to silence; voxphone's hang-up ends the track."""
@@ -377,7 +422,9 @@ async def test_a_browser_hears_the_bot_on_its_sendrecv_track(
     caps = RTCRtpSender.getCapabilities("audio")
     assert caps is not None
     transceiver.setCodecPreferences([c for c in caps.codecs if c.mimeType == f"audio/{codec}"])
-    pc.createDataChannel("events")
+    channel = pc.createDataChannel("events")
+    messages: list[dict[str, Any]] = []
+    channel.on("message", lambda m: messages.append(json.loads(m)))
     heard = Heard()
     rate: list[int] = []
 
@@ -394,33 +441,39 @@ async def test_a_browser_hears_the_bot_on_its_sendrecv_track(
     await pc.setLocalDescription(await pc.createOffer())
     url = f"http://127.0.0.1:{app.config.http.port}/v1/whip"
     try:
-        async with aiohttp.ClientSession() as http:
-            headers = {"Content-Type": "application/sdp"}
-            async with http.post(url, data=pc.localDescription.sdp, headers=headers) as resp:
-                assert resp.status == 201, await resp.text()
-                answer, call_id = await resp.text(), resp.headers["X-Call-Id"]
+        headers = {"Content-Type": "application/sdp"}
+        async with http.post(url, data=pc.localDescription.sdp, headers=headers) as resp:
+            assert resp.status == 201, await resp.text()
+            answer, call_id = await resp.text(), resp.headers["X-Call-Id"]
         assert "a=sendrecv" in answer
         await pc.setRemoteDescription(RTCSessionDescription(sdp=answer, type="answer"))
         call = await opened(app, call_id)
         await until(lambda: len(heard.frames) > 10, timeout_s=15)  # silence flows first
+        agent = bot(http, app, call_id)
 
         start = len(heard.frames)
-        await play_all(call, said)
+        await play_all(agent, call, said)
         await asyncio.sleep(0.5)  # the jitter buffers on both sides
         assert overlap(said.text, hear(heard.audio(start), rate[0], decoder)) >= 0.6
 
-        call.play(read_audio(said.path, 16000), 16000)
+        await agent.play(said)
         await asyncio.sleep(1.0)
-        call.clear()
+        await agent.clear()
         await asyncio.sleep(0.3)  # what was in flight, and the receiver's jitter buffer
         quiet = len(heard.frames)
         await asyncio.sleep(0.5)
         tail = heard.audio(quiet)
         assert tail.size and np.abs(tail.astype(np.int32)).max() < 200, "audio after clear"
 
-        call.hangup("api")
+        # DTMF the way the browser's keys come in: on the data channel.
+        assert await agent.dtmf("5#") == 202
+        await until(lambda: len([m for m in messages if m.get("type") == "bot.dtmf"]) == 2)
+        keys = [m for m in messages if m.get("type") == "bot.dtmf"]
+        assert [(k["digit"], k["duration_ms"]) for k in keys] == [("5", 100), ("#", 100)]
+
+        await agent.hang_up()
         await asyncio.wait_for(call.wait(), 15)
-        assert call.end_reason == "api"
+        assert call.end_reason == "hangup"
         await until(lambda: pc.connectionState in ("closed", "failed"), timeout_s=15)
     finally:
         await pc.close()

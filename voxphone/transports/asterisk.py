@@ -113,9 +113,24 @@ class AudioSocketServer:
         finally:
             if conn.call is not None:
                 conn.call.end(conn.reason or "disconnected")
+            if conn.hung_up:  # Asterisk closes once it reads the hang-up frame: let it go first
+                await _until_closed(reader)
             writer.close()
             with contextlib.suppress(ConnectionError):
                 await writer.wait_closed()
+
+
+#: How long voxphone waits, after sending a hang-up frame, for Asterisk to close the connection.
+LINGER_S = 1.0
+
+
+async def _until_closed(reader: asyncio.StreamReader) -> None:
+    """Read (and drop) until the peer closes, for up to ``LINGER_S``: closing a socket with
+    unread data sends a TCP reset, which may destroy the hang-up frame before it is read."""
+    with contextlib.suppress(TimeoutError, ConnectionError):
+        async with asyncio.timeout(LINGER_S):
+            while await reader.read(65536):
+                pass
 
 
 class _AudioSocketCall:
@@ -126,6 +141,7 @@ class _AudioSocketCall:
         self.parser = AudioSocketParser()
         self.call: Call | None = None
         self.reason: str | None = None
+        self.hung_up = False  # by voxphone (API, shutdown), not by Asterisk
         self._registry = registry
         self._remote = f"{peer[0]}:{peer[1]}" if peer else None
         self._call_id: str | None = None
@@ -152,7 +168,8 @@ class _AudioSocketCall:
             self._unknown_kind(frame.kind)
 
     def hang_up(self, reason: str) -> None:
-        """End the call from voxphone's side (the endpoint then closes the connection)."""
+        """End the call from voxphone's side (the endpoint has sent the hang-up frame)."""
+        self.hung_up = True
         self.reason = self.reason or reason
         if self.call is not None:
             self.call.end(reason)

@@ -31,7 +31,7 @@ MAX_AUDIOSOCKET_BACKLOG = 16_000
 
 class AudioSocketEndpoint:
     """20 ms slin frames of the call's own type (``0x10`` for 8 kHz) back on the TCP stream;
-    hang-up sends ``0x00`` and closes it."""
+    hang-up sends ``0x00`` and half-closes it."""
 
     can_send_dtmf = False
 
@@ -62,12 +62,13 @@ class AudioSocketEndpoint:
         raise PlaybackError("AudioSocket cannot send DTMF to the caller")
 
     def hangup(self, reason: str) -> None:
-        """End the call with ``reason``, send the hang-up frame and close the connection (the
-        read loop then sees the end of the stream)."""
+        """End the call with ``reason`` and send the hang-up frame (then our end of the
+        stream); Asterisk hangs the channel up and closes the connection."""
         self._end(reason)
         if not self._writer.is_closing():
             self._writer.write(audiosocket_hangup())
-            self._writer.close()
+            if self._writer.can_write_eof():
+                self._writer.write_eof()
 
 
 class ChanWebsocketEndpoint:
