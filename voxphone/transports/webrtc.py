@@ -5,7 +5,9 @@ The answer names exactly one audio codec, chosen from the offer, so the call's p
 its rate before the first packet; other m= lines are answered inactive. A task per call keeps
 aiortc's receive queue drained (its queue is unbounded: a slow reader would grow memory and
 latency), downmixes to mono and places each frame on the call's clock by its RTP timestamp, so
-loss becomes silence. Events go back to the browser over the data channel it opened.
+loss becomes silence. Events go back to the browser over the data channel it opened. When the
+offer's audio is ``sendrecv`` the answer is too, with the bot's outbound track (``webrtc_out``):
+that is the call's ``MediaEndpoint``; a ``sendonly`` (WHIP) offer makes a listen-only call.
 
 A call ends when the browser hangs up (WHIP ``DELETE``, a ``hangup`` message, closing the peer
 connection), when ICE fails or stays disconnected, or when audio stops arriving (a closed tab
