@@ -13,20 +13,17 @@ import pytest
 
 from voxphone.audio.codecs import G722, PCMA, PCMU, Decoder
 from voxphone.errors import TransportError
-from voxphone.transports.asterisk import AUDIO_TYPES, parse_control
+from voxphone.transports.asterisk import AUDIO_TYPES
 from voxphone.transports.asterisk_out import (
     AUDIO_TYPE_OF_RATE,
     audiosocket_audio,
     audiosocket_hangup,
     ws_command,
-    ws_marked,
 )
 from voxphone.transports.stream_out import (
     JsonStreamOut,
     RawStreamOut,
-    parse_mark,
     slin_frame,
-    vonage_notified_mark,
 )
 from voxphone.transports.ws_sender import WebSocketSender
 
@@ -68,14 +65,6 @@ def test_twilio_is_mulaw_only() -> None:
         JsonStreamOut("twilio", PCMA, "MZ1")
 
 
-def test_echoed_marks_are_read_back() -> None:
-    assert parse_mark({"event": "mark", "mark": {"name": "a"}}) == "a"
-    assert parse_mark({"event": "mark"}) is None
-    notify = {"event": "websocket:notify", "payload": {"mark": "b"}}
-    assert vonage_notified_mark(notify) == "b"
-    assert vonage_notified_mark({"event": "websocket:cleared"}) is None
-
-
 def test_raw_streams_send_little_endian_20ms_frames_and_their_dialects_controls() -> None:
     """Vonage: 640 bytes per 20 ms at 16 kHz; ``clear``/``notify`` actions. jambonz: killAudio,
     disconnect. Others: audio only."""
@@ -114,10 +103,6 @@ def test_chan_websocket_commands_in_both_control_formats() -> None:
     assert json.loads(ws_command("MARK_MEDIA", True, "m1")) == {
         "command": "MARK_MEDIA", "correlation_id": "m1",
     }  # fmt: skip
-    assert ws_marked(parse_control("MEDIA_MARK_PROCESSED m1")) == "m1"
-    json_marked = '{"event": "MEDIA_MARK_PROCESSED", "channel_id": "1.2", "correlation_id": "m2"}'
-    assert ws_marked(parse_control(json_marked)) == "m2"
-    assert ws_marked(parse_control("QUEUE_DRAINED")) is None
 
 
 class SlowSocket:

@@ -61,10 +61,3 @@ def ws_command(command: str, json_style: bool, correlation_id: str | None = None
             body["correlation_id"] = correlation_id
         return json.dumps(body, separators=(",", ":"))
     return command if correlation_id is None else f"{command} {correlation_id}"
-
-
-def ws_marked(fields: dict[str, str]) -> str | None:
-    """The id a ``MEDIA_MARK_PROCESSED`` notification carries (``parse_control``'s fields)."""
-    if fields.get("event") != "MEDIA_MARK_PROCESSED":
-        return None
-    return fields.get("correlation_id") or fields.get("args")

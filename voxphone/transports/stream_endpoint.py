@@ -24,9 +24,6 @@ from voxphone.errors import PlaybackError
 from voxphone.transports.stream_out import JsonStreamOut, RawStreamOut
 from voxphone.transports.ws_sender import WebSocketSender
 
-#: ``transport_stats`` key counting marks the provider echoed back (Twilio, Telnyx, Vonage).
-MARKS_ECHOED = "marks_echoed"
-
 
 def sender_for(call: Call, ws: web.WebSocketResponse) -> WebSocketSender:
     """A sender on ``ws`` that counts audio it must drop on ``call`` (``outbound_backlog``)."""
@@ -87,7 +84,8 @@ class JsonStreamEndpoint(_WebSocketEndpoint):
         self._sender.control(self._out.clear())
 
     def mark(self, name: str) -> None:
-        """Ask the provider to echo ``name`` once the audio sent so far has played."""
+        """Ask the provider to echo ``name`` once the audio sent so far has played. Not called
+        by the call yet: its ``playback.mark`` is published when the marked frame is sent."""
         self._sender.control(self._out.mark(name))
 
 
@@ -115,7 +113,8 @@ class RawStreamEndpoint(_WebSocketEndpoint):
             self._sender.control(message)
 
     def mark(self, name: str) -> None:
-        """Vonage only (``notify``); elsewhere there is no way to learn what has played."""
+        """Vonage only (``notify``); elsewhere there is no way to learn what has played. Not
+        called by the call yet, as ``JsonStreamEndpoint.mark``."""
         message = self._out.mark(name)
         if message is not None:
             self._sender.control(message)

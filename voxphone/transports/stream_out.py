@@ -68,13 +68,6 @@ class JsonStreamOut:
         return _text({"event": "clear", **self._sid})
 
 
-def parse_mark(message: dict[str, Any]) -> str | None:
-    """The name in a ``mark`` the provider echoes back (Twilio, Telnyx), or None."""
-    mark = message.get("mark")
-    name = mark.get("name") if isinstance(mark, dict) else None
-    return name if isinstance(name, str) else None
-
-
 def slin_frame(pcm: Pcm) -> bytes:
     """int16 mono PCM as signed 16-bit little-endian bytes (Vonage, jambonz, FreeSWITCH)."""
     return np.asarray(pcm, "<i2").tobytes()
@@ -109,12 +102,3 @@ class RawStreamOut:
     def hangup(self) -> str | None:
         """jambonz ends ``listen`` on ``disconnect``; the others end when the socket closes."""
         return _text({"type": "disconnect"}) if self.dialect == "jambonz" else None
-
-
-def vonage_notified_mark(message: dict[str, Any]) -> str | None:
-    """The mark name in a ``websocket:notify`` event answering ``RawStreamOut.mark``."""
-    if message.get("event") != "websocket:notify":
-        return None
-    payload = message.get("payload")
-    name = payload.get("mark") if isinstance(payload, dict) else None
-    return name if isinstance(name, str) else None
