@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import json
 import socket
+import sys
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -340,3 +341,37 @@ async def test_the_caller_barges_in_on_the_bot(
     last_bot_packet = max(t for t, p in caller.received if p.payload_type == 0)
     late_ms = (last_bot_packet - (caller.started + onset_s)) * 1000
     assert 0 < late_ms <= 200, f"the bot went on {late_ms:.0f} ms after the caller spoke"
+
+
+async def test_voxphone_call_records_what_the_bot_says(
+    receiver: WebhookReceiver, speech: dict[str, Speech], tmp_path: Path, decoder: object
+) -> None:
+    """`voxphone call --record`: the CLI caller (first-packet mode, PCMA) writes the played
+    speech to a WAV that pocketsphinx understands, and reports the digits it was sent."""
+    out = tmp_path / "reply.wav"
+    async with (
+        running_serve(tmp_path, receiver, n_ports=2) as srv,
+        aiohttp.ClientSession() as http,
+    ):
+        base = f"http://127.0.0.1:{srv.http_port}"
+        caller = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "voxphone", "call", str(speech["order"].path),
+            "--to", f"127.0.0.1:{srv.rtp_ports[0]}", "--codec", "pcma",
+            "--record", str(out), "--hold", "5", stdout=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        await until(lambda: bool(calls_of(receiver)), 20)  # call.started delivered
+        (call_id,) = calls_of(receiver)
+        wav = speech["callback"].path.read_bytes()
+        async with http.post(
+            f"{base}/v1/calls/{call_id}/play", data=wav, headers={"Content-Type": "audio/wav"}
+        ) as r:
+            assert r.status == 202, await r.text()
+        await until(lambda: "playback.finished" in types_of(receiver, call_id), 20)
+        async with http.post(f"{base}/v1/calls/{call_id}/dtmf", json={"digits": "7"}) as r:
+            assert r.status == 202
+        stdout, _ = await caller.communicate()
+        assert caller.returncode == 0
+    report = json.loads(stdout)["recorded"]
+    assert report["file"] == str(out) and report["packets"] > 100 and report["dtmf"] == "7"
+    heard = hear(read_audio(out, SAMPLE_RATE), decoder)
+    assert overlap(speech["callback"].text, heard) >= 0.5, heard
