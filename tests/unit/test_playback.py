@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import Speech
+from tests.hooks import until
 from tests.unit.test_call import ScriptedEngine, ScriptedStream
 from voxphone.audio.codecs import L16_16K
 from voxphone.audio.files import read_audio
@@ -211,12 +212,12 @@ async def test_the_registry_paces_every_call_on_one_clock() -> None:
         assert call is not None
         call.play(tone(200), RATE)
         calls.append(call)
-    await asyncio.sleep(0.3)
+    await until(lambda: all(len(ep.frames) == 10 for ep in endpoints), 10)
     for ep in endpoints:
         times = [t for t, _, _ in ep.frames]
-        assert len(times) == 10
-        gaps = np.diff(times[1:])  # after the immediate first frame, the shared 20 ms grid
-        assert abs(float(np.mean(gaps)) - 0.020) < 0.003
+        # After the immediate first frame, the shared grid: absolute, so a late tick is
+        # caught up by the next and the mean gap stays 20 ms even on a busy machine.
+        assert abs((times[-1] - times[1]) / 8 - 0.020) < 0.004
     assert registry.ticker.ticks >= 9 and not registry.ticker.playouts
     for call in calls:
         call.end("hangup")
