@@ -26,6 +26,7 @@ from voxphone.http import talkback
 from voxphone.http import webrtc as webrtc_http
 from voxphone.http.api import PROBLEMS, create_app
 from voxphone.http.calls import add_routes
+from voxphone.playback import BargeIn
 from voxphone.transports.asterisk import AudioSocketServer, chan_websocket
 from voxphone.transports.mediastream import (
     STEREO_BOTH,
@@ -49,6 +50,11 @@ class EventLog:
         log.debug("event", type=event.type, call_id=event.call_id, seq=event.seq, data=event.data)
 
 
+def _barge_in(config: Config) -> BargeIn | None:
+    play = config.playback
+    return BargeIn(play.barge_in_vad_mode, play.barge_in_onset_ms) if play.barge_in else None
+
+
 class App:
     """The running service. ``start`` brings everything up in dependency order, ``stop`` drains."""
 
@@ -67,6 +73,7 @@ class App:
             config.calls.max_concurrent,
             config.rtp.max_gap_s,
             config.calls.max_duration_s,
+            _barge_in(config),
         )
         self.webrtc = (
             WebRtcGateway(self.registry, config.webrtc, self.clock)

@@ -23,12 +23,20 @@ import structlog
 
 from voxphone.audio.codecs import Codec, Pcm
 from voxphone.audio.pipeline import AudioPipeline
+from voxphone.audio.vad import SpeechOnset
 from voxphone.clock import Clock
 from voxphone.engines.base import Engine, EngineStream, TranscriptChunk
 from voxphone.errors import DecodeError, EngineError, PlaybackError
 from voxphone.events import model as ev
 from voxphone.events.model import EventSequencer, EventSink
-from voxphone.playback import MediaEndpoint, OutboundStream, Playback, Playout, PlayoutTicker
+from voxphone.playback import (
+    BargeIn,
+    MediaEndpoint,
+    OutboundStream,
+    Playback,
+    Playout,
+    PlayoutTicker,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -71,6 +79,7 @@ class Call:
         channel: int | None = None,
         ticker: PlayoutTicker | None = None,
         endpoint: MediaEndpoint | None = None,
+        barge_in: BargeIn | None = None,
     ) -> None:
         self._max_duration_s = max_duration_s
         #: Which channel of a stereo stream this call transcribes (stamped on every event).
@@ -120,6 +129,8 @@ class Call:
         #: attached its endpoint (``attach_endpoint``); None for a call that can only listen.
         self._ticker = ticker
         self.playout: Playout | None = None
+        self._barge_in = barge_in
+        self._onset: SpeechOnset | None = None
         if endpoint is not None:
             self.attach_endpoint(endpoint)
 
@@ -185,6 +196,8 @@ class Call:
             self._ticker = PlayoutTicker()
         self.playout = Playout(endpoint, self._publish, self._ticker)
         self.hangup = endpoint.hangup
+        if self._barge_in is not None:
+            self.pipeline.tap = self._listen
         if self.end_reason is not None:
             self.playout.stop("hangup")
 
@@ -227,6 +240,19 @@ class Call:
     def playing(self) -> bool:
         """Whether bot audio is going out right now (a talkspurt is under way)."""
         return self.playout is not None and self.playout.playing
+
+    def _listen(self, pcm: Pcm, rate: int) -> None:
+        """Barge-in: the caller's audio while the bot talks; at a speech onset, clear."""
+        if not self.playing:
+            if self._onset is not None:
+                self._onset.reset()
+            return
+        if self._onset is None or self._onset.in_rate != rate:
+            assert self._barge_in is not None
+            self._onset = SpeechOnset(rate, self._barge_in.vad_mode, self._barge_in.onset_ms)
+        if self._onset.feed(pcm) and self.playout is not None:
+            self._log.info("barge_in")
+            self.playout.clear("barge_in")
 
     def _stop_playout(self) -> None:
         if self.playout is not None:
@@ -519,8 +545,11 @@ class CallRegistry:
         max_concurrent: int,
         max_gap_s: float,
         max_duration_s: float | None = None,
+        barge_in: BargeIn | None = None,
     ) -> None:
         self._max_duration_s = max_duration_s
+        #: Barge-in settings every call gets (None: off).
+        self.barge_in = barge_in
         self.engine = engine
         self._sink = sink
         self.clock = clock
@@ -565,6 +594,7 @@ class CallRegistry:
             channel=channel,
             ticker=self.ticker,
             endpoint=endpoint,
+            barge_in=self.barge_in,
         )
         self.calls[call.call_id] = call
         self._idle.clear()

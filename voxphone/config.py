@@ -233,9 +233,10 @@ class PlaybackConfig(_Section):
     #: Clear the bot's audio when the caller starts speaking over it
     #: (``playback.cleared{reason: "barge_in"}``).
     barge_in: bool = False
-    #: Speech onset for barge-in: inbound RMS (dBFS) above this for ``barge_in_onset_ms``.
-    barge_in_threshold_dbfs: float = Field(-35.0, ge=-90, le=0)
-    barge_in_onset_ms: int = Field(60, ge=10, le=180)
+    #: Speech onset for barge-in: WebRTC VAD aggressiveness (0-3; 3 rejects the most noise)
+    #: and how long speech must last (ms, in 20 ms steps) before the bot is cleared.
+    barge_in_vad_mode: int = Field(3, ge=0, le=3)
+    barge_in_onset_ms: int = Field(60, ge=20, le=160, multiple_of=20)
     #: The largest clip ``play`` accepts, as uploaded or fetched (bytes).
     max_clip_bytes: int = Field(20_000_000, ge=1024)
     #: Fetching ``{"url": ...}`` gives up after this long.

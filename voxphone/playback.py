@@ -78,6 +78,16 @@ DTMF_GAP_MS: Final = 60
 MAX_LATE_S: Final = 0.1
 
 
+@dataclass(frozen=True)
+class BargeIn:
+    """Barge-in (``[playback] barge_in``): clear the bot's audio when the caller starts
+    speaking over it. ``vad_mode``: WebRTC VAD aggressiveness 0-3; ``onset_ms``: speech this
+    long (20 ms steps) is an onset (``voxphone.audio.vad``)."""
+
+    vad_mode: int = 3
+    onset_ms: int = 60
+
+
 class MediaEndpoint(Protocol):
     """A transport's way back to the caller; see the module docstring for the exact contract."""
 

@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import json
 import socket
+import sys
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,6 +57,7 @@ class Caller:
     sock: socket.socket
     target: tuple[str, int]
     received: list[tuple[float, RtpPacket]] = field(default_factory=list)
+    started: float = 0.0  # when its first packet was sent (loop time)
 
     def audio(self, codec: Codec, payload_type: int) -> np.ndarray:
         """The audio packets received, in sequence order, decoded and resampled to 16 kHz."""
@@ -69,7 +71,10 @@ class Caller:
 
 
 @contextlib.asynccontextmanager
-async def calling(rtp_port: int, seconds: float) -> AsyncIterator[Caller]:
+async def calling(
+    rtp_port: int, seconds: float, says: np.ndarray | None = None
+) -> AsyncIterator[Caller]:
+    """A caller sending ``says`` (8 kHz PCMU), else silence, for ``seconds`` in all."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     sock.bind(("127.0.0.1", 0))
     sock.setblocking(False)
@@ -81,8 +86,11 @@ async def calling(rtp_port: int, seconds: float) -> AsyncIterator[Caller]:
             data = await loop.sock_recv(sock, 2048)
             caller.received.append((loop.time(), parse_rtp(data)))
 
-    silence = np.zeros(int(8000 * seconds), np.int16)
-    sending = asyncio.create_task(send_rtp(rtp_packets(silence, PCMU), caller.target, sock=sock))
+    audio = np.zeros(int(8000 * seconds), np.int16)
+    if says is not None:
+        audio[: says.size] = says[: audio.size]
+    caller.started = loop.time()
+    sending = asyncio.create_task(send_rtp(rtp_packets(audio, PCMU), caller.target, sock=sock))
     receiving = asyncio.create_task(receive())
     try:
         yield caller
@@ -300,3 +308,70 @@ async def test_the_api_refuses_precisely(
             assert r.status == 410
     cleared = [e["data"] for e in calls_of(receiver)[call_id] if e["type"] == "playback.cleared"]
     assert [c["reason"] for c in cleared] == ["api"]  # the URL's clip, cleared by the API
+
+
+async def test_the_caller_barges_in_on_the_bot(
+    receiver: WebhookReceiver, speech: dict[str, Speech], tmp_path: Path
+) -> None:
+    """Two flite voices over real RTP: the bot (slt) is cleared within 200 ms of the caller
+    (rms) starting to speak, counted from the packet that carried the onset."""
+    words = read_audio(speech["order"].path, 8000)
+    says = np.concatenate([np.zeros(8000 * 3 // 2, np.int16), words])
+    onset_s = (8000 * 3 // 2 + int(np.argmax(np.abs(words) > 100))) // 160 * 0.02  # -50 dBFS
+    async with (
+        running_serve(tmp_path, receiver, n_ports=2, VOXPHONE_PLAYBACK__BARGE_IN="true") as srv,
+        aiohttp.ClientSession() as http,
+    ):
+        base = f"http://127.0.0.1:{srv.http_port}"
+        call = await create_call(http, base)
+        call_id = call["call_id"]
+        async with calling(call["rtp_port"], 8, says) as caller:
+            await asyncio.sleep(0.3)
+            wav = speech["callback"].path.read_bytes()
+            async with http.post(
+                f"{base}/v1/calls/{call_id}/play", data=wav, headers={"Content-Type": "audio/wav"}
+            ) as r:
+                assert r.status == 202, await r.text()
+            await until(lambda: "playback.cleared" in types_of(receiver, call_id), 20)
+            async with http.delete(f"{base}/v1/calls/{call_id}") as r:
+                assert r.status == 204
+            await receiver.wait_ended(1, timeout_s=30)
+    cleared = next(e for e in calls_of(receiver)[call_id] if e["type"] == "playback.cleared")
+    assert cleared["data"]["reason"] == "barge_in"
+    last_bot_packet = max(t for t, p in caller.received if p.payload_type == 0)
+    late_ms = (last_bot_packet - (caller.started + onset_s)) * 1000
+    assert 0 < late_ms <= 200, f"the bot went on {late_ms:.0f} ms after the caller spoke"
+
+
+async def test_voxphone_call_records_what_the_bot_says(
+    receiver: WebhookReceiver, speech: dict[str, Speech], tmp_path: Path, decoder: object
+) -> None:
+    """`voxphone call --record`: the CLI caller (first-packet mode, PCMA) writes the played
+    speech to a WAV that pocketsphinx understands, and reports the digits it was sent."""
+    out = tmp_path / "reply.wav"
+    async with (
+        running_serve(tmp_path, receiver, n_ports=2) as srv,
+        aiohttp.ClientSession() as http,
+    ):
+        base = f"http://127.0.0.1:{srv.http_port}"
+        caller = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "voxphone", "call", str(speech["order"].path),
+            "--to", f"127.0.0.1:{srv.rtp_ports[0]}", "--codec", "pcma",
+            "--record", str(out), "--hold", "5", stdout=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        await until(lambda: bool(calls_of(receiver)), 20)  # call.started delivered
+        (call_id,) = calls_of(receiver)
+        wav = speech["callback"].path.read_bytes()
+        async with http.post(
+            f"{base}/v1/calls/{call_id}/play", data=wav, headers={"Content-Type": "audio/wav"}
+        ) as r:
+            assert r.status == 202, await r.text()
+        await until(lambda: "playback.finished" in types_of(receiver, call_id), 20)
+        async with http.post(f"{base}/v1/calls/{call_id}/dtmf", json={"digits": "7"}) as r:
+            assert r.status == 202
+        stdout, _ = await caller.communicate()
+        assert caller.returncode == 0
+    report = json.loads(stdout)["recorded"]
+    assert report["file"] == str(out) and report["packets"] > 100 and report["dtmf"] == "7"
+    heard = hear(read_audio(out, SAMPLE_RATE), decoder)
+    assert overlap(speech["callback"].text, heard) >= 0.5, heard

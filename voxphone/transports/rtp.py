@@ -141,8 +141,12 @@ class RtpPort(asyncio.DatagramProtocol):
     def _unbound(self, data: bytes, addr: Address) -> None:
         self._count(None, "unbound_send")
 
-    def remote_of(self, call: Call) -> Address | None:
-        """Where ``call``'s caller is: its latched source, else the address its SDP named."""
+    def remote_of(self, call: Call, last: Address | None = None) -> Address | None:
+        """Where ``call``'s caller is: its latched source (``last``, when that is still it,
+        without a search), else the address its SDP named; None before either is known."""
+        source = self.sources.get(last) if last is not None else None
+        if source is not None and source.call is call:
+            return last
         addr = next((a for a, s in self.sources.items() if s.call is call), None)
         if addr is not None:
             return addr

@@ -32,8 +32,9 @@ END_REPEATS = 3
 class RtpEndpoint:
     """The way back from one call to its RTP caller.
 
-    ``transmit(datagram, address)`` sends from the call's port; ``remote()`` is where the
-    caller is now (None: nowhere yet — audio is counted ``no_remote`` and not sent);
+    ``transmit(datagram, address)`` sends from the call's port; ``remote(last)`` is where the
+    caller is now, given where it was last time (None: nowhere yet — audio is counted
+    ``no_remote`` and not sent);
     ``hang_up(reason)`` stops the call's media (the port's ``hang_up``).
     """
 
@@ -44,7 +45,7 @@ class RtpEndpoint:
         payload_type: int,
         telephone_event_pt: int | None,
         transmit: Callable[[bytes, Address], None],
-        remote: Callable[[], Address | None],
+        remote: Callable[[Address | None], Address | None],
         hang_up: Callable[[str], None],
     ) -> None:
         self.call = call
@@ -56,7 +57,8 @@ class RtpEndpoint:
         frame = codec.clock_rate * FRAME_MS // 1000
         self.sender = RtpSender(payload_type, codec.clock_rate, frame)
         self._transmit = transmit
-        self._remote = remote
+        self._find = remote
+        self._last: Address | None = None
         self._hang_up = hang_up
         self._in_event = False
         self._restart = False  # the next audio packet starts a talkspurt (after an event)
@@ -76,6 +78,10 @@ class RtpEndpoint:
         pkt = self.sender.audio(payload, loop.time(), first or self._restart)
         self._restart = False
         self._send(pkt, target)
+
+    def _remote(self) -> Address | None:
+        self._last = self._find(self._last)
+        return self._last
 
     def clear(self) -> None:
         """Nothing to drop: sent packets are gone and RTP has no buffer on this side."""
