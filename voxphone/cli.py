@@ -147,6 +147,19 @@ def _parser() -> argparse.ArgumentParser:
     whip.add_argument("--url", default="http://127.0.0.1:8080/v1/whip", help="[%(default)s]")
     whip.add_argument("--codec", choices=["opus", "pcmu", "pcma", "g722"], default="opus")
     whip.add_argument("--token", help="the service's http.token, if it has one")
+    whip.add_argument(
+        "--record",
+        metavar="FILE",
+        type=Path,
+        help="offer sendrecv and write what the service sends back (bot audio) to this WAV",
+    )
+    whip.add_argument(
+        "--hold",
+        metavar="SECONDS",
+        type=float,
+        default=0.0,
+        help="stay on the line this long after the file, sending silence [0]",
+    )
     whip.set_defaults(run=_whip)
 
     rx = sub.add_parser(
@@ -365,8 +378,18 @@ async def _send_call(
 def _whip(args: argparse.Namespace) -> int:
     from voxphone.whip_client import play
 
-    for event in asyncio.run(play(args.url, args.file, args.codec, args.token)):
+    if not 0 <= args.hold <= 3600:
+        raise ConfigError(f"--hold: {args.hold:g} s is not from 0 to 3600")
+    if args.record is not None and not args.record.parent.is_dir():
+        raise ConfigError(f"--record: folder {args.record.parent} does not exist")
+    record = args.record is not None
+    call = asyncio.run(play(args.url, args.file, args.codec, args.token, record, args.hold))
+    for event in call.events:
         print(json.dumps(event))
+    if call.recorder is not None:  # the last line: what was recorded
+        seconds = round(call.recorder.write_wav(args.record), 3)
+        recorded = {"file": str(args.record), "seconds": seconds, "dtmf": call.digits}
+        print(json.dumps({"recorded": recorded}))
     return 0
 
 

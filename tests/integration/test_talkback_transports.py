@@ -18,9 +18,11 @@ import contextlib
 import json
 import os
 import struct
+import sys
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -33,6 +35,7 @@ from tests.conftest import Speech, free_tcp_port, free_udp_range, overlap
 from tests.hooks import until
 from voxphone.app import App
 from voxphone.audio.codecs import PCMA, PCMU, Decoder, Pcm
+from voxphone.audio.files import read_audio
 from voxphone.audio.resample import Resampler
 from voxphone.call import Call
 from voxphone.config import Config
@@ -488,3 +491,32 @@ async def test_a_browser_hears_the_bot_on_its_sendrecv_track(
         await pc.close()
         for task in tasks:
             task.cancel()
+
+
+async def test_the_whip_command_records_what_the_bot_says(
+    app: App,
+    http: aiohttp.ClientSession,
+    speech: dict[str, Speech],
+    decoder: object,
+    tmp_path: Path,
+) -> None:
+    """``voxphone whip FILE --record OUT --hold 4``: it offers sendrecv, and the WAV it writes
+    holds what the bot played while the call was up; the keys the bot sent are reported."""
+    out = tmp_path / "bot.wav"
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "voxphone", "whip", str(speech["phone"].path),
+        "--url", f"http://127.0.0.1:{app.config.http.port}/v1/whip",
+        "--record", str(out), "--hold", "4", stdout=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    await until(lambda: len(app.registry.calls) == 1, timeout_s=30)
+    (call_id,) = app.registry.calls
+    agent = bot(http, app, call_id)
+    await agent.play(speech[SAID])
+    assert await agent.dtmf("7") == 202
+    stdout, _ = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 0
+    lines = [json.loads(line) for line in stdout.decode().splitlines()]
+    assert lines[-2]["type"] == "call.ended" and lines[-1]["recorded"]["dtmf"] == "7"
+    assert lines[-1]["recorded"]["seconds"] >= 6  # the file and the hold
+    heard = read_audio(out, 16000)
+    assert overlap(speech[SAID].text, hear(heard, 16000, decoder)) >= 0.6
