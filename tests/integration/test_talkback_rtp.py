@@ -293,13 +293,19 @@ async def test_the_api_refuses_precisely(
         assert code == 202
         code, why = await status("POST", f"{url}/dtmf", json={"digits": "12x"})
         assert code == 400 and "digits" in why, why
+        async with http.post(f"{base}/v1/calls", json={"telephone_event": None}) as r:
+            mute = (await r.json())["call_id"]  # no telephone-event negotiated
+        code, why = await status("POST", f"{base}/v1/calls/{mute}/dtmf", json={"digits": "1"})
+        assert code == 409 and "cannot send DTMF" in why, why
         code, why = await status("GET", f"{url}/audio?rate=7")
         assert code == 400 and "rate" in why, why
         code, body = await status("POST", f"{url}/clear")
         assert code == 200
         async with http.delete(url) as r:
             assert r.status == 204
-        await receiver.wait_ended(1, timeout_s=30)  # published: the registry has let it go
+        async with http.delete(f"{base}/v1/calls/{mute}") as r:
+            assert r.status == 204
+        await receiver.wait_ended(2, timeout_s=30)  # published: the registry has let them go
         code, why = await status("POST", f"{url}/clear")
         assert code == 410 and "has ended" in why, why
         code, why = await status("POST", f"{url}/play", data=wav, headers=wav_h)
