@@ -299,6 +299,14 @@ async def test_the_api_refuses_precisely(
         assert code == 409 and "cannot send DTMF" in why, why
         code, why = await status("GET", f"{url}/audio?rate=7")
         assert code == 400 and "rate" in why, why
+        async with http.ws_connect(f"{url}/audio?rate=8000") as ws:
+            await ws.send_bytes(bytes(2 * 8000 * 61))  # a TTS far ahead of real time
+            await ws.send_bytes(bytes(320))
+            async with asyncio.timeout(10):
+                reply = json.loads((await ws.receive()).data)
+                while "error" not in reply:  # the call's events come first
+                    reply = json.loads((await ws.receive()).data)
+            assert "over 60 s of audio queued" in reply["error"], reply
         code, body = await status("POST", f"{url}/clear")
         assert code == 200
         async with http.delete(url) as r:
@@ -313,7 +321,11 @@ async def test_the_api_refuses_precisely(
         async with http.delete(url) as r:
             assert r.status == 410
     cleared = [e["data"] for e in calls_of(receiver)[call_id] if e["type"] == "playback.cleared"]
-    assert [c["reason"] for c in cleared] == ["api"]  # the URL's clip, cleared by the API
+    # The URL's clip and the socket's minute of audio, cleared by the API; the frame over the
+    # limit counted.
+    assert [c["reason"] for c in cleared] == ["api", "api"]
+    ended = calls_of(receiver)[call_id][-1]["data"]
+    assert ended["stats"]["dropped"] == {"audio_over_limit": 1}
 
 
 async def test_the_caller_barges_in_on_the_bot(
