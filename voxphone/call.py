@@ -244,8 +244,7 @@ class Call:
     def _listen(self, pcm: Pcm, rate: int) -> None:
         """Barge-in: the caller's audio while the bot talks; at a speech onset, clear."""
         if not self.playing:
-            if self._onset is not None:
-                self._onset.reset()
+            self._onset = None  # the next talkspurt counts afresh (and idle calls cost nothing)
             return
         if self._onset is None or self._onset.in_rate != rate:
             assert self._barge_in is not None

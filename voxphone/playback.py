@@ -250,6 +250,11 @@ class Playout:
         """Whether a talkspurt is under way (for barge-in)."""
         return self.active
 
+    @property
+    def queued_s(self) -> float:
+        """Seconds of audio queued and not yet sent."""
+        return sum(p.buffered for p in self.queue) / self.rate
+
     def _check_dtmf(self, digits: str) -> None:
         bad = [d for d in digits if d.upper() not in DTMF_KEYS]
         if not digits or bad:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import signal
 import socket
 import sys
 from collections.abc import AsyncIterator, Iterator
@@ -19,7 +20,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from tests.conftest import Speech, overlap
+from tests.conftest import Speech, free_udp_range, overlap, require
 from tests.hooks import until
 from tests.integration.test_serve import WebhookReceiver, calls_of, running_serve
 from voxphone.audio.codecs import PCMU, Codec, Decoder, codec_by_name
@@ -293,13 +294,27 @@ async def test_the_api_refuses_precisely(
         assert code == 202
         code, why = await status("POST", f"{url}/dtmf", json={"digits": "12x"})
         assert code == 400 and "digits" in why, why
+        async with http.post(f"{base}/v1/calls", json={"telephone_event": None}) as r:
+            mute = (await r.json())["call_id"]  # no telephone-event negotiated
+        code, why = await status("POST", f"{base}/v1/calls/{mute}/dtmf", json={"digits": "1"})
+        assert code == 409 and "cannot send DTMF" in why, why
         code, why = await status("GET", f"{url}/audio?rate=7")
         assert code == 400 and "rate" in why, why
+        async with http.ws_connect(f"{url}/audio?rate=8000") as ws:
+            await ws.send_bytes(bytes(2 * 8000 * 61))  # a TTS far ahead of real time
+            await ws.send_bytes(bytes(320))
+            async with asyncio.timeout(10):
+                reply = json.loads((await ws.receive()).data)
+                while "error" not in reply:  # the call's events come first
+                    reply = json.loads((await ws.receive()).data)
+            assert "over 60 s of audio queued" in reply["error"], reply
         code, body = await status("POST", f"{url}/clear")
         assert code == 200
         async with http.delete(url) as r:
             assert r.status == 204
-        await receiver.wait_ended(1, timeout_s=30)  # published: the registry has let it go
+        async with http.delete(f"{base}/v1/calls/{mute}") as r:
+            assert r.status == 204
+        await receiver.wait_ended(2, timeout_s=30)  # published: the registry has let them go
         code, why = await status("POST", f"{url}/clear")
         assert code == 410 and "has ended" in why, why
         code, why = await status("POST", f"{url}/play", data=wav, headers=wav_h)
@@ -307,7 +322,11 @@ async def test_the_api_refuses_precisely(
         async with http.delete(url) as r:
             assert r.status == 410
     cleared = [e["data"] for e in calls_of(receiver)[call_id] if e["type"] == "playback.cleared"]
-    assert [c["reason"] for c in cleared] == ["api"]  # the URL's clip, cleared by the API
+    # The URL's clip and the socket's minute of audio, cleared by the API; the frame over the
+    # limit counted.
+    assert [c["reason"] for c in cleared] == ["api", "api"]
+    ended = calls_of(receiver)[call_id][-1]["data"]
+    assert ended["stats"]["dropped"] == {"audio_over_limit": 1}
 
 
 async def test_the_caller_barges_in_on_the_bot(
@@ -375,3 +394,52 @@ async def test_voxphone_call_records_what_the_bot_says(
     assert report["file"] == str(out) and report["packets"] > 100 and report["dtmf"] == "7"
     heard = hear(read_audio(out, SAMPLE_RATE), decoder)
     assert overlap(speech["callback"].text, heard) >= 0.5, heard
+
+
+async def test_ffmpeg_as_the_receiver_decodes_what_voxphone_sends(
+    receiver: WebhookReceiver, speech: dict[str, Speech], tmp_path: Path, decoder: object
+) -> None:
+    """An independent RTP stack checks the packets: ffmpeg listens where an SDP offer says the
+    caller is; before any media has latched a source, voxphone sends there (the offer's
+    address), and ffmpeg's RTP demuxer and G.711 decoder give back the words."""
+    port = free_udp_range(2)[0]  # ffmpeg binds RTP and RTCP (port + 1)
+    (tmp_path / "recv.sdp").write_text(
+        "v=0\r\no=- 0 0 IN IP4 127.0.0.1\r\ns=caller\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\n"
+        f"m=audio {port} RTP/AVP 8\r\na=rtpmap:8 PCMA/8000\r\n"
+    )
+    out = tmp_path / "heard.wav"
+    ffmpeg = await asyncio.create_subprocess_exec(
+        require("ffmpeg"), "-loglevel", "error", "-protocol_whitelist", "file,udp,rtp",
+        "-i", str(tmp_path / "recv.sdp"), "-ar", "16000", "-y", str(out),
+        stdin=asyncio.subprocess.DEVNULL,
+    )  # fmt: skip
+    offer = (
+        "v=0\r\no=- 1 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\n"
+        f"m=audio {port} RTP/AVP 8 101\r\na=rtpmap:101 telephone-event/8000\r\na=sendrecv\r\n"
+    )
+    try:
+        async with (
+            running_serve(tmp_path, receiver, n_ports=2) as srv,
+            aiohttp.ClientSession() as http,
+        ):
+            base = f"http://127.0.0.1:{srv.http_port}"
+            async with http.post(
+                f"{base}/v1/calls", data=offer, headers={"Content-Type": "application/sdp"}
+            ) as r:
+                assert r.status == 201, await r.text()
+                assert "a=sendrecv" in (await r.text()).split("\r\n")
+                call_id = r.headers["X-Call-Id"]
+            await asyncio.sleep(0.5)  # ffmpeg is listening
+            wav = speech["phone"].path.read_bytes()
+            async with http.post(
+                f"{base}/v1/calls/{call_id}/play", data=wav, headers={"Content-Type": "audio/wav"}
+            ) as r:
+                assert r.status == 202, await r.text()
+            await until(lambda: "playback.finished" in types_of(receiver, call_id), 20)
+            async with http.delete(f"{base}/v1/calls/{call_id}") as r:
+                assert r.status == 204
+    finally:
+        ffmpeg.send_signal(signal.SIGINT)  # ffmpeg finishes the WAV and exits
+        await asyncio.wait_for(ffmpeg.wait(), 10)
+    heard = hear(read_audio(out, SAMPLE_RATE), decoder)
+    assert overlap(speech["phone"].text, heard) >= 0.5, heard

@@ -267,3 +267,25 @@ async def test_barge_in_is_off_unless_configured(speech: dict[str, Speech]) -> N
     call, _, ticker, _ = talking()
     call.play(tone(5000), RATE)  # longer than the caller's sentence
     assert interrupt(call, ticker, read_audio(speech["order"].path, 16000)) is None
+
+
+class BrokenEndpoint(MemoryEndpoint):
+    """Breaks the contract: ``send`` raises."""
+
+    def send(self, pcm: np.ndarray, first: bool) -> None:
+        if not first:
+            raise RuntimeError("socket gone")
+        super().send(pcm, first)
+
+
+async def test_one_broken_endpoint_does_not_silence_the_others() -> None:
+    sink = capture_events()
+    ticker = PlayoutTicker(autostart=False)
+    good, bad = MemoryEndpoint(sample_rate=RATE), BrokenEndpoint(sample_rate=RATE)
+    for i, ep in enumerate((bad, good)):
+        call = Call(f"c{i}", L16_16K, sink, SystemClock(), transport="test", ticker=ticker)
+        call.attach_endpoint(ep)
+        call.play(tone(100), RATE)
+    for _ in range(6):
+        ticker.tick()
+    assert len(good.frames) == 5 and len(bad.frames) == 1

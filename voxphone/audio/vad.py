@@ -59,8 +59,3 @@ class SpeechOnset:
                 self._run = 0
         self._buffer = buffer[pos:].copy()
         return onset
-
-    def reset(self) -> None:
-        """Forget the run of speech (playback stopped: the next onset counts afresh)."""
-        self._run = 0
-        self._buffer = np.zeros(0, np.int16)

@@ -58,6 +58,10 @@ LIMITS = web.AppKey("talkback_limits", TalkbackLimits)
 STREAM_RATES = (8000, 12000, 16000, 22050, 24000, 32000, 44100, 48000)
 #: Uploads of at least this many bytes are decoded in a worker thread, not on the loop.
 THREAD_DECODE_BYTES = 64_000
+#: The audio socket refuses audio while this much (s) is queued and not yet played (answered
+#: and counted as ``audio_over_limit``): memory stays bounded however fast a TTS sends.
+MAX_AHEAD_S = 60.0
+OVER_LIMIT = f"over {MAX_AHEAD_S:g} s of audio queued: frame dropped; send nearer real time"
 
 
 class PlayUrl(BaseModel):
@@ -227,6 +231,7 @@ async def audio_socket(request: web.Request) -> web.StreamResponse:
         stream = call.open_audio_stream(int(rate_text))
     except PlaybackError as exc:
         return _refused(call, exc)
+    assert call.playout is not None
     svc = request.app[EVENTS]
     after = await head(svc.outbox)
     ws = web.WebSocketResponse(heartbeat=15)
@@ -243,7 +248,10 @@ async def audio_socket(request: web.Request) -> web.StreamResponse:
                 cut = len(data) - len(data) % 2
                 odd = data[cut:]
                 pcm: Pcm = np.frombuffer(data[:cut], "<i2").astype(np.int16)
-                if not _use(functools.partial(stream.write, pcm)):
+                if call.playout.queued_s > MAX_AHEAD_S:
+                    call.count_dropped("audio_over_limit")
+                    await ws.send_json({"error": OVER_LIMIT})
+                elif not _use(functools.partial(stream.write, pcm)):
                     break
             elif msg.type == aiohttp.WSMsgType.TEXT and not await _control(
                 ws, call, stream, msg.data
