@@ -24,9 +24,9 @@ from voxphone.transports.asterisk_out import (
 )
 from voxphone.transports.ws_sender import WebSocketSender
 
-#: Bytes AudioSocket may have waiting in the TCP send buffer before frames are dropped
-#: (1 s of 8 kHz slin: Asterisk, or the network to it, is not reading).
-MAX_AUDIOSOCKET_BACKLOG = 16_000
+#: Audio AudioSocket may have waiting in the TCP send buffer before frames are dropped, in
+#: seconds (Asterisk, or the network to it, is not reading).
+MAX_AUDIOSOCKET_BACKLOG_S = 1.0
 
 
 class AudioSocketEndpoint:
@@ -42,6 +42,7 @@ class AudioSocketEndpoint:
         self._writer = writer
         self._end = end
         self._rate = call.codec.sample_rate
+        self._max_backlog = int(2 * self._rate * MAX_AUDIOSOCKET_BACKLOG_S)  # slin: 2 bytes
 
     @property
     def sample_rate(self) -> int:
@@ -50,7 +51,7 @@ class AudioSocketEndpoint:
     def send(self, pcm: Pcm, first: bool) -> None:
         if self._writer.is_closing():
             return
-        if self._writer.transport.get_write_buffer_size() > MAX_AUDIOSOCKET_BACKLOG:
+        if self._writer.transport.get_write_buffer_size() > self._max_backlog:
             self._call.count_dropped("outbound_backlog")
             return
         self._writer.write(audiosocket_audio(pcm, self._rate))
