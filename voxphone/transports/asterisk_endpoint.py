@@ -22,7 +22,7 @@ from voxphone.transports.asterisk_out import (
     audiosocket_hangup,
     ws_command,
 )
-from voxphone.transports.ws_sender import WebSocketSender
+from voxphone.transports.ws_sender import WebSocketEndpoint, WebSocketSender, sender_for
 
 #: Audio AudioSocket may have waiting in the TCP send buffer before frames are dropped, in
 #: seconds (Asterisk, or the network to it, is not reading).
@@ -72,12 +72,10 @@ class AudioSocketEndpoint:
                 self._writer.write_eof()
 
 
-class ChanWebsocketEndpoint:
+class ChanWebsocketEndpoint(WebSocketEndpoint):
     """Media in the channel's format as BINARY frames; ``FLUSH_MEDIA`` on clear; ``HANGUP``
     then close on hang-up. Commands use the channel's control format (plain or JSON), which is
     known once ``MEDIA_START`` has come (``json_style`` is asked each time)."""
-
-    can_send_dtmf = False
 
     def __init__(
         self,
@@ -86,21 +84,12 @@ class ChanWebsocketEndpoint:
         end: Callable[[str], None],
         json_style: Callable[[], bool],
     ) -> None:
-        self._call = call
-        self._sender = sender
-        self._end = end
+        super().__init__(call, sender, end, call.codec.sample_rate)
         self._json = json_style
         codec = call.codec
-        self._rate = codec.sample_rate
-        self._slin = codec.ffmpeg_name == "pcm_s16le"
-        self._encoder = None if self._slin else Encoder(codec)
+        self._encoder = None if codec.ffmpeg_name == "pcm_s16le" else Encoder(codec)
         #: Opus runs in passthrough mode: Asterisk neither buffers nor flushes.
         self._passthrough = codec.ffmpeg_name == "opus"
-        self._closing: asyncio.Task[None] | None = None  # held: the loop keeps weak references
-
-    @property
-    def sample_rate(self) -> int:
-        return self._rate
 
     def send(self, pcm: Pcm, first: bool) -> None:
         if self._encoder is None:
@@ -113,16 +102,9 @@ class ChanWebsocketEndpoint:
         if not self._passthrough:
             self._sender.control(ws_command("FLUSH_MEDIA", self._json()))
 
-    async def send_dtmf(self, digit: str, duration_ms: int) -> None:
-        raise PlaybackError("chan_websocket cannot send DTMF to the caller")
-
-    def hangup(self, reason: str) -> None:
-        """End the call with ``reason``; ``HANGUP`` hangs the channel up and Asterisk closes
-        the socket; voxphone closes it too, once the command is out."""
-        self._end(reason)
-        if not self._sender.closed:
-            self._sender.control(ws_command("HANGUP", self._json()))
-            self._closing = asyncio.create_task(self._sender.close())
+    def _goodbye(self) -> str:
+        """``HANGUP`` hangs the channel up (Asterisk then closes the socket too)."""
+        return ws_command("HANGUP", self._json())
 
 
 def attach_chan_websocket(
@@ -132,6 +114,6 @@ def attach_chan_websocket(
     json_style: Callable[[], bool],
 ) -> WebSocketSender:
     """Give a chan_websocket call its way back on ``ws``; returns the sender to stop."""
-    sender = WebSocketSender(ws, lambda n: call.count_dropped("outbound_backlog", n))
+    sender = sender_for(call, ws)
     call.attach_endpoint(ChanWebsocketEndpoint(call, sender, end, json_style))
     return sender

@@ -13,61 +13,17 @@ jambonz is first told ``disconnect`` (ends the ``listen``).
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Callable
 
 from aiohttp import web
 
 from voxphone.audio.codecs import Pcm
 from voxphone.call import Call
-from voxphone.errors import PlaybackError
 from voxphone.transports.stream_out import JsonStreamOut, RawStreamOut
-from voxphone.transports.ws_sender import WebSocketSender
+from voxphone.transports.ws_sender import WebSocketEndpoint, WebSocketSender, sender_for
 
 
-def sender_for(call: Call, ws: web.WebSocketResponse) -> WebSocketSender:
-    """A sender on ``ws`` that counts audio it must drop on ``call`` (``outbound_backlog``)."""
-    return WebSocketSender(ws, lambda n: call.count_dropped("outbound_backlog", n))
-
-
-class _WebSocketEndpoint:
-    """What every websocket dialect shares: the sender, no DTMF, hang-up by closing."""
-
-    can_send_dtmf = False
-
-    def __init__(
-        self, call: Call, sender: WebSocketSender, end: Callable[[str], None], rate: int
-    ) -> None:
-        self._call = call
-        self._sender = sender
-        self._end = end
-        self._rate = rate
-        self._closing: asyncio.Task[None] | None = None  # held: the loop keeps weak references
-
-    @property
-    def sample_rate(self) -> int:
-        return self._rate
-
-    async def send_dtmf(self, digit: str, duration_ms: int) -> None:
-        raise PlaybackError(f"{self._call.transport} streams cannot send DTMF to the caller")
-
-    def _goodbye(self) -> str | None:
-        """A last control message before the close (jambonz ``disconnect``)."""
-        return None
-
-    def hangup(self, reason: str) -> None:
-        """End the call with ``reason``, then close the socket once what is queued is out."""
-        if self._sender.closed:
-            self._end(reason)
-            return
-        self._end(reason)  # its playout clears first
-        goodbye = self._goodbye()
-        if goodbye is not None:
-            self._sender.control(goodbye)
-        self._closing = asyncio.create_task(self._sender.close())
-
-
-class JsonStreamEndpoint(_WebSocketEndpoint):
+class JsonStreamEndpoint(WebSocketEndpoint):
     """Twilio and Telnyx: ``media`` frames out, ``clear`` on clear, ``mark`` on request."""
 
     def __init__(
@@ -89,7 +45,7 @@ class JsonStreamEndpoint(_WebSocketEndpoint):
         self._sender.control(self._out.mark(name))
 
 
-class RawStreamEndpoint(_WebSocketEndpoint):
+class RawStreamEndpoint(WebSocketEndpoint):
     """Vonage, jambonz, FreeSWITCH and generic L16 streams: BINARY frames out."""
 
     def __init__(

@@ -19,6 +19,9 @@ from collections.abc import Callable
 import structlog
 from aiohttp import web
 
+from voxphone.call import Call
+from voxphone.errors import PlaybackError
+
 log = structlog.get_logger(__name__)
 
 #: Audio messages queued before the oldest is dropped: 1 s of 20 ms frames.
@@ -127,3 +130,48 @@ class WebSocketSender:
         if self._queue:
             self._stop_writing()
         self.closed = True
+
+
+def sender_for(call: Call, ws: web.WebSocketResponse) -> WebSocketSender:
+    """A sender on ``ws`` that counts audio it must drop on ``call`` (``outbound_backlog``)."""
+    return WebSocketSender(ws, lambda n: call.count_dropped("outbound_backlog", n))
+
+
+class WebSocketEndpoint:
+    """What every websocket ``MediaEndpoint`` shares (media streams, chan_websocket): writes
+    through a ``WebSocketSender``, no DTMF, and a hang-up that ends the call, sends the
+    dialect's last word (``_goodbye``) and closes the socket (1000) once what is queued is out.
+    Subclasses give ``send`` and ``clear``."""
+
+    can_send_dtmf = False
+
+    def __init__(
+        self, call: Call, sender: WebSocketSender, end: Callable[[str], None], rate: int
+    ) -> None:
+        self._call = call
+        self._sender = sender
+        self._end = end
+        self._rate = rate
+        self._closing: asyncio.Task[None] | None = None  # held: the loop keeps weak references
+
+    @property
+    def sample_rate(self) -> int:
+        return self._rate
+
+    async def send_dtmf(self, digit: str, duration_ms: int) -> None:
+        raise PlaybackError(f"{self._call.transport} streams cannot send DTMF to the caller")
+
+    def _goodbye(self) -> str | None:
+        """A last control message before the close (jambonz ``disconnect``, Asterisk
+        ``HANGUP``); None for dialects that end with the close alone."""
+        return None
+
+    def hangup(self, reason: str) -> None:
+        """End the call with ``reason``, then say goodbye and close the socket."""
+        self._end(reason)  # its playout clears first (the dialect's clear goes out first)
+        if self._sender.closed:
+            return
+        goodbye = self._goodbye()
+        if goodbye is not None:
+            self._sender.control(goodbye)
+        self._closing = asyncio.create_task(self._sender.close())
