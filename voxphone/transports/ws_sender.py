@@ -6,7 +6,8 @@ queues what the endpoint hands it and writes it from one task. Audio is bounded:
 ``MAX_QUEUED_AUDIO`` messages (a second of 20 ms frames: the peer or the network is not keeping
 up) the oldest is dropped and counted through ``on_drop``; control messages (``clear``, a mark,
 a hang-up command) are never dropped. ``drop_audio`` discards audio not yet written, which is
-what ``clear`` needs before it tells the far end to drop what *it* holds.
+what ``clear`` needs before it tells the far end to drop what *it* holds. ``WebSocketEndpoint``
+is what the websocket ``MediaEndpoint``s (``stream_endpoint``, ``asterisk_endpoint``) share.
 """
 
 from __future__ import annotations
