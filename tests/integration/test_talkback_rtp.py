@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import json
 import socket
+import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
@@ -256,6 +257,17 @@ async def test_streamed_audio_marks_and_events_on_the_audio_socket(
     assert overlap(speech["phone"].text, heard) >= 0.5, heard
 
 
+def _opus_minutes(tmp_path: Path) -> bytes:
+    """Two minutes of silence as 6 kbit/s Opus in Ogg: a small file that decodes long."""
+    out = tmp_path / "long.ogg"
+    subprocess.run(
+        [require("ffmpeg"), "-loglevel", "error", "-f", "lavfi", "-i", "anullsrc=r=48000:cl=mono",
+         "-t", "120", "-c:a", "libopus", "-b:a", "6k", str(out)],
+        check=True,
+    )  # fmt: skip
+    return out.read_bytes()
+
+
 async def test_the_api_refuses_precisely(
     receiver: WebhookReceiver, speech: dict[str, Speech], tmp_path: Path
 ) -> None:
@@ -268,6 +280,7 @@ async def test_the_api_refuses_precisely(
         running_serve(
             tmp_path, receiver, n_ports=2,
             VOXPHONE_PLAYBACK__MAX_CLIP_BYTES=str(len(wav) + 10),
+            VOXPHONE_PLAYBACK__MAX_CLIP_S="4",
             VOXPHONE_WEBHOOK__ALLOWED_HOSTS=json.dumps([f"127.0.0.1:{server.port}", "127.0.0.1"]),
         ) as srv,
         aiohttp.ClientSession() as http,
@@ -290,6 +303,10 @@ async def test_the_api_refuses_precisely(
         assert code == 415 and "Invalid data found" in why and "Errno" not in why, why
         code, why = await status("POST", f"{url}/play", data=wav + bytes(100), headers=wav_h)
         assert code == 413 and "playback.max_clip_bytes" in why, why
+        long_wav = speech["order"].path.read_bytes()  # 3.7 s of 16 kHz, under 4 s
+        assert (await status("POST", f"{url}/play", data=long_wav, headers=wav_h))[0] == 202
+        code, why = await status("POST", f"{url}/play", data=_opus_minutes(tmp_path), headers={})
+        assert code == 413 and "longer than 4 s" in why and "max_clip_s" in why, why
         code, why = await status("POST", f"{url}/play", data=b"", headers=wav_h)
         assert code == 400 and "empty" in why, why
         code, why = await status(
@@ -343,9 +360,9 @@ async def test_the_api_refuses_precisely(
         async with http.delete(url) as r:
             assert r.status == 410
     cleared = [e["data"] for e in calls_of(receiver)[call_id] if e["type"] == "playback.cleared"]
-    # The URL's clip and the socket's minute of audio, cleared by the API; the frame over the
-    # limit counted.
-    assert [c["reason"] for c in cleared] == ["api", "api"]
+    # The clip under 4 s, the URL's and the socket's minute of audio, cleared by the API; the
+    # frame over the limit counted.
+    assert [c["reason"] for c in cleared] == ["api", "api", "api"]
     ended = calls_of(receiver)[call_id][-1]["data"]
     assert ended["stats"]["dropped"] == {"audio_over_limit": 1}
 
