@@ -118,7 +118,9 @@ class App:
         add_routes(app, self.rtp, self._advertise_host(), self.events)
         events_api.add_routes(app, self.events)
         play = self.config.playback
-        talkback.add_routes(app, talkback.TalkbackLimits(play.max_clip_bytes, play.fetch_timeout_s))
+        talkback.add_routes(
+            app, talkback.TalkbackLimits(play.max_clip_bytes, play.max_clip_s, play.fetch_timeout_s)
+        )
         self.metrics.start(app, self.events, self.registry, self.rtp.totals)
         app[PROBLEMS].append(lambda: self.events.problem)
         app.router.add_get("/v1/media/asterisk", chan_websocket)

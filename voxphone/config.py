@@ -237,8 +237,9 @@ class PlaybackConfig(_Section):
     #: and how long speech must last (ms, in 20 ms steps) before the bot is cleared.
     barge_in_vad_mode: int = Field(3, ge=0, le=3)
     barge_in_onset_ms: int = Field(60, ge=20, le=160, multiple_of=20)
-    #: The largest clip ``play`` accepts, as uploaded or fetched (bytes).
+    #: The largest clip ``play`` accepts, as uploaded or fetched (bytes), and decoded (s).
     max_clip_bytes: int = Field(20_000_000, ge=1024)
+    max_clip_s: float = Field(600.0, gt=0)
     #: Fetching ``{"url": ...}`` gives up after this long.
     fetch_timeout_s: float = Field(10.0, gt=0)
 

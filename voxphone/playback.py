@@ -32,6 +32,14 @@ right after ``CallRegistry.open`` (``call.attach_endpoint(endpoint)``, or ``endp
   audio it still holds, if it wants). ``DELETE /v1/calls/{id}``, shutdown and
   ``max_duration`` arrive here; ``attach_endpoint`` makes ``call.hangup`` this method.
 
+``send`` is called from the ticker and, for a talkspurt's first frame, from inside
+``call.play`` / ``OutboundStream.write`` (so the first frame leaves at once). Once the call has
+ended nothing is sent. The reference implementation is ``RtpEndpoint``
+(``voxphone/transports/rtp_out.py``); ``voxphone.testing.MemoryEndpoint`` records what it is
+given, for tests. Bot audio reaches a call through ``call.play(pcm, rate)``,
+``call.open_audio_stream(rate)``, ``call.mark``, ``call.clear`` and ``call.send_dtmf`` (the
+HTTP API in ``voxphone/http/talkback.py`` is one user).
+
 Events (same ordered, signed stream as transcripts; ``voxphone.events.model``):
 ``playback.started {playback_id}`` when a playback's first frame is sent, ``playback.mark
 {playback_id, name}`` when the frame holding a mark is sent, ``playback.finished {playback_id,

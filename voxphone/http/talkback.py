@@ -33,7 +33,7 @@ from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from voxphone.audio.codecs import Pcm
-from voxphone.audio.files import decode_audio
+from voxphone.audio.files import TooLong, decode_audio
 from voxphone.call import Call
 from voxphone.errors import DecodeError, PlaybackError
 from voxphone.events.service import EventService
@@ -50,6 +50,7 @@ class TalkbackLimits:
     """What the control API accepts (the app fills it from ``[playback]``)."""
 
     max_clip_bytes: int = 20_000_000
+    max_clip_s: float = 600.0
     fetch_timeout_s: float = 10.0
 
 
@@ -114,9 +115,11 @@ async def play(request: web.Request) -> web.Response:
     rate = call.playout.rate
     try:
         if len(data) >= THREAD_DECODE_BYTES:
-            pcm = await asyncio.to_thread(decode_audio, data, rate)
+            pcm = await asyncio.to_thread(decode_audio, data, rate, limits.max_clip_s)
         else:
-            pcm = decode_audio(data, rate)
+            pcm = decode_audio(data, rate, limits.max_clip_s)
+    except TooLong as exc:
+        return error(413, f"{what}: {exc}; raise playback.max_clip_s")
     except DecodeError as exc:
         status = 422 if request.content_type == "application/json" else 415
         return error(status, f"{what} cannot be decoded: {_cause(exc)}")

@@ -135,8 +135,10 @@ class RtpPort(asyncio.DatagramProtocol):
         self._candidates: OrderedDict[Address, Candidate] = OrderedDict()
         self._ended: dict[Address, _Ended] = {}
         self.queued = False  # in the server's free-port queue
-        #: Sends a datagram from this port (the server sets it once the socket is bound).
+        #: Sends a datagram from this port (the server sets it once the socket is bound), and
+        #: an RTCP one from port + 1 (RFC 3550 §11; this port when that is not ours).
         self.transmit: Callable[[bytes, Address], None] = self._unbound
+        self.transmit_rtcp: Callable[[bytes, Address], None] = self._unbound
 
     def _unbound(self, data: bytes, addr: Address) -> None:
         self._count(None, "unbound_send")
@@ -159,8 +161,10 @@ class RtpPort(asyncio.DatagramProtocol):
         endpoint = RtpEndpoint(
             call, call.codec, payload_type, telephone_event,
             transmit=lambda data, addr: self.transmit(data, addr),
+            transmit_rtcp=lambda data, addr: self.transmit_rtcp(data, addr),
             remote=functools.partial(self.remote_of, call),
             hang_up=functools.partial(self.hang_up, call),
+            clock=self._clock,
         )  # fmt: skip
         call.attach_endpoint(endpoint)
 
@@ -484,6 +488,10 @@ def _drain(sock: socket.socket, proto: RtpPort) -> None:
         proto.datagram_received(data, addr)
 
 
+def _via(port: RtpPort, data: bytes, addr: Address) -> None:
+    port.transmit(data, addr)
+
+
 def _transmit(sock: socket.socket, proto: RtpPort, data: bytes, addr: Address) -> None:
     """Send from the port's own socket (symmetric RTP); a full send buffer or an ICMP error
     loses the datagram, counted (``send_failed``) as the network would lose it."""
@@ -549,6 +557,8 @@ class RtpServer:
             self.ports[port] = proto
             self._sockets.append(sock)
             loop.add_reader(sock.fileno(), _drain, sock, proto)
+        for proto in self.ports.values():
+            proto.transmit_rtcp = functools.partial(_via, self.ports.get(proto.port + 1, proto))
         for proto in sorted(self.ports.values(), key=lambda p: (p.port % 2, p.port)):
             self._enqueue(proto)  # even numbers first: RTCP goes to port + 1
         self._sweeper = asyncio.create_task(self._sweep(), name="rtp-sweeper")

@@ -7,7 +7,9 @@ followed); before a caller has latched, to the address its SDP named, if any. Nu
 ``RtpSender`` (own random SSRC, sequence and timestamp; marker at talkspurt start). DTMF goes
 out as RFC 4733 telephone-events on the negotiated payload type: a start packet with the
 marker, an update every 20 ms with the growing duration, and the end packet three times;
-audio is held back meanwhile (a receiver detecting tones must not hear both).
+audio is held back meanwhile (a receiver detecting tones must not hear both). RTCP (RFC 3550
+§6.4.1) goes from port + 1 to the caller's port + 1: a sender report with our first packet and
+every ``SR_INTERVAL_S`` after, and a BYE when voxphone hangs up.
 """
 
 from __future__ import annotations
@@ -18,7 +20,9 @@ from typing import TYPE_CHECKING
 
 from voxphone.audio.codecs import Codec, Encoder, Pcm
 from voxphone.call import Call
+from voxphone.clock import Clock
 from voxphone.transports.dtmf import telephone_event
+from voxphone.transports.rtcp import bye, sender_report
 from voxphone.transports.rtp_packet import RtpPacket, RtpSender
 
 if TYPE_CHECKING:
@@ -27,6 +31,8 @@ if TYPE_CHECKING:
 FRAME_MS = 20
 #: RFC 4733 §2.5.1.4: the end packet is sent three times, so one loss does not hide it.
 END_REPEATS = 3
+#: RFC 3550 §6.2: 5 s is the minimum RTCP interval for a two-party session.
+SR_INTERVAL_S = 5.0
 
 
 class RtpEndpoint:
@@ -35,7 +41,8 @@ class RtpEndpoint:
     ``transmit(datagram, address)`` sends from the call's port; ``remote(last)`` is where the
     caller is now, given where it was last time (None: nowhere yet — audio is counted
     ``no_remote`` and not sent);
-    ``hang_up(reason)`` stops the call's media (the port's ``hang_up``).
+    ``hang_up(reason)`` stops the call's media (the port's ``hang_up``); ``transmit_rtcp``
+    sends from the RTCP port.
     """
 
     def __init__(
@@ -45,8 +52,10 @@ class RtpEndpoint:
         payload_type: int,
         telephone_event_pt: int | None,
         transmit: Callable[[bytes, Address], None],
+        transmit_rtcp: Callable[[bytes, Address], None],
         remote: Callable[[Address | None], Address | None],
         hang_up: Callable[[str], None],
+        clock: Clock,
     ) -> None:
         self.call = call
         self.codec = codec
@@ -57,9 +66,14 @@ class RtpEndpoint:
         frame = codec.clock_rate * FRAME_MS // 1000
         self.sender = RtpSender(payload_type, codec.clock_rate, frame)
         self._transmit = transmit
+        self._transmit_rtcp = transmit_rtcp
+        #: RFC 7022: a random CNAME per stream, so reports cannot be linked across calls.
+        self.cname = f"voxphone-{self.sender.ssrc:08x}"
+        self._last_sr: float | None = None
         self._find = remote
         self._last: Address | None = None
         self._hang_up = hang_up
+        self._clock = clock  # wall time for sender reports
         self._in_event = False
         self._restart = False  # the next audio packet starts a talkspurt (after an event)
 
@@ -127,13 +141,34 @@ class RtpEndpoint:
         await asyncio.sleep(max(0.0, at - loop.time()))
 
     def hangup(self, reason: str) -> None:
+        """RTCP BYE for our stream (when one was sent), then the port's hang-up."""
+        target = self._remote()
+        if target is not None and self.sender.packets:
+            report = self._report(asyncio.get_running_loop().time())
+            self._transmit_rtcp(report + bye(self.sender.ssrc, reason), _rtcp_of(target))
         self._hang_up(reason)
 
     def _send(self, pkt: RtpPacket, target: Address) -> None:
         self._transmit(pkt.serialize(), target)
         stats = self.call.transport_stats
         stats["packets_out"] = stats.get("packets_out", 0) + 1
+        now = asyncio.get_running_loop().time()
+        if self._last_sr is None or now - self._last_sr >= SR_INTERVAL_S:
+            self._last_sr = now
+            self._transmit_rtcp(self._report(now), _rtcp_of(target))
+
+    def _report(self, now: float) -> bytes:
+        s = self.sender
+        ts = s.now_timestamp(now)
+        return sender_report(
+            s.ssrc, self._clock.now().timestamp(), ts, s.packets, s.octets, self.cname
+        )
 
     def _count(self, reason: str) -> None:
         stats = self.call.transport_stats
         stats[f"out_{reason}"] = stats.get(f"out_{reason}", 0) + 1
+
+
+def _rtcp_of(rtp: Address) -> Address:
+    """RFC 3550 §11: RTCP goes to the RTP port + 1 (voxphone's SDP offers no rtcp-mux)."""
+    return (rtp[0], rtp[1] + 1)
