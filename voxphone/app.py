@@ -24,9 +24,11 @@ from voxphone.errors import ConfigError, TransportError
 from voxphone.events.model import Event, EventSink, FanOut
 from voxphone.events.service import Endpoint, EventService, EventSettings
 from voxphone.http import events as events_api
+from voxphone.http import talkback
 from voxphone.http import webrtc as webrtc_http
 from voxphone.http.api import PROBLEMS, create_app
 from voxphone.http.calls import add_routes
+from voxphone.playback import BargeIn
 from voxphone.transports.asterisk import AudioSocketServer, chan_websocket
 from voxphone.transports.mediastream import (
     STEREO_BOTH,
@@ -154,6 +156,11 @@ def webrtc_settings(config: Config) -> WebRtcSettings:
     )
 
 
+def _barge_in(config: Config) -> BargeIn | None:
+    play = config.playback
+    return BargeIn(play.barge_in_vad_mode, play.barge_in_onset_ms) if play.barge_in else None
+
+
 class App:
     """The running service. ``start`` brings everything up in dependency order, ``stop`` drains."""
 
@@ -172,6 +179,7 @@ class App:
             config.calls.max_concurrent,
             config.rtp.max_gap_s,
             config.calls.max_duration_s,
+            _barge_in(config),
         )
         self.webrtc = (
             WebRtcGateway(self.registry, webrtc_settings(config), self.clock)
@@ -215,6 +223,10 @@ class App:
         app[STEREO_BOTH] = self.config.media_streams.stereo == "both"
         add_routes(app, self.rtp, self._advertise_host(), self.events)
         events_api.add_routes(app, self.events)
+        play = self.config.playback
+        talkback.add_routes(
+            app, talkback.TalkbackLimits(play.max_clip_bytes, play.max_clip_s, play.fetch_timeout_s)
+        )
         self.metrics.start(app, self.events, self.registry, self.rtp.totals)
         app[PROBLEMS].append(lambda: self.events.problem)
         if isinstance(engine := self.engine, Degradable):

@@ -23,11 +23,20 @@ import structlog
 
 from voxphone.audio.codecs import Codec, Pcm
 from voxphone.audio.pipeline import AudioPipeline
+from voxphone.audio.vad import SpeechOnset
 from voxphone.clock import Clock
 from voxphone.engines.base import Engine, EngineStream, TranscriptChunk
-from voxphone.errors import DecodeError, EngineError
+from voxphone.errors import DecodeError, EngineError, PlaybackError
 from voxphone.events import model as ev
 from voxphone.events.model import EventSequencer, EventSink
+from voxphone.playback import (
+    BargeIn,
+    MediaEndpoint,
+    OutboundStream,
+    Playback,
+    Playout,
+    PlayoutTicker,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -35,6 +44,8 @@ FRAME_MS = 80
 FRAME_S = FRAME_MS / 1000
 #: Frames whose arrival times are kept for latency (4 minutes: longer than any segment).
 ARRIVALS_KEPT = 3000
+#: Ended calls whose ids the registry remembers (about 1 MB).
+ENDED_KEPT = 10_000
 
 
 @dataclass
@@ -66,6 +77,9 @@ class Call:
         end_timeout_s: float = 10.0,
         max_duration_s: float | None = None,
         channel: int | None = None,
+        ticker: PlayoutTicker | None = None,
+        endpoint: MediaEndpoint | None = None,
+        barge_in: BargeIn | None = None,
     ) -> None:
         self._max_duration_s = max_duration_s
         #: Which channel of a stereo stream this call transcribes (stamped on every event).
@@ -111,6 +125,14 @@ class Call:
         self._timers: list[asyncio.TimerHandle] = []
         self.frames_sent = 0
         self._log = log.bind(call_id=call_id)
+        #: Talk back: the shared 20 ms clock, and the outbound queue once a transport has
+        #: attached its endpoint (``attach_endpoint``); None for a call that can only listen.
+        self._ticker = ticker
+        self.playout: Playout | None = None
+        self._barge_in = barge_in
+        self._onset: SpeechOnset | None = None
+        if endpoint is not None:
+            self.attach_endpoint(endpoint)
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -140,6 +162,7 @@ class Call:
         if self.end_reason is not None:
             return
         self.end_reason = reason
+        self._stop_playout()
         for frame in self.pipeline.flush():
             self._queue(frame)
         timeout_s = self._end_timeout_s + self._frames.qsize() * FRAME_S
@@ -163,6 +186,76 @@ class Call:
     @property
     def done(self) -> bool:
         return self._task is not None and self._task.done()
+
+    # -- audio out (talk back) ---------------------------------------------------------------
+
+    def attach_endpoint(self, endpoint: MediaEndpoint) -> None:
+        """The transport's way back to the caller (``voxphone.playback``): bot audio, DTMF and
+        hang-ups go through it from now on; ``hangup`` becomes ``endpoint.hangup``."""
+        if self._ticker is None:
+            self._ticker = PlayoutTicker()
+        self.playout = Playout(endpoint, self._publish, self._ticker)
+        self.hangup = endpoint.hangup
+        if self._barge_in is not None:
+            self.pipeline.tap = self._listen
+        if self.end_reason is not None:
+            self.playout.stop("hangup")
+
+    def _out(self) -> Playout:
+        if self.playout is None:
+            raise PlaybackError(f"transport {self.transport} cannot play audio into the call")
+        if self.end_reason is not None:
+            raise PlaybackError("the call has ended")
+        return self.playout
+
+    def play(self, pcm: Pcm, sample_rate: int) -> Playback:
+        """Queue a clip (mono int16 PCM at ``sample_rate`` Hz) after whatever is queued; it is
+        resampled to the endpoint's rate. Returns its ``Playback`` (``.id``). Raises
+        ``PlaybackError`` when the call has ended or its transport cannot talk back."""
+        return self._out().play(pcm, sample_rate)
+
+    def open_audio_stream(self, sample_rate: int) -> OutboundStream:
+        """A stream of bot audio at ``sample_rate`` Hz (streaming TTS), played as it arrives."""
+        return self._out().open_stream(sample_rate)
+
+    def mark(self, name: str) -> None:
+        """``playback.mark{name}`` once everything queued now has been sent."""
+        self._out().mark(name)
+
+    def clear(self, reason: str = "api") -> list[str]:
+        """Stop the bot: drop all queued audio (``playback.cleared{reason}`` for each playback);
+        the next 20 ms tick is silent. Returns the ids cleared."""
+        return self._out().clear(reason)
+
+    async def send_dtmf(self, digits: str, duration_ms: int = 100) -> None:
+        """Send key presses to the caller, one after another (``PlaybackError`` when the
+        transport cannot, a key is invalid, or the call has ended)."""
+        await self._out().send_dtmf(digits, duration_ms)
+
+    def start_dtmf(self, digits: str, duration_ms: int = 100) -> None:
+        """``send_dtmf`` in the background, checked at once (``PlaybackError``)."""
+        self._out().start_dtmf(digits, duration_ms)
+
+    @property
+    def playing(self) -> bool:
+        """Whether bot audio is going out right now (a talkspurt is under way)."""
+        return self.playout is not None and self.playout.playing
+
+    def _listen(self, pcm: Pcm, rate: int) -> None:
+        """Barge-in: the caller's audio while the bot talks; at a speech onset, clear."""
+        if not self.playing:
+            self._onset = None  # the next talkspurt counts afresh (and idle calls cost nothing)
+            return
+        if self._onset is None or self._onset.in_rate != rate:
+            assert self._barge_in is not None
+            self._onset = SpeechOnset(rate, self._barge_in.vad_mode, self._barge_in.onset_ms)
+        if self._onset.feed(pcm) and self.playout is not None:
+            self._log.info("barge_in")
+            self.playout.clear("barge_in")
+
+    def _stop_playout(self) -> None:
+        if self.playout is not None:
+            self.playout.stop("hangup")
 
     # -- audio in --------------------------------------------------------------------------
 
@@ -399,6 +492,7 @@ class Call:
 
     def _finish(self) -> None:
         self.end_reason = self.end_reason or "ended"  # no more audio, even for a waiting file
+        self._stop_playout()
         self._room.set()
         for timer in self._timers:  # a pending timer would keep the finished call alive
             timer.cancel()
@@ -450,14 +544,22 @@ class CallRegistry:
         max_concurrent: int,
         max_gap_s: float,
         max_duration_s: float | None = None,
+        barge_in: BargeIn | None = None,
     ) -> None:
         self._max_duration_s = max_duration_s
+        #: Barge-in settings every call gets (None: off).
+        self.barge_in = barge_in
         self.engine = engine
         self._sink = sink
         self.clock = clock
         self.max_concurrent = max_concurrent
         self._max_gap_s = max_gap_s
         self.calls: dict[str, Call] = {}
+        #: Ids of the calls that ended most recently (``ENDED_KEPT``), so the API can tell an
+        #: ended call (410) from one that never was (404).
+        self.ended: dict[str, None] = {}
+        #: The one 20 ms clock every call's outbound audio is paced by.
+        self.ticker = PlayoutTicker()
         #: Calls refused, by ``(transport, reason)``; reason is ``draining``, ``limit`` or
         #: ``duplicate_id`` (for ``/metrics``).
         self.refused: dict[tuple[str, str], int] = {}
@@ -473,6 +575,7 @@ class CallRegistry:
         metadata: dict[str, Any] | None = None,
         call_id: str | None = None,
         channel: int | None = None,
+        endpoint: MediaEndpoint | None = None,
     ) -> Call | None:
         """Admit and start a call, or return ``None`` (counted) when draining or at the limit."""
         if (why := self.why_refused(call_id)) is not None:
@@ -488,6 +591,9 @@ class CallRegistry:
             max_gap_s=self._max_gap_s,
             max_duration_s=self._max_duration_s,
             channel=channel,
+            ticker=self.ticker,
+            endpoint=endpoint,
+            barge_in=self.barge_in,
         )
         self.calls[call.call_id] = call
         self._idle.clear()
@@ -512,6 +618,9 @@ class CallRegistry:
 
     def _forget(self, call: Call) -> None:
         self.calls.pop(call.call_id, None)
+        self.ended[call.call_id] = None
+        if len(self.ended) > ENDED_KEPT:
+            del self.ended[next(iter(self.ended))]
         if not self.calls:
             self._idle.set()
 

@@ -17,6 +17,7 @@ from voxphone.config import Config, check_secret, load_config
 from voxphone.errors import ConfigError, TransportError, VoxphoneError
 
 if TYPE_CHECKING:
+    from voxphone.recorder import RtpRecorder
     from voxphone.transports.rtp_packet import RtpPacket
 
 DESCRIPTION = """\
@@ -136,6 +137,19 @@ def _parser() -> argparse.ArgumentParser:
         default="",
         help="key presses to send after the audio (RFC 4733, payload type 101)",
     )
+    call.add_argument(
+        "--record",
+        metavar="FILE",
+        type=Path,
+        help="write what the service sends back (bot audio) to this WAV file",
+    )
+    call.add_argument(
+        "--hold",
+        metavar="SECONDS",
+        type=float,
+        default=0.0,
+        help="stay on the line this long after the file, sending silence (to hear a reply) [0]",
+    )
     call.set_defaults(run=_call)
 
     whip = sub.add_parser(
@@ -148,6 +162,19 @@ def _parser() -> argparse.ArgumentParser:
     whip.add_argument("--url", default="http://127.0.0.1:8080/v1/whip", help="[%(default)s]")
     whip.add_argument("--codec", choices=["opus", "pcmu", "pcma", "g722"], default="opus")
     whip.add_argument("--token", help="the service's http.token, if it has one")
+    whip.add_argument(
+        "--record",
+        metavar="FILE",
+        type=Path,
+        help="offer sendrecv and write what the service sends back (bot audio) to this WAV",
+    )
+    whip.add_argument(
+        "--hold",
+        metavar="SECONDS",
+        type=float,
+        default=0.0,
+        help="stay on the line this long after the file, sending silence [0]",
+    )
     whip.set_defaults(run=_whip)
 
     rx = sub.add_parser(
@@ -252,8 +279,11 @@ def _transcribe(args: argparse.Namespace) -> int:
 
 
 def _call(args: argparse.Namespace) -> int:
+    import numpy as np
+
     from voxphone.audio.codecs import codec_by_name
     from voxphone.audio.files import read_audio
+    from voxphone.recorder import RtpRecorder
     from voxphone.testing import dtmf_packets, rtp_packets
     from voxphone.transports.dtmf import DTMF_KEYS
 
@@ -262,8 +292,13 @@ def _call(args: argparse.Namespace) -> int:
         raise ConfigError(f"--loss: {args.loss:g} is not a fraction from 0 to 1 (0.05 drops 5 %)")
     if bad := set(args.dtmf.upper()) - set(DTMF_KEYS):
         raise ConfigError(f"--dtmf: not DTMF keys: {''.join(sorted(bad))}")
+    if not 0 <= args.hold <= 3600:
+        raise ConfigError(f"--hold: {args.hold:g} s is not from 0 to 3600")
+    if args.record is not None and not args.record.parent.is_dir():
+        raise ConfigError(f"--record: folder {args.record.parent} does not exist")
     codec = codec_by_name(args.codec)
     pcm = read_audio(args.file, codec.sample_rate)
+    pcm = np.concatenate([pcm, np.zeros(int(args.hold * codec.sample_rate), np.int16)])
     packets: list[RtpPacket | None] = list(rtp_packets(pcm, codec, ptime_ms=args.ptime))
     if args.dtmf:
         last = packets[-1]
@@ -274,11 +309,29 @@ def _call(args: argparse.Namespace) -> int:
         f"calling {host}:{port}: {len(packets)} {codec.name} packets, {seconds:.1f} s",
         file=sys.stderr,
     )
-    sent = asyncio.run(_send_call(packets, host, port, args))
-    print(
-        json.dumps({"to": args.to, "codec": codec.name, "packets_sent": sent, "seconds": seconds})
-    )
+    first = next(p for p in packets if p is not None)
+    recorder = RtpRecorder(codec, first.payload_type) if args.record is not None else None
+    sent = asyncio.run(_send_call(packets, host, port, args, recorder))
+    report: dict[str, Any] = {
+        "to": args.to, "codec": codec.name, "packets_sent": sent, "seconds": seconds
+    }  # fmt: skip
+    if recorder is not None:
+        report["recorded"] = {
+            "file": str(args.record),
+            "packets": recorder.packets,
+            "seconds": round(recorder.write_wav(args.record), 3),
+            "dtmf": recorder.digits,
+            **({"dropped": recorder.dropped} if recorder.dropped else {}),
+        }
+    print(json.dumps(report))
     return 0
+
+
+async def _listen(sock: socket.socket, recorder: RtpRecorder) -> None:
+    """Every datagram the service sends back, until cancelled."""
+    loop = asyncio.get_running_loop()
+    while True:
+        recorder.add(await loop.sock_recv(sock, 2048))
 
 
 def _host_port(text: str) -> tuple[str, int]:
@@ -292,10 +345,15 @@ def _host_port(text: str) -> tuple[str, int]:
 
 
 async def _send_call(
-    packets: list[RtpPacket | None], host: str, port: int, args: argparse.Namespace
+    packets: list[RtpPacket | None],
+    host: str,
+    port: int,
+    args: argparse.Namespace,
+    recorder: RtpRecorder | None = None,
 ) -> int:
     """Send the call from one connected UDP socket, then hang up as a gateway does: RTCP BYE to
-    the RTCP port (RTP port + 1), from the RTP source (the one voxphone latched onto).
+    the RTCP port (RTP port + 1), from the RTP source (the one voxphone latched onto). What
+    comes back to that socket (symmetric RTP) goes to ``recorder``.
 
     UDP confirms nothing, but a connected socket reports an ICMP port unreachable as
     ``ConnectionRefusedError`` on a later send: nothing listens there."""
@@ -306,10 +364,21 @@ async def _send_call(
     try:
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
             sock.connect((host, port))
-            sent = await send_rtp(
-                packets, (host, port), ptime_ms=args.ptime, loss=args.loss,
-                pace=not args.no_pace, sock=sock,
-            )  # fmt: skip
+            sock.setblocking(False)
+            listening = None
+            if recorder is not None:
+                listening = asyncio.create_task(_listen(sock, recorder))
+            try:
+                sent = await send_rtp(
+                    packets, (host, port), ptime_ms=args.ptime, loss=args.loss,
+                    pace=not args.no_pace, sock=sock,
+                )  # fmt: skip
+            finally:
+                if listening is not None:
+                    listening.cancel()
+                    (heard,) = await asyncio.gather(listening, return_exceptions=True)
+                    if isinstance(heard, ConnectionRefusedError):
+                        raise heard  # the ICMP error reached the receiving side first
             sock.connect((host, port + 1))  # the same local port: the RTCP port, from the source
             sock.send(bye(first.ssrc, "hangup"))
     except ConnectionRefusedError:
@@ -325,8 +394,18 @@ async def _send_call(
 def _whip(args: argparse.Namespace) -> int:
     from voxphone.whip_client import play
 
-    for event in asyncio.run(play(args.url, args.file, args.codec, args.token)):
+    if not 0 <= args.hold <= 3600:
+        raise ConfigError(f"--hold: {args.hold:g} s is not from 0 to 3600")
+    if args.record is not None and not args.record.parent.is_dir():
+        raise ConfigError(f"--record: folder {args.record.parent} does not exist")
+    record = args.record is not None
+    call = asyncio.run(play(args.url, args.file, args.codec, args.token, record, args.hold))
+    for event in call.events:
         print(json.dumps(event))
+    if call.recorder is not None:  # the last line: what was recorded
+        seconds = round(call.recorder.write_wav(args.record), 3)
+        recorded = {"file": str(args.record), "seconds": seconds, "dtmf": call.digits}
+        print(json.dumps({"recorded": recorded}))
     return 0
 
 

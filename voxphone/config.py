@@ -229,6 +229,23 @@ class CallsConfig(_Section):
     drain_s: float = Field(30.0, ge=0)
 
 
+class PlaybackConfig(_Section):
+    """Talk back: bot audio played into calls (``POST /v1/calls/{id}/play``, the audio socket)."""
+
+    #: Clear the bot's audio when the caller starts speaking over it
+    #: (``playback.cleared{reason: "barge_in"}``).
+    barge_in: bool = False
+    #: Speech onset for barge-in: WebRTC VAD aggressiveness (0-3; 3 rejects the most noise)
+    #: and how long speech must last (ms, in 20 ms steps) before the bot is cleared.
+    barge_in_vad_mode: int = Field(3, ge=0, le=3)
+    barge_in_onset_ms: int = Field(60, ge=20, le=160, multiple_of=20)
+    #: The largest clip ``play`` accepts, as uploaded or fetched (bytes), and decoded (s).
+    max_clip_bytes: int = Field(20_000_000, ge=1024)
+    max_clip_s: float = Field(600.0, gt=0)
+    #: Fetching ``{"url": ...}`` gives up after this long.
+    fetch_timeout_s: float = Field(10.0, gt=0)
+
+
 class SphinxConfig(_Section):
     """The embedded pocketsphinx engine."""
 
@@ -466,6 +483,7 @@ class Config(_Section):
     http: HttpConfig = HttpConfig()
     rtp: RtpConfig = RtpConfig()
     calls: CallsConfig = CallsConfig()
+    playback: PlaybackConfig = PlaybackConfig()
     asterisk: AsteriskConfig = AsteriskConfig()
     twilio: TwilioConfig = TwilioConfig()
     media_streams: MediaStreamsConfig = MediaStreamsConfig()

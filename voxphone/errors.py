@@ -5,7 +5,8 @@
      ├── TransportError   malformed or unwanted input on the wire (RTP, SDP, websocket frames)
      ├── DecodeError      a payload the codec could not turn into PCM
      ├── EngineError      the speech engine failed to start or to serve a stream
-     └── DeliveryError    an event could not be delivered to a sink
+     ├── DeliveryError    an event could not be delivered to a sink
+     └── PlaybackError    bot audio could not be played into a call (ended, no endpoint, no DTMF)
 
 Foreign exceptions are translated at the boundary where they enter (``raise X(...) from exc``) so
 callers catch one family, and every message says what was wrong and where.
@@ -36,3 +37,8 @@ class EngineError(VoxphoneError):
 
 class DeliveryError(VoxphoneError):
     """An event could not be delivered."""
+
+
+class PlaybackError(VoxphoneError):
+    """Audio, a mark or DTMF could not be sent into a call: it has ended, its transport has no
+    way back (no endpoint) or cannot do what was asked (DTMF), or the input was unusable."""

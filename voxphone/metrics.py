@@ -108,6 +108,11 @@ class CallMetrics:
         self.engine_errors = Counter(
             "voxphone_engine_errors", "engine.error events.", ["recovered"], registry=r
         )
+        self.playbacks = Counter(
+            "voxphone_playbacks", "Bot audio played into calls: playback.started, .finished "
+            "and .cleared events, by reason (api, barge_in, hangup; empty otherwise).",
+            ["event", "reason"], registry=r,
+        )  # fmt: skip
         self.restarts = Counter(
             "voxphone_engine_session_restarts", "Engine sessions replaced inside a call.",
             ["reason"], registry=r,
@@ -132,6 +137,9 @@ class CallMetrics:
             self.final_latency.observe(event.data["latency_ms"] / 1000)
         elif event.type == ev.ENGINE_ERROR:
             self.engine_errors.labels(str(bool(event.data.get("recovered"))).lower()).inc()
+        elif event.type in (ev.PLAYBACK_STARTED, ev.PLAYBACK_FINISHED, ev.PLAYBACK_CLEARED):
+            kind = event.type.removeprefix("playback.")
+            self.playbacks.labels(kind, str(event.data.get("reason", ""))).inc()
 
     def _ended(self, transport: str, data: Mapping[str, Any]) -> None:
         """Aggregate one call's ``call.ended`` stats (shapes: see ``Call._finish``)."""

@@ -6,8 +6,10 @@ import asyncio
 import random
 import socket
 import struct
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+
+import numpy as np
 
 from voxphone.audio.codecs import Codec, Encoder, Pcm
 from voxphone.clock import FakeClock
@@ -18,6 +20,7 @@ from voxphone.transports.rtp_packet import RtpPacket
 __all__ = [
     "CapturedEvents",
     "FakeClock",
+    "MemoryEndpoint",
     "capture_events",
     "dtmf_packets",
     "impair",
@@ -188,3 +191,39 @@ class CapturedEvents:
 def capture_events() -> CapturedEvents:
     """A fresh capturing sink."""
     return CapturedEvents()
+
+
+@dataclass
+class MemoryEndpoint:
+    """A ``MediaEndpoint`` (``voxphone.playback``) that keeps what it is sent: frames with the
+    loop time and talkspurt flag, clears, DTMF digits and hang-ups. ``on_hangup`` (e.g. the
+    call's ``end``) is what a real transport does after stopping its media."""
+
+    sample_rate: int = 8000
+    can_send_dtmf: bool = True
+    frames: list[tuple[float, Pcm, bool]] = field(default_factory=list)
+    clears: int = 0
+    digits: list[tuple[str, int]] = field(default_factory=list)
+    hangups: list[str] = field(default_factory=list)
+    on_hangup: Callable[[str], None] | None = None
+
+    def send(self, pcm: Pcm, first: bool) -> None:
+        self.frames.append((asyncio.get_running_loop().time(), pcm.copy(), first))
+
+    def clear(self) -> None:
+        self.clears += 1
+
+    async def send_dtmf(self, digit: str, duration_ms: int) -> None:
+        self.digits.append((digit, duration_ms))
+        await asyncio.sleep(duration_ms / 1000)
+
+    def hangup(self, reason: str) -> None:
+        self.hangups.append(reason)
+        if self.on_hangup is not None:
+            self.on_hangup(reason)
+
+    def audio(self) -> Pcm:
+        """Everything sent, joined."""
+        if not self.frames:
+            return np.zeros(0, np.int16)
+        return np.concatenate([pcm for _, pcm, _ in self.frames])

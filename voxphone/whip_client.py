@@ -1,20 +1,26 @@
-"""A WHIP client on aiortc that plays an audio file as a browser call (``voxphone call --webrtc``).
+"""A WHIP client on aiortc that plays an audio file as a browser call (``voxphone whip``).
 
 It sends the file in real time (aiortc's ``MediaPlayer`` paces it), opens the ``events`` data
 channel and collects what voxphone sends back on it, then hangs up with WHIP ``DELETE`` once the
-file has played. Tests use it for fast WebRTC coverage without a browser.
+file has played. Tests use it for fast WebRTC coverage without a browser. With ``record`` it
+offers ``sendrecv``, as a browser does, and keeps what the bot says on the answer's track
+(``TrackRecorder``) and the keys it sends (``bot.dtmf`` on the data channel); ``hold_s`` stays
+on the line that long after the file, sending silence, so a reply can be heard.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import wave
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import av
+import numpy as np
 from aiortc import (
     RTCConfiguration,
     RTCDataChannel,
@@ -23,10 +29,49 @@ from aiortc import (
     RTCSessionDescription,
 )
 from aiortc.contrib.media import MediaPlayer
+from aiortc.mediastreams import AudioStreamTrack, MediaStreamError, MediaStreamTrack
 from yarl import URL
 
+from voxphone.audio.codecs import Pcm
 from voxphone.audio.files import check_file
 from voxphone.errors import DecodeError, TransportError
+from voxphone.transports.webrtc import to_mono
+
+
+@dataclass
+class TrackRecorder:
+    """What arrives on a received audio track, placed by each frame's timestamp (aiortc keeps the
+    RTP timestamp as ``pts``), so a gap stays a gap; mono int16 at the track's rate."""
+
+    rate: int = 0
+    frames: int = 0
+    _pieces: list[tuple[int, Pcm]] = field(default_factory=list)
+
+    def add(self, frame: av.AudioFrame) -> None:
+        assert frame.pts is not None and frame.time_base is not None
+        self.rate = frame.sample_rate
+        self.frames += 1
+        self._pieces.append((round(frame.pts * frame.time_base * self.rate), to_mono(frame)))
+
+    def pcm(self) -> Pcm:
+        if not self._pieces:
+            return np.zeros(0, np.int16)
+        start = min(offset for offset, _ in self._pieces)
+        end = max(offset + pcm.size for offset, pcm in self._pieces)
+        out = np.zeros(end - start, np.int16)
+        for offset, pcm in self._pieces:
+            out[offset - start : offset - start + pcm.size] = pcm
+        return out
+
+    def write_wav(self, path: Path) -> float:
+        """Write 16-bit mono WAV; returns its length in seconds."""
+        pcm = self.pcm()
+        with wave.open(str(path), "wb") as out:
+            out.setnchannels(1)
+            out.setsampwidth(2)
+            out.setframerate(self.rate or 48000)
+            out.writeframes(pcm.astype("<i2").tobytes())
+        return pcm.size / (self.rate or 48000)
 
 
 @dataclass
@@ -42,12 +87,40 @@ class WhipCall:
     events: list[dict[str, Any]] = field(default_factory=list)
     ended: asyncio.Event = field(default_factory=asyncio.Event)
     played: asyncio.Event = field(default_factory=asyncio.Event)
+    #: What the bot said (``record``), and the keys it sent.
+    recorder: TrackRecorder | None = None
+    digits: str = ""
+    tasks: set[asyncio.Task[None]] = field(default_factory=set)
 
     def on_message(self, message: str | bytes) -> None:
         event = json.loads(message)
+        if event.get("type") == "bot.dtmf":  # not an event: a key the bot sent
+            self.digits += str(event.get("digit", ""))
+            return
         self.events.append(event)
         if event.get("type") == "call.ended":
             self.ended.set()
+
+    def on_track(self, track: MediaStreamTrack) -> None:
+        if self.recorder is not None and track.kind == "audio":
+            task = asyncio.create_task(self._record(track, self.recorder))
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
+
+    @staticmethod
+    async def _record(track: MediaStreamTrack, recorder: TrackRecorder) -> None:
+        with contextlib.suppress(MediaStreamError):
+            while True:
+                frame = await track.recv()
+                assert isinstance(frame, av.AudioFrame)
+                recorder.add(frame)
+
+    async def hold(self, seconds: float) -> None:
+        """Stay on the line ``seconds`` more, sending silence instead of the (ended) file."""
+        if seconds > 0:
+            sender = next(t.sender for t in self.pc.getTransceivers() if t.kind == "audio")
+            sender.replaceTrack(AudioStreamTrack())
+            await asyncio.sleep(seconds)
 
     async def hangup(self, http: aiohttp.ClientSession) -> None:
         async with http.delete(self.session_url, headers=self.headers) as resp:
@@ -58,6 +131,8 @@ class WhipCall:
         await self.pc.close()
         if self.player.audio is not None:
             self.player.audio.stop()
+        for task in list(self.tasks):
+            task.cancel()
 
 
 async def whip_call(
@@ -66,8 +141,10 @@ async def whip_call(
     audio: Path,
     codec: str | None = None,
     token: str | None = None,
+    record: bool = False,
 ) -> WhipCall:
-    """Offer a call to the WHIP endpoint ``url`` that plays ``audio`` (``codec``: e.g. ``PCMU``).
+    """Offer a call to the WHIP endpoint ``url`` that plays ``audio`` (``codec``: e.g. ``PCMU``);
+    with ``record``, ``sendrecv``, keeping what comes back in ``call.recorder``.
 
     ``DecodeError``: the file is no audio; ``TransportError``: the endpoint is unreachable or
     refuses the offer. Either way nothing is left open."""
@@ -75,7 +152,7 @@ async def whip_call(
     assert player.audio is not None
     pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
     try:
-        return await _offer(http, url, pc, player, codec, token)
+        return await _offer(http, url, pc, player, codec, token, record)
     except BaseException:
         await pc.close()
         player.audio.stop()  # closes the file
@@ -98,10 +175,11 @@ def _player(audio: Path) -> MediaPlayer:
 
 async def _offer(
     http: aiohttp.ClientSession, url: str, pc: RTCPeerConnection, player: MediaPlayer,
-    codec: str | None, token: str | None,
+    codec: str | None, token: str | None, record: bool,
 ) -> WhipCall:  # fmt: skip
     assert player.audio is not None
-    transceiver = pc.addTransceiver(player.audio, direction="sendonly")
+    direction = "sendrecv" if record else "sendonly"
+    transceiver = pc.addTransceiver(player.audio, direction=direction)
     if codec is not None:
         caps = RTCRtpSender.getCapabilities("audio")
         assert caps is not None
@@ -126,6 +204,9 @@ async def _offer(
             f"cannot reach the WHIP endpoint {url}: {exc}; is voxphone serve running there?"
         ) from exc
     call = WhipCall(pc, player, channel, location, call_id, headers)
+    if record:
+        call.recorder = TrackRecorder()
+        pc.on("track", call.on_track)
     channel.on("message", call.on_message)
     player.audio.on("ended", call.played.set)
     await pc.setRemoteDescription(RTCSessionDescription(sdp=answer, type="answer"))
@@ -134,12 +215,15 @@ async def _offer(
 
 async def talk(
     http: aiohttp.ClientSession, url: str, audio: Path, codec: str | None = None,
-    token: str | None = None, end_timeout_s: float = 30.0,
+    token: str | None = None, end_timeout_s: float = 30.0, record: bool = False,
+    hold_s: float = 0.0,
 ) -> WhipCall:  # fmt: skip
-    """Place a call that plays ``audio``, hang up when it has played, wait for ``call.ended``."""
-    call = await whip_call(http, url, audio, codec, token)
+    """Place a call that plays ``audio`` (then ``hold_s`` of silence), hang up, wait for
+    ``call.ended``; ``record`` keeps what the bot says (``call.recorder``)."""
+    call = await whip_call(http, url, audio, codec, token, record)
     try:
         await call.played.wait()
+        await call.hold(hold_s)
         await asyncio.sleep(0.5)  # the last packets are still on the wire
         await call.hangup(http)
         await asyncio.wait_for(call.ended.wait(), end_timeout_s)
@@ -149,11 +233,13 @@ async def talk(
 
 
 async def play(
-    url: str, audio: Path, codec: str | None = None, token: str | None = None
-) -> list[dict[str, Any]]:
-    """``talk`` on its own HTTP session; the events the call got back (``voxphone whip``)."""
+    url: str, audio: Path, codec: str | None = None, token: str | None = None,
+    record: bool = False, hold_s: float = 0.0,
+) -> WhipCall:  # fmt: skip
+    """``talk`` on its own HTTP session (``voxphone whip``): its ``events``, and with
+    ``record`` its ``recorder`` and ``digits``."""
     async with aiohttp.ClientSession() as http:
         try:
-            return (await talk(http, url, audio, codec, token)).events
+            return await talk(http, url, audio, codec, token, record=record, hold_s=hold_s)
         except TimeoutError:
             raise TransportError(f"the call to {url} never ended (no call.ended)") from None

@@ -9,8 +9,10 @@ written to ``artifacts/`` (or ``$VOXPHONE_ARTIFACTS``).
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import subprocess
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -54,6 +56,7 @@ def browser(microphone: Path, tmp_path: Path) -> Iterator[WebDriver]:
         "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
         f"--use-file-for-fake-audio-capture={microphone}",
         "--allow-loopback-in-peer-connection",  # ICE over 127.0.0.1 only
+        "--autoplay-policy=no-user-gesture-required",  # the bot's <audio> and its level meter
     ):  # fmt: skip
         options.add_argument(flag)
     driver = webdriver.Chrome(options=options, service=Service(require("chromedriver")))
@@ -71,6 +74,41 @@ def finals(driver: WebDriver) -> str:
     return " ".join(p.text for p in driver.find_elements(By.CSS_SELECTOR, "#transcript p.final"))
 
 
+#: The loudest sample (0..1) the page's <audio id="bot"> stream carries over 1.5 s.
+BOT_PEAK_JS = """
+const done = arguments[arguments.length - 1];
+const ctx = new AudioContext();
+const analyser = ctx.createAnalyser();
+analyser.fftSize = 2048;
+ctx.createMediaStreamSource(document.getElementById("bot").srcObject).connect(analyser);
+const samples = new Float32Array(analyser.fftSize);
+let peak = 0;
+const timer = setInterval(() => {
+  analyser.getFloatTimeDomainData(samples);
+  for (const x of samples) peak = Math.max(peak, Math.abs(x));
+}, 50);
+setTimeout(() => { clearInterval(timer); ctx.close(); done(peak); }, 1500);
+"""
+
+
+def hear_the_bot(browser: WebDriver, http_port: int, said: Speech) -> None:
+    """A bot plays into the page's call (``POST /v1/calls/{id}/play``): the page says so and
+    its <audio id="bot"> stream carries the sound."""
+    log = browser.find_element(By.ID, "events").get_attribute("textContent") or ""
+    call_id = json.loads(log.splitlines()[0])["call_id"]
+    request = urllib.request.Request(
+        f"http://localhost:{http_port}/v1/calls/{call_id}/play",
+        data=said.path.read_bytes(),
+        headers={"Content-Type": "audio/wav", "Authorization": f"Bearer {TOKEN}"},
+        method="POST",
+    )
+    with urllib.request.urlopen(request) as resp:
+        assert resp.status == 202
+    WebDriverWait(browser, 10).until(lambda d: text_of(d, "bot-state") == "bot speaking")
+    browser.set_script_timeout(10)
+    assert browser.execute_async_script(BOT_PEAK_JS) > 0.01, "the page hears no bot audio"
+
+
 async def test_demo_page_call_shows_the_words_and_hangs_up(
     browser: WebDriver, receiver: WebhookReceiver, speech: dict[str, Speech], tmp_path: Path
 ) -> None:
@@ -85,6 +123,13 @@ async def test_demo_page_call_shows_the_words_and_hangs_up(
             browser.find_element(By.ID, "call").click()
             WebDriverWait(browser, 60).until(lambda d: overlap(expected, finals(d)) >= 0.7)
             assert text_of(browser, "status") == "live"
+            # The answer is sendrecv: the bot's track plays in the page's <audio id="bot">.
+            bot_tracks = browser.execute_script(
+                "const s = document.getElementById('bot').srcObject;"
+                "return s ? s.getAudioTracks().filter((t) => t.readyState === 'live').length : 0"
+            )
+            assert bot_tracks == 1
+            hear_the_bot(browser, serve.http_port, speech["phone"])
             ARTIFACTS.mkdir(parents=True, exist_ok=True)
             browser.save_screenshot(str(ARTIFACTS / "browser-call.png"))
             browser.set_window_size(390, 844)  # a phone

@@ -6,7 +6,17 @@ import av
 import numpy as np
 import pytest
 
-from voxphone.audio.codecs import G722, L16_8K, OPUS, PCMA, PCMU, Decoder, Encoder, codec_by_name
+from voxphone.audio.codecs import (
+    G722,
+    L16_8K,
+    OPUS,
+    PCMA,
+    PCMU,
+    Codec,
+    Decoder,
+    Encoder,
+    codec_by_name,
+)
 from voxphone.errors import DecodeError
 
 
@@ -108,3 +118,18 @@ def test_opus_decodes_to_mono_48k_whatever_it_signals() -> None:
     # The tone survives, downmixed to one channel.
     assert peak_hz(out[-4800:], 48000) == pytest.approx(440, abs=10)
     assert 0.7 < rms(out[-4800:]) / rms(src[-4800:]) < 1.3
+
+
+@pytest.mark.parametrize("codec", [PCMU, PCMA], ids=lambda c: c.name)
+def test_g711_table_encoder_is_ffmpegs_encoder(codec: Codec) -> None:
+    """Every int16 value, sent 20 ms at a time, encodes to the byte FFmpeg's own encoder gives
+    when it encodes them all at once (the table is indexed by the sample's bits)."""
+    every = np.arange(-32768, 32768, dtype=np.int16)
+    ctx = av.CodecContext.create(codec.ffmpeg_name, "w")
+    assert isinstance(ctx, av.AudioCodecContext)
+    ctx.sample_rate, ctx.layout, ctx.format = codec.sample_rate, "mono", "s16"
+    frame = av.AudioFrame.from_ndarray(every.reshape(1, -1), format="s16", layout="mono")
+    frame.sample_rate = codec.sample_rate
+    ffmpeg = b"".join(bytes(p) for p in [*ctx.encode(frame), *ctx.encode(None)])
+    ours = b"".join(Encoder(codec).encode(every[i : i + 160]) for i in range(0, every.size, 160))
+    assert ours == ffmpeg

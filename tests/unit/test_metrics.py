@@ -97,3 +97,17 @@ async def test_the_loop_lag_probe_sees_a_blocked_loop() -> None:
     time.sleep(0.2)  # noqa: ASYNC251 -- a blocking call on the loop: what the probe is for
     await until(lambda: value(registry, "voxphone_event_loop_lag_seconds_sum") >= 0.15)
     probe.cancel()
+
+
+def test_playback_events_are_counted_by_kind_and_reason() -> None:
+    registry = CollectorRegistry()
+    m = CallMetrics(registry)
+    seq = EventSequencer("c1", FakeClock())
+    m.publish(seq.next("playback.started", {"playback_id": "pb_1"}))
+    m.publish(seq.next("playback.mark", {"playback_id": "pb_1", "name": "x"}))
+    m.publish(seq.next("playback.cleared", {"playback_id": "pb_1", "reason": "barge_in"}))
+    m.publish(seq.next("playback.started", {"playback_id": "pb_2"}))
+    m.publish(seq.next("playback.finished", {"playback_id": "pb_2", "played_ms": 20}))
+    assert value(registry, "voxphone_playbacks_total", event="started", reason="") == 2
+    assert value(registry, "voxphone_playbacks_total", event="cleared", reason="barge_in") == 1
+    assert value(registry, "voxphone_playbacks_total", event="finished", reason="") == 1

@@ -17,6 +17,7 @@ from voxphone.audio.codecs import PCMU
 from voxphone.clock import SystemClock
 from voxphone.errors import TransportError
 from voxphone.testing import rtp_packets
+from voxphone.transports import rtcp
 from voxphone.transports.rtcp import Bye, Other, SenderReport, bye, parse_rtcp
 from voxphone.transports.rtp import RtpServer, rtcp_source_ok
 
@@ -138,3 +139,15 @@ def test_rtcp_may_come_from_the_rtp_source_or_its_next_port(
     rtcp: tuple[str, int], ok: bool
 ) -> None:
     assert rtcp_source_ok(("192.0.2.1", 5004), rtcp) is ok
+
+
+def test_our_sender_report_parses_back_with_its_cname() -> None:
+    """RFC 3550 §6.4.1 SR (no report blocks) + §6.5 SDES CNAME, then a BYE: one compound."""
+    data = rtcp.sender_report(0xCAFE, 1_700_000_000.25, 123456, 50, 8000, "voxphone-0000cafe")
+    data += bye(0xCAFE, "hangup")
+    sr, sdes, gone = parse_rtcp(data)
+    assert sr == SenderReport(0xCAFE, 123456, 50, 8000)
+    assert sdes == Other(rtcp.SDES) and gone == Bye((0xCAFE,), "hangup")
+    ntp_seconds, fraction = struct.unpack_from("!II", data, 8)
+    assert ntp_seconds == 1_700_000_000 + rtcp.NTP_UNIX_OFFSET and fraction == 2**30
+    assert b"voxphone-0000cafe" in data and len(data) % 4 == 0

@@ -1,7 +1,9 @@
-"""RTP parsing (RFC 3550 §5.1) on hand-built and malformed packets."""
+"""RTP parsing (RFC 3550 §5.1) on hand-built and malformed packets; numbering what we send."""
 
 from __future__ import annotations
 
+import itertools
+import random
 import struct
 
 import pytest
@@ -9,7 +11,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from voxphone.errors import TransportError
-from voxphone.transports.rtp_packet import RtpPacket, is_rtcp, parse_rtp
+from voxphone.transports.dtmf import TelephoneEvent, parse_telephone_event, telephone_event
+from voxphone.transports.rtp_packet import RtpPacket, RtpSender, is_rtcp, parse_rtp
 
 
 def header(
@@ -93,3 +96,32 @@ def test_any_bytes_parse_or_raise_transport_error(data: bytes) -> None:
         assert str(exc)
     else:
         assert len(pkt.payload) <= len(data) - 12
+
+
+def test_a_sender_numbers_talkspurts_as_rfc_3550_says() -> None:
+    """Own random SSRC, sequence and timestamp; +frame per packet in a talkspurt; the marker
+    and a timestamp moved on by the silence at the start of the next one."""
+    sender = RtpSender(0, 8000, 160, random.Random(7))
+    first = [sender.audio(b"x", 10.0 + i * 0.02, i == 0) for i in range(3)]
+    assert [p.marker for p in first] == [True, False, False]
+    assert [(p.timestamp - first[0].timestamp) & 0xFFFFFFFF for p in first] == [0, 160, 320]
+    later = sender.audio(b"x", 10.04 + 1.0, True)  # sent one second after the third
+    assert later.marker and (later.timestamp - first[2].timestamp) & 0xFFFFFFFF == 8000
+    seqs = [p.sequence for p in [*first, later]]
+    assert all((b - a) & 0xFFFF == 1 for a, b in itertools.pairwise(seqs))
+    assert len({p.ssrc for p in [*first, later]}) == 1
+    other = RtpSender(0, 8000, 160, random.Random(8))
+    assert (other.ssrc, other.sequence) != (sender.ssrc, first[0].sequence)
+
+
+def test_audio_after_an_event_never_reuses_its_timestamps() -> None:
+    """RFC 4733 §2.5.1.3: the event takes the stream's time; audio resumes after its end."""
+    sender = RtpSender(0, 8000, 160, random.Random(1))
+    ts = sender.now_timestamp(5.0)
+    start = sender.event(101, ts, telephone_event("5", 160, end=False), marker=True)
+    assert start.marker and start.payload_type == 101
+    assert parse_telephone_event(start.payload) == TelephoneEvent(5, False, 10, 160)
+    assert parse_telephone_event(telephone_event("#", 800, end=True)).end
+    sender.end_event(ts, 800, 5.1)
+    after = sender.audio(b"x", 5.1, True)
+    assert (after.timestamp - ts) & 0xFFFFFFFF >= 800

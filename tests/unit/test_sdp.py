@@ -29,7 +29,7 @@ def offer(m: str, *attrs: str, c: str = "c=IN IP4 192.0.2.5") -> str:
     return "\r\n".join(["v=0", "o=- 1 1 IN IP4 x", "s=-", c, "t=0 0", m, *attrs]) + "\r\n"
 
 
-def test_asterisk_offer_gets_g722_with_telephone_event_recvonly() -> None:
+def test_asterisk_offer_gets_g722_with_telephone_event_sendrecv() -> None:
     """G.722 first; PCMU and PCMA share its 8000 Hz RTP clock, so they are accepted too and the
     sender may switch to them mid-stream (RFC 3264 §6.1)."""
     a = answer(parse_sdp(ASTERISK_OFFER), "198.51.100.1", 40002, 7)
@@ -42,7 +42,13 @@ def test_asterisk_offer_gets_g722_with_telephone_event_recvonly() -> None:
     assert {"a=rtpmap:9 G722/8000", "a=rtpmap:101 telephone-event/8000", "a=fmtp:101 0-16"} <= set(
         lines
     )
-    assert "a=ptime:20" in lines and "a=recvonly" in lines
+    assert "a=ptime:20" in lines and "a=sendrecv" in lines and a.sends  # voxphone talks back
+
+
+def test_a_sendonly_offer_is_answered_recvonly() -> None:
+    """RFC 3264 §6.1: the offerer will not receive, so voxphone must not send."""
+    a = answer(parse_sdp(offer("m=audio 5004 RTP/AVP 0", "a=sendonly")), "127.0.0.1", 40000, 1)
+    assert "a=recvonly" in a.sdp.split("\r\n") and not a.sends
 
 
 @pytest.mark.parametrize(

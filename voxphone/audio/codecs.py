@@ -133,15 +133,37 @@ def _frames_to_mono_int16(frames: list[av.AudioFrame]) -> Pcm:
     return pcm.astype(np.int16, copy=False)
 
 
+_encode_tables: dict[str, npt.NDArray[np.uint8]] = {}
+
+
+def encode_table(codec: Codec) -> npt.NDArray[np.uint8]:
+    """The byte FFmpeg encodes each of the 65536 int16 values to (G.711), indexed by the
+    sample's bits as uint16, built once per codec: a 20 ms packet then encodes in about 1 µs
+    instead of PyAV's 12 µs (talk back encodes one per call every 20 ms)."""
+    if codec.ffmpeg_name not in _encode_tables:
+        ctx = _context(codec, "w", "mono")
+        ctx.format = "s16"
+        every = np.arange(65536, dtype=np.uint16).view(np.int16)
+        frame = av.AudioFrame.from_ndarray(every.reshape(1, -1), format="s16", layout="mono")
+        frame.sample_rate = codec.sample_rate
+        data = b"".join(bytes(p) for p in [*ctx.encode(frame), *ctx.encode(None)])
+        _encode_tables[codec.ffmpeg_name] = np.frombuffer(data, np.uint8).copy()
+    return _encode_tables[codec.ffmpeg_name]
+
+
 class Encoder:
-    """Encodes int16 mono PCM at ``codec.sample_rate`` into payloads (test callers, ``call``)."""
+    """Encodes int16 mono PCM at ``codec.sample_rate`` into payloads (talk back, test callers,
+    ``call``); G.711 by table lookup (``encode_table``), the rest through PyAV."""
 
     def __init__(self, codec: Codec) -> None:
         self.codec = codec
+        self._table = encode_table(codec) if codec.ffmpeg_name in _BYTE_CODECS else None
         self._ctx = _context(codec, "w", "mono")
         self._ctx.format = "s16"
 
     def encode(self, pcm: Pcm) -> bytes:
+        if self._table is not None:
+            return self._table[np.ascontiguousarray(pcm, np.int16).view(np.uint16)].tobytes()
         frame = av.AudioFrame.from_ndarray(pcm.reshape(1, -1), format="s16", layout="mono")
         frame.sample_rate = self.codec.sample_rate
         return b"".join(bytes(p) for p in self._ctx.encode(frame))

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
+from typing import BinaryIO
 
 import av
 import numpy as np
@@ -26,16 +28,38 @@ def read_audio(path: Path, rate: int) -> Pcm:
     """The whole file as int16 mono PCM at ``rate`` (downmixed and resampled by FFmpeg);
     ``DecodeError`` if it is missing, empty, not audio, or holds no samples."""
     check_file(path)
+    return _decode(str(path), rate, str(path))
+
+
+class TooLong(DecodeError):
+    """The audio decodes to more than the caller allows (a few kB of Opus can be hours)."""
+
+
+def decode_audio(data: bytes, rate: int, max_s: float | None = None) -> Pcm:
+    """An audio file held in memory (an upload, a download) as int16 mono PCM at ``rate``;
+    ``DecodeError`` if it is empty, not audio FFmpeg knows, or holds no samples, ``TooLong``
+    (decoding stops there) past ``max_s`` seconds. CPU-bound (about 1 ms per second of audio):
+    run it off the event loop for large files."""
+    if not data:
+        raise DecodeError("the audio is empty")
+    limit = None if max_s is None else int(max_s * rate)
+    return _decode(io.BytesIO(data), rate, "the audio", limit)
+
+
+def _decode(source: str | BinaryIO, rate: int, path: str, limit: int | None = None) -> Pcm:
     try:
-        with av.open(str(path)) as container:
+        with av.open(source, mode="r") as container:
             if not container.streams.audio:
                 raise DecodeError(f"{path}: no audio stream")
             resampler = av.AudioResampler(format="s16", layout="mono", rate=rate)
-            parts = [
-                out.to_ndarray().reshape(-1)
-                for frame in container.decode(audio=0)
-                for out in resampler.resample(frame)
-            ]
+            parts: list[np.ndarray] = []
+            samples = 0
+            for frame in container.decode(audio=0):
+                for out in resampler.resample(frame):
+                    parts.append(out.to_ndarray().reshape(-1))
+                    samples += parts[-1].size
+                if limit is not None and samples > limit:
+                    raise TooLong(f"{path} is longer than {limit / rate:g} s")
             parts += [out.to_ndarray().reshape(-1) for out in resampler.resample(None)]
     except (av.FFmpegError, OSError) as exc:
         raise DecodeError(f"{path}: cannot read audio: {exc}") from exc

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
 from voxphone.audio.codecs import Codec, Decoder, Pcm
@@ -30,6 +32,9 @@ class AudioPipeline:
         self.framer = Framer()
         self._pending: list[Pcm] = []
         self._pending_samples = 0
+        #: Sees every piece of decoded, placed PCM (at ``codec.sample_rate``) as it arrives,
+        #: before the 80 ms framing: for a listener that must not wait a frame (barge-in).
+        self.tap: Callable[[Pcm, int], None] | None = None
 
     def switch(self, codec: Codec) -> list[Pcm]:
         """Decode what follows as ``codec`` (an RTP payload type change mid-stream, RFC 3550
@@ -68,6 +73,8 @@ class AudioPipeline:
         """Already decoded, gap-free PCM at the codec's sample rate."""
         if pcm.size == 0:
             return []
+        if self.tap is not None:
+            self.tap(pcm, self.codec.sample_rate)
         self._pending.append(pcm)
         self._pending_samples += pcm.size
         if self.resampler.releasable(self._pending_samples) < self.framer.missing - _EARLY:

@@ -16,6 +16,11 @@ TRANSCRIPT_FINAL: Final = "transcript.final"
 DTMF: Final = "dtmf"
 CALL_ENDED: Final = "call.ended"
 ENGINE_ERROR: Final = "engine.error"
+#: Talk back (``voxphone.playback``): bot audio played into the call.
+PLAYBACK_STARTED: Final = "playback.started"
+PLAYBACK_MARK: Final = "playback.mark"
+PLAYBACK_FINISHED: Final = "playback.finished"
+PLAYBACK_CLEARED: Final = "playback.cleared"
 
 EVENT_TYPES: Final = (
     CALL_STARTED,
@@ -24,6 +29,10 @@ EVENT_TYPES: Final = (
     DTMF,
     CALL_ENDED,
     ENGINE_ERROR,
+    PLAYBACK_STARTED,
+    PLAYBACK_MARK,
+    PLAYBACK_FINISHED,
+    PLAYBACK_CLEARED,
 )
 
 

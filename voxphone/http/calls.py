@@ -120,7 +120,7 @@ async def _from_sdp(request: web.Request) -> web.Response:
     # The offer's address is a hint, not a filter: behind NAT media comes from elsewhere.
     opened = await _open(
         request, ans.codec, ans.payload_type, ans.telephone_event, None, {}, port,
-        hint=ans.remote, codecs=ans.formats,
+        hint=ans.remote, codecs=ans.formats, sends=ans.sends,
     )  # fmt: skip
     if isinstance(opened, web.Response):
         return opened
@@ -144,6 +144,7 @@ async def _open(
     webhook_url: str | None = None,
     hint: tuple[str, int] | None = None,
     codecs: dict[int, Codec] | None = None,
+    sends: bool = True,
 ) -> tuple[Call, RtpPort] | web.Response:
     registry, rtp = request.app[REGISTRY], request.app[RTP]
     try:
@@ -162,17 +163,21 @@ async def _open(
         return error(503, "not accepting calls: at the concurrent call limit, or draining")
     reservation = Reservation(
         call, pt, dtmf, expected_ip=remote_ip, created=registry.clock.monotonic(), hint=hint,
-        codecs=codecs,
+        codecs=codecs, sends=sends,
     )  # fmt: skip
     port.reserve(reservation)
     return call, port
 
 
 async def end_call(request: web.Request) -> web.Response:
-    call = request.app[REGISTRY].calls.get(request.match_info["call_id"])
+    registry, call_id = request.app[REGISTRY], request.match_info["call_id"]
+    call = registry.calls.get(call_id)
     if call is None:
-        return error(404, f"no live call {request.match_info['call_id']!r}")
-    call.hangup("hangup")  # through its transport, which plays out what it holds first
+        if call_id in registry.ended:
+            return error(410, f"call {call_id!r} has ended")
+        return error(404, f"no live call {call_id!r}")
+    # Through its transport's endpoint: it stops the media (and plays out what it holds).
+    call.hangup("hangup")
     return web.Response(status=204)
 
 

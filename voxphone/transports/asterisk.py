@@ -25,6 +25,8 @@ from voxphone.audio.codecs import G722, OPUS, PCMA, PCMU, SLIN, Codec
 from voxphone.call import Call, CallRegistry
 from voxphone.errors import TransportError
 from voxphone.http.api import REGISTRY
+from voxphone.transports.asterisk_endpoint import AudioSocketEndpoint, attach_chan_websocket
+from voxphone.transports.ws_sender import WebSocketSender
 
 log = structlog.get_logger(__name__)
 
@@ -92,10 +94,15 @@ class AudioSocketServer:
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         conn = _AudioSocketCall(self._registry, writer.get_extra_info("peername"))
+        talking = False  # the call has its way back (``AudioSocketEndpoint``)
         try:
             while conn.reason is None and (data := await reader.read(65536)):
                 for frame in conn.parser.feed(data):
                     conn.handle(frame)
+                    if not talking and conn.call is not None:
+                        endpoint = AudioSocketEndpoint(conn.call, writer, conn.hang_up)
+                        conn.call.attach_endpoint(endpoint)
+                        talking = True
                     if conn.reason is not None:
                         break
         except TransportError as exc:
@@ -106,9 +113,24 @@ class AudioSocketServer:
         finally:
             if conn.call is not None:
                 conn.call.end(conn.reason or "disconnected")
+            if conn.hung_up:  # Asterisk closes once it reads the hang-up frame: let it go first
+                await _until_closed(reader)
             writer.close()
             with contextlib.suppress(ConnectionError):
                 await writer.wait_closed()
+
+
+#: How long voxphone waits, after sending a hang-up frame, for Asterisk to close the connection.
+LINGER_S = 1.0
+
+
+async def _until_closed(reader: asyncio.StreamReader) -> None:
+    """Read (and drop) until the peer closes, for up to ``LINGER_S``: closing a socket with
+    unread data sends a TCP reset, which may destroy the hang-up frame before it is read."""
+    with contextlib.suppress(TimeoutError, ConnectionError):
+        async with asyncio.timeout(LINGER_S):
+            while await reader.read(65536):
+                pass
 
 
 class _AudioSocketCall:
@@ -119,6 +141,7 @@ class _AudioSocketCall:
         self.parser = AudioSocketParser()
         self.call: Call | None = None
         self.reason: str | None = None
+        self.hung_up = False  # by voxphone (API, shutdown), not by Asterisk
         self._registry = registry
         self._remote = f"{peer[0]}:{peer[1]}" if peer else None
         self._call_id: str | None = None
@@ -143,6 +166,13 @@ class _AudioSocketCall:
             self._error(frame.payload)
         else:  # a repeated UUID, an empty DTMF, or a type the docs do not list
             self._unknown_kind(frame.kind)
+
+    def hang_up(self, reason: str) -> None:
+        """End the call from voxphone's side (the endpoint has sent the hang-up frame)."""
+        self.hung_up = True
+        self.reason = self.reason or reason
+        if self.call is not None:
+            self.call.end(reason)
 
     def _dtmf(self, digit: str) -> None:
         if self.call is not None:
@@ -247,6 +277,9 @@ class ChanWebsocketSession:
         self._over_controls = 0
         self._over = 0
         self._query = query
+        #: Whether the channel speaks JSON control messages (its ``MEDIA_START`` was JSON):
+        #: commands sent back must use the same format.
+        self.json_control = False
 
     def open_from_url(self) -> bool:
         if "format" not in self._query:
@@ -261,8 +294,12 @@ class ChanWebsocketSession:
         self._over += len(self._held) == EARLY_FRAMES
         self._held.append(data)
 
+    def is_json(self) -> bool:
+        return self.json_control
+
     def control(self, text: str) -> bool:
         fields = parse_control(text)
+        self.json_control = text.lstrip().startswith("{")
         event = fields["event"]
         if event == "MEDIA_START":
             return self._media_start(fields)
@@ -308,16 +345,26 @@ async def chan_websocket(request: web.Request) -> web.WebSocketResponse:
     await ws.prepare(request)
     session = ChanWebsocketSession(request.app[REGISTRY], dict(request.query))
     reason = "disconnected"
+    sender: WebSocketSender | None = None  # talk back, once the call has opened
+
+    def talk_back() -> None:
+        nonlocal sender
+        if sender is None and session.call is not None:
+            sender = attach_chan_websocket(session.call, ws, session.end, session.is_json)
+
     try:
         if not session.open_from_url():
             reason = "rejected"
         else:
+            talk_back()
             async for msg in ws:
                 if msg.type == WSMsgType.BINARY:
                     session.audio(msg.data)
-                elif msg.type == WSMsgType.TEXT and not session.control(msg.data):
-                    reason = "rejected"
-                    break
+                elif msg.type == WSMsgType.TEXT:
+                    if not session.control(msg.data):
+                        reason = "rejected"
+                        break
+                    talk_back()
             else:
                 if ws.close_code in (1000, 1001):
                     reason = "hangup"  # Asterisk closes the socket when the channel hangs up
@@ -327,6 +374,8 @@ async def chan_websocket(request: web.Request) -> web.WebSocketResponse:
         await ws.close(code=1008, message=str(exc)[:120].encode())
     finally:
         session.end(reason)
+        if sender is not None:
+            sender.stop()
     return ws
 
 

@@ -29,6 +29,13 @@ class TelephoneEvent:
         return DTMF_KEYS[self.event] if self.event < len(DTMF_KEYS) else None
 
 
+def telephone_event(key: str, duration: int, end: bool, volume: int = 10) -> bytes:
+    """The 4-byte event block (RFC 4733 §2.3) for DTMF ``key`` (``0-9 * # A-D``), lasting
+    ``duration`` clock units so far; ``volume`` in -dBm0 (0-63, 10 is a typical level)."""
+    code = DTMF_KEYS.index(key.upper())
+    return struct.pack("!BBH", code, (0x80 if end else 0) | (volume & 0x3F), min(duration, 0xFFFF))
+
+
 def parse_telephone_event(payload: bytes) -> TelephoneEvent:
     """Parse the 4-byte event block (RFC 4733 §2.3); only the first of several blocks is used."""
     if len(payload) < 4:

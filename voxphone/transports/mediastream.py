@@ -37,6 +37,8 @@ from voxphone.transports.rawstream import (
     slin,
 )
 from voxphone.transports.rtp_packet import RtpPacket
+from voxphone.transports.stream_endpoint import attach_json, attach_raw
+from voxphone.transports.ws_sender import WebSocketSender
 
 log = structlog.get_logger(__name__)
 
@@ -280,13 +282,14 @@ class JsonStreamSession:
         if self.call is None:
             self.reason = "rejected"
             return
-        self.call.hangup = self._hang_up  # API DELETE, shutdown: play out the buffer first
+        self.call.hangup = self.hang_up  # API DELETE, shutdown: play out the buffer first
         self.call.count_dropped("unknown_message", self._unknown_before_start)
         self.call.count_dropped("early_audio_over_limit", self._early_over)
         while self._early:
             self.handle(self._early.popleft())
 
-    def _hang_up(self, reason: str) -> None:
+    def hang_up(self, reason: str) -> None:
+        """End the call (``reason``) after playing out what the jitter buffer holds."""
         self.reason = self.reason or reason
         self.finish()
 
@@ -342,6 +345,7 @@ def json_stream_handler(parser: JsonStream) -> Handler:
         ws = web.WebSocketResponse(max_msg_size=1 << 20)
         await ws.prepare(request)
         session = JsonStreamSession(request, parser.vendor)
+        sender: WebSocketSender | None = None  # talk back, once the call has opened
         try:
             async for msg in ws:
                 if msg.type != WSMsgType.TEXT:
@@ -349,6 +353,8 @@ def json_stream_handler(parser: JsonStream) -> Handler:
                         f"{parser.vendor}: expected text frames, got {msg.type.name}"
                     )
                 session.handle(parser.parse(msg.data))
+                if sender is None and session.call is not None:
+                    sender = attach_json(session.call, ws, parser.vendor, session.hang_up)
                 if session.reason is not None:
                     break
         except TransportError as exc:
@@ -357,6 +363,8 @@ def json_stream_handler(parser: JsonStream) -> Handler:
             await ws.close(code=1007, message=str(exc)[:120].encode())
         finally:
             session.finish()
+            if sender is not None:
+                sender.stop()
         return ws
 
     return handle
@@ -403,11 +411,14 @@ def raw_stream_handler(vendor: str) -> Handler:
         await ws.prepare(request)
         stream = RawStreamSession(vendor, dict(request.query), _raw_opener(request, vendor))
         reason = "disconnected"
+        sender: WebSocketSender | None = None  # talk back to the caller, once the call opened
         try:
             async for msg in ws:
                 if not _feed(stream, msg):
                     reason = "rejected"
                     break
+                if sender is None and stream.calls:
+                    sender = attach_raw(stream.calls[0][0], ws, vendor, stream.end)
             else:
                 if ws.close_code in (1000, 1001):
                     reason = "hangup"  # these streams end by closing the socket
@@ -417,6 +428,8 @@ def raw_stream_handler(vendor: str) -> Handler:
             await ws.close(code=1007, message=str(exc)[:120].encode())
         finally:
             stream.end(reason)
+            if sender is not None:
+                sender.stop()
         return ws
 
     return handle

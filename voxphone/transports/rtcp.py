@@ -1,4 +1,5 @@
-"""RTCP (RFC 3550 §6), sans I/O: the parts a receiver acts on — sender reports and BYE.
+"""RTCP (RFC 3550 §6), sans I/O: the parts a receiver acts on — sender reports and BYE — and
+the ones voxphone sends for its own (talk-back) stream.
 
 A compound packet is a run of RTCP packets, each with a 4-byte header whose length counts 32-bit
 words minus one. Receiver reports, SDES and APP are recognised and skipped.
@@ -12,6 +13,8 @@ from dataclasses import dataclass
 from voxphone.errors import TransportError
 
 SR, RR, SDES, BYE, APP = 200, 201, 202, 203, 204
+#: Seconds from the NTP epoch (1900) to the Unix epoch (1970), RFC 868.
+NTP_UNIX_OFFSET = 2_208_988_800
 
 
 @dataclass(frozen=True)
@@ -44,6 +47,31 @@ def bye(ssrc: int, reason: str = "") -> bytes:
     body = struct.pack("!I", ssrc) + tail
     # The length field counts 32-bit words minus one, the header being one of them.
     return struct.pack("!BBH", 0x81, BYE, len(body) // 4) + body
+
+
+def sender_report(
+    ssrc: int, unix_time: float, rtp_timestamp: int, packets: int, octets: int, cname: str
+) -> bytes:
+    """A compound SR + SDES(CNAME) (RFC 3550 §6.4.1, §6.5; §6.1: every compound packet starts
+    with a report and carries a CNAME), with no report blocks: ``unix_time`` and
+    ``rtp_timestamp`` are the same instant, so a receiver can place the stream in wall time."""
+    ntp = unix_time + NTP_UNIX_OFFSET
+    seconds = int(ntp)
+    fraction = int((ntp - seconds) * 2**32) & 0xFFFFFFFF
+    body = struct.pack(
+        "!IIIIII", ssrc, seconds & 0xFFFFFFFF, fraction, rtp_timestamp & 0xFFFFFFFF,
+        packets & 0xFFFFFFFF, octets & 0xFFFFFFFF,
+    )  # fmt: skip
+    report = struct.pack("!BBH", 0x80, SR, len(body) // 4) + body
+    return report + _cname(ssrc, cname)
+
+
+def _cname(ssrc: int, cname: str) -> bytes:
+    text = cname.encode()[:255]
+    item = bytes([1, len(text)]) + text + b"\0"  # CNAME, then the list's end
+    item += b"\0" * (-len(item) % 4)
+    body = struct.pack("!I", ssrc) + item
+    return struct.pack("!BBH", 0x81, SDES, len(body) // 4) + body
 
 
 def parse_rtcp(data: bytes) -> list[RtcpPacket]:

@@ -16,6 +16,9 @@ counted as ``after_end`` and ignored until it has been quiet for ``ended_grace_s
 its port return to the pool. Everything that is not audio is counted: on the call when it can be
 told whose it is (``Call.count_dropped``), else on the server (``RtpServer.totals``).
 
+Each call talks back through an ``RtpEndpoint`` (``rtp_out.py``): bot audio and DTMF leave from
+the call's port to its latched caller (symmetric RTP).
+
 The per-source state machine is ``rtp_source.py``; the packet format is ``rtp_packet.py``.
 """
 
@@ -36,12 +39,12 @@ from voxphone.call import Call
 from voxphone.clock import Clock
 from voxphone.errors import TransportError
 from voxphone.transports.rtcp import Bye, RtcpPacket, SenderReport, parse_rtcp
-from voxphone.transports.rtp_packet import RtpPacket, is_rtcp, parse_rtp
+from voxphone.transports.rtp_out import RtpEndpoint
+from voxphone.transports.rtp_packet import Address, RtpPacket, is_rtcp, parse_rtp
 from voxphone.transports.rtp_source import COMFORT_NOISE_PT, Candidate, RtpSource, SourceTerms
 
 log = structlog.get_logger(__name__)
 
-Address = tuple[str, int]
 CallFactory = Callable[[Codec, dict[str, object]], Call | None]
 #: Counts of packets no call could be charged with, by reason (shared by a server's ports).
 Counts = dict[str, int]
@@ -92,6 +95,8 @@ class Reservation:
     codecs: Mapping[int, Codec] | None = None
     latched_at: float | None = None
     ended_at: float | None = None
+    #: Whether voxphone may send media back (the SDP answer is ``sendrecv``).
+    sends: bool = True
 
 
 @dataclass
@@ -129,6 +134,38 @@ class RtpPort(asyncio.DatagramProtocol):
         self._candidates: OrderedDict[Address, Candidate] = OrderedDict()
         self._ended: dict[Address, _Ended] = {}
         self.queued = False  # in the server's free-port queue
+        #: Sends a datagram from this port (the server sets it once the socket is bound), and
+        #: an RTCP one from port + 1 (RFC 3550 §11; this port when that is not ours).
+        self.transmit: Callable[[bytes, Address], None] = self._unbound
+        self.transmit_rtcp: Callable[[bytes, Address], None] = self._unbound
+
+    def _unbound(self, data: bytes, addr: Address) -> None:
+        self._count(None, "unbound_send")
+
+    def remote_of(self, call: Call, last: Address | None = None) -> Address | None:
+        """Where ``call``'s caller is: its latched source (``last``, when that is still it,
+        without a search), else the address its SDP named; None before either is known."""
+        source = self.sources.get(last) if last is not None else None
+        if source is not None and source.call is call:
+            return last
+        addr = next((a for a, s in self.sources.items() if s.call is call), None)
+        if addr is not None:
+            return addr
+        res = self.reservation
+        return res.hint if res is not None and res.call is call else None
+
+    def talk_back(self, call: Call, payload_type: int, telephone_event: int | None) -> None:
+        """Give ``call`` its way back (``RtpEndpoint``): audio in ``payload_type`` (the call's
+        codec), DTMF on ``telephone_event``; its hang-up goes through this port."""
+        endpoint = RtpEndpoint(
+            call, call.codec, payload_type, telephone_event,
+            transmit=lambda data, addr: self.transmit(data, addr),
+            transmit_rtcp=lambda data, addr: self.transmit_rtcp(data, addr),
+            remote=functools.partial(self.remote_of, call),
+            hang_up=functools.partial(self.hang_up, call),
+            clock=self._clock,
+        )  # fmt: skip
+        call.attach_endpoint(endpoint)
 
     def datagram_received(self, data: bytes, addr: tuple[str | object, int]) -> None:
         self.handle(data, (str(addr[0]), int(addr[1])))
@@ -255,7 +292,8 @@ class RtpPort(asyncio.DatagramProtocol):
         if call is None:
             self._count(None, "call_refused", len(packets))
             return
-        call.hangup = functools.partial(self.hang_up, call)
+        events = sorted(self.policy.telephone_events)
+        self.talk_back(call, pkt.payload_type, events[0] if events else None)
         terms = self._terms(self.policy.payload_types, None, signalled=False)
         self._add(addr, RtpSource(call, packets[0], terms, now), packets, now)
 
@@ -297,7 +335,11 @@ class RtpPort(asyncio.DatagramProtocol):
 
     def reserve(self, reservation: Reservation) -> None:
         self.reservation = reservation
-        reservation.call.hangup = functools.partial(self.hang_up, reservation.call)
+        call = reservation.call
+        if reservation.sends:
+            self.talk_back(call, reservation.payload_type, reservation.telephone_event)
+        else:
+            call.hangup = functools.partial(self.hang_up, call)
         self.on_active(self)
 
     def _latch(self, res: Reservation, pkt: RtpPacket, addr: Address, now: float) -> None:
@@ -445,6 +487,19 @@ def _drain(sock: socket.socket, proto: RtpPort) -> None:
         proto.datagram_received(data, addr)
 
 
+def _via(port: RtpPort, data: bytes, addr: Address) -> None:
+    port.transmit(data, addr)
+
+
+def _transmit(sock: socket.socket, proto: RtpPort, data: bytes, addr: Address) -> None:
+    """Send from the port's own socket (symmetric RTP); a full send buffer or an ICMP error
+    loses the datagram, counted (``send_failed``) as the network would lose it."""
+    try:
+        sock.sendto(data, addr)
+    except OSError as exc:
+        proto._count(None, "send_failed", error=str(exc))
+
+
 def _ssrcs(pkt: RtcpPacket) -> tuple[int, ...]:
     """The sources an RTCP packet speaks for (SR: its sender; BYE: those leaving)."""
     if isinstance(pkt, Bye):
@@ -497,9 +552,12 @@ class RtpServer:
                 ) from exc
             proto.on_rtcp = self._rtcp
             proto.on_active = self._active.add
+            proto.transmit = functools.partial(_transmit, sock, proto)
             self.ports[port] = proto
             self._sockets.append(sock)
             loop.add_reader(sock.fileno(), _drain, sock, proto)
+        for proto in self.ports.values():
+            proto.transmit_rtcp = functools.partial(_via, self.ports.get(proto.port + 1, proto))
         for proto in sorted(self.ports.values(), key=lambda p: (p.port % 2, p.port)):
             self._enqueue(proto)  # even numbers first: RTCP goes to port + 1
         self._sweeper = asyncio.create_task(self._sweep(), name="rtp-sweeper")

@@ -1,15 +1,20 @@
-"""The RTP packet format (RFC 3550 §5.1), sans I/O: parse a datagram, build one.
+"""The RTP packet format (RFC 3550 §5.1), sans I/O: parse a datagram, build one, number a stream.
 
 Pure functions on bytes, shared by the RTP server, the media-stream jitter buffer, the test
-helpers (``voxphone.testing``) and ``voxphone call``. Nothing here knows about sockets or calls.
+helpers (``voxphone.testing``) and ``voxphone call``; ``RtpSender`` numbers what voxphone sends.
+Nothing here knows about sockets or calls.
 """
 
 from __future__ import annotations
 
+import random
 import struct
 from dataclasses import dataclass
 
 from voxphone.errors import TransportError
+
+#: A UDP peer: (host, port).
+Address = tuple[str, int]
 
 _HEADER = struct.Struct("!BBHII")
 
@@ -85,3 +90,71 @@ def parse_rtp(data: bytes) -> RtpPacket:
         csrcs=csrcs,
         extension=extension,
     )
+
+
+class RtpSender:
+    """Sequence numbers, timestamps and marker bits for one outgoing stream (RFC 3550 §5.1).
+
+    The SSRC and the first sequence number and timestamp are random (RFC 3550 §5.1, §8), from
+    ``rng`` (a ``random.SystemRandom`` by default). Audio goes out in talkspurts: within one,
+    timestamps step by ``frame`` clock units per packet; the first packet of a talkspurt has
+    the marker bit (RFC 3551 §4.1) and a timestamp moved on by the wall time since the last
+    packet (``now``, seconds), as if the silence had been sent. RFC 4733 events take the
+    timestamp of their start, shared by all packets of the event (``event``).
+    """
+
+    def __init__(
+        self,
+        payload_type: int,
+        clock_rate: int,
+        frame: int,
+        rng: random.Random | None = None,
+    ) -> None:
+        rng = rng or random.SystemRandom()
+        self.payload_type = payload_type
+        self.clock_rate = clock_rate
+        self.frame = frame
+        self.ssrc = rng.getrandbits(32)
+        self.sequence = rng.getrandbits(16)
+        self._next_ts = rng.getrandbits(32)  # the timestamp of the next audio packet
+        self._next_at: float | None = None  # when that packet would go out, in a talkspurt
+        self.packets = 0
+        self.octets = 0
+
+    def now_timestamp(self, now: float) -> int:
+        """The stream's timestamp at ``now``: the next one in a talkspurt, else moved on by the
+        silence since the last packet (never backwards)."""
+        if self._next_at is None or now <= self._next_at:
+            return self._next_ts
+        ahead = round((now - self._next_at) * self.clock_rate)
+        return (self._next_ts + ahead) & 0xFFFFFFFF
+
+    def audio(self, payload: bytes, now: float, first: bool) -> RtpPacket:
+        """The next audio packet: ``first`` starts a talkspurt (marker bit, timestamp at
+        ``now``)."""
+        if first:
+            self._next_ts = self.now_timestamp(now)
+        pkt = self._packet(self.payload_type, self._next_ts, payload, first)
+        self._next_ts = (self._next_ts + self.frame) & 0xFFFFFFFF
+        self._next_at = now + self.frame / self.clock_rate
+        return pkt
+
+    def event(self, payload_type: int, timestamp: int, payload: bytes, marker: bool) -> RtpPacket:
+        """One RFC 4733 telephone-event packet of the event that started at ``timestamp``;
+        audio after the event goes on from the event's end (``end_event``)."""
+        return self._packet(payload_type, timestamp, payload, marker)
+
+    def end_event(self, timestamp: int, duration: int, now: float) -> None:
+        """The event starting at ``timestamp`` lasted ``duration`` clock units: the next audio
+        timestamp is past its end (RFC 4733 §2.5.1.3: it must not be reused)."""
+        end = (timestamp + duration) & 0xFFFFFFFF
+        if (end - self._next_ts) & 0xFFFFFFFF < 0x80000000:
+            self._next_ts = end
+        self._next_at = now
+
+    def _packet(self, pt: int, timestamp: int, payload: bytes, marker: bool) -> RtpPacket:
+        pkt = RtpPacket(pt, self.sequence, timestamp, self.ssrc, payload, marker=marker)
+        self.sequence = (self.sequence + 1) & 0xFFFF
+        self.packets += 1
+        self.octets += len(payload)
+        return pkt

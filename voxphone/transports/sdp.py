@@ -1,9 +1,11 @@
-"""SDP offer/answer for one receive-only audio stream (RFC 4566, RFC 3264), sans I/O.
+"""SDP offer/answer for one audio stream (RFC 4566, RFC 3264), sans I/O.
 
-voxphone only listens, so the answer takes the first audio format of the offer it can decode
-(and the other decodable ones on the same RTP clock, which the sender may switch to), plus
-telephone-event at that clock rate if offered, and answers ``recvonly``. Everything it cannot
-use is refused with a message naming the line.
+voxphone listens and talks back (bot audio, DTMF: ``voxphone.playback``), so the answer takes the
+first audio format of the offer it can decode (and the other decodable ones on the same RTP
+clock, which the sender may switch to), plus telephone-event at that clock rate if offered, and
+answers ``sendrecv`` — or ``recvonly`` to a ``sendonly`` offer (RFC 3264 §6.1: the offerer will
+not receive). voxphone sends in the answer's first format. Everything it cannot use is refused
+with a message naming the line.
 """
 
 from __future__ import annotations
@@ -108,6 +110,8 @@ class Answer:
     remote: tuple[str, int] | None  # where the offerer says it sends from: a hint (NAT)
     #: Every format the answer accepts (``payload_type`` first), for switches mid-stream.
     formats: dict[int, Codec] = field(default_factory=dict)
+    #: Whether voxphone may send media (the answer is ``sendrecv``, not ``recvonly``).
+    sends: bool = True
 
 
 _ENCODINGS = {"pcmu": "PCMU", "pcma": "PCMA", "g722": "G722", "opus": "opus"}
@@ -148,8 +152,10 @@ def answer(offer: Offer, host: str, port: int, session_id: int) -> Answer:
     formats = _formats(m)
     pt, codec = next(iter(formats.items()))
     dtmf = _telephone_event(m, codec)
-    sdp = _render(host, port, session_id, [*formats, *([dtmf] if dtmf is not None else [])], m)
-    return Answer(sdp, codec, pt, dtmf, _remote(offer, m), formats)
+    sends = direction != "sendonly"
+    pts = [*formats, *([dtmf] if dtmf is not None else [])]
+    sdp = _render(host, port, session_id, pts, m, "sendrecv" if sends else "recvonly")
+    return Answer(sdp, codec, pt, dtmf, _remote(offer, m), formats, sends)
 
 
 def _formats(m: Media) -> dict[int, Codec]:
@@ -178,7 +184,7 @@ def _remote(offer: Offer, m: Media) -> tuple[str, int] | None:
     return (addr, m.port) if addr and addr not in ("0.0.0.0", "::") else None
 
 
-def _render(host: str, port: int, sid: int, pts: list[int], m: Media) -> str:
+def _render(host: str, port: int, sid: int, pts: list[int], m: Media, direction: str) -> str:
     ip = "IP6" if ":" in host else "IP4"
     lines = [
         "v=0",
@@ -195,5 +201,5 @@ def _render(host: str, port: int, sid: int, pts: list[int], m: Media) -> str:
             lines.append(f"a=fmtp:{p} {m.fmtp[p]}")
     if m.ptime:
         lines.append(f"a=ptime:{m.ptime}")
-    lines.append("a=recvonly")
+    lines.append(f"a={direction}")
     return "\r\n".join(lines) + "\r\n"

@@ -5,7 +5,9 @@ The answer names exactly one audio codec, chosen from the offer, so the call's p
 its rate before the first packet; other m= lines are answered inactive. A task per call keeps
 aiortc's receive queue drained (its queue is unbounded: a slow reader would grow memory and
 latency), downmixes to mono and places each frame on the call's clock by its RTP timestamp, so
-loss becomes silence. Events go back to the browser over the data channel it opened.
+loss becomes silence. Events go back to the browser over the data channel it opened. When the
+offer's audio is ``sendrecv`` the answer is too, with the bot's outbound track (``webrtc_out``):
+that is the call's ``MediaEndpoint``; a ``sendonly`` (WHIP) offer makes a listen-only call.
 
 A call ends when the browser hangs up (WHIP ``DELETE``, a ``hangup`` message, closing the peer
 connection), when ICE fails or stays disconnected, or when audio stops arriving (a closed tab
@@ -42,6 +44,7 @@ from voxphone.errors import TransportError
 from voxphone.events.model import Event
 from voxphone.transports.dtmf import DTMF_KEYS
 from voxphone.transports.ice import HostBinder, Unavailable
+from voxphone.transports.webrtc_out import BotAudioTrack, WebRtcEndpoint
 from voxphone.transports.webrtc_sdp import (
     OfferPlan,
     TrickleCandidate,
@@ -167,6 +170,8 @@ class Session:
     last_audio: float = 0.0
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
     _receiver: RTCRtpReceiver | None = None
+    #: The bot's voice to the browser (``webrtc_out``), when the browser's offer receives audio.
+    track: BotAudioTrack | None = None
     _ending: str | None = None  # why the call is ending, once its last audio is on the way
     _disconnected: asyncio.TimerHandle | None = None
     _closing: asyncio.Future[None] | None = None
@@ -174,11 +179,19 @@ class Session:
 
     def start(self, on_done: Callable[[Session], None]) -> None:
         self.last_audio = self.clock.monotonic()
-        # The answer has one receiving audio transceiver; its track exists from negotiation on.
-        receiving = [t for t in self.pc.getTransceivers() if t.direction == "recvonly"]
+        # The answer has one receiving audio transceiver (recvonly, or sendrecv when the bot
+        # can talk back); its track exists from negotiation on.
+        receiving = [
+            t
+            for t in self.pc.getTransceivers()
+            if t.kind == "audio" and t.direction in ("recvonly", "sendrecv")
+        ]
         self._receiver = receiving[0].receiver
         self._spawn(self._read(self._receiver.track))
         self.call.hangup = self.hangup  # DELETE /v1/calls/{id} and shutdown play out the tail too
+        if self.track is not None:
+            self.track.on_drop = lambda n: self.call.count_dropped("outbound_backlog", n)
+            self.call.attach_endpoint(WebRtcEndpoint(self.track, self.send_text, self.hangup))
         play_out_on_stop(self._receiver)
         self.pc.on("datachannel", self._on_datachannel)
         self.pc.on("connectionstatechange", self._on_state)
@@ -283,7 +296,11 @@ class Session:
 
     def send(self, event: Event) -> None:
         """Push one event to the browser (held until the data channel opens)."""
-        self.pending.append(event.to_json().decode())
+        self.send_text(event.to_json().decode())
+
+    def send_text(self, text: str) -> None:
+        """Push one message to the browser (held until the data channel opens)."""
+        self.pending.append(text)
         if len(self.pending) > _MAX_PENDING_EVENTS:
             del self.pending[0]
         self._flush()
@@ -322,6 +339,8 @@ class Session:
                 self._disconnected.cancel()
             for task in list(self.tasks):
                 task.cancel()
+            if self.track is not None:
+                self.track.stop()
             self._closing = asyncio.ensure_future(self.pc.close())
         try:
             await asyncio.wait_for(asyncio.shield(self._closing), limit_s)
@@ -366,8 +385,9 @@ class WebRtcGateway:
             raise Unavailable("not accepting calls: at the concurrent call limit, or draining")
         # An empty list, not None: aiortc's default is Google's STUN server.
         pc = RTCPeerConnection(RTCConfiguration(iceServers=self._ice_servers))
+        track = BotAudioTrack(plan.codec.sample_rate) if plan.receives else None
         try:
-            answer_sdp = await self._negotiate(pc, plan, offer_sdp)
+            answer_sdp = await self._negotiate(pc, plan, offer_sdp, track)
         except BaseException:
             await pc.close()
             raise
@@ -383,20 +403,28 @@ class WebRtcGateway:
         if call is None:
             await pc.close()
             raise Unavailable("not accepting calls: at the concurrent call limit, or draining")
-        session = Session(call_id, pc, call, self.settings, self.clock, pending=early)
+        session = Session(call_id, pc, call, self.settings, self.clock, pending=early, track=track)
         self.sessions[call_id] = session
         session.start(self._forget)
         log.info("webrtc_answered", call_id=call_id, codec=plan.codec.name)
         return session, answer_sdp
 
-    async def _negotiate(self, pc: RTCPeerConnection, plan: OfferPlan, offer_sdp: str) -> str:
+    async def _negotiate(
+        self, pc: RTCPeerConnection, plan: OfferPlan, offer_sdp: str, track: BotAudioTrack | None
+    ) -> str:
+        """The answer: the first audio m= line receives (and sends ``track``, the bot's voice,
+        when there is one: ``sendrecv``), the other media lines are inactive."""
         audio_seen = False
         for kind in plan.kinds:
             if kind == "application":
                 continue
             if kind == "audio" and not audio_seen:
                 audio_seen = True
-                transceiver = pc.addTransceiver("audio", direction="recvonly")
+                transceiver = (
+                    pc.addTransceiver("audio", direction="recvonly")
+                    if track is None
+                    else pc.addTransceiver(track, direction="sendrecv")
+                )
                 capabilities = RTCRtpReceiver.getCapabilities("audio")
                 assert capabilities is not None
                 transceiver.setCodecPreferences(

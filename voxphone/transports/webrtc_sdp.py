@@ -39,6 +39,9 @@ class OfferPlan:
     codec: Codec
     mime_type: str  # e.g. "audio/opus", as aiortc's capabilities name it
     kinds: list[str]  # m= line kinds in order: "audio", "video", "application", ...
+    #: The browser also receives audio (``sendrecv``, the default): the answer can send the
+    #: bot's voice back. A WHIP client offers ``sendonly``: nothing can go back.
+    receives: bool = False
 
 
 def plan_offer(text: str) -> OfferPlan:
@@ -50,7 +53,8 @@ def plan_offer(text: str) -> OfferPlan:
         raise TransportError("offer has no a=fingerprint: WebRTC needs it for DTLS")
     audio = _first_audio(offer)
     codec, mime = _choose_codec(audio.rtpmap, audio.formats)
-    return OfferPlan(codec, mime, [m.kind for m in offer.media])
+    receives = (audio.direction or offer.direction or "sendrecv") == "sendrecv"
+    return OfferPlan(codec, mime, [m.kind for m in offer.media], receives)
 
 
 def _first_audio(offer: Offer) -> Media:

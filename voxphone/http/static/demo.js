@@ -1,5 +1,7 @@
 // voxphone demo: a WHIP client with trickle ICE, a mic meter and a live transcript.
 // Events arrive on the "events" data channel the page opens; `?token=` is sent as a bearer token.
+// The mic goes out sendrecv, so what the bot plays into the call (POST /v1/calls/{id}/play)
+// comes back on the same transceiver and plays in the <audio id="bot"> element.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
@@ -33,6 +35,37 @@ function note(text) {
   $("transcript").append(p);
 }
 
+// DTMF the bot sends (voxphone: {"type": "bot.dtmf", "digit", "duration_ms"}): heard as the
+// key's two tones (ITU-T Q.23), so the caller hears what a phone would play.
+const DTMF_HZ = { 1: [697, 1209], 2: [697, 1336], 3: [697, 1477], A: [697, 1633],
+  4: [770, 1209], 5: [770, 1336], 6: [770, 1477], B: [770, 1633],
+  7: [852, 1209], 8: [852, 1336], 9: [852, 1477], C: [852, 1633],
+  "*": [941, 1209], 0: [941, 1336], "#": [941, 1477], D: [941, 1633] };
+
+function tone(digit, durationMs) {
+  const freqs = DTMF_HZ[digit];
+  if (!audioCtx || !freqs) return;
+  const end = audioCtx.currentTime + durationMs / 1000;
+  for (const hz of freqs) {
+    const osc = audioCtx.createOscillator();
+    const gain = audioCtx.createGain();
+    osc.frequency.value = hz;
+    gain.gain.value = 0.1;
+    osc.connect(gain).connect(audioCtx.destination);
+    osc.start();
+    osc.stop(end);
+  }
+}
+
+function onMessage(message) {
+  if (message.type === "bot.dtmf") {
+    note(`bot key ${message.digit}`);
+    tone(message.digit, message.duration_ms);
+  } else {
+    onEvent(message);
+  }
+}
+
 function onEvent(event) {
   eventCount += 1;
   $("count").textContent = eventCount;
@@ -52,6 +85,10 @@ function onEvent(event) {
     cleanup(`ended (${d.reason})`);
   } else if (event.type === "engine.error") {
     note(`engine: ${d.message}`);
+  } else if (event.type === "playback.started") {
+    $("bot-state").textContent = "bot speaking";
+  } else if (event.type === "playback.finished" || event.type === "playback.cleared") {
+    $("bot-state").textContent = "";
   }
   $("transcript").scrollTop = $("transcript").scrollHeight;
 }
@@ -101,9 +138,14 @@ async function call() {
   try {
     stream = await navigator.mediaDevices.getUserMedia({ audio: true });
     pc = new RTCPeerConnection();
-    for (const track of stream.getAudioTracks()) pc.addTransceiver(track, { direction: "sendonly" });
+    // sendrecv: the bot's voice comes back on the same m= line.
+    for (const track of stream.getAudioTracks()) pc.addTransceiver(track, { direction: "sendrecv" });
+    pc.ontrack = (e) => {
+      $("bot").srcObject = e.streams[0] || new MediaStream([e.track]);
+      $("bot").play().catch(() => note("press play to hear the bot"));
+    };
     channel = pc.createDataChannel("events");
-    channel.onmessage = (e) => onEvent(JSON.parse(e.data));
+    channel.onmessage = (e) => onMessage(JSON.parse(e.data));
     pc.onicecandidate = (e) => {
       if (!e.candidate || !e.candidate.candidate) return;
       if (session) trickle([e.candidate]);
@@ -151,6 +193,8 @@ function cleanup(status, state = "idle") {
   audioCtx = null;
   if (stream) stream.getTracks().forEach((t) => t.stop());
   if (pc) pc.close();
+  $("bot").srcObject = null;
+  $("bot-state").textContent = "";
   pc = channel = stream = session = null;
   pendingCandidates = [];
   $("level").style.width = "0";
