@@ -33,7 +33,7 @@ from aiortc.mediastreams import AudioStreamTrack, MediaStreamError, MediaStreamT
 from yarl import URL
 
 from voxphone.audio.codecs import Pcm
-from voxphone.audio.files import check_file
+from voxphone.audio.files import check_file, ffmpeg_says
 from voxphone.errors import DecodeError, TransportError
 from voxphone.transports.webrtc import to_mono
 
@@ -165,7 +165,7 @@ def _player(audio: Path) -> MediaPlayer:
     try:
         player = MediaPlayer(str(audio))
     except (av.FFmpegError, OSError) as exc:
-        raise DecodeError(f"{audio}: cannot read audio: {exc}") from exc
+        raise DecodeError(f"{audio}: cannot read audio: {ffmpeg_says(exc)}") from exc
     if player.audio is None:
         if player.video is not None:
             player.video.stop()

@@ -198,7 +198,11 @@ def test_serve_blames_the_flag_or_variable_not_the_file(
 @pytest.mark.parametrize("command", ["transcribe", "call", "whip"])
 @pytest.mark.parametrize(
     ("content", "message"),
-    [(None, "No such file or directory"), (b"", "empty file"), (b"not audio", "cannot read audio")],
+    [
+        (None, "No such file or directory"),
+        (b"", "empty file"),
+        (b"not audio", "cannot read audio: Invalid data found when processing input"),
+    ],
     ids=["missing", "empty", "not-audio"],
 )
 def test_a_file_that_is_no_audio_is_one_line(
@@ -211,6 +215,7 @@ def test_a_file_that_is_no_audio_is_one_line(
     r = voxphone(command, str(path), *url)
     assert r.returncode == 2, r.stderr
     assert r.stderr.startswith(f"voxphone: error: {path}: ") and message in r.stderr, r.stderr
+    assert "Errno" not in r.stderr and len(r.stderr.splitlines()) == 1, r.stderr
     assert len(r.stderr.splitlines()) == 1
 
 

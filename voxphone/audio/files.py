@@ -24,6 +24,13 @@ def check_file(path: Path) -> None:
         raise DecodeError(f"{path}: empty file")
 
 
+def ffmpeg_says(exc: av.FFmpegError | OSError) -> str:
+    """FFmpeg's (or the OS's) own words, without the errno and the path it repeats:
+    ``Invalid data found when processing input`` rather than ``[Errno 1094995529] Invalid
+    data found when processing input: 'x.txt'``."""
+    return exc.strerror or str(exc)
+
+
 def read_audio(path: Path, rate: int) -> Pcm:
     """The whole file as int16 mono PCM at ``rate`` (downmixed and resampled by FFmpeg);
     ``DecodeError`` if it is missing, empty, not audio, or holds no samples."""
@@ -62,7 +69,7 @@ def _decode(source: str | BinaryIO, rate: int, path: str, limit: int | None = No
                     raise TooLong(f"{path} is longer than {limit / rate:g} s")
             parts += [out.to_ndarray().reshape(-1) for out in resampler.resample(None)]
     except (av.FFmpegError, OSError) as exc:
-        raise DecodeError(f"{path}: cannot read audio: {exc}") from exc
+        raise DecodeError(f"{path}: cannot read audio: {ffmpeg_says(exc)}") from exc
     pcm: Pcm = np.concatenate(parts).astype(np.int16) if parts else np.zeros(0, np.int16)
     if not pcm.size:
         raise DecodeError(f"{path}: no audio samples in the file")
