@@ -8,13 +8,13 @@ or carry another payload type, are counted, not recorded.
 
 from __future__ import annotations
 
-import wave
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from voxphone.audio.codecs import Codec, Decoder, Pcm
+from voxphone.audio.files import write_wav
 from voxphone.errors import DecodeError, TransportError
 from voxphone.transports.dtmf import DtmfReceiver
 from voxphone.transports.rtp_packet import parse_rtp
@@ -85,10 +85,4 @@ class RtpRecorder:
 
     def write_wav(self, path: Path) -> float:
         """Write the audio as 16-bit mono WAV; returns its length in seconds."""
-        pcm = self.pcm()
-        with wave.open(str(path), "wb") as out:
-            out.setnchannels(1)
-            out.setsampwidth(2)
-            out.setframerate(self.codec.sample_rate)
-            out.writeframes(pcm.astype("<i2").tobytes())
-        return pcm.size / self.codec.sample_rate
+        return write_wav(path, self.pcm(), self.codec.sample_rate)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import wave
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,7 +32,7 @@ from aiortc.mediastreams import AudioStreamTrack, MediaStreamError, MediaStreamT
 from yarl import URL
 
 from voxphone.audio.codecs import Pcm
-from voxphone.audio.files import check_file, ffmpeg_says
+from voxphone.audio.files import check_file, ffmpeg_says, write_wav
 from voxphone.errors import DecodeError, TransportError
 from voxphone.transports.webrtc import to_mono
 
@@ -65,13 +64,7 @@ class TrackRecorder:
 
     def write_wav(self, path: Path) -> float:
         """Write 16-bit mono WAV; returns its length in seconds."""
-        pcm = self.pcm()
-        with wave.open(str(path), "wb") as out:
-            out.setnchannels(1)
-            out.setsampwidth(2)
-            out.setframerate(self.rate or 48000)
-            out.writeframes(pcm.astype("<i2").tobytes())
-        return pcm.size / (self.rate or 48000)
+        return write_wav(path, self.pcm(), self.rate or 48000)
 
 
 @dataclass

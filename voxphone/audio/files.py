@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import wave
 from pathlib import Path
 from typing import BinaryIO
 
@@ -74,3 +75,13 @@ def _decode(source: str | BinaryIO, rate: int, path: str, limit: int | None = No
     if not pcm.size:
         raise DecodeError(f"{path}: no audio samples in the file")
     return pcm
+
+
+def write_wav(path: Path, pcm: Pcm, rate: int) -> float:
+    """``pcm`` (mono int16) as a 16-bit mono WAV file at ``rate`` Hz; returns its seconds."""
+    with wave.open(str(path), "wb") as out:
+        out.setnchannels(1)
+        out.setsampwidth(2)
+        out.setframerate(rate)
+        out.writeframes(pcm.astype("<i2").tobytes())
+    return pcm.size / rate
