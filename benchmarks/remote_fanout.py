@@ -29,7 +29,9 @@ call started and sending):
   ``j + 7`` was handed to voxphone. The fake emits step ``j`` as soon as it reads frame ``j + 7``,
   so this is voxphone's send path + loopback + the fake's work + voxphone's receive path: what a
   zero-time engine would show;
-* failures: calls that reconnected or ended with an error, steps missing.
+* failures: calls that reconnected or ended with an error, steps missing;
+* garbage collections in the window and their pauses (wall time: a preempted collection looks
+  long); ``--profile-at N`` adds a py-spy summary of this process at level ``N``.
 
 This machine is shared (2 cores, other agents): the figures are upper bounds on voxphone's cost,
 and the lags include CPU contention with the fake servers and the neighbours; ``os.getloadavg()``
