@@ -208,6 +208,24 @@ async def test_sessions_spread_over_servers() -> None:
     assert [s.active for s in engine.servers] == [0, 0]
 
 
+async def test_one_process_holds_more_sessions_than_aiohttps_default_pool(
+    server: FakeRealtimeServer,
+) -> None:
+    """aiohttp pools 100 connections by default; the 101st call's websocket must not wait for
+    another call to end (one voxphone process feeds several servers, benchmarks/remote_fanout)."""
+    engine = await started(server)
+    try:
+        streams = await asyncio.wait_for(
+            asyncio.gather(*(engine.open_stream(f"c{i}") for i in range(120))), 10
+        )
+        assert sum(s.active for s in engine.servers) == 120
+        for stream in streams:
+            await stream.abort()
+    finally:
+        await engine.stop()
+    assert len(server.connections) == 120
+
+
 async def test_rollover_cuts_in_a_pause_and_loses_no_words(server: FakeRealtimeServer) -> None:
     settings = VoxtralSettings(pause_s=0.4, max_session_s=3.0, max_model_len=4096, watchdog_s=30)
     engine = await started(server, settings=settings)

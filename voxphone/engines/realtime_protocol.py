@@ -27,12 +27,17 @@ def commit(final: bool = False) -> str:
     return json.dumps({"type": "input_audio_buffer.commit", "final": final})
 
 
+_APPEND_HEAD = '{"type": "input_audio_buffer.append", "audio": "'
+
+
 def append(pcm16k: Pcm) -> str:
-    """One append of int16 mono 16 kHz audio (little-endian on the wire, whatever the host)."""
+    """One append of int16 mono 16 kHz audio (little-endian on the wire, whatever the host).
+
+    Sent 12.5 times a second per call, so built by concatenation: base64's alphabet (RFC 4648
+    §4) needs no JSON escaping, and this halves the cost of ``json.dumps`` (≈ 7 µs per frame;
+    ``benchmarks/remote_fanout.py``)."""
     raw = pcm16k.astype("<i2", copy=False).tobytes()
-    return json.dumps(
-        {"type": "input_audio_buffer.append", "audio": base64.b64encode(raw).decode()}
-    )
+    return _APPEND_HEAD + base64.b64encode(raw).decode("ascii") + '"}'
 
 
 @dataclass(frozen=True)

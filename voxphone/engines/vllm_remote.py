@@ -54,9 +54,12 @@ class RemoteSession:
         cls, http: aiohttp.ClientSession, server: Server, model: str, timeout_s: float
     ) -> RemoteSession:
         try:
-            ws = await http.ws_connect(
-                server.url, timeout=aiohttp.ClientWSTimeout(ws_close=timeout_s)
-            )
+            async with asyncio.timeout(timeout_s):
+                ws = await http.ws_connect(
+                    server.url, timeout=aiohttp.ClientWSTimeout(ws_close=timeout_s)
+                )
+        except TimeoutError:
+            raise SessionFailed(f"{server.url}: cannot connect within {timeout_s:g} s") from None
         except (aiohttp.ClientError, OSError) as exc:
             raise SessionFailed(f"{server.url}: cannot connect: {exc}") from exc
         try:
@@ -155,7 +158,9 @@ class VllmRemoteEngine:
 
     async def start(self) -> None:
         """Check that some server is up and serves the model (others may come later)."""
-        self._http = aiohttp.ClientSession()
+        # One websocket per call: aiohttp's default pool of 100 connections would hold the 101st
+        # call's connect until another call ends (calls are bounded by ``calls.max_concurrent``).
+        self._http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
         problems = [p for s in self.servers if (p := await self._check(s))]
         if len(problems) == len(self.servers):
             await self.stop()
