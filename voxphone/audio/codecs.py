@@ -106,6 +106,12 @@ class Decoder:
             else av.AudioResampler(format="s16", layout="mono", rate=codec.sample_rate)
         )
 
+    @property
+    def stateless(self) -> bool:
+        """Whether decoding payloads joined equals joining their decodes (G.711: one byte, one
+        sample, no history), so a caller may decode several packets' payloads in one call."""
+        return self._table is not None
+
     def decode(self, payload: bytes) -> Pcm:
         """Decode one payload; an empty payload gives an empty array."""
         if not payload:
