@@ -45,6 +45,13 @@ class JitterBuffer:
 
     def push(self, pkt: RtpPacket) -> list[RtpPacket]:
         """Add a packet; return the packets now ready, in sequence order."""
+        nxt = self._next
+        if nxt is not None and not self._buf and not self._holding and pkt.sequence == nxt & 0xFFFF:
+            # The next one with nothing waiting (most packets): played at once.
+            self._highest = nxt
+            self._next = nxt + 1
+            self._remember(nxt)
+            return [pkt]
         if self._next is None:
             self._next = self._highest = pkt.sequence
         ext = self._next + seq_delta(pkt.sequence, self._next & 0xFFFF)
@@ -101,11 +108,14 @@ class JitterBuffer:
         assert self._next is not None
         while self._next in self._buf:
             out.append(self._buf.pop(self._next))
-            self._played.add(self._next)
+            self._remember(self._next)
             self._next += 1
-        if len(self._played) > 2 * self.REMEMBER:  # the latest few hundred are enough
-            self._played = {e for e in self._played if e >= self._next - self.REMEMBER}
         return out
+
+    def _remember(self, ext: int) -> None:
+        self._played.add(ext)
+        if len(self._played) > 2 * self.REMEMBER:  # the latest few hundred are enough
+            self._played = {e for e in self._played if e > ext - self.REMEMBER}
 
     def _span(self) -> int:
         """RTP time covered by what is buffered (newest minus oldest timestamp, wrap-safe)."""

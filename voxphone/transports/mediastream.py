@@ -21,6 +21,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
 import structlog
 from aiohttp import WSMessage, WSMsgType, web
 
@@ -103,10 +104,12 @@ class JsonStream:
         self._documented = DOCUMENTED_EVENTS[vendor]
 
     def parse(self, text: str) -> StreamMessage:
-        """One message; ``TransportError`` names what is malformed."""
+        """One message; ``TransportError`` names what is malformed. A media message (50 a
+        second per call) is parsed by orjson and decoded by ``binascii``: about half the cost of
+        ``json`` and ``base64.b64decode(validate=True)`` (``benchmarks/pipecat_twilio.py``)."""
         try:
-            msg = json.loads(text)
-        except json.JSONDecodeError as exc:
+            msg = orjson.loads(text)
+        except orjson.JSONDecodeError as exc:
             raise self._error(f"invalid JSON: {exc}") from None
         if not isinstance(msg, dict) or not isinstance(msg.get("event"), str):
             raise self._error("message has no 'event'")
@@ -127,7 +130,8 @@ class JsonStream:
     def _media(self, msg: dict[str, Any]) -> StreamMedia:
         media = self._object(msg, "media")
         try:
-            payload = base64.b64decode(self._field(media, "payload", "media"), validate=True)
+            # strict_mode refuses what ``b64decode(validate=True)`` refuses, without its regex.
+            payload = binascii.a2b_base64(self._field(media, "payload", "media"), strict_mode=True)
         except (binascii.Error, ValueError) as exc:
             raise self._error(f"media.payload is not base64: {exc}") from None
         seq_key = "sequence_number" if self._snake else "sequenceNumber"
