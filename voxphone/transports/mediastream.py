@@ -19,7 +19,7 @@ import json
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 import structlog
@@ -51,8 +51,10 @@ class StreamStart:
     metadata: dict[str, Any]
 
 
-@dataclass(frozen=True)
-class StreamMedia:
+class StreamMedia(NamedTuple):
+    """One media message (a tuple: built 50 times a second per call, cheaper than a frozen
+    dataclass)."""
+
     sequence: int
     timestamp_ms: int
     track: str
@@ -115,7 +117,7 @@ class JsonStream:
             raise self._error("message has no 'event'")
         event = msg["event"]
         if event == "media":
-            return self._media(msg)
+            return self._fast_media(msg) or self._media(msg)
         if event == "start":
             start = self._object(msg, "start")
             return self._telnyx_start(msg, start) if self._snake else self._twilio_start(start)
@@ -126,6 +128,24 @@ class JsonStream:
         if event == "error" and event in self._documented:  # Telnyx: payload{code, title, detail}
             return StreamOther(event, detail=json.dumps(msg.get("payload"))[:200])
         return StreamOther(event, event in self._documented)
+
+    def _fast_media(self, msg: dict[str, Any]) -> StreamMedia | None:
+        """A well-formed media message with no checks beyond those Python does anyway; ``None``
+        for anything else, which ``_media`` then parses to name what is wrong."""
+        try:
+            media = msg["media"]
+            b64 = media["payload"]
+            if not isinstance(b64, str) or not b64:
+                return None
+            payload = binascii.a2b_base64(b64, strict_mode=True)
+            sequence = int(msg["sequence_number" if self._snake else "sequenceNumber"])
+            timestamp = int(media["timestamp"])
+            track = media.get("track", "inbound")
+        except (KeyError, TypeError, ValueError, AttributeError, binascii.Error):
+            return None
+        return StreamMedia(
+            sequence, timestamp, track if type(track) is str else str(track), payload
+        )
 
     def _media(self, msg: dict[str, Any]) -> StreamMedia:
         media = self._object(msg, "media")
