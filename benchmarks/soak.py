@@ -112,9 +112,12 @@ async def serve(args: argparse.Namespace) -> dict[str, Any]:
     return report(args, samples, totals)
 
 
-def growth(samples: list[dict[str, float]], key: str, warmup_s: float) -> dict[str, float]:
-    """Straight-line fit after the warm-up: slope over mean, in % per hour."""
-    pts = [(s["t_s"], s[key]) for s in samples if s["t_s"] >= warmup_s]
+def growth(
+    samples: list[dict[str, float]], key: str, warmup_s: float, end_s: float
+) -> dict[str, float]:
+    """Straight-line fit from the warm-up to ``end_s`` (before the callers start hanging up
+    for good): slope over mean, in % per hour."""
+    pts = [(s["t_s"], s[key]) for s in samples if warmup_s <= s["t_s"] <= end_s]
     if len(pts) < 3:
         return {}
     t, v = np.array(pts).T
