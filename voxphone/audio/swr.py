@@ -93,8 +93,8 @@ class SwrContext:
         self._in_addr = ctypes.addressof(self._in_planes)
         self._out_addr = ctypes.addressof(self._out_planes)
         self._in_buf = self._out_buf = np.zeros(0, np.int16)
-        self._fits = 0  # input samples the planes are sized for
-        self._reserve(4096)
+        self._fits = 0  # input samples the planes are sized for: grown on first use, so a
+        # call's planes are the size of its batches (a few KiB; hundreds of calls share a cache)
 
     def _reserve(self, n_in: int) -> None:
         """Make the planes hold ``n_in`` input samples and whatever they may produce (with room
@@ -114,6 +114,8 @@ class SwrContext:
         if pcm is None:
             self._reserve(0)
             n = self._swr.swr_convert(self._handle, self._out_addr, self._out_buf.size, None, 0)
+        elif pcm.size == 0:
+            return np.zeros(0, np.int16)
         else:
             n_in = pcm.size
             if n_in > self._fits:
