@@ -172,7 +172,7 @@ class Call:
         the decoder changes at this packet and the call's clock goes on."""
         if self.end_reason is not None:
             return
-        if codec is not None:
+        if codec is not None and codec is not self.pipeline.codec:
             for frame in self.pipeline.switch(codec):
                 self._enqueue(frame)
         for frame in self._decode(timestamp, payload):
@@ -262,14 +262,16 @@ class Call:
         """Decode and place one payload; one the codec rejects is counted ``undecodable``, one
         wholly behind the play-out point ``late`` (both in ``stats.dropped``)."""
         self.stats.packets += 1
-        late = self.pipeline.timeline.stats.late
+        timeline = self.pipeline.timeline.stats
+        late = timeline.late
         try:
             frames = self.pipeline.push_packet(timestamp, payload)
         except DecodeError as exc:
             self.stats.decode_errors += 1
             self.count_dropped("undecodable", error=str(exc))
             return []
-        self.count_dropped("late", self.pipeline.timeline.stats.late - late)
+        if timeline.late != late:
+            self.count_dropped("late", timeline.late - late)
         return frames
 
     def _enqueue(self, frame: Pcm) -> None:
