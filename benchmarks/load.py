@@ -55,6 +55,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import av
 import numpy as np
 
 from voxphone.app import App
@@ -79,18 +80,35 @@ TEXT = (
 # -- the load process ---------------------------------------------------------------------------
 
 
-def speech_payloads() -> list[bytes]:
-    """flite's speech as 20 ms PCMU payloads (looped by the callers)."""
+#: What the callers can send: (RTP payload type, clock ticks per 20 ms packet). Opus uses the
+#: dynamic type voxphone assumes without signalling (111, WebRTC's habit; 48 kHz clock).
+CODECS = {"pcmu": (0, 160), "opus": (111, 960)}
+
+
+def speech_payloads(codec: str = "pcmu") -> list[bytes]:
+    """flite's speech as 20 ms payloads (looped by the callers): PCMU, or mono Opus (libopus,
+    48 kHz, as a browser or Asterisk sends it)."""
     wav = Path(tempfile.mkdtemp()) / "speech.wav"
     subprocess.run(["flite", "-voice", "rms", "-t", TEXT, "-o", str(wav)], check=True)
-    pcm = read_audio(wav, 8000)
-    enc = Encoder(PCMU)
-    return [enc.encode(pcm[i : i + 160]) for i in range(0, pcm.size - 159, 160)]
+    if codec == "pcmu":
+        pcm = read_audio(wav, 8000)
+        enc = Encoder(PCMU)
+        return [enc.encode(pcm[i : i + 160]) for i in range(0, pcm.size - 159, 160)]
+    pcm = read_audio(wav, 48000)
+    ctx = av.CodecContext.create("libopus", "w")
+    assert isinstance(ctx, av.AudioCodecContext)
+    ctx.sample_rate, ctx.layout, ctx.format = 48000, "mono", "s16"
+    out = []
+    for n, i in enumerate(range(0, pcm.size - 959, 960)):
+        frame = av.AudioFrame.from_ndarray(pcm[i : i + 960].reshape(1, -1), "s16", "mono")
+        frame.sample_rate, frame.pts = 48000, n * 960
+        out += [bytes(p) for p in ctx.encode(frame)]
+    return out
 
 
-def rtp(seq: int, ts: int, ssrc: int, payload: bytes) -> bytes:
-    """RFC 3550 header (version 2, PT 0 = PCMU) + payload."""
-    return struct.pack("!BBHII", 0x80, 0, seq & 0xFFFF, ts & 0xFFFFFFFF, ssrc) + payload
+def rtp(seq: int, ts: int, ssrc: int, payload: bytes, pt: int = 0) -> bytes:
+    """RFC 3550 header (version 2, PT 0 = PCMU unless told) + payload."""
+    return struct.pack("!BBHII", 0x80, pt, seq & 0xFFFF, ts & 0xFFFFFFFF, ssrc) + payload
 
 
 def send(args: argparse.Namespace) -> None:
@@ -98,7 +116,8 @@ def send(args: argparse.Namespace) -> None:
     With ``--call-seconds`` each caller hangs up after that long and calls again from a new
     socket (a new source address and SSRC: a new call), so calls start and end all along."""
     pin(args.load_cpus or f"0-{os.cpu_count() - 1}")  # (not the server's pinning it inherited)
-    payloads = speech_payloads()
+    payloads = speech_payloads(args.codec)
+    pt, ticks = CODECS[args.codec]
     rng = random.Random(args.seed)
     socks = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(args.calls)]
     for s in socks:
@@ -129,7 +148,8 @@ def send(args: argparse.Namespace) -> None:
         if kc >= 2 and rng.random() < args.loss:  # (the first two pass probation)
             pass
         else:
-            socks[i].sendto(rtp(k, k * 160, ssrcs[i], payloads[k % len(payloads)]), dests[i])
+            payload = payloads[k % len(payloads)]
+            socks[i].sendto(rtp(k, k * ticks, ssrcs[i], payload, pt), dests[i])
             if k % SAMPLE_EVERY == 0:
                 sampled.append((socks[i].getsockname()[1], k, time.monotonic()))
                 late.append((now - due) * 1000)
@@ -282,7 +302,7 @@ def report(
     out: dict[str, Any] = {
         "calls": args.calls,
         "calls_up_during_window": up,
-        "codec": "PCMU 20 ms",
+        "codec": f"{args.codec.upper() if args.codec == 'pcmu' else 'Opus mono'} 20 ms",
         "seconds": args.seconds,
         "loss": args.loss,
         "jitter_ms": args.jitter_ms,
@@ -313,32 +333,46 @@ def report(
 
 
 def plot(machine: str) -> Path:
-    """Server CPU and p99 packet latency against calls, from this machine's clean runs."""
+    """Server CPU and p99 packet latency against calls, per codec, from this machine's runs
+    without loss, jitter or profiling."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    runs = []
+    by_codec: dict[str, list[dict[str, Any]]] = {}
     for f in Path("benchmarks/results").glob(f"load-{machine}-*.json"):
         r = json.loads(f.read_text())
         if not r["loss"] and not r["jitter_ms"] and "profile_top" not in r:
-            runs.append(r)
-    runs.sort(key=lambda r: r["calls"])
-    calls = [r["calls"] for r in runs]
+            by_codec.setdefault(r["codec"], []).append(r)
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.5))
-    a.plot(calls, [r["server_cpu_cores"] for r in runs], "o-")
-    a.set_xlabel("concurrent PCMU calls")
+    loads = []
+    for codec, runs in sorted(by_codec.items()):
+        runs.sort(key=lambda r: r["calls"])
+        calls = [r["calls"] for r in runs]
+        a.plot(calls, [r["server_cpu_cores"] for r in runs], "o-", label=codec)
+        for r in runs:
+            a.annotate(f"{r['calls_per_core']}/core", (r["calls"], r["server_cpu_cores"]),
+                       fontsize=7, textcoords="offset points", xytext=(3, -10))  # fmt: skip
+        b.semilogy(
+            calls, [r["packet_latency_ms"]["p99"] for r in runs], "o-", label=f"{codec} handled"
+        )
+        b.semilogy(
+            calls, [r["sender_late_ms"]["p99"] for r in runs], "x--", label=f"{codec} sender late"
+        )
+        loads += [f"{r['loadavg_before'][0]:.1f}" for r in runs]
+    a.set_xlabel("concurrent RTP calls")
     a.set_ylabel("server CPU (cores)")
+    a.legend()
     a.grid(alpha=0.3)
-    b.semilogy(calls, [r["packet_latency_ms"]["p99"] for r in runs], "o-", label="sendto→handled")
-    b.semilogy(calls, [r["sender_late_ms"]["p99"] for r in runs], "x--", label="sender late")
-    b.set_xlabel("concurrent PCMU calls")
-    b.set_ylabel("p99 (ms)")
-    b.legend()
+    b.set_xlabel("concurrent RTP calls")
+    b.set_ylabel("p99 (ms): sendto→handled, and how late the sender was")
+    b.legend(fontsize=8)
     b.grid(alpha=0.3)
-    loads = ", ".join(f"{r['loadavg_before'][0]:.1f}" for r in runs)
-    fig.suptitle(f"voxphone RTP load, null engine — {machine} (load avg before: {loads})")
+    fig.suptitle(
+        f"voxphone RTP load, null engine — {machine}, shared (load avg before: {', '.join(loads)})",
+        fontsize=10,
+    )
     fig.tight_layout()
     out = Path(f"benchmarks/results/load-{machine}.png")
     fig.savefig(out, dpi=100)
@@ -349,6 +383,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--calls", type=int, default=100)
     p.add_argument("--seconds", type=float, default=30.0)
+    p.add_argument("--codec", choices=sorted(CODECS), default="pcmu")
     p.add_argument("--ramp", type=float, default=3.0, help="spread call starts over (s)")
     p.add_argument("--loss", type=float, default=0.0, help="packet loss probability")
     p.add_argument("--jitter-ms", type=float, default=0.0, help="uniform send delay, 0..ms")
@@ -387,7 +422,8 @@ def main() -> None:
     print(json.dumps({k: v for k, v in result.items() if k != "profile_top"}, indent=2))
     for line in result.get("profile_top", []):
         print(line)
-    out = args.out or Path(f"benchmarks/results/load-{machine}-{args.calls}.json")
+    kind = "" if args.codec == "pcmu" else f"{args.codec}-"
+    out = args.out or Path(f"benchmarks/results/load-{machine}-{kind}{args.calls}.json")
     out.write_text(json.dumps(result, indent=2) + "\n")
 
 
