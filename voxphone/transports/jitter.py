@@ -45,12 +45,7 @@ class JitterBuffer:
 
     def push(self, pkt: RtpPacket) -> list[RtpPacket]:
         """Add a packet; return the packets now ready, in sequence order."""
-        nxt = self._next
-        if nxt is not None and not self._buf and not self._holding and pkt.sequence == nxt & 0xFFFF:
-            # The next one with nothing waiting (most packets): played at once.
-            self._highest = nxt
-            self._next = nxt + 1
-            self._remember(nxt)
+        if self.take_next(pkt.sequence):
             return [pkt]
         if self._next is None:
             self._next = self._highest = pkt.sequence
@@ -78,6 +73,18 @@ class JitterBuffer:
             self._give_up(first)
             out += self._release()
         return out
+
+    def take_next(self, sequence: int) -> bool:
+        """Whether a packet with this 16-bit ``sequence`` is the very next to play with nothing
+        waiting (most packets are): if so it counts as played and the caller plays it at once,
+        without the reordering bookkeeping (or even building a packet); if not, ``push`` it."""
+        nxt = self._next
+        if nxt is None or self._buf or self._holding or sequence != nxt & 0xFFFF:
+            return False
+        self._highest = nxt
+        self._next = nxt + 1
+        self._remember(nxt)
+        return True
 
     def flush(self) -> list[RtpPacket]:
         """Everything buffered, in order (end of call, or a discontinuity: the next packet starts a

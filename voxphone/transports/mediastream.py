@@ -318,8 +318,13 @@ class JsonStreamSession:
         if m.track not in ("inbound", "inbound_track"):
             self.other_tracks += 1  # the caller is transcribed, not what the bot says back
             return
-        pkt = RtpPacket(0, m.sequence & 0xFFFF, m.timestamp_ms & 0xFFFFFFFF, 0, m.payload)
-        self._play(self._buffer.push(pkt))
+        sequence, timestamp = m.sequence & 0xFFFF, m.timestamp_ms & 0xFFFFFFFF
+        if self._buffer.take_next(sequence):  # in order, nothing waiting: straight on
+            assert self.call is not None
+            rate = self.call.codec.clock_rate // 1000
+            self.call.push_packet((timestamp * rate) & 0xFFFFFFFF, m.payload)
+            return
+        self._play(self._buffer.push(RtpPacket(0, sequence, timestamp, 0, m.payload)))
 
     def _play(self, packets: list[RtpPacket]) -> None:
         assert self.call is not None
