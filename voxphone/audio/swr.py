@@ -1,6 +1,7 @@
 """FFmpeg's libswresample called directly: the library PyAV ships, without PyAV's filter graph.
 
-PyAV 13+ implements ``AudioResampler`` as an ``abuffer → aresample → abuffersink`` filter graph
+PyAV implements ``AudioResampler`` (in 18.x, as installed here) as an ``abuffer → aresample →
+abuffersink`` filter graph
 and builds an ``AudioFrame`` for every call; for the 80 ms chunks a call resamples that wrapper
 costs about 15 µs, where ``swr_convert`` itself needs a few (``benchmarks/hot_path.py``). This
 module binds the five functions it needs (``swr_alloc``, ``swr_init``, ``swr_convert``,
