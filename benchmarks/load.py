@@ -24,8 +24,13 @@ Reported (and written to ``benchmarks/results/load-<machine>-<N>.json``):
     python benchmarks/load.py --calls 200 --seconds 30 [--loss 0.05 --jitter-ms 20] [--profile]
     python benchmarks/load.py --plot   # benchmarks/results/load-<machine>.png from the JSON files
 
-On a shared machine the CPU figures move with the neighbours' load: the JSON records
-``os.getloadavg()`` before and after.
+Measuring needs only voxphone's own dependencies; ``--plot`` (a separate step) needs
+matplotlib. On a shared machine the CPU figures move with the neighbours' load: the JSON
+records ``os.getloadavg()`` before and after. On a quiet many-core machine, pin the two sides
+apart so they never share a core (``calls_per_core`` comes from the server's own CPU time
+either way):
+
+    python benchmarks/load.py --calls 1000 --server-cpus 0 --load-cpus 1-3
 """
 
 from __future__ import annotations
@@ -50,6 +55,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import av
 import numpy as np
 
 from voxphone.app import App
@@ -63,7 +69,6 @@ sys.path.insert(0, str(Path(__file__).parent))
 from webrtc_calls import NullEngine, loop_lag  # noqa: E402
 
 HOST = "127.0.0.1"
-BASE_PORT = 39800
 PACKET_S = 0.02
 SAMPLE_EVERY = 50  # packets: one latency sample per call per second
 TEXT = (
@@ -75,28 +80,51 @@ TEXT = (
 # -- the load process ---------------------------------------------------------------------------
 
 
-def speech_payloads() -> list[bytes]:
-    """flite's speech as 20 ms PCMU payloads (looped by the callers)."""
+#: What the callers can send: (RTP payload type, clock ticks per 20 ms packet). Opus uses the
+#: dynamic type voxphone assumes without signalling (111, WebRTC's habit; 48 kHz clock).
+CODECS = {"pcmu": (0, 160), "opus": (111, 960)}
+
+
+def speech_payloads(codec: str = "pcmu") -> list[bytes]:
+    """flite's speech as 20 ms payloads (looped by the callers): PCMU, or mono Opus (libopus,
+    48 kHz, as a browser or Asterisk sends it)."""
     wav = Path(tempfile.mkdtemp()) / "speech.wav"
     subprocess.run(["flite", "-voice", "rms", "-t", TEXT, "-o", str(wav)], check=True)
-    pcm = read_audio(wav, 8000)
-    enc = Encoder(PCMU)
-    return [enc.encode(pcm[i : i + 160]) for i in range(0, pcm.size - 159, 160)]
+    if codec == "pcmu":
+        pcm = read_audio(wav, 8000)
+        enc = Encoder(PCMU)
+        return [enc.encode(pcm[i : i + 160]) for i in range(0, pcm.size - 159, 160)]
+    pcm = read_audio(wav, 48000)
+    ctx = av.CodecContext.create("libopus", "w")
+    assert isinstance(ctx, av.AudioCodecContext)
+    ctx.sample_rate, ctx.layout, ctx.format = 48000, "mono", "s16"
+    out = []
+    for n, i in enumerate(range(0, pcm.size - 959, 960)):
+        frame = av.AudioFrame.from_ndarray(pcm[i : i + 960].reshape(1, -1), "s16", "mono")
+        frame.sample_rate, frame.pts = 48000, n * 960
+        out += [bytes(p) for p in ctx.encode(frame)]
+    return out
 
 
-def rtp(seq: int, ts: int, ssrc: int, payload: bytes) -> bytes:
-    """RFC 3550 header (version 2, PT 0 = PCMU) + payload."""
-    return struct.pack("!BBHII", 0x80, 0, seq & 0xFFFF, ts & 0xFFFFFFFF, ssrc) + payload
+def rtp(seq: int, ts: int, ssrc: int, payload: bytes, pt: int = 0) -> bytes:
+    """RFC 3550 header (version 2, PT 0 = PCMU unless told) + payload."""
+    return struct.pack("!BBHII", 0x80, pt, seq & 0xFFFF, ts & 0xFFFFFFFF, ssrc) + payload
 
 
 def send(args: argparse.Namespace) -> None:
-    """Play ``args.calls`` callers at real-time pace; write send times of sampled packets."""
-    payloads = speech_payloads()
+    """Play ``args.calls`` callers at real-time pace; write send times of sampled packets.
+    With ``--call-seconds`` each caller hangs up after that long and calls again from a new
+    socket (a new source address and SSRC: a new call), so calls start and end all along."""
+    pin(args.load_cpus or f"0-{os.cpu_count() - 1}")  # (not the server's pinning it inherited)
+    payloads = speech_payloads(args.codec)
+    pt, ticks = CODECS[args.codec]
     rng = random.Random(args.seed)
     socks = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(args.calls)]
     for s in socks:
         s.bind((HOST, 0))
-    dests = [(HOST, BASE_PORT + i % args.ports) for i in range(args.calls)]
+    dests = [(HOST, args.base_port + i % args.ports) for i in range(args.calls)]
+    per_call = int(args.call_seconds / PACKET_S) if args.call_seconds else 0
+    ssrcs = [1000 + i for i in range(args.calls)]
     n_packets = int(args.seconds / PACKET_S)
     t0 = time.monotonic() + 0.5
     starts = [t0 + args.ramp * i / args.calls for i in range(args.calls)]
@@ -111,10 +139,17 @@ def send(args: argparse.Namespace) -> None:
             time.sleep(min(due - now, 0.002))
             continue
         heapq.heappop(heap)
-        if k >= 2 and rng.random() < args.loss:  # (the first two pass probation)
+        if per_call and k and k % per_call == 0:  # hang up; call again from a new address
+            socks[i].close()
+            socks[i] = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            socks[i].bind((HOST, 0))
+            ssrcs[i] += args.calls
+        kc = k % per_call if per_call else k
+        if kc >= 2 and rng.random() < args.loss:  # (the first two pass probation)
             pass
         else:
-            socks[i].sendto(rtp(k, k * 160, 1000 + i, payloads[k % len(payloads)]), dests[i])
+            payload = payloads[k % len(payloads)]
+            socks[i].sendto(rtp(k, k * ticks, ssrcs[i], payload, pt), dests[i])
             if k % SAMPLE_EVERY == 0:
                 sampled.append((socks[i].getsockname()[1], k, time.monotonic()))
                 late.append((now - due) * 1000)
@@ -148,9 +183,9 @@ class Probe:
 def config(args: argparse.Namespace) -> Config:
     return Config.model_validate(
         {
-            "http": {"port": 18098},
+            "http": {"port": free_tcp_port()},
             "rtp": {
-                "ports": f"{BASE_PORT}-{BASE_PORT + args.ports - 1}",
+                "ports": f"{args.base_port}-{args.base_port + args.ports - 1}",
                 "inactivity_timeout_s": 1.0,
             },
             "asterisk": {"audiosocket_port": 0},
@@ -159,6 +194,27 @@ def config(args: argparse.Namespace) -> Config:
             "outbox": {"path": str(Path(tempfile.mkdtemp()) / "outbox.db")},
         }
     )
+
+
+def free_tcp_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return int(s.getsockname()[1])
+
+
+def cpu_list(text: str) -> set[int]:
+    """``taskset``'s list syntax: ``0``, ``1-3``, ``0,2,4-5``."""
+    cpus: set[int] = set()
+    for part in text.split(","):
+        lo, _, hi = part.partition("-")
+        cpus.update(range(int(lo), int(hi or lo) + 1))
+    return cpus
+
+
+def pin(cpus: str | None) -> None:
+    """Run this process (and the threads it starts) on ``cpus`` only."""
+    if cpus:
+        os.sched_setaffinity(0, cpu_list(cpus))
 
 
 def percentiles(values: list[float]) -> dict[str, float]:
@@ -173,9 +229,10 @@ def percentiles(values: list[float]) -> dict[str, float]:
     }
 
 
-def cpu_s() -> float:
+def cpu_s() -> tuple[float, float]:
+    """This process's (user, system) CPU seconds, all threads."""
     r = resource.getrusage(resource.RUSAGE_SELF)
-    return r.ru_utime + r.ru_stime
+    return r.ru_utime, r.ru_stime
 
 
 async def serve(args: argparse.Namespace) -> dict[str, Any]:
@@ -202,9 +259,10 @@ async def serve(args: argparse.Namespace) -> dict[str, Any]:
     profiler = cProfile.Profile() if args.profile else None
     if profiler is not None:
         profiler.enable()
-    cpu0, wall0, t_start = cpu_s(), time.perf_counter(), time.perf_counter()
+    (user0, sys0), wall0, t_start = cpu_s(), time.perf_counter(), time.perf_counter()
     await asyncio.sleep(window)
-    cpu, wall = cpu_s() - cpu0, time.perf_counter() - wall0
+    (user1, sys1), wall = cpu_s(), time.perf_counter() - wall0
+    cpu = (user1 - user0, sys1 - sys0)
     if profiler is not None:
         profiler.disable()
     up = sum(c.end_reason is None for c in probe.calls)
@@ -227,7 +285,7 @@ def report(
     args: argparse.Namespace,
     probe: Probe,
     sent: dict[str, Any],
-    cpu: float,
+    cpu: tuple[float, float],
     wall: float,
     up: int,
     lag: list[tuple[float, float]],
@@ -244,15 +302,18 @@ def report(
     out: dict[str, Any] = {
         "calls": args.calls,
         "calls_up_during_window": up,
-        "codec": "PCMU 20 ms",
+        "codec": f"{args.codec.upper() if args.codec == 'pcmu' else 'Opus mono'} 20 ms",
         "seconds": args.seconds,
         "loss": args.loss,
         "jitter_ms": args.jitter_ms,
         "server_ports": args.ports,
         "engine": "null (transport + audio path only)",
         "window_s": round(wall, 2),
-        "server_cpu_cores": round(cpu / wall, 3),
-        "calls_per_core": round(args.calls / (cpu / wall)) if cpu else None,
+        "server_cpus": args.server_cpus or "any",
+        "load_cpus": args.load_cpus or "any",
+        "server_cpu_cores": round(sum(cpu) / wall, 3),
+        "server_cpu_user_system_s": [round(cpu[0], 2), round(cpu[1], 2)],
+        "calls_per_core": round(args.calls / (sum(cpu) / wall)) if sum(cpu) else None,
         "packet_latency_ms": percentiles(latency),
         "loop_lag_ms": percentiles([ms for t, ms in lag if t >= t_start and t < t_start + wall]),
         "sender_late_ms": percentiles(sent["late_ms"]),
@@ -272,32 +333,46 @@ def report(
 
 
 def plot(machine: str) -> Path:
-    """Server CPU and p99 packet latency against calls, from this machine's clean runs."""
+    """Server CPU and p99 packet latency against calls, per codec, from this machine's runs
+    without loss, jitter or profiling."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    runs = []
+    by_codec: dict[str, list[dict[str, Any]]] = {}
     for f in Path("benchmarks/results").glob(f"load-{machine}-*.json"):
         r = json.loads(f.read_text())
         if not r["loss"] and not r["jitter_ms"] and "profile_top" not in r:
-            runs.append(r)
-    runs.sort(key=lambda r: r["calls"])
-    calls = [r["calls"] for r in runs]
+            by_codec.setdefault(r["codec"], []).append(r)
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.5))
-    a.plot(calls, [r["server_cpu_cores"] for r in runs], "o-")
-    a.set_xlabel("concurrent PCMU calls")
+    loads = []
+    for codec, runs in sorted(by_codec.items()):
+        runs.sort(key=lambda r: r["calls"])
+        calls = [r["calls"] for r in runs]
+        a.plot(calls, [r["server_cpu_cores"] for r in runs], "o-", label=codec)
+        for r in runs:
+            a.annotate(f"{r['calls_per_core']}/core", (r["calls"], r["server_cpu_cores"]),
+                       fontsize=7, textcoords="offset points", xytext=(3, -10))  # fmt: skip
+        b.semilogy(
+            calls, [r["packet_latency_ms"]["p99"] for r in runs], "o-", label=f"{codec} handled"
+        )
+        b.semilogy(
+            calls, [r["sender_late_ms"]["p99"] for r in runs], "x--", label=f"{codec} sender late"
+        )
+        loads += [f"{r['loadavg_before'][0]:.1f}" for r in runs]
+    a.set_xlabel("concurrent RTP calls")
     a.set_ylabel("server CPU (cores)")
+    a.legend()
     a.grid(alpha=0.3)
-    b.semilogy(calls, [r["packet_latency_ms"]["p99"] for r in runs], "o-", label="sendto→handled")
-    b.semilogy(calls, [r["sender_late_ms"]["p99"] for r in runs], "x--", label="sender late")
-    b.set_xlabel("concurrent PCMU calls")
-    b.set_ylabel("p99 (ms)")
-    b.legend()
+    b.set_xlabel("concurrent RTP calls")
+    b.set_ylabel("p99 (ms): sendto→handled, and how late the sender was")
+    b.legend(fontsize=8)
     b.grid(alpha=0.3)
-    loads = ", ".join(f"{r['loadavg_before'][0]:.1f}" for r in runs)
-    fig.suptitle(f"voxphone RTP load, null engine — {machine} (load avg before: {loads})")
+    fig.suptitle(
+        f"voxphone RTP load, null engine — {machine}, shared (load avg before: {', '.join(loads)})",
+        fontsize=10,
+    )
     fig.tight_layout()
     out = Path(f"benchmarks/results/load-{machine}.png")
     fig.savefig(out, dpi=100)
@@ -308,10 +383,15 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--calls", type=int, default=100)
     p.add_argument("--seconds", type=float, default=30.0)
+    p.add_argument("--codec", choices=sorted(CODECS), default="pcmu")
     p.add_argument("--ramp", type=float, default=3.0, help="spread call starts over (s)")
     p.add_argument("--loss", type=float, default=0.0, help="packet loss probability")
     p.add_argument("--jitter-ms", type=float, default=0.0, help="uniform send delay, 0..ms")
     p.add_argument("--ports", type=int, default=4, help="server UDP ports the calls spread over")
+    p.add_argument("--base-port", type=int, default=39800, help="first server UDP port")
+    p.add_argument("--call-seconds", type=float, default=0, help="redial after (s); 0: never")
+    p.add_argument("--server-cpus", default=None, help="pin the server, e.g. 0 or 0-1")
+    p.add_argument("--load-cpus", default=None, help="pin the load process, e.g. 1-3")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--profile", action="store_true", help="cProfile the server's window")
     p.add_argument("--out", type=Path, default=None)
@@ -334,6 +414,7 @@ def main() -> None:
     import structlog
 
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
+    pin(args.server_cpus)
     load_before = os.getloadavg()
     result = asyncio.run(serve(args))
     result = {"machine": machine, "loadavg_before": load_before, **result}
@@ -341,7 +422,8 @@ def main() -> None:
     print(json.dumps({k: v for k, v in result.items() if k != "profile_top"}, indent=2))
     for line in result.get("profile_top", []):
         print(line)
-    out = args.out or Path(f"benchmarks/results/load-{machine}-{args.calls}.json")
+    kind = "" if args.codec == "pcmu" else f"{args.codec}-"
+    out = args.out or Path(f"benchmarks/results/load-{machine}-{kind}{args.calls}.json")
     out.write_text(json.dumps(result, indent=2) + "\n")
 
 

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import av
 import numpy as np
 import pytest
 
-from voxphone.audio.codecs import PCMU, Encoder
+from voxphone.audio.codecs import PCMA, PCMU, Codec, Decoder, Encoder
 from voxphone.audio.framer import FRAME_SAMPLES, Framer, Placement, Timeline, ts_delta
 from voxphone.audio.pipeline import AudioPipeline
 from voxphone.audio.resample import Resampler
 from voxphone.testing import rtp_packets
+from voxphone.transports.rtp_packet import RtpPacket
 
 
 def chirp(seconds: float, rate: int) -> np.ndarray:
@@ -81,6 +83,22 @@ def test_pipeline_frames_leave_on_the_packet_that_completes_them() -> None:
         n for n in range(1, 51) if pipe.push_packet(n * 160, enc.encode(x[(n - 1) * 160 : n * 160]))
     ]
     assert done == list(range(4, 51, 4))
+
+
+@pytest.mark.parametrize("rate", [8000, 48000])
+def test_direct_swr_is_bit_exact_with_pyav_audioresampler(rate: int) -> None:
+    """``swr_convert`` called directly gives PyAV's ``AudioResampler`` output sample for sample
+    (the same library and options), after the lead of silence the stream starts with."""
+    x = chirp(0.5, rate)
+    ours = stream(Resampler(rate, 16000), x, rate // 50)
+    pyav = av.AudioResampler(format="s16", layout="mono", rate=16000)
+    frame = av.AudioFrame.from_ndarray(x.reshape(1, -1), format="s16", layout="mono")
+    frame.sample_rate = rate
+    ref = np.concatenate([f.to_ndarray().reshape(-1) for f in pyav.resample(frame)])
+    lead = Resampler(rate, 16000).lead
+    n = min(ours.size - lead, ref.size)
+    assert n > 0.9 * x.size * 16000 / rate
+    assert np.array_equal(ours[lead : lead + n], ref[:n])
 
 
 def test_equal_rates_pass_through() -> None:
@@ -197,3 +215,29 @@ def test_timeline_places_events_on_the_call_clock_and_survives_format_changes() 
     tl.retime(48000, 48000)  # Opus: timestamps not comparable, so the next one anchors
     assert tl.place(7, 960) == Placement(0, 0) and tl.elapsed_ms == 260
     assert tl.stats.late == 0 and tl.stats.discontinuities == 0
+
+
+@pytest.mark.parametrize("codec", [PCMU, PCMA])
+def test_batched_g711_decode_equals_decoding_each_packet(codec: Codec) -> None:
+    """G.711 payloads wait undecoded until a frame's worth is there, then decode in one lookup:
+    frames and when they leave are exactly those of decoding each packet on arrival, through
+    loss (silence), a straggler (late), a duplicate and a packet half over its predecessor."""
+    pcm = chirp(1.0, 8000)
+    packets = list(rtp_packets(pcm, codec, seed=3))
+    damaged = [p for i, p in enumerate(packets) if i not in (7, 20, 21)]
+    damaged.insert(12, packets[7])  # arrives after its slot was filled
+    damaged.insert(30, damaged[29])
+    half = packets[41]  # a packet over the second half of packet 40 and the first of 41
+    at = damaged.index(packets[40]) + 1
+    damaged.insert(at, RtpPacket(half.payload_type, 0, half.timestamp - 80, 0, half.payload))
+    batched, each = AudioPipeline(codec), AudioPipeline(codec)
+    decoder = Decoder(codec)
+    for p in damaged:
+        out_b = batched.push_packet(p.timestamp, p.payload)
+        out_e = each.push_timed_pcm(p.timestamp, decoder.decode(p.payload))
+        assert len(out_b) == len(out_e)
+        for b, e in zip(out_b, out_e, strict=True):
+            assert np.array_equal(b, e)
+    assert [f.tolist() for f in batched.flush()] == [f.tolist() for f in each.flush()]
+    assert batched.timeline.stats == each.timeline.stats
+    assert (batched.timeline.stats.late, batched.timeline.stats.gap_samples) == (2, 3 * 160)

@@ -11,6 +11,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from tests.hooks import until
+from voxphone import call as call_module
 from voxphone.audio.codecs import L16_16K, Pcm
 from voxphone.call import Call
 from voxphone.clock import FakeClock, SystemClock
@@ -234,6 +235,32 @@ async def test_a_final_says_how_long_after_its_last_audio_arrived_it_came() -> N
     assert first.data["latency_ms"] == 600
     assert "latency_ms" not in second.data
     assert third.data["latency_ms"] == 500
+    stream.out.close()
+    call.end("hangup")
+    await asyncio.wait_for(call.wait(), 5)
+
+
+async def test_latency_is_timed_only_from_the_frames_still_remembered(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Arrival times are kept for the last ``ARRIVALS_KEPT`` frames (a ring, so a long call's
+    memory stays fixed): a final ending in an older frame has no ``latency_ms``."""
+    monkeypatch.setattr(call_module, "ARRIVALS_KEPT", 4)
+    clock = FakeClock()
+    stream = ScriptedStream()
+    sink = capture_events()
+    call = Call("c", L16_16K, sink, clock, transport="test")
+    call.start(ScriptedEngine(stream))
+    for i in range(6):  # frames 1..6 arrive at t, t + 0.1, ... t + 0.5
+        call.push_pcm(i * 1280, frame(1))
+        clock.advance(0.1)
+    await until(lambda: len(stream.received) == 6)
+    stream.out.put(TranscriptChunk(segment_end=True, text="old", start_ms=0, end_ms=160))
+    stream.out.put(TranscriptChunk(segment_end=True, text="kept", start_ms=0, end_ms=240))
+    await until(lambda: len(sink.of_type("transcript.final")) == 2)
+    old, kept = sink.of_type("transcript.final")
+    assert "latency_ms" not in old.data  # frame 2: overwritten by frame 6
+    assert kept.data["latency_ms"] == 400  # frame 3 arrived at t + 0.2; now is t + 0.6
     stream.out.close()
     call.end("hangup")
     await asyncio.wait_for(call.wait(), 5)

@@ -22,6 +22,21 @@ def test_in_order_packets_pass_straight_through() -> None:
     assert [seqs(jb.push(pkt(i))) for i in range(3)] == [[0], [1], [2]]
 
 
+def test_take_next_plays_only_the_next_packet_with_nothing_waiting() -> None:
+    """The in-order shortcut (no packet built): what it takes counts as played, so a copy is a
+    duplicate; with a packet waiting, or the wrong number, the caller must ``push``."""
+    jb = JitterBuffer(8000)
+    assert not jb.take_next(0)  # nothing played yet: no origin
+    assert seqs(jb.push(pkt(0))) == [0]
+    assert jb.take_next(1) and jb.take_next(2)
+    assert not jb.take_next(4)
+    assert jb.push(pkt(4)) == []  # 3 is missing: 4 waits
+    assert not jb.take_next(3)  # something waits: through push, which releases both
+    assert seqs(jb.push(pkt(3))) == [3, 4]
+    assert jb.push(pkt(2)) == [] and jb.stats.duplicates == 1
+    assert jb.take_next(5)
+
+
 def test_reordered_packets_come_out_in_order() -> None:
     jb = JitterBuffer(8000)
     out = []

@@ -42,6 +42,11 @@ class Placement:
     skip: int
 
 
+#: The placement of a packet that follows the last one exactly: one shared object, since most
+#: packets are placed so and ``place`` runs for each of them.
+CONTIGUOUS = Placement(0, 0)
+
+
 class Timeline:
     """Places packets on a continuous sample clock from their media timestamps.
 
@@ -98,7 +103,9 @@ class Timeline:
             return None
         self._next_ts = (timestamp + duration) % _TS_MOD
         self.elapsed_ms += (d + duration) * 1000 / self._clock_rate
-        if d >= 0:
+        if d == 0:
+            return CONTIGUOUS
+        if d > 0:
             silence = round(d * self._ratio)
             self.stats.gap_samples += silence
             return Placement(silence, 0)
@@ -107,7 +114,7 @@ class Timeline:
     def _anchor(self, timestamp: int, duration: int) -> Placement:
         self._next_ts = (timestamp + duration) % _TS_MOD
         self.elapsed_ms += duration * 1000 / self._clock_rate
-        return Placement(0, 0)
+        return CONTIGUOUS
 
     def reset(self) -> None:
         """Forget the origin: the next packet starts a new continuous stretch."""

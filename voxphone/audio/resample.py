@@ -1,23 +1,25 @@
 """Streaming resampler: one libswresample context per call, so filter history spans chunk joins.
 
-FFmpeg's libswresample (through PyAV's ``AudioResampler``, already a dependency) was chosen by
+FFmpeg's libswresample (which PyAV, already a dependency, ships) was chosen by
 measurement (``benchmarks/resample.py``): it releases every output sample its filter can compute,
 holding back only half its filter — 2 ms of input at 8 → 16 kHz, 1 ms at 48 → 16 kHz — where
 python-soxr's stream releases output in blocks and held back 63 ms on average (115 ms at worst)
 at 8 → 16 kHz, at every quality but the cubic QQ (whose SNR is 34 dB in band). Its fidelity on
 speech against an ideal band-limited resample is as good below 3.4 kHz (83 dB, soxr HQ 78 dB)
-and a little lower from 48 kHz below 6.8 kHz (67 dB, soxr HQ 76 dB). It costs more CPU per call
-(PyAV builds a frame per call), which batching per 80 ms frame (``AudioPipeline``) pays back.
+and a little lower from 48 kHz below 6.8 kHz (67 dB, soxr HQ 76 dB). It is called directly
+(``voxphone.audio.swr``) rather than through PyAV's ``AudioResampler``, whose filter graph and
+per-call frames cost several times the resampling itself (``benchmarks/resample.py``: 18 against
+3 µs per 20 ms packet at 8 → 16 kHz); the output is bit-exact with it.
 """
 
 from __future__ import annotations
 
 import math
 
-import av
 import numpy as np
 
 from voxphone.audio.codecs import Pcm
+from voxphone.audio.swr import SwrContext
 
 MODEL_RATE = 16000
 #: libswresample's default filter is 32 taps at the lower of the two rates; half of it is the
@@ -48,10 +50,10 @@ class Resampler:
         self._swr = self._new()
         self._in = self._out = 0
 
-    def _new(self) -> av.AudioResampler | None:
+    def _new(self) -> SwrContext | None:
         if self.in_rate == self.out_rate:
             return None
-        return av.AudioResampler(format="s16", layout="mono", rate=self.out_rate)
+        return SwrContext(self.in_rate, self.out_rate)
 
     def releasable(self, more_in: int) -> int:
         """About how many output samples ``process`` would return for ``more_in`` more input
@@ -63,11 +65,7 @@ class Resampler:
     def process(self, pcm: Pcm) -> Pcm:
         if self._swr is None or pcm.size == 0:
             return pcm
-        # Allocating the frame and copying into its plane costs half of ``from_ndarray``.
-        frame = av.AudioFrame(format="s16", layout="mono", samples=pcm.size)
-        frame.planes[0].update(np.ascontiguousarray(pcm))  # type: ignore[arg-type]  # any buffer
-        frame.sample_rate = self.in_rate
-        out = _to_pcm(self._swr.resample(frame))
+        out = self._swr.convert(np.ascontiguousarray(pcm, np.int16))
         self._out += out.size
         if self._in == 0:
             out = np.concatenate([np.zeros(self.lead, np.int16), out])
@@ -80,24 +78,14 @@ class Resampler:
         ready for a new stream afterwards."""
         if self._swr is None:
             return np.zeros(0, np.int16)
-        out = _to_pcm(self._swr.resample(None))
+        out = self._swr.convert(None)
         out = out[: max(0, out.size - self.lead)] if self._in else out[:0]
         self.reset()
         return out
 
     def reset(self) -> None:
         """Drop filter history, for a media discontinuity (new source, codec change)."""
+        if self._swr is not None:
+            self._swr.close()
         self._swr = self._new()
         self._in = self._out = 0
-
-
-def _to_pcm(frames: list[av.AudioFrame]) -> Pcm:
-    """The resampler's s16 mono frames as one array (usually there is one frame). Read from the
-    plane's buffer (a third of ``to_ndarray``'s cost) and copied, so the frame can go."""
-    parts = [
-        np.frombuffer(f.planes[0], np.int16, f.samples).copy()  # type: ignore[call-overload]
-        for f in frames
-    ]
-    if not parts:
-        return np.zeros(0, np.int16)
-    return parts[0] if len(parts) == 1 else np.concatenate(parts)

@@ -45,6 +45,8 @@ class JitterBuffer:
 
     def push(self, pkt: RtpPacket) -> list[RtpPacket]:
         """Add a packet; return the packets now ready, in sequence order."""
+        if self.take_next(pkt.sequence):
+            return [pkt]
         if self._next is None:
             self._next = self._highest = pkt.sequence
         ext = self._next + seq_delta(pkt.sequence, self._next & 0xFFFF)
@@ -71,6 +73,18 @@ class JitterBuffer:
             self._give_up(first)
             out += self._release()
         return out
+
+    def take_next(self, sequence: int) -> bool:
+        """Whether a packet with this 16-bit ``sequence`` is the very next to play with nothing
+        waiting (most packets are): if so it counts as played and the caller plays it at once,
+        without the reordering bookkeeping (or even building a packet); if not, ``push`` it."""
+        nxt = self._next
+        if nxt is None or self._buf or self._holding or sequence != nxt & 0xFFFF:
+            return False
+        self._highest = nxt
+        self._next = nxt + 1
+        self._remember(nxt)
+        return True
 
     def flush(self) -> list[RtpPacket]:
         """Everything buffered, in order (end of call, or a discontinuity: the next packet starts a
@@ -101,11 +115,14 @@ class JitterBuffer:
         assert self._next is not None
         while self._next in self._buf:
             out.append(self._buf.pop(self._next))
-            self._played.add(self._next)
+            self._remember(self._next)
             self._next += 1
-        if len(self._played) > 2 * self.REMEMBER:  # the latest few hundred are enough
-            self._played = {e for e in self._played if e >= self._next - self.REMEMBER}
         return out
+
+    def _remember(self, ext: int) -> None:
+        self._played.add(ext)
+        if len(self._played) > 2 * self.REMEMBER:  # the latest few hundred are enough
+            self._played = {e for e in self._played if e > ext - self.REMEMBER}
 
     def _span(self) -> int:
         """RTP time covered by what is buffered (newest minus oldest timestamp, wrap-safe)."""

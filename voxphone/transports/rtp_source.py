@@ -202,6 +202,9 @@ class RtpSource:
 
     def _play(self, pkt: RtpPacket) -> None:
         """Through the jitter buffer; whatever comes out in order is delivered."""
+        if self.buffer.take_next(pkt.sequence):  # the next one, nothing waiting: most packets
+            self._deliver(pkt)
+            return
         stats = self.buffer.stats
         late, duplicates = stats.late, stats.duplicates
         ready = self.buffer.push(pkt)
@@ -226,7 +229,7 @@ class RtpSource:
         """A payload type change (RFC 3550 §5.1): the call decodes the new format from this
         packet on (``Call.push_packet``); telephone-events share the audio's clock (RFC 4733
         §2.1), so the DTMF decoder follows a clock-rate change."""
-        if codec == self.codec:
+        if codec is self.codec or codec == self.codec:  # (identity first: a dataclass's == is slow)
             return
         self.call.transport_stats["codec_switches"] = (
             self.call.transport_stats.get("codec_switches", 0) + 1

@@ -1,0 +1,133 @@
+"""FFmpeg's libswresample called directly: the library PyAV ships, without PyAV's filter graph.
+
+PyAV implements ``AudioResampler`` (in 18.x, as installed here) as an ``abuffer → aresample →
+abuffersink`` filter graph
+and builds an ``AudioFrame`` for every call; for the 80 ms chunks a call resamples that wrapper
+costs about 15 µs, where ``swr_convert`` itself needs a few (``benchmarks/hot_path.py``). This
+module binds the five functions it needs (``swr_alloc``, ``swr_init``, ``swr_convert``,
+``swr_free``, ``av_opt_set*`` — FFmpeg's stable public API, ``libswresample/swresample.h``) with
+ctypes, from the very libraries PyAV loaded, so the output is bit-exact with
+``av.AudioResampler`` (same library, same default options: the aresample filter's defaults are
+libswresample's). Where PyAV was built against system FFmpeg, the system's libraries are used.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import functools
+import weakref
+from pathlib import Path
+
+import av
+import numpy as np
+
+from voxphone.audio.codecs import Pcm
+from voxphone.errors import DecodeError
+
+_S16 = 1  # AVSampleFormat AV_SAMPLE_FMT_S16 (libavutil/samplefmt.h)
+_VP = ctypes.c_void_p
+
+
+def _find(name: str) -> str:
+    """PyAV's bundled ``lib<name>-<hash>.so`` (its wheels), else the system's."""
+    bundled = Path(av.__file__).parent.parent / "av.libs"
+    for path in sorted(bundled.glob(f"lib{name}-*.so*")):
+        return str(path)
+    found = ctypes.util.find_library(name)
+    if found is None:
+        raise DecodeError(
+            f"lib{name} (FFmpeg) not found next to PyAV or on the system; reinstall PyAV "
+            "from its wheel (pip install --force-reinstall av)"
+        )
+    return found
+
+
+@functools.cache
+def _libs() -> tuple[ctypes.CDLL, ctypes.CDLL]:
+    swr, avu = ctypes.CDLL(_find("swresample")), ctypes.CDLL(_find("avutil"))
+    swr.swr_alloc.restype = _VP
+    swr.swr_alloc.argtypes = []
+    swr.swr_init.argtypes = [_VP]
+    swr.swr_free.argtypes = [_VP]  # SwrContext **
+    swr.swr_convert.argtypes = [_VP, _VP, ctypes.c_int, _VP, ctypes.c_int]
+    swr.swr_get_out_samples.argtypes = [_VP, ctypes.c_int]
+    avu.av_opt_set_int.argtypes = [_VP, ctypes.c_char_p, ctypes.c_int64, ctypes.c_int]
+    avu.av_opt_set.argtypes = [_VP, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_int]
+    avu.av_opt_set_sample_fmt.argtypes = [_VP, ctypes.c_char_p, ctypes.c_int, ctypes.c_int]
+    return swr, avu
+
+
+def _free(swr: ctypes.CDLL, handle: ctypes.c_void_p) -> None:
+    swr.swr_free(ctypes.byref(handle))
+
+
+class SwrContext:
+    """One libswresample context converting int16 mono ``in_rate`` → ``out_rate``, with
+    filter history across calls. ``convert`` is ``swr_convert``: it returns every output
+    sample the filter can compute from what it has been given; ``convert(None)`` drains."""
+
+    def __init__(self, in_rate: int, out_rate: int) -> None:
+        swr, avu = _libs()
+        self._swr = swr
+        self._handle = _VP(swr.swr_alloc())
+        if not self._handle.value:
+            raise MemoryError("swr_alloc failed")
+        self._finalizer = weakref.finalize(self, _free, swr, self._handle)
+        ctx = self._handle
+        ok = (
+            avu.av_opt_set_int(ctx, b"in_sample_rate", in_rate, 0) >= 0
+            and avu.av_opt_set_int(ctx, b"out_sample_rate", out_rate, 0) >= 0
+            and avu.av_opt_set(ctx, b"in_chlayout", b"mono", 0) >= 0
+            and avu.av_opt_set(ctx, b"out_chlayout", b"mono", 0) >= 0
+            and avu.av_opt_set_sample_fmt(ctx, b"in_sample_fmt", _S16, 0) >= 0
+            and avu.av_opt_set_sample_fmt(ctx, b"out_sample_fmt", _S16, 0) >= 0
+            and swr.swr_init(ctx) >= 0
+        )
+        if not ok:
+            raise DecodeError(f"libswresample refused {in_rate} → {out_rate} Hz s16 mono")
+        # swr_convert takes arrays of plane pointers: one plane each way (mono). The planes are
+        # buffers this context owns and reuses, since asking numpy for an array's address costs
+        # more than copying 80 ms of samples in and out.
+        self._in_planes = (_VP * 1)()
+        self._out_planes = (_VP * 1)()
+        self._in_addr = ctypes.addressof(self._in_planes)
+        self._out_addr = ctypes.addressof(self._out_planes)
+        self._in_buf = self._out_buf = np.zeros(0, np.int16)
+        self._fits = 0  # input samples the planes are sized for: grown on first use, so a
+        # call's planes are the size of its batches (a few KiB; hundreds of calls share a cache)
+
+    def _reserve(self, n_in: int) -> None:
+        """Make the planes hold ``n_in`` input samples and whatever they may produce (with room
+        for the filter's history: it holds back at most its length, 32 samples at the lower
+        rate by default, which the margin covers at any ratio voxphone uses)."""
+        n_out = self._swr.swr_get_out_samples(self._handle, n_in) + 256
+        self._fits = max(self._fits, n_in)
+        if n_in > self._in_buf.size:
+            self._in_buf = np.zeros(n_in, np.int16)
+            self._in_planes[0] = self._in_buf.ctypes.data
+        if n_out > self._out_buf.size:
+            self._out_buf = np.zeros(n_out, np.int16)
+            self._out_planes[0] = self._out_buf.ctypes.data
+
+    def convert(self, pcm: Pcm | None) -> Pcm:
+        """Resample int16 ``pcm``, or drain the filter's tail with ``None``; a new array."""
+        if pcm is None:
+            self._reserve(0)
+            n = self._swr.swr_convert(self._handle, self._out_addr, self._out_buf.size, None, 0)
+        elif pcm.size == 0:
+            return np.zeros(0, np.int16)
+        else:
+            n_in = pcm.size
+            if n_in > self._fits:
+                self._reserve(n_in)
+            self._in_buf[:n_in] = pcm
+            n = self._swr.swr_convert(
+                self._handle, self._out_addr, self._out_buf.size, self._in_addr, n_in
+            )
+        if n < 0:
+            raise DecodeError(f"swr_convert failed ({n})")
+        return self._out_buf[:n].copy()
+
+    def close(self) -> None:
+        self._finalizer()
