@@ -34,8 +34,8 @@ def tone(rate: int, ms: int = 20, hz: float = 440.0) -> np.ndarray:
 
 
 def test_twilio_media_mark_and_clear_carry_the_stream_sid() -> None:
-    """Twilio's "Send a media message": base64 µ-law 8 kHz, no header; ``clear`` names the
-    stream too."""
+    """Twilio's "Send a media message": base64 µ-law 8 kHz, no header; ``mark`` and ``clear``
+    name the stream too."""
     out = JsonStreamOut("twilio", PCMU, "MZ123")
     media = json.loads(out.media(tone(8000)))
     assert set(media) == {"event", "streamSid", "media"} and media["streamSid"] == "MZ123"
@@ -43,6 +43,9 @@ def test_twilio_media_mark_and_clear_carry_the_stream_sid() -> None:
     assert len(payload) == 160  # one byte a sample
     back = Decoder(PCMU).decode(payload)
     assert np.abs(back.astype(int) - tone(8000)).max() < 300  # µ-law's step at this level
+    assert json.loads(out.mark("greeting")) == {
+        "event": "mark", "streamSid": "MZ123", "mark": {"name": "greeting"},
+    }  # fmt: skip
     assert json.loads(out.clear()) == {"event": "clear", "streamSid": "MZ123"}
 
 
@@ -54,6 +57,7 @@ def test_telnyx_media_is_the_streams_codec_without_a_stream_id(codec, size) -> N
     assert set(media) == {"event", "media"}
     assert len(base64.b64decode(media["media"]["payload"])) == size
     assert json.loads(out.clear()) == {"event": "clear"}
+    assert json.loads(out.mark("m1")) == {"event": "mark", "mark": {"name": "m1"}}
 
 
 def test_twilio_is_mulaw_only() -> None:
@@ -62,7 +66,7 @@ def test_twilio_is_mulaw_only() -> None:
 
 
 def test_raw_streams_send_little_endian_20ms_frames_and_their_dialects_controls() -> None:
-    """Vonage: 640 bytes per 20 ms at 16 kHz; the ``clear`` action. jambonz: killAudio,
+    """Vonage: 640 bytes per 20 ms at 16 kHz; ``clear``/``notify`` actions. jambonz: killAudio,
     disconnect. Others: audio only."""
     pcm = tone(16000)
     frame = RawStreamOut("vonage").audio(pcm)
@@ -70,10 +74,12 @@ def test_raw_streams_send_little_endian_20ms_frames_and_their_dialects_controls(
     assert slin_frame(pcm) == frame
     vonage, jambonz, other = RawStreamOut("vonage"), RawStreamOut("jambonz"), RawStreamOut("stream")
     assert json.loads(vonage.clear() or "") == {"action": "clear"}
+    assert json.loads(vonage.mark("x") or "") == {"action": "notify", "payload": {"mark": "x"}}
     assert vonage.hangup() is None
     assert json.loads(jambonz.clear() or "") == {"type": "killAudio"}
     assert json.loads(jambonz.hangup() or "") == {"type": "disconnect"}
-    assert (other.clear(), other.hangup()) == (None, None)
+    assert jambonz.mark("x") is None
+    assert (other.clear(), other.mark("x"), other.hangup()) == (None, None, None)
 
 
 @pytest.mark.parametrize("rate", sorted(AUDIO_TYPE_OF_RATE))

@@ -24,10 +24,7 @@ from voxphone.transports.ws_sender import WebSocketEndpoint, WebSocketSender, se
 
 
 class JsonStreamEndpoint(WebSocketEndpoint):
-    """Twilio and Telnyx: ``media`` frames out, ``clear`` on clear.
-
-    No provider ``mark``s: the call paces its audio in real time, so what has been sent is what
-    has played, within the provider's jitter buffer, and ``playback.mark`` says so."""
+    """Twilio and Telnyx: ``media`` frames out, ``clear`` on clear, ``mark`` on request."""
 
     def __init__(
         self, call: Call, sender: WebSocketSender, end: Callable[[str], None], out: JsonStreamOut
@@ -41,6 +38,11 @@ class JsonStreamEndpoint(WebSocketEndpoint):
     def clear(self) -> None:
         self._sender.drop_audio()
         self._sender.control(self._out.clear())
+
+    def mark(self, name: str) -> None:
+        """Ask the provider to echo ``name`` once the audio sent so far has played. Not called
+        by the call yet: its ``playback.mark`` is published when the marked frame is sent."""
+        self._sender.control(self._out.mark(name))
 
 
 class RawStreamEndpoint(WebSocketEndpoint):
@@ -63,6 +65,13 @@ class RawStreamEndpoint(WebSocketEndpoint):
     def clear(self) -> None:
         self._sender.drop_audio()
         message = self._out.clear()
+        if message is not None:
+            self._sender.control(message)
+
+    def mark(self, name: str) -> None:
+        """Vonage only (``notify``); elsewhere there is no way to learn what has played. Not
+        called by the call yet, as ``JsonStreamEndpoint.mark``."""
+        message = self._out.mark(name)
         if message is not None:
             self._sender.control(message)
 

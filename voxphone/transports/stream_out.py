@@ -61,6 +61,9 @@ class JsonStreamOut:
         payload = base64.b64encode(self._encoder.encode(pcm)).decode()
         return _text({"event": "media", **self._sid, "media": {"payload": payload}})
 
+    def mark(self, name: str) -> str:
+        return _text({"event": "mark", **self._sid, "mark": {"name": name}})
+
     def clear(self) -> str:
         return _text({"event": "clear", **self._sid})
 
@@ -88,6 +91,12 @@ class RawStreamOut:
             return _text({"action": "clear"})
         if self.dialect == "jambonz":
             return _text({"type": "killAudio"})
+        return None
+
+    def mark(self, name: str) -> str | None:
+        """Vonage's ``notify``: echoed as ``websocket:notify`` with this payload when played."""
+        if self.dialect == "vonage":
+            return _text({"action": "notify", "payload": {"mark": name}})
         return None
 
     def hangup(self) -> str | None:
