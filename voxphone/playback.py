@@ -27,6 +27,10 @@ right after ``CallRegistry.open`` (``call.attach_endpoint(endpoint)``, or ``endp
 - ``async send_dtmf(digit, duration_ms)``: send one key (``0-9 * # A-D``) lasting
   ``duration_ms``; return when it has been sent in full. The call sends one digit at a time
   with a pause between digits, so an endpoint never sees two at once.
+- ``mark(name)``: a bot's mark (``call.mark``) has been reached: the frames before it have
+  been sent. Pass it on where the provider has a message for it (Twilio/Telnyx ``mark``,
+  Vonage ``notify``: echoed once the provider has played the audio before it); elsewhere do
+  nothing. ``playback.mark`` is published at the same moment. Must not block or raise.
 - ``hangup(reason)``: end the call at the transport — stop its media (close the socket, send
   BYE/``stop``, free the port) and then call ``call.end(reason)`` (after playing out inbound
   audio it still holds, if it wants). ``DELETE /v1/calls/{id}``, shutdown and
@@ -110,6 +114,8 @@ class MediaEndpoint(Protocol):
     def clear(self) -> None: ...
 
     async def send_dtmf(self, digit: str, duration_ms: int) -> None: ...
+
+    def mark(self, name: str) -> None: ...
 
     def hangup(self, reason: str) -> None: ...
 
@@ -219,6 +225,7 @@ class Playout:
         if target is None and self.queue:
             target = self.queue[-1]
         if target is None:
+            self.endpoint.mark(name)
             self._publish(ev.PLAYBACK_MARK, {"playback_id": None, "name": name})
             return
         target.marks.append((target.queued, name))
@@ -364,6 +371,8 @@ class Playout:
             self.endpoint.send(frame, first)
             self.stats["frames_out"] += 1
         for type_, data in events:
+            if type_ == ev.PLAYBACK_MARK:  # after the frame holding it, as the provider hears it
+                self.endpoint.mark(data["name"])
             self._publish(type_, data)
         if not parts or not self.queue:  # nothing left: the talkspurt is over
             self._go_idle()

@@ -196,7 +196,7 @@ def capture_events() -> CapturedEvents:
 @dataclass
 class MemoryEndpoint:
     """A ``MediaEndpoint`` (``voxphone.playback``) that keeps what it is sent: frames with the
-    loop time and talkspurt flag, clears, DTMF digits and hang-ups. ``on_hangup`` (e.g. the
+    loop time and talkspurt flag, clears, DTMF digits, marks and hang-ups. ``on_hangup`` (e.g. the
     call's ``end``) is what a real transport does after stopping its media."""
 
     sample_rate: int = 8000
@@ -205,6 +205,7 @@ class MemoryEndpoint:
     clears: int = 0
     digits: list[tuple[str, int]] = field(default_factory=list)
     hangups: list[str] = field(default_factory=list)
+    marks: list[str] = field(default_factory=list)
     on_hangup: Callable[[str], None] | None = None
 
     def send(self, pcm: Pcm, first: bool) -> None:
@@ -216,6 +217,9 @@ class MemoryEndpoint:
     async def send_dtmf(self, digit: str, duration_ms: int) -> None:
         self.digits.append((digit, duration_ms))
         await asyncio.sleep(duration_ms / 1000)
+
+    def mark(self, name: str) -> None:
+        self.marks.append(name)
 
     def hangup(self, reason: str) -> None:
         self.hangups.append(reason)

@@ -117,14 +117,18 @@ async def test_a_mark_fires_when_the_audio_before_it_has_been_sent() -> None:
     stream.mark("first")
     stream.write(tone(40))
     assert [t for t, _ in playback_events(sink)] == ["playback.started"]
+    assert ep.marks == []
     ticker.tick()  # the second frame: the end of the first 40 ms
     assert playback_events(sink)[-1][0] == "playback.mark"
     assert playback_events(sink)[-1][1]["name"] == "first"
+    # The transport got it right after that frame (Twilio's ``mark`` follows its media).
+    assert ep.marks == ["first"] and len(ep.frames) == 2
 
 
 async def test_a_mark_on_an_idle_call_fires_at_once() -> None:
-    call, _, _, sink = talking()
+    call, ep, _, sink = talking()
     call.mark("nothing-queued")
+    assert ep.marks == ["nothing-queued"]
     assert playback_events(sink) == [
         ("playback.mark", {"playback_id": None, "name": "nothing-queued"})
     ]

@@ -56,6 +56,9 @@ class AudioSocketEndpoint:
             return
         self._writer.write(audiosocket_audio(pcm, self._rate))
 
+    def mark(self, name: str) -> None:
+        """No message for it on this transport: ``playback.mark`` says it all."""
+
     def clear(self) -> None:
         """Nothing is buffered past the TCP socket: the call's queue was the only one."""
 

@@ -93,6 +93,9 @@ class RtpEndpoint:
         self._last = self._find(self._last)
         return self._last
 
+    def mark(self, name: str) -> None:
+        """No message for it on this transport: ``playback.mark`` says it all."""
+
     def clear(self) -> None:
         """Nothing to drop: sent packets are gone and RTP has no buffer on this side."""
 

@@ -40,8 +40,8 @@ class JsonStreamEndpoint(WebSocketEndpoint):
         self._sender.control(self._out.clear())
 
     def mark(self, name: str) -> None:
-        """Ask the provider to echo ``name`` once the audio sent so far has played. Not called
-        by the call yet: its ``playback.mark`` is published when the marked frame is sent."""
+        """Ask the provider to echo ``name`` once the audio sent so far has played (its echo is
+        acknowledged; ``playback.mark`` is published as this is sent)."""
         self._sender.control(self._out.mark(name))
 
 
@@ -69,8 +69,7 @@ class RawStreamEndpoint(WebSocketEndpoint):
             self._sender.control(message)
 
     def mark(self, name: str) -> None:
-        """Vonage only (``notify``); elsewhere there is no way to learn what has played. Not
-        called by the call yet, as ``JsonStreamEndpoint.mark``."""
+        """Vonage only (``notify``); elsewhere there is no way to learn what has played."""
         message = self._out.mark(name)
         if message is not None:
             self._sender.control(message)

@@ -121,6 +121,9 @@ class WebRtcEndpoint:
     def send(self, pcm: Pcm, first: bool) -> None:
         self._track.push(pcm)
 
+    def mark(self, name: str) -> None:
+        """No message for it on this transport: ``playback.mark`` says it all."""
+
     def clear(self) -> None:
         self._track.clear()
 

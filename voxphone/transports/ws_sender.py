@@ -162,6 +162,9 @@ class WebSocketEndpoint:
     async def send_dtmf(self, digit: str, duration_ms: int) -> None:
         raise PlaybackError(f"{self._call.transport} streams cannot send DTMF to the caller")
 
+    def mark(self, name: str) -> None:
+        """No message for it in this dialect: ``playback.mark`` says it all."""
+
     def _goodbye(self) -> str | None:
         """A last control message before the close (jambonz ``disconnect``, Asterisk
         ``HANGUP``); None for dialects that end with the close alone."""
