@@ -9,6 +9,7 @@ import os
 import re
 import socket
 import sys
+import urllib.parse
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -341,6 +342,10 @@ def _host_port(text: str) -> tuple[str, int]:
         raise ConfigError(f"--to must be HOST:PORT, got {text!r}")
     if not 1 <= int(port) <= 65534:
         raise ConfigError(f"--to: port {port} is out of range: use 1-65534 (RTCP goes to port + 1)")
+    try:  # before anything is said about the call: a name that does not resolve is the error
+        socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
+    except socket.gaierror as exc:
+        raise TransportError(f"cannot send RTP to {text}: {exc.strerror}") from None
     return host, int(port)
 
 
@@ -394,6 +399,11 @@ async def _send_call(
 def _whip(args: argparse.Namespace) -> int:
     from voxphone.whip_client import play
 
+    url = urllib.parse.urlsplit(args.url)
+    if url.scheme not in ("http", "https") or not url.hostname:
+        raise ConfigError(
+            f"--url: {args.url!r} is not an http(s) URL; e.g. http://127.0.0.1:8080/v1/whip"
+        )
     if not 0 <= args.hold <= 3600:
         raise ConfigError(f"--hold: {args.hold:g} s is not from 0 to 3600")
     if args.record is not None and not args.record.parent.is_dir():

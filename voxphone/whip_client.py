@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -193,8 +194,11 @@ async def _offer(
             location = str(resp.url.join(URL(resp.headers["Location"])))
             call_id = resp.headers.get("X-Call-Id", location.rsplit("/", 1)[-1])
     except aiohttp.ClientError as exc:
+        # The OS's words ("Connection refused"), not asyncio's "Connect call failed (…)".
+        errno = exc.os_error.errno if isinstance(exc, aiohttp.ClientConnectorError) else None
+        why = os.strerror(errno) if errno else str(exc)
         raise TransportError(
-            f"cannot reach the WHIP endpoint {url}: {exc}; is voxphone serve running there?"
+            f"cannot reach the WHIP endpoint {url}: {why}; is voxphone serve running there?"
         ) from exc
     call = WhipCall(pc, player, channel, location, call_id, headers)
     if record:

@@ -223,8 +223,28 @@ def test_whip_to_a_server_that_is_not_running(speech: dict[str, Speech]) -> None
     url = f"http://127.0.0.1:{free_tcp_port()}/v1/whip"
     r = voxphone("whip", str(speech["order"].path), "--url", url)
     assert r.returncode == 2 and len(r.stderr.splitlines()) == 1, r.stderr
-    assert r.stderr.startswith(f"voxphone: error: cannot reach the WHIP endpoint {url}: ")
-    assert "is voxphone serve running there?" in r.stderr
+    assert r.stderr == (
+        f"voxphone: error: cannot reach the WHIP endpoint {url}: Connection refused; "
+        "is voxphone serve running there?\n"
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "line"),
+    [
+        (["whip", "--url", "notaurl"],
+         "--url: 'notaurl' is not an http(s) URL; e.g. http://127.0.0.1:8080/v1/whip"),
+        (["call", "--to", "no-such-host.invalid:4000"],  # the resolver's words vary
+         "cannot send RTP to no-such-host.invalid:4000: "),
+    ],
+)  # fmt: skip
+def test_a_bad_destination_is_named_before_anything_is_sent(
+    speech: dict[str, Speech], args: list[str], line: str
+) -> None:
+    command, *rest = args
+    r = voxphone(command, str(speech["order"].path), *rest)
+    assert r.returncode == 2 and len(r.stderr.splitlines()) == 1, r.stderr
+    assert r.stderr.startswith(f"voxphone: error: {line}") and r.stdout == "", r.stderr
 
 
 @pytest.mark.parametrize("kind", ["http", "rtp"])
