@@ -346,6 +346,12 @@ async def test_the_api_refuses_precisely(
                 while "error" not in reply:  # the call's events come first
                     reply = json.loads((await ws.receive()).data)
             assert "over 60 s of audio queued" in reply["error"], reply
+            await ws.send_str("not json")  # answered and counted, like an unknown message
+            async with asyncio.timeout(10):
+                reply = json.loads((await ws.receive()).data)
+                while "error" not in reply:
+                    reply = json.loads((await ws.receive()).data)
+            assert "not JSON" in reply["error"] and '"clear"' in reply["error"], reply
         code, body = await status("POST", f"{url}/clear")
         assert code == 200
         async with http.delete(url) as r:
@@ -364,7 +370,7 @@ async def test_the_api_refuses_precisely(
     # frame over the limit counted.
     assert [c["reason"] for c in cleared] == ["api", "api", "api"]
     ended = calls_of(receiver)[call_id][-1]["data"]
-    assert ended["stats"]["dropped"] == {"audio_over_limit": 1}
+    assert ended["stats"]["dropped"] == {"audio_over_limit": 1, "unknown_control_message": 1}
 
 
 async def test_the_caller_barges_in_on_the_bot(

@@ -324,7 +324,11 @@ async def _control(
     try:
         message = json.loads(text)
     except json.JSONDecodeError as exc:
-        await ws.send_json({"error": f"text frame is not JSON: {exc}"})
+        call.count_dropped("unknown_control_message", kind="not JSON")
+        await ws.send_json(
+            {"error": f'text frame is not JSON ({exc}): send {{"type": "mark", "name": "..."}} '
+                      'or {"type": "clear"}'}
+        )  # fmt: skip
         return True
     kind = message.get("type") if isinstance(message, dict) else None
     if kind == "mark" and isinstance(message.get("name"), str):
