@@ -30,7 +30,7 @@ import aiohttp
 import av
 import numpy as np
 from aiohttp import hdrs, web
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from yarl import URL
 
 from voxphone.audio.codecs import Pcm
@@ -69,14 +69,23 @@ OVER_LIMIT = f"over {MAX_AHEAD_S:g} s of audio queued: frame dropped; send neare
 class PlayUrl(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    url: str = Field(pattern=r"^https?://", max_length=2048)
+    #: Checked by ``HostPolicy.check_url`` (scheme, host, addresses): one message for all.
+    url: str = Field(max_length=2048)
 
 
 class SendDtmf(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    digits: str = Field(pattern=r"^[0-9*#A-Da-d]+$", max_length=64)
+    digits: str = Field(max_length=64)
     duration_ms: int = Field(100, ge=40, le=5000)
+
+    @field_validator("digits")
+    @classmethod
+    def _check_digits(cls, value: str) -> str:
+        """The 16 DTMF keys (RFC 4733 §3.2 events 0-15), at least one."""
+        if not value or value.strip("0123456789*#ABCDabcd"):
+            raise ValueError(f"send keys among 0-9, *, #, A-D (at least one), got {value!r}")
+        return value
 
 
 def live_call(request: web.Request) -> Call:
