@@ -13,7 +13,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from voxphone.http.api import json_errors
+from voxphone.http.api import TOKEN, json_errors, require_token
 
 
 async def _read_json(request: web.Request) -> web.Response:
@@ -62,3 +62,18 @@ async def test_aiohttp_refusals_are_one_line_of_json(
 async def test_outside_the_api_aiohttp_answers_unchanged(base: str) -> None:
     async with aiohttp.ClientSession() as http, http.get(base + "/page") as r:
         assert r.status == 405 and r.content_type == "text/plain"
+
+
+async def test_a_missing_token_is_refused_saying_how_to_send_it() -> None:
+    app = web.Application(middlewares=[json_errors, require_token])
+    app[TOKEN] = "s3cret"
+    app.router.add_post("/v1/calls/{call_id}/play", _read_json)
+    async with TestServer(app, host="127.0.0.1") as server, aiohttp.ClientSession() as http:
+        async with http.post(server.make_url("/v1/calls/c/play"), json={}) as r:
+            assert r.status == 401
+            why = (await r.json())["error"]
+        headers = {"Authorization": "Bearer s3cret"}
+        async with http.post(server.make_url("/v1/calls/c/play"), json={}, headers=headers) as r:
+            assert r.status == 200
+    assert "missing or wrong token" in why and "Authorization: Bearer" in why, why
+    assert "?token=" in why and "s3cret" not in why, why

@@ -56,7 +56,11 @@ async def require_token(request: web.Request, handler: Handler) -> web.StreamRes
         given = request.query.get("token") or request.headers.get("Authorization") or ""
         given = given.removeprefix("Bearer ")
         if not hmac.compare_digest(given.encode(), token.encode()):
-            return error(401, "missing or wrong token")
+            return error(
+                401,
+                "missing or wrong token: send the [http] token as 'Authorization: Bearer "
+                "<token>', or as ?token=<token> in the URL (websockets, providers)",
+            )
     return await handler(request)
 
 
