@@ -21,6 +21,7 @@ decode, 422 a URL that cannot be fetched or decoded.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import json
 from collections.abc import Callable
@@ -355,16 +356,18 @@ async def _control(
 async def _events_out(
     ws: web.WebSocketResponse, svc: EventService, after: int, call_id: str
 ) -> None:
-    """The call's committed events, as ``/v1/events/ws`` sends them; closes after the last."""
-    async for stored in follow(svc.outbox, svc.live, after, Filter(call_id, [])):
-        if ws.closed:
-            return
-        if stored is None:
-            continue
-        await ws.send_str(f'{{"cursor":{stored.pos},"event":{stored.body.decode()}}}')
-        if stored.event.type == "call.ended":
-            await ws.close()
-            return
+    """The call's committed events, as ``/v1/events/ws`` sends them; closes after the last.
+    A client gone without a close frame ends it quietly (``ConnectionResetError``)."""
+    with contextlib.suppress(ConnectionResetError):
+        async for stored in follow(svc.outbox, svc.live, after, Filter(call_id, [])):
+            if ws.closed:
+                return
+            if stored is None:
+                continue
+            await ws.send_str(f'{{"cursor":{stored.pos},"event":{stored.body.decode()}}}')
+            if stored.event.type == "call.ended":
+                await ws.close()
+                return
 
 
 def add_routes(app: web.Application, limits: TalkbackLimits) -> None:
