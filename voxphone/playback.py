@@ -231,8 +231,9 @@ class Playout:
         target.marks.append((target.queued, name))
 
     def clear(self, reason: str) -> list[str]:
-        """Drop everything queued: each playback gets ``playback.cleared{reason}``, the
-        endpoint ``clear()``, and the next tick sends nothing. Returns the cleared ids."""
+        """Drop everything queued: each playback gets ``playback.cleared{reason}`` (then
+        ``playback.mark`` for each of its marks not yet reached), the endpoint ``clear()``,
+        and the next tick sends nothing. Returns the cleared ids."""
         cleared = []
         while self.queue:
             playback = self.queue.popleft()
@@ -246,6 +247,11 @@ class Playout:
                     "played_ms": playback.sent * 1000 // self.rate,
                 },
             )
+            # Its pending marks are answered, as Twilio answers them on ``clear``: a bot that
+            # waits for a mark learns the audio before it is gone, instead of waiting for ever.
+            while playback.marks:
+                _, name = playback.marks.popleft()
+                self._publish(ev.PLAYBACK_MARK, {"playback_id": playback.id, "name": name})
         self._go_idle()
         if not self.stopped:
             self.endpoint.clear()

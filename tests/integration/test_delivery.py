@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -299,6 +300,40 @@ async def test_sse_resumes_with_last_event_id_without_gaps(tmp_path: Path) -> No
     assert {e["call_id"] for _, e in first + rest} == {"a"}
     assert [p for p, _ in first + rest] == sorted(p for p, _ in first + rest)
     assert only_ended[0][1]["type"] == "call.ended"
+
+
+async def test_a_live_stream_client_that_goes_away_is_no_server_error(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """curl -N stopped with Ctrl-C: the next write finds the connection gone; the stream ends
+    quietly instead of logging aiohttp's "Error handling request" with a traceback."""
+    async with service(tmp_path) as svc:
+        app = web.Application()
+        events_api.add_routes(app, svc)
+        # As `voxphone serve` runs it: without TestServer's handler_cancellation, the handler
+        # is not cancelled when the client goes; it learns at its next write.
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.SockSite(runner, socket.create_server(("127.0.0.1", 0)))
+        await site.start()
+        port = runner.addresses[0][1]
+        seq = EventSequencer("c", SystemClock())
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /v1/events HTTP/1.1\r\nHost: x\r\n\r\n")
+        svc.publish(seq.next("call.started", {}))
+        async with asyncio.timeout(10):
+            while b"call.started" not in await reader.readline():
+                pass
+        writer.close()  # the client is gone, as curl is when killed
+        await writer.wait_closed()
+        for i in range(20):  # events for a connection that is no more
+            svc.publish(seq.next("transcript.final", {"text": str(i)}))
+            await asyncio.sleep(0.02)
+        await svc.outbox.flush()
+        await asyncio.sleep(0.2)
+        await runner.cleanup()
+    errors = [r for r in caplog.records if r.levelname == "ERROR"]
+    assert errors == [], [r.getMessage() for r in errors]
 
 
 async def test_websocket_stream_filters_and_resumes(tmp_path: Path) -> None:

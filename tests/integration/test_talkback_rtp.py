@@ -315,7 +315,7 @@ async def test_the_api_refuses_precisely(
         assert code == 400 and "not JSON" in why, why
         for bad in ("file:///etc/passwd", "ftp://example.com/a.wav"):
             code, why = await status("POST", f"{url}/play", json={"url": bad})
-            assert code == 400 and "url" in why, why
+            assert code == 400 and why.startswith("url: ") and "only http:// and https://" in why
         code, why = await status("POST", f"{url}/play", json={"url": "http://10.1.2.3/a.wav"})
         assert code == 400 and "private" in why, why
         code, why = await status(
@@ -331,7 +331,7 @@ async def test_the_api_refuses_precisely(
         )
         assert code == 202
         code, why = await status("POST", f"{url}/dtmf", json={"digits": "12x"})
-        assert code == 400 and "digits" in why, why
+        assert code == 400 and "digits: " in why and "0-9, *, #, A-D" in why, why
         async with http.post(f"{base}/v1/calls", json={"telephone_event": None}) as r:
             mute = (await r.json())["call_id"]  # no telephone-event negotiated
         code, why = await status("POST", f"{base}/v1/calls/{mute}/dtmf", json={"digits": "1"})
@@ -346,6 +346,12 @@ async def test_the_api_refuses_precisely(
                 while "error" not in reply:  # the call's events come first
                     reply = json.loads((await ws.receive()).data)
             assert "over 60 s of audio queued" in reply["error"], reply
+            await ws.send_str("not json")  # answered and counted, like an unknown message
+            async with asyncio.timeout(10):
+                reply = json.loads((await ws.receive()).data)
+                while "error" not in reply:
+                    reply = json.loads((await ws.receive()).data)
+            assert "not JSON" in reply["error"] and '"clear"' in reply["error"], reply
         code, body = await status("POST", f"{url}/clear")
         assert code == 200
         async with http.delete(url) as r:
@@ -364,7 +370,7 @@ async def test_the_api_refuses_precisely(
     # frame over the limit counted.
     assert [c["reason"] for c in cleared] == ["api", "api", "api"]
     ended = calls_of(receiver)[call_id][-1]["data"]
-    assert ended["stats"]["dropped"] == {"audio_over_limit": 1}
+    assert ended["stats"]["dropped"] == {"audio_over_limit": 1, "unknown_control_message": 1}
 
 
 async def test_the_caller_barges_in_on_the_bot(

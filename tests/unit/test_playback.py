@@ -134,6 +134,32 @@ async def test_a_mark_on_an_idle_call_fires_at_once() -> None:
     ]
 
 
+@pytest.mark.parametrize("reason", ["api", "barge_in", "hangup"])
+async def test_a_clear_answers_the_marks_it_drops(reason: str) -> None:
+    """A bot waiting for a mark behind cleared audio is told (as Twilio answers marks on
+    ``clear``): the mark follows its playback's ``playback.cleared``."""
+    call, _, ticker, sink = talking()
+    stream = call.open_audio_stream(RATE)
+    stream.write(tone(1000))
+    stream.mark("said-it")
+    stream.write(tone(1000))
+    stream.mark("said-more")
+    ticker.tick()
+    call.clear(reason)
+    events = playback_events(sink)
+    assert [t for t, _ in events] == [
+        "playback.started", "playback.cleared", "playback.mark", "playback.mark"
+    ]  # fmt: skip
+    playback_id = events[0][1]["playback_id"]
+    assert [d for _, d in events[2:]] == [
+        {"playback_id": playback_id, "name": "said-it"},
+        {"playback_id": playback_id, "name": "said-more"},
+    ]
+    for _ in range(3):
+        ticker.tick()
+    assert len(playback_events(sink)) == 4  # each mark once
+
+
 async def test_clear_silences_the_next_tick_and_says_why() -> None:
     call, ep, ticker, sink = talking()
     playing = call.play(tone(1000), RATE)

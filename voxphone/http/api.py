@@ -56,8 +56,42 @@ async def require_token(request: web.Request, handler: Handler) -> web.StreamRes
         given = request.query.get("token") or request.headers.get("Authorization") or ""
         given = given.removeprefix("Bearer ")
         if not hmac.compare_digest(given.encode(), token.encode()):
-            return error(401, "missing or wrong token")
+            return error(
+                401,
+                "missing or wrong token: send the [http] token as 'Authorization: Bearer "
+                "<token>', or as ?token=<token> in the URL (websockets, providers)",
+            )
     return await handler(request)
+
+
+@web.middleware
+async def json_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """aiohttp's own refusals under ``/v1/`` (no such route, wrong method, a body over the
+    request limit, a plain GET on a websocket route) as every other refusal is shaped: one line
+    of JSON saying the cause and the fix, instead of aiohttp's plain text."""
+    try:
+        return await handler(request)
+    except web.HTTPError as exc:
+        if not request.path.startswith("/v1/") or exc.content_type == "application/json":
+            raise
+        return error(exc.status, _plain_refusal(request, exc))
+
+
+def _plain_refusal(request: web.Request, exc: web.HTTPError) -> str:
+    where = f"{request.method} {request.path}"
+    if isinstance(exc, web.HTTPMethodNotAllowed):
+        allowed = ", ".join(sorted(exc.allowed_methods - {"HEAD"}))
+        return f"{where}: method not allowed here; use {allowed}"
+    if isinstance(exc, web.HTTPNotFound):
+        return f"{where}: no such route (the API is listed in README.md, Configuration)"
+    if isinstance(exc, web.HTTPRequestEntityTooLarge):
+        return (
+            f"{where}: {' '.join((exc.text or '').split())} (the limit for a JSON body); send "
+            "audio as the body itself (up to playback.max_clip_bytes)"
+        )
+    if "WebSocket" in (exc.text or "") and request.headers.get("Upgrade") is None:
+        return f"{where} is a websocket: connect with a websocket client (Upgrade: websocket)"
+    return f"{where}: " + " ".join((exc.text or exc.reason).split())
 
 
 #: Requests that start a call, by path: the transport named in refusal counts.
@@ -97,7 +131,7 @@ async def refuse_when_draining(request: web.Request, handler: Handler) -> web.St
 
 
 def create_app(registry: CallRegistry, token: str | None = None) -> web.Application:
-    app = web.Application(middlewares=[require_token, refuse_when_draining])
+    app = web.Application(middlewares=[json_errors, require_token, refuse_when_draining])
     app[TOKEN] = token or ""
     app[REGISTRY] = registry
     app[PROBLEMS] = []

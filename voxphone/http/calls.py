@@ -41,7 +41,8 @@ class CreateCall(BaseModel):
     #: Only accept media from this IP address (else: the first valid source latches).
     remote_ip: str | None = None
     #: This call's events go here instead of the configured webhook URL.
-    webhook_url: str | None = Field(None, pattern=r"^https?://")
+    #: Checked by ``HostPolicy.check_url`` (scheme, host, addresses): one message for all.
+    webhook_url: str | None = Field(None, max_length=2048)
     metadata: dict[str, str | int | float | bool | None] = {}
 
     @field_validator("remote_ip")

@@ -68,14 +68,17 @@ async def _sse(request: web.Request) -> web.StreamResponse:
     resp = web.StreamResponse(headers={"Content-Type": "text/event-stream",
                                        "Cache-Control": "no-cache"})  # fmt: skip
     await resp.prepare(request)
-    await resp.write(b": voxphone events\n\n")
-    async for stored in follow(svc.outbox, svc.live, after, _filter(request)):
-        if stored is None:
-            await resp.write(b": keepalive\n\n")
-            continue
-        ev = stored.event
-        await resp.write(b"id: %d\nevent: %s\ndata: %s\n\n" % (stored.pos, ev.type.encode(),
-                                                                stored.body))  # fmt: skip
+    # A client that went away (``curl -N`` stopped) shows at the next write: aiohttp does not
+    # cancel handlers when a connection drops. The normal end of a stream, not an error.
+    with contextlib.suppress(ConnectionResetError):
+        await resp.write(b": voxphone events\n\n")
+        async for stored in follow(svc.outbox, svc.live, after, _filter(request)):
+            if stored is None:
+                await resp.write(b": keepalive\n\n")
+                continue
+            ev = stored.event
+            await resp.write(b"id: %d\nevent: %s\ndata: %s\n\n" % (stored.pos, ev.type.encode(),
+                                                                    stored.body))  # fmt: skip
     return resp
 
 
@@ -89,11 +92,12 @@ async def _websocket(request: web.Request) -> web.StreamResponse:
     svc, after = request.app[EVENTS], await _cursor(request)
     ws = web.WebSocketResponse(heartbeat=15)
     await ws.prepare(request)
-    async for stored in follow(svc.outbox, svc.live, after, _filter(request)):
-        if ws.closed:
-            break
-        if stored is not None:
-            await ws.send_str(f'{{"cursor":{stored.pos},"event":{stored.body.decode()}}}')
+    with contextlib.suppress(ConnectionResetError):  # the client went away (as for SSE)
+        async for stored in follow(svc.outbox, svc.live, after, _filter(request)):
+            if ws.closed:
+                break
+            if stored is not None:
+                await ws.send_str(f'{{"cursor":{stored.pos},"event":{stored.body.decode()}}}')
     return ws
 
 

@@ -21,6 +21,7 @@ decode, 422 a URL that cannot be fetched or decoded.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import json
 from collections.abc import Callable
@@ -29,15 +30,16 @@ from dataclasses import dataclass
 import aiohttp
 import av
 import numpy as np
-from aiohttp import web
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from aiohttp import hdrs, web
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from yarl import URL
 
 from voxphone.audio.codecs import Pcm
 from voxphone.audio.files import TooLong, decode_audio
 from voxphone.call import Call
 from voxphone.errors import DecodeError, PlaybackError
 from voxphone.events.service import EventService
-from voxphone.events.ssrf import GuardedResolver, RefusedUrl
+from voxphone.events.ssrf import GuardedResolver, HostPolicy, RefusedUrl
 from voxphone.events.stream import Filter, follow, head
 from voxphone.http.api import REGISTRY, error, invalid, refusal
 from voxphone.http.calls import WEBHOOKS
@@ -68,14 +70,23 @@ OVER_LIMIT = f"over {MAX_AHEAD_S:g} s of audio queued: frame dropped; send neare
 class PlayUrl(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    url: str = Field(pattern=r"^https?://", max_length=2048)
+    #: Checked by ``HostPolicy.check_url`` (scheme, host, addresses): one message for all.
+    url: str = Field(max_length=2048)
 
 
 class SendDtmf(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    digits: str = Field(pattern=r"^[0-9*#A-Da-d]+$", max_length=64)
+    digits: str = Field(max_length=64)
     duration_ms: int = Field(100, ge=40, le=5000)
+
+    @field_validator("digits")
+    @classmethod
+    def _check_digits(cls, value: str) -> str:
+        """The 16 DTMF keys (RFC 4733 §3.2 events 0-15), at least one."""
+        if not value or value.strip("0123456789*#ABCDabcd"):
+            raise ValueError(f"send keys among 0-9, *, #, A-D (at least one), got {value!r}")
+        return value
 
 
 def live_call(request: web.Request) -> Call:
@@ -180,27 +191,67 @@ async def _fetch(request: web.Request, limits: TalkbackLimits) -> tuple[bytes, s
         await policy.check_url(body.url)
     except RefusedUrl as exc:
         raise refusal(web.HTTPBadRequest, f"url: {exc}") from None
+    return await fetch_clip(body.url, policy, limits), body.url
+
+
+#: Redirects a clip URL may take (a CDN, a presigned store), each hop checked like the URL.
+MAX_REDIRECTS = 3
+_REDIRECTS = frozenset({301, 302, 303, 307, 308})
+
+
+async def fetch_clip(url: str, policy: HostPolicy, limits: TalkbackLimits) -> bytes:
+    """GET ``url`` (already checked) for ``/play``: its body, or a refusal (413, 422).
+
+    Redirects are followed here, not by aiohttp, so that every hop's ``Location`` gets
+    ``policy.check_url``: aiohttp's connector skips the resolver for an IP-literal host, so
+    ``GuardedResolver`` alone would let a public server redirect voxphone to ``127.0.0.1``.
+    """
     connector = aiohttp.TCPConnector(resolver=GuardedResolver(policy))
     timeout = aiohttp.ClientTimeout(total=limits.fetch_timeout_s)
     limit = limits.max_clip_bytes
+    at = url
     try:
-        async with (
-            aiohttp.ClientSession(connector=connector, timeout=timeout) as http,
-            http.get(body.url, max_redirects=3) as resp,
-        ):
-            if resp.status != 200:
-                raise refusal(web.HTTPUnprocessableEntity,
-                              f"url: {body.url} answered {resp.status} {resp.reason}")  # fmt: skip
-            data = bytearray()
-            async for chunk in resp.content.iter_chunked(65536):
-                data += chunk
-                if len(data) > limit:
-                    raise refusal(web.HTTPRequestEntityTooLarge,
-                                  f"url: {_too_large(len(data), limit)}")  # fmt: skip
+        async with aiohttp.ClientSession(connector=connector, timeout=timeout) as http:
+            for hop in range(MAX_REDIRECTS + 1):
+                async with http.get(at, allow_redirects=False) as resp:
+                    location = resp.headers.get(hdrs.LOCATION)
+                    if resp.status in _REDIRECTS and location:
+                        if hop == MAX_REDIRECTS:
+                            raise refusal(
+                                web.HTTPUnprocessableEntity,
+                                f"url: {url}: more than {MAX_REDIRECTS} redirects",
+                            )
+                        at = await _next_hop(url, str(resp.url.join(URL(location))), policy)
+                        continue
+                    if resp.status != 200:
+                        raise refusal(
+                            web.HTTPUnprocessableEntity,
+                            f"url: {at} answered {resp.status} {resp.reason}",
+                        )
+                    data = bytearray()
+                    async for chunk in resp.content.iter_chunked(65536):
+                        data += chunk
+                        if len(data) > limit:
+                            raise refusal(
+                                web.HTTPRequestEntityTooLarge,
+                                f"url: {_too_large(len(data), limit)}",
+                            )
+                    return bytes(data)
     except (aiohttp.ClientError, TimeoutError) as exc:
         why = "timed out" if isinstance(exc, TimeoutError) else str(exc) or type(exc).__name__
-        raise refusal(web.HTTPUnprocessableEntity, f"url: cannot fetch {body.url}: {why}") from None
-    return bytes(data), body.url
+        raise refusal(web.HTTPUnprocessableEntity, f"url: cannot fetch {at}: {why}") from None
+    raise AssertionError("unreachable: the loop returns or raises")  # pragma: no cover
+
+
+async def _next_hop(url: str, location: str, policy: HostPolicy) -> str:
+    """A redirect's target once the policy allows it; else a 422 naming both."""
+    try:
+        await policy.check_url(location)
+    except RefusedUrl as exc:
+        raise refusal(
+            web.HTTPUnprocessableEntity, f"url: {url} redirects to {location}: {exc}"
+        ) from None
+    return location
 
 
 async def clear(request: web.Request) -> web.Response:
@@ -283,7 +334,11 @@ async def _control(
     try:
         message = json.loads(text)
     except json.JSONDecodeError as exc:
-        await ws.send_json({"error": f"text frame is not JSON: {exc}"})
+        call.count_dropped("unknown_control_message", kind="not JSON")
+        await ws.send_json(
+            {"error": f'text frame is not JSON ({exc}): send {{"type": "mark", "name": "..."}} '
+                      'or {"type": "clear"}'}
+        )  # fmt: skip
         return True
     kind = message.get("type") if isinstance(message, dict) else None
     if kind == "mark" and isinstance(message.get("name"), str):
@@ -301,16 +356,18 @@ async def _control(
 async def _events_out(
     ws: web.WebSocketResponse, svc: EventService, after: int, call_id: str
 ) -> None:
-    """The call's committed events, as ``/v1/events/ws`` sends them; closes after the last."""
-    async for stored in follow(svc.outbox, svc.live, after, Filter(call_id, [])):
-        if ws.closed:
-            return
-        if stored is None:
-            continue
-        await ws.send_str(f'{{"cursor":{stored.pos},"event":{stored.body.decode()}}}')
-        if stored.event.type == "call.ended":
-            await ws.close()
-            return
+    """The call's committed events, as ``/v1/events/ws`` sends them; closes after the last.
+    A client gone without a close frame ends it quietly (``ConnectionResetError``)."""
+    with contextlib.suppress(ConnectionResetError):
+        async for stored in follow(svc.outbox, svc.live, after, Filter(call_id, [])):
+            if ws.closed:
+                return
+            if stored is None:
+                continue
+            await ws.send_str(f'{{"cursor":{stored.pos},"event":{stored.body.decode()}}}')
+            if stored.event.type == "call.ended":
+                await ws.close()
+                return
 
 
 def add_routes(app: web.Application, limits: TalkbackLimits) -> None:
