@@ -176,7 +176,7 @@ async def end_call(request: web.Request) -> web.Response:
     if call is None:
         if call_id in registry.ended:
             return error(410, f"call {call_id!r} has ended")
-        return error(404, f"no live call {call_id!r}")
+        return error(404, f"no live call {call_id!r}: GET /v1/calls lists them")
     # Through its transport's endpoint: it stops the media (and plays out what it holds).
     call.hangup("hangup")
     return web.Response(status=204)

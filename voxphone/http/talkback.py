@@ -96,7 +96,7 @@ def live_call(request: web.Request) -> Call:
     if call is None:
         if call_id in registry.ended:
             raise refusal(web.HTTPGone, f"call {call_id!r} has ended")
-        raise refusal(web.HTTPNotFound, f"no live call {call_id!r}")
+        raise refusal(web.HTTPNotFound, f"no live call {call_id!r}: GET /v1/calls lists them")
     if call.end_reason is not None:
         raise refusal(web.HTTPConflict, f"call {call_id!r} is ending ({call.end_reason})")
     if call.playout is None:
