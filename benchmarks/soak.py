@@ -46,6 +46,7 @@ from load import config, cpu_s, pin  # noqa: E402
 from webrtc_calls import NullEngine  # noqa: E402
 
 SERIES = ("rss_mib", "fds", "tasks", "threads", "calls_up")
+FLAT = ("rss_mib", "fds", "tasks")  # the soak's goal: these flat after warm-up
 
 
 def rss_mib() -> float:
@@ -161,6 +162,32 @@ def report(
     }
 
 
+def retrend(path: Path, warmup_s: float) -> dict[str, Any]:
+    """Refit a result from ``warmup_s`` on, in place; also the server's CPU (cores) over the
+    first and the last five minutes of that window, from the running mean each sample holds."""
+    r = json.loads(path.read_text())
+    samples = r["samples"]
+    end = r["trend_window_s"][1]
+    trends = {k: growth(samples, k, warmup_s, end) for k in SERIES}
+
+    def cores(a: dict[str, float], b: dict[str, float]) -> float:
+        used = b["cpu_cores"] * b["t_s"] - a["cpu_cores"] * a["t_s"]
+        return round(used / (b["t_s"] - a["t_s"]), 3)
+
+    window = [x for x in samples if warmup_s <= x["t_s"] <= end]
+    first = [x for x in window if x["t_s"] <= window[0]["t_s"] + 300]
+    last = [x for x in window if x["t_s"] >= window[-1]["t_s"] - 300]
+    r["retrend"] = {
+        "warmup_s": warmup_s,
+        "trend": trends,
+        "flat": all(trends[k] and trends[k]["growth_pct_per_hour"] < 1.0 for k in FLAT),
+        "cpu_cores_first_5min": cores(first[0], first[-1]),
+        "cpu_cores_last_5min": cores(last[0], last[-1]),
+    }
+    path.write_text(json.dumps(r, indent=2) + "\n")
+    return r["retrend"]
+
+
 def plot(path: Path) -> Path:
     import matplotlib
 
@@ -170,11 +197,14 @@ def plot(path: Path) -> Path:
     r = json.loads(path.read_text())
     t = [s["t_s"] / 60 for s in r["samples"]]
     fig, axes = plt.subplots(1, 4, figsize=(15, 3.6))
+    # A refit (``--retrend``) replaces the first fit: its warm-up is the one the data needed.
+    fit = r.get("retrend") or {"warmup_s": r["warmup_s"], "trend": r["trend_after_warmup"]}
     for ax, key in zip(axes, ("rss_mib", "fds", "tasks", "calls_up"), strict=True):
         ax.plot(t, [s[key] for s in r["samples"]], ".-", ms=3)
-        ax.axvline(r["warmup_s"] / 60, color="grey", ls=":", lw=1)
-        g = r["trend_after_warmup"].get(key) or {}
-        ax.set_title(f"{key} ({g.get('growth_pct_per_hour', '?')} %/h after warm-up)", fontsize=9)
+        ax.axvline(fit["warmup_s"] / 60, color="grey", ls=":", lw=1)
+        g = fit["trend"].get(key) or {}
+        after = f"{fit['warmup_s'] / 60:g} min"
+        ax.set_title(f"{key} ({g.get('growth_pct_per_hour', '?')} %/h after {after})", fontsize=9)
         ax.set_xlabel("minutes")
         ax.grid(alpha=0.3)
     fig.suptitle(
@@ -205,9 +235,16 @@ def main() -> None:
     p.add_argument("--load-cpus", default=None)
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--plot", type=Path, default=None, help="draw the PNG of a result and exit")
+    p.add_argument(
+        "--retrend", type=Path, default=None,
+        help="refit a result's trends from --warmup-s (the allocator may take minutes to settle)",
+    )  # fmt: skip
     args = p.parse_args()
     if args.plot:
         print(plot(args.plot))
+        return
+    if args.retrend:
+        print(json.dumps(retrend(args.retrend, args.warmup_s or 600.0), indent=2))
         return
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.ERROR))
     pin(args.server_cpus)
