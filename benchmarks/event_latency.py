@@ -31,6 +31,7 @@ import multiprocessing
 import os
 import platform
 import socket
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -44,7 +45,10 @@ from voxphone.app import App
 from voxphone.audio.codecs import PCMU, Pcm
 from voxphone.call import Call
 from voxphone.config import Config
-from voxphone.engines.base import ChunkQueue, TranscriptChunk
+from voxphone.engines.base import TranscriptChunk
+
+sys.path.insert(0, str(Path(__file__).parent))
+from webrtc_calls import NullStream  # noqa: E402
 
 SECRET = "whsec_" + base64.b64encode(os.urandom(32)).decode()
 FRAME_S = 0.08
@@ -85,11 +89,11 @@ def receiver(port: int) -> None:
 # -- the engine ---------------------------------------------------------------------------------
 
 
-class StampStream:
+class StampStream(NullStream):
     """An engine stream whose text is the time it was emitted (monotonic seconds)."""
 
     def __init__(self, delta_every: int, final_every: int) -> None:
-        self.out = ChunkQueue()
+        super().__init__()
         self._frames = 0
         self._delta_every, self._final_every = delta_every, final_every
 
@@ -105,18 +109,6 @@ class StampStream:
             )
         elif n % self._delta_every == 0:
             self.out.put(TranscriptChunk(delta=f"t={time.monotonic():.6f}"))
-
-    async def close(self) -> None:
-        self.out.close()
-
-    async def abort(self) -> None:
-        self.out.close()
-
-    def chunks(self):  # type: ignore[no-untyped-def]
-        return self.out.__aiter__()
-
-    def stats(self) -> dict[str, int]:
-        return {}
 
 
 class StampEngine:
