@@ -194,6 +194,7 @@ class Playout:
         self.active = False  # in the ticker (a talkspurt is under way)
         self.stopped = False
         self._dry_ticks = 0
+        self._first = False  # the next frame sent starts a talkspurt (RTP marker, RFC 3550 §5.1)
         self._dtmf_lock = asyncio.Lock()
         self._dtmf_tasks: set[asyncio.Task[None]] = set()
         #: Frames sent, talkspurts begun, ticks an open stream had nothing ready.
@@ -320,12 +321,19 @@ class Playout:
             raise PlaybackError("the call has ended")
 
     def _wake(self) -> None:
-        """Audio was queued: a call that was silent sends its first frame now."""
+        """Audio was queued: a call that was silent sends its first frame now (or, if a
+        stream has less than a frame yet, on a tick soon after: that frame is still the
+        talkspurt's first)."""
         if not self.active and not self.stopped:
             self.active = True
             self._dry_ticks = 0
+            self._first = True
             self.stats["talkspurts"] += 1
-            self._send_frame(first=True)
+            try:
+                self._send_frame()
+            except Exception:  # a broken endpoint must not leave the call unable to play
+                self.active = False
+                raise
             if self.active:
                 self._ticker.add(self)
 
@@ -333,10 +341,10 @@ class Playout:
         """One 20 ms tick: send a frame if one is ready. Returns whether to stay on the ticker."""
         if not self.active:
             return False
-        self._send_frame(first=False)
+        self._send_frame()
         return self.active
 
-    def _send_frame(self, first: bool) -> None:
+    def _send_frame(self) -> None:
         parts: list[Pcm] = []
         need = self.frame
         events: list[tuple[str, dict[str, Any]]] = []
@@ -374,6 +382,7 @@ class Playout:
             frame = parts[0] if len(parts) == 1 else np.concatenate(parts)
             if frame.size < self.frame:  # a talkspurt's last frame
                 frame = np.concatenate([frame, np.zeros(self.frame - frame.size, np.int16)])
+            first, self._first = self._first, False
             self.endpoint.send(frame, first)
             self.stats["frames_out"] += 1
         for type_, data in events:

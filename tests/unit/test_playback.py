@@ -178,6 +178,18 @@ async def test_clear_silences_the_next_tick_and_says_why() -> None:
     assert ep.frames[-1][2]
 
 
+async def test_a_talkspurt_that_starts_short_of_a_frame_is_still_marked_first() -> None:
+    """A TTS whose first pieces are under 20 ms: the frame they make, sent on a tick, is the
+    talkspurt's first (RTP sets its marker and moves its timestamp past the silence)."""
+    call, ep, ticker, _ = talking()
+    stream = call.open_audio_stream(RATE)
+    stream.write(tone(10))  # half a frame: nothing can be sent yet
+    stream.write(tone(10))
+    assert ep.frames == []
+    ticker.tick()
+    assert [(pcm.size, first) for _, pcm, first in ep.frames] == [(FRAME, True)]
+
+
 async def test_a_stream_late_by_a_tick_keeps_its_talkspurt() -> None:
     call, ep, ticker, sink = talking()
     stream = call.open_audio_stream(RATE)
