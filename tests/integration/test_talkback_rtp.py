@@ -305,6 +305,10 @@ async def test_the_api_refuses_precisely(
         assert code == 413 and "playback.max_clip_bytes" in why, why
         long_wav = speech["order"].path.read_bytes()  # 3.7 s of 16 kHz, under 4 s
         assert (await status("POST", f"{url}/play", data=long_wav, headers=wav_h))[0] == 202
+        # What waits in a call is bounded by one longest clip: a second is refused till clear.
+        code, why = await status("POST", f"{url}/play", data=long_wav, headers=wav_h)
+        assert code == 409 and "already queued" in why and "max_clip_s (4 s)" in why, why
+        assert (await status("POST", f"{url}/clear"))[0] == 200
         code, why = await status("POST", f"{url}/play", data=_opus_minutes(tmp_path), headers={})
         assert code == 413 and "longer than 4 s" in why and "max_clip_s" in why, why
         code, why = await status("POST", f"{url}/play", data=b"", headers=wav_h)
@@ -316,6 +320,9 @@ async def test_the_api_refuses_precisely(
         for bad in ("file:///etc/passwd", "ftp://example.com/a.wav"):
             code, why = await status("POST", f"{url}/play", json={"url": bad})
             assert code == 400 and why.startswith("url: ") and "only http:// and https://" in why
+        for bad in ("http://[::1", "http://example.com:99999/a.wav"):  # urlsplit raises
+            code, why = await status("POST", f"{url}/play", json={"url": bad})
+            assert code == 400 and "is not a valid URL" in why, why
         code, why = await status("POST", f"{url}/play", json={"url": "http://10.1.2.3/a.wav"})
         assert code == 400 and "private" in why, why
         code, why = await status(

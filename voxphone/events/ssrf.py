@@ -57,11 +57,15 @@ class HostPolicy:
 
     async def check_url(self, url: str) -> None:
         """The whole check for a URL given through the API: scheme, host, every address."""
-        parts = urlsplit(url)
+        try:
+            parts = urlsplit(url)
+            port = parts.port or 0  # ``http://a:99999/`` raises here
+        except ValueError as exc:  # ``http://[::1``
+            raise RefusedUrl(f"{url!r} is not a valid URL: {exc}") from None
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise RefusedUrl(f"{url!r}: only http:// and https:// URLs with a host")
         host = parts.hostname
-        for address in await _addresses(host, parts.port or 0):
+        for address in await _addresses(host, port):
             self.check_address(host, address)
 
 

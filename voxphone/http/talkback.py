@@ -59,10 +59,9 @@ class TalkbackLimits:
 LIMITS = web.AppKey("talkback_limits", TalkbackLimits)
 #: Rates the audio websocket takes (``?rate=``), Hz.
 STREAM_RATES = (8000, 12000, 16000, 22050, 24000, 32000, 44100, 48000)
-#: Uploads of at least this many bytes are decoded in a worker thread, not on the loop.
-THREAD_DECODE_BYTES = 64_000
 #: The audio socket refuses audio while this much (s) is queued and not yet played (answered
 #: and counted as ``audio_over_limit``): memory stays bounded however fast a TTS sends.
+#: (``/play`` refuses a clip that would queue more than ``playback.max_clip_s``.)
 MAX_AHEAD_S = 60.0
 OVER_LIMIT = f"over {MAX_AHEAD_S:g} s of audio queued: frame dropped; send nearer real time"
 
@@ -124,16 +123,22 @@ async def play(request: web.Request) -> web.Response:
         what = f"the body ({request.content_type})"
     assert call.playout is not None
     rate = call.playout.rate
-    try:
-        if len(data) >= THREAD_DECODE_BYTES:
-            pcm = await asyncio.to_thread(decode_audio, data, rate, limits.max_clip_s)
-        else:
-            pcm = decode_audio(data, rate, limits.max_clip_s)
+    try:  # in a worker thread: a small compressed file can be minutes of audio to decode
+        pcm = await asyncio.to_thread(decode_audio, data, rate, limits.max_clip_s)
     except TooLong as exc:
         return error(413, f"{what}: {exc}; raise playback.max_clip_s")
     except DecodeError as exc:
         status = 422 if request.content_type == "application/json" else 415
         return error(status, f"{what} cannot be decoded: {_cause(exc)}")
+    # What waits in one call is bounded by one longest clip, however often a bot retries.
+    queued_s = call.playout.queued_s
+    if queued_s + pcm.size / rate > limits.max_clip_s:
+        return error(
+            409,
+            f"call {call.call_id!r}: {queued_s:.1f} s already queued and this clip is "
+            f"{pcm.size / rate:.1f} s: at most playback.max_clip_s ({limits.max_clip_s:g} s) "
+            "may wait; play it later or clear first",
+        )
     try:
         playback = call.play(pcm, rate)
     except PlaybackError as exc:
