@@ -218,6 +218,11 @@ class Playout:
         self._check_live()
         return OutboundStream(self, sample_rate)
 
+    @property
+    def pending_marks(self) -> int:
+        """Marks queued behind audio not yet sent."""
+        return sum(len(p.marks) for p in self.queue)
+
     def mark(self, name: str, playback: Playback | None = None) -> None:
         """A mark at the end of what is queued now (of ``playback``, when given and still
         queued): ``playback.mark`` is sent when the audio before it has been sent; at once

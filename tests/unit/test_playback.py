@@ -125,6 +125,16 @@ async def test_a_mark_fires_when_the_audio_before_it_has_been_sent() -> None:
     assert ep.marks == ["first"] and len(ep.frames) == 2
 
 
+async def test_marks_waiting_for_their_audio_are_counted() -> None:
+    """What the audio socket bounds (``MAX_PENDING_MARKS``): marks kept until their frame."""
+    call, _, _, _ = talking()
+    stream = call.open_audio_stream(RATE)
+    stream.write(tone(100))
+    for name in ("a", "b"):
+        stream.mark(name)
+    assert call.playout is not None and call.playout.pending_marks == 2
+
+
 async def test_a_mark_on_an_idle_call_fires_at_once() -> None:
     call, ep, _, sink = talking()
     call.mark("nothing-queued")

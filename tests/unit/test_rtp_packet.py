@@ -114,6 +114,15 @@ def test_a_sender_numbers_talkspurts_as_rfc_3550_says() -> None:
     assert (other.ssrc, other.sequence) != (sender.ssrc, first[0].sequence)
 
 
+def test_a_sender_report_pairs_wall_time_with_that_instants_timestamp() -> None:
+    """RFC 3550 §6.4.1: the SR's RTP timestamp is the wall-clock instant's, not the next
+    packet's: 5 ms after a packet at 8 kHz it is that packet's timestamp + 40."""
+    sender = RtpSender(0, 8000, 160, random.Random(3))
+    pkt = sender.audio(b"x", 20.0, True)
+    assert (sender.timestamp_at(20.005) - pkt.timestamp) & 0xFFFFFFFF == 40
+    assert (sender.timestamp_at(21.0) - pkt.timestamp) & 0xFFFFFFFF == 8000  # in silence
+
+
 def test_audio_after_an_event_never_reuses_its_timestamps() -> None:
     """RFC 4733 §2.5.1.3: the event takes the stream's time; audio resumes after its end."""
     sender = RtpSender(0, 8000, 160, random.Random(1))

@@ -179,14 +179,15 @@ class Worker:
         if not self.alive:
             return
         self.alive = False
-        code = self._proc.returncode if self._proc is not None else None
-        # What vLLM said before it went: kept in a file, its root cause in the error line.
-        self._logfile.write_text("\n".join(self._tail) + "\n")
-        log.error("vllm_engine_lost", engine=self.index, why=why, exit_code=code,
-                  cause=root_cause(list(self._tail)), log=str(self._logfile))  # fmt: skip
-        for session in list(self.sessions.values()):
+        for session in list(self.sessions.values()):  # first: nothing below may stop this
             session.inbox.put_nowait(SessionFailed(why, retry=True))
         self.sessions.clear()
+        code = self._proc.returncode if self._proc is not None else None
+        # What vLLM said before it went: kept in a file, its root cause in the error line.
+        with contextlib.suppress(OSError):
+            self._logfile.write_text("\n".join(self._tail) + "\n")
+        log.error("vllm_engine_lost", engine=self.index, why=why, exit_code=code,
+                  cause=root_cause(list(self._tail)), log=str(self._logfile))  # fmt: skip
 
     def tail(self) -> list[str]:
         """The worker's last log lines (vLLM's start-up report, errors)."""

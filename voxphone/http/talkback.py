@@ -63,6 +63,8 @@ STREAM_RATES = (8000, 12000, 16000, 22050, 24000, 32000, 44100, 48000)
 #: and counted as ``audio_over_limit``): memory stays bounded however fast a TTS sends.
 #: (``/play`` refuses a clip that would queue more than ``playback.max_clip_s``.)
 MAX_AHEAD_S = 60.0
+#: Marks that may wait for their audio in one call (each is kept until its frame is sent).
+MAX_PENDING_MARKS = 1000
 OVER_LIMIT = f"over {MAX_AHEAD_S:g} s of audio queued: frame dropped; send nearer real time"
 
 
@@ -347,6 +349,13 @@ async def _control(
         return True
     kind = message.get("type") if isinstance(message, dict) else None
     if kind == "mark" and isinstance(message.get("name"), str):
+        if call.playout is not None and call.playout.pending_marks >= MAX_PENDING_MARKS:
+            call.count_dropped("marks_over_limit")
+            await ws.send_json(
+                {"error": f"{MAX_PENDING_MARKS} marks already wait for their audio: mark "
+                          "dropped; mark less often"}
+            )  # fmt: skip
+            return True
         return _use(lambda: stream.mark(message["name"]))
     if kind == "clear":
         return _use(lambda: call.clear("api"))

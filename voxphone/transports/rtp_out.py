@@ -7,7 +7,9 @@ followed); before a caller has latched, to the address its SDP named, if any. Nu
 ``RtpSender`` (own random SSRC, sequence and timestamp; marker at talkspurt start). DTMF goes
 out as RFC 4733 telephone-events on the negotiated payload type: a start packet with the
 marker, an update every 20 ms with the growing duration, and the end packet three times;
-audio is held back meanwhile (a receiver detecting tones must not hear both). RTCP (RFC 3550
+bot audio is not sent meanwhile (a receiver detecting tones must not hear both; counted as
+``out_muted_during_dtmf``). The duration field is 16 bits: a key is at most 65535 clock ticks
+(1.36 s at a 48 kHz clock) — longer ones are sent that long (``out_dtmf_shortened``). RTCP (RFC 3550
 §6.4.1) goes from port + 1 to the caller's port + 1: a sender report with our first packet and
 every ``SR_INTERVAL_S`` after, and a BYE when voxphone hangs up.
 """
@@ -107,6 +109,9 @@ class RtpEndpoint:
         clock = self.codec.clock_rate
         step = clock * FRAME_MS // 1000
         total = max(step, clock * duration_ms // 1000)
+        if total > 0xFFFF:  # RFC 4733 §2.5.1.5: one event's duration is 16 bits
+            total = 0xFFFF
+            self._count("dtmf_shortened")
         timestamp = self.sender.now_timestamp(loop.time())
         self._in_event = True
         try:
@@ -158,7 +163,7 @@ class RtpEndpoint:
 
     def _report(self, now: float) -> bytes:
         s = self.sender
-        ts = s.now_timestamp(now)
+        ts = s.timestamp_at(now)
         return sender_report(
             s.ssrc, self._clock.now().timestamp(), ts, s.packets, s.octets, self.cname
         )

@@ -129,6 +129,15 @@ class RtpSender:
         ahead = round((now - self._next_at) * self.clock_rate)
         return (self._next_ts + ahead) & 0xFFFFFFFF
 
+    def timestamp_at(self, now: float) -> int:
+        """The media timestamp of the instant ``now`` (for an RTCP sender report, which pairs
+        the two, RFC 3550 §6.4.1): inside a talkspurt, the next packet's less the time until
+        it is due."""
+        if self._next_at is not None and now < self._next_at:
+            behind = round((self._next_at - now) * self.clock_rate)
+            return (self._next_ts - behind) & 0xFFFFFFFF
+        return self.now_timestamp(now)
+
     def audio(self, payload: bytes, now: float, first: bool) -> RtpPacket:
         """The next audio packet: ``first`` starts a talkspurt (marker bit, timestamp at
         ``now``)."""
