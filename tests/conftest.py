@@ -6,6 +6,7 @@ import random
 import shutil
 import socket
 import subprocess
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,6 +14,9 @@ import numpy as np
 import pytest
 
 from voxphone.audio.files import read_audio
+from voxphone.audio.resample import Resampler
+from voxphone.engines.base import TranscriptChunk
+from voxphone.engines.sphinx import SAMPLE_RATE, Recognizer, SphinxSettings
 
 # Sentences flite says clearly enough for pocketsphinx, even through 8 kHz G.711.
 SENTENCES = {
@@ -113,3 +117,29 @@ def choppy(speech: Speech) -> np.ndarray:
     pcm = read_audio(speech.path, 16000)
     parts = [(pcm[i : i + 5120], np.zeros(4800, np.int16)) for i in range(0, pcm.size, 5120)]
     return np.concatenate([p for pair in parts for p in pair])
+
+
+@pytest.fixture(scope="module")
+def decoder() -> Iterator[object]:
+    """One loaded pocketsphinx model for the module: each recognizer would otherwise load it
+    (0.8 s)."""
+    from pocketsphinx import Decoder
+
+    yield Decoder(samprate=SAMPLE_RATE, loglevel="FATAL")
+
+
+def recognise(
+    pcm: np.ndarray, decoder: object, settings: SphinxSettings | None = None
+) -> list[TranscriptChunk]:
+    """voxphone's sphinx ``Recognizer`` over 16 kHz PCM in 80 ms frames, then its end."""
+    rec = Recognizer(settings or SphinxSettings(), decoder)
+    chunks = [c for pos in range(0, pcm.size, 1280) for c in rec.process(pcm[pos : pos + 1280])]
+    return chunks + rec.finish()
+
+
+def hear(pcm: np.ndarray, decoder: object, rate: int = SAMPLE_RATE) -> str:
+    """The words pocketsphinx hears in mono int16 PCM at ``rate`` (resampled to its 16 kHz)."""
+    if rate != SAMPLE_RATE:
+        resampler = Resampler(rate, SAMPLE_RATE)
+        pcm = np.concatenate([resampler.process(pcm), resampler.flush()])
+    return " ".join(c.text for c in recognise(pcm, decoder) if c.segment_end and c.text)

@@ -2,35 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import numpy as np
 import pytest
 
-from tests.conftest import Speech, choppy, overlap
+from tests.conftest import Speech, choppy, overlap, recognise
 from voxphone.audio.files import read_audio
-from voxphone.engines.base import TranscriptChunk
-from voxphone.engines.sphinx import SAMPLE_RATE, Recognizer, SphinxSettings
+from voxphone.engines.sphinx import SAMPLE_RATE, SphinxSettings
 
 pytestmark = pytest.mark.integration
 
 FRAME = 1280
-
-
-@pytest.fixture(scope="module")
-def decoder() -> Iterator[object]:
-    """One loaded model for the module: each recognizer would otherwise load it (0.8 s)."""
-    from pocketsphinx import Decoder
-
-    yield Decoder(samprate=SAMPLE_RATE, loglevel="FATAL")
-
-
-def recognise(
-    pcm: np.ndarray, decoder: object, settings: SphinxSettings | None = None
-) -> list[TranscriptChunk]:
-    rec = Recognizer(settings or SphinxSettings(), decoder)
-    chunks = [c for pos in range(0, pcm.size, FRAME) for c in rec.process(pcm[pos : pos + FRAME])]
-    return chunks + rec.finish()
 
 
 def lengths() -> list[int]:

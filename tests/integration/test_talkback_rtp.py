@@ -10,7 +10,7 @@ import json
 import socket
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,36 +20,19 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from tests.conftest import Speech, free_udp_range, overlap, require
+from tests.conftest import Speech, free_udp_range, hear, overlap, require
 from tests.hooks import until
 from tests.integration.test_serve import WebhookReceiver, calls_of, running_serve
 from voxphone.audio.codecs import PCMU, Codec, Decoder, codec_by_name
 from voxphone.audio.files import read_audio
 from voxphone.audio.resample import Resampler
-from voxphone.engines.sphinx import SAMPLE_RATE, Recognizer, SphinxSettings
+from voxphone.engines.sphinx import SAMPLE_RATE
 from voxphone.testing import rtp_packets, send_rtp
 from voxphone.transports.dtmf import DtmfReceiver
 from voxphone.transports.rtcp import Bye, RtcpPacket, SenderReport, parse_rtcp
 from voxphone.transports.rtp_packet import RtpPacket, parse_rtp
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(scope="module")
-def decoder() -> Iterator[object]:
-    from pocketsphinx import Decoder as SphinxDecoder
-
-    yield SphinxDecoder(samprate=SAMPLE_RATE, loglevel="FATAL")
-
-
-def hear(pcm16k: np.ndarray, decoder: object) -> str:
-    """What pocketsphinx hears in 16 kHz PCM."""
-    rec = Recognizer(SphinxSettings(), decoder)
-    chunks = [
-        c for pos in range(0, pcm16k.size, 1280) for c in rec.process(pcm16k[pos : pos + 1280])
-    ]
-    chunks += rec.finish()
-    return " ".join(c.text for c in chunks if c.segment_end and c.text)
 
 
 @dataclass

@@ -31,15 +31,13 @@ import pytest
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCRtpSender, RTCSessionDescription
 from aiortc.mediastreams import AudioStreamTrack, MediaStreamError, MediaStreamTrack
 
-from tests.conftest import Speech, free_tcp_port, free_udp_range, overlap
+from tests.conftest import Speech, free_tcp_port, free_udp_range, hear, overlap
 from tests.hooks import until
 from voxphone.app import App
 from voxphone.audio.codecs import PCMA, PCMU, Decoder, Pcm
 from voxphone.audio.files import read_audio
-from voxphone.audio.resample import Resampler
 from voxphone.call import Call
 from voxphone.config import Config
-from voxphone.engines.sphinx import SAMPLE_RATE, Recognizer, SphinxSettings
 from voxphone.transports.asterisk import AudioSocketParser
 from voxphone.transports.webrtc import to_mono
 
@@ -75,23 +73,6 @@ async def app() -> AsyncIterator[App]:
 async def http() -> AsyncIterator[aiohttp.ClientSession]:
     async with aiohttp.ClientSession() as session:
         yield session
-
-
-@pytest.fixture(scope="module")
-def decoder() -> object:
-    """One pocketsphinx model for the module (loading it takes 0.8 s)."""
-    from pocketsphinx import Decoder as SphinxDecoder
-
-    return SphinxDecoder(samprate=SAMPLE_RATE, loglevel="FATAL")
-
-
-def hear(pcm: Pcm, rate: int, decoder: object) -> str:
-    """What pocketsphinx hears in ``pcm`` (mono int16 at ``rate``)."""
-    resampler = Resampler(rate, SAMPLE_RATE)
-    audio = np.concatenate([resampler.process(pcm), resampler.flush()])
-    rec = Recognizer(SphinxSettings(), decoder)
-    chunks = [c for pos in range(0, audio.size, 1280) for c in rec.process(audio[pos : pos + 1280])]
-    return " ".join(c.text for c in chunks + rec.finish() if c.segment_end and c.text)
 
 
 async def opened(app: App, call_id: str) -> Call:
@@ -318,7 +299,7 @@ async def test_websocket_transports_play_clear_and_hang_up(
         await until(lambda: len(heard.frames) == call.playout.stats["frames_out"], timeout_s=5)
         frame = dialect.rate // 50
         assert {f.size for f in heard.frames} == {frame}  # 20 ms each (Vonage requires it)
-        assert overlap(said.text, hear(heard.audio(), dialect.rate, decoder)) >= 0.6
+        assert overlap(said.text, hear(heard.audio(), decoder, dialect.rate)) >= 0.6
 
         # 2. Cleared mid-sentence: the vendor's clear, and no audio after it.
         before = len(heard.frames)
@@ -397,7 +378,7 @@ async def test_audiosocket_plays_back_slin_frames_and_hangs_up_with_type_0(
     await play_all(agent, call, said)
     await until(lambda: len(heard.frames) == call.playout.stats["frames_out"], timeout_s=5)  # type: ignore[union-attr]
     assert {f.size for f in heard.frames} == {160}
-    assert overlap(said.text, hear(heard.audio(), 8000, decoder)) >= 0.6
+    assert overlap(said.text, hear(heard.audio(), decoder, 8000)) >= 0.6
 
     before = len(heard.frames)
     await agent.play(said)
@@ -466,7 +447,7 @@ async def test_a_browser_hears_the_bot_on_its_sendrecv_track(
         start = len(heard.frames)
         await play_all(agent, call, said)
         await asyncio.sleep(0.5)  # the jitter buffers on both sides
-        assert overlap(said.text, hear(heard.audio(start), rate[0], decoder)) >= 0.6
+        assert overlap(said.text, hear(heard.audio(start), decoder, rate[0])) >= 0.6
 
         await agent.play(said)
         await asyncio.sleep(1.0)
@@ -519,4 +500,4 @@ async def test_the_whip_command_records_what_the_bot_says(
     assert lines[-2]["type"] == "call.ended" and lines[-1]["recorded"]["dtmf"] == "7"
     assert lines[-1]["recorded"]["seconds"] >= 6  # the file and the hold
     heard = read_audio(out, 16000)
-    assert overlap(speech[SAID].text, hear(heard, 16000, decoder)) >= 0.6
+    assert overlap(speech[SAID].text, hear(heard, decoder, 16000)) >= 0.6
