@@ -29,7 +29,6 @@ import json
 import logging
 import multiprocessing
 import os
-import platform
 import socket
 import sys
 import tempfile
@@ -48,6 +47,7 @@ from voxphone.config import Config
 from voxphone.engines.base import TranscriptChunk
 
 sys.path.insert(0, str(Path(__file__).parent))
+from machine import machine_name  # noqa: E402
 from webrtc_calls import NullStream  # noqa: E402
 
 SECRET = "whsec_" + base64.b64encode(os.urandom(32)).decode()
@@ -223,7 +223,7 @@ def main() -> None:
     proc = multiprocessing.get_context("spawn").Process(target=receiver, args=(hook_port,))
     proc.start()
     time.sleep(1.5)
-    machine = f"{os.cpu_count()}core-{platform.machine()}"
+    machine = machine_name()
     load_before = os.getloadavg()
     try:
         result = asyncio.run(run(args, hook_port))

@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import platform
 import time
 from collections.abc import Callable
 from fractions import Fraction
@@ -26,6 +25,7 @@ from pathlib import Path
 import av
 import numpy as np
 import structlog
+from machine import machine_name
 
 from voxphone.audio.codecs import OPUS, PCMU, Decoder, Encoder
 from voxphone.audio.framer import FRAME_MS, Framer, Timeline
@@ -138,7 +138,7 @@ def main() -> None:
     latency = added_latency_ms()
     print(f"added latency (frame after its audio, resampler lead included): {latency:.1f} ms")
     result = {
-        "machine": f"{os.cpu_count()}core-{platform.machine()}",
+        "machine": machine_name(),
         "loadavg_before": load_before,
         "loadavg_after": os.getloadavg(),
         "rtp_pcmu_stage_us_per_packet": {k: round(v, 2) for k, v in stage_us.items()},

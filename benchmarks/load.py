@@ -42,7 +42,6 @@ import heapq
 import io
 import json
 import os
-import platform
 import pstats
 import random
 import resource
@@ -66,6 +65,7 @@ from voxphone.config import Config
 from voxphone.transports.rtp import RtpPort
 
 sys.path.insert(0, str(Path(__file__).parent))
+from machine import machine_name  # noqa: E402
 from webrtc_calls import NullEngine, loop_lag  # noqa: E402
 
 HOST = "127.0.0.1"
@@ -402,7 +402,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
 
 def main() -> None:
     args = parse(sys.argv[1:])
-    machine = f"{os.cpu_count()}core-{platform.machine()}"
+    machine = machine_name()
     if args.sent is not None:
         send(args)
         return

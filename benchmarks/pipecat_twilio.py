@@ -26,7 +26,6 @@ import base64
 import json
 import logging
 import os
-import platform
 import subprocess
 import tempfile
 import time
@@ -35,6 +34,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import structlog
+from machine import machine_name
 
 from voxphone.audio.codecs import PCMU, Encoder
 from voxphone.audio.files import read_audio
@@ -144,7 +144,7 @@ async def measure() -> dict[str, Any]:
             r = await run(msgs)
             if name not in best or r[0] < best[name][0]:
                 best[name] = r
-    machine = f"{os.cpu_count()}core-{platform.machine()}"
+    machine = machine_name()
     result = {
         "machine": machine,
         "loadavg_before": load_before,

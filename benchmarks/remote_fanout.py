@@ -65,6 +65,7 @@ import numpy as np
 import psutil
 from gpu_capacity import FIRST_STEP_FRAMES, FRAME_S, KEEPS_UP_MS, LAG_DEFINITION, pct, summarise
 from gpu_capacity import Call as TimedCall
+from machine import machine_name
 
 from voxphone.audio.codecs import L16_16K, Pcm
 from voxphone.call import Call
@@ -378,10 +379,6 @@ async def _run_level(
         "call_seconds_in_window": round(call_s),
         **({"profile": m["profile"]} if m["profile"] else {}),
     }  # fmt: skip
-
-
-def machine_name() -> str:
-    return f"{os.cpu_count()}core-{platform.machine()}"
 
 
 async def main(a: argparse.Namespace) -> None:

@@ -37,6 +37,7 @@ from typing import Any
 import av
 import numpy as np
 import soxr
+from machine import machine_name
 
 from voxphone.audio.codecs import Pcm
 from voxphone.audio.files import read_audio
@@ -191,10 +192,6 @@ def measure(in_rate: int) -> dict[str, dict[str, float]]:
     return results
 
 
-def machine() -> str:
-    return f"{os.cpu_count()}core-{platform.machine()}"
-
-
 def plot(results: dict[str, Any], png: Path) -> None:
     import matplotlib
 
@@ -219,9 +216,10 @@ def plot(results: dict[str, Any], png: Path) -> None:
 
 
 def main() -> None:
-    prefix = Path(sys.argv[1] if len(sys.argv) > 1 else f"benchmarks/results/resample-{machine()}")
+    default = f"benchmarks/results/resample-{machine_name()}"
+    prefix = Path(sys.argv[1] if len(sys.argv) > 1 else default)
     results: dict[str, Any] = {
-        "machine": f"{machine()} ({platform.processor() or platform.platform()})",
+        "machine": f"{machine_name()} ({platform.processor() or platform.platform()})",
         "loadavg_before": os.getloadavg(),
         "versions": {"soxr": soxr.__version__, "av": av.__version__},
         "rates": {},

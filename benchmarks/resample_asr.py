@@ -13,8 +13,6 @@ of an integration test is one sample of this; the means say more.
 from __future__ import annotations
 
 import json
-import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -24,6 +22,8 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from machine import machine_name  # noqa: E402
+
 from benchmarks.resample import SoxrStream  # noqa: E402
 from tests.conftest import SENTENCES, overlap  # noqa: E402
 from voxphone.audio.codecs import PCMU, Encoder, Pcm  # noqa: E402
@@ -80,7 +80,7 @@ def main() -> None:
                 frames = [f for i in kept for f in pipe.push_packet(i * 160, packets[i])]
                 score = overlap(text, heard(frames + pipe.flush(), decoder))
                 scores.setdefault(variant, []).append(round(score, 3))
-    machine = f"{os.cpu_count()}core-{platform.machine()}"
+    machine = machine_name()
     result = {
         "machine": machine,
         "runs": f"{len(SENTENCES)} sentences x (clean + {SEEDS - 1} seeds of 10 % loss)",

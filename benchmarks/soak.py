@@ -27,7 +27,6 @@ import contextlib
 import json
 import logging
 import os
-import platform
 import sys
 import tempfile
 import threading
@@ -43,6 +42,7 @@ from voxphone.call import Call
 
 sys.path.insert(0, str(Path(__file__).parent))
 from load import config, cpu_s, pin  # noqa: E402
+from machine import machine_name  # noqa: E402
 from webrtc_calls import NullEngine  # noqa: E402
 
 SERIES = ("rss_mib", "fds", "tasks", "threads", "calls_up")
@@ -248,7 +248,7 @@ def main() -> None:
         return
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.ERROR))
     pin(args.server_cpus)
-    machine = f"{os.cpu_count()}core-{platform.machine()}"
+    machine = machine_name()
     load_before = os.getloadavg()
     result = asyncio.run(serve(args))
     result = {"machine": machine, "loadavg_before": load_before, **result}

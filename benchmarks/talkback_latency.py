@@ -31,7 +31,6 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import socket
 import struct
 import subprocess
@@ -52,6 +51,7 @@ from voxphone.transports.rtp_out import RtpEndpoint
 
 sys.path.insert(0, str(Path(__file__).parent))
 from load import percentiles  # noqa: E402
+from machine import machine_name  # noqa: E402
 from webrtc_calls import NullEngine  # noqa: E402
 
 HOST = "127.0.0.1"
@@ -348,7 +348,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
 
 def main() -> None:
     args = parse(sys.argv[1:])
-    machine = f"{os.cpu_count()}core-{platform.machine()}"
+    machine = machine_name()
     if args.client_out is not None:
         seen = asyncio.run(client(args, speech(), long_clip() if args.busy else b""))
         Path(args.client_out).write_text(json.dumps(seen))
