@@ -62,6 +62,7 @@ from voxphone.audio.codecs import PCMU, Encoder
 from voxphone.audio.files import read_audio
 from voxphone.call import Call
 from voxphone.config import Config
+from voxphone.testing import free_tcp_port
 from voxphone.transports.rtp import RtpPort
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -194,12 +195,6 @@ def config(args: argparse.Namespace) -> Config:
             "outbox": {"path": str(Path(tempfile.mkdtemp()) / "outbox.db")},
         }
     )
-
-
-def free_tcp_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return int(s.getsockname()[1])
 
 
 def cpu_list(text: str) -> set[int]:

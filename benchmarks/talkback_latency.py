@@ -47,6 +47,7 @@ from voxphone.app import App
 from voxphone.audio.files import read_audio
 from voxphone.config import Config
 from voxphone.playback import OutboundStream, Playout
+from voxphone.testing import free_tcp_port, free_udp_range
 from voxphone.transports.rtp_out import RtpEndpoint
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -233,38 +234,11 @@ def config(args: argparse.Namespace, http_port: int, rtp_base: int) -> Config:
     )
 
 
-def free_udp_range(n: int) -> int:
-    """The first of ``n`` consecutive free UDP ports (tried at random bases)."""
-    import random
-
-    for _ in range(50):
-        base = random.randrange(20000, 60000 - n)
-        socks = []
-        try:
-            for port in range(base, base + n):
-                s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-                socks.append(s)
-                s.bind((HOST, port))
-            return base
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-    raise RuntimeError("no free UDP port range")
-
-
-def free_tcp_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 async def serve(args: argparse.Namespace) -> dict[str, Any]:
     probe = Probe()
     http_port = free_tcp_port()
-    app = App(config(args, http_port, free_udp_range(2 * (args.busy + 2) + 1)), engine=NullEngine())
+    first_rtp, _ = free_udp_range(2 * (args.busy + 2) + 1)
+    app = App(config(args, http_port, first_rtp), engine=NullEngine())
     await app.start()
     result_file = Path(tempfile.mkdtemp()) / "client.json"
     cmd = [sys.executable, __file__, "--client-out", str(result_file),

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import random
 import shutil
-import socket
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -17,6 +15,8 @@ from voxphone.audio.files import read_audio
 from voxphone.audio.resample import Resampler
 from voxphone.engines.base import TranscriptChunk
 from voxphone.engines.sphinx import SAMPLE_RATE, Recognizer, SphinxSettings
+from voxphone.testing import free_tcp_port as free_tcp_port  # for the tests that import it here
+from voxphone.testing import free_udp_range as free_udp_range
 
 # Sentences flite says clearly enough for pocketsphinx, even through 8 kHz G.711.
 SENTENCES = {
@@ -83,32 +83,6 @@ def speech(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Speech]:
         subprocess.run([flite, "-voice", voice, "-t", text, "-o", str(path)], check=True)
         result[key] = Speech(path, text)
     return result
-
-
-def free_tcp_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-def free_udp_range(n: int) -> tuple[int, int]:
-    """``n`` consecutive free UDP ports on 127.0.0.1."""
-    for _ in range(50):
-        base = random.randrange(20000, 30000)
-        socks = []
-        try:
-            for port in range(base, base + n):
-                s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-                socks.append(s)
-                s.bind(("127.0.0.1", port))
-            return base, base + n - 1
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-    raise RuntimeError("no free UDP port range")
 
 
 def choppy(speech: Speech) -> np.ndarray:

@@ -23,6 +23,8 @@ __all__ = [
     "MemoryEndpoint",
     "capture_events",
     "dtmf_packets",
+    "free_tcp_port",
+    "free_udp_range",
     "impair",
     "rtp_packets",
     "send_rtp",
@@ -231,3 +233,32 @@ class MemoryEndpoint:
         if not self.frames:
             return np.zeros(0, np.int16)
         return np.concatenate([pcm for _, pcm, _ in self.frames])
+
+
+def free_tcp_port() -> int:
+    """A TCP port free on 127.0.0.1 now (the OS's choice): for a server a test or benchmark
+    starts, never a fixed port another process may hold."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def free_udp_range(n: int) -> tuple[int, int]:
+    """``(first, last)`` of ``n`` consecutive UDP ports free on 127.0.0.1 now (an RTP port
+    range), tried at random bases from 20000; ``RuntimeError`` after 50 tries."""
+    for _ in range(50):
+        base = random.randrange(20000, 30000)
+        socks = []
+        try:
+            for port in range(base, base + n):
+                s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+                socks.append(s)
+                s.bind(("127.0.0.1", port))
+            return base, base + n - 1
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise RuntimeError("no free UDP port range")
