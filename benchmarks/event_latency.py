@@ -29,7 +29,6 @@ import json
 import logging
 import multiprocessing
 import os
-import socket
 import sys
 import tempfile
 import time
@@ -45,6 +44,7 @@ from voxphone.audio.codecs import PCMU, Pcm
 from voxphone.call import Call
 from voxphone.config import Config
 from voxphone.engines.base import TranscriptChunk
+from voxphone.testing import free_tcp_port, free_udp_range
 
 sys.path.insert(0, str(Path(__file__).parent))
 from machine import machine_name  # noqa: E402
@@ -52,12 +52,6 @@ from webrtc_calls import NullStream  # noqa: E402
 
 SECRET = "whsec_" + base64.b64encode(os.urandom(32)).decode()
 FRAME_S = 0.08
-
-
-def free_port(kind: int = socket.SOCK_STREAM) -> int:
-    with socket.socket(socket.AF_INET, kind) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 # -- the receiver (another process) -------------------------------------------------------------
@@ -131,7 +125,7 @@ class StampEngine:
 
 
 def config(args: argparse.Namespace, hook_port: int, db: Path) -> Config:
-    rtp = free_port(socket.SOCK_DGRAM)
+    rtp = free_udp_range(1)[0]
     endpoint = {
         "name": "bench",
         "url": f"http://127.0.0.1:{hook_port}/hooks",
@@ -140,7 +134,7 @@ def config(args: argparse.Namespace, hook_port: int, db: Path) -> Config:
     }
     return Config.model_validate(
         {
-            "http": {"port": free_port()},
+            "http": {"port": free_tcp_port()},
             "rtp": {"ports": f"{rtp}-{rtp}"},
             "asterisk": {"audiosocket_port": 0},
             "calls": {"max_concurrent": args.calls + 10},
@@ -219,7 +213,7 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args()
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
-    hook_port = free_port()
+    hook_port = free_tcp_port()
     proc = multiprocessing.get_context("spawn").Process(target=receiver, args=(hook_port,))
     proc.start()
     time.sleep(1.5)
