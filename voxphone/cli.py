@@ -289,6 +289,10 @@ def _call(args: argparse.Namespace) -> int:
     from voxphone.transports.dtmf import DTMF_KEYS
 
     host, port = _host_port(args.to)
+    try:  # before anything is said about the call: a name that does not resolve is the error
+        socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
+    except socket.gaierror as exc:
+        raise TransportError(f"cannot send RTP to {args.to}: {exc.strerror}") from None
     if not 0 <= args.loss < 1:
         raise ConfigError(f"--loss: {args.loss:g} is not a fraction from 0 to 1 (0.05 drops 5 %)")
     if bad := set(args.dtmf.upper()) - set(DTMF_KEYS):
@@ -342,10 +346,6 @@ def _host_port(text: str) -> tuple[str, int]:
         raise ConfigError(f"--to must be HOST:PORT, got {text!r}")
     if not 1 <= int(port) <= 65534:
         raise ConfigError(f"--to: port {port} is out of range: use 1-65534 (RTCP goes to port + 1)")
-    try:  # before anything is said about the call: a name that does not resolve is the error
-        socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
-    except socket.gaierror as exc:
-        raise TransportError(f"cannot send RTP to {text}: {exc.strerror}") from None
     return host, int(port)
 
 
