@@ -139,7 +139,7 @@ class Worker:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._proc.wait(), 0.5)
         await asyncio.sleep(0.2)  # the last log lines
-        self._logfile.write_text("\n".join(self._tail) + "\n")
+        self._keep_log()
         raise EngineError(
             f"engine 'vllm' failed to start: {root_cause(list(self._tail))} "
             f"(vLLM's log: {self._logfile})"
@@ -185,9 +185,13 @@ class Worker:
         code = self._proc.returncode if self._proc is not None else None
         # What vLLM said before it went: kept in a file, its root cause in the error line.
         with contextlib.suppress(OSError):
-            self._logfile.write_text("\n".join(self._tail) + "\n")
+            self._keep_log()
         log.error("vllm_engine_lost", engine=self.index, why=why, exit_code=code,
                   cause=root_cause(list(self._tail)), log=str(self._logfile))  # fmt: skip
+
+    def _keep_log(self) -> None:
+        """vLLM's last log lines into the worker's log file, for the error that names it."""
+        self._logfile.write_text("\n".join(self._tail) + "\n")
 
     def tail(self) -> list[str]:
         """The worker's last log lines (vLLM's start-up report, errors)."""
