@@ -13,6 +13,7 @@ import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import numpy as np
@@ -108,6 +109,15 @@ def _pt(codec: str) -> dict[str, int]:
     return {"payload_type": dynamic[codec]} if codec in dynamic else {}
 
 
+async def play(http: aiohttp.ClientSession, base: str, call_id: str, wav: bytes) -> Any:
+    """``POST /v1/calls/{id}/play`` of a WAV file's bytes, accepted (202): its JSON answer."""
+    async with http.post(
+        f"{base}/v1/calls/{call_id}/play", data=wav, headers={"Content-Type": "audio/wav"}
+    ) as r:
+        assert r.status == 202, await r.text()
+        return await r.json()
+
+
 def types_of(receiver: WebhookReceiver, call_id: str) -> list[str]:
     return [e["type"] for e in calls_of(receiver).get(call_id, [])]
 
@@ -132,12 +142,7 @@ async def test_played_speech_comes_back_over_rtp_and_is_recognised(
         call_id = call["call_id"]
         async with calling(call["rtp_port"], 12) as caller:
             await asyncio.sleep(0.3)  # latched
-            wav = speech["callback"].path.read_bytes()
-            async with http.post(
-                f"{base}/v1/calls/{call_id}/play", data=wav, headers={"Content-Type": "audio/wav"}
-            ) as r:
-                assert r.status == 202, await r.text()
-                played = await r.json()
+            played = await play(http, base, call_id, speech["callback"].path.read_bytes())
             await until(lambda: "playback.finished" in types_of(receiver, call_id))
             await asyncio.sleep(0.2)
             async with http.post(
@@ -380,11 +385,7 @@ async def test_the_caller_barges_in_on_the_bot(
         call_id = call["call_id"]
         async with calling(call["rtp_port"], 8, says) as caller:
             await asyncio.sleep(0.3)
-            wav = speech["callback"].path.read_bytes()
-            async with http.post(
-                f"{base}/v1/calls/{call_id}/play", data=wav, headers={"Content-Type": "audio/wav"}
-            ) as r:
-                assert r.status == 202, await r.text()
+            await play(http, base, call_id, speech["callback"].path.read_bytes())
             await until(lambda: "playback.cleared" in types_of(receiver, call_id), 20)
             async with http.delete(f"{base}/v1/calls/{call_id}") as r:
                 assert r.status == 204
@@ -414,11 +415,7 @@ async def test_voxphone_call_records_what_the_bot_says(
         )  # fmt: skip
         await until(lambda: bool(calls_of(receiver)), 20)  # call.started delivered
         (call_id,) = calls_of(receiver)
-        wav = speech["callback"].path.read_bytes()
-        async with http.post(
-            f"{base}/v1/calls/{call_id}/play", data=wav, headers={"Content-Type": "audio/wav"}
-        ) as r:
-            assert r.status == 202, await r.text()
+        await play(http, base, call_id, speech["callback"].path.read_bytes())
         await until(lambda: "playback.finished" in types_of(receiver, call_id), 20)
         async with http.post(f"{base}/v1/calls/{call_id}/dtmf", json={"digits": "7"}) as r:
             assert r.status == 202
@@ -464,11 +461,7 @@ async def test_ffmpeg_as_the_receiver_decodes_what_voxphone_sends(
                 assert "a=sendrecv" in (await r.text()).split("\r\n")
                 call_id = r.headers["X-Call-Id"]
             await asyncio.sleep(0.5)  # ffmpeg is listening
-            wav = speech["phone"].path.read_bytes()
-            async with http.post(
-                f"{base}/v1/calls/{call_id}/play", data=wav, headers={"Content-Type": "audio/wav"}
-            ) as r:
-                assert r.status == 202, await r.text()
+            await play(http, base, call_id, speech["phone"].path.read_bytes())
             await until(lambda: "playback.finished" in types_of(receiver, call_id), 20)
             async with http.delete(f"{base}/v1/calls/{call_id}") as r:
                 assert r.status == 204
