@@ -66,7 +66,7 @@ from voxphone.testing import free_tcp_port
 from voxphone.transports.rtp import RtpPort
 
 sys.path.insert(0, str(Path(__file__).parent))
-from machine import machine_name  # noqa: E402
+from machine import cpu_model, machine_name  # noqa: E402
 from webrtc_calls import NullEngine, loop_lag  # noqa: E402
 
 HOST = "127.0.0.1"
@@ -86,11 +86,14 @@ TEXT = (
 CODECS = {"pcmu": (0, 160), "opus": (111, 960)}
 
 
-def speech_payloads(codec: str = "pcmu") -> list[bytes]:
-    """flite's speech as 20 ms payloads (looped by the callers): PCMU, or mono Opus (libopus,
-    48 kHz, as a browser or Asterisk sends it)."""
-    wav = Path(tempfile.mkdtemp()) / "speech.wav"
-    subprocess.run(["flite", "-voice", "rms", "-t", TEXT, "-o", str(wav)], check=True)
+def speech_payloads(codec: str = "pcmu", speech: Path | None = None) -> list[bytes]:
+    """Speech as 20 ms payloads (looped by the callers): PCMU, or mono Opus (libopus, 48 kHz,
+    as a browser or Asterisk sends it). ``speech``: any audio file PyAV reads; else flite says
+    ``TEXT`` (a machine without flite, such as the GPU host, is given a file)."""
+    wav = speech
+    if wav is None:
+        wav = Path(tempfile.mkdtemp()) / "speech.wav"
+        subprocess.run(["flite", "-voice", "rms", "-t", TEXT, "-o", str(wav)], check=True)
     if codec == "pcmu":
         pcm = read_audio(wav, 8000)
         enc = Encoder(PCMU)
@@ -117,7 +120,7 @@ def send(args: argparse.Namespace) -> None:
     With ``--call-seconds`` each caller hangs up after that long and calls again from a new
     socket (a new source address and SSRC: a new call), so calls start and end all along."""
     pin(args.load_cpus or f"0-{os.cpu_count() - 1}")  # (not the server's pinning it inherited)
-    payloads = speech_payloads(args.codec)
+    payloads = speech_payloads(args.codec, args.speech)
     pt, ticks = CODECS[args.codec]
     rng = random.Random(args.seed)
     socks = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(args.calls)]
@@ -388,6 +391,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--server-cpus", default=None, help="pin the server, e.g. 0 or 0-1")
     p.add_argument("--load-cpus", default=None, help="pin the load process, e.g. 1-3")
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--speech", type=Path, default=None, help="audio file to play; default: flite")
     p.add_argument("--profile", action="store_true", help="cProfile the server's window")
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--plot", action="store_true", help="plot this machine's results and exit")
@@ -412,7 +416,7 @@ def main() -> None:
     pin(args.server_cpus)
     load_before = os.getloadavg()
     result = asyncio.run(serve(args))
-    result = {"machine": machine, "loadavg_before": load_before, **result}
+    result = {"machine": machine, "cpu": cpu_model(), "loadavg_before": load_before, **result}
     result["loadavg_after"] = os.getloadavg()
     print(json.dumps({k: v for k, v in result.items() if k != "profile_top"}, indent=2))
     for line in result.get("profile_top", []):
