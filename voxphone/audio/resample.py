@@ -47,6 +47,12 @@ class Resampler:
         self.hold = 0.0 if in_rate == out_rate else _HALF_FILTER * max(1.0, self.ratio)
         #: Silence (output samples) a stream starts with, standing in for the held-back audio.
         self.lead = math.ceil(self.hold)
+        #: ``hold`` in units of 1 / ``in_rate`` output samples (an integer), so ``releasable``
+        #: is exact integer arithmetic at every ratio.
+        self._hold_scaled = 0 if in_rate == out_rate else _HALF_FILTER * max(in_rate, out_rate)
+        #: Whether ``process`` returns a new array the caller may keep (libswresample's output
+        #: always is; a passthrough returns the caller's own array).
+        self.fresh = in_rate != out_rate
         self._swr = self._new()
         self._in = self._out = 0
 
@@ -58,14 +64,28 @@ class Resampler:
     def releasable(self, more_in: int) -> int:
         """About how many output samples ``process`` would return for ``more_in`` more input
         samples (within a sample or so; exact for passthrough and for 8 → 16 kHz). Lets a
-        caller feed whole batches without waiting a packet longer than it must."""
+        caller feed whole batches without waiting a packet longer than it must. It depends on
+        ``more_in``, ``phase`` and ``started`` only."""
         lead = self.lead if self._in == 0 else 0
-        return math.floor((self._in + more_in) * self.ratio - self.hold) + lead - self._out
+        scaled = (self._in + more_in) * self.out_rate - self._hold_scaled
+        return scaled // self.in_rate + lead - self._out
+
+    @property
+    def phase(self) -> int:
+        """Where the stream stands between input and output clocks: input samples taken times
+        ``out_rate`` less output samples given times ``in_rate`` (constant while the output
+        keeps exact pace with the input, as at 8 → 16 kHz)."""
+        return self._in * self.out_rate - self._out * self.in_rate
+
+    @property
+    def started(self) -> bool:
+        """Whether the stream has had input (its ``lead`` of silence is then given out)."""
+        return self._in != 0
 
     def process(self, pcm: Pcm) -> Pcm:
         if self._swr is None or pcm.size == 0:
             return pcm
-        out = self._swr.convert(np.ascontiguousarray(pcm, np.int16))
+        out = self._swr.convert(pcm)
         self._out += out.size
         if self._in == 0:
             out = np.concatenate([np.zeros(self.lead, np.int16), out])
