@@ -387,15 +387,20 @@ class Call:
         self.count_dropped("undecodable", error=str(exc))
 
     def _enqueue(self, frame: Pcm) -> None:
-        if self._frames.qsize() >= self._max_frames:
+        """Queue a live frame, dropping the oldest when full. Once per 80 ms frame of every
+        call, so ``_queue`` is written out and the bound read from ``_queued_at`` (in step
+        with ``_frames`` until the end marker, which comes after the last frame)."""
+        queued_at = self._queued_at
+        if len(queued_at) >= self._max_frames:
             self._frames.get_nowait()
-            self._queued_at.popleft()
+            queued_at.popleft()
             self.stats.dropped_frames += 1
             if self.stats.dropped_frames % 50 == 1:
                 self._log.warning(
                     "engine_lagging_frames_dropped", dropped=self.stats.dropped_frames
                 )
-        self._queue(frame)
+        self._frames.put_nowait(frame)
+        queued_at.append(self._clock.monotonic())
 
     def _queue(self, frame: Pcm) -> None:
         self._frames.put_nowait(frame)
