@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 import numpy as np
@@ -46,10 +45,6 @@ class AudioPipeline:
         self._batch = self.decoder.stateless
         self._all_payloads = True  # nothing but payloads pending: one decode call for all
         self._need = 0
-        #: ``_update_need``'s inputs and answer last time: in a steady stream they repeat
-        #: frame after frame (at 8 → 16 kHz, every frame starts empty with the same resampler
-        #: phase), so the answer is reused rather than searched for again.
-        self._need_key: tuple[int, int, bool] | None = None
         self._update_need()
 
     @property
@@ -77,7 +72,6 @@ class AudioPipeline:
         self._batch = self.decoder.stateless and self._tap is None
         self.timeline.retime(codec.clock_rate, codec.sample_rate)
         self.resampler = Resampler(codec.sample_rate, MODEL_RATE)
-        self._need_key = None
         self._update_need()
         return frames
 
@@ -153,20 +147,8 @@ class AudioPipeline:
 
     def _update_need(self) -> None:
         """The input samples after which the resampler could release the rest of the current
-        frame (less ``_EARLY``): the least ``n`` with ``releasable(n) >= missing - _EARLY``."""
-        missing = self.framer.missing
-        r = self.resampler
-        key = (missing, r.phase, r.started)
-        if key == self._need_key:
-            return
-        self._need_key = key
-        target = missing - _EARLY
-        n = max(1, math.ceil(target / r.ratio) - 1)
-        while n > 1 and r.releasable(n - 1) >= target:
-            n -= 1
-        while r.releasable(n) < target:
-            n += 1
-        self._need = n
+        frame (less ``_EARLY``)."""
+        self._need = self.resampler.input_for(self.framer.missing - _EARLY)
 
     def flush(self) -> list[Pcm]:
         """End of the call's audio: drain the resampler and pad the last frame."""

@@ -55,6 +55,7 @@ class Resampler:
         self.fresh = in_rate != out_rate
         self._swr = self._new()
         self._in = self._out = 0
+        self._input_for: tuple[tuple[int, int, bool] | None, int] = (None, 0)  # last answer
 
     def _new(self) -> SwrContext | None:
         if self.in_rate == self.out_rate:
@@ -64,23 +65,30 @@ class Resampler:
     def releasable(self, more_in: int) -> int:
         """About how many output samples ``process`` would return for ``more_in`` more input
         samples (within a sample or so; exact for passthrough and for 8 → 16 kHz). Lets a
-        caller feed whole batches without waiting a packet longer than it must. It depends on
-        ``more_in``, ``phase`` and ``started`` only."""
+        caller feed whole batches without waiting a packet longer than it must."""
         lead = self.lead if self._in == 0 else 0
         scaled = (self._in + more_in) * self.out_rate - self._hold_scaled
         return scaled // self.in_rate + lead - self._out
 
-    @property
-    def phase(self) -> int:
-        """Where the stream stands between input and output clocks: input samples taken times
-        ``out_rate`` less output samples given times ``in_rate`` (constant while the output
-        keeps exact pace with the input, as at 8 → 16 kHz)."""
-        return self._in * self.out_rate - self._out * self.in_rate
+    def input_for(self, target: int) -> int:
+        """The least number of input samples (at least 1) after which ``process`` would
+        return ``target`` output samples (``releasable(n) >= target``).
 
-    @property
-    def started(self) -> bool:
-        """Whether the stream has had input (its ``lead`` of silence is then given out)."""
-        return self._in != 0
+        ``releasable`` depends on the input and output counts only through the stream's phase
+        (input taken times ``out_rate`` less output given times ``in_rate``) and whether it has
+        started, and in a steady stream those repeat batch after batch (at 8 → 16 kHz, every
+        80 ms batch leaves the same phase), so the last answer is kept for the same question
+        and the search runs only when something changed."""
+        key = (target, self._in * self.out_rate - self._out * self.in_rate, self._in == 0)
+        if key == self._input_for[0]:
+            return self._input_for[1]
+        n = max(1, math.ceil(target / self.ratio) - 1)
+        while n > 1 and self.releasable(n - 1) >= target:
+            n -= 1
+        while self.releasable(n) < target:
+            n += 1
+        self._input_for = (key, n)
+        return n
 
     def process(self, pcm: Pcm) -> Pcm:
         if self._swr is None or pcm.size == 0:
