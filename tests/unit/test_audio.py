@@ -6,7 +6,7 @@ import av
 import numpy as np
 import pytest
 
-from voxphone.audio.codecs import PCMA, PCMU, Codec, Decoder, Encoder
+from voxphone.audio.codecs import L16_16K, OPUS, PCMA, PCMU, SLIN, Codec, Decoder, Encoder
 from voxphone.audio.framer import FRAME_SAMPLES, Framer, Placement, Timeline, ts_delta
 from voxphone.audio.pipeline import AudioPipeline
 from voxphone.audio.resample import Resampler
@@ -83,6 +83,53 @@ def test_pipeline_frames_leave_on_the_packet_that_completes_them() -> None:
         n for n in range(1, 51) if pipe.push_packet(n * 160, enc.encode(x[(n - 1) * 160 : n * 160]))
     ]
     assert done == list(range(4, 51, 4))
+
+
+@pytest.mark.parametrize(("codec", "packet"), [(L16_16K, 320), (SLIN[12000], 240), (OPUS, 960)])
+def test_frames_leave_on_the_completing_packet_at_every_rate(codec: Codec, packet: int) -> None:
+    """The same at other rates, through the cached batch size (``_update_need``): after 20 ms
+    packet n, exactly n // 4 frames have left (12 kHz: its ≤ 1-sample rounding aside)."""
+    pipe = AudioPipeline(codec)
+    x = chirp(2.0, codec.sample_rate)
+    out = 0
+    for n in range(1, 101):
+        out += len(pipe.push_timed_pcm(n * packet, x[(n - 1) * packet : n * packet]))
+        assert out == n // 4 or (codec.sample_rate == 12000 and out == (n - 1) // 4)
+
+
+def test_framer_hands_out_a_fresh_array_itself_and_copies_one_it_does_not_own() -> None:
+    """An ``owned`` array of exactly one frame, with nothing buffered, goes out as it is (no
+    copies); one the caller keeps (``owned=False``) is copied; framing is the same either way."""
+    f = Framer()
+    x = np.arange(FRAME_SAMPLES, dtype=np.int16)
+    assert f.push(x, owned=True)[0] is x
+    (copied,) = f.push(x)
+    assert copied is not x and np.array_equal(copied, x)
+    y = np.arange(3000, dtype=np.int16)
+    owned, plain = Framer(), Framer()
+    a = owned.push(y[:100], owned=True) + owned.push(y[100:], owned=True)
+    a += owned.push(y.copy(), owned=True)
+    b = plain.push(y[:100]) + plain.push(y[100:]) + plain.push(y.copy())
+    assert [fr.tolist() for fr in a] == [fr.tolist() for fr in b] and len(a) == 4
+    assert owned.frames_out == plain.frames_out == 4 and owned.missing == plain.missing
+    last_a, last_b = owned.flush(), plain.flush()
+    assert last_a is not None and last_b is not None and np.array_equal(last_a, last_b)
+
+
+def test_timeline_short_path_agrees_with_the_full_decision() -> None:
+    """In-order packets of one size take ``place``'s short path; a size change, a gap, an
+    overlap and a clock change right after it are still decided in full."""
+    tl = Timeline(8000, 16000)  # G.722: 320 samples per 160 clock units
+    assert [tl.place(160 * i, 320) for i in range(5)] == [Placement(0, 0)] * 5
+    assert tl.place(800, 160) == Placement(0, 0)  # 10 ms packet: 80 clock units
+    assert tl.place(880, 160) == Placement(0, 0) and tl.elapsed_ms == 120
+    assert tl.place(1120, 160) == Placement(320, 0)  # 160 units (20 ms) lost
+    assert tl.place(1160, 160) == Placement(0, 80)  # overlaps the last by 40 units
+    assert tl.place(1120, 160) is None and tl.stats.late == 1
+    assert tl.elapsed_ms == 155 and tl.stats.packets == 10
+    tl.retime(8000, 8000)  # PCMA after G.722: 160 samples are now 160 units, not 80
+    assert tl.place(1240, 160) == Placement(0, 0) and tl.place(1400, 160) == Placement(0, 0)
+    assert tl.elapsed_ms == 195
 
 
 @pytest.mark.parametrize("rate", [8000, 48000])

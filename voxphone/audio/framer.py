@@ -60,10 +60,17 @@ class Timeline:
     ) -> None:
         self._max_gap_s, self._max_late_s = max_gap_s, max_late_s
         self._next_ts: int | None = None
-        #: Media time placed so far (ms on the call clock), across re-anchors and codec changes.
-        self.elapsed_ms = 0.0
+        #: Media time placed so far is ``_elapsed_ms_before`` (ms, up to the last clock-rate
+        #: change) plus ``_elapsed`` units of the current RTP clock: an integer add per packet
+        #: rather than float ms, and exact; ``elapsed_ms`` is computed when asked.
+        self._elapsed_ms_before = 0.0
+        self._elapsed = 0
         self.stats = TimelineStats()
         self._clock_rate = clock_rate
+        #: The last packet size placed and its duration in clock units, so that a packet of the
+        #: same size (nearly all of them) skips the division and rounding.
+        self._last_n = -1
+        self._last_duration = 0
         self.retime(clock_rate, sample_rate)
 
     def retime(self, clock_rate: int, sample_rate: int) -> None:
@@ -73,10 +80,18 @@ class Timeline:
         re-anchors."""
         if clock_rate != self._clock_rate:
             self.reset()
+        self._elapsed_ms_before = self.elapsed_ms
+        self._elapsed = 0
         self._clock_rate = clock_rate
+        self._last_n = -1
         self._ratio = sample_rate / clock_rate
         self._max_gap = int(self._max_gap_s * clock_rate)
         self._max_late = int(self._max_late_s * clock_rate)
+
+    @property
+    def elapsed_ms(self) -> float:
+        """Media time placed so far (ms on the call clock), across re-anchors and codec changes."""
+        return self._elapsed_ms_before + self._elapsed * 1000 / self._clock_rate
 
     def ms_at(self, timestamp: int) -> int:
         """Where an RTP ``timestamp`` falls on the call clock (ms of media since the call began):
@@ -89,9 +104,22 @@ class Timeline:
         )
 
     def place(self, timestamp: int, n_samples: int) -> Placement | None:
-        """Place a packet of ``n_samples`` decoded samples; ``None`` means drop it as late."""
+        """Place a packet of ``n_samples`` decoded samples; ``None`` means drop it as late.
+
+        A packet that starts exactly where the last one ended and is the same size (an in-order
+        stream: nearly every packet) takes a short path — one comparison, two integer adds —
+        since this runs for every 20 ms packet of every call; the rest is decided in full."""
         self.stats.packets += 1
+        if timestamp == self._next_ts and n_samples == self._last_n:
+            duration = self._last_duration
+            self._next_ts = (timestamp + duration) % _TS_MOD
+            self._elapsed += duration
+            return CONTIGUOUS
+        return self._place(timestamp, n_samples)
+
+    def _place(self, timestamp: int, n_samples: int) -> Placement | None:
         duration = round(n_samples / self._ratio)
+        self._last_n, self._last_duration = n_samples, duration
         if self._next_ts is None:
             return self._anchor(timestamp, duration)
         d = ts_delta(timestamp, self._next_ts)
@@ -102,7 +130,7 @@ class Timeline:
             self.stats.late += 1
             return None
         self._next_ts = (timestamp + duration) % _TS_MOD
-        self.elapsed_ms += (d + duration) * 1000 / self._clock_rate
+        self._elapsed += d + duration
         if d == 0:
             return CONTIGUOUS
         if d > 0:
@@ -113,7 +141,7 @@ class Timeline:
 
     def _anchor(self, timestamp: int, duration: int) -> Placement:
         self._next_ts = (timestamp + duration) % _TS_MOD
-        self.elapsed_ms += duration * 1000 / self._clock_rate
+        self._elapsed += duration
         return CONTIGUOUS
 
     def reset(self) -> None:
@@ -131,8 +159,21 @@ class Framer:
         self._fill = 0
         self.frames_out = 0
 
-    def push(self, pcm: Pcm) -> list[Pcm]:
-        """Add samples; return every frame completed by them (each a fresh array)."""
+    def push(self, pcm: Pcm, owned: bool = False) -> list[Pcm]:
+        """Add samples; return every frame completed by them (each an array no one else
+        writes to). ``owned``: ``pcm`` is a new array nothing else refers to (a resampler's
+        output), so whole frames at its start may be handed out as views of it instead of
+        copies — a steady 8 → 16 kHz stream resamples exactly one frame per batch, and that
+        array then goes out as it is."""
+        step = self.frame_samples
+        if owned and self._fill == 0 and pcm.size >= step:
+            if pcm.size == step:
+                self.frames_out += 1
+                return [pcm]
+            whole = pcm.size - pcm.size % step
+            out = [pcm[i : i + step] for i in range(0, whole, step)]
+            self.frames_out += len(out)
+            return out + self.push(pcm[whole:])
         frames: list[Pcm] = []
         pos = 0
         while pos < pcm.size:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 import numpy as np
@@ -40,13 +39,25 @@ class AudioPipeline:
         #: PCM (decoded, or silence for a gap), in order; ``_pending_samples`` counts both.
         self._pending: list[bytes | Pcm] = []
         self._pending_samples = 0
-        #: Sees every piece of decoded, placed PCM (at ``codec.sample_rate``) as it arrives,
-        #: before the 80 ms framing: for a listener that must not wait a frame (barge-in).
-        #: While set, G.711 is decoded per packet instead of per frame.
-        self.tap: Callable[[Pcm, int], None] | None = None
+        self._tap: Callable[[Pcm, int], None] | None = None
+        #: Whether payloads are kept undecoded until a frame's worth waits: a stateless decoder
+        #: and no tap (``push_packet`` checks this one flag per packet).
+        self._batch = self.decoder.stateless
         self._all_payloads = True  # nothing but payloads pending: one decode call for all
         self._need = 0
         self._update_need()
+
+    @property
+    def tap(self) -> Callable[[Pcm, int], None] | None:
+        """Sees every piece of decoded, placed PCM (at ``codec.sample_rate``) as it arrives,
+        before the 80 ms framing: for a listener that must not wait a frame (barge-in).
+        While set, G.711 is decoded per packet instead of per frame."""
+        return self._tap
+
+    @tap.setter
+    def tap(self, tap: Callable[[Pcm, int], None] | None) -> None:
+        self._tap = tap
+        self._batch = self.decoder.stateless and tap is None
 
     def switch(self, codec: Codec) -> list[Pcm]:
         """Decode what follows as ``codec`` (an RTP payload type change mid-stream, RFC 3550
@@ -58,6 +69,7 @@ class AudioPipeline:
         frames += self.framer.push(self.resampler.flush())
         self.codec = codec
         self.decoder = Decoder(codec)
+        self._batch = self.decoder.stateless and self._tap is None
         self.timeline.retime(codec.clock_rate, codec.sample_rate)
         self.resampler = Resampler(codec.sample_rate, MODEL_RATE)
         self._update_need()
@@ -65,12 +77,12 @@ class AudioPipeline:
 
     def push_packet(self, timestamp: int, payload: bytes) -> list[Pcm]:
         """A timestamped payload; raises ``DecodeError`` for one the codec rejects."""
-        if not self.decoder.stateless or self.tap is not None:
+        if not self._batch:
             return self.push_timed_pcm(timestamp, self.decoder.decode(payload))
         placement = self.timeline.place(timestamp, len(payload))  # one byte, one sample
-        if placement is None:
-            return []
         if placement is not CONTIGUOUS:
+            if placement is None:
+                return []
             if placement.silence:
                 self._add(np.zeros(placement.silence, np.int16))
             elif placement.skip:
@@ -101,8 +113,8 @@ class AudioPipeline:
         """Already decoded, gap-free PCM at the codec's sample rate."""
         if pcm.size == 0:
             return []
-        if self.tap is not None:
-            self.tap(pcm, self.codec.sample_rate)
+        if self._tap is not None:
+            self._tap(pcm, self.codec.sample_rate)
         self._add(pcm)
         if self._pending_samples < self._need:
             return []
@@ -128,21 +140,15 @@ class AudioPipeline:
             return []
         pcm = self._decode_pending()
         self._pending, self._pending_samples, self._all_payloads = [], 0, True
-        frames = self.framer.push(self.resampler.process(pcm))
+        resampler = self.resampler
+        frames = self.framer.push(resampler.process(pcm), owned=resampler.fresh)
         self._update_need()
         return frames
 
     def _update_need(self) -> None:
         """The input samples after which the resampler could release the rest of the current
-        frame (less ``_EARLY``): the least ``n`` with ``releasable(n) >= missing - _EARLY``."""
-        target = self.framer.missing - _EARLY
-        r = self.resampler
-        n = max(1, math.ceil(target / r.ratio) - 1)
-        while n > 1 and r.releasable(n - 1) >= target:
-            n -= 1
-        while r.releasable(n) < target:
-            n += 1
-        self._need = n
+        frame (less ``_EARLY``)."""
+        self._need = self.resampler.input_for(self.framer.missing - _EARLY)
 
     def flush(self) -> list[Pcm]:
         """End of the call's audio: drain the resampler and pad the last frame."""

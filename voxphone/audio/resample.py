@@ -47,8 +47,15 @@ class Resampler:
         self.hold = 0.0 if in_rate == out_rate else _HALF_FILTER * max(1.0, self.ratio)
         #: Silence (output samples) a stream starts with, standing in for the held-back audio.
         self.lead = math.ceil(self.hold)
+        #: ``hold`` in units of 1 / ``in_rate`` output samples (an integer), so ``releasable``
+        #: is exact integer arithmetic at every ratio.
+        self._hold_scaled = 0 if in_rate == out_rate else _HALF_FILTER * max(in_rate, out_rate)
+        #: Whether ``process`` returns a new array the caller may keep (libswresample's output
+        #: always is; a passthrough returns the caller's own array).
+        self.fresh = in_rate != out_rate
         self._swr = self._new()
         self._in = self._out = 0
+        self._input_for: tuple[tuple[int, int, bool] | None, int] = (None, 0)  # last answer
 
     def _new(self) -> SwrContext | None:
         if self.in_rate == self.out_rate:
@@ -60,12 +67,33 @@ class Resampler:
         samples (within a sample or so; exact for passthrough and for 8 → 16 kHz). Lets a
         caller feed whole batches without waiting a packet longer than it must."""
         lead = self.lead if self._in == 0 else 0
-        return math.floor((self._in + more_in) * self.ratio - self.hold) + lead - self._out
+        scaled = (self._in + more_in) * self.out_rate - self._hold_scaled
+        return scaled // self.in_rate + lead - self._out
+
+    def input_for(self, target: int) -> int:
+        """The least number of input samples (at least 1) after which ``process`` would
+        return ``target`` output samples (``releasable(n) >= target``).
+
+        ``releasable`` depends on the input and output counts only through the stream's phase
+        (input taken times ``out_rate`` less output given times ``in_rate``) and whether it has
+        started, and in a steady stream those repeat batch after batch (at 8 → 16 kHz, every
+        80 ms batch leaves the same phase), so the last answer is kept for the same question
+        and the search runs only when something changed."""
+        key = (target, self._in * self.out_rate - self._out * self.in_rate, self._in == 0)
+        if key == self._input_for[0]:
+            return self._input_for[1]
+        n = max(1, math.ceil(target / self.ratio) - 1)
+        while n > 1 and self.releasable(n - 1) >= target:
+            n -= 1
+        while self.releasable(n) < target:
+            n += 1
+        self._input_for = (key, n)
+        return n
 
     def process(self, pcm: Pcm) -> Pcm:
         if self._swr is None or pcm.size == 0:
             return pcm
-        out = self._swr.convert(np.ascontiguousarray(pcm, np.int16))
+        out = self._swr.convert(pcm)
         self._out += out.size
         if self._in == 0:
             out = np.concatenate([np.zeros(self.lead, np.int16), out])

@@ -50,7 +50,11 @@ def _libs() -> tuple[ctypes.CDLL, ctypes.CDLL]:
     swr.swr_alloc.argtypes = []
     swr.swr_init.argtypes = [_VP]
     swr.swr_free.argtypes = [_VP]  # SwrContext **
-    swr.swr_convert.argtypes = [_VP, _VP, ctypes.c_int, _VP, ctypes.c_int]
+    # swr_convert(SwrContext *, uint8_t **out, int out_count, const uint8_t **in, int in_count)
+    # is called once per 80 ms with ctypes objects for the pointers (the context handle and
+    # the plane arrays) and small ints for the counts, which is what ctypes passes without
+    # ``argtypes`` (none are set) — and a third cheaper than converting each through them.
+    swr.swr_convert.restype = ctypes.c_int
     swr.swr_get_out_samples.argtypes = [_VP, ctypes.c_int]
     avu.av_opt_set_int.argtypes = [_VP, ctypes.c_char_p, ctypes.c_int64, ctypes.c_int]
     avu.av_opt_set.argtypes = [_VP, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_int]
@@ -91,9 +95,8 @@ class SwrContext:
         # more than copying 80 ms of samples in and out.
         self._in_planes = (_VP * 1)()
         self._out_planes = (_VP * 1)()
-        self._in_addr = ctypes.addressof(self._in_planes)
-        self._out_addr = ctypes.addressof(self._out_planes)
         self._in_buf = self._out_buf = np.zeros(0, np.int16)
+        self._out_size = 0  # self._out_buf.size, as a plain int for swr_convert
         self._fits = 0  # input samples the planes are sized for: grown on first use, so a
         # call's planes are the size of its batches (a few KiB; hundreds of calls share a cache)
 
@@ -109,21 +112,23 @@ class SwrContext:
         if n_out > self._out_buf.size:
             self._out_buf = np.zeros(n_out, np.int16)
             self._out_planes[0] = self._out_buf.ctypes.data
+            self._out_size = n_out
 
     def convert(self, pcm: Pcm | None) -> Pcm:
-        """Resample int16 ``pcm``, or drain the filter's tail with ``None``; a new array."""
+        """Resample ``pcm`` (any integer samples, taken as int16), or drain the filter's tail
+        with ``None``; a new array."""
         if pcm is None:
             self._reserve(0)
-            n = self._swr.swr_convert(self._handle, self._out_addr, self._out_buf.size, None, 0)
+            n = self._swr.swr_convert(self._handle, self._out_planes, self._out_size, None, 0)
         elif pcm.size == 0:
             return np.zeros(0, np.int16)
         else:
             n_in = pcm.size
             if n_in > self._fits:
                 self._reserve(n_in)
-            self._in_buf[:n_in] = pcm
+            self._in_buf[:n_in] = pcm  # (a copy that also makes it contiguous int16)
             n = self._swr.swr_convert(
-                self._handle, self._out_addr, self._out_buf.size, self._in_addr, n_in
+                self._handle, self._out_planes, self._out_size, self._in_planes, n_in
             )
         if n < 0:
             raise DecodeError(f"swr_convert failed ({n})")
