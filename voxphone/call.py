@@ -12,6 +12,7 @@ closed (it failed, or missed the flush deadline) is published as that segment's 
 from __future__ import annotations
 
 import asyncio
+import functools
 import uuid
 from array import array
 from collections import deque
@@ -94,14 +95,13 @@ class Call:
         #: Transport-specific counters (jitter buffer, RTCP...), reported in ``call.ended``.
         self.transport_stats: dict[str, int] = {}
         self.end_reason: str | None = None
-        #: Hang up from outside (API, shutdown): a transport that holds media (a jitter buffer)
-        #: replaces it with one that plays that out first, then calls ``end``.
-        self.hangup: Callable[[str], None] = self.end
+        self._hangup: Callable[[str], None] | None = None  # a transport's (``hangup``)
         #: Metadata that arrived after ``call.started`` (reported in ``call.ended``).
         self.late_metadata: dict[str, Any] = {}
-        self._sink = sink
         self._clock = clock
-        self._events = EventSequencer(call_id, clock)
+        #: Publishes the call's events: bound to the sink and sequencer, not to the call, so
+        #: the playout that holds it does not hold the call (``_release``).
+        self._publish = functools.partial(_publish, sink, EventSequencer(call_id, clock), channel)
         #: Bounded by ``_enqueue`` (drops) and ``_put`` (waits) at ``max_queued_frames``; the end
         #: of the audio (the pipeline's last frames, then ``None``) goes in without costing a frame.
         self._frames: asyncio.Queue[Pcm | None] = asyncio.Queue()
@@ -187,6 +187,17 @@ class Call:
         await self.wait()
 
     @property
+    def hangup(self) -> Callable[[str], None]:
+        """Hang up from outside (API ``DELETE``, shutdown, ``max_duration``): ``end``, unless
+        a transport that holds media (a jitter buffer) has set its own, which plays that out
+        first and then calls ``end``."""
+        return self._hangup or self.end
+
+    @hangup.setter
+    def hangup(self, hook: Callable[[str], None]) -> None:
+        self._hangup = hook
+
+    @property
     def done(self) -> bool:
         return self._task is not None and self._task.done()
 
@@ -205,10 +216,10 @@ class Call:
             self.playout.stop("hangup")
 
     def _out(self) -> Playout:
-        if self.playout is None:
-            raise PlaybackError(f"transport {self.transport} cannot play audio into the call")
         if self.end_reason is not None:
             raise PlaybackError("the call has ended")
+        if self.playout is None:
+            raise PlaybackError(f"transport {self.transport} cannot play audio into the call")
         return self.playout
 
     def play(self, pcm: Pcm, sample_rate: int) -> Playback:
@@ -548,11 +559,28 @@ class Call:
         self._log.info(
             "call_ended", reason=self.end_reason, duration_ms=duration_ms, **asdict(self.stats)
         )
+        self._release()
 
-    def _publish(self, type_: str, data: dict[str, Any]) -> None:
-        if self.channel is not None:  # one side of a two-speaker stream
-            data = {**data, "channel": self.channel}
-        self._sink.publish(self._events.next(type_, data))
+    def _release(self) -> None:
+        """Let go of what points back at this ended call — the transport's hang-up hook (a
+        bound method of a session that holds the call), the barge-in tap, the stopped playout
+        (its endpoint holds the call) — so that once the
+        registry and the transport forget it, reference counting frees it at once. Left in
+        reference cycles, ended calls wait for the cyclic collector's oldest generation,
+        which runs ever more seldom as the heap grows, holding each one's audio state."""
+        self._hangup = None
+        self.pipeline.tap = None
+        self.playout = None
+
+
+def _publish(
+    sink: EventSink, events: EventSequencer, channel: int | None, type_: str, data: dict[str, Any]
+) -> None:
+    """One of a call's events, numbered, to the sink; stamped with the ``channel`` of a
+    two-speaker stream."""
+    if channel is not None:
+        data = {**data, "channel": channel}
+    sink.publish(events.next(type_, data))
 
 
 def new_call_id() -> str:

@@ -4,6 +4,8 @@ through the in-memory endpoint (the contract a transport implements)."""
 from __future__ import annotations
 
 import asyncio
+import gc
+import weakref
 
 import numpy as np
 import pytest
@@ -341,3 +343,22 @@ async def test_one_broken_endpoint_does_not_silence_the_others() -> None:
     for _ in range(6):
         ticker.tick()
     assert len(good.frames) == 5 and len(bad.frames) == 1
+
+
+async def test_an_ended_call_is_freed_by_reference_counting() -> None:
+    """An ended call lets go of its endpoint, the transport's hang-up hook and the barge-in tap
+    (``Call._release``), each of which points back at it: a server that has made thousands of
+    calls frees each as it ends, not at the cyclic collector's next full pass."""
+    gc.collect()
+    gc.disable()
+    try:
+        call, ep, ticker, _ = talking(barge_in=BargeIn())
+        call.play(tone(200), RATE)
+        ticker.tick()
+        call.hangup("hangup")  # through the endpoint (a transport's hook), as the API does
+        await call.wait()
+        ended = weakref.ref(call)
+        del call, ep
+        assert ended() is None
+    finally:
+        gc.enable()

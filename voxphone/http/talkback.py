@@ -123,8 +123,9 @@ async def play(request: web.Request) -> web.Response:
     else:
         data = await _body(request, limits.max_clip_bytes)
         what = f"the body ({request.content_type})"
-    assert call.playout is not None
-    rate = call.playout.rate
+    playout = call.playout  # (the call lets go of it when it ends, during the awaits below)
+    assert playout is not None
+    rate = playout.rate
     try:  # in a worker thread: a small compressed file can be minutes of audio to decode
         pcm = await asyncio.to_thread(decode_audio, data, rate, limits.max_clip_s)
     except TooLong as exc:
@@ -133,7 +134,7 @@ async def play(request: web.Request) -> web.Response:
         status = 422 if request.content_type == "application/json" else 415
         return error(status, f"{what} cannot be decoded: {_cause(exc)}")
     # What waits in one call is bounded by one longest clip, however often a bot retries.
-    queued_s = call.playout.queued_s
+    queued_s = playout.queued_s
     if queued_s + pcm.size / rate > limits.max_clip_s:
         return error(
             409,
@@ -292,7 +293,8 @@ async def audio_socket(request: web.Request) -> web.StreamResponse:
         stream = call.open_audio_stream(int(rate_text))
     except PlaybackError as exc:
         return _refused(call, exc)
-    assert call.playout is not None
+    playout = call.playout  # (the call lets go of it when it ends, while this reads on)
+    assert playout is not None
     svc = request.app[EVENTS]
     after = await head(svc.outbox)
     ws = web.WebSocketResponse(heartbeat=15)
@@ -309,7 +311,7 @@ async def audio_socket(request: web.Request) -> web.StreamResponse:
                 cut = len(data) - len(data) % 2
                 odd = data[cut:]
                 pcm: Pcm = np.frombuffer(data[:cut], "<i2").astype(np.int16)
-                if call.playout.queued_s > MAX_AHEAD_S:
+                if playout.queued_s > MAX_AHEAD_S:
                     call.count_dropped("audio_over_limit")
                     await ws.send_json({"error": OVER_LIMIT})
                 elif not _use(functools.partial(stream.write, pcm)):
