@@ -3,20 +3,23 @@
 from __future__ import annotations
 
 import base64
+import functools
 import json
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from voxphone.audio.codecs import PCMU
+from voxphone.audio.codecs import PCMU, Codec
 from voxphone.call import Call
 from voxphone.clock import FakeClock
 from voxphone.errors import TransportError
 from voxphone.http.api import REGISTRY
 from voxphone.testing import capture_events
 from voxphone.transports.mediastream import (
+    JSON_STREAMS,
     JsonStreamSession,
     StreamDtmf,
     StreamMedia,
@@ -218,3 +221,166 @@ def test_every_documented_event_is_known_and_others_are_not() -> None:
     error = parse_telnyx('{"event": "error", "payload": {"code": 100002, "title": "Unknown"}}')
     assert isinstance(error, StreamOther) and error.known and "100002" in error.detail
     assert parse_twilio('{"event": "error"}') == StreamOther("error", known=False)
+
+
+class RecordingCall(Call):
+    """A real call that also keeps what the stream handed it (``push_packet``'s arguments) and
+    the events it published."""
+
+    def __init__(self, call_id: str, codec: Codec, transport: str) -> None:
+        self.events = capture_events()
+        super().__init__(call_id, codec, self.events, FakeClock(), transport=transport)
+        self.packets: list[tuple[int, bytes]] = []
+
+    def push_packet(self, timestamp: int, payload: bytes, codec: Codec | None = None) -> None:
+        self.packets.append((timestamp, payload))
+        super().push_packet(timestamp, payload, codec)
+
+
+def recording_session(vendor: str) -> tuple[JsonStreamSession, list[RecordingCall]]:
+    calls: list[RecordingCall] = []
+
+    def open_call(codec: Codec, *, transport: str, metadata: Any, call_id: str) -> Call:
+        calls.append(RecordingCall(call_id, codec, transport))
+        return calls[-1]
+
+    registry = SimpleNamespace(open=open_call)
+    return JsonStreamSession(SimpleNamespace(app={REGISTRY: registry}), vendor), calls  # type: ignore[arg-type]
+
+
+def media_text(vendor: str, seq: Any, ts_ms: Any, track: Any = "inbound") -> str:
+    """A media message as the vendor sends it (numbers as strings unless given otherwise), 20 ms
+    of µ-law whose bytes tell the frames apart."""
+    payload = base64.b64encode(bytes([seq if isinstance(seq, int) else 7]) * 160).decode()
+    body = {"chunk": "1", "timestamp": ts_ms, "payload": payload}
+    if track is not None:
+        body["track"] = track
+    key = "sequence_number" if vendor == "telnyx" else "sequenceNumber"
+    return json.dumps({"event": "media", key: seq, "media": body})
+
+
+TELNYX_L16 = {
+    **TELNYX_START,
+    "start": {**TELNYX_START["start"], "media_format": {"encoding": "L16", "sample_rate": 16000}},
+}
+
+
+#: The starts a stream's feed is tried with: the clocks of 8 and 16 kHz.
+STARTS = [("twilio", START), ("telnyx", TELNYX_START), ("telnyx", TELNYX_L16)]
+
+
+def mixed_messages(vendor: str, start: dict[str, Any]) -> list[str]:
+    """Early media and an unknown event before ``start``, then media in order, duplicated,
+    reordered, with a gap, on another track, without a track, with numbers as numbers, among
+    ``dtmf``, ``mark`` and unknown events, then ``stop``."""
+    m = functools.partial(media_text, vendor)
+    return [
+        '{"event": "connected", "protocol": "Call", "version": "1.0.0"}',
+        m("2", "0"),
+        '{"event": "surprise"}',
+        json.dumps(start),
+        *(m(str(s), str(20 * (s - 2))) for s in (3, 4, 4, 6, 5, 7, 10, 11, 12, 13, 14, 15, 16)),
+        m("17", "300", "outbound"),
+        m("17", "300", "inbound_track"),
+        m("18", "320", None),
+        m(19, 340),
+        m("3", "20"),  # a copy of one played long ago
+        '{"event": "dtmf", "dtmf": {"track": "inbound_track", "digit": "5"}}',
+        '{"event": "mark", "mark": {"name": "x"}}',
+        '{"event": "surprise"}',
+        m("20", "360"),
+        '{"event": "stop", "stop": {}}',
+    ]
+
+
+def outcome(session: JsonStreamSession, calls: list[RecordingCall]) -> dict[str, Any]:
+    """Everything a stream hands on: what each call was given and counted, and its events."""
+    session.finish()
+    return {
+        "reason": session.reason,
+        "other_tracks": session.other_tracks,
+        "calls": [
+            (c.packets, c.stats, c.transport_stats, c.end_reason, c.pipeline.framer.frames_out,
+             [(e.type, e.data) for e in c.events.events])
+            for c in calls
+        ],
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize(("vendor", "start"), STARTS)
+def test_feed_is_handle_of_parse(vendor: str, start: dict[str, Any]) -> None:
+    """``feed`` (the websocket handler's entry, with its fast path for in-order media) leaves
+    the call exactly as ``handle(parse(text))`` does: the same packets, counters and events."""
+    fast, fast_calls = recording_session(vendor)
+    general, general_calls = recording_session(vendor)
+    for text in mixed_messages(vendor, start):
+        fast.feed(text)
+        general.handle(JSON_STREAMS[vendor].parse(text))
+    got, want = outcome(fast, fast_calls), outcome(general, general_calls)
+    assert got == want
+    ((packets, stats, transport_stats, _, _, events),) = got["calls"]
+    assert [(kind, data["digit"]) for kind, data in events] == [("dtmf", "5")]
+    assert len(packets) == 17 and got["other_tracks"] == 1
+    assert stats.dropped == {"unknown_message": 2}
+    assert transport_stats["duplicates"] == 2 and transport_stats["reordered"] >= 1
+
+
+@given(
+    st.lists(
+        st.tuples(st.integers(0, 12), st.sampled_from(["inbound", "inbound", "outbound"])),
+        max_size=40,
+    ),
+    st.sampled_from(STARTS),
+)
+def test_feed_is_handle_of_parse_for_any_arrival_order(
+    arrivals: list[tuple[int, str]], stream: tuple[str, dict[str, Any]]
+) -> None:
+    """Media in any order, with copies, gaps and other tracks, after ``start`` (8 and 16 kHz
+    clocks): the same calls."""
+    vendor, start = stream
+    fast, fast_calls = recording_session(vendor)
+    general, general_calls = recording_session(vendor)
+    texts = [json.dumps(start)] + [media_text(vendor, str(s), str(20 * s), t) for s, t in arrivals]
+    for text in texts:
+        fast.feed(text)
+        general.handle(JSON_STREAMS[vendor].parse(text))
+    assert outcome(fast, fast_calls) == outcome(general, general_calls)
+
+
+@pytest.mark.parametrize("vendor", ["twilio", "telnyx"])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "{oops", "[1, 2]", '"media"', "null", '{"sequenceNumber": "1"}',
+        '{"event": "media", "sequenceNumber": "1", "sequence_number": "1"}',
+        '{"event": "media", "sequenceNumber": "1", "sequence_number": "1", "media": []}',
+        '{"event": "media", "sequenceNumber": "x", "sequence_number": "x", "media": {"timestamp": "0", "payload": "AA=="}}',
+        '{"event": "media", "sequenceNumber": "1", "sequence_number": "1", "media": {"timestamp": "0", "payload": "!!"}}',
+        '{"event": "media", "sequenceNumber": "1", "sequence_number": "1", "media": {"timestamp": "0", "payload": ""}}',
+        '{"event": "media", "sequenceNumber": "1", "sequence_number": "1", "media": {"timestamp": "0", "payload": 5}}',
+        '{"event": "media", "sequenceNumber": "1", "sequence_number": "1", "media": {"timestamp": "0", "payload": "AA==", "track": "outbound"}, "x": "é"}',
+        '{"event": "media", "sequenceNumber": "1", "sequence_number": "1", "media": {"timestamp": "x", "payload": "AA==", "track": "outbound"}}',
+        '{"event": "media", "sequenceNumber": "1", "sequence_number": "1", "media": {"timestamp": "0", "payload": "wqk="}}',
+        '{"event": "media", "sequenceNumber": "1", "sequence_number": "1", "media": {"timestamp": "0", "payload": "é"}}',
+        '{"event": "dtmf", "dtmf": {}}',
+    ],
+)  # fmt: skip
+def test_feed_fails_as_parse_does(vendor: str, text: str) -> None:
+    """A malformed message is the same one-line error through ``feed`` as through ``parse``,
+    before and after ``start``; a well-formed one is taken by both."""
+    try:
+        JSON_STREAMS[vendor].parse(text)
+    except TransportError as exc:
+        want: str | None = str(exc)
+    else:
+        want = None
+    for started in (False, True):
+        session, _ = recording_session(vendor)
+        if started:
+            session.feed(json.dumps(TELNYX_START if vendor == "telnyx" else START))
+        try:
+            session.feed(text)
+        except TransportError as exc:
+            assert str(exc) == want
+        else:
+            assert want is None

@@ -106,17 +106,27 @@ class JsonStream:
         self.vendor = vendor
         self._snake = vendor == "telnyx"
         self._documented = DOCUMENTED_EVENTS[vendor]
+        #: The key of a message's sequence number (Twilio's ``sequenceNumber``).
+        self.sequence_key = "sequence_number" if self._snake else "sequenceNumber"
 
-    def parse(self, text: str) -> StreamMessage:
+    def parse(self, text: str | bytes) -> StreamMessage:
         """One message; ``TransportError`` names what is malformed. A media message (50 a
         second per call) is parsed by orjson and decoded by ``binascii``: about half the cost of
         ``json`` and ``base64.b64decode(validate=True)`` (``benchmarks/pipecat_twilio.py``)."""
+        return self.message(self.load(text))
+
+    def load(self, text: str | bytes) -> Any:
+        """The JSON value of one text frame; ``TransportError`` if it is not JSON."""
         try:
-            msg = orjson.loads(text)
+            return orjson.loads(text)
         except orjson.JSONDecodeError as exc:
-            raise self._error(f"invalid JSON: {exc}") from None
+            raise self.error(f"invalid JSON: {exc}") from None
+
+    def message(self, msg: Any) -> StreamMessage:
+        """One message from its JSON value (``load``); ``TransportError`` names what is
+        malformed."""
         if not isinstance(msg, dict) or not isinstance(msg.get("event"), str):
-            raise self._error("message has no 'event'")
+            raise self.error("message has no 'event'")
         event = msg["event"]
         if event == "media":
             return self._fast_media(msg) or self._media(msg)
@@ -140,7 +150,7 @@ class JsonStream:
             if not isinstance(b64, str) or not b64:
                 return None
             payload = binascii.a2b_base64(b64, strict_mode=True)
-            sequence = int(msg["sequence_number" if self._snake else "sequenceNumber"])
+            sequence = int(msg[self.sequence_key])
             timestamp = int(media["timestamp"])
             track = media.get("track", "inbound")
         except (KeyError, TypeError, ValueError, AttributeError, binascii.Error):
@@ -155,10 +165,9 @@ class JsonStream:
             # strict_mode refuses what ``b64decode(validate=True)`` refuses, without its regex.
             payload = binascii.a2b_base64(self._field(media, "payload", "media"), strict_mode=True)
         except (binascii.Error, ValueError) as exc:
-            raise self._error(f"media.payload is not base64: {exc}") from None
-        seq_key = "sequence_number" if self._snake else "sequenceNumber"
+            raise self.error(f"media.payload is not base64: {exc}") from None
         return StreamMedia(
-            self._number(msg, seq_key, ""),
+            self._number(msg, self.sequence_key, ""),
             self._number(media, "timestamp", "media."),
             str(media.get("track", "inbound")),
             payload,
@@ -168,7 +177,7 @@ class JsonStream:
         fmt = start.get("mediaFormat") or {}
         encoding = fmt.get("encoding", "audio/x-mulaw") if isinstance(fmt, dict) else None
         if encoding != "audio/x-mulaw":
-            raise self._error(f"unsupported mediaFormat.encoding {encoding!r}")
+            raise self.error(f"unsupported mediaFormat.encoding {encoding!r}")
         params = start.get("customParameters")
         call_sid = self._field(start, "callSid", "start")
         meta = {
@@ -183,7 +192,7 @@ class JsonStream:
     def _telnyx_start(self, msg: dict[str, Any], start: dict[str, Any]) -> StreamStart:
         fmt = start.get("media_format") or {}
         if not isinstance(fmt, dict):
-            raise self._error("start.media_format must be an object")
+            raise self.error("start.media_format must be an object")
         encoding = str(fmt.get("encoding", "PCMU")).upper()
         rate = (
             self._number(fmt, "sample_rate", "start.media_format.")
@@ -194,7 +203,7 @@ class JsonStream:
             CODECS.get(f"l16/{rate}") if encoding == "L16" else None
         )
         if codec is None:
-            raise self._error(f"unsupported media_format.encoding {encoding!r} at {rate} Hz")
+            raise self.error(f"unsupported media_format.encoding {encoding!r} at {rate} Hz")
         call_control_id = self._field(start, "call_control_id", "start")
         meta = {
             "call_control_id": call_control_id,
@@ -206,19 +215,20 @@ class JsonStream:
         }
         return StreamStart(call_control_id, codec, meta)
 
-    def _error(self, message: str) -> TransportError:
+    def error(self, message: str) -> TransportError:
+        """``message`` as this dialect's ``TransportError`` (``twilio: …``)."""
         return TransportError(f"{self.vendor}: {message}")
 
     def _object(self, msg: dict[str, Any], key: str) -> dict[str, Any]:
         value = msg.get(key)
         if not isinstance(value, dict):
-            raise self._error(f"{msg['event']} message has no '{key}' object")
+            raise self.error(f"{msg['event']} message has no '{key}' object")
         return value
 
     def _field(self, obj: dict[str, Any], key: str, where: str) -> str:
         value = obj.get(key)
         if not isinstance(value, str) or not value:
-            raise self._error(f"{where}.{key} must be a non-empty string")
+            raise self.error(f"{where}.{key} must be a non-empty string")
         return value
 
     def _number(self, obj: dict[str, Any], key: str, where: str) -> int:
@@ -227,7 +237,7 @@ class JsonStream:
         try:
             return int(value)  # type: ignore[arg-type]
         except (TypeError, ValueError):
-            raise self._error(f"{where}{key} must be a number, got {value!r}") from None
+            raise self.error(f"{where}{key} must be a number, got {value!r}") from None
 
 
 TWILIO, TELNYX = JsonStream("twilio"), JsonStream("telnyx")
@@ -241,6 +251,12 @@ def parse_telnyx(text: str) -> StreamMessage:
     return TELNYX.parse(text)
 
 
+#: The JSON dialects by vendor name (a session's ``transport``).
+JSON_STREAMS = {"twilio": TWILIO, "telnyx": TELNYX}
+
+
+_loads, _a2b_base64 = orjson.loads, binascii.a2b_base64  # one lookup each on the media path
+
 #: Media messages held when they overtake ``start`` (20 ms each: one second).
 EARLY_MESSAGES = 50
 
@@ -253,8 +269,13 @@ class JsonStreamSession:
     provider may repeat or skip one."""
 
     def __init__(self, request: web.Request, transport: str) -> None:
+        """``transport``: ``twilio`` or ``telnyx`` (``JSON_STREAMS``), the dialect ``feed``
+        parses."""
         self._registry = request.app[REGISTRY]
         self._transport = transport
+        self._stream = JSON_STREAMS[transport]
+        self._sequence_key = self._stream.sequence_key
+        self._rate = 0  # the call's RTP ticks per millisecond, from ``start``
         self.call: Call | None = None
         self.reason: str | None = None
         # Clock in ms: wait up to 120 ms for a frame; hold the start so it can be reordered too.
@@ -263,6 +284,43 @@ class JsonStreamSession:
         self._unknown_before_start = 0
         self._early: deque[StreamMessage] = deque(maxlen=EARLY_MESSAGES)
         self._early_over = 0
+
+    def feed(self, text: str | bytes) -> None:
+        """One text frame, as ``handle(parse(text))`` does it (the same calls, counters and
+        errors, ``TransportError`` naming what is malformed), but a well-formed media message
+        once the call is open (nearly every frame: 50 a second per call) goes from orjson's
+        dict straight to the jitter buffer and the call, without building a message."""
+        try:
+            msg = _loads(text)
+        except orjson.JSONDecodeError as exc:
+            raise self._stream.error(f"invalid JSON: {exc}") from None
+        call = self.call
+        if call is None or not self._take_media(msg, call):
+            self.handle(self._stream.message(msg))
+
+    def _take_media(self, msg: Any, call: Call) -> bool:
+        """Play (or hold for reordering, or count as another track) a well-formed media
+        message, checking nothing Python does not check anyway; ``False`` for anything else,
+        which ``handle`` then takes (and ``JsonStream.message`` names what is malformed)."""
+        try:
+            if msg["event"] != "media":
+                return False
+            media = msg["media"]
+            payload = _a2b_base64(media["payload"], strict_mode=True)
+            sequence = int(msg[self._sequence_key]) & 0xFFFF
+            timestamp = int(media["timestamp"]) & 0xFFFFFFFF
+            track = media.get("track", "inbound")
+        except (KeyError, TypeError, ValueError, AttributeError, binascii.Error):
+            return False
+        if not payload:  # an empty string decodes; ``message`` refuses it
+            return False
+        if track != "inbound" and track != "inbound_track":
+            self.other_tracks += 1
+        elif self._buffer.take_next(sequence):  # in order, nothing waiting: straight on
+            call.push_packet((timestamp * self._rate) & 0xFFFFFFFF, payload)
+        else:
+            self._play(self._buffer.push(RtpPacket(0, sequence, timestamp, 0, payload)))
+        return True
 
     def handle(self, message: StreamMessage) -> None:
         if isinstance(message, StreamOther):
@@ -306,6 +364,7 @@ class JsonStreamSession:
         if self.call is None:
             self.reason = "rejected"
             return
+        self._rate = self.call.codec.clock_rate // 1000
         self.call.hangup = self.hang_up  # API DELETE, shutdown: play out the buffer first
         self.call.count_dropped("unknown_message", self._unknown_before_start)
         self.call.count_dropped("early_audio_over_limit", self._early_over)
@@ -324,14 +383,13 @@ class JsonStreamSession:
         sequence, timestamp = m.sequence & 0xFFFF, m.timestamp_ms & 0xFFFFFFFF
         if self._buffer.take_next(sequence):  # in order, nothing waiting: straight on
             assert self.call is not None
-            rate = self.call.codec.clock_rate // 1000
-            self.call.push_packet((timestamp * rate) & 0xFFFFFFFF, m.payload)
+            self.call.push_packet((timestamp * self._rate) & 0xFFFFFFFF, m.payload)
             return
         self._play(self._buffer.push(RtpPacket(0, sequence, timestamp, 0, m.payload)))
 
     def _play(self, packets: list[RtpPacket]) -> None:
         assert self.call is not None
-        rate = self.call.codec.clock_rate // 1000
+        rate = self._rate
         for p in packets:
             self.call.push_packet((p.timestamp * rate) & 0xFFFFFFFF, p.payload)
 
@@ -381,7 +439,7 @@ def json_stream_handler(parser: JsonStream) -> Handler:
                     raise TransportError(
                         f"{parser.vendor}: expected text frames, got {msg.type.name}"
                     )
-                session.handle(parser.parse(msg.data))
+                session.feed(msg.data)
                 if sender is None and session.call is not None:
                     sender = attach_json(session.call, ws, parser.vendor, session.hang_up)
                 if session.reason is not None:
