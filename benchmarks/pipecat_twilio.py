@@ -5,11 +5,14 @@ JSON, base64) go through:
 
 - Pipecat: ``TwilioFrameSerializer.deserialize`` (JSON, base64, µ-law decode and its soxr
   stream resampler to 16 kHz), awaited per message as its transport does;
-- voxphone: ``parse_twilio`` and the stream session's media path (``JsonStreamSession``: jitter
-  buffer, decode, timeline, resample, 80 ms framing into the call's queue).
+- voxphone: ``JsonStreamSession.feed``, what its websocket handler calls per text frame (parse,
+  jitter buffer, then the call's decode, timeline, resample, 80 ms framing into its queue).
 
 The two alternate, five rounds each with fresh state; the best round of each is kept, and
 ``pipecat_ratio`` is Pipecat's µs per message over voxphone's (above 1: voxphone is cheaper).
+``voxphone_us_per_message_parts`` splits voxphone's figure: the stream layer alone (``feed`` with
+the call's ``push_packet`` doing nothing, measured in the same alternation) and the rest (the
+call's audio path).
 Also reported: how many messages released audio at once, and the audio each side had handed
 on after the last message (ms), which shows the resamplers' held-back audio.
 
@@ -42,7 +45,7 @@ from voxphone.call import Call
 from voxphone.clock import FakeClock
 from voxphone.http.api import REGISTRY
 from voxphone.testing import capture_events
-from voxphone.transports.mediastream import JsonStreamSession, parse_twilio
+from voxphone.transports.mediastream import JsonStreamSession
 
 MESSAGES = 3000
 ROUNDS = 5
@@ -96,20 +99,37 @@ class _Registry:
         return call
 
 
-async def voxphone_round(msgs: list[str]) -> tuple[float, int, float]:
-    """µs per media message, messages that released a frame, audio handed on (ms)."""
+def started_session(msgs: list[str]) -> tuple[JsonStreamSession, Call]:
+    """A Twilio stream session past ``start``, as the websocket handler has it."""
     registry = _Registry()
     session = JsonStreamSession(SimpleNamespace(app={REGISTRY: registry}), "twilio")  # type: ignore[arg-type]
-    session.handle(parse_twilio(msgs[0]))
-    call = registry.calls[0]
-    released = 0
+    session.feed(msgs[0])
+    return session, registry.calls[0]
+
+
+async def voxphone_round(msgs: list[str]) -> tuple[float, int, float]:
+    """µs per media message, messages that released a frame, audio handed on (ms)."""
+    session, call = started_session(msgs)
+    framer, feed, released = call.pipeline.framer, session.feed, 0
     t0 = time.perf_counter()
     for text in msgs[1:]:
-        before = call.pipeline.framer.frames_out
-        session.handle(parse_twilio(text))
-        released += call.pipeline.framer.frames_out != before
+        before = framer.frames_out
+        feed(text)
+        released += framer.frames_out != before
     us = (time.perf_counter() - t0) / (len(msgs) - 1) * 1e6
-    return us, released, call.pipeline.framer.frames_out * 80.0
+    return us, released, framer.frames_out * 80.0
+
+
+async def stream_layer_round(msgs: list[str]) -> tuple[float, int, float]:
+    """µs per media message of the stream layer alone: text in, ``push_packet`` called (and
+    doing nothing here)."""
+    session, call = started_session(msgs)
+    call.push_packet = lambda timestamp, payload, codec=None: None  # type: ignore[method-assign]
+    feed = session.feed
+    t0 = time.perf_counter()
+    for text in msgs[1:]:
+        feed(text)
+    return (time.perf_counter() - t0) / (len(msgs) - 1) * 1e6, 0, 0.0
 
 
 async def pipecat_round(msgs: list[str]) -> tuple[float, int, float]:
@@ -140,20 +160,29 @@ async def measure() -> dict[str, Any]:
     load_before = os.getloadavg()
     best: dict[str, tuple[float, int, float]] = {}
     for _ in range(ROUNDS):
-        for name, run in (("pipecat", pipecat_round), ("voxphone", voxphone_round)):
+        for name, run in (
+            ("pipecat", pipecat_round),
+            ("voxphone", voxphone_round),
+            ("stream_layer", stream_layer_round),
+        ):
             r = await run(msgs)
             if name not in best or r[0] < best[name][0]:
                 best[name] = r
     machine = machine_name()
+    sides, layer = ("pipecat", "voxphone"), best["stream_layer"][0]
     result = {
         "machine": machine,
         "loadavg_before": load_before,
         "loadavg_after": os.getloadavg(),
         "messages": MESSAGES,
         "pipecat_version": getattr(pipecat, "__version__", "?"),
-        "us_per_message": {k: round(v[0], 2) for k, v in best.items()},
-        "messages_releasing_audio": {k: v[1] for k, v in best.items()},
-        "audio_out_ms_after_last": {k: v[2] for k, v in best.items()},
+        "us_per_message": {k: round(best[k][0], 2) for k in sides},
+        "voxphone_us_per_message_parts": {
+            "stream_layer": round(layer, 2),
+            "call_audio_path": round(best["voxphone"][0] - layer, 2),
+        },
+        "messages_releasing_audio": {k: best[k][1] for k in sides},
+        "audio_out_ms_after_last": {k: best[k][2] for k in sides},
         "audio_in_ms": MESSAGES * 20,
         "pipecat_ratio": round(best["pipecat"][0] / best["voxphone"][0], 2),
     }

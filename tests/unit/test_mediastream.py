@@ -3,20 +3,23 @@
 from __future__ import annotations
 
 import base64
+import functools
 import json
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from voxphone.audio.codecs import PCMU
+from voxphone.audio.codecs import PCMU, Codec
 from voxphone.call import Call
 from voxphone.clock import FakeClock
 from voxphone.errors import TransportError
 from voxphone.http.api import REGISTRY
 from voxphone.testing import capture_events
 from voxphone.transports.mediastream import (
+    JSON_STREAMS,
     JsonStreamSession,
     StreamDtmf,
     StreamMedia,
@@ -218,3 +221,225 @@ def test_every_documented_event_is_known_and_others_are_not() -> None:
     error = parse_telnyx('{"event": "error", "payload": {"code": 100002, "title": "Unknown"}}')
     assert isinstance(error, StreamOther) and error.known and "100002" in error.detail
     assert parse_twilio('{"event": "error"}') == StreamOther("error", known=False)
+
+
+class RecordingCall(Call):
+    """A real call that also keeps what the stream handed it (``push_packet``'s arguments) and
+    the events it published."""
+
+    def __init__(self, call_id: str, codec: Codec, transport: str) -> None:
+        self.events = capture_events()
+        super().__init__(call_id, codec, self.events, FakeClock(), transport=transport)
+        self.packets: list[tuple[int, bytes]] = []
+
+    def push_packet(self, timestamp: int, payload: bytes, codec: Codec | None = None) -> None:
+        self.packets.append((timestamp, payload))
+        super().push_packet(timestamp, payload, codec)
+
+
+def recording_session(vendor: str) -> tuple[JsonStreamSession, list[RecordingCall]]:
+    calls: list[RecordingCall] = []
+
+    def open_call(codec: Codec, *, transport: str, metadata: Any, call_id: str) -> Call:
+        calls.append(RecordingCall(call_id, codec, transport))
+        return calls[-1]
+
+    registry = SimpleNamespace(open=open_call)
+    return JsonStreamSession(SimpleNamespace(app={REGISTRY: registry}), vendor), calls  # type: ignore[arg-type]
+
+
+def media_text(vendor: str, seq: Any, ts_ms: Any, track: Any = "inbound") -> str:
+    """A media message as the vendor sends it (numbers as strings unless given otherwise), 20 ms
+    of µ-law whose bytes tell the frames apart."""
+    payload = base64.b64encode(bytes([seq if isinstance(seq, int) else 7]) * 160).decode()
+    body = {"chunk": "1", "timestamp": ts_ms, "payload": payload}
+    if track is not None:
+        body["track"] = track
+    key = "sequence_number" if vendor == "telnyx" else "sequenceNumber"
+    return json.dumps({"event": "media", key: seq, "media": body})
+
+
+TELNYX_L16 = {
+    **TELNYX_START,
+    "start": {**TELNYX_START["start"], "media_format": {"encoding": "L16", "sample_rate": 16000}},
+}
+
+
+#: The starts a stream's feed is tried with: the clocks of 8 and 16 kHz.
+STARTS = [("twilio", START), ("telnyx", TELNYX_START), ("telnyx", TELNYX_L16)]
+
+
+def mixed_messages(vendor: str, start: dict[str, Any]) -> list[str]:
+    """Early media and an unknown event before ``start``, then media in order, duplicated,
+    reordered, with a gap, on another track, without a track, with numbers as numbers, among
+    ``dtmf``, ``mark`` and unknown events, then ``stop``."""
+    m = functools.partial(media_text, vendor)
+    return [
+        '{"event": "connected", "protocol": "Call", "version": "1.0.0"}',
+        m("2", "0"),
+        '{"event": "surprise"}',
+        json.dumps(start),
+        *(m(str(s), str(20 * (s - 2))) for s in (3, 4, 4, 6, 5, 7, 10, 11, 12, 13, 14, 15, 16)),
+        m("17", "300", "outbound"),
+        m("17", "300", "inbound_track"),
+        m("18", "320", None),
+        m(19, 340),
+        m("3", "20"),  # a copy of one played long ago
+        '{"event": "dtmf", "dtmf": {"track": "inbound_track", "digit": "5"}}',
+        '{"event": "mark", "mark": {"name": "x"}}',
+        '{"event": "surprise"}',
+        m("20", "360"),
+        '{"event": "stop", "stop": {}}',
+    ]
+
+
+def outcome(session: JsonStreamSession, calls: list[RecordingCall]) -> dict[str, Any]:
+    """Everything a stream hands on: what each call was given and counted, and its events."""
+    session.finish()
+    return {
+        "reason": session.reason,
+        "other_tracks": session.other_tracks,
+        "calls": [
+            (c.packets, c.stats, c.transport_stats, c.end_reason, c.pipeline.framer.frames_out,
+             [(e.type, e.data) for e in c.events.events])
+            for c in calls
+        ],
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize(("vendor", "start"), STARTS)
+def test_feed_is_handle_of_parse(vendor: str, start: dict[str, Any]) -> None:
+    """``feed`` (the websocket handler's entry, with its fast path for in-order media) leaves
+    the call exactly as ``handle(parse(text))`` does: the same packets, counters and events."""
+    fast, fast_calls = recording_session(vendor)
+    general, general_calls = recording_session(vendor)
+    for text in mixed_messages(vendor, start):
+        fast.feed(text)
+        general.handle(JSON_STREAMS[vendor].parse(text))
+    got, want = outcome(fast, fast_calls), outcome(general, general_calls)
+    assert got == want
+    ((packets, stats, transport_stats, _, _, events),) = got["calls"]
+    assert [(kind, data["digit"]) for kind, data in events] == [("dtmf", "5")]
+    assert len(packets) == 17 and got["other_tracks"] == 1
+    assert stats.dropped == {"unknown_message": 2}
+    assert transport_stats["duplicates"] == 2 and transport_stats["reordered"] >= 1
+
+
+@given(
+    st.lists(
+        st.tuples(st.integers(0, 12), st.sampled_from(["inbound", "inbound", "outbound"])),
+        max_size=40,
+    ),
+    st.sampled_from(STARTS),
+)
+def test_feed_is_handle_of_parse_for_any_arrival_order(
+    arrivals: list[tuple[int, str]], stream: tuple[str, dict[str, Any]]
+) -> None:
+    """Media in any order, with copies, gaps and other tracks, after ``start`` (8 and 16 kHz
+    clocks): the same calls."""
+    vendor, start = stream
+    fast, fast_calls = recording_session(vendor)
+    general, general_calls = recording_session(vendor)
+    texts = [json.dumps(start)] + [media_text(vendor, str(s), str(20 * s), t) for s, t in arrivals]
+    for text in texts:
+        fast.feed(text)
+        general.handle(JSON_STREAMS[vendor].parse(text))
+    assert outcome(fast, fast_calls) == outcome(general, general_calls)
+
+
+def fed_as_parsed(vendor: str, texts: list[str]) -> None:
+    """Each text through ``feed`` on one session, through ``handle(parse())`` on another, once
+    play-out is under way: the same error (or none) each time, and the same calls at the end."""
+    fast, fast_calls = recording_session(vendor)
+    general, general_calls = recording_session(vendor)
+    start = json.dumps(TELNYX_START if vendor == "telnyx" else START)
+    playing = [media_text(vendor, str(n), str(20 * n)) for n in range(1, 9)]
+    for text in [start, *playing, *texts]:
+        errors = []
+        for take in (fast.feed, lambda t: general.handle(JSON_STREAMS[vendor].parse(t))):
+            try:
+                take(text)
+            except TransportError as exc:
+                errors.append(str(exc))
+            else:
+                errors.append("")
+        assert errors[0] == errors[1], text
+    assert outcome(fast, fast_calls) == outcome(general, general_calls)
+
+
+@pytest.mark.parametrize("vendor", ["twilio", "telnyx"])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "{oops", "[1, 2]", '"media"', "null", '{"SEQ": "1"}',
+        '{"event": "media", "SEQ": "1"}',
+        '{"event": "media", "SEQ": "1", "media": []}',
+        '{"SEQ": "1", "media": {"timestamp": "0", "payload": "AA=="}}',
+        '{"event": "media", "SEQ": "x", "media": {"timestamp": "0", "payload": "AA=="}}',
+        '{"event": "media", "SEQ": "1", "media": {"timestamp": "0", "payload": "!!"}}',
+        '{"event": "media", "SEQ": "1", "media": {"timestamp": "0", "payload": ""}}',
+        '{"event": "media", "SEQ": "1", "media": {"timestamp": "0", "payload": 5}}',
+        '{"event": "media", "SEQ": "1", "media": {"timestamp": "0", "payload": "0000="}}',
+        '{"event": "media", "SEQ": "1", "media": {"timestamp": "x", "payload": "AA==", "track": "outbound"}}',
+        '{"event": "media", "SEQ": "1", "media": {"timestamp": "0", "payload": "AA==", "track": "outbound"}, "x": "é"}',
+        '{"event": "media", "SEQ": "1", "media": {"timestamp": "0", "payload": "AA=="}, "x": 1e400}',
+        '{"event": "media", "SEQ": "1", "media": {"timestamp": "0", "payload": "AA==", "chunk": 1e400}}',
+        # beyond 64 bits: orjson reads a float (2**70), int() of it leaves no low bits
+        '{"event": "media", "SEQ": 1180591620717411303429, "media": {"timestamp": "0", "payload": "AA=="}}',
+        '{"event": "media", "SEQ": "9", "media": {"timestamp": 1180591620717411303604, "payload": "AA=="}}',
+        '{"event": "dtmf", "SEQ": "1", "media": {"timestamp": "0", "payload": "AA=="}, "event": "media"}',
+        '{"event": "media", "SEQ": "1", "media": {"timestamp": "0", "payload": "AA=="}, "event": "dtmf"}',
+        '{"event": "media", "SEQ": "1", "media": {"timestamp": "0", "payload": "é"}}',
+        '{"event": "media", "SEQ": "1", "media": {"timestamp": "0", "payload": "AA=="}, "x": "\\ud800"}',
+        '{"event": "media", "SEQ": "1", "media": {"timestamp": "0", "payload": "AA==", "x": 1e400}}',
+        '{"event": "media", "SEQ": "1\ud800", "media": {"timestamp": "0", "payload": "AA=="}}',
+        '{"event": "media", "SEQ": "1", "media": {"timestamp": "0", "payload": "AA=="}}' + " " * 3,
+        '{"event": "media", "SEQ": "1", "media": {"timestamp": "0", "payload": "AA=="}} x',
+        '{"event": "dtmf", "dtmf": {}}',
+    ],
+)  # fmt: skip
+def test_feed_fails_as_parse_does(vendor: str, text: str) -> None:
+    """A malformed message is the same one-line error through ``feed`` as through ``parse``,
+    and a message that only the general parse accepts (a field more, numbers not in strings)
+    is taken as it takes it. ``SEQ`` is the vendor's sequence number key."""
+    key = "sequence_number" if vendor == "telnyx" else "sequenceNumber"
+    fed_as_parsed(vendor, [text.replace("SEQ", key)])
+    session, _ = recording_session(vendor)  # before ``start`` as well
+    try:
+        JSON_STREAMS[vendor].parse(text.replace("SEQ", key))
+    except TransportError as exc:
+        with pytest.raises(TransportError) as got:
+            session.feed(text.replace("SEQ", key))
+        assert str(got.value) == str(exc)
+
+
+ODD_NUMBERS = st.sampled_from([10**30, 2.5, True, None, "x", " 7", "1_0", "2.0", "-3", 70000])
+
+
+@given(
+    st.lists(
+        st.fixed_dictionaries(
+            {
+                "sequence": st.integers(0, 12).map(str) | ODD_NUMBERS,
+                "timestamp": st.integers(0, 300).map(str) | ODD_NUMBERS,
+                "payload": st.sampled_from(["AA==", "/w==", "", "!!", "0000=", "Zh==", 5]),
+                "track": st.sampled_from(["inbound", "inbound_track", "outbound", None, 5]),
+                "extra": st.sampled_from(["", ', "chunk": "3"', ', "chunk": 3', ', "x": 1']),
+            }
+        ),
+        max_size=30,
+    ),
+    st.sampled_from(["twilio", "telnyx"]),
+)
+def test_feed_is_handle_of_parse_for_any_media_message(
+    messages: list[dict[str, Any]], vendor: str
+) -> None:
+    """Media messages with any values where numbers, base64 and tracks go, documented fields
+    and others: ``feed`` errs, plays and counts as ``handle(parse())`` does."""
+    key = "sequence_number" if vendor == "telnyx" else "sequenceNumber"
+    texts = []
+    for m in messages:
+        media = {"timestamp": m["timestamp"], "payload": m["payload"], "track": m["track"]}
+        text = json.dumps({"event": "media", key: m["sequence"], "media": media})
+        texts.append(text[:-2] + m["extra"] + "}}")  # the extra field inside ``media``
+    fed_as_parsed(vendor, texts)
