@@ -104,7 +104,11 @@ class Call:
         self._publish = functools.partial(_publish, sink, EventSequencer(call_id, clock), channel)
         #: Bounded by ``_enqueue`` (drops) and ``_put`` (waits) at ``max_queued_frames``; the end
         #: of the audio (the pipeline's last frames, then ``None``) goes in without costing a frame.
-        self._frames: asyncio.Queue[Pcm | None] = asyncio.Queue()
+        #: A deque and the feeder's one waiting future rather than an ``asyncio.Queue``, whose
+        #: general machinery (``full``, its getters and putters, task accounting) costs
+        #: microseconds on every frame of every call and buys nothing for one reader.
+        self._frames: deque[Pcm | None] = deque()
+        self._more: asyncio.Future[None] | None = None  # the feeder's, while nothing is queued
         self._max_frames = max_queued_frames
         self._room = asyncio.Event()  # set when the feeder takes a frame (for ``feed_*``)
         #: When each queued frame arrived (monotonic s), in step with ``_frames``; then, for
@@ -168,8 +172,9 @@ class Call:
         self._stop_playout()
         for frame in self.pipeline.flush():
             self._queue(frame)
-        timeout_s = self._end_timeout_s + self._frames.qsize() * FRAME_S
-        self._frames.put_nowait(None)
+        timeout_s = self._end_timeout_s + len(self._frames) * FRAME_S
+        self._frames.append(None)
+        self._wake_feeder()
         self._room.set()  # a file's feeder stops waiting
         if self._task is not None:
             loop = asyncio.get_running_loop()
@@ -371,7 +376,7 @@ class Call:
 
     async def _put(self, frames: list[Pcm]) -> None:
         for frame in frames:
-            while self._frames.qsize() >= self._max_frames and self.end_reason is None:
+            while len(self._frames) >= self._max_frames and self.end_reason is None:
                 self._room.clear()
                 await self._room.wait()
             if self.end_reason is not None:
@@ -403,19 +408,27 @@ class Call:
         with ``_frames`` until the end marker, which comes after the last frame)."""
         queued_at = self._queued_at
         if len(queued_at) >= self._max_frames:
-            self._frames.get_nowait()
+            self._frames.popleft()
             queued_at.popleft()
             self.stats.dropped_frames += 1
             if self.stats.dropped_frames % 50 == 1:
                 self._log.warning(
                     "engine_lagging_frames_dropped", dropped=self.stats.dropped_frames
                 )
-        self._frames.put_nowait(frame)
+        self._frames.append(frame)
         queued_at.append(self._clock.monotonic())
+        if self._more is not None:
+            self._wake_feeder()
 
     def _queue(self, frame: Pcm) -> None:
-        self._frames.put_nowait(frame)
+        self._frames.append(frame)
         self._queued_at.append(self._clock.monotonic())
+        self._wake_feeder()
+
+    def _wake_feeder(self) -> None:
+        more, self._more = self._more, None
+        if more is not None and not more.done():
+            more.set_result(None)
 
     # -- tasks -----------------------------------------------------------------------------
 
@@ -443,7 +456,13 @@ class Call:
             feeder.cancel()  # the engine has said all it will
 
     async def _feed(self, stream: EngineStream) -> None:
-        while (frame := await self._frames.get()) is not None:
+        frames = self._frames
+        while True:
+            while not frames:
+                self._more = asyncio.get_running_loop().create_future()
+                await self._more
+            if (frame := frames.popleft()) is None:
+                break
             self._room.set()
             arrived = self._queued_at.popleft()
             await stream.send(frame)

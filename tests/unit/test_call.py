@@ -152,7 +152,7 @@ async def test_frames_are_dropped_oldest_first_and_counted_when_the_engine_lags(
     stream.gate.clear()  # the engine stops taking audio
     call, sink = started(stream, max_queued_frames=10)
     call.push_pcm(0, frame(0))
-    await until(lambda: call._frames.empty())  # the feeder holds frame 0, waiting on the engine
+    await until(lambda: not call._frames)  # the feeder holds frame 0, waiting on the engine
     for i in range(1, 26):  # 25 more frames arrive, at the transport's pace, never blocking
         call.push_pcm(i * 1280, frame(i))
     stream.gate.set()
@@ -185,7 +185,7 @@ async def test_a_file_waiting_for_room_stops_when_the_engine_stops(failed: bool)
     stream.gate.clear()  # the engine takes one frame and stalls
     call, sink = started(stream, max_queued_frames=5)
     feeding = asyncio.create_task(call.feed_pcm(np.zeros(30 * 1280, np.int16)))
-    await until(lambda: call._frames.qsize() == 5)  # the file waits for room
+    await until(lambda: len(call._frames) == 5)  # the file waits for room
     if failed:
         stream.out.fail(EngineError("worker died"))
     else:
