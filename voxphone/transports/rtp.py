@@ -490,11 +490,8 @@ def _drain(sock: socket.socket, proto: RtpPort) -> None:
     asyncio's datagram transport reads one datagram per event-loop iteration, so with few ports
     and many calls each packet paid for a whole iteration (``select`` and the scheduling around
     it) and waited in the socket's queue for its turn (``benchmarks/load.py``: p99 37 ms from
-    ``sendto`` to handled, 200 calls on 4 ports). Draining pays for one wake-up per batch.
-    An IPv4 socket's ``recvfrom`` gives the peer as (host, port), an ``Address`` already, so
-    its datagrams go straight to ``handle``."""
-    recvfrom = sock.recvfrom
-    deliver = proto.handle if sock.family == socket.AF_INET else proto.datagram_received
+    ``sendto`` to handled, 200 calls on 4 ports). Draining pays for one wake-up per batch."""
+    recvfrom, deliver = sock.recvfrom, proto.datagram_received
     for _ in range(_READS_PER_WAKEUP):
         try:
             data, addr = recvfrom(_MAX_DATAGRAM)
