@@ -3,7 +3,8 @@
 Prints, for 20 ms G.711 packets: each stage alone (RTP parse, decode, timeline, resample,
 framing), then parse + decode + timeline + resample + framing, then the whole ``RtpPort.handle``
 path (jitter buffer and call queue too), in microseconds per packet, and what that means in
-calls per core (50 packets/s per call; no sockets, no event loop: see ``load.py`` for those).
+calls per core (50 packets/s per call; no sockets, no event loop: see ``load.py`` for those);
+with 300 calls taking turns, also the transport's part alone (up to ``Call.push_packet``).
 For WebRTC, the 20 ms 48 kHz stereo frames aiortc hands over: voxphone's part (downmix +
 timeline + resample + framing) and, for scale, aiortc's Opus decode of the same audio.
 Last, the added latency: how long after the packet completing an 80 ms frame's audio arrives
@@ -27,7 +28,7 @@ import numpy as np
 import structlog
 from machine import machine_name
 
-from voxphone.audio.codecs import OPUS, PCMU, Decoder, Encoder
+from voxphone.audio.codecs import OPUS, PCMU, Codec, Decoder, Encoder
 from voxphone.audio.framer import FRAME_MS, Framer, Timeline
 from voxphone.audio.pipeline import AudioPipeline
 from voxphone.audio.resample import Resampler
@@ -44,6 +45,14 @@ SECONDS = 60
 class _Null:
     def publish(self, event: object) -> None:
         pass
+
+
+class _TransportOnly(Call):
+    """A call that counts its packets and does nothing else with them: timed through
+    ``RtpPort.handle``, what is left is the transport's part (socket side to ``push_packet``)."""
+
+    def push_packet(self, timestamp: int, payload: bytes, codec: Codec | None = None) -> None:
+        self.stats.packets += 1
 
 
 def speechlike(seconds: int) -> np.ndarray:
@@ -125,6 +134,7 @@ def main() -> None:
 
     port_us = per_packet_us(port, wire)
     inter_us = interleaved_us(wire, INTERLEAVED)
+    transport_us = interleaved_us(wire, INTERLEAVED, _TransportOnly)
     print(f"packets: {len(wire)} x 20 ms PCMU")
     for name, us in stage_us.items():
         print(f"  {name:34} {us:6.2f} us/packet")
@@ -134,6 +144,7 @@ def main() -> None:
     )
     print(f"=> calls per core (audio path only): {1e6 / (port_us * 50):8.0f}")
     print(f"RtpPort.handle, {INTERLEAVED} calls interleaved:  {inter_us:6.2f} us/packet")
+    print(f"  of which the transport (push_packet a no-op): {transport_us:6.2f} us/packet")
     webrtc_us = webrtc()
     latency = added_latency_ms()
     print(f"added latency (frame after its audio, resampler lead included): {latency:.1f} ms")
@@ -146,6 +157,7 @@ def main() -> None:
         "rtp_port_handle_us_per_packet": round(port_us, 2),
         "calls_per_core_audio_path_only": round(1e6 / (port_us * 50)),
         f"rtp_port_handle_us_per_packet_{INTERLEAVED}_calls_interleaved": round(inter_us, 2),
+        f"rtp_transport_only_us_per_packet_{INTERLEAVED}_calls_interleaved": round(transport_us, 2),
         "webrtc_us_per_frame": webrtc_us,
         "added_latency_max_ms": latency,
     }
@@ -156,15 +168,16 @@ def main() -> None:
 INTERLEAVED = 300
 
 
-def interleaved_us(wire: list[bytes], calls: int) -> float:
+def interleaved_us(wire: list[bytes], calls: int, call_type: type[Call] = Call) -> float:
     """``RtpPort.handle`` µs per packet with ``calls`` callers taking turns, packet by packet,
     as a server sees them: each call's state is cold in the cache by its next packet, which
-    one call alone never shows. Frames are taken from the calls' queues as an engine would."""
+    one call alone never shows. Frames are taken from the calls' queues as an engine would.
+    ``call_type`` ``_TransportOnly`` leaves out the audio pipeline below ``push_packet``."""
     clock = FakeClock()
     opened: list[Call] = []
 
     def new_call(codec: object, meta: object) -> Call:
-        opened.append(Call("c", PCMU, _Null(), clock, transport="rtp"))
+        opened.append(call_type("c", PCMU, _Null(), clock, transport="rtp"))
         return opened[-1]
 
     rtp = RtpPort(40000, new_call, clock)

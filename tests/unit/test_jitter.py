@@ -110,3 +110,27 @@ def test_hold_start_reorders_the_first_packets_too() -> None:
         out += jb.push(pkt(i))
     assert seqs(out + jb.flush()) == [0, 1, 2, 3, 4, 5, 6]
     assert jb.stats.late == 0
+
+
+def test_a_packet_behind_play_out_is_a_copy_if_its_slot_was_played_else_late() -> None:
+    """Behind the play-out point every slot was played or given up: copies of played ones
+    (around two gaps given up, across the 16-bit wrap) are duplicates; packets for given-up
+    slots, for slots before play-out began, or too old to tell (``REMEMBER``) are late."""
+    jb = JitterBuffer(8000, depth_ms=40)
+    start = 65_530
+    played = [start + i for i in range(20) if i not in (5, 6, 12)]  # 5-6 and 12 lost
+    for s in played:
+        jb.push(pkt(s))
+    jb.push(pkt(start + 20))
+    jb.push(pkt(start + 21))  # the gap at 12 is given up once 40 ms wait behind it
+    assert jb.stats.lost == 3
+    for s in [start + 4, start + 7, start + 11, start + 13, start + 19]:
+        assert jb.push(pkt(s)) == []
+    assert (jb.stats.duplicates, jb.stats.late) == (5, 0)
+    for s in [start + 5, start + 6, start + 12, start - 1]:
+        assert jb.push(pkt(s)) == []
+    assert (jb.stats.duplicates, jb.stats.late) == (5, 4)
+    for s in range(start + 22, start + 22 + JitterBuffer.REMEMBER):
+        jb.push(pkt(s))
+    jb.push(pkt(start + 3))  # played, but too long ago to be told from a late packet
+    assert (jb.stats.duplicates, jb.stats.late) == (5, 5)

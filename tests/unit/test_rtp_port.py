@@ -120,6 +120,25 @@ def test_rtcp_and_comfort_noise_are_not_audio() -> None:
     assert calls.calls[0].stats.dropped == {}
 
 
+def test_rtcp_stays_rtcp_even_where_it_reads_as_the_next_audio_packet() -> None:
+    """RFC 5761 §4: the second byte tells RTCP (192–223) from RTP, so a payload type in 64–95
+    (here 72, which with the marker bit reads as a sender report) never takes RTCP for audio, even
+    when the report's bytes line up as that stream's next packet and SSRC."""
+    calls = Calls()
+    policy = PortPolicy(payload_types={0: PCMU, 72: PCMA})
+    port = RtpPort(40000, calls, FakeClock(), policy)
+    rtcp: list[object] = []
+    port.on_rtcp = lambda _port, _addr, packets: rtcp.append(packets)
+    pkts = tone_packets(n=3, first_seq=3)  # the next sequence number is 6: the SR's length
+    for p in pkts:
+        port.handle(p.serialize(), CALLER)
+    ssrc = pkts[0].ssrc.to_bytes(4, "big")
+    port.handle(bytes([0x80, 200, 0, 6]) + ssrc + ssrc + bytes(16), CALLER)
+    port.end(CALLER, "hangup")
+    assert len(rtcp) == 1
+    assert calls.calls[0].stats.packets == 3
+
+
 def test_refused_call_is_counted() -> None:
     calls = Calls(limit=0)
     port = RtpPort(40000, calls, FakeClock())

@@ -6,16 +6,21 @@ without sockets; time is a ``FakeClock``.
 
 from __future__ import annotations
 
+import random
+from dataclasses import asdict
+from typing import Any
+
 import numpy as np
+import pytest
 
 from tests.unit.test_rtp_port import CALLER, Calls, tone_packets
-from voxphone.audio.codecs import G722, OPUS, PCMA
+from voxphone.audio.codecs import G722, OPUS, PCMA, Codec
 from voxphone.call import Call
 from voxphone.clock import FakeClock
 from voxphone.testing import capture_events, dtmf_packets, rtp_packets
 from voxphone.transports.rtp import Reservation, RtpPort
 from voxphone.transports.rtp_packet import RtpPacket
-from voxphone.transports.rtp_source import SequenceCheck, Step
+from voxphone.transports.rtp_source import RtpSource, SequenceCheck, Step
 
 
 def shifted(packets: list[RtpPacket], seq: int, ts: int) -> list[RtpPacket]:
@@ -216,3 +221,105 @@ def test_a_signalled_call_switches_among_the_formats_its_answer_accepted() -> No
     call.hangup("hangup")
     assert call.stats.packets == 20 and call.transport_stats["codec_switches"] == 1
     assert call.stats.dropped == {"unknown_payload_type": 1}
+
+
+class Recording(Call):
+    """A real call that also keeps, in order, everything its transport tells it."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.told: list[tuple[object, ...]] = []
+
+    def push_packet(self, timestamp: int, payload: bytes, codec: Codec | None = None) -> None:
+        self.told.append(("audio", timestamp, payload, codec.name if codec else None))
+        super().push_packet(timestamp, payload, codec)
+
+    def fill_silence(self, timestamp: int) -> None:
+        self.told.append(("silence", timestamp))
+        super().fill_silence(timestamp)
+
+    def dtmf(self, digit: str, duration_ms: int, timestamp: int | None = None) -> None:
+        self.told.append(("dtmf", digit, duration_ms, timestamp))
+        super().dtmf(digit, duration_ms, timestamp)
+
+    def discontinuity(self) -> None:
+        self.told.append(("discontinuity",))
+        super().discontinuity()
+
+    def count_dropped(self, reason: str, n: int = 1, **detail: Any) -> None:
+        if n > 0:
+            self.told.append(("dropped", reason, n))
+        super().count_dropped(reason, n, **detail)
+
+
+def mixed_stream() -> list[bytes]:
+    """Every kind of datagram a caller sends, interleaved with in-order audio: loss, reordering,
+    duplicates, a late packet, a codec switch and back, comfort noise, DTMF, RTCP, padding and
+    CSRCs, a marker bit, a lone stray, a restart under the same SSRC and a new SSRC."""
+    p = tone_packets(n=120, first_seq=65_500, first_ts=4_294_960_000)  # both wrap
+    ssrc = p[0].ssrc
+
+    def renumbered(pkt: RtpPacket, pt: int, marker: bool = False) -> bytes:
+        return RtpPacket(pt, pkt.sequence, pkt.timestamp, ssrc, pkt.payload, marker).serialize()
+
+    padded = bytearray(p[31].serialize())
+    padded[0] |= 0x20
+    with_csrc = RtpPacket(0, p[32].sequence, p[32].timestamp, ssrc, p[32].payload, csrcs=(7,))
+    keys = [k.serialize() for k in dtmf_packets("5", p[49]) if k is not None]
+    rtcp_sr = bytes([0x80, 200, 0, 6]) + ssrc.to_bytes(4, "big") + bytes(20)
+    stray = shifted([p[60]], seq=(p[60].sequence + 20_000) & 0xFFFF, ts=99)[0]
+    leg = shifted(tone_packets(n=20), seq=(p[79].sequence - 9_000) & 0xFFFF, ts=123_456)
+    other = [RtpPacket(0, q.sequence, q.timestamp, ssrc ^ 1, q.payload) for q in p[100:]]
+    wire = [q.serialize() for q in p[:10]]  # p[10] lost, never sent
+    wire += [q.serialize() for q in p[11:15]] + [p[16].serialize(), p[15].serialize()]
+    wire += [p[17].serialize(), p[17].serialize(), p[10].serialize()]  # a copy; too late
+    wire += [renumbered(q, 8) for q in p[18:24]] + [renumbered(p[24], 0, marker=True)]
+    wire += [q.serialize() for q in p[25:30]] + [renumbered(p[30], 13), rtcp_sr]
+    wire += [bytes(padded) + b"\0\0\3", with_csrc.serialize()]
+    wire += [q.serialize() for q in p[33:50]] + keys
+    wire += [q.serialize() for q in p[50 + len(keys) : 60]] + [stray.serialize()]
+    wire += [q.serialize() for q in p[60:80]] + [q.serialize() for q in leg]
+    return wire + [q.serialize() for q in other]
+
+
+def test_the_fast_path_does_exactly_what_the_general_path_does(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``RtpSource.receive_plain`` (the next audio packet, straight from the bytes) against the
+    general path alone, on one mixed stream at a jittery pace: the call is told the same things
+    in the same order and the source ends in the same state (RFC 3550 §A.8 jitter included)."""
+
+    def run() -> tuple[list[tuple[object, ...]], dict[str, Any], float, dict[str, int]]:
+        clock, rng, opened = FakeClock(), random.Random(5), []
+
+        def new_call(codec: Codec, meta: dict[str, object]) -> Call:
+            opened.append(Recording("c", codec, capture_events(), clock, transport="rtp"))
+            return opened[-1]
+
+        port = RtpPort(40000, new_call, clock)
+        for data in mixed_stream():
+            clock.advance(0.02 + rng.uniform(-0.005, 0.005))
+            port.handle(data, CALLER)
+        source = port.sources[CALLER]
+        jitter, buffer = source.jitter, {**asdict(source.buffer.stats), **vars(source._seq)}
+        port.end(CALLER, "hangup")
+        (call,) = opened
+        return call.told, {**asdict(call.stats), **call.transport_stats}, jitter, buffer
+
+    taken: list[bool] = []
+    plain = RtpSource.receive_plain
+
+    def counted(self: RtpSource, data: bytes, now: float) -> bool:
+        taken.append(plain(self, data, now))
+        return taken[-1]
+
+    monkeypatch.setattr(RtpSource, "receive_plain", counted)
+    fast = run()
+    assert taken.count(True) > 80 and taken.count(False) > 20  # both paths were taken
+    monkeypatch.setattr(RtpSource, "receive_plain", lambda self, data, now: False)
+    general = run()
+    assert fast == general
+    told, stats, jitter, _ = fast
+    assert stats["restarts"] == 2 and stats["codec_switches"] == 2 and jitter > 0
+    assert {"late", "duplicate", "out_of_sequence"} <= set(stats["dropped"])
+    assert ("discontinuity",) in told and any(t[0] == "dtmf" for t in told)

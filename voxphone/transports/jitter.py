@@ -30,7 +30,7 @@ class JitterStats:
 
 
 class JitterBuffer:
-    REMEMBER = 512  # played slots remembered, to tell a duplicate from a late packet
+    REMEMBER = 512  # slots behind the play-out point in which a copy is told from a late packet
 
     def __init__(self, clock_rate: int, depth_ms: int = 60, hold_start: bool = False) -> None:
         """``hold_start``: buffer ``depth`` before playing the first packet, so a stream whose
@@ -38,9 +38,12 @@ class JitterBuffer:
         self._depth = clock_rate * depth_ms // 1000
         self._holding = hold_start
         self._next: int | None = None  # extended sequence number to release next
+        self._first = 0  # the first slot played (extended), once ``_next`` is set
         self._buf: dict[int, RtpPacket] = {}
         self._highest: int | None = None
-        self._played: set[int] = set()  # recent slots played: a packet for one is a copy
+        #: Recent slots given up on. Every slot from ``_first`` to ``_next`` was played or given
+        #: up, so these few ranges tell a copy from a late packet without a record per packet.
+        self._given_up: list[range] = []
         self.stats = JitterStats()
 
     def push(self, pkt: RtpPacket) -> list[RtpPacket]:
@@ -48,10 +51,10 @@ class JitterBuffer:
         if self.take_next(pkt.sequence):
             return [pkt]
         if self._next is None:
-            self._next = self._highest = pkt.sequence
+            self._next = self._highest = self._first = pkt.sequence
         ext = self._next + seq_delta(pkt.sequence, self._next & 0xFFFF)
         if ext < self._next and self._holding:
-            self._next = ext  # an earlier packet, before play-out began: start from it
+            self._next = self._first = ext  # an earlier packet, before play-out began: from it
         elif ext < self._next:
             self._behind(ext)
             return []
@@ -83,7 +86,6 @@ class JitterBuffer:
             return False
         self._highest = nxt
         self._next = nxt + 1
-        self._remember(nxt)
         return True
 
     def flush(self) -> list[RtpPacket]:
@@ -92,14 +94,18 @@ class JitterBuffer:
         out = [self._buf[k] for k in sorted(self._buf)]
         self._buf.clear()
         self._next = self._highest = None
-        self._played.clear()
+        self._given_up.clear()
         return out
 
     def _behind(self, ext: int) -> None:
         """A packet behind the play-out point: a copy of one played (networks and some
         gateways duplicate packets), else late (its slot was given up, or play-out began
         after it)."""
-        if ext in self._played:
+        assert self._next is not None
+        played = ext >= max(self._first, self._next - self.REMEMBER) and not any(
+            ext in slots for slots in self._given_up
+        )
+        if played:
             self.stats.duplicates += 1
         else:
             self.stats.late += 1
@@ -108,6 +114,9 @@ class JitterBuffer:
         """Stop waiting for the packets before ``first``."""
         assert self._next is not None
         self.stats.lost += first - self._next
+        oldest = first - self.REMEMBER
+        self._given_up = [r for r in self._given_up if r.stop > oldest]
+        self._given_up.append(range(self._next, first))
         self._next = first
 
     def _release(self) -> list[RtpPacket]:
@@ -115,14 +124,8 @@ class JitterBuffer:
         assert self._next is not None
         while self._next in self._buf:
             out.append(self._buf.pop(self._next))
-            self._remember(self._next)
             self._next += 1
         return out
-
-    def _remember(self, ext: int) -> None:
-        self._played.add(ext)
-        if len(self._played) > 2 * self.REMEMBER:  # the latest few hundred are enough
-            self._played = {e for e in self._played if e > ext - self.REMEMBER}
 
     def _span(self) -> int:
         """RTP time covered by what is buffered (newest minus oldest timestamp, wrap-safe)."""

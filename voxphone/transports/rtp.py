@@ -168,12 +168,27 @@ class RtpPort(asyncio.DatagramProtocol):
         call.attach_endpoint(endpoint)
 
     def datagram_received(self, data: bytes, addr: tuple[str | object, int]) -> None:
-        self.handle(data, (str(addr[0]), int(addr[1])))
+        """``addr`` as ``recvfrom`` gives it: (host, port) for IPv4, used as it is; IPv6's
+        (host, port, flowinfo, scope_id) is cut down to an ``Address``."""
+        if len(addr) != 2 or type(addr[0]) is not str:
+            addr = (str(addr[0]), int(addr[1]))
+        self.handle(data, addr)  # type: ignore[arg-type]  # (str, int) now
 
     def handle(self, data: bytes, addr: Address) -> None:
         """One datagram from ``addr``: RTCP, or RTP for a latched source, an ended call's
-        stream, the reserved call's caller-to-be, or a new source on probation."""
+        stream, the reserved call's caller-to-be, or a new source on probation.
+
+        Most datagrams are the next audio packet of a live call's latched source: its
+        ``RtpSource.receive_plain`` plays those straight from the bytes. Anything it declines
+        takes the general path below, which parses the packet first."""
         self.on_active(self)
+        source = self.sources.get(addr)
+        if (
+            source is not None
+            and source.call.end_reason is None
+            and source.receive_plain(data, self._clock.monotonic())
+        ):
+            return
         if is_rtcp(data):
             self._rtcp(data, addr)
             return
@@ -476,15 +491,16 @@ def _drain(sock: socket.socket, proto: RtpPort) -> None:
     and many calls each packet paid for a whole iteration (``select`` and the scheduling around
     it) and waited in the socket's queue for its turn (``benchmarks/load.py``: p99 37 ms from
     ``sendto`` to handled, 200 calls on 4 ports). Draining pays for one wake-up per batch."""
+    recvfrom, deliver = sock.recvfrom, proto.datagram_received
     for _ in range(_READS_PER_WAKEUP):
         try:
-            data, addr = sock.recvfrom(_MAX_DATAGRAM)
+            data, addr = recvfrom(_MAX_DATAGRAM)
         except (BlockingIOError, InterruptedError):
             return
         except OSError as exc:  # an ICMP error for a datagram sent earlier: not fatal
             log.debug("rtp_socket_error", port=proto.port, error=str(exc))
             continue
-        proto.datagram_received(data, addr)
+        deliver(data, addr)
 
 
 def _via(port: RtpPort, data: bytes, addr: Address) -> None:

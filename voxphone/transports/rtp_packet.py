@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import random
 import struct
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from voxphone.errors import TransportError
 
@@ -19,9 +19,13 @@ Address = tuple[str, int]
 _HEADER = struct.Struct("!BBHII")
 
 
-@dataclass(frozen=True)
-class RtpPacket:
-    """A parsed RTP packet. ``payload`` excludes CSRCs, the header extension and padding."""
+class RtpPacket(NamedTuple):
+    """A parsed RTP packet. ``payload`` excludes CSRCs, the header extension and padding.
+
+    A named tuple rather than a frozen dataclass: as immutable, with the same fields and
+    constructor, and built in half the time (a frozen dataclass sets each field through
+    ``object.__setattr__``), which counts when every packet off ``RtpSource.receive_plain``'s
+    fast path, and every one voxphone sends, is one."""
 
     payload_type: int
     sequence: int
@@ -70,7 +74,7 @@ def parse_rtp(data: bytes) -> RtpPacket:
     pos = 12 + 4 * (first & 0x0F)
     if pos > end:
         raise TransportError(f"RTP CSRC count {first & 0x0F} overruns a {len(data)}-byte packet")
-    csrcs = struct.unpack_from(f"!{first & 0x0F}I", data, 12)
+    csrcs = struct.unpack_from(f"!{first & 0x0F}I", data, 12) if first & 0x0F else ()
     extension = None
     if first & 0x10:
         if pos + 4 > end:

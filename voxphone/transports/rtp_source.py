@@ -11,6 +11,7 @@ counted on the call by reason (``Call.count_dropped``), never dropped silently.
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from enum import Enum
@@ -27,6 +28,10 @@ MAX_DROPOUT = 3000
 MAX_MISORDER = 100
 #: RFC 3389 comfort noise (RFC 3551 static payload type 13): a pause, played as silence.
 COMFORT_NOISE_PT = 13
+#: RFC 3550 §5.1: the header's sequence number, timestamp and SSRC, after its first two bytes.
+_SEQ_TS_SSRC = struct.Struct("!HII")
+#: RFC 3550 §5.1 first byte of a plain header: version 2, no padding, no extension, no CSRCs.
+_PLAIN_FIRST_BYTE = 0x80
 
 
 class Step(Enum):
@@ -42,18 +47,18 @@ class SequenceCheck:
 
     def __init__(self, sequence: int) -> None:
         self.max_seq = sequence
-        self._bad_seq: int | None = None
+        self.bad_seq: int | None = None
 
     def step(self, sequence: int) -> Step:
         udelta = (sequence - self.max_seq) & 0xFFFF
         if udelta < MAX_DROPOUT:
-            self.max_seq, self._bad_seq = sequence, None
+            self.max_seq, self.bad_seq = sequence, None
             return Step.IN_ORDER
         if udelta <= 0x10000 - MAX_MISORDER:
-            if sequence == self._bad_seq:
-                self.max_seq, self._bad_seq = sequence, None
+            if sequence == self.bad_seq:
+                self.max_seq, self.bad_seq = sequence, None
                 return Step.RESTART
-            self._bad_seq = (sequence + 1) & 0xFFFF
+            self.bad_seq = (sequence + 1) & 0xFFFF
             return Step.JUMP
         return Step.IN_ORDER
 
@@ -85,6 +90,18 @@ class SourceTerms:
     timeout_reason: str
 
 
+def _audio_by_second_byte(codecs: Mapping[int, Codec]) -> dict[int, Codec]:
+    """The codec for each value of an RTP header's second byte (marker bit, RFC 3550 §5.1, set
+    or not) that carries audio, leaving out the values RTCP's packet types take (192–223, RFC
+    5761 §4): one lookup tells the fast path it has audio and which format."""
+    out = {}
+    for pt, codec in codecs.items():
+        for byte in (pt, pt | 0x80):
+            if not 192 <= byte <= 223:
+                out[byte] = codec
+    return out
+
+
 class RtpSource:
     """One caller's stream: sequence checks, the jitter buffer, codec switches, DTMF, comfort
     noise and RFC 3550 §A.8 jitter. ``receive`` takes packets of any SSRC from this source."""
@@ -102,6 +119,36 @@ class RtpSource:
         self._new_ssrc: Candidate | None = None
         self._transit: float | None = None
         self.jitter = 0.0  # RFC 3550 §A.8 interarrival jitter, in RTP clock units
+        self._audio_by_byte = _audio_by_second_byte(terms.codecs)
+
+    def receive_plain(self, data: bytes, now: float) -> bool:
+        """The fast path for most datagrams, straight from the socket: a plain header (no
+        padding, extension or CSRCs), this SSRC, an audio payload type, a sequence number the
+        jitter buffer plays at once (the next one, nothing waiting). Such a packet goes to
+        ``Call.push_packet`` without an ``RtpPacket`` built and with exactly the state changes
+        ``receive`` makes for it (RFC 3550 §A.1 sequence, §A.8 jitter, ``last_seen``, the
+        codec switch). Returns False, having changed nothing, for any other datagram: the
+        caller then parses it and calls ``receive`` (RTCP, DTMF, comfort noise, another SSRC,
+        loss, reordering, duplicates, a restart). Why: at 1,000 calls per core a packet has
+        20 µs, and the general path's packet object and calls cost a fifth of that."""
+        if len(data) < 12 or data[0] != _PLAIN_FIRST_BYTE:
+            return False
+        codec = self._audio_by_byte.get(data[1])  # RTCP's second bytes are not in it
+        if codec is None:
+            return False
+        sequence, timestamp, ssrc = _SEQ_TS_SSRC.unpack_from(data, 2)
+        seq = self._seq
+        if ssrc != self.ssrc or (sequence - seq.max_seq) & 0xFFFF >= MAX_DROPOUT:
+            return False
+        if not self.buffer.take_next(sequence):  # (no state changed when it says no)
+            return False
+        seq.max_seq, seq.bad_seq = sequence, None  # ``SequenceCheck.step``: in order
+        self.last_seen = now
+        self._arrival_at(timestamp, now)
+        if codec is not self.codec:
+            self._switch(codec)
+        self.call.push_packet(timestamp, data[12:], codec)
+        return True
 
     def receive(self, pkt: RtpPacket, now: float) -> None:
         """One packet from this source's address, in arrival order."""
@@ -187,11 +234,14 @@ class RtpSource:
             self._play(pkt)
 
     def _arrival(self, pkt: RtpPacket, now: float) -> None:
-        """RFC 3550 §A.8: smoothed variation of transit time, the jitter a receiver reports."""
-        if pkt.payload_type not in self.terms.codecs:
-            return
+        if pkt.payload_type in self.terms.codecs:
+            self._arrival_at(pkt.timestamp, now)
+
+    def _arrival_at(self, timestamp: int, now: float) -> None:
+        """RFC 3550 §A.8: smoothed variation of transit time, the jitter a receiver reports
+        (audio packets only, on the clock of the format being decoded)."""
         rate = self.codec.clock_rate
-        transit = now * rate - pkt.timestamp
+        transit = now * rate - timestamp
         if self._transit is not None:
             d = abs(transit - self._transit)
             if d < rate:  # not across a timestamp jump or wrap
