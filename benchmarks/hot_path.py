@@ -193,8 +193,8 @@ def interleaved_us(wire: list[bytes], calls: int, call_type: type[Call] = Call) 
             rtp.handle(streams[i][k], addrs[i])
         if k % 4 == 3:
             for call in opened:
-                while not call._frames.empty():
-                    call._frames.get_nowait()
+                while call._frames:
+                    call._frames.popleft()
                     call._queued_at.popleft()
     return (time.perf_counter() - t0) / ((n - 3) * calls) * 1e6
 
