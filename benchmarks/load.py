@@ -57,7 +57,7 @@ from typing import Any
 import av
 import numpy as np
 
-from voxphone.app import App
+from voxphone.app import App, freeze_startup_heap
 from voxphone.audio.codecs import PCMU, Encoder
 from voxphone.audio.files import read_audio
 from voxphone.call import Call
@@ -246,6 +246,7 @@ async def serve(args: argparse.Namespace) -> dict[str, Any]:
 
     app.registry.open = keep  # type: ignore[method-assign]
     await app.start()
+    freeze_startup_heap()  # as voxphone serve does
     lag: list[tuple[float, float]] = []
     stop = asyncio.Event()
     lag_task = asyncio.create_task(loop_lag(lag, stop))

@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 import structlog
 
-from voxphone.app import App
+from voxphone.app import App, freeze_startup_heap
 from voxphone.call import Call
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -80,6 +80,7 @@ async def serve(args: argparse.Namespace) -> dict[str, Any]:
 
     app.registry._forget = ended  # type: ignore[method-assign]
     await app.start()
+    freeze_startup_heap()  # as voxphone serve does
     sent = Path(tempfile.mkdtemp()) / "sent.json"
     seconds = args.minutes * 60
     cmd = [

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from voxphone.app import App
+from voxphone.app import App, freeze_startup_heap
 from voxphone.audio.codecs import Pcm
 from voxphone.config import Config
 from voxphone.engines.base import ChunkQueue
@@ -99,6 +99,7 @@ async def server(n: int, wav: Path) -> None:
     )
     app = App(cfg, engine=NullEngine())
     await app.start()
+    freeze_startup_heap()  # as voxphone serve does
     lag: list[tuple[float, float]] = []
     stop = asyncio.Event()
     probe = asyncio.create_task(loop_lag(lag, stop))

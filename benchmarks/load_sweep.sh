@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# The audio-path capacity runs of issue #16 on a quiet many-core machine, one after another:
+# the server pinned to one core, the load process to others, so calls_per_core is one core's.
+#   bash benchmarks/load_sweep.sh OUT_DIR [SERVER_CPU] [LOAD_CPUS]
+# Needs voxphone importable (PYTHONPATH) and, without flite, SPEECH=/path/to/speech.wav.
+set -euo pipefail
+out=${1:?OUT_DIR}
+server=${2:-2}
+load=${3:-4-7}
+mkdir -p "$out"
+common=(--seconds 30 --server-cpus "$server" --load-cpus "$load")
+[ -n "${SPEECH:-}" ] && common+=(--speech "$SPEECH")
+run() {  # NAME ARGS...: one run, its JSON in OUT_DIR, one summary line
+  local name=$1
+  shift
+  python3 benchmarks/load.py "$@" "${common[@]}" --out "$out/load-$name.json" >/dev/null 2>"$out/$name.err" || true
+  python3 - "$out/load-$name.json" "$name" <<'PY'
+import json, sys
+try:
+    r = json.load(open(sys.argv[1]))
+except OSError:
+    print(sys.argv[2], "failed"); sys.exit()
+print(f"{sys.argv[2]:>22}: {r['calls_per_core']}/core cpu {r['server_cpu_cores']} "
+      f"p99 handled {r['packet_latency_ms'].get('p99')} ms, loop lag p99 {r['loop_lag_ms'].get('p99')}, "
+      f"sender late p99 {r['sender_late_ms'].get('p99')}, frames dropped {r['frames']['dropped']}, "
+      f"keeping up {r['keeping_up']}")
+PY
+}
+for n in ${PCMU_CALLS:-500 1000 1500}; do run "$n" --calls "$n"; done
+run 1000-one-port-each --calls 1000 --ports 1000
+run 1000-loss5-jitter20 --calls 1000 --loss 0.05 --jitter-ms 20
+for n in ${OPUS_CALLS:-300 400}; do run "opus-$n" --calls "$n" --codec opus; done
