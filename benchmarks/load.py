@@ -23,6 +23,11 @@ Reported (and written to ``benchmarks/results/load-<machine>-<N>.json``):
 
     python benchmarks/load.py --calls 200 --seconds 30 [--loss 0.05 --jitter-ms 20] [--profile]
     python benchmarks/load.py --plot   # benchmarks/results/load-<machine>.png from the JSON files
+    python benchmarks/load.py --calls 500 --stop-at call   # the same without the call's audio
+
+``--stop-at call`` (the transport only) and ``--stop-at port`` (sockets and the event loop only)
+cut the server's work short; the difference in CPU per packet between runs is what a layer
+costs, measured under the same load instead of profiled.
 
 Measuring needs only voxphone's own dependencies; ``--plot`` (a separate step) needs
 matplotlib. On a shared machine the CPU figures move with the neighbours' load: the JSON
@@ -233,7 +238,22 @@ def cpu_s() -> tuple[float, float]:
     return r.ru_utime, r.ru_stime
 
 
+#: ``--stop-at``: where the server's work is cut short, to see what each layer costs (the
+#: difference in CPU per packet between two runs): ``port`` reads each datagram and drops it
+#: (sockets and the event loop only), ``call`` stops at ``Call.push_packet`` (RTP parsing,
+#: latching, sequence checks, the jitter buffer: no call audio), ``engine`` is the whole path.
+STOPS = ("engine", "call", "port")
+
+
+def stop_at(where: str) -> None:
+    if where == "call":
+        Call.push_packet = lambda *_a, **_kw: None  # type: ignore[method-assign]
+    elif where == "port":
+        RtpPort.handle = lambda *_a, **_kw: None  # type: ignore[method-assign]
+
+
 async def serve(args: argparse.Namespace) -> dict[str, Any]:
+    stop_at(args.stop_at)
     probe = Probe()
     app = App(config(args), engine=NullEngine())
     open_call = app.registry.open
@@ -307,6 +327,7 @@ def report(
         "jitter_ms": args.jitter_ms,
         "server_ports": args.ports,
         "engine": "null (transport + audio path only)",
+        "stop_at": args.stop_at,
         "window_s": round(wall, 2),
         "server_cpus": args.server_cpus or "any",
         "load_cpus": args.load_cpus or "any",
@@ -342,7 +363,8 @@ def plot(machine: str) -> Path:
     by_codec: dict[str, list[dict[str, Any]]] = {}
     for f in Path("benchmarks/results").glob(f"load-{machine}-*.json"):
         r = json.loads(f.read_text())
-        if not r["loss"] and not r["jitter_ms"] and "profile_top" not in r:
+        whole = r.get("stop_at", "engine") == "engine"
+        if whole and not r["loss"] and not r["jitter_ms"] and "profile_top" not in r:
             by_codec.setdefault(r["codec"], []).append(r)
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.5))
     loads = []
@@ -394,6 +416,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--speech", type=Path, default=None, help="audio file to play; default: flite")
     p.add_argument("--profile", action="store_true", help="cProfile the server's window")
+    p.add_argument("--stop-at", choices=STOPS, default="engine", help="cut the path short there")
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--plot", action="store_true", help="plot this machine's results and exit")
     p.add_argument("--send", dest="sent", default=None, help=argparse.SUPPRESS)
@@ -423,7 +446,8 @@ def main() -> None:
     for line in result.get("profile_top", []):
         print(line)
     kind = "" if args.codec == "pcmu" else f"{args.codec}-"
-    out = args.out or Path(f"benchmarks/results/load-{machine}-{kind}{args.calls}.json")
+    stop = "" if args.stop_at == "engine" else f"-stop-at-{args.stop_at}"
+    out = args.out or Path(f"benchmarks/results/load-{machine}-{kind}{args.calls}{stop}.json")
     out.write_text(json.dumps(result, indent=2) + "\n")
 
 
