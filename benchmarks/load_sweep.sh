@@ -20,13 +20,15 @@ try:
     r = json.load(open(sys.argv[1]))
 except OSError:
     print(sys.argv[2], "failed"); sys.exit()
-print(f"{sys.argv[2]:>22}: {r['calls_per_core']}/core cpu {r['server_cpu_cores']} "
+us = r["server_cpu_cores"] * 1e6 / (r["calls"] * 50)
+print(f"{sys.argv[2]:>22}: {r['calls_per_core']}/core cpu {r['server_cpu_cores']} ({us:.1f} us/packet) "
       f"p99 handled {r['packet_latency_ms'].get('p99')} ms, loop lag p99 {r['loop_lag_ms'].get('p99')}, "
       f"sender late p99 {r['sender_late_ms'].get('p99')}, frames dropped {r['frames']['dropped']}, "
       f"keeping up {r['keeping_up']}")
 PY
 }
-for n in ${PCMU_CALLS:-500 1000 1500}; do run "$n" --calls "$n"; done
+for n in ${PCMU_CALLS:-600 700 800 1000}; do run "$n" --calls "$n"; done
+for stop in port call; do run "${LAYER_CALLS:-600}-stop-at-$stop" --calls "${LAYER_CALLS:-600}" --stop-at "$stop"; done
 run 1000-one-port-each --calls 1000 --ports 1000
 run 1000-loss5-jitter20 --calls 1000 --loss 0.05 --jitter-ms 20
-for n in ${OPUS_CALLS:-300 400}; do run "opus-$n" --calls "$n" --codec opus; done
+for n in ${OPUS_CALLS:-150 200}; do run "opus-$n" --calls "$n" --codec opus; done
