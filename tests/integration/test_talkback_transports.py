@@ -501,3 +501,38 @@ async def test_the_whip_command_records_what_the_bot_says(
     assert lines[-1]["recorded"]["seconds"] >= 6  # the file and the hold
     heard = read_audio(out, 16000)
     assert overlap(speech[SAID].text, hear(heard, decoder, 16000)) >= 0.6
+
+
+async def test_a_clip_still_uploading_when_the_call_ends_is_refused_with_410(
+    app: App, http: aiohttp.ClientSession, speech: dict[str, Speech]
+) -> None:
+    """The caller hangs up while the bot's clip is still on its way in: the call ends (and
+    lets go of its playout) in the middle of the request, which is then refused in one line
+    (410), not failed."""
+    twilio = DIALECTS[0]
+    wav = speech[SAID].path.read_bytes()
+    body_half_sent, finish_body = asyncio.Event(), asyncio.Event()
+
+    async def body() -> AsyncIterator[bytes]:
+        yield wav[: len(wav) // 2]
+        body_half_sent.set()
+        await finish_body.wait()
+        yield wav[len(wav) // 2 :]
+
+    url = f"http://127.0.0.1:{app.config.http.port}{twilio.path}"
+    async with http.ws_connect(url) as ws:
+        for text in twilio.opening:
+            await ws.send_str(text)
+        call = await opened(app, twilio.call_id)
+        agent = bot(http, app, twilio.call_id)
+        headers = {"Content-Type": "audio/wav"}
+        post = asyncio.create_task(http.post(f"{agent.base}/play", data=body(), headers=headers))
+        await body_half_sent.wait()
+        await ws.send_str(
+            json.dumps({"event": "stop", "sequenceNumber": "2", "streamSid": "MZtalk"})
+        )
+        await call.wait()  # call.ended is out
+        finish_body.set()
+        async with await post as resp:
+            assert resp.status == 410, await resp.text()
+            assert (await resp.json())["error"].endswith("the call has ended")

@@ -116,6 +116,10 @@ def _refused(call: Call, exc: PlaybackError) -> web.Response:
 
 async def play(request: web.Request) -> web.Response:
     call = live_call(request)
+    # Held from here: a call that ends while the clip uploads, downloads or decodes lets go of
+    # its playout; the clip is then refused by ``call.play`` (410).
+    playout = call.playout
+    assert playout is not None
     limits = request.app[LIMITS]
     if request.content_type == "application/json":
         data, url = await _fetch(request, limits)
@@ -123,8 +127,6 @@ async def play(request: web.Request) -> web.Response:
     else:
         data = await _body(request, limits.max_clip_bytes)
         what = f"the body ({request.content_type})"
-    playout = call.playout  # (the call lets go of it when it ends, during the awaits below)
-    assert playout is not None
     rate = playout.rate
     try:  # in a worker thread: a small compressed file can be minutes of audio to decode
         pcm = await asyncio.to_thread(decode_audio, data, rate, limits.max_clip_s)
