@@ -353,8 +353,8 @@ def report(
 
 
 def plot(machine: str) -> Path:
-    """Server CPU and p99 packet latency against calls, per codec, from this machine's runs
-    without loss, jitter or profiling."""
+    """Server CPU and p99 packet latency against calls, per codec, from ``machine``'s runs of
+    the whole path, calls spread over the default ports, without loss, jitter or profiling."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -363,11 +363,13 @@ def plot(machine: str) -> Path:
     by_codec: dict[str, list[dict[str, Any]]] = {}
     for f in Path("benchmarks/results").glob(f"load-{machine}-*.json"):
         r = json.loads(f.read_text())
-        whole = r.get("stop_at", "engine") == "engine"
+        whole = r.get("stop_at", "engine") == "engine" and r["server_ports"] < r["calls"]
         if whole and not r["loss"] and not r["jitter_ms"] and "profile_top" not in r:
             by_codec.setdefault(r["codec"], []).append(r)
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.5))
-    loads = []
+    loads: list[str] = []
+    any_run = next(iter(by_codec.values()))[0]
+    cpu, pinned = any_run.get("cpu", "?"), any_run["server_cpus"]
     for codec, runs in sorted(by_codec.items()):
         runs.sort(key=lambda r: r["calls"])
         calls = [r["calls"] for r in runs]
@@ -386,12 +388,14 @@ def plot(machine: str) -> Path:
     a.set_ylabel("server CPU (cores)")
     a.legend()
     a.grid(alpha=0.3)
+    b.axhline(1.0, color="gray", linestyle=":", label="goal: p99 1 ms")
     b.set_xlabel("concurrent RTP calls")
     b.set_ylabel("p99 (ms): sendto→handled, and how late the sender was")
     b.legend(fontsize=8)
     b.grid(alpha=0.3)
     fig.suptitle(
-        f"voxphone RTP load, null engine — {machine}, shared (load avg before: {', '.join(loads)})",
+        f"voxphone RTP load, null engine — {machine} ({cpu}), server on CPU {pinned} "
+        f"(load average before each run: {', '.join(loads)})",
         fontsize=10,
     )
     fig.tight_layout()
@@ -419,6 +423,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--stop-at", choices=STOPS, default="engine", help="cut the path short there")
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--plot", action="store_true", help="plot this machine's results and exit")
+    p.add_argument("--machine", default=None, help="with --plot: another machine's results")
     p.add_argument("--send", dest="sent", default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -430,7 +435,7 @@ def main() -> None:
         send(args)
         return
     if args.plot:
-        print(plot(machine))
+        print(plot(args.machine or machine))
         return
     import logging
 
