@@ -25,6 +25,7 @@ from voxphone.app import App, freeze_startup_heap
 from voxphone.audio.codecs import Pcm
 from voxphone.config import Config
 from voxphone.engines.base import ChunkQueue
+from voxphone.testing import free_tcp_port
 from voxphone.whip_client import play
 
 SECONDS = 20
@@ -88,9 +89,10 @@ def tone() -> Path:
 
 
 async def server(n: int, wav: Path) -> None:
+    port = free_tcp_port()
     cfg = Config.model_validate(
         {
-            "http": {"port": 18099},
+            "http": {"port": port},
             "rtp": {"ports": "39900-39901"},
             "asterisk": {"audiosocket_port": 0},
             "calls": {"max_concurrent": n + 1},
@@ -106,7 +108,7 @@ async def server(n: int, wav: Path) -> None:
     cpu0 = resource.getrusage(resource.RUSAGE_SELF)
     start = time.perf_counter()
     clients = await asyncio.create_subprocess_exec(
-        sys.executable, __file__, "--clients", str(n), str(wav)
+        sys.executable, __file__, "--clients", str(n), str(wav), str(port)
     )
     await clients.wait()
     cpu1 = resource.getrusage(resource.RUSAGE_SELF)
@@ -122,16 +124,16 @@ async def server(n: int, wav: Path) -> None:
     print(f"event loop lag, after (calls streaming): {summary(steady)}")
 
 
-async def clients(n: int, wav: Path) -> None:
-    url = "http://127.0.0.1:18099/v1/whip"
+async def clients(n: int, wav: Path, port: int) -> None:
+    url = f"http://127.0.0.1:{port}/v1/whip"
     results = await asyncio.gather(*(play(url, wav, "opus") for _ in range(n)))
-    ok = sum(r[-1]["type"] == "call.ended" for r in results)
-    audio = [r[-1]["data"]["audio_ms"] for r in results]
+    ok = sum(r.events[-1]["type"] == "call.ended" for r in results)
+    audio = [r.events[-1]["data"]["audio_ms"] for r in results]
     print(f"calls ended cleanly: {ok}/{n}; audio per call: min {min(audio)} ms")
 
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--clients"]:
-        asyncio.run(clients(int(sys.argv[2]), Path(sys.argv[3])))
+        asyncio.run(clients(int(sys.argv[2]), Path(sys.argv[3]), int(sys.argv[4])))
     else:
         asyncio.run(server(int(sys.argv[1]) if len(sys.argv) > 1 else 10, tone()))
