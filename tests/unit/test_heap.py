@@ -8,7 +8,8 @@ from voxphone.app import freeze_startup_heap
 
 
 def test_what_is_alive_at_start_up_is_out_of_the_collectors_reach() -> None:
-    alive: list[list[int]] = [[] for _ in range(1000)]  # containers the collector tracks, alive at start-up
+    # Containers the collector tracks, alive at start-up.
+    alive: list[list[int]] = [[] for _ in range(1000)]
     try:
         frozen = freeze_startup_heap()
         assert frozen == gc.get_freeze_count() >= len(alive)
