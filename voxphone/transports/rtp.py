@@ -182,11 +182,12 @@ class RtpPort(asyncio.DatagramProtocol):
         ``RtpSource.receive_plain`` plays those straight from the bytes. Anything it declines
         takes the general path below, which parses the packet first."""
         self.on_active(self)
+        now = self._clock.monotonic()
         source = self.sources.get(addr)
         if (
             source is not None
             and source.call.end_reason is None
-            and source.receive_plain(data, self._clock.monotonic())
+            and source.receive_plain(data, now)
         ):
             return
         if is_rtcp(data):
@@ -197,8 +198,6 @@ class RtpPort(asyncio.DatagramProtocol):
         except TransportError as exc:
             self._count(self._owner(addr), "malformed", error=str(exc))
             return
-        now = self._clock.monotonic()
-        source = self.sources.get(addr)
         if source is not None and source.call.end_reason is not None:
             self._close(addr, source, now)  # ended elsewhere (engine failure): stop its media
             source = None
