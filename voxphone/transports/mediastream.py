@@ -351,15 +351,9 @@ class JsonStreamSession:
             timestamp = int(media.timestamp) & 0xFFFFFFFF
         except ValueError:
             return False
-        payload = media.payload
-        if not payload:  # "" is base64 for nothing; ``parse`` refuses it
+        if not media.payload:  # "" is base64 for nothing; ``parse`` refuses it
             return False
-        if media.track != "inbound" and media.track != "inbound_track":
-            self.other_tracks += 1
-        elif self._buffer.take_next(seq):  # in order, nothing waiting: straight on
-            call.push_packet((timestamp * self._rate) & 0xFFFFFFFF, payload)
-        else:
-            self._play(self._buffer.push(RtpPacket(0, seq, timestamp, 0, payload)))
+        self._play_media(seq, timestamp, media.track, media.payload, call)
         return True
 
     def handle(self, message: StreamMessage) -> None:
@@ -417,15 +411,19 @@ class JsonStreamSession:
         self.finish()
 
     def _media(self, m: StreamMedia) -> None:
-        if m.track not in ("inbound", "inbound_track"):
+        assert self.call is not None
+        seq, timestamp = m.sequence & 0xFFFF, m.timestamp_ms & 0xFFFFFFFF
+        self._play_media(seq, timestamp, m.track, m.payload, self.call)
+
+    def _play_media(self, seq: int, timestamp: int, track: str, payload: bytes, call: Call) -> None:
+        """A media message's audio (16-bit ``seq``, 32-bit ``timestamp`` in ms) through the
+        jitter buffer to ``call``; another track is counted, not played."""
+        if track != "inbound" and track != "inbound_track":
             self.other_tracks += 1  # the caller is transcribed, not what the bot says back
-            return
-        sequence, timestamp = m.sequence & 0xFFFF, m.timestamp_ms & 0xFFFFFFFF
-        if self._buffer.take_next(sequence):  # in order, nothing waiting: straight on
-            assert self.call is not None
-            self.call.push_packet((timestamp * self._rate) & 0xFFFFFFFF, m.payload)
-            return
-        self._play(self._buffer.push(RtpPacket(0, sequence, timestamp, 0, m.payload)))
+        elif self._buffer.take_next(seq):  # in order, nothing waiting: straight on
+            call.push_packet((timestamp * self._rate) & 0xFFFFFFFF, payload)
+        else:
+            self._play(self._buffer.push(RtpPacket(0, seq, timestamp, 0, payload)))
 
     def _play(self, packets: list[RtpPacket]) -> None:
         assert self.call is not None
