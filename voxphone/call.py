@@ -583,10 +583,10 @@ class Call:
     def _release(self) -> None:
         """Let go of what points back at this ended call — the transport's hang-up hook (a
         bound method of a session that holds the call), the barge-in tap, the stopped playout
-        (its endpoint holds the call) — so that once the
-        registry and the transport forget it, reference counting frees it at once. Left in
-        reference cycles, ended calls wait for the cyclic collector's oldest generation,
-        which runs ever more seldom as the heap grows, holding each one's audio state."""
+        (its endpoint holds the call) — so that once the registry and the transport forget
+        it, reference counting frees it at once. Left in reference cycles, ended calls wait
+        for the cyclic collector's oldest generation, which runs ever more seldom as the heap
+        grows, holding each one's audio state."""
         self._hangup = None
         self.pipeline.tap = None
         self.playout = None

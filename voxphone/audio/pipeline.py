@@ -40,9 +40,8 @@ class AudioPipeline:
         self._pending: list[bytes | Pcm] = []
         self._pending_samples = 0
         self._tap: Callable[[Pcm, int], None] | None = None
-        #: Whether payloads are kept undecoded until a frame's worth waits: a stateless decoder
-        #: and no tap (``push_packet`` checks this one flag per packet).
-        self._batch = self.decoder.stateless
+        self._batch = False
+        self._update_batch()
         self._all_payloads = True  # nothing but payloads pending: one decode call for all
         self._need = 0
         self._update_need()
@@ -57,7 +56,12 @@ class AudioPipeline:
     @tap.setter
     def tap(self, tap: Callable[[Pcm, int], None] | None) -> None:
         self._tap = tap
-        self._batch = self.decoder.stateless and tap is None
+        self._update_batch()
+
+    def _update_batch(self) -> None:
+        """Whether payloads are kept undecoded until a frame's worth waits: a stateless
+        decoder and no tap (``push_packet`` checks this one flag per packet)."""
+        self._batch = self.decoder.stateless and self._tap is None
 
     def switch(self, codec: Codec) -> list[Pcm]:
         """Decode what follows as ``codec`` (an RTP payload type change mid-stream, RFC 3550
@@ -69,7 +73,7 @@ class AudioPipeline:
         frames += self.framer.push(self.resampler.flush())
         self.codec = codec
         self.decoder = Decoder(codec)
-        self._batch = self.decoder.stateless and self._tap is None
+        self._update_batch()
         self.timeline.retime(codec.clock_rate, codec.sample_rate)
         self.resampler = Resampler(codec.sample_rate, MODEL_RATE)
         self._update_need()
