@@ -82,6 +82,7 @@ class Call:
         ticker: PlayoutTicker | None = None,
         endpoint: MediaEndpoint | None = None,
         barge_in: BargeIn | None = None,
+        pcm_rate: int | None = None,
     ) -> None:
         self._max_duration_s = max_duration_s
         #: Which channel of a stereo stream this call transcribes (stamped on every event).
@@ -90,7 +91,9 @@ class Call:
         self.codec = codec
         self.transport = transport
         self.metadata = metadata or {}
-        self.pipeline = AudioPipeline(codec, max_gap_s=max_gap_s)
+        #: ``pcm_rate``: the rate of the PCM the transport pushes, when it decodes on its own
+        #: (``push_pcm``; see ``AudioPipeline.rate``).
+        self.pipeline = AudioPipeline(codec, max_gap_s=max_gap_s, pcm_rate=pcm_rate)
         self.stats = CallStats()
         #: Transport-specific counters (jitter buffer, RTCP...), reported in ``call.ended``.
         self.transport_stats: dict[str, int] = {}
@@ -313,7 +316,7 @@ class Call:
         self.count_dropped("late", self.pipeline.timeline.stats.late - late)
 
     def push_pcm(self, timestamp: int, pcm: Pcm) -> None:
-        """Decoded mono PCM at the codec's rate with its media timestamp; never blocks."""
+        """Decoded mono PCM at ``pipeline.rate`` with its media timestamp; never blocks."""
         if self.end_reason is not None:
             return
         self.stats.packets += 1
@@ -370,7 +373,7 @@ class Call:
         await self._put(self._decode(timestamp, payload))
 
     async def feed_pcm(self, pcm: Pcm) -> None:
-        """Decoded, gap-free PCM at the codec rate, waiting for room (files, not live media).
+        """Decoded, gap-free PCM at ``pipeline.rate``, waiting for room (files, not live media).
         Audio after the call has ended (``end``, say on Ctrl-C) is ignored."""
         await self._put(self.pipeline.push_pcm(pcm))
 
@@ -560,7 +563,7 @@ class Call:
             )
         s = self.pipeline.timeline.stats
         self.stats.late_packets = s.late
-        self.stats.gap_ms = s.gap_samples * 1000 // self.codec.sample_rate
+        self.stats.gap_ms = s.gap_samples * 1000 // self.pipeline.rate
         duration_ms = int((self._clock.monotonic() - self._started_at) * 1000)
         self._publish(
             ev.CALL_ENDED,
@@ -649,6 +652,7 @@ class CallRegistry:
         call_id: str | None = None,
         channel: int | None = None,
         endpoint: MediaEndpoint | None = None,
+        pcm_rate: int | None = None,
     ) -> Call | None:
         """Admit and start a call, or return ``None`` (counted) when draining or at the limit."""
         if (why := self.why_refused(call_id)) is not None:
@@ -667,6 +671,7 @@ class CallRegistry:
             ticker=self.ticker,
             endpoint=endpoint,
             barge_in=self.barge_in,
+            pcm_rate=pcm_rate,
         )
         self.calls[call.call_id] = call
         self._idle.clear()

@@ -1,4 +1,4 @@
-"""G.711 decoding through PyAV against the ITU-T G.711 reference expansion."""
+"""Payload decoders: G.711 against the ITU-T reference expansion, Opus against libopus."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from voxphone.audio.codecs import (
     Encoder,
     codec_by_name,
 )
+from voxphone.audio.opus import OpusDecoder
 from voxphone.errors import DecodeError
 
 
@@ -118,6 +119,60 @@ def test_opus_decodes_to_mono_48k_whatever_it_signals() -> None:
     # The tone survives, downmixed to one channel.
     assert peak_hz(out[-4800:], 48000) == pytest.approx(440, abs=10)
     assert 0.7 < rms(out[-4800:]) / rms(src[-4800:]) < 1.3
+
+
+def opus_packets(layout: str, n: int = 25, bit_rate: int = 32000) -> list[bytes]:
+    """``n`` 20 ms libopus packets of a 440 Hz tone, coded as ``layout``."""
+    enc = av.CodecContext.create("libopus", "w")
+    assert isinstance(enc, av.AudioCodecContext)
+    enc.sample_rate, enc.layout, enc.format, enc.bit_rate = 48000, layout, "s16", bit_rate
+    channels = 2 if layout == "stereo" else 1
+    src = tone(960 * n, 48000)
+    packets: list[bytes] = []
+    for i in range(n):
+        chunk = np.repeat(src[i * 960 : (i + 1) * 960], channels).reshape(1, -1)
+        frame = av.AudioFrame.from_ndarray(chunk, format="s16", layout=layout)
+        frame.sample_rate, frame.pts = 48000, i * 960
+        packets += [bytes(p) for p in enc.encode(frame)]
+    return packets
+
+
+@pytest.mark.parametrize("layout", ["mono", "stereo"])
+def test_opus_is_libopus_bit_for_bit(layout: str) -> None:
+    """voxphone calls libopus itself; FFmpeg's libopus wrapper (PyAV's ``libopus`` decoder,
+    int16 at 48 kHz) runs the same library, so the samples must be identical."""
+    packets = opus_packets(layout)
+    ref = av.CodecContext.create("libopus", "r")
+    assert isinstance(ref, av.AudioCodecContext)
+    ref.sample_rate, ref.layout = 48000, "mono"
+    expected = np.concatenate(
+        [f.to_ndarray().reshape(-1) for p in packets for f in ref.decode(av.Packet(p))]
+    )
+    dec = Decoder(OPUS)
+    out = np.concatenate([dec.decode(p) for p in packets])
+    assert out.dtype == np.int16
+    assert np.array_equal(out, expected)
+
+
+def test_opus_decodes_at_a_lower_rate_band_limited() -> None:
+    """libopus decodes straight to 16 kHz (the model's rate): a third of the samples, the tone
+    intact."""
+    dec = OpusDecoder(16000)
+    out = np.concatenate([dec.decode(p) for p in opus_packets("mono")])
+    assert out.size == 320 * 25
+    assert peak_hz(out[-3200:], 16000) == pytest.approx(440, abs=10)
+    with pytest.raises(DecodeError, match="44100"):
+        OpusDecoder(44100)
+
+
+@pytest.mark.parametrize("payload", [b"\x03", b"\xff\xff\xff", bytes(1500)])
+def test_a_corrupt_opus_payload_is_a_decode_error_and_the_stream_goes_on(payload: bytes) -> None:
+    dec = Decoder(OPUS)
+    good = opus_packets("mono", n=2)
+    assert dec.decode(good[0]).size == 960
+    with pytest.raises(DecodeError, match=rf"^opus: cannot decode {len(payload)}-byte payload: "):
+        dec.decode(payload)
+    assert dec.decode(good[1]).size == 960
 
 
 @pytest.mark.parametrize("codec", [PCMU, PCMA], ids=lambda c: c.name)

@@ -13,6 +13,7 @@ import av
 import numpy as np
 import numpy.typing as npt
 
+from voxphone.audio.opus import OpusDecoder
 from voxphone.errors import DecodeError
 
 Pcm = npt.NDArray[np.int16]
@@ -93,15 +94,23 @@ def byte_table(codec: Codec) -> Pcm:
 
 
 class Decoder:
-    """Decodes one call's payloads of one codec into int16 mono PCM at ``codec.sample_rate``."""
+    """Decodes one call's payloads of one codec into int16 mono PCM at ``sample_rate``.
 
-    def __init__(self, codec: Codec) -> None:
+    ``rate``: the rate to decode to, ``codec.sample_rate`` unless told; only Opus decodes to
+    others (``voxphone.audio.opus.RATES``). Raises ``DecodeError`` for a rate it cannot."""
+
+    def __init__(self, codec: Codec, rate: int | None = None) -> None:
         self.codec = codec
+        self.sample_rate = rate or codec.sample_rate
+        if self.sample_rate != codec.sample_rate and codec.ffmpeg_name != "opus":
+            raise DecodeError(
+                f"{codec.name} decodes to {codec.sample_rate} Hz only, not {self.sample_rate}"
+            )
         self._table = byte_table(codec) if codec.ffmpeg_name in _BYTE_CODECS else None
-        # Every decoder is asked for mono: Opus (signalled as 2 channels, RFC 7587) then
-        # downmixes inside the decoder, as its spec allows (RFC 6716 §4.5.1: a stereo stream
-        # decoded to mono), at no cost per packet.
-        self._ctx = _context(codec, "r", "mono")
+        #: Opus goes to libopus itself (``voxphone.audio.opus``: int16 out at any of its rates).
+        self._opus = OpusDecoder(self.sample_rate) if codec.ffmpeg_name == "opus" else None
+        # Every decoder is asked for mono.
+        self._ctx = None if self._opus is not None else _context(codec, "r", "mono")
 
     @property
     def stateless(self) -> bool:
@@ -117,6 +126,9 @@ class Decoder:
             # ``take`` rather than ``table[indices]``: the same lookup, a quarter cheaper.
             pcm: Pcm = self._table.take(np.frombuffer(payload, np.uint8))
             return pcm
+        if self._opus is not None:
+            return self._opus.decode(payload)
+        assert self._ctx is not None
         try:
             frames = self._ctx.decode(av.Packet(payload))
         except (av.FFmpegError, ValueError) as exc:
@@ -127,9 +139,8 @@ class Decoder:
 
 
 def _frames_to_mono_int16(frames: list[av.AudioFrame]) -> Pcm:
-    """Flatten the decoder's mono frames into one int16 array. Float output (Opus) becomes
-    int16 as libswresample converts it (``lrintf(x * 32768)``, clipped), in numpy: a third of
-    the cost of a PyAV resampler per packet."""
+    """Flatten the decoder's mono int16 frames (FFmpeg's G.711, G.722 and PCM decoders all
+    emit s16) into one array."""
     parts = [_plane(frame) for frame in frames]
     if not parts:
         return np.zeros(0, np.int16)
@@ -137,13 +148,9 @@ def _frames_to_mono_int16(frames: list[av.AudioFrame]) -> Pcm:
 
 
 def _plane(frame: av.AudioFrame) -> Pcm:
-    if frame.format.name in ("s16", "s16p"):
-        return frame.to_ndarray().reshape(-1).astype(np.int16, copy=False)
-    if frame.format.name not in ("flt", "fltp"):
-        raise DecodeError(f"decoder produced {frame.format.name} samples, not s16 or float")
-    x = np.frombuffer(frame.planes[0], np.float32, frame.samples)  # type: ignore[call-overload]
-    pcm: Pcm = np.clip(np.rint(x * 32768.0), -32768, 32767).astype(np.int16)
-    return pcm
+    if frame.format.name not in ("s16", "s16p"):
+        raise DecodeError(f"decoder produced {frame.format.name} samples, not s16")
+    return frame.to_ndarray().reshape(-1).astype(np.int16, copy=False)
 
 
 _encode_tables: dict[str, npt.NDArray[np.uint8]] = {}

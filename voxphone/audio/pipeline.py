@@ -15,6 +15,13 @@ from voxphone.audio.resample import MODEL_RATE, Resampler
 _EARLY = 2
 
 
+def decode_rate(codec: Codec) -> int:
+    """The rate voxphone decodes ``codec``'s payloads to (Hz): Opus straight to the model's
+    16 kHz — libopus band-limits as it decodes (RFC 6716 §4), so there is nothing left to
+    resample and a third of the samples to make — every other codec at its own rate."""
+    return MODEL_RATE if codec.ffmpeg_name == "opus" else codec.sample_rate
+
+
 class AudioPipeline:
     """Synchronous per-call DSP chain; every method returns the 80 ms frames it completed.
 
@@ -29,11 +36,15 @@ class AudioPipeline:
     decode each payload as it comes.
     """
 
-    def __init__(self, codec: Codec, max_gap_s: float = 5.0) -> None:
+    def __init__(self, codec: Codec, max_gap_s: float = 5.0, pcm_rate: int | None = None) -> None:
         self.codec = codec
-        self.decoder = Decoder(codec)
-        self.timeline = Timeline(codec.clock_rate, codec.sample_rate, max_gap_s=max_gap_s)
-        self.resampler = Resampler(codec.sample_rate, MODEL_RATE)
+        #: The rate of the PCM in this pipeline (Hz): what payloads are decoded to
+        #: (``decode_rate``), or ``pcm_rate``, that of the PCM a transport that decodes on its
+        #: own pushes (WebRTC: aiortc's frames come at the codec's rate).
+        self.rate = pcm_rate or decode_rate(codec)
+        self.decoder = Decoder(codec, self.rate)
+        self.timeline = Timeline(codec.clock_rate, self.rate, max_gap_s=max_gap_s)
+        self.resampler = Resampler(self.rate, MODEL_RATE)
         self.framer = Framer()
         #: Placed audio not yet resampled: payloads still to decode (a stateless decoder's) or
         #: PCM (decoded, or silence for a gap), in order; ``_pending_samples`` counts both.
@@ -48,7 +59,7 @@ class AudioPipeline:
 
     @property
     def tap(self) -> Callable[[Pcm, int], None] | None:
-        """Sees every piece of decoded, placed PCM (at ``codec.sample_rate``) as it arrives,
+        """Sees every piece of decoded, placed PCM (at ``rate``) as it arrives,
         before the 80 ms framing: for a listener that must not wait a frame (barge-in).
         While set, G.711 is decoded per packet instead of per frame."""
         return self._tap
@@ -72,10 +83,11 @@ class AudioPipeline:
         frames = self._drain()
         frames += self.framer.push(self.resampler.flush())
         self.codec = codec
-        self.decoder = Decoder(codec)
+        self.rate = decode_rate(codec)
+        self.decoder = Decoder(codec, self.rate)
         self._update_batch()
-        self.timeline.retime(codec.clock_rate, codec.sample_rate)
-        self.resampler = Resampler(codec.sample_rate, MODEL_RATE)
+        self.timeline.retime(codec.clock_rate, self.rate)
+        self.resampler = Resampler(self.rate, MODEL_RATE)
         self._update_need()
         return frames
 
@@ -99,7 +111,8 @@ class AudioPipeline:
         return []
 
     def push_timed_pcm(self, timestamp: int, pcm: Pcm) -> list[Pcm]:
-        """Decoded PCM stamped with its media timestamp (WebRTC: aiortc has decoded it)."""
+        """Decoded PCM at ``rate`` stamped with its media timestamp (WebRTC: aiortc has
+        decoded it)."""
         placement = self.timeline.place(timestamp, pcm.size)
         if placement is None:
             return []
@@ -114,11 +127,11 @@ class AudioPipeline:
         return self.push_pcm(self.decoder.decode(payload))
 
     def push_pcm(self, pcm: Pcm) -> list[Pcm]:
-        """Already decoded, gap-free PCM at the codec's sample rate."""
+        """Already decoded, gap-free PCM at ``rate``."""
         if pcm.size == 0:
             return []
         if self._tap is not None:
-            self._tap(pcm, self.codec.sample_rate)
+            self._tap(pcm, self.rate)
         self._add(pcm)
         if self._pending_samples < self._need:
             return []

@@ -14,38 +14,22 @@ libswresample's). Where PyAV was built against system FFmpeg, the system's libra
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import functools
 import weakref
-from pathlib import Path
 
-import av
 import numpy as np
 
 from voxphone.audio.codecs import Pcm
+from voxphone.audio.native import find_library
 from voxphone.errors import DecodeError
 
 _S16 = 1  # AVSampleFormat AV_SAMPLE_FMT_S16 (libavutil/samplefmt.h)
 _VP = ctypes.c_void_p
 
 
-def _find(name: str) -> str:
-    """PyAV's bundled ``lib<name>-<hash>.so`` (its wheels), else the system's."""
-    bundled = Path(av.__file__).parent.parent / "av.libs"
-    for path in sorted(bundled.glob(f"lib{name}-*.so*")):
-        return str(path)
-    found = ctypes.util.find_library(name)
-    if found is None:
-        raise DecodeError(
-            f"lib{name} (FFmpeg) not found next to PyAV or on the system; reinstall PyAV "
-            "from its wheel (pip install --force-reinstall av)"
-        )
-    return found
-
-
 @functools.cache
 def _libs() -> tuple[ctypes.CDLL, ctypes.CDLL]:
-    swr, avu = ctypes.CDLL(_find("swresample")), ctypes.CDLL(_find("avutil"))
+    swr, avu = ctypes.CDLL(find_library("swresample")), ctypes.CDLL(find_library("avutil"))
     swr.swr_alloc.restype = _VP
     swr.swr_alloc.argtypes = []
     swr.swr_init.argtypes = [_VP]

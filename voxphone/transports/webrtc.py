@@ -406,9 +406,10 @@ class WebRtcGateway:
         early: list[str] = []  # call.started is published inside open(), before the session
         self._early[call_id] = early
         try:
-            call = self.registry.open(
-                plan.codec, transport="webrtc", metadata=metadata, call_id=call_id
-            )
+            call = self.registry.open(  # aiortc decodes: its frames come at the codec's rate
+                plan.codec, transport="webrtc", metadata=metadata, call_id=call_id,
+                pcm_rate=plan.codec.sample_rate,
+            )  # fmt: skip
         finally:
             del self._early[call_id]
         if call is None:
