@@ -288,3 +288,21 @@ def test_batched_g711_decode_equals_decoding_each_packet(codec: Codec) -> None:
     assert [f.tolist() for f in batched.flush()] == [f.tolist() for f in each.flush()]
     assert batched.timeline.stats == each.timeline.stats
     assert (batched.timeline.stats.late, batched.timeline.stats.gap_samples) == (2, 3 * 160)
+
+
+def test_opus_is_decoded_at_the_models_rate_and_framed_without_resampling() -> None:
+    """An Opus call's packets (48 kHz RTP clock) are decoded straight to 16 kHz by libopus:
+    the pipeline's PCM is at 16 kHz, nothing is resampled, a frame leaves on every fourth
+    20 ms packet, loss becomes silence on the 48 kHz clock, and the speech band survives."""
+    pipe = AudioPipeline(OPUS)
+    assert (pipe.rate, pipe.resampler.in_rate, pipe.resampler.fresh) == (16000, 16000, False)
+    x = chirp(2.0, 48000)
+    packets = [p for i, p in enumerate(rtp_packets(x, OPUS, payload_type=111)) if i != 50]
+    frames = [f for p in packets for f in pipe.push_packet(p.timestamp, p.payload)]
+    assert len(frames) == 100 // 4 and pipe.timeline.stats.gap_samples == 320
+    out = np.concatenate(frames)
+    ref = fft_resample(x, 48000, 16000)[: out.size]
+    ok = np.r_[0:800, 1800 : out.size]  # away from the coder's start-up and the lost packet
+    # Opus is lossy and delays its output by a few ms: compare spectra, not samples.
+    a, b = (np.abs(np.fft.rfft(s[ok][:16000])) for s in (out, ref))
+    assert np.corrcoef(a, b)[0, 1] > 0.9
