@@ -214,7 +214,7 @@ def webrtc() -> dict[str, float]:
         packets += encoder.encode(frame)
 
     def ours() -> Callable[[av.AudioFrame], object]:
-        call = Call("c", OPUS, _Null(), FakeClock(), transport="webrtc")
+        call = Call("c", OPUS, _Null(), FakeClock(), transport="webrtc", pcm_rate=48000)
         return lambda f: call.push_pcm(media_timestamp(f, 48000), to_mono(f))
 
     def aiortc_decode() -> Callable[[av.Packet], object]:
