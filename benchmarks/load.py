@@ -91,10 +91,15 @@ TEXT = (
 CODECS = {"pcmu": (0, 160), "opus": (111, 960)}
 
 
-def speech_payloads(codec: str = "pcmu", speech: Path | None = None) -> list[bytes]:
-    """Speech as 20 ms payloads (looped by the callers): PCMU, or mono Opus (libopus, 48 kHz,
-    as a browser or Asterisk sends it). ``speech``: any audio file PyAV reads; else flite says
-    ``TEXT`` (a machine without flite, such as the GPU host, is given a file)."""
+def speech_payloads(
+    codec: str = "pcmu", speech: Path | None = None, opus_bitrate: int | None = None
+) -> list[bytes]:
+    """Speech as 20 ms payloads (looped by the callers): PCMU, or mono Opus (libopus, 48 kHz).
+    Opus is coded with libopus's defaults through FFmpeg (64 kbit/s VBR, ``audio`` mode: about
+    94 kbit/s on this speech, as heavy as aiortc's 96 kbit/s ``voip`` stream) unless
+    ``opus_bitrate`` is given, which codes at that rate in ``voip`` mode (WebRTC in Chrome: 32
+    kbit/s for mono). ``speech``: any audio file PyAV reads; else flite says ``TEXT`` (a machine
+    without flite, such as the GPU host, is given a file)."""
     wav = speech
     if wav is None:
         wav = Path(tempfile.mkdtemp()) / "speech.wav"
@@ -107,6 +112,8 @@ def speech_payloads(codec: str = "pcmu", speech: Path | None = None) -> list[byt
     ctx = av.CodecContext.create("libopus", "w")
     assert isinstance(ctx, av.AudioCodecContext)
     ctx.sample_rate, ctx.layout, ctx.format = 48000, "mono", "s16"
+    if opus_bitrate:
+        ctx.bit_rate, ctx.options = opus_bitrate, {"application": "voip"}
     out = []
     for n, i in enumerate(range(0, pcm.size - 959, 960)):
         frame = av.AudioFrame.from_ndarray(pcm[i : i + 960].reshape(1, -1), "s16", "mono")
@@ -125,7 +132,7 @@ def send(args: argparse.Namespace) -> None:
     With ``--call-seconds`` each caller hangs up after that long and calls again from a new
     socket (a new source address and SSRC: a new call), so calls start and end all along."""
     pin(args.load_cpus or f"0-{os.cpu_count() - 1}")  # (not the server's pinning it inherited)
-    payloads = speech_payloads(args.codec, args.speech)
+    payloads = speech_payloads(args.codec, args.speech, args.opus_bitrate)
     pt, ticks = CODECS[args.codec]
     rng = random.Random(args.seed)
     socks = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(args.calls)]
@@ -321,7 +328,7 @@ def report(
     out: dict[str, Any] = {
         "calls": args.calls,
         "calls_up_during_window": up,
-        "codec": f"{args.codec.upper() if args.codec == 'pcmu' else 'Opus mono'} 20 ms",
+        "codec": codec_label(args),
         "seconds": args.seconds,
         "loss": args.loss,
         "jitter_ms": args.jitter_ms,
@@ -404,6 +411,14 @@ def plot(machine: str) -> Path:
     return out
 
 
+def codec_label(args: argparse.Namespace) -> str:
+    """What the callers sent, e.g. ``PCMU 20 ms`` or ``Opus mono 20 ms, 32 kbit/s voip``."""
+    if args.codec == "pcmu":
+        return "PCMU 20 ms"
+    rate = f", {args.opus_bitrate // 1000} kbit/s voip" if args.opus_bitrate else ""
+    return f"Opus mono 20 ms{rate}"
+
+
 def parse(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--calls", type=int, default=100)
@@ -418,6 +433,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--server-cpus", default=None, help="pin the server, e.g. 0 or 0-1")
     p.add_argument("--load-cpus", default=None, help="pin the load process, e.g. 1-3")
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--opus-bitrate", type=int, default=None, help="bit/s, voip mode (Opus)")
     p.add_argument("--speech", type=Path, default=None, help="audio file to play; default: flite")
     p.add_argument("--profile", action="store_true", help="cProfile the server's window")
     p.add_argument("--stop-at", choices=STOPS, default="engine", help="cut the path short there")
@@ -450,7 +466,8 @@ def main() -> None:
     print(json.dumps({k: v for k, v in result.items() if k != "profile_top"}, indent=2))
     for line in result.get("profile_top", []):
         print(line)
-    kind = "" if args.codec == "pcmu" else f"{args.codec}-"
+    rate = f"{args.opus_bitrate // 1000}k" if args.opus_bitrate else ""
+    kind = "" if args.codec == "pcmu" else f"{args.codec}{rate}-"
     stop = "" if args.stop_at == "engine" else f"-stop-at-{args.stop_at}"
     out = args.out or Path(f"benchmarks/results/load-{machine}-{kind}{args.calls}{stop}.json")
     out.write_text(json.dumps(result, indent=2) + "\n")
