@@ -97,8 +97,8 @@ def speech_payloads(
     """Speech as 20 ms payloads (looped by the callers): PCMU, or mono Opus (libopus, 48 kHz).
     Opus is coded with libopus's defaults through FFmpeg (64 kbit/s VBR, ``audio`` mode: about
     94 kbit/s on this speech, as heavy as aiortc's 96 kbit/s ``voip`` stream) unless
-    ``opus_bitrate`` is given, which codes at that rate in ``voip`` mode (WebRTC in Chrome: 32
-    kbit/s for mono). ``speech``: any audio file PyAV reads; else flite says ``TEXT`` (a machine
+    ``opus_bitrate`` is given, which codes at that rate in ``voip`` mode (libwebrtc, Chrome's
+    WebRTC, sends mono Opus at 32 kbit/s). ``speech``: any audio file PyAV reads; else flite says ``TEXT`` (a machine
     without flite, such as the GPU host, is given a file)."""
     wav = speech
     if wav is None:
