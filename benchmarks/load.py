@@ -98,8 +98,8 @@ def speech_payloads(
     Opus is coded with libopus's defaults through FFmpeg (64 kbit/s VBR, ``audio`` mode: about
     94 kbit/s on this speech, as heavy as aiortc's 96 kbit/s ``voip`` stream) unless
     ``opus_bitrate`` is given, which codes at that rate in ``voip`` mode (libwebrtc, Chrome's
-    WebRTC, sends mono Opus at 32 kbit/s). ``speech``: any audio file PyAV reads; else flite says ``TEXT`` (a machine
-    without flite, such as the GPU host, is given a file)."""
+    WebRTC, sends mono Opus at 32 kbit/s). ``speech``: any audio file PyAV reads; else flite
+    says ``TEXT`` (a machine without flite, such as the GPU host, is given a file)."""
     wav = speech
     if wav is None:
         wav = Path(tempfile.mkdtemp()) / "speech.wav"
