@@ -31,4 +31,8 @@ for n in ${PCMU_CALLS:-600 700 800 1000}; do run "$n" --calls "$n"; done
 for stop in port call; do run "${LAYER_CALLS:-600}-stop-at-$stop" --calls "${LAYER_CALLS:-600}" --stop-at "$stop"; done
 run 1000-one-port-each --calls 1000 --ports 1000
 run 1000-loss5-jitter20 --calls 1000 --loss 0.05 --jitter-ms 20
-for n in ${OPUS_CALLS:-150 200}; do run "opus-$n" --calls "$n" --codec opus; done
+for n in ${OPUS_CALLS:-200 250 300}; do run "opus-$n" --calls "$n" --codec opus; done
+# A browser's Opus (libwebrtc: 32 kbit/s for mono), cheaper to decode than libopus's defaults.
+for n in ${OPUS32_CALLS:-250 300 350}; do
+  run "opus32k-$n" --calls "$n" --codec opus --opus-bitrate 32000
+done
