@@ -66,7 +66,7 @@ class OpusDecoder:
             raise DecodeError(f"libopus refused a {rate} Hz decoder: {_strerror(error.value)}")
         self.rate = rate
         self._handle = ctypes.c_void_p(handle)
-        self._finalizer = weakref.finalize(self, lib.opus_decoder_destroy, self._handle)
+        weakref.finalize(self, lib.opus_decoder_destroy, self._handle)  # freed with the object
         self._capacity = MAX_PACKET_SAMPLES_48K * rate // 48000
         self._out = np.zeros(self._capacity, np.int16)
         self._out_ptr = ctypes.c_void_p(self._out.ctypes.data)
@@ -79,7 +79,3 @@ class OpusDecoder:
         if n < 0:
             raise DecodeError(f"opus: cannot decode {len(payload)}-byte payload: {_strerror(n)}")
         return self._out[:n].copy()
-
-    def close(self) -> None:
-        """Free the decoder now (else when it is collected)."""
-        self._finalizer()
