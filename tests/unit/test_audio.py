@@ -306,3 +306,29 @@ def test_opus_is_decoded_at_the_models_rate_and_framed_without_resampling() -> N
     # Opus is lossy and delays its output by a few ms: compare spectra, not samples.
     a, b = (np.abs(np.fft.rfft(s[ok][:16000])) for s in (out, ref))
     assert np.corrcoef(a, b)[0, 1] > 0.9
+
+
+@pytest.mark.parametrize("ms", ["2.5", "10", "20", "40", "60", "120"])
+def test_opus_of_every_frame_duration_fills_the_clock_exactly(ms: str) -> None:
+    """Opus frames last 2.5 to 120 ms (RFC 6716 §2.1.4; senders pick their ptime): each
+    packet's 16 kHz samples land on its 48 kHz timestamps with no gap and nothing late, and
+    the 80 ms frames follow the audio whatever the packet size."""
+    enc = av.CodecContext.create("libopus", "w")
+    assert isinstance(enc, av.AudioCodecContext)
+    enc.sample_rate, enc.layout, enc.format = 48000, "mono", "s16"
+    enc.options = {"frame_duration": ms}
+    enc.open()
+    step = enc.frame_size
+    x = chirp(1.0, 48000)
+    pipe = AudioPipeline(OPUS)
+    frames = packets = 0
+    for ts in range(0, x.size - step + 1, step):
+        frame = av.AudioFrame.from_ndarray(x[ts : ts + step].reshape(1, -1), "s16", "mono")
+        frame.sample_rate, frame.pts = 48000, ts
+        for p in enc.encode(frame):
+            frames += len(pipe.push_packet(packets * step, bytes(p)))
+            packets += 1
+    stats = pipe.timeline.stats
+    assert (stats.gap_samples, stats.late, stats.discontinuities) == (0, 0, 0)
+    assert packets > 5 and pipe.timeline.elapsed_ms == packets * float(ms)
+    assert frames == int(packets * float(ms)) // 80
