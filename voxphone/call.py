@@ -289,7 +289,12 @@ class Call:
             return
         pipeline = self.pipeline
         if codec is not None and codec is not pipeline.codec:
-            for frame in pipeline.switch(codec):
+            try:
+                switched = pipeline.switch(codec)
+            except DecodeError as exc:  # no decoder for it here: counted like its payloads
+                self._undecodable(exc)
+                return
+            for frame in switched:
                 self._enqueue(frame)
         # ``_decode`` written out: this runs for every 20 ms packet of every call, and three
         # packets in four only add a payload to the pipeline's pending list.
@@ -563,7 +568,7 @@ class Call:
             )
         s = self.pipeline.timeline.stats
         self.stats.late_packets = s.late
-        self.stats.gap_ms = s.gap_samples * 1000 // self.pipeline.rate
+        self.stats.gap_ms = round(s.gap_ms)
         duration_ms = int((self._clock.monotonic() - self._started_at) * 1000)
         self._publish(
             ev.CALL_ENDED,

@@ -332,3 +332,18 @@ def test_opus_of_every_frame_duration_fills_the_clock_exactly(ms: str) -> None:
     assert (stats.gap_samples, stats.late, stats.discontinuities) == (0, 0, 0)
     assert packets > 5 and pipe.timeline.elapsed_ms == packets * float(ms)
     assert frames == int(packets * float(ms)) // 80
+
+
+def test_gaps_are_counted_in_ms_across_a_switch_to_opus() -> None:
+    """A 40 ms gap in PCMU (8 kHz) and another in Opus (decoded at 16 kHz, on a 48 kHz clock)
+    are 80 ms of gap, whatever the rates of the silence inserted."""
+    pipe = AudioPipeline(PCMU)
+    narrow = list(rtp_packets(chirp(0.2, 8000), PCMU, first_ts=0))
+    for p in narrow[:3] + narrow[5:]:  # packets 3 and 4 (40 ms) lost
+        pipe.push_packet(p.timestamp, p.payload)
+    pipe.switch(OPUS)
+    wide = list(rtp_packets(chirp(0.2, 48000), OPUS, payload_type=111, first_ts=0))
+    for p in wide[:3] + wide[5:]:
+        pipe.push_packet(p.timestamp, p.payload)
+    stats = pipe.timeline.stats
+    assert stats.gap_ms == 80 and stats.gap_samples == 320 + 640

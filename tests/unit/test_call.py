@@ -12,11 +12,11 @@ from structlog.testing import capture_logs
 
 from tests.hooks import until
 from voxphone import call as call_module
-from voxphone.audio.codecs import L16_16K, Pcm
+from voxphone.audio.codecs import L16_16K, OPUS, PCMU, Codec, Pcm
 from voxphone.call import Call
 from voxphone.clock import FakeClock, SystemClock
 from voxphone.engines.base import ChunkQueue, TranscriptChunk
-from voxphone.errors import EngineError
+from voxphone.errors import DecodeError, EngineError
 from voxphone.testing import CapturedEvents, capture_events
 
 
@@ -264,3 +264,18 @@ async def test_latency_is_timed_only_from_the_frames_still_remembered(
     stream.out.close()
     call.end("hangup")
     await asyncio.wait_for(call.wait(), 5)
+
+
+def test_a_format_switch_with_no_decoder_here_is_counted_not_raised(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``push_packet`` never raises: a payload format the pipeline cannot switch to (its decoder
+    cannot be made here) is counted ``undecodable`` like a payload it cannot decode."""
+    call = Call("c", PCMU, capture_events(), FakeClock(), transport="rtp")
+
+    def refuse(codec: Codec) -> list[Pcm]:
+        raise DecodeError(f"no decoder for {codec.name}")
+
+    monkeypatch.setattr(call.pipeline, "switch", refuse)
+    call.push_packet(0, bytes(160), OPUS)
+    assert call.stats.dropped == {"undecodable": 1} and call.stats.decode_errors == 1

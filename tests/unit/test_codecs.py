@@ -6,6 +6,7 @@ import av
 import numpy as np
 import pytest
 
+from voxphone.audio import opus
 from voxphone.audio.codecs import (
     G722,
     L16_8K,
@@ -18,6 +19,7 @@ from voxphone.audio.codecs import (
     codec_by_name,
 )
 from voxphone.audio.opus import OpusDecoder
+from voxphone.audio.pipeline import AudioPipeline
 from voxphone.errors import DecodeError
 
 
@@ -163,6 +165,27 @@ def test_opus_decodes_at_a_lower_rate_band_limited() -> None:
     assert peak_hz(out[-3200:], 16000) == pytest.approx(440, abs=10)
     with pytest.raises(DecodeError, match="44100"):
         OpusDecoder(44100)
+
+
+def test_an_empty_opus_payload_is_no_audio_not_a_concealed_loss() -> None:
+    """libopus takes a zero-length packet for a lost one and conceals 120 ms; a payload that
+    is empty carries nothing, so it decodes to nothing."""
+    assert OpusDecoder(16000).decode(b"").size == 0
+
+
+def test_without_libopus_only_opus_payloads_fail(monkeypatch: pytest.MonkeyPatch) -> None:
+    """libopus is loaded at an Opus call's first payload: where it cannot be (PyAV built
+    against an FFmpeg without it), a call fed PCM (WebRTC: aiortc decodes) works, and each
+    Opus payload is a ``DecodeError`` naming the fix (the call counts it)."""
+
+    def missing() -> None:
+        raise DecodeError("libopus not found next to PyAV or on the system; reinstall PyAV")
+
+    monkeypatch.setattr(opus, "_lib", missing)
+    webrtc = AudioPipeline(OPUS, pcm_rate=48000)
+    assert len(webrtc.push_timed_pcm(0, tone(48000, 48000))) == 12
+    with pytest.raises(DecodeError, match="libopus not found"):
+        Decoder(OPUS).decode(opus_packets("mono", n=1)[0])
 
 
 @pytest.mark.parametrize("payload", [b"\x03", b"\xff\xff\xff", bytes(1500)])

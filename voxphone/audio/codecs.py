@@ -13,6 +13,7 @@ import av
 import numpy as np
 import numpy.typing as npt
 
+from voxphone.audio.opus import RATES as OPUS_RATES
 from voxphone.audio.opus import OpusDecoder
 from voxphone.errors import DecodeError
 
@@ -97,20 +98,27 @@ class Decoder:
     """Decodes one call's payloads of one codec into int16 mono PCM at ``sample_rate``.
 
     ``rate``: the rate to decode to, ``codec.sample_rate`` unless told; only Opus decodes to
-    others (``voxphone.audio.opus.RATES``). Raises ``DecodeError`` for a rate it cannot."""
+    others (``voxphone.audio.opus.RATES``). Raises ``DecodeError`` for a rate it cannot.
+
+    Opus goes to libopus itself (``voxphone.audio.opus``: int16 out at any of its rates), whose
+    decoder is made at the first payload: a call whose transport decodes on its own (WebRTC)
+    never loads it, and a libopus that cannot be loaded is one payload's ``DecodeError``,
+    counted on the call, not a failure to open it."""
 
     def __init__(self, codec: Codec, rate: int | None = None) -> None:
         self.codec = codec
         self.sample_rate = rate or codec.sample_rate
-        if self.sample_rate != codec.sample_rate and codec.ffmpeg_name != "opus":
+        self._is_opus = codec.ffmpeg_name == "opus"
+        if self._is_opus and self.sample_rate not in OPUS_RATES:
+            raise DecodeError(f"libopus decodes to {OPUS_RATES} Hz, not {self.sample_rate}")
+        if self.sample_rate != codec.sample_rate and not self._is_opus:
             raise DecodeError(
                 f"{codec.name} decodes to {codec.sample_rate} Hz only, not {self.sample_rate}"
             )
         self._table = byte_table(codec) if codec.ffmpeg_name in _BYTE_CODECS else None
-        #: Opus goes to libopus itself (``voxphone.audio.opus``: int16 out at any of its rates).
-        self._opus = OpusDecoder(self.sample_rate) if codec.ffmpeg_name == "opus" else None
+        self._opus: OpusDecoder | None = None
         # Every decoder is asked for mono.
-        self._ctx = None if self._opus is not None else _context(codec, "r", "mono")
+        self._ctx = None if self._is_opus else _context(codec, "r", "mono")
 
     @property
     def stateless(self) -> bool:
@@ -126,7 +134,9 @@ class Decoder:
             # ``take`` rather than ``table[indices]``: the same lookup, a quarter cheaper.
             pcm: Pcm = self._table.take(np.frombuffer(payload, np.uint8))
             return pcm
-        if self._opus is not None:
+        if self._is_opus:
+            if self._opus is None:
+                self._opus = OpusDecoder(self.sample_rate)
             return self._opus.decode(payload)
         assert self._ctx is not None
         try:

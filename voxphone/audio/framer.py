@@ -31,6 +31,7 @@ class TimelineStats:
     packets: int = 0
     late: int = 0  # wholly before the play-out point: duplicates and reordered stragglers
     gap_samples: int = 0  # silence inserted for loss or gaps
+    gap_ms: float = 0.0  # the same in ms of media (exact across codec changes)
     discontinuities: int = 0  # timestamp jumps treated as a new origin
 
 
@@ -136,6 +137,7 @@ class Timeline:
         if d > 0:
             silence = round(d * self._ratio)
             self.stats.gap_samples += silence
+            self.stats.gap_ms += d * 1000 / self._clock_rate
             return Placement(silence, 0)
         return Placement(0, min(n_samples, round(-d * self._ratio)))
 

@@ -58,7 +58,7 @@ class OpusDecoder:
 
     def __init__(self, rate: int = 48000) -> None:
         if rate not in RATES:
-            raise DecodeError(f"libopus decodes to {', '.join(map(str, RATES))} Hz, not {rate}")
+            raise DecodeError(f"libopus decodes to {RATES} Hz, not {rate}")
         lib = _lib()
         error = ctypes.c_int()
         handle = lib.opus_decoder_create(rate, 1, ctypes.byref(error))
@@ -73,8 +73,12 @@ class OpusDecoder:
         self._decode = lib.opus_decode
 
     def decode(self, payload: bytes) -> npt.NDArray[np.int16]:
-        """One packet's samples (a new array; 20 ms at 48 kHz is 960). Raises
-        ``DecodeError`` with libopus's reason for a payload it rejects."""
+        """One packet's samples (a new array; 20 ms at 48 kHz is 960); nothing for an empty
+        payload (which libopus would take for a lost packet and conceal). Raises
+        ``DecodeError`` with libopus's reason for a payload it rejects. Not thread-safe: the
+        output buffer is the decoder's (each call's decoder runs on the event loop)."""
+        if not payload:
+            return np.zeros(0, np.int16)
         n: int = self._decode(self._handle, payload, len(payload), self._out_ptr, self._capacity, 0)
         if n < 0:
             raise DecodeError(f"opus: cannot decode {len(payload)}-byte payload: {_strerror(n)}")

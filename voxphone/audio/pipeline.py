@@ -41,6 +41,7 @@ class AudioPipeline:
         #: The rate of the PCM in this pipeline (Hz): what payloads are decoded to
         #: (``decode_rate``), or ``pcm_rate``, that of the PCM a transport that decodes on its
         #: own pushes (WebRTC: aiortc's frames come at the codec's rate).
+        self._pcm_rate = pcm_rate
         self.rate = pcm_rate or decode_rate(codec)
         self.decoder = Decoder(codec, self.rate)
         self.timeline = Timeline(codec.clock_rate, self.rate, max_gap_s=max_gap_s)
@@ -77,17 +78,18 @@ class AudioPipeline:
     def switch(self, codec: Codec) -> list[Pcm]:
         """Decode what follows as ``codec`` (an RTP payload type change mid-stream, RFC 3550
         §5.1): the resampler's tail is played out, a decoder and resampler for the new format
-        take over, and the timeline goes on (``Timeline.retime``). Returns the frames completed."""
+        take over, and the timeline goes on (``Timeline.retime``). Returns the frames completed.
+        Only for payloads: a pipeline fed PCM (``pcm_rate``) has no format to switch."""
         if codec is self.codec or codec == self.codec:
             return []
+        assert self._pcm_rate is None, "a pipeline fed PCM does not switch payload formats"
+        rate = decode_rate(codec)
+        decoder, resampler = Decoder(codec, rate), Resampler(rate, MODEL_RATE)
         frames = self._drain()
         frames += self.framer.push(self.resampler.flush())
-        self.codec = codec
-        self.rate = decode_rate(codec)
-        self.decoder = Decoder(codec, self.rate)
+        self.codec, self.rate, self.decoder, self.resampler = codec, rate, decoder, resampler
         self._update_batch()
-        self.timeline.retime(codec.clock_rate, self.rate)
-        self.resampler = Resampler(self.rate, MODEL_RATE)
+        self.timeline.retime(codec.clock_rate, rate)
         self._update_need()
         return frames
 
