@@ -1,12 +1,14 @@
 """Opus payloads decoded by libopus itself, straight to int16 PCM.
 
-FFmpeg's own Opus decoder (what PyAV offers) only emits 32-bit float at 48 kHz, so every 20 ms
-packet cost a PyAV packet and frame plus four numpy passes to reach int16 — under load on a
-2-core box that conversion alone took ≈ 15 µs of a packet's ≈ 90 (``benchmarks/load.py
---codec opus``, py-spy). libopus, the reference decoder (RFC 6716 §4), writes int16 at the
-rate asked for into a buffer the decoder owns; the library is the one PyAV's wheel ships
-(``voxphone.audio.native``), bound with ctypes: ``opus_decoder_create``, ``opus_decode``,
-``opus_decoder_destroy``, ``opus_strerror`` (``include/opus.h``, the stable public API).
+Through PyAV, FFmpeg decodes Opus only at 48 kHz (its native decoder in 32-bit float, its
+libopus wrapper in int16), so every 20 ms packet cost a PyAV packet and frame, four numpy
+passes to reach int16 — under load on a 2-core box that conversion alone took ≈ 15 µs of a
+packet's ≈ 90 (``benchmarks/load.py --codec opus``, py-spy) — and a 48 → 16 kHz resample.
+libopus, the reference decoder (RFC 6716 §4), writes int16 at the rate asked for (the model's
+16 kHz: it band-limits as it decodes) into a buffer the decoder owns. The library is the one
+PyAV's wheel ships (``voxphone.audio.native``), bound with ctypes: ``opus_decoder_create``,
+``opus_decode``, ``opus_decoder_destroy``, ``opus_strerror`` (``include/opus.h``, its stable
+public API).
 """
 
 from __future__ import annotations
