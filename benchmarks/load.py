@@ -374,7 +374,7 @@ def plot(machine: str) -> Path:
         if whole and not r["loss"] and not r["jitter_ms"] and "profile_top" not in r:
             by_codec.setdefault(r["codec"], []).append(r)
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.5))
-    loads: list[str] = []
+    loads: list[float] = []
     any_run = next(iter(by_codec.values()))[0]
     cpu, pinned = any_run.get("cpu", "?"), any_run["server_cpus"]
     for codec, runs in sorted(by_codec.items()):
@@ -390,7 +390,7 @@ def plot(machine: str) -> Path:
         b.semilogy(
             calls, [r["sender_late_ms"]["p99"] for r in runs], "x--", label=f"{codec} sender late"
         )
-        loads += [f"{r['loadavg_before'][0]:.1f}" for r in runs]
+        loads += [r["loadavg_before"][0] for r in runs]
     a.set_xlabel("concurrent RTP calls")
     a.set_ylabel("server CPU (cores)")
     a.legend()
@@ -402,7 +402,7 @@ def plot(machine: str) -> Path:
     b.grid(alpha=0.3)
     fig.suptitle(
         f"voxphone RTP load, null engine — {machine} ({cpu}), server on CPU {pinned} "
-        f"(load average before each run: {', '.join(loads)})",
+        f"(load average before the runs: {min(loads):.1f}–{max(loads):.1f})",
         fontsize=10,
     )
     fig.tight_layout()
