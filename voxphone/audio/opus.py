@@ -55,12 +55,11 @@ class OpusDecoder:
 
     Mono is asked for whatever the stream signals: a stereo packet is downmixed inside the
     decoder (RFC 7587 §3.1 signals Opus as 2 channels always; RFC 6716 §4 lets a decoder emit
-    fewer channels than were coded). ``rate`` is one of ``RATES``; the decoder band-limits
-    to it, so a lower rate is not a resample afterwards but less work."""
+    fewer channels than were coded). ``rate`` is one of ``RATES`` (libopus refuses others:
+    ``DecodeError``); the decoder band-limits to it, so a lower rate is not a resample
+    afterwards but less work."""
 
     def __init__(self, rate: int = 48000) -> None:
-        if rate not in RATES:
-            raise DecodeError(f"libopus decodes to {RATES} Hz, not {rate}")
         lib = _lib()
         error = ctypes.c_int()
         handle = lib.opus_decoder_create(rate, 1, ctypes.byref(error))
