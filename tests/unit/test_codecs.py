@@ -104,30 +104,14 @@ def test_g722_decodes_16khz_audio() -> None:
     assert 0.7 < rms(out[400:]) / rms(src[400:]) < 1.3
 
 
-def test_opus_decodes_to_mono_48k_whatever_it_signals() -> None:
+def opus_packets(layout: str, n: int = 25, bit_rate: int | None = 32000) -> list[bytes]:
+    """``n`` 20 ms libopus packets of a 440 Hz tone, coded as ``layout`` at ``bit_rate``
+    (None: FFmpeg's default for the layout)."""
     enc = av.CodecContext.create("libopus", "w")
     assert isinstance(enc, av.AudioCodecContext)
-    enc.sample_rate, enc.layout, enc.format = 48000, "stereo", "s16"
-    src = tone(960 * 10, 48000)
-    packets: list[bytes] = []
-    for i in range(10):
-        chunk = np.repeat(src[i * 960 : (i + 1) * 960], 2).reshape(1, -1)
-        frame = av.AudioFrame.from_ndarray(chunk, format="s16", layout="stereo")
-        frame.sample_rate, frame.pts = 48000, i * 960
-        packets += [bytes(p) for p in enc.encode(frame)]
-    dec = Decoder(OPUS)
-    out = np.concatenate([dec.decode(p) for p in packets])
-    assert out.size == 960 * len(packets)
-    # The tone survives, downmixed to one channel.
-    assert peak_hz(out[-4800:], 48000) == pytest.approx(440, abs=10)
-    assert 0.7 < rms(out[-4800:]) / rms(src[-4800:]) < 1.3
-
-
-def opus_packets(layout: str, n: int = 25, bit_rate: int = 32000) -> list[bytes]:
-    """``n`` 20 ms libopus packets of a 440 Hz tone, coded as ``layout``."""
-    enc = av.CodecContext.create("libopus", "w")
-    assert isinstance(enc, av.AudioCodecContext)
-    enc.sample_rate, enc.layout, enc.format, enc.bit_rate = 48000, layout, "s16", bit_rate
+    enc.sample_rate, enc.layout, enc.format = 48000, layout, "s16"
+    if bit_rate:
+        enc.bit_rate = bit_rate
     channels = 2 if layout == "stereo" else 1
     src = tone(960 * n, 48000)
     packets: list[bytes] = []
@@ -137,6 +121,17 @@ def opus_packets(layout: str, n: int = 25, bit_rate: int = 32000) -> list[bytes]
         frame.sample_rate, frame.pts = 48000, i * 960
         packets += [bytes(p) for p in enc.encode(frame)]
     return packets
+
+
+def test_opus_decodes_to_mono_48k_whatever_it_signals() -> None:
+    src = tone(960 * 10, 48000)
+    packets = opus_packets("stereo", n=10, bit_rate=None)
+    dec = Decoder(OPUS)
+    out = np.concatenate([dec.decode(p) for p in packets])
+    assert out.size == 960 * len(packets)
+    # The tone survives, downmixed to one channel.
+    assert peak_hz(out[-4800:], 48000) == pytest.approx(440, abs=10)
+    assert 0.7 < rms(out[-4800:]) / rms(src[-4800:]) < 1.3
 
 
 @pytest.mark.parametrize("layout", ["mono", "stereo"])
