@@ -16,10 +16,10 @@ class Clock(Protocol):
 
 
 class SystemClock:
-    """The real clock."""
+    """The real clock. ``monotonic`` is ``time.monotonic`` itself, not a method calling it:
+    calls read it once per 80 ms frame, and a Python frame around it costs more than it does."""
 
-    def monotonic(self) -> float:
-        return time.monotonic()
+    monotonic = staticmethod(time.monotonic)
 
     def now(self) -> datetime:
         return datetime.now(UTC)

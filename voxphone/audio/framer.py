@@ -28,7 +28,6 @@ def ts_delta(a: int, b: int) -> int:
 
 @dataclass
 class TimelineStats:
-    packets: int = 0
     late: int = 0  # wholly before the play-out point: duplicates and reordered stragglers
     gap_samples: int = 0  # silence inserted for loss or gaps
     gap_ms: float = 0.0  # the same in ms of media (exact across codec changes)
@@ -110,7 +109,6 @@ class Timeline:
         A packet that starts exactly where the last one ended and is the same size (an in-order
         stream: nearly every packet) takes a short path — one comparison, two integer adds —
         since this runs for every 20 ms packet of every call; the rest is decided in full."""
-        self.stats.packets += 1
         if timestamp == self._next_ts and n_samples == self._last_n:
             duration = self._last_duration
             self._next_ts = (timestamp + duration) % _TS_MOD

@@ -97,7 +97,8 @@ class AudioPipeline:
         """A timestamped payload; raises ``DecodeError`` for one the codec rejects."""
         if not self._batch:
             return self.push_timed_pcm(timestamp, self.decoder.decode(payload))
-        placement = self.timeline.place(timestamp, len(payload))  # one byte, one sample
+        n = len(payload)  # one byte, one sample
+        placement = self.timeline.place(timestamp, n)
         if placement is not CONTIGUOUS:
             if placement is None:
                 return []
@@ -105,9 +106,10 @@ class AudioPipeline:
                 self._add(np.zeros(placement.silence, np.int16))
             elif placement.skip:
                 payload = payload[placement.skip :]
-        if payload:
+                n = len(payload)
+        if n:
             self._pending.append(payload)
-            self._pending_samples += len(payload)
+            self._pending_samples += n
             if self._pending_samples >= self._need:
                 return self._drain()
         return []
@@ -144,23 +146,21 @@ class AudioPipeline:
         self._pending_samples += pcm.size
         self._all_payloads = False
 
-    def _decode_pending(self) -> Pcm:
-        """The pending audio as one array of PCM."""
-        pending = self._pending
-        if self._all_payloads:
-            joined = pending[0] if len(pending) == 1 else b"".join(pending)  # type: ignore[arg-type]
-            return self.decoder.decode(joined)  # type: ignore[arg-type]
-        parts = [self.decoder.decode(p) if isinstance(p, bytes) else p for p in pending]
-        return parts[0] if len(parts) == 1 else np.concatenate(parts)
-
     def _drain(self) -> list[Pcm]:
         """Decode, resample and frame everything pending."""
-        if not self._pending:
+        pending = self._pending
+        if not pending:
             return []
-        pcm = self._decode_pending()
-        self._pending, self._pending_samples, self._all_payloads = [], 0, True
         resampler = self.resampler
-        frames = self.framer.push(resampler.process(pcm), owned=resampler.fresh)
+        if self._all_payloads:  # G.711's, in one lookup, written straight into the resampler
+            joined = pending[0] if len(pending) == 1 else b"".join(pending)  # type: ignore[arg-type]
+            room = resampler.input(self._pending_samples)
+            out = resampler.process_input(self.decoder.decode(joined, room))  # type: ignore[arg-type]
+        else:
+            parts = [self.decoder.decode(p) if isinstance(p, bytes) else p for p in pending]
+            out = resampler.process(parts[0] if len(parts) == 1 else np.concatenate(parts))
+        self._pending, self._pending_samples, self._all_payloads = [], 0, True
+        frames = self.framer.push(out, owned=resampler.fresh)
         self._update_need()
         return frames
 

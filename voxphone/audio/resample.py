@@ -93,11 +93,29 @@ class Resampler:
     def process(self, pcm: Pcm) -> Pcm:
         if self._swr is None or pcm.size == 0:
             return pcm
-        out = self._swr.convert(pcm)
+        return self._counted(self._swr.convert(pcm), pcm.size)
+
+    def input(self, n: int) -> Pcm:
+        """Room for the next ``n`` input samples: a caller that makes its input (a G.711
+        decoder, with ``out``) writes it there, then calls ``process_input``, which is
+        ``process`` without copying the input in. Once per 80 ms frame of a G.711 call."""
+        if self._swr is None:
+            return np.empty(n, np.int16)
+        return self._swr.input(n)
+
+    def process_input(self, written: Pcm) -> Pcm:
+        """``process(written)``, for ``written``: what ``input`` gave, filled."""
+        if self._swr is None or written.size == 0:
+            return written
+        return self._counted(self._swr.convert_input(written.size), written.size)
+
+    def _counted(self, out: Pcm, n_in: int) -> Pcm:
+        """``out``, made from ``n_in`` more input samples, counted, and after the lead of
+        silence if it is the stream's first."""
         self._out += out.size
         if self._in == 0:
             out = np.concatenate([np.zeros(self.lead, np.int16), out])
-        self._in += pcm.size
+        self._in += n_in
         return out
 
     def flush(self) -> Pcm:

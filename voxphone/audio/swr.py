@@ -83,6 +83,7 @@ class SwrContext:
         self._out_size = 0  # self._out_buf.size, as a plain int for swr_convert
         self._fits = 0  # input samples the planes are sized for: grown on first use, so a
         # call's planes are the size of its batches (a few KiB; hundreds of calls share a cache)
+        self._input: Pcm = self._in_buf  # the last ``input(n)`` view, kept: batches repeat n
 
     def _reserve(self, n_in: int) -> None:
         """Make the planes hold ``n_in`` input samples and whatever they may produce (with room
@@ -93,27 +94,46 @@ class SwrContext:
         if n_in > self._in_buf.size:
             self._in_buf = np.zeros(n_in, np.int16)
             self._in_planes[0] = self._in_buf.ctypes.data
+            self._input = self._in_buf[:0]  # (a view of the old plane)
         if n_out > self._out_buf.size:
             self._out_buf = np.zeros(n_out, np.int16)
             self._out_planes[0] = self._out_buf.ctypes.data
             self._out_size = n_out
+
+    def input(self, n: int) -> Pcm:
+        """The input plane's first ``n`` samples, for the caller to write the next input into
+        (a G.711 decoder's ``out``) and then ``convert_input(n)``: decoded audio goes straight
+        to libswresample instead of through a copy (``benchmarks/hot_path.py``)."""
+        view = self._input
+        if view.size != n:
+            if n > self._fits:
+                self._reserve(n)
+            view = self._input = self._in_buf[:n]
+        return view
+
+    def convert_input(self, n: int) -> Pcm:
+        """Resample the ``n`` samples written to ``input(n)``; a new array."""
+        planes = self._in_planes
+        return self._converted(
+            self._swr.swr_convert(self._handle, self._out_planes, self._out_size, planes, n)
+        )
 
     def convert(self, pcm: Pcm | None) -> Pcm:
         """Resample ``pcm`` (any integer samples, taken as int16), or drain the filter's tail
         with ``None``; a new array."""
         if pcm is None:
             self._reserve(0)
-            n = self._swr.swr_convert(self._handle, self._out_planes, self._out_size, None, 0)
-        elif pcm.size == 0:
-            return np.zeros(0, np.int16)
-        else:
-            n_in = pcm.size
-            if n_in > self._fits:
-                self._reserve(n_in)
-            self._in_buf[:n_in] = pcm  # (a copy that also makes it contiguous int16)
-            n = self._swr.swr_convert(
-                self._handle, self._out_planes, self._out_size, self._in_planes, n_in
+            return self._converted(
+                self._swr.swr_convert(self._handle, self._out_planes, self._out_size, None, 0)
             )
+        if pcm.size == 0:
+            return np.zeros(0, np.int16)
+        self.input(pcm.size)[:] = pcm  # (a copy that also makes it contiguous int16)
+        return self.convert_input(pcm.size)
+
+    def _converted(self, n: int) -> Pcm:
+        """The ``n`` samples ``swr_convert`` wrote, as a new array; raises ``DecodeError`` for
+        its error codes (``n < 0``)."""
         if n < 0:
             raise DecodeError(f"swr_convert failed ({n})")
         return self._out_buf[:n].copy()

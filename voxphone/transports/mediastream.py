@@ -334,27 +334,20 @@ class JsonStreamSession:
         goes straight from msgspec's typed decode to the jitter buffer and the call."""
         call = self.call
         if call is not None:
+            # ``JsonStream``'s checks: where one fails (msgspec's ``DecodeError``, a str that is
+            # not UTF-8, a number that is not one), ``parse`` names the fault.
             try:
                 m = self._decode_media(text)
-            except ValueError:  # msgspec's DecodeError (or a str that is not UTF-8): not such a
-                pass  # message, ``parse`` tells what it is
+                media = m.media
+                seq = int(m.sequence) & 0xFFFF
+                timestamp = int(media.timestamp) & 0xFFFFFFFF
+            except ValueError:
+                pass
             else:
-                if self._take_media(m.sequence, m.media, call):
+                if media.payload:  # "" is base64 for nothing; ``parse`` refuses it
+                    self._play_media(seq, timestamp, media.track, media.payload, call)
                     return
         self.handle(self._stream.parse(text))
-
-    def _take_media(self, sequence: str, media: MediaBody, call: Call) -> bool:
-        """Play (or hold for reordering, or count as another track) a decoded media message,
-        with ``JsonStream``'s checks; ``False`` if they fail (``parse`` then names the fault)."""
-        try:
-            seq = int(sequence) & 0xFFFF
-            timestamp = int(media.timestamp) & 0xFFFFFFFF
-        except ValueError:
-            return False
-        if not media.payload:  # "" is base64 for nothing; ``parse`` refuses it
-            return False
-        self._play_media(seq, timestamp, media.track, media.payload, call)
-        return True
 
     def handle(self, message: StreamMessage) -> None:
         if isinstance(message, StreamOther):
