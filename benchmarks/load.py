@@ -71,7 +71,7 @@ from voxphone.testing import free_tcp_port
 from voxphone.transports.rtp import RtpPort
 
 sys.path.insert(0, str(Path(__file__).parent))
-from machine import cpu_model, machine_name  # noqa: E402
+from machine import cpu_model, machine_name, pin  # noqa: E402
 from webrtc_calls import NullEngine, loop_lag  # noqa: E402
 
 HOST = "127.0.0.1"
@@ -210,21 +210,6 @@ def config(args: argparse.Namespace) -> Config:
             "outbox": {"path": str(Path(tempfile.mkdtemp()) / "outbox.db")},
         }
     )
-
-
-def cpu_list(text: str) -> set[int]:
-    """``taskset``'s list syntax: ``0``, ``1-3``, ``0,2,4-5``."""
-    cpus: set[int] = set()
-    for part in text.split(","):
-        lo, _, hi = part.partition("-")
-        cpus.update(range(int(lo), int(hi or lo) + 1))
-    return cpus
-
-
-def pin(cpus: str | None) -> None:
-    """Run this process (and the threads it starts) on ``cpus`` only."""
-    if cpus:
-        os.sched_setaffinity(0, cpu_list(cpus))
 
 
 def percentiles(values: list[float]) -> dict[str, float]:

@@ -22,3 +22,18 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or "unknown"
+
+
+def cpu_list(text: str) -> set[int]:
+    """``taskset``'s list syntax: ``0``, ``1-3``, ``0,2,4-5``."""
+    cpus: set[int] = set()
+    for part in text.split(","):
+        lo, _, hi = part.partition("-")
+        cpus.update(range(int(lo), int(hi or lo) + 1))
+    return cpus
+
+
+def pin(cpus: str | None) -> None:
+    """Run this process (and the threads it starts) on ``cpus`` only."""
+    if cpus:
+        os.sched_setaffinity(0, cpu_list(cpus))

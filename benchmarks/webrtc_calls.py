@@ -1,34 +1,49 @@
 """Many browser calls on one event loop: server CPU per call and the loop's lag.
 
 Starts voxphone's App in this process with a null engine (so only the WebRTC side is measured:
-ICE, DTLS/SRTP, aiortc's jitter buffer and Opus decoder, voxphone's downmix, timeline, resampler
-and framing), then a second process places N concurrent WHIP calls with aiortc, each playing 20 s
-of a tone. Prints the server's CPU time per call and the event loop's scheduling lag.
+ICE, DTLS/SRTP and aiortc's RTP receive path, then voxphone's jitter buffer, Opus decode,
+timeline and framing), then a second process places N concurrent WHIP calls with aiortc, each
+playing 20 s of a tone (aiortc's Opus encoder, as a browser's stream). Reports the server's CPU
+per call while every call streams (``streaming_core_per_call_pct``, and ``calls_per_core``
+from it), over the whole run with set-up and teardown, and the event loop's lag; writes
+``benchmarks/results/webrtc_calls-<machine>-<N>.json``. Pin the two processes apart on a
+machine with cores to spare:
 
-    python benchmarks/webrtc_calls.py [N]
+    python benchmarks/webrtc_calls.py 20 --server-cpus 0 --client-cpus 1
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import json
+import logging
+import os
 import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import structlog
 
 from voxphone.app import App, freeze_startup_heap
 from voxphone.audio.codecs import Pcm
+from voxphone.audio.files import write_wav
 from voxphone.config import Config
 from voxphone.engines.base import ChunkQueue
 from voxphone.testing import free_tcp_port
 from voxphone.whip_client import play
 
+sys.path.insert(0, str(Path(__file__).parent))
+from machine import cpu_model, machine_name, pin  # noqa: E402
+
 SECONDS = 20
+#: The streaming window (s from the first call's start): every call up, none ended yet.
+STEADY = (7.0, 18.0)
 
 
 class NullStream:
@@ -72,23 +87,15 @@ async def loop_lag(samples: list[tuple[float, float]], stop: asyncio.Event) -> N
         samples.append((t0, (time.perf_counter() - t0 - 0.01) * 1000))
 
 
-def summary(lags: list[float]) -> str:
-    return (
-        f"p50 {statistics.median(lags):.2f} ms, p99 {np.percentile(lags, 99):.2f} ms, "
-        f"max {max(lags):.2f} ms"
-    )
-
-
 def tone() -> Path:
+    """``SECONDS`` of a 440 Hz tone at 48 kHz (an eighth of full scale, as FFmpeg's ``sine``)."""
     wav = Path(tempfile.mkdtemp()) / "tone.wav"
-    subprocess.run(
-        ["ffmpeg", "-loglevel", "error", "-f", "lavfi", "-i", f"sine=440:d={SECONDS}", str(wav)],
-        check=True,
-    )
+    t = np.arange(SECONDS * 48000) / 48000
+    write_wav(wav, (np.sin(2 * np.pi * 440 * t) * 4096).astype(np.int16), 48000)
     return wav
 
 
-async def server(n: int, wav: Path) -> None:
+async def server(n: int, wav: Path, client_cpus: str | None) -> dict[str, Any]:
     port = free_tcp_port()
     cfg = Config.model_validate(
         {
@@ -105,23 +112,62 @@ async def server(n: int, wav: Path) -> None:
     lag: list[tuple[float, float]] = []
     stop = asyncio.Event()
     probe = asyncio.create_task(loop_lag(lag, stop))
-    cpu0 = resource.getrusage(resource.RUSAGE_SELF)
-    start = time.perf_counter()
+    cpu0, start = cpu_s(), time.perf_counter()
+    pinned = ["--client-cpus", client_cpus] if client_cpus else []
     clients = await asyncio.create_subprocess_exec(
-        sys.executable, __file__, "--clients", str(n), str(wav), str(port)
+        sys.executable, __file__, "--clients", str(n), str(wav), str(port), *pinned
     )
+    # Streaming: from every call up (set-up, ICE and DTLS, takes the first seconds) to before
+    # the first ends.
+    await asyncio.sleep(STEADY[0])
+    steady0, wall0, packets0 = cpu_s(), time.perf_counter(), packets(app)
+    await asyncio.sleep(STEADY[1] - STEADY[0])
+    wall = time.perf_counter() - wall0
+    steady_cpu = (cpu_s() - steady0) / wall
+    rate = (packets(app) - packets0) / wall / n  # per call: 50 a second if the clients keep up
+    up = len(app.registry.calls)
     await clients.wait()
-    cpu1 = resource.getrusage(resource.RUSAGE_SELF)
+    cpu = cpu_s() - cpu0
     stop.set()
     await probe
     await app.stop()
-    cpu = (cpu1.ru_utime - cpu0.ru_utime) + (cpu1.ru_stime - cpu0.ru_stime)
-    print(f"{n} concurrent WebRTC calls x {SECONDS} s of Opus, server side (null engine)")
-    print(f"server CPU: {cpu / n / SECONDS * 100:.2f}% of a core per call")
-    setup = [ms for t, ms in lag if t - start < 5]
-    steady = [ms for t, ms in lag if 5 <= t - start < SECONDS]
-    print(f"event loop lag, first 5 s (call set-up): {summary(setup)}")
-    print(f"event loop lag, after (calls streaming): {summary(steady)}")
+    setup = [ms for t, ms in lag if t - start < STEADY[0]]
+    steady = [ms for t, ms in lag if STEADY[0] <= t - start < STEADY[1]]
+    return {
+        "machine": machine_name(),
+        "cpu": cpu_model(),
+        "calls": n,
+        "calls_up_while_streaming": up,
+        "seconds_per_call": SECONDS,
+        "packets_per_call_per_s_streaming": round(rate, 1),
+        # Below 50 packets a second, the clients (not the server) fell behind real time, and
+        # the CPU per call is no capacity.
+        "keeping_up": rate >= 49,
+        "streaming_core_per_call_pct": round(steady_cpu / n * 100, 3),
+        "calls_per_core": round(n / steady_cpu),
+        "whole_run_core_per_call_pct": round(cpu / n / SECONDS * 100, 3),
+        "loop_lag_ms_setup": percentiles(setup),
+        "loop_lag_ms_streaming": percentiles(steady),
+    }
+
+
+def packets(app: App) -> int:
+    """Packets the live calls have taken so far."""
+    return sum(call.stats.packets for call in app.registry.calls.values())
+
+
+def cpu_s() -> float:
+    """This process's CPU seconds (user + system, all threads: aiortc decodes in threads)."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def percentiles(lags: list[float]) -> dict[str, float]:
+    return {
+        "p50": round(statistics.median(lags), 2),
+        "p99": round(float(np.percentile(lags, 99)), 2),
+        "max": round(max(lags), 2),
+    }
 
 
 async def clients(n: int, wav: Path, port: int) -> None:
@@ -132,8 +178,25 @@ async def clients(n: int, wav: Path, port: int) -> None:
     print(f"calls ended cleanly: {ok}/{n}; audio per call: min {min(audio)} ms")
 
 
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("calls", type=int, nargs="?", default=10)
+    p.add_argument("--server-cpus", default=None, help="pin the server, e.g. 0")
+    p.add_argument("--client-cpus", default=None, help="pin the WHIP clients, e.g. 1")
+    p.add_argument("--clients", nargs=3, default=None, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.clients is not None:
+        pin(args.client_cpus or f"0-{(os.cpu_count() or 1) - 1}")  # not the server's pinning
+        n, wav, port = args.clients
+        asyncio.run(clients(int(n), Path(wav), int(port)))
+        return
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
+    pin(args.server_cpus)
+    result = asyncio.run(server(args.calls, tone(), args.client_cpus))
+    print(json.dumps(result, indent=2))
+    out = Path(f"benchmarks/results/webrtc_calls-{result['machine']}-{args.calls}.json")
+    out.write_text(json.dumps(result, indent=2) + "\n")
+
+
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["--clients"]:
-        asyncio.run(clients(int(sys.argv[2]), Path(sys.argv[3]), int(sys.argv[4])))
-    else:
-        asyncio.run(server(int(sys.argv[1]) if len(sys.argv) > 1 else 10, tone()))
+    main()

@@ -82,7 +82,6 @@ class Call:
         ticker: PlayoutTicker | None = None,
         endpoint: MediaEndpoint | None = None,
         barge_in: BargeIn | None = None,
-        pcm_rate: int | None = None,
     ) -> None:
         self._max_duration_s = max_duration_s
         #: Which channel of a stereo stream this call transcribes (stamped on every event).
@@ -91,9 +90,7 @@ class Call:
         self.codec = codec
         self.transport = transport
         self.metadata = metadata or {}
-        #: ``pcm_rate``: the rate of the PCM the transport pushes, when it decodes on its own
-        #: (``push_pcm``; see ``AudioPipeline.rate``).
-        self.pipeline = AudioPipeline(codec, max_gap_s=max_gap_s, pcm_rate=pcm_rate)
+        self.pipeline = AudioPipeline(codec, max_gap_s=max_gap_s)
         self.stats = CallStats()
         #: Transport-specific counters (jitter buffer, RTCP...), reported in ``call.ended``.
         self.transport_stats: dict[str, int] = {}
@@ -657,7 +654,6 @@ class CallRegistry:
         call_id: str | None = None,
         channel: int | None = None,
         endpoint: MediaEndpoint | None = None,
-        pcm_rate: int | None = None,
     ) -> Call | None:
         """Admit and start a call, or return ``None`` (counted) when draining or at the limit."""
         if (why := self.why_refused(call_id)) is not None:
@@ -676,7 +672,6 @@ class CallRegistry:
             ticker=self.ticker,
             endpoint=endpoint,
             barge_in=self.barge_in,
-            pcm_rate=pcm_rate,
         )
         self.calls[call.call_id] = call
         self._idle.clear()

@@ -35,7 +35,26 @@ from yarl import URL
 from voxphone.audio.codecs import Pcm
 from voxphone.audio.files import check_file, ffmpeg_says, write_wav
 from voxphone.errors import DecodeError, TransportError
-from voxphone.transports.webrtc import to_mono
+
+
+def to_mono(frame: av.AudioFrame) -> Pcm:
+    """An aiortc frame (s16, mono or stereo, planar or packed) as int16 mono: the mean of the
+    channels, rounded down."""
+    channels = frame.layout.nb_channels
+    samples = frame.to_ndarray()
+    if channels == 1:
+        mono: Pcm = samples.reshape(-1).astype(np.int16, copy=False)
+        return mono
+    # Planar is (channels, n); packed (aiortc's Opus output) is (1, n * channels), interleaved.
+    flat = samples.reshape(-1)
+    parts = (
+        list(samples) if frame.format.is_planar else [flat[k::channels] for k in range(channels)]
+    )
+    acc = parts[0].astype(np.int32)
+    for part in parts[1:]:
+        acc += part
+    mixed: Pcm = (acc // channels).astype(np.int16)
+    return mixed
 
 
 @dataclass

@@ -39,7 +39,7 @@ from voxphone.audio.files import read_audio
 from voxphone.call import Call
 from voxphone.config import Config
 from voxphone.transports.asterisk import AudioSocketParser
-from voxphone.transports.webrtc import to_mono
+from voxphone.whip_client import to_mono
 
 pytestmark = pytest.mark.integration
 

@@ -351,8 +351,9 @@ async def rtp_count(pc: RTCPeerConnection, kind: str, field: str) -> int:
 async def test_every_packet_before_the_hangup_is_transcribed(
     app: App, speech: dict[str, Speech], hang_up: str
 ) -> None:
-    """aiortc's jitter buffer holds the newest 4 packets; a hang-up (WHIP DELETE, or DELETE
-    /v1/calls/{id}) plays them out before the stream ends, so nothing sent is lost."""
+    """Every packet the browser sent reaches the call before a hang-up (WHIP DELETE, or DELETE
+    /v1/calls/{id}) ends it: aiortc hands each to voxphone's jitter buffer, which plays out
+    what it holds before the stream ends, so nothing sent is lost."""
     async with aiohttp.ClientSession() as http:
         call = await whip_call(http, whip_url(app), speech["order"].path, "PCMU")
         await asyncio.wait_for(call.played.wait(), 30)

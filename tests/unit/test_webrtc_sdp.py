@@ -13,7 +13,6 @@ from hypothesis import strategies as st
 
 from voxphone.audio.codecs import OPUS, PCMA, PCMU
 from voxphone.errors import TransportError
-from voxphone.transports.webrtc import media_timestamp, to_mono
 from voxphone.transports.webrtc_sdp import (
     MAX_OFFER_BYTES,
     Unsupported,
@@ -23,6 +22,7 @@ from voxphone.transports.webrtc_sdp import (
     parse_sdpfrag,
     plan_offer,
 )
+from voxphone.whip_client import to_mono
 
 CHROME = (Path(__file__).parent.parent / "data" / "chrome_offer.sdp").read_text()
 
@@ -120,7 +120,7 @@ def _frame(samples: np.ndarray, layout: str, rate: int, pts: int, time_base: int
     return frame
 
 
-def test_stereo_frames_are_downmixed_to_the_mean_of_both_channels() -> None:
+def test_the_whip_client_downmixes_stereo_frames_to_the_mean_of_both_channels() -> None:
     left = np.array([1000, -2000, 30000, 7], np.int16)
     right = np.array([3000, -4000, 30000, -7], np.int16)
     packed = np.stack([left, right], axis=1).reshape(1, -1)  # aiortc's s16 interleaved
@@ -130,13 +130,6 @@ def test_stereo_frames_are_downmixed_to_the_mean_of_both_channels() -> None:
     assert to_mono(planar).tolist() == [2000, -3000, 30000, 0]
     one = np.array([[5, -5, 9]], np.int16)
     assert to_mono(_frame(one, "mono", 8000, 0, 8000)).tolist() == [5, -5, 9]
-
-
-def test_media_timestamps_come_back_in_rtp_clock_units() -> None:
-    pcm = np.zeros((1, 320), np.int16)
-    # aiortc's G.722 decoder stamps pts in 16 kHz samples; G.722's RTP clock is 8 kHz.
-    assert media_timestamp(_frame(pcm, "mono", 16000, 3200, 16000), 8000) == 1600
-    assert media_timestamp(_frame(pcm, "mono", 48000, 2**32 + 960, 48000), 48000) == 960
 
 
 def test_an_actpass_offer_is_answered_passive_so_voxphone_is_the_dtls_server() -> None:

@@ -6,7 +6,8 @@ import asyncio
 from types import SimpleNamespace
 from typing import Any
 
-from aiortc.jitterbuffer import JitterBuffer
+import numpy as np
+from aiortc import RTCRtpCodecParameters, RTCRtpReceiver
 from aiortc.rtp import RtpPacket
 
 from tests.hooks import until
@@ -16,7 +17,8 @@ from voxphone.call import Call
 from voxphone.clock import FakeClock
 from voxphone.config import load_config
 from voxphone.testing import capture_events
-from voxphone.transports.webrtc import Session, _held_packets
+from voxphone.transports.webrtc import Session
+from voxphone.transports.webrtc_in import EncodedAudio, receive_encoded, stop_decoder
 
 
 def session(**settings: Any) -> tuple[Session, SimpleNamespace]:
@@ -50,19 +52,70 @@ async def test_a_failed_connection_ends_the_call_at_once() -> None:
     assert s.call.end_reason == "ice_failed"
 
 
-def test_the_packets_aiortc_holds_back_are_found_in_order() -> None:
-    """aiortc's audio jitter buffer (``prefetch=4``) releases a packet only once four more are
-    there; ``_held_packets`` reads those four, wrapping around its ring, for the hang-up."""
-    jitter = JitterBuffer(capacity=16, prefetch=4)
-    released = []
-    for seq in range(65530, 65530 + 30):  # across the sequence wrap and round the ring
-        packet = RtpPacket(payload_type=0, sequence_number=seq & 0xFFFF, timestamp=160 * seq)
-        packet._data = b"x"  # type: ignore[attr-defined]  # what the receiver depayloads
-        frame = jitter.add(packet)[1]
-        released += [frame.timestamp // 160] if frame else []
-    held = [p.timestamp // 160 for p in _held_packets(jitter)]
-    assert released + held == list(range(65530, 65530 + 30))
-    assert len(held) == 4
+def pcmu_packet(seq: int, ssrc: int = 7) -> RtpPacket:
+    """aiortc's packet of 20 ms of PCMU, depayloaded as its receiver leaves it (``_data``)."""
+    packet = RtpPacket(payload_type=0, sequence_number=seq & 0xFFFF, timestamp=160 * seq, ssrc=ssrc)
+    packet.payload = bytes([seq % 128]) * 160
+    packet._data = packet.payload  # type: ignore[attr-defined]
+    return packet
+
+
+def pcmu_call() -> Call:
+    return Call("c", PCMU, capture_events(), FakeClock(), transport="webrtc")
+
+
+def test_packets_reach_the_call_in_order_at_once_and_through_the_jitter_buffer() -> None:
+    """In order, a packet is played as it comes (a frame leaves with the fourth, no packet is
+    held back as aiortc's buffer held four); a reordered one waits for the gap to fill, a lost
+    one becomes silence, a copy is counted; the hang-up plays what is held, and the buffer's
+    counters reach the call. Audio and clock are those of the same packets sent in order."""
+    call, heard = pcmu_call(), []
+    audio = EncodedAudio(call, lambda: heard.append(1))
+    for seq in range(65530, 65534):  # across the sequence wrap
+        assert audio.add(pcmu_packet(seq)) == (False, None)
+    assert call.pipeline.framer.frames_out == 1 and len(heard) == 4
+    order = [65535, 65534, 65537, 65538, 65538, 65541, 65542]  # 65536, 65539-40 lost
+    for seq in order:
+        audio.add(pcmu_packet(seq))
+    audio.flush()
+    assert call.stats.packets == 10 and call.pipeline.timeline.stats.gap_samples == 3 * 160
+    assert call.transport_stats["reordered"] == 1 and call.transport_stats["duplicates"] == 1
+    ref, sent = pcmu_call(), [*range(65530, 65536), 65537, 65538, 65541, 65542]
+    for seq in sent:
+        p = pcmu_packet(seq)
+        ref.push_packet(p.timestamp, p.payload)
+    assert [f.tolist() for f in call._frames] == [f.tolist() for f in ref._frames]
+
+
+def test_a_new_ssrc_restarts_the_stream_on_the_same_call_clock() -> None:
+    call = pcmu_call()
+    audio = EncodedAudio(call, lambda: None)
+    for seq in range(8):
+        audio.add(pcmu_packet(seq))
+    for seq in range(5000, 5008):  # another source: unrelated sequence and timestamps
+        audio.add(pcmu_packet(seq, ssrc=8))
+    assert call.transport_stats["restarts"] == 1
+    assert call.pipeline.timeline.stats.discontinuities == 0 and call.stats.packets == 16
+    assert call.pipeline.framer.frames_out == 4  # 320 ms, no gap for the timestamp jump
+    assert not np.any(call._frames[-1] == 0)
+
+
+async def test_aiortc_hands_its_receivers_packets_to_the_call() -> None:
+    """aiortc's own receive path (``_handle_rtp_packet``: statistics, depayloading) ends in
+    ``EncodedAudio``, and stopping the decoder plays out the held packets first: should aiortc
+    move either, this fails."""
+    receiver = RTCRtpReceiver("audio", SimpleNamespace(state="new"))  # type: ignore[arg-type]
+    codec = RTCRtpCodecParameters(mimeType="audio/PCMU", clockRate=8000, payloadType=0)
+    receiver._RTCRtpReceiver__codecs[0] = codec  # type: ignore[attr-defined]  # as receive() sets
+    call = pcmu_call()
+    receive_encoded(receiver, EncodedAudio(call, lambda: None))
+    for seq in [0, 1, 2, 4]:  # 4 waits for 3
+        await receiver._handle_rtp_packet(pcmu_packet(seq), arrival_time_ms=0)
+    assert call.stats.packets == 3
+    assert not stop_decoder(receiver)  # no decoder thread here: receive() starts it
+    receiver._RTCRtpReceiver__decoder_thread = SimpleNamespace(join=lambda: None)  # type: ignore[attr-defined]
+    assert stop_decoder(receiver)
+    assert call.stats.packets == 4 and call.pipeline.timeline.stats.gap_samples == 160
 
 
 def test_the_webrtc_table_reaches_the_transport_as_aiortc_ice_servers() -> None:

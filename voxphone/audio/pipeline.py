@@ -36,13 +36,11 @@ class AudioPipeline:
     decode each payload as it comes.
     """
 
-    def __init__(self, codec: Codec, max_gap_s: float = 5.0, pcm_rate: int | None = None) -> None:
+    def __init__(self, codec: Codec, max_gap_s: float = 5.0) -> None:
         self.codec = codec
         #: The rate of the PCM in this pipeline (Hz): what payloads are decoded to
-        #: (``decode_rate``), or ``pcm_rate``, that of the PCM a transport that decodes on its
-        #: own pushes (WebRTC: aiortc's frames come at the codec's rate).
-        self._pcm_rate = pcm_rate
-        self.rate = pcm_rate or decode_rate(codec)
+        #: (``decode_rate``), and what ``push_pcm`` takes.
+        self.rate = decode_rate(codec)
         self.decoder = Decoder(codec, self.rate)
         self.timeline = Timeline(codec.clock_rate, self.rate, max_gap_s=max_gap_s)
         self.resampler = Resampler(self.rate, MODEL_RATE)
@@ -78,11 +76,9 @@ class AudioPipeline:
     def switch(self, codec: Codec) -> list[Pcm]:
         """Decode what follows as ``codec`` (an RTP payload type change mid-stream, RFC 3550
         §5.1): the resampler's tail is played out, a decoder and resampler for the new format
-        take over, and the timeline goes on (``Timeline.retime``). Returns the frames completed.
-        Only for payloads: a pipeline fed PCM (``pcm_rate``) has no format to switch."""
+        take over, and the timeline goes on (``Timeline.retime``). Returns the frames completed."""
         if codec is self.codec or codec == self.codec:
             return []
-        assert self._pcm_rate is None, "a pipeline fed PCM does not switch payload formats"
         rate = decode_rate(codec)
         decoder, resampler = Decoder(codec, rate), Resampler(rate, MODEL_RATE)
         frames = self._drain()
@@ -115,8 +111,7 @@ class AudioPipeline:
         return []
 
     def push_timed_pcm(self, timestamp: int, pcm: Pcm) -> list[Pcm]:
-        """Decoded PCM at ``rate`` stamped with its media timestamp (WebRTC: aiortc has
-        decoded it)."""
+        """Decoded PCM at ``rate`` stamped with its media timestamp."""
         placement = self.timeline.place(timestamp, pcm.size)
         if placement is None:
             return []

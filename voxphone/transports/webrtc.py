@@ -2,16 +2,16 @@
 
 The offer is checked first (``webrtc_sdp.plan_offer``) so a bad one costs no peer connection.
 The answer names exactly one audio codec, chosen from the offer, so the call's pipeline knows
-its rate before the first packet; other m= lines are answered inactive. A task per call keeps
-aiortc's receive queue drained (its queue is unbounded: a slow reader would grow memory and
-latency), downmixes to mono and places each frame on the call's clock by its RTP timestamp, so
-loss becomes silence. Events go back to the browser over the data channel it opened. When the
+its rate before the first packet; other m= lines are answered inactive. aiortc receives (ICE,
+DTLS, SRTP, RTCP); its packets go to the call as payloads (``webrtc_in``), which the call decodes
+and places on its clock by their RTP timestamps, as for an RTP call, so loss becomes silence.
+Events go back to the browser over the data channel it opened. When the
 offer's audio is ``sendrecv`` the answer is too, with the bot's outbound track (``webrtc_out``):
 that is the call's ``MediaEndpoint``; a ``sendonly`` (WHIP) offer makes a listen-only call.
 
 A call ends when the browser hangs up (WHIP ``DELETE``, a ``hangup`` message, closing the peer
 connection), when ICE fails or stays disconnected, or when audio stops arriving (a closed tab
-that said nothing). Each ending first plays out what aiortc still holds (``play_out_on_stop``).
+that said nothing). Each ending first plays out what the jitter buffer still holds.
 """
 
 from __future__ import annotations
@@ -22,8 +22,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import av
-import numpy as np
 import structlog
 from aiortc import (
     RTCConfiguration,
@@ -33,17 +31,16 @@ from aiortc import (
     RTCRtpReceiver,
     RTCSessionDescription,
 )
-from aiortc.jitterbuffer import JitterFrame
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from aiortc.sdp import candidate_from_sdp
 
-from voxphone.audio.codecs import Pcm
 from voxphone.call import Call, CallRegistry, new_call_id
 from voxphone.clock import Clock
 from voxphone.errors import TransportError
 from voxphone.events.model import Event
 from voxphone.transports.dtmf import DTMF_KEYS
 from voxphone.transports.ice import HostBinder, Unavailable
+from voxphone.transports.webrtc_in import EncodedAudio, receive_encoded, stop_decoder
 from voxphone.transports.webrtc_out import BotAudioTrack, WebRtcEndpoint
 from voxphone.transports.webrtc_sdp import (
     OfferPlan,
@@ -55,95 +52,8 @@ from voxphone.transports.webrtc_sdp import (
 
 log = structlog.get_logger(__name__)
 
-_TS_MOD = 1 << 32
 #: Events held for a data channel that has not opened yet (call.started comes first).
 _MAX_PENDING_EVENTS = 1000
-
-
-def to_mono(frame: av.AudioFrame) -> Pcm:
-    """An aiortc frame (s16, mono or stereo) as int16 mono: the mean of the channels (rounded
-    down). aiortc's Opus output, packed stereo, is read straight from the frame's buffer: half
-    the cost of ``to_ndarray`` and PyAV's layout objects, once per 20 ms per browser call."""
-    channels = frame.layout.nb_channels
-    if channels == 2 and frame.format.name == "s16":
-        both = np.frombuffer(frame.planes[0], np.int16, 2 * frame.samples)  # type: ignore[call-overload]
-        acc = both[0::2].astype(np.int32)
-        acc += both[1::2]
-        acc >>= 1
-        stereo_mean: Pcm = acc.astype(np.int16)
-        return stereo_mean
-    samples = frame.to_ndarray()
-    if channels == 1:
-        mono: Pcm = samples.reshape(-1).astype(np.int16, copy=False)
-        return mono
-    # Planar is (channels, n); packed (aiortc's Opus output) is (1, n * channels), interleaved.
-    flat = samples.reshape(-1)
-    parts = (
-        list(samples) if frame.format.is_planar else [flat[k::channels] for k in range(channels)]
-    )
-    acc = parts[0].astype(np.int32)
-    for part in parts[1:]:
-        acc += part
-    mixed: Pcm = (acc // channels).astype(np.int16)
-    return mixed
-
-
-def media_timestamp(frame: av.AudioFrame, clock_rate: int) -> int:
-    """The frame's RTP timestamp (aiortc keeps it as ``pts``, in the decoder's time base)."""
-    assert frame.pts is not None and frame.time_base is not None
-    base = frame.time_base  # in integers: Fraction arithmetic costs 3 µs a frame
-    num, den = frame.pts * clock_rate * base.numerator, base.denominator
-    return ((2 * num + den) // (2 * den)) % _TS_MOD  # rounded to the nearest tick
-
-
-_PRIVATE = "_RTCRtpReceiver__"  # aiortc's name-mangled receiver internals
-
-
-def play_out_on_stop(receiver: RTCRtpReceiver) -> None:
-    """Make every way aiortc stops a receiver's decoder — an RTCP BYE, DTLS closing under it,
-    ``stop()``, our own hang-up — first send it what the jitter buffer still holds.
-
-    aiortc 1.16 (``rtcrtpreceiver.py``) keeps the newest 4 audio packets (``prefetch=4``) until
-    later ones arrive and drops them when the decoder stops, so every call would lose its last
-    80 ms or more (4 packets of any ptime). This reaches into private state; ``test_webrtc``
-    counts the packets sent against those transcribed, so an aiortc change fails loudly.
-    """
-    stop = getattr(receiver, _PRIVATE + "stop_decoder")
-
-    def play_out_then_stop() -> None:
-        if getattr(receiver, _PRIVATE + "decoder_thread", None) is not None:
-            _decode_held(receiver)
-        stop()
-
-    setattr(receiver, _PRIVATE + "stop_decoder", play_out_then_stop)
-
-
-def stop_decoder(receiver: RTCRtpReceiver) -> bool:
-    """Stop the decoder (the track ends after its last frames); ``False`` if it was stopped."""
-    if getattr(receiver, _PRIVATE + "decoder_thread", None) is None:
-        return False
-    getattr(receiver, _PRIVATE + "stop_decoder")()
-    return True
-
-
-def _decode_held(receiver: RTCRtpReceiver) -> None:
-    """Queue the held packets for the decoder thread, as aiortc queues complete frames."""
-    queue, codecs = (
-        getattr(receiver, _PRIVATE + "decoder_queue"),
-        getattr(receiver, _PRIVATE + "codecs"),
-    )
-    mapper = getattr(receiver, _PRIVATE + "timestamp_mapper")
-    for packet in _held_packets(getattr(receiver, _PRIVATE + "jitter_buffer")):
-        frame = JitterFrame(packet._data, mapper.map(packet.timestamp))
-        queue.put((codecs[packet.payload_type], frame))
-
-
-def _held_packets(jitter: Any) -> list[Any]:
-    """The packets an aiortc ``JitterBuffer`` holds, in sequence order from its origin."""
-    if jitter._origin is None:
-        return []
-    slots = jitter._packets
-    return [p for i in range(len(slots)) if (p := slots[(jitter._origin + i) % len(slots)])]
 
 
 @dataclass(frozen=True)
@@ -154,7 +64,7 @@ class WebRtcSettings:
     addresses for host candidates (empty = every interface but loopback), ``ports`` their UDP
     range (None = ephemeral), ``public_ip`` a 1:1 NAT's address announced as an extra host
     candidate. A call ends after ICE stays disconnected ``disconnect_timeout_s`` or no audio
-    frame comes for ``media_timeout_s`` (seconds). ``cors_origins``: web origins that may call
+    packet comes for ``media_timeout_s`` (seconds). ``cors_origins``: web origins that may call
     WHIP (``"*"`` = any).
     """
 
@@ -198,12 +108,12 @@ class Session:
             if t.kind == "audio" and t.direction in ("recvonly", "sendrecv")
         ]
         self._receiver = receiving[0].receiver
-        self._spawn(self._read(self._receiver.track))
+        receive_encoded(self._receiver, EncodedAudio(self.call, self._heard))
+        self._spawn(self._until_ended(self._receiver.track))
         self.call.hangup = self.hangup  # DELETE /v1/calls/{id} and shutdown play out the tail too
         if self.track is not None:
             self.track.on_drop = lambda n: self.call.count_dropped("outbound_backlog", n)
             self.call.attach_endpoint(WebRtcEndpoint(self.track, self.send_text, self.hangup))
-        play_out_on_stop(self._receiver)
         self.pc.on("datachannel", self._on_datachannel)
         self.pc.on("connectionstatechange", self._on_state)
         self._spawn(self._watch_media())
@@ -216,17 +126,17 @@ class Session:
 
     # -- media ------------------------------------------------------------------------------
 
-    async def _read(self, track: MediaStreamTrack) -> None:
-        clock_rate = self.call.codec.clock_rate
+    def _heard(self) -> None:
+        self.last_audio = self.clock.monotonic()
+
+    async def _until_ended(self, track: MediaStreamTrack) -> None:
+        """The track ends when aiortc stops the receiver's decoder, after the call's last packet
+        (``receive_encoded``); it carries no frames, the packets went to the call."""
         while True:
             try:
-                frame = await track.recv()
+                await track.recv()
             except MediaStreamError:
                 break
-            assert isinstance(frame, av.AudioFrame)
-            self.last_audio = self.clock.monotonic()
-            # The answer named one codec, so every frame has the call's rate (aiortc drops others).
-            self.call.push_pcm(media_timestamp(frame, clock_rate), to_mono(frame))
         self.call.end(self._ending or self._lost())
 
     def _lost(self) -> str:
@@ -406,10 +316,9 @@ class WebRtcGateway:
         early: list[str] = []  # call.started is published inside open(), before the session
         self._early[call_id] = early
         try:
-            call = self.registry.open(  # aiortc decodes: its frames come at the codec's rate
-                plan.codec, transport="webrtc", metadata=metadata, call_id=call_id,
-                pcm_rate=plan.codec.sample_rate,
-            )  # fmt: skip
+            call = self.registry.open(
+                plan.codec, transport="webrtc", metadata=metadata, call_id=call_id
+            )
         finally:
             del self._early[call_id]
         if call is None:
