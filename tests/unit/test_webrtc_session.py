@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import weakref
 from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
+import pytest
 from aiortc import RTCRtpCodecParameters, RTCRtpReceiver
-from aiortc.rtp import RtpPacket
+from aiortc.mediastreams import MediaStreamError
+from aiortc.rtcrtpparameters import RTCRtpEncodingParameters, RTCRtpReceiveParameters
+from aiortc.rtcrtpreceiver import RemoteStreamTrack
+from aiortc.rtp import RtcpByePacket, RtpPacket
 
 from tests.hooks import until
 from voxphone.app import webrtc_settings
@@ -100,22 +105,84 @@ def test_a_new_ssrc_restarts_the_stream_on_the_same_call_clock() -> None:
     assert not np.any(call._frames[-1] == 0)
 
 
-async def test_aiortc_hands_its_receivers_packets_to_the_call() -> None:
-    """aiortc's own receive path (``_handle_rtp_packet``: statistics, depayloading) ends in
-    ``EncodedAudio``, and stopping the decoder plays out the held packets first: should aiortc
-    move either, this fails."""
-    receiver = RTCRtpReceiver("audio", SimpleNamespace(state="new"))  # type: ignore[arg-type]
+class _DtlsTransport:
+    """What an aiortc receiver asks of its DTLS transport before and after receiving."""
+
+    state = "new"
+    _stats_id = "transport"
+
+    def _register_rtp_receiver(self, receiver: Any, parameters: Any) -> None:
+        pass
+
+    def _unregister_rtp_receiver(self, receiver: Any) -> None:
+        pass
+
+    async def _send_rtp(self, data: bytes) -> None:
+        pass
+
+
+async def receiving(call: Call) -> RTCRtpReceiver:
+    """A real aiortc receiver, started as a negotiated PCMU stream is (its decoder thread
+    running), with the call's ``EncodedAudio`` in place."""
+    receiver = RTCRtpReceiver("audio", _DtlsTransport())  # type: ignore[arg-type]
+    receiver._track = RemoteStreamTrack(kind="audio")
     codec = RTCRtpCodecParameters(mimeType="audio/PCMU", clockRate=8000, payloadType=0)
-    receiver._RTCRtpReceiver__codecs[0] = codec  # type: ignore[attr-defined]  # as receive() sets
-    call = pcmu_call()
+    encoding = RTCRtpEncodingParameters(ssrc=7, payloadType=0)
+    await receiver.receive(RTCRtpReceiveParameters(codecs=[codec], encodings=[encoding]))
     receive_encoded(receiver, EncodedAudio(call, lambda: None))
-    for seq in [0, 1, 2, 4]:  # 4 waits for 3
+    return receiver
+
+
+async def track_ends(receiver: RTCRtpReceiver) -> None:
+    with pytest.raises(MediaStreamError):
+        while True:
+            await receiver.track.recv()
+
+
+@pytest.mark.parametrize("how", ["bye", "dtls_closed", "stop", "hangup"])
+async def test_every_way_aiortc_stops_plays_the_held_packets_first(how: str) -> None:
+    """aiortc's own receive path (``_handle_rtp_packet``: statistics, depayloading) ends in
+    ``EncodedAudio``, and however the decoder stops — an RTCP BYE, DTLS closing under it,
+    ``stop()``, voxphone's hang-up — what the jitter buffer holds reaches the call before the
+    track ends; then the call is let go. Should aiortc move any of these, this fails."""
+    call = pcmu_call()
+    receiver = await receiving(call)
+    for seq in [0, 1, 2, 4, 5]:  # 4 and 5 wait for 3
         await receiver._handle_rtp_packet(pcmu_packet(seq), arrival_time_ms=0)
     assert call.stats.packets == 3
-    assert not stop_decoder(receiver)  # no decoder thread here: receive() starts it
-    receiver._RTCRtpReceiver__decoder_thread = SimpleNamespace(join=lambda: None)  # type: ignore[attr-defined]
-    assert stop_decoder(receiver)
-    assert call.stats.packets == 4 and call.pipeline.timeline.stats.gap_samples == 160
+    if how == "bye":
+        await receiver._handle_rtcp_packet(RtcpByePacket(sources=[7]))
+    elif how == "dtls_closed":
+        receiver._handle_disconnect()
+    elif how == "stop":
+        await receiver.stop()
+    else:
+        assert stop_decoder(receiver)
+        assert not stop_decoder(receiver)  # once
+    assert call.stats.packets == 5 and call.pipeline.timeline.stats.gap_samples == 160
+    assert set(call.transport_stats) >= {"reordered", "duplicates", "late", "lost"}
+    await asyncio.wait_for(track_ends(receiver), 5)
+    await receiver._handle_rtp_packet(pcmu_packet(6), arrival_time_ms=0)  # after the end
+    assert call.stats.packets == 5
+    ref = weakref.ref(call)
+    del call
+    assert ref() is None  # freed at once, though the receiver lives on
+
+
+def test_a_packet_that_fails_is_counted_and_the_call_goes_on() -> None:
+    """``add`` runs in aiortc's DTLS loop, which an exception would end with the call."""
+    call, fail = pcmu_call(), [True]
+    push = call.push_packet
+
+    def flaky(timestamp: int, payload: bytes, codec: Any = None) -> None:
+        if fail.pop() if fail else False:
+            raise RuntimeError("a bug")
+        push(timestamp, payload)
+
+    call.push_packet = flaky  # type: ignore[method-assign]
+    audio = EncodedAudio(call, lambda: None)
+    assert [audio.add(pcmu_packet(seq)) for seq in range(3)] == [(False, None)] * 3
+    assert call.stats.dropped == {"internal_error": 1} and call.stats.packets == 2
 
 
 def test_the_webrtc_table_reaches_the_transport_as_aiortc_ice_servers() -> None:

@@ -146,15 +146,15 @@ class AudioPipeline:
         pending = self._pending
         if not pending:
             return []
-        resampler = self.resampler
-        if self._all_payloads:  # G.711's, in one lookup, written straight into the resampler
+        resampler, n, all_payloads = self.resampler, self._pending_samples, self._all_payloads
+        # Taken before decoding: a batch that fails is lost once, not retried at every packet.
+        self._pending, self._pending_samples, self._all_payloads = [], 0, True
+        if all_payloads:  # G.711's, in one lookup, written straight into the resampler
             joined = pending[0] if len(pending) == 1 else b"".join(pending)  # type: ignore[arg-type]
-            room = resampler.input(self._pending_samples)
-            out = resampler.process_input(self.decoder.decode(joined, room))  # type: ignore[arg-type]
+            out = resampler.process_input(self.decoder.decode(joined, resampler.input(n)))  # type: ignore[arg-type]
         else:
             parts = [self.decoder.decode(p) if isinstance(p, bytes) else p for p in pending]
             out = resampler.process(parts[0] if len(parts) == 1 else np.concatenate(parts))
-        self._pending, self._pending_samples, self._all_payloads = [], 0, True
         frames = self.framer.push(out, owned=resampler.fresh)
         self._update_need()
         return frames

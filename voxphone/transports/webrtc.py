@@ -91,6 +91,7 @@ class Session:
     last_audio: float = 0.0
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
     _receiver: RTCRtpReceiver | None = None
+    _audio: EncodedAudio | None = None
     #: The bot's voice to the browser (``webrtc_out``), when the browser's offer receives audio.
     track: BotAudioTrack | None = None
     _ending: str | None = None  # why the call is ending, once its last audio is on the way
@@ -108,7 +109,8 @@ class Session:
             if t.kind == "audio" and t.direction in ("recvonly", "sendrecv")
         ]
         self._receiver = receiving[0].receiver
-        receive_encoded(self._receiver, EncodedAudio(self.call, self._heard))
+        self._audio = EncodedAudio(self.call, self._heard)
+        receive_encoded(self._receiver, self._audio)
         self._spawn(self._until_ended(self._receiver.track))
         self.call.hangup = self.hangup  # DELETE /v1/calls/{id} and shutdown play out the tail too
         if self.track is not None:
@@ -169,8 +171,8 @@ class Session:
 
     async def _on_state(self) -> None:
         """``failed`` ends the call; ``disconnected`` (aiortc 1.16 never reports it, browsers'
-        stacks do) ends it if it lasts. ``closed`` is left to the reader: the track ends after
-        its last frames, and ``_lost`` says why."""
+        stacks do) ends it if it lasts. ``closed`` is left to ``_until_ended``: the track ends
+        after the call's last packet, and ``_lost`` says why."""
         state = self.pc.connectionState
         log.debug("webrtc_state", call_id=self.call.call_id, state=state)
         if self._disconnected is not None:
@@ -256,6 +258,8 @@ class Session:
         forever), so it runs in its own task, shielded from the callers' cancellation.
         """
         if self._closing is None:
+            if self._audio is not None:
+                self._audio.detach()
             if self._disconnected is not None:
                 self._disconnected.cancel()
             for task in list(self.tasks):

@@ -13,8 +13,9 @@ RTP call's (Opus: libopus straight to 16 kHz mono, ``audio.opus``). aiortc's dec
 nothing; its thread idles until the receiver stops, and then ends the track as before.
 
 This reaches into aiortc's private receiver state (two name-mangled attributes), as
-``receive_encoded`` says; ``test_webrtc`` counts the packets a browser sends against the audio
-transcribed, so an aiortc change that moves them fails loudly.
+``receive_encoded`` says; ``test_webrtc_session`` drives a real aiortc receiver through each
+way packets arrive and the decoder stops, and ``test_webrtc`` counts the packets a browser
+sends against those the call took, so an aiortc change that moves either fails loudly.
 """
 
 from __future__ import annotations
@@ -35,11 +36,12 @@ class EncodedAudio:
     """What aiortc's receiver sees as its jitter buffer (``add``), feeding ``call`` payloads.
 
     ``on_packet`` is called for every packet (the session's media watchdog). A new SSRC (the
-    browser restarted its stream) plays out the old one and re-anchors the call's clock, as an
-    RTP call does; the jitter buffer's counters go to ``call.transport_stats`` at the end."""
+    browser restarted its stream) plays out the old one and re-anchors the call's clock; the
+    jitter buffer's counters go to ``call.transport_stats`` when it is flushed (the call ends,
+    or the stream restarts)."""
 
     def __init__(self, call: Call, on_packet: Callable[[], None]) -> None:
-        self._call = call
+        self._call: Call | None = call
         self._on_packet = on_packet
         self._buffer = JitterBuffer(call.codec.clock_rate)
         self._ssrc: int | None = None
@@ -47,9 +49,21 @@ class EncodedAudio:
     def add(self, packet: Any) -> tuple[bool, None]:
         """One of aiortc's ``RtpPacket`` (``rtp.py``), its payload depayloaded into ``_data``.
         Returns what aiortc's ``JitterBuffer.add`` does: (send a PLI, a frame to decode) —
-        never either."""
-        self._on_packet()
-        call, seq = self._call, packet.sequence_number
+        never either. Never raises: this runs inside aiortc's DTLS receive loop, which an
+        exception would end, and the call with it; a packet that fails is counted
+        (``internal_error``) and the call goes on."""
+        call = self._call
+        if call is None:  # the call has ended (``detach``)
+            return False, None
+        try:
+            self._on_packet()
+            self._take(call, packet)
+        except Exception as exc:
+            call.count_dropped("internal_error", error=repr(exc))
+        return False, None
+
+    def _take(self, call: Call, packet: Any) -> None:
+        seq = packet.sequence_number
         if packet.ssrc != self._ssrc:
             if self._ssrc is not None:
                 self.flush()
@@ -60,17 +74,27 @@ class EncodedAudio:
             call.push_packet(packet.timestamp, packet._data)
         else:
             pkt = RtpPacket(packet.payload_type, seq, packet.timestamp, packet.ssrc, packet._data)
-            self._play(self._buffer.push(pkt))
-        return False, None
+            for p in self._buffer.push(pkt):
+                call.push_packet(p.timestamp, p.payload)
 
     def flush(self) -> None:
         """Play what the jitter buffer holds: the stream ends or restarts."""
-        self._play(self._buffer.flush())
-        self._call.transport_stats.update(vars(self._buffer.stats))
+        if (call := self._call) is not None:
+            for p in self._buffer.flush():
+                call.push_packet(p.timestamp, p.payload)
+            call.transport_stats.update(vars(self._buffer.stats))
 
-    def _play(self, packets: list[RtpPacket]) -> None:
-        for p in packets:
-            self._call.push_packet(p.timestamp, p.payload)
+    def detach(self) -> None:
+        """The call has ended: forget it. aiortc's receiver keeps this object, and the peer
+        connection's objects refer to one another, so without this the call (and its audio
+        state) would stay alive until the garbage collector's oldest generation is swept,
+        where an ended call is otherwise freed at once (``Call._release``)."""
+        self._call = None
+        self._on_packet = _nothing
+
+
+def _nothing() -> None:
+    pass
 
 
 def receive_encoded(receiver: RTCRtpReceiver, audio: EncodedAudio) -> None:
@@ -86,6 +110,7 @@ def receive_encoded(receiver: RTCRtpReceiver, audio: EncodedAudio) -> None:
         if getattr(receiver, _PRIVATE + "decoder_thread", None) is not None:
             audio.flush()
         stop()
+        audio.detach()
 
     setattr(receiver, _PRIVATE + "stop_decoder", flush_then_stop)
 
