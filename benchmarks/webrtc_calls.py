@@ -7,9 +7,10 @@ playing 20 s of a tone (aiortc's Opus encoder, as a browser's stream). Reports t
 per call while every call streams (``streaming_core_per_call_pct``, and ``calls_per_core``
 from it), over the whole run with set-up and teardown, and the event loop's lag; writes
 ``benchmarks/results/webrtc_calls-<machine>-<N>.json``. Pin the two processes apart on a
-machine with cores to spare:
+machine with cores to spare; ``--plot`` (matplotlib) draws a machine's runs:
 
     python benchmarks/webrtc_calls.py 20 --server-cpus 0 --client-cpus 1
+    python benchmarks/webrtc_calls.py --plot [--machine 16core-x86_64]
 """
 
 from __future__ import annotations
@@ -198,13 +199,63 @@ async def clients(n: int, wav: Path, port: int) -> None:
     print(f"calls ended cleanly: {ok}/{n}; audio per call: min {min(audio)} ms")
 
 
+def plot(machine: str) -> Path:
+    """Server CPU and the loop's p99 lag against calls, from ``machine``'s runs: the files
+    named ``-before`` (the code before browser calls' packets were decoded as RTP's) and the
+    rest. A run whose calls fell behind real time is drawn hollow: its CPU is no capacity."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs: dict[str, list[dict[str, Any]]] = {"before": [], "now": []}
+    for f in Path("benchmarks/results").glob(f"webrtc_calls-{machine}-*.json"):
+        runs["before" if f.stem.endswith("-before") else "now"].append(json.loads(f.read_text()))
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.5))
+    for (label, rs), color in zip(runs.items(), ("tab:gray", "tab:blue"), strict=True):
+        rs.sort(key=lambda r: r["calls"])
+        calls = [r["calls"] for r in rs]
+        cores = [r["streaming_core_per_call_pct"] * r["calls"] / 100 for r in rs]
+        a.plot(calls, cores, "-", color=color, label=label)
+        for r, c in zip(rs, cores, strict=True):
+            a.plot(r["calls"], c, "o", color=color, fillstyle="full" if r["keeping_up"] else "none")
+            if r["keeping_up"]:
+                a.annotate(f"{r['calls_per_core']}/core", (r["calls"], c), fontsize=7,
+                           textcoords="offset points", xytext=(4, -10))  # fmt: skip
+        b.semilogy(calls, [r["loop_lag_ms_streaming"]["p99"] for r in rs], "o-", color=color,
+                   label=label)  # fmt: skip
+    a.set_xlabel("concurrent browser (WHIP, aiortc) calls")
+    a.set_ylabel("server CPU while they stream (cores)")
+    a.legend()
+    a.grid(alpha=0.3)
+    b.set_xlabel("concurrent browser (WHIP, aiortc) calls")
+    b.set_ylabel("event loop lag p99 (ms)")
+    b.legend()
+    b.grid(alpha=0.3)
+    cpu = next(r["cpu"] for rs in runs.values() for r in rs)
+    fig.suptitle(
+        f"voxphone WebRTC calls, null engine, server on one core — {machine} ({cpu}); "
+        "hollow: calls fell behind real time",
+        fontsize=10,
+    )
+    fig.tight_layout()
+    out = Path(f"benchmarks/results/webrtc_calls-{machine}.png")
+    fig.savefig(out, dpi=110)
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("calls", type=int, nargs="?", default=10)
     p.add_argument("--server-cpus", default=None, help="pin the server, e.g. 0")
     p.add_argument("--client-cpus", default=None, help="pin the WHIP clients, e.g. 1")
+    p.add_argument("--plot", action="store_true", help="plot this machine's results and exit")
+    p.add_argument("--machine", default=None, help="with --plot: another machine's results")
     p.add_argument("--clients", nargs=3, default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.plot:
+        print(plot(args.machine or machine_name()))
+        return
     if args.clients is not None:
         pin(args.client_cpus or f"0-{(os.cpu_count() or 1) - 1}")  # not the server's pinning
         n, wav, port = args.clients
