@@ -2,10 +2,12 @@
 
 Starts voxphone's App in this process with a null engine (so only the WebRTC side is measured:
 ICE, DTLS/SRTP and aiortc's RTP receive path, then voxphone's jitter buffer, Opus decode,
-timeline and framing), then a second process places N concurrent WHIP calls with aiortc, each
-playing 20 s of a tone (aiortc's Opus encoder, as a browser's stream). Reports the server's CPU
-per call while every call streams (``streaming_core_per_call_pct``, and ``calls_per_core``
-from it), over the whole run with set-up and teardown, and the event loop's lag; writes
+timeline and framing), then client processes (``CALLS_PER_CLIENT_PROCESS`` calls each) place N
+concurrent WHIP calls with aiortc, each playing 40 s of a tone (aiortc's Opus encoder, as a
+browser's stream). Reports, over ``WINDOW`` seconds once every call streams, the server's CPU
+per call (``streaming_core_per_call_pct``, and ``calls_per_core`` from it) and whether the
+calls kept real time (``keeping_up``: 50 packets a second each; if not, the CPU figure is no
+capacity), the CPU over the whole run with set-up and teardown, and the event loop's lag; writes
 ``benchmarks/results/webrtc_calls-<machine>-<N>.json``. Pin the two processes apart on a
 machine with cores to spare; ``--plot`` (matplotlib) draws a machine's runs:
 
