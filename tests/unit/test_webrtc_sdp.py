@@ -11,8 +11,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from voxphone.audio.codecs import OPUS, PCMA, PCMU
-from voxphone.errors import TransportError
+from voxphone.audio import opus
+from voxphone.audio.codecs import G722, OPUS, PCMA, PCMU
+from voxphone.errors import DecodeError, TransportError
 from voxphone.transports.webrtc_sdp import (
     MAX_OFFER_BYTES,
     Unsupported,
@@ -39,6 +40,25 @@ def test_the_offers_first_decodable_codec_wins() -> None:
     assert plan_offer(offer).codec is PCMA
     offer = CHROME.replace("111 63 9 0 8 13 110 126", "0 126")
     assert plan_offer(offer).codec is PCMU
+
+
+def test_without_libopus_the_offers_next_codec_is_chosen() -> None:
+    """Where libopus cannot be loaded, every Opus packet would be undecodable: a browser offers
+    G.722, PCMU and PCMA too, and the answer takes the first of those it lists."""
+    assert plan_offer(CHROME, opus=False).codec is G722  # Chrome: 111 (opus) 63 (red) 9 (G.722) 0 …
+    offer = CHROME.replace("111 63 9 0 8 13 110 126", "111 126")
+    with pytest.raises(Unsupported, match=r"takes PCMU, PCMA or G722 \(libopus is missing\)"):
+        plan_offer(offer, opus=False)
+
+
+def test_libopus_is_available_here_and_missing_is_told(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert opus.available()
+
+    def missing() -> None:
+        raise DecodeError("libopus not found next to PyAV or on the system; reinstall PyAV")
+
+    monkeypatch.setattr(opus, "_lib", missing)
+    assert not opus.available()
 
 
 @pytest.mark.parametrize(

@@ -45,6 +45,17 @@ def _lib() -> ctypes.CDLL:
     return lib
 
 
+def available() -> bool:
+    """Whether libopus can be loaded here (PyAV's wheels ship it; a PyAV built against an
+    FFmpeg without it does not): where it cannot, every Opus payload is a ``DecodeError``, so
+    a side that may choose its codec (a WebRTC answer) chooses another."""
+    try:
+        _lib()
+    except (DecodeError, OSError):
+        return False
+    return True
+
+
 def _strerror(code: int) -> str:
     message: bytes | None = _lib().opus_strerror(code)
     return message.decode() if message else f"error {code}"

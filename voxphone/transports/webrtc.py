@@ -34,6 +34,7 @@ from aiortc import (
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from aiortc.sdp import candidate_from_sdp
 
+from voxphone.audio import opus
 from voxphone.call import Call, CallRegistry, new_call_id
 from voxphone.clock import Clock
 from voxphone.errors import TransportError
@@ -297,6 +298,10 @@ class WebRtcGateway:
         self.sessions: dict[str, Session] = {}
         self._early: dict[str, list[str]] = {}
         self._binder = HostBinder(settings.interfaces, settings.ports)
+        self._opus = opus.available()
+        if not self._opus:
+            why = "libopus not found next to PyAV or on the system; reinstall PyAV's wheel"
+            log.warning("webrtc_without_opus", why=why, codecs="PCMU, PCMA or G.722")
         self._ice_servers = list(settings.ice_servers)
 
     async def answer(self, offer_sdp: str, metadata: dict[str, Any]) -> tuple[Session, str]:
@@ -305,7 +310,7 @@ class WebRtcGateway:
         ``TransportError`` means the offer itself is unusable (4xx), ``Unavailable`` that voxphone
         cannot take a call now (503). Either way no peer connection is left behind.
         """
-        plan = plan_offer(offer_sdp)
+        plan = plan_offer(offer_sdp, opus=self._opus)
         if not self.registry.accepting or len(self.registry.calls) >= self.registry.max_concurrent:
             raise Unavailable("not accepting calls: at the concurrent call limit, or draining")
         # An empty list, not None: aiortc's default is Google's STUN server.

@@ -44,15 +44,17 @@ class OfferPlan:
     receives: bool = False
 
 
-def plan_offer(text: str) -> OfferPlan:
-    """Check a browser's offer; ``TransportError`` names why voxphone cannot answer it."""
+def plan_offer(text: str, opus: bool = True) -> OfferPlan:
+    """Check a browser's offer; ``TransportError`` names why voxphone cannot answer it.
+    ``opus``: whether Opus can be decoded here (``audio.opus.available``); if not, the offer's
+    next codec is chosen (browsers offer PCMU and PCMA too)."""
     offer = parse_sdp(text, max_bytes=MAX_OFFER_BYTES)
     if None in ice_credentials(text):
         raise TransportError("offer has no a=ice-ufrag and a=ice-pwd: WebRTC needs both for ICE")
     if not re.search(r"^a=fingerprint:\S+ \S", text, re.MULTILINE):
         raise TransportError("offer has no a=fingerprint: WebRTC needs it for DTLS")
     audio = _first_audio(offer)
-    codec, mime = _choose_codec(audio.rtpmap, audio.formats)
+    codec, mime = _choose_codec(audio.rtpmap, audio.formats, opus)
     receives = (audio.direction or offer.direction or "sendrecv") == "sendrecv"
     return OfferPlan(codec, mime, [m.kind for m in offer.media], receives)
 
@@ -73,17 +75,16 @@ def _first_audio(offer: Offer) -> Media:
     return m
 
 
-def _choose_codec(rtpmap: dict[int, str], formats: list[int]) -> tuple[Codec, str]:
-    """The offer's most preferred codec that aiortc decodes (browsers list opus first)."""
+def _choose_codec(rtpmap: dict[int, str], formats: list[int], opus: bool) -> tuple[Codec, str]:
+    """The offer's most preferred codec that voxphone decodes (browsers list opus first)."""
     for pt in formats:
         encoding = rtpmap.get(pt, "").lower().split("/")
         codec = WEBRTC_CODECS.get("/".join(encoding[:2]))
-        if codec is not None:
+        if codec is not None and (opus or codec is not OPUS):
             return codec, f"audio/{encoding[0]}"
     offered = ", ".join(rtpmap.get(pt, str(pt)) for pt in formats) or "none"
-    raise Unsupported(
-        f"no common audio codec: voxphone takes opus, PCMU, PCMA or G722; offered: {offered}"
-    )
+    takes = "opus, PCMU, PCMA or G722" if opus else "PCMU, PCMA or G722 (libopus is missing)"
+    raise Unsupported(f"no common audio codec: voxphone takes {takes}; offered: {offered}")
 
 
 @dataclass(frozen=True)
