@@ -4,7 +4,7 @@ Starts voxphone's App in this process with a null engine (so only the WebRTC sid
 ICE, DTLS/SRTP and aiortc's RTP receive path, then voxphone's jitter buffer, Opus decode,
 timeline and framing), then client processes (``CALLS_PER_CLIENT_PROCESS`` calls each) place N
 concurrent WHIP calls with aiortc, each playing ``--seconds`` (40) of a tone: aiortc's Opus
-(stereo, ≈ 118 kbit/s on it), or with ``--opus-bit-rate 32000`` mono Opus at that rate, as a
+(stereo, ≈ 118 kbit/s on it), or with ``--opus-bitrate 32000`` mono Opus at that rate, as a
 browser sends (libwebrtc's default). Once every call streams, over ``WINDOW`` seconds, it
 reports the server's CPU per call (``streaming_core_per_call_pct``, and ``calls_per_core``
 from it) and whether the calls kept real time (``keeping_up``: 50 packets a second each, and
@@ -14,7 +14,7 @@ Writes ``benchmarks/results/webrtc_calls-<machine>-<N>[-opus32k].json``. Pin the
 apart on a machine with cores to spare; ``--plot`` (matplotlib) draws a machine's runs:
 
     python benchmarks/webrtc_calls.py 20 --server-cpus 0 --client-cpus 1
-    python benchmarks/webrtc_calls.py 250 --server-cpus 0 --client-cpus 2-15 --opus-bit-rate 32000
+    python benchmarks/webrtc_calls.py 250 --server-cpus 0 --client-cpus 2-15 --opus-bitrate 32000
     python benchmarks/webrtc_calls.py --plot [--machine 16core-x86_64]
 """
 
@@ -186,7 +186,7 @@ def packets(app: App) -> int:
 
 
 def cpu_s() -> float:
-    """This process's CPU seconds (user + system, all threads: aiortc decodes in threads)."""
+    """This process's CPU seconds (user + system, all threads, aiortc's included)."""
     r = resource.getrusage(resource.RUSAGE_SELF)
     return r.ru_utime + r.ru_stime
 
@@ -236,7 +236,7 @@ def plot(machine: str) -> Path:
     for f in Path("benchmarks/results").glob(f"webrtc_calls-{machine}-*.json"):
         r = json.loads(f.read_text())
         kind = "before" if f.stem.endswith("-before") else "now"
-        rate = r.get("client_opus_bit_rate")
+        rate = r.get("client_opus_bitrate")
         runs.setdefault(f"{kind}, {rate // 1000} kbit/s mono" if rate else kind, []).append(r)
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.5))
     colors = ("tab:gray", "tab:blue", "tab:green", "tab:orange")
@@ -280,7 +280,7 @@ def main() -> None:
     p.add_argument("--plot", action="store_true", help="plot this machine's results and exit")
     p.add_argument("--machine", default=None, help="with --plot: another machine's results")
     p.add_argument("--seconds", type=float, default=SECONDS, help="each call plays (s)")
-    p.add_argument("--opus-bit-rate", type=int, default=None, help="clients: mono Opus at (bit/s)")
+    p.add_argument("--opus-bitrate", type=int, default=None, help="clients: mono Opus at (bit/s)")
     p.add_argument("--clients", nargs=3, default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.plot:
@@ -289,19 +289,19 @@ def main() -> None:
     if args.clients is not None:
         pin(args.client_cpus or f"0-{(os.cpu_count() or 1) - 1}")  # not the server's pinning
         n, wav, port = args.clients
-        if args.opus_bit_rate:
-            browser_rate(args.opus_bit_rate)
+        if args.opus_bitrate:
+            browser_rate(args.opus_bitrate)
         asyncio.run(clients(int(n), Path(wav), int(port)))
         return
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
     pin(args.server_cpus)
     client_args = ["--client-cpus", args.client_cpus] if args.client_cpus else []
-    if args.opus_bit_rate:
-        client_args += ["--opus-bit-rate", str(args.opus_bit_rate)]
+    if args.opus_bitrate:
+        client_args += ["--opus-bitrate", str(args.opus_bitrate)]
     result = asyncio.run(server(args.calls, args.seconds, client_args))
-    result["client_opus_bit_rate"] = args.opus_bit_rate
+    result["client_opus_bitrate"] = args.opus_bitrate
     print(json.dumps(result, indent=2))
-    rate = f"-opus{args.opus_bit_rate // 1000}k" if args.opus_bit_rate else ""
+    rate = f"-opus{args.opus_bitrate // 1000}k" if args.opus_bitrate else ""
     out = Path(f"benchmarks/results/webrtc_calls-{result['machine']}-{args.calls}{rate}.json")
     out.write_text(json.dumps(result, indent=2) + "\n")
 

@@ -101,9 +101,9 @@ class Decoder:
     others (``voxphone.audio.opus.RATES``). Raises ``DecodeError`` for a rate it cannot.
 
     Opus goes to libopus itself (``voxphone.audio.opus``: int16 out at any of its rates), whose
-    decoder is made at the first payload: a call whose transport decodes on its own (WebRTC)
-    never loads it, and a libopus that cannot be loaded is one payload's ``DecodeError``,
-    counted on the call, not a failure to open it."""
+    decoder is made at the first payload: a call without Opus never loads it, and a libopus
+    that cannot be loaded is one payload's ``DecodeError``, counted on the call, not a failure
+    to open it."""
 
     def __init__(self, codec: Codec, rate: int | None = None) -> None:
         self.codec = codec

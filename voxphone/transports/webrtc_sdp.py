@@ -19,7 +19,8 @@ from voxphone.transports.sdp import Media, Offer, parse_sdp
 #: A browser offer with audio, video and a data channel is 5-12 kB; this leaves room.
 MAX_OFFER_BYTES = 64 * 1024
 
-#: rtpmap encodings (lower-case ``name/rate``) aiortc decodes, with the codec each becomes.
+#: rtpmap encodings (lower-case ``name/rate``) aiortc receives and voxphone decodes, with the
+#: codec each becomes.
 WEBRTC_CODECS: dict[str, Codec] = {
     "opus/48000": OPUS,
     "pcmu/8000": PCMU,
