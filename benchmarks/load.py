@@ -19,7 +19,11 @@ Reported (and written to ``benchmarks/results/load-<machine>-<N>.json``):
   frames expected from the audio sent.
 - ``sender_late_ms``: how far behind schedule the load process sent (p99): if it is large, the
   load process, not the server, could not keep up and the figures undercount.
-- ``keeping_up``: both of those p99s under 20 ms; if not, ``calls_per_core`` is no capacity.
+- ``packets``: ``socket_drops``, the datagrams the kernel dropped from the server's full
+  receive buffers (``RtpServer.totals``, from ``/proc/net/udp``), and how many of the sampled
+  packets were never handled (a packet lost is not in ``packet_latency_ms``).
+- ``keeping_up``: both of those p99s under 20 ms and no socket drop; if not,
+  ``calls_per_core`` is no capacity.
 
     python benchmarks/load.py --calls 200 --seconds 30 [--loss 0.05 --jitter-ms 20] [--profile]
     python benchmarks/load.py --plot   # benchmarks/results/load-<machine>.png from the JSON files
@@ -62,13 +66,14 @@ from typing import Any
 import av
 import numpy as np
 
-from voxphone.app import App, freeze_startup_heap
+from voxphone.app import App
 from voxphone.audio.codecs import PCMU, Encoder
 from voxphone.audio.files import read_audio
 from voxphone.call import Call
 from voxphone.config import Config
+from voxphone.heap import collector_off_the_clock
 from voxphone.testing import free_tcp_port
-from voxphone.transports.rtp import RtpPort
+from voxphone.transports.rtp import RECEIVE_BUFFER_FULL, RtpPort
 
 sys.path.insert(0, str(Path(__file__).parent))
 from machine import cpu_model, machine_name, pin  # noqa: E402
@@ -258,38 +263,42 @@ async def serve(args: argparse.Namespace) -> dict[str, Any]:
 
     app.registry.open = keep  # type: ignore[method-assign]
     await app.start()
-    freeze_startup_heap()  # as voxphone serve does
-    lag: list[tuple[float, float]] = []
-    stop = asyncio.Event()
-    lag_task = asyncio.create_task(loop_lag(lag, stop))
-    sent = Path(tempfile.mkdtemp()) / "sent.json"
-    cmd = [sys.executable, __file__, "--send", str(sent), *sys.argv[1:]]
-    sender = await asyncio.create_subprocess_exec(*cmd)
-    await asyncio.sleep(0.5 + args.ramp + 2.0)  # every call up and steady
-    window = max(1.0, args.seconds - args.ramp - 4.0)
-    profiler = cProfile.Profile() if args.profile else None
-    if profiler is not None:
-        profiler.enable()
-    (user0, sys0), wall0, t_start = cpu_s(), time.perf_counter(), time.perf_counter()
-    await asyncio.sleep(window)
-    (user1, sys1), wall = cpu_s(), time.perf_counter() - wall0
-    cpu = (user1 - user0, sys1 - sys0)
-    if profiler is not None:
-        profiler.disable()
-    up = sum(c.end_reason is None for c in probe.calls)
-    await sender.wait()
-    await asyncio.sleep(2.5)  # inactivity ends the calls; their last frames reach the engine
-    stop.set()
-    await lag_task
+    async with collector_off_the_clock():  # as voxphone serve does
+        lag: list[tuple[float, float]] = []
+        stop = asyncio.Event()
+        lag_task = asyncio.create_task(loop_lag(lag, stop))
+        sent = Path(tempfile.mkdtemp()) / "sent.json"
+        cmd = [sys.executable, __file__, "--send", str(sent), *sys.argv[1:]]
+        sender = await asyncio.create_subprocess_exec(*cmd)
+        await asyncio.sleep(0.5 + args.ramp + 2.0)  # every call up and steady
+        window = max(1.0, args.seconds - args.ramp - 4.0)
+        profiler = cProfile.Profile() if args.profile else None
+        if profiler is not None:
+            profiler.enable()
+        (user0, sys0), wall0, t_start = cpu_s(), time.perf_counter(), time.perf_counter()
+        await asyncio.sleep(window)
+        (user1, sys1), wall = cpu_s(), time.perf_counter() - wall0
+        cpu = (user1 - user0, sys1 - sys0)
+        if profiler is not None:
+            profiler.disable()
+        up = sum(c.end_reason is None for c in probe.calls)
+        await sender.wait()
+        await asyncio.sleep(2.5)  # inactivity ends the calls; their last frames reach the engine
+        stop.set()
+        await lag_task
     await app.stop()
-    return report(args, probe, json.loads(sent.read_text()), cpu, wall, up, lag, t_start, profiler)
+    drops = app.rtp.totals().get(RECEIVE_BUFFER_FULL, 0)
+    sent_log = json.loads(sent.read_text())
+    return report(args, probe, sent_log, cpu, wall, up, lag, t_start, profiler, drops)
 
 
 def keeping_up(result: dict[str, Any]) -> bool:
-    """Whether the run measured a server keeping pace: the load process sent on time and the
-    server handled packets within 20 ms at p99. Otherwise ``calls_per_core`` is not a capacity."""
+    """Whether the run measured a server keeping pace: the load process sent on time, the
+    server handled packets within 20 ms at p99 and the kernel dropped none of them. Otherwise
+    ``calls_per_core`` is not a capacity."""
     lat, late = result["packet_latency_ms"], result["sender_late_ms"]
-    return bool(lat and late and lat["p99"] < 20 and late["p99"] < 20)
+    drops = result["packets"]["socket_drops"]
+    return bool(lat and late and lat["p99"] < 20 and late["p99"] < 20 and drops == 0)
 
 
 def report(
@@ -302,6 +311,7 @@ def report(
     lag: list[tuple[float, float]],
     t_start: float,
     profiler: cProfile.Profile | None,
+    socket_drops: int,
 ) -> dict[str, Any]:
     latency = [
         (probe.handled[(port, seq)] - t) * 1000
@@ -333,6 +343,11 @@ def report(
             "to_engine": frames_sent,
             "dropped": dropped,
             "expected_approx": args.calls * int(args.seconds * 1000 / 80 * (1 - args.loss)),
+        },
+        "packets": {
+            "socket_drops": socket_drops,
+            "sampled": len(sent["sampled"]),
+            "sampled_not_handled": len(sent["sampled"]) - len(latency),
         },
         "calls_seen": len(probe.calls),
     }

@@ -37,8 +37,9 @@ from typing import Any
 import numpy as np
 import structlog
 
-from voxphone.app import App, freeze_startup_heap
+from voxphone.app import App
 from voxphone.call import Call
+from voxphone.heap import collector_off_the_clock
 
 sys.path.insert(0, str(Path(__file__).parent))
 from load import config, cpu_s, pin  # noqa: E402
@@ -80,36 +81,36 @@ async def serve(args: argparse.Namespace) -> dict[str, Any]:
 
     app.registry._forget = ended  # type: ignore[method-assign]
     await app.start()
-    freeze_startup_heap()  # as voxphone serve does
-    sent = Path(tempfile.mkdtemp()) / "sent.json"
-    seconds = args.minutes * 60
-    cmd = [
-        *(sys.executable, str(Path(__file__).parent / "load.py"), "--send", str(sent)),
-        *("--calls", str(args.calls), "--seconds", str(seconds), "--ramp", str(args.ramp)),
-        *("--loss", str(args.loss), "--jitter-ms", str(args.jitter_ms)),
-        *("--call-seconds", str(args.call_seconds), "--ports", str(args.ports)),
-        *("--base-port", str(args.base_port)),
-        *(("--load-cpus", args.load_cpus) if args.load_cpus else ()),
-    ]
-    sender = await asyncio.create_subprocess_exec(*cmd)
-    samples: list[dict[str, float]] = []
-    t0 = time.monotonic()
-    cpu0 = sum(cpu_s())
-    while sender.returncode is None:
-        samples.append(
-            {
-                "t_s": round(time.monotonic() - t0, 1),
-                "rss_mib": round(rss_mib(), 2),
-                "fds": len(os.listdir("/proc/self/fd")),
-                "tasks": len(asyncio.all_tasks()),
-                "threads": threading.active_count(),
-                "calls_up": len(app.registry.calls),
-                "cpu_cores": round((sum(cpu_s()) - cpu0) / max(1e-9, time.monotonic() - t0), 3),
-            }
-        )
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(sender.wait(), args.sample_s)
-    await asyncio.sleep(2.5)  # the last calls time out
+    async with collector_off_the_clock():  # as voxphone serve does
+        sent = Path(tempfile.mkdtemp()) / "sent.json"
+        seconds = args.minutes * 60
+        cmd = [
+            *(sys.executable, str(Path(__file__).parent / "load.py"), "--send", str(sent)),
+            *("--calls", str(args.calls), "--seconds", str(seconds), "--ramp", str(args.ramp)),
+            *("--loss", str(args.loss), "--jitter-ms", str(args.jitter_ms)),
+            *("--call-seconds", str(args.call_seconds), "--ports", str(args.ports)),
+            *("--base-port", str(args.base_port)),
+            *(("--load-cpus", args.load_cpus) if args.load_cpus else ()),
+        ]
+        sender = await asyncio.create_subprocess_exec(*cmd)
+        samples: list[dict[str, float]] = []
+        t0 = time.monotonic()
+        cpu0 = sum(cpu_s())
+        while sender.returncode is None:
+            samples.append(
+                {
+                    "t_s": round(time.monotonic() - t0, 1),
+                    "rss_mib": round(rss_mib(), 2),
+                    "fds": len(os.listdir("/proc/self/fd")),
+                    "tasks": len(asyncio.all_tasks()),
+                    "threads": threading.active_count(),
+                    "calls_up": len(app.registry.calls),
+                    "cpu_cores": round((sum(cpu_s()) - cpu0) / max(1e-9, time.monotonic() - t0), 3),
+                }
+            )
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(sender.wait(), args.sample_s)
+        await asyncio.sleep(2.5)  # the last calls time out
     await app.stop()
     return report(args, samples, totals)
 

@@ -37,11 +37,12 @@ import av
 import numpy as np
 import structlog
 
-from voxphone.app import App, freeze_startup_heap
+from voxphone.app import App
 from voxphone.audio.codecs import Pcm
 from voxphone.audio.files import write_wav
 from voxphone.config import Config
 from voxphone.engines.base import ChunkQueue
+from voxphone.heap import collector_off_the_clock
 from voxphone.testing import free_tcp_port
 from voxphone.whip_client import play
 
@@ -122,35 +123,35 @@ async def server(n: int, seconds: float, client_args: list[str]) -> dict[str, An
     )
     app = App(cfg, engine=NullEngine())
     await app.start()
-    freeze_startup_heap()  # as voxphone serve does
-    lag: list[tuple[float, float]] = []
-    stop = asyncio.Event()
-    probe = asyncio.create_task(loop_lag(lag, stop))
-    wav = tone(seconds)
-    cpu0, start = cpu_s(), time.perf_counter()
-    procs = -(-n // CALLS_PER_CLIENT_PROCESS)
-    shares = [len(range(k, n, procs)) for k in range(procs)]
-    clients = [
-        await asyncio.create_subprocess_exec(
-            sys.executable, __file__, "--clients", str(share), str(wav), str(port), *client_args
-        )
-        for share in shares
-    ]
-    deadline = start + seconds - WINDOW - 2
-    while not streaming(app, n) and time.perf_counter() < deadline:  # noqa: ASYNC110 (polled)
-        await asyncio.sleep(0.2)
-    t0 = time.perf_counter() - start
-    steady0, wall0, packets0 = cpu_s(), time.perf_counter(), packets(app)
-    await asyncio.sleep(WINDOW)
-    wall = time.perf_counter() - wall0
-    steady_cpu = (cpu_s() - steady0) / wall
-    rate = (packets(app) - packets0) / wall / n  # per call: 50 a second if the clients keep up
-    up = len(app.registry.calls)
-    for process in clients:
-        await process.wait()
-    cpu = cpu_s() - cpu0
-    stop.set()
-    await probe
+    async with collector_off_the_clock():  # as voxphone serve does
+        lag: list[tuple[float, float]] = []
+        stop = asyncio.Event()
+        probe = asyncio.create_task(loop_lag(lag, stop))
+        wav = tone(seconds)
+        cpu0, start = cpu_s(), time.perf_counter()
+        procs = -(-n // CALLS_PER_CLIENT_PROCESS)
+        shares = [len(range(k, n, procs)) for k in range(procs)]
+        clients = [
+            await asyncio.create_subprocess_exec(
+                sys.executable, __file__, "--clients", str(share), str(wav), str(port), *client_args
+            )
+            for share in shares
+        ]
+        deadline = start + seconds - WINDOW - 2
+        while not streaming(app, n) and time.perf_counter() < deadline:  # noqa: ASYNC110 (polled)
+            await asyncio.sleep(0.2)
+        t0 = time.perf_counter() - start
+        steady0, wall0, packets0 = cpu_s(), time.perf_counter(), packets(app)
+        await asyncio.sleep(WINDOW)
+        wall = time.perf_counter() - wall0
+        steady_cpu = (cpu_s() - steady0) / wall
+        rate = (packets(app) - packets0) / wall / n  # per call: 50 a second if the clients keep up
+        up = len(app.registry.calls)
+        for process in clients:
+            await process.wait()
+        cpu = cpu_s() - cpu0
+        stop.set()
+        await probe
     await app.stop()
     setup = [ms for t, ms in lag if t - start < t0]
     steady = [ms for t, ms in lag if t0 <= t - start < t0 + WINDOW]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import os
 import signal
 import socket
@@ -24,6 +23,7 @@ from voxphone.engines.base import Degradable, Engine
 from voxphone.errors import ConfigError, TransportError
 from voxphone.events.model import Event, EventSink, FanOut
 from voxphone.events.service import Endpoint, EventService, EventSettings
+from voxphone.heap import collector_off_the_clock
 from voxphone.http import events as events_api
 from voxphone.http import talkback
 from voxphone.http import webrtc as webrtc_http
@@ -200,7 +200,7 @@ class App:
         )
         self.rtp = RtpServer(
             rtp.host, rtp.ports, self._new_rtp_call, self.clock, rtp.inactivity_timeout_s,
-            rtp.no_media_timeout_s, policy,
+            rtp.no_media_timeout_s, policy, rtp.receive_buffer_bytes,
         )  # fmt: skip
         self._runner: web.AppRunner | None = None
         ast = config.asterisk
@@ -320,18 +320,6 @@ class Signals:
         self.stop.set()
 
 
-def freeze_startup_heap() -> int:
-    """Put every object alive now — the imported modules, the config, the engine, the
-    sockets — out of the cyclic garbage collector's reach (``gc.freeze``), after one last
-    collection; returns how many. They live as long as the process, yet each full collection
-    visited them all: with a few hundred calls up that stalled the event loop for 70–100 ms
-    at a time, every packet waiting behind it (``benchmarks/load.py``: worst sendto → handled
-    71–97 ms without, 6–15 ms with). A full collection now visits only what calls create."""
-    gc.collect()
-    gc.freeze()
-    return gc.get_freeze_count()
-
-
 async def serve(config: Config) -> None:
     """Run until SIGINT or SIGTERM, drain for ``calls.drain_s``, then stop (a second signal
     cuts both short). ``ConfigError`` before anything starts when the HTTP port would be
@@ -343,8 +331,8 @@ async def serve(config: Config) -> None:
     signals.install(asyncio.get_running_loop())
     try:
         await app.start()
-        log.debug("startup_heap_frozen", objects=freeze_startup_heap())
-        await signals.stop.wait()
-        await app.drain(config.calls.drain_s, signals.urgent)
+        async with collector_off_the_clock():
+            await signals.stop.wait()
+            await app.drain(config.calls.drain_s, signals.urgent)
     finally:
         await app.stop(urgent=signals.urgent)

@@ -25,6 +25,7 @@ from voxphone.audio.codecs import (
 from voxphone.errors import ConfigError, DecodeError
 from voxphone.events.delivery import EVENT_HORIZONS, DeliveryPolicy
 from voxphone.events.webhook import decode_secret
+from voxphone.transports.rtp import RECEIVE_BUFFER_BYTES
 
 ENV_PREFIX = "VOXPHONE_"
 
@@ -122,6 +123,10 @@ class RtpConfig(_Section):
     jitter_ms: int = Field(60, ge=0, le=1000)
     #: Payload types carrying RFC 4733 telephone-events (DTMF).
     telephone_event_payload_types: list[int] = [101]
+    #: Each port's socket receive buffer (``SO_RCVBUF``), which holds packets while the event
+    #: loop is busy; what the kernel drops from a full one is counted (``receive_buffer_full``).
+    #: Linux grants at most the sysctl ``net.core.rmem_max`` (the start-up log says when).
+    receive_buffer_bytes: int = Field(RECEIVE_BUFFER_BYTES, ge=4096)
 
     def codec_map(self) -> dict[int, Codec]:
         """Every payload type this endpoint decodes."""

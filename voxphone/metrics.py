@@ -221,7 +221,8 @@ class StateCollector(Collector):
     def _rtp(self) -> Metric:
         """RTP datagrams the ports dropped before (or after) any call could be charged with them,
         by reason: ``unvalidated``, ``unknown_payload_type``, ``malformed``, ``call_refused``,
-        ``after_end``, ``over_buffer_limit`` (``RtpServer.totals``). A call's own drops are in
+        ``after_end``, ``over_buffer_limit``, ``receive_buffer_full`` (the kernel's, from a full
+        socket receive buffer) (``RtpServer.totals``). A call's own drops are in
         ``voxphone_packets_dropped_total``."""
         assert self._rtp_totals is not None
         family = CounterMetricFamily(
