@@ -166,9 +166,6 @@ class RtpSource:
             self._arrival(pkt, now)
             self._play(pkt)
 
-    def timed_out(self, now: float) -> bool:
-        return now - self.last_seen >= self.terms.timeout_s
-
     def moved(self, packets: list[RtpPacket], now: float) -> None:
         """The caller's media now comes from another address (NAT rebinding, or the address the
         signalling named): the same call, a discontinuity if the stream restarted."""
