@@ -51,9 +51,12 @@ CallFactory = Callable[[Codec, dict[str, object]], Call | None]
 Counts = dict[str, int]
 #: ``SO_RCVBUF`` asked for each port's socket (Linux grants up to ``net.core.rmem_max``, then
 #: doubles it for its own bookkeeping). Over loopback Linux's default, 208 KiB, holds 256 G.711
-#: datagrams and 4 MiB ≈ 10,000: a port carrying 250 calls (12,500 datagrams a second) then rides
-#: out a stall of the loop of ≈ 0.8 s instead of 20 ms (less from a NIC: bigger buffers each).
-RECEIVE_BUFFER_BYTES = 4 * 1024 * 1024
+#: datagrams and 1 MiB ≈ 2,500: a port carrying 250 calls (12,500 datagrams a second) then rides
+#: out a stall of the loop of ≈ 200 ms instead of 20 ms (less from a NIC: bigger buffers each).
+#: Not more: audio held longer is that late, and an overloaded server's lag would grow to
+#: seconds before anything is dropped (``load.py``, 1,000 calls on a full Xeon core, 4 MiB:
+#: packets handled 0.9 s after they were sent, at the median).
+RECEIVE_BUFFER_BYTES = 1024 * 1024
 #: Seconds between sweeps for silent calls and expired grace periods (``RtpServer._sweep``).
 SWEEP_S = 1.0
 #: Seconds between reads of the kernel's drop counters (``udp_drops``).
