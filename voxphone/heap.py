@@ -12,7 +12,7 @@ number of objects alive, not the garbage found. Two things keep that off the aud
   not at CPython's trigger. A call holds ≈ 100 containers for its whole life, and CPython starts
   a full collection each time the objects that reached generation 2 since the last one exceed a
   quarter of those there: with 800 calls up, every ≈ 10 s, each 30–55 ms (``benchmarks/load.py``,
-  2-core EPYC), long enough to drop ≈ 1,700 packets from default-sized receive buffers. The
+  2-core EPYC); one 30 s run lost 3,507 packets from default-sized receive buffers. The
   young generations are collected as before, and they catch the garbage cycles that die young,
   which is nearly all of them (a request's exception and its traceback); a cycle that outlives
   them waits at most one interval.

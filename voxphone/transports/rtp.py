@@ -438,9 +438,9 @@ class RtpPort(asyncio.DatagramProtocol):
 
     def expire(self, now: float) -> None:
         """End silent calls; forget ended sources, stale candidates, a finished reservation.
-        Four times a second for every busy port, with the loop stopped meanwhile: the sources
-        are scanned without copying them (a copy of hundreds of items also started collections
-        of the young generations) and only those with something to do are visited."""
+        Once a second for every busy port (``RtpServer._sweep``), with the loop stopped meanwhile:
+        the sources are scanned without copying them (a copy of hundreds of items also started
+        collections of the young generations) and only those with something to do are visited."""
         due = [
             (addr, source)
             for addr, source in self.sources.items()
@@ -628,7 +628,7 @@ class RtpServer:
         """``sweep`` once a second (a quarter of ``inactivity_s`` if that is shorter), one
         port at a time: scanning a port's sources stops the loop (≈ 0.2 ms for 200 calls on the
         2-core EPYC), and four such scans a second, all ports at once, were most of the
-        packets' p99 latency at 800 calls (``benchmarks/load.py``: 1.5–2.0 ms; 0.8–0.9 without)."""
+        packets' p99 latency at 800 calls (``benchmarks/load.py``: 1.5–2.0 ms; 0.7–0.9 now)."""
         interval = min(SWEEP_S, self.policy.inactivity_s / 4)
         while True:
             await asyncio.sleep(interval)
