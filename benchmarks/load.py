@@ -136,7 +136,8 @@ def send(args: argparse.Namespace) -> None:
     """Play ``args.calls`` callers at real-time pace; write send times of sampled packets.
     With ``--call-seconds`` each caller hangs up after that long and calls again from a new
     socket (a new source address and SSRC: a new call), so calls start and end all along."""
-    pin(args.load_cpus or f"0-{os.cpu_count() - 1}")  # (not the server's pinning it inherited)
+    # (not the server's pinning, which it inherited)
+    pin(args.load_cpus or f"0-{(os.cpu_count() or 1) - 1}")
     payloads = speech_payloads(args.codec, args.speech, args.opus_bitrate)
     pt, ticks = CODECS[args.codec]
     rng = random.Random(args.seed)
@@ -198,7 +199,7 @@ class Probe:
             if seq % SAMPLE_EVERY == 0:
                 handled[(int(addr[1]), seq)] = time.monotonic()
 
-        RtpPort.datagram_received = stamped  # type: ignore[method-assign]
+        RtpPort.datagram_received = stamped  # type: ignore[method-assign,assignment]
 
 
 def config(args: argparse.Namespace) -> Config:
