@@ -96,6 +96,7 @@ class Call:
         self.transport_stats: dict[str, int] = {}
         self.end_reason: str | None = None
         self._hangup: Callable[[str], None] | None = None  # a transport's (``hangup``)
+        self._on_finish: list[Callable[[], None]] = []  # transports' last words (``on_finish``)
         #: Metadata that arrived after ``call.started`` (reported in ``call.ended``).
         self.late_metadata: dict[str, Any] = {}
         self._clock = clock
@@ -201,6 +202,15 @@ class Call:
     @hangup.setter
     def hangup(self, hook: Callable[[str], None]) -> None:
         self._hangup = hook
+
+    def on_finish(self, hook: Callable[[], None]) -> None:
+        """``hook()`` runs once, just before ``call.ended`` is built, however the call ended:
+        the transport's last word. A call can end without its transport's doing (the engine
+        failed, a bug): a transport that holds media and counters (a jitter buffer) reports
+        them here and stops handing the ended call packets, which it counts instead, so none
+        is dropped unseen and ``call.ended.transport`` is never empty for want of a hang-up.
+        A hook that raises is logged and the call still ends."""
+        self._on_finish.append(hook)
 
     @property
     def done(self) -> bool:
@@ -557,6 +567,12 @@ class Call:
         self._room.set()
         for timer in self._timers:  # a pending timer would keep the finished call alive
             timer.cancel()
+        hooks, self._on_finish = self._on_finish, []  # (they hold the transport, which holds us)
+        for hook in hooks:
+            try:
+                hook()
+            except Exception:
+                self._log.exception("transport_finish_failed")
         if self._open:  # the engine will never close it: its deltas are all we have
             start_ms, end_ms = self._open_ms
             text = "".join(self._open)

@@ -279,3 +279,31 @@ def test_a_format_switch_with_no_decoder_here_is_counted_not_raised(
     monkeypatch.setattr(call.pipeline, "switch", refuse)
     call.push_packet(0, bytes(160), OPUS)
     assert call.stats.dropped == {"undecodable": 1} and call.stats.decode_errors == 1
+
+
+async def test_a_transports_last_word_comes_before_call_ended_however_the_call_ends() -> None:
+    """``on_finish`` hooks run once, in order, before ``call.ended`` is built: an engine that
+    fails ends the call without its transport, whose counters still reach the event. A hook
+    that raises is logged; the call ends all the same."""
+    stream = ScriptedStream()
+    call, sink = started(stream)
+    ran: list[str] = []
+
+    def report() -> None:
+        ran.append("report")
+        call.transport_stats["lost"] = 3
+
+    def broken() -> None:
+        ran.append("broken")
+        raise Boom("bug in a transport")
+
+    call.on_finish(broken)
+    call.on_finish(report)
+    with capture_logs() as logs:
+        stream.out.fail(EngineError("worker died"))
+        await asyncio.wait_for(call.wait(), 5)
+    assert ran == ["broken", "report"]
+    ended = sink.events[-1].data
+    assert (ended["reason"], ended["transport"]) == ("engine_error", {"lost": 3})
+    assert [e["event"] for e in logs].count("transport_finish_failed") == 1
+    assert call._on_finish == []  # let go of: they hold the transport, which holds the call

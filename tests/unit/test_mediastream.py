@@ -12,10 +12,11 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from tests.unit.test_call import ScriptedEngine, ScriptedStream
 from voxphone.audio.codecs import PCMU, Codec
 from voxphone.call import Call
 from voxphone.clock import FakeClock
-from voxphone.errors import TransportError
+from voxphone.errors import EngineError, TransportError
 from voxphone.http.api import REGISTRY
 from voxphone.testing import capture_events
 from voxphone.transports.mediastream import (
@@ -443,3 +444,22 @@ def test_feed_is_handle_of_parse_for_any_media_message(
         text = json.dumps({"event": "media", key: m["sequence"], "media": media})
         texts.append(text[:-2] + m["extra"] + "}}")  # the extra field inside ``media``
     fed_as_parsed(vendor, texts)
+
+
+async def test_a_call_whose_engine_fails_still_reports_the_streams_counters() -> None:
+    """The call ends without the stream (its engine failed): ``call.ended.transport`` has the
+    jitter buffer's counters all the same, and the frames it held for reordering are counted."""
+    session, calls = recording_session("telnyx")
+    session.feed(json.dumps(TELNYX_START))
+    for seq in (1, 2, 4):  # 3 is missing: 4 is held
+        session.feed(media_text("telnyx", str(seq), str(20 * seq)))
+    (call,) = calls
+    stream = ScriptedStream()
+    call.start(ScriptedEngine(stream))
+    stream.out.fail(EngineError("worker died"))
+    await call.wait()
+    ended = call.events.of_type("call.ended")[-1].data
+    assert ended["reason"] == "engine_error"
+    assert ended["transport"]["other_tracks"] == 0 and "lost" in ended["transport"]
+    held = ended["stats"]["dropped"]["after_end"]  # (at a stream's start, Telnyx's too)
+    assert held >= 1 and held + ended["stats"]["packets"] == 3

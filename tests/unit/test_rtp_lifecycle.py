@@ -11,11 +11,12 @@ import socket
 import pytest
 
 from tests.conftest import free_udp_range
+from tests.unit.test_call import ScriptedEngine, ScriptedStream
 from tests.unit.test_rtp_port import CALLER, Calls, tone_packets
 from voxphone.audio.codecs import PCMU
 from voxphone.call import Call
 from voxphone.clock import FakeClock
-from voxphone.errors import TransportError
+from voxphone.errors import EngineError, TransportError
 from voxphone.testing import capture_events
 from voxphone.transports.rtp import PortPolicy, Reservation, RtpPort, RtpServer, _bind, _drain
 from voxphone.transports.rtp_packet import RtpPacket
@@ -203,3 +204,26 @@ def test_a_port_reads_every_waiting_datagram_in_one_wake_up() -> None:
     finally:
         sender.close()
         sock.close()
+
+
+async def test_a_call_whose_engine_fails_reports_its_rtp_counters_and_refuses_its_media() -> None:
+    """The call ends without the port (its engine failed): ``call.ended.transport`` still has
+    the jitter buffer's counters, the packet it held for reordering is counted ``after_end``
+    on the call, and the rest of the stream on the port (its ``call.ended`` is out)."""
+    calls = Calls()
+    counts: dict[str, int] = {}
+    port = RtpPort(40000, calls, FakeClock(), counts=counts)
+    pkts = tone_packets(n=20)
+    send(port, pkts[:9] + pkts[10:11])  # packet 9 is missing: packet 10 is held
+    (call,) = calls.calls
+    stream = ScriptedStream()
+    call.start(ScriptedEngine(stream))
+    stream.out.fail(EngineError("worker died"))
+    await call.wait()
+    ended = calls.sink.of_type("call.ended")[-1].data
+    assert ended["reason"] == "engine_error"
+    assert ended["transport"]["reordered"] == 0 and "jitter_ms" in ended["transport"]
+    assert ended["stats"]["dropped"] == {"after_end": 1}
+    assert port.sources == {}
+    send(port, pkts[11:])
+    assert counts == {"after_end": 9} and len(calls.calls) == 1

@@ -16,11 +16,13 @@ from aiortc.rtcrtpreceiver import RemoteStreamTrack
 from aiortc.rtp import RtcpByePacket, RtpPacket
 
 from tests.hooks import until
+from tests.unit.test_call import ScriptedEngine, ScriptedStream
 from voxphone.app import webrtc_settings
 from voxphone.audio.codecs import PCMU
 from voxphone.call import Call
 from voxphone.clock import FakeClock
 from voxphone.config import load_config
+from voxphone.errors import EngineError
 from voxphone.testing import capture_events
 from voxphone.transports.webrtc import Session
 from voxphone.transports.webrtc_in import EncodedAudio, receive_encoded, stop_decoder
@@ -212,3 +214,20 @@ def test_the_webrtc_table_reaches_the_transport_as_aiortc_ice_servers() -> None:
         w.disconnect_timeout_s,
         w.media_timeout_s,
     )
+
+
+async def test_a_call_whose_engine_fails_still_reports_the_streams_counters() -> None:
+    """The call ends without the peer connection (its engine failed): ``call.ended.transport``
+    has the jitter buffer's counters all the same, and the packet it held is counted."""
+    events = capture_events()
+    call = Call("c", PCMU, events, FakeClock(), transport="webrtc")
+    audio = EncodedAudio(call, lambda: None)
+    for seq in (0, 1, 2, 4):  # 3 is missing: 4 is held
+        audio.add(pcmu_packet(seq))
+    stream = ScriptedStream()
+    call.start(ScriptedEngine(stream))
+    stream.out.fail(EngineError("worker died"))
+    await call.wait()
+    ended = events.of_type("call.ended")[-1].data
+    assert ended["reason"] == "engine_error" and "lost" in ended["transport"]
+    assert ended["stats"]["dropped"] == {"after_end": 1} and ended["stats"]["packets"] == 3

@@ -393,6 +393,7 @@ class JsonStreamSession:
             return
         self._rate = self.call.codec.clock_rate // 1000
         self.call.hangup = self.hang_up  # API DELETE, shutdown: play out the buffer first
+        self.call.on_finish(self._report)  # it may end without us: its engine failed
         self.call.count_dropped("unknown_message", self._unknown_before_start)
         self.call.count_dropped("early_audio_over_limit", self._early_over)
         while self._early:
@@ -430,8 +431,16 @@ class JsonStreamSession:
                 log.warning("media_stream_ended_before_start", held=len(self._early))
             return
         self._play(self._buffer.flush())
-        self.call.transport_stats.update(vars(self._buffer.stats), other_tracks=self.other_tracks)
+        self._report()
         self.call.end(self.reason or "disconnected")
+
+    def _report(self) -> None:
+        """The stream's counters into ``call.transport_stats``; what the jitter buffer still
+        holds when the call ends without the stream (its engine failed) is counted
+        ``after_end``, not played."""
+        assert self.call is not None
+        self.call.count_dropped("after_end", len(self._buffer.flush()))
+        self.call.transport_stats.update(vars(self._buffer.stats), other_tracks=self.other_tracks)
 
 
 #: (account auth token, public base URL) for X-Twilio-Signature checks; empty token: off.

@@ -288,6 +288,16 @@ class RtpPort(asyncio.DatagramProtocol):
         self._close(addr, source, self._clock.monotonic(), refuse)
         source.finish(reason)
 
+    def _finished(self, source: RtpSource) -> None:
+        """The call is about to publish ``call.ended``. If it ended without the port (its
+        engine failed) its source still sends: it is closed now, so its packets are counted
+        ``after_end`` instead of going into an ended call, and its counters are reported.
+        Otherwise the port closed it first and there is nothing to do."""
+        addr = next((a for a, s in self.sources.items() if s is source), None)
+        if addr is not None:
+            self._close(addr, source, self._clock.monotonic())
+            source.abandon()
+
     def hang_up(self, call: Call, reason: str) -> None:
         """End ``call`` from outside (API ``DELETE``, ``max_duration``, shutdown) as ``end``
         does: what its jitter buffer holds is played out first, then its media is refused."""
@@ -357,6 +367,7 @@ class RtpPort(asyncio.DatagramProtocol):
     def _add(self, addr: Address, source: RtpSource, packets: list[RtpPacket], now: float) -> None:
         self.sources[addr] = source
         self.by_ssrc[source.ssrc] = addr
+        source.call.on_finish(functools.partial(self._finished, source))
         for pkt in packets:
             self._receive(addr, source, pkt, now)
 

@@ -180,10 +180,20 @@ class RtpSource:
     def finish(self, reason: str) -> None:
         """Play out what is held, report the transport's counters, end the call."""
         self.flush()
+        self.report()
+        self.call.end(reason)
+
+    def abandon(self) -> None:
+        """The call ended without the transport (its engine failed): what the jitter buffer
+        holds is counted ``after_end``, not played, and the counters are reported."""
+        self.call.count_dropped("after_end", len(self.buffer.flush()))
+        self.report()
+
+    def report(self) -> None:
+        """The transport's counters into ``call.transport_stats`` (for ``call.ended``)."""
         stats = self.call.transport_stats
         stats.update(asdict(self.buffer.stats))
         stats["jitter_ms"] = round(self.jitter * 1000 / self.codec.clock_rate)
-        self.call.end(reason)
 
     def flush(self) -> None:
         """Deliver everything the jitter buffer holds; count what never validated."""

@@ -45,6 +45,7 @@ class EncodedAudio:
         self._on_packet = on_packet
         self._buffer = JitterBuffer(call.codec.clock_rate)
         self._ssrc: int | None = None
+        call.on_finish(self._report)  # it may end without us: its engine failed
 
     def add(self, packet: Any) -> tuple[bool, None]:
         """One of aiortc's ``RtpPacket`` (``rtp.py``), its payload depayloaded into ``_data``.
@@ -82,6 +83,14 @@ class EncodedAudio:
         if (call := self._call) is not None:
             for p in self._buffer.flush():
                 call.push_packet(p.timestamp, p.payload)
+            call.transport_stats.update(vars(self._buffer.stats))
+
+    def _report(self) -> None:
+        """The call is about to publish ``call.ended``: if it ended without the stream's end
+        (its engine failed), the counters are reported and what the jitter buffer holds is
+        counted ``after_end``; otherwise ``flush`` reported them."""
+        if (call := self._call) is not None:
+            call.count_dropped("after_end", len(self._buffer.flush()))
             call.transport_stats.update(vars(self._buffer.stats))
 
     def detach(self) -> None:
