@@ -79,6 +79,15 @@ def started(stream: ScriptedStream, **kwargs: float) -> tuple[Call, CapturedEven
     return call, sink
 
 
+async def end_by_engine_failure(call: Call) -> None:
+    """Start ``call`` on an engine whose stream fails at once; return once ``call.ended`` is
+    out (the call ends without its transport's doing)."""
+    stream = ScriptedStream()
+    call.start(ScriptedEngine(stream))
+    stream.out.fail(EngineError("worker died"))
+    await call.wait()
+
+
 def types(sink: CapturedEvents) -> list[str]:
     return [e.type for e in sink.events]
 

@@ -12,11 +12,11 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tests.unit.test_call import ScriptedEngine, ScriptedStream
+from tests.unit.test_call import end_by_engine_failure
 from voxphone.audio.codecs import PCMU, Codec
 from voxphone.call import Call
 from voxphone.clock import FakeClock
-from voxphone.errors import EngineError, TransportError
+from voxphone.errors import TransportError
 from voxphone.http.api import REGISTRY
 from voxphone.testing import capture_events
 from voxphone.transports.mediastream import (
@@ -454,10 +454,7 @@ async def test_a_call_whose_engine_fails_still_reports_the_streams_counters() ->
     for seq in (1, 2, 4):  # 3 is missing: 4 is held
         session.feed(media_text("telnyx", str(seq), str(20 * seq)))
     (call,) = calls
-    stream = ScriptedStream()
-    call.start(ScriptedEngine(stream))
-    stream.out.fail(EngineError("worker died"))
-    await call.wait()
+    await end_by_engine_failure(call)
     ended = call.events.of_type("call.ended")[-1].data
     assert ended["reason"] == "engine_error"
     assert ended["transport"]["other_tracks"] == 0 and "lost" in ended["transport"]

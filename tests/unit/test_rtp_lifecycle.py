@@ -11,12 +11,12 @@ import socket
 import pytest
 
 from tests.conftest import free_udp_range
-from tests.unit.test_call import ScriptedEngine, ScriptedStream
+from tests.unit.test_call import end_by_engine_failure
 from tests.unit.test_rtp_port import CALLER, Calls, tone_packets
 from voxphone.audio.codecs import PCMU
 from voxphone.call import Call
 from voxphone.clock import FakeClock
-from voxphone.errors import EngineError, TransportError
+from voxphone.errors import TransportError
 from voxphone.testing import capture_events
 from voxphone.transports.rtp import PortPolicy, Reservation, RtpPort, RtpServer, _bind, _drain
 from voxphone.transports.rtp_packet import RtpPacket
@@ -216,10 +216,7 @@ async def test_a_call_whose_engine_fails_reports_its_rtp_counters_and_refuses_it
     pkts = tone_packets(n=20)
     send(port, pkts[:9] + pkts[10:11])  # packet 9 is missing: packet 10 is held
     (call,) = calls.calls
-    stream = ScriptedStream()
-    call.start(ScriptedEngine(stream))
-    stream.out.fail(EngineError("worker died"))
-    await call.wait()
+    await end_by_engine_failure(call)
     ended = calls.sink.of_type("call.ended")[-1].data
     assert ended["reason"] == "engine_error"
     assert ended["transport"]["reordered"] == 0 and "jitter_ms" in ended["transport"]

@@ -16,13 +16,12 @@ from aiortc.rtcrtpreceiver import RemoteStreamTrack
 from aiortc.rtp import RtcpByePacket, RtpPacket
 
 from tests.hooks import until
-from tests.unit.test_call import ScriptedEngine, ScriptedStream
+from tests.unit.test_call import end_by_engine_failure
 from voxphone.app import webrtc_settings
 from voxphone.audio.codecs import PCMU
 from voxphone.call import Call
 from voxphone.clock import FakeClock
 from voxphone.config import load_config
-from voxphone.errors import EngineError
 from voxphone.testing import capture_events
 from voxphone.transports.webrtc import Session
 from voxphone.transports.webrtc_in import EncodedAudio, receive_encoded, stop_decoder
@@ -224,10 +223,7 @@ async def test_a_call_whose_engine_fails_still_reports_the_streams_counters() ->
     audio = EncodedAudio(call, lambda: None)
     for seq in (0, 1, 2, 4):  # 3 is missing: 4 is held
         audio.add(pcmu_packet(seq))
-    stream = ScriptedStream()
-    call.start(ScriptedEngine(stream))
-    stream.out.fail(EngineError("worker died"))
-    await call.wait()
+    await end_by_engine_failure(call)
     ended = events.of_type("call.ended")[-1].data
     assert ended["reason"] == "engine_error" and "lost" in ended["transport"]
     assert ended["stats"]["dropped"] == {"after_end": 1} and ended["stats"]["packets"] == 3
