@@ -21,7 +21,8 @@ Reported (and written to ``benchmarks/results/load-<machine>-<N>.json``):
   load process, not the server, could not keep up and the figures undercount.
 - ``packets``: ``socket_drops``, the datagrams the kernel dropped from the server's full
   receive buffers (``RtpServer.totals``, from ``/proc/net/udp``), and how many of the sampled
-  packets were never handled (a packet lost is not in ``packet_latency_ms``).
+  packets were never handled (a packet lost is not in ``packet_latency_ms``), and
+  ``receive_buffer``: each port's ``SO_RCVBUF`` asked, granted, and the sysctl that caps it.
 - ``keeping_up``: both of those p99s under 20 ms and no socket drop; if not,
   ``calls_per_core`` is no capacity.
 
@@ -290,7 +291,21 @@ async def serve(args: argparse.Namespace) -> dict[str, Any]:
     await app.stop()
     drops = app.rtp.totals().get(RECEIVE_BUFFER_FULL, 0)
     sent_log = json.loads(sent.read_text())
-    return report(args, probe, sent_log, cpu, wall, up, lag, t_start, profiler, drops)
+    out = report(args, probe, sent_log, cpu, wall, up, lag, t_start, profiler, drops)
+    out["packets"]["receive_buffer"] = {
+        "asked_bytes": app.rtp.receive_buffer_bytes,
+        "granted_bytes": app.rtp.receive_buffer_granted,
+        "rmem_max": rmem_max(),
+    }
+    return out
+
+
+def rmem_max() -> int | None:
+    """The sysctl ``net.core.rmem_max``: the most receive buffer a socket is granted (Linux)."""
+    try:
+        return int(Path("/proc/sys/net/core/rmem_max").read_text())
+    except OSError:
+        return None
 
 
 def keeping_up(result: dict[str, Any]) -> bool:

@@ -25,7 +25,7 @@ from voxphone.audio.codecs import (
 from voxphone.errors import ConfigError, DecodeError
 from voxphone.events.delivery import EVENT_HORIZONS, DeliveryPolicy
 from voxphone.events.webhook import decode_secret
-from voxphone.transports.rtp import RECEIVE_BUFFER_BYTES
+from voxphone.transports.rtp import MAX_RECEIVE_BUFFER_BYTES, RECEIVE_BUFFER_BYTES
 
 ENV_PREFIX = "VOXPHONE_"
 
@@ -126,7 +126,7 @@ class RtpConfig(_Section):
     #: Each port's socket receive buffer (``SO_RCVBUF``), which holds packets while the event
     #: loop is busy; what the kernel drops from a full one is counted (``receive_buffer_full``).
     #: Linux grants at most the sysctl ``net.core.rmem_max`` (the start-up log says when).
-    receive_buffer_bytes: int = Field(RECEIVE_BUFFER_BYTES, ge=4096)
+    receive_buffer_bytes: int = Field(RECEIVE_BUFFER_BYTES, ge=4096, le=MAX_RECEIVE_BUFFER_BYTES)
 
     def codec_map(self) -> dict[int, Codec]:
         """Every payload type this endpoint decodes."""

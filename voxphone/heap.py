@@ -16,6 +16,11 @@ number of objects alive, not the garbage found. Two things keep that off the aud
   young generations are collected as before, and they catch the garbage cycles that die young,
   which is nearly all of them (a request's exception and its traceback); a cycle that outlives
   them waits at most one interval.
+
+A CPython with the incremental collector (3.14's, ``gh-108362``) has only a young and
+an old generation, scans the old one an increment at a time along with each young collection and
+ignores a third threshold: its pauses are bounded by its own design, the scheduled collections
+run all the same, and the freeze keeps the start-up heap out of every increment.
 """
 
 from __future__ import annotations
@@ -51,19 +56,25 @@ async def collector_off_the_clock(
 ) -> AsyncIterator[None]:
     """While the block runs: the heap alive at its start frozen, CPython's own full collections
     off, and one full collection every ``interval_s`` seconds from a task on the running loop.
-    On the way out the thresholds are restored and the heap unfrozen (a test's process goes on)."""
+
+    On the way out, whatever ended the block, the schedule stops and the thresholds are restored;
+    the heap is unfrozen unless something had frozen objects before (``gc.unfreeze`` would undo
+    that too), so a test's process goes on as it was."""
     thresholds = gc.get_threshold()
+    frozen_before = gc.get_freeze_count()
     log.debug("startup_heap_frozen", objects=freeze_startup_heap())
     gc.set_threshold(thresholds[0], thresholds[1], _NEVER)
-    task = asyncio.create_task(_collect_every(interval_s), name="gc-full-collections")
     try:
-        yield
+        task = asyncio.create_task(_collect_every(interval_s), name="gc-full-collections")
+        try:
+            yield
+        finally:
+            task.cancel()
+            await asyncio.wait([task])  # a cancellation of our own caller still reaches it
     finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
         gc.set_threshold(*thresholds)
-        gc.unfreeze()
+        if frozen_before == 0:
+            gc.unfreeze()
 
 
 async def _collect_every(interval_s: float) -> None:

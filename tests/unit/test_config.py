@@ -71,6 +71,10 @@ def test_layers_file_then_env_then_flags(tmp_path: Path) -> None:
         ),
         ('[nats]\nurl = "http://x:4222"\n', r"nats.url: .*expected nats://"),
         ('[outbox]\nsynchronous = "OFF"\n', r"outbox.synchronous: "),
+        (
+            "[rtp]\nreceive_buffer_bytes = 3000000000\n",
+            r"rtp.receive_buffer_bytes: .*less than or equal to 268435456",
+        ),
     ],
 )
 def test_bad_config_names_the_key(tmp_path: Path, toml: str, message: str) -> None:

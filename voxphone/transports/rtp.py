@@ -28,6 +28,7 @@ import asyncio
 import dataclasses
 import functools
 import socket
+import sys
 from collections import OrderedDict, deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -42,7 +43,7 @@ from voxphone.transports.rtcp import Bye, RtcpPacket, SenderReport, parse_rtcp
 from voxphone.transports.rtp_out import RtpEndpoint
 from voxphone.transports.rtp_packet import Address, RtpPacket, is_rtcp, parse_rtp
 from voxphone.transports.rtp_source import COMFORT_NOISE_PT, Candidate, RtpSource, SourceTerms
-from voxphone.transports.udp_drops import read_drops, socket_drops
+from voxphone.transports.udp_drops import PROC_NET_UDP, read_drops, socket_inodes
 
 log = structlog.get_logger(__name__)
 
@@ -57,6 +58,9 @@ Counts = dict[str, int]
 #: seconds before anything is dropped (``load.py``, 1,000 calls on a full Xeon core, 4 MiB:
 #: packets handled 0.9 s after they were sent, at the median).
 RECEIVE_BUFFER_BYTES = 1024 * 1024
+#: The most ``SO_RCVBUF`` a config may ask for: 256 MiB holds minutes of a port's audio, far
+#: more than is worth holding, and Linux takes an ``int`` (it halves it, then doubles it back).
+MAX_RECEIVE_BUFFER_BYTES = 256 * 1024 * 1024
 #: Seconds between sweeps for silent calls and expired grace periods (``RtpServer._sweep``).
 SWEEP_S = 1.0
 #: Seconds between reads of the kernel's drop counters (``udp_drops``).
@@ -508,16 +512,19 @@ _MAX_DATAGRAM = 2048
 def _bind(host: str, port: int, receive_buffer_bytes: int = RECEIVE_BUFFER_BYTES) -> socket.socket:
     """A non-blocking UDP socket bound to ``host:port`` (IPv6 if ``host`` is an IPv6 literal),
     its receive buffer asked to be ``receive_buffer_bytes``."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_DGRAM)
+    sock = socket.socket(_family(host), socket.SOCK_DGRAM)
     try:
         sock.setblocking(False)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer_bytes)
         sock.bind((host, port))
-    except OSError:
+    except BaseException:
         sock.close()
         raise
     return sock
+
+
+def _family(host: str) -> socket.AddressFamily:
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
 
 
 def _drain(sock: socket.socket, proto: RtpPort) -> None:
@@ -591,6 +598,10 @@ class RtpServer:
         self._sockets: list[socket.socket] = []
         self._sweeper: asyncio.Task[None] | None = None
         self._next_drops_check = 0.0
+        self._inodes: frozenset[int] = frozenset()
+        #: What the kernel granted of ``receive_buffer_bytes`` to each port (known once started).
+        self.receive_buffer_granted: int | None = None
+        self._drops_unreadable = False
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -615,18 +626,22 @@ class RtpServer:
             proto.transmit_rtcp = functools.partial(_via, self.ports.get(proto.port + 1, proto))
         for proto in sorted(self.ports.values(), key=lambda p: (p.port % 2, p.port)):
             self._enqueue(proto)  # even numbers first: RTCP goes to port + 1
+        self._inodes = socket_inodes(self._sockets)
         self._sweeper = asyncio.create_task(self._sweep(), name="rtp-sweeper")
         log.info("rtp_listening", host=self.host, ports=f"{lo}-{hi}")
         self._check_receive_buffer()
 
     def _check_receive_buffer(self) -> None:
         """Say so at start when the kernel granted less receive buffer than asked (Linux caps
-        ``SO_RCVBUF`` at ``net.core.rmem_max``, then reports twice what it granted)."""
+        ``SO_RCVBUF`` at ``net.core.rmem_max``, then doubles what it granted for its own
+        bookkeeping and reports that: ``socket(7)``)."""
         got = self._sockets[0].getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
-        if got < self.receive_buffer_bytes:
+        granted = got // 2 if sys.platform.startswith("linux") else got
+        self.receive_buffer_granted = granted
+        if granted < self.receive_buffer_bytes:
             log.info(
                 "rtp_receive_buffer_capped", asked_bytes=self.receive_buffer_bytes,
-                got_bytes=got, fix="raise the sysctl net.core.rmem_max to "
+                granted_bytes=granted, fix="raise the sysctl net.core.rmem_max to "
                 f"{self.receive_buffer_bytes} or more, so a stall of the loop drops no packet",
             )  # fmt: skip
 
@@ -643,29 +658,44 @@ class RtpServer:
         interval = min(SWEEP_S, self.policy.inactivity_s / 4)
         while True:
             await asyncio.sleep(interval)
-            for port in list(self._active):
-                self._expire(port, self._clock.monotonic())
-                await asyncio.sleep(0)  # the packets waiting meanwhile go first
-            now = self._clock.monotonic()
-            if now >= self._next_drops_check:
-                self._next_drops_check = now + DROPS_CHECK_S
-                self.count_socket_drops()
+            try:
+                for port in list(self._active):
+                    self._expire(port, self._clock.monotonic())
+                    await asyncio.sleep(0)  # the packets waiting meanwhile go first
+                now = self._clock.monotonic()
+                if now >= self._next_drops_check:
+                    self._next_drops_check = now + DROPS_CHECK_S
+                    await self.count_socket_drops()
+            except Exception:  # a bug met in one sweep must not leave silent calls up for good
+                log.exception("rtp_sweep_failed")
 
-    def count_socket_drops(self) -> int:
-        """Reads the kernel's drop counters of the ports' sockets (``udp_drops``) into
-        ``totals()["receive_buffer_full"]`` and returns how many are new; new ones are logged
-        with the fix. A call charged with none of them sees each as a sequence gap (``lost``)."""
-        table = read_drops()
+    async def count_socket_drops(self) -> int:
+        """Reads the kernel's drop counters of the ports' sockets (``udp_drops``, in a worker
+        thread: the host's whole table is read) into ``totals()["receive_buffer_full"]`` and
+        returns how many are new; new ones are logged with the fix. A call charged with none of
+        them sees each as a sequence gap (``lost``). Where the counters cannot be read (not
+        Linux) that is said once, and nothing is counted."""
+        tables = (PROC_NET_UDP[_family(self.host)],)
+        table = await asyncio.to_thread(read_drops, self._inodes, tables)
         if table is None:
+            if not self._drops_unreadable:
+                self._drops_unreadable = True
+                log.info(
+                    "rtp_socket_drops_unreadable", tables=[str(t) for t in tables],
+                    consequence="datagrams the kernel drops from a full receive buffer are "
+                    "not counted (receive_buffer_full); the calls see them as network loss",
+                )  # fmt: skip
             return 0
-        total = socket_drops(self._sockets, table)
+        total = sum(table.values())
         new = total - self._counts.get(RECEIVE_BUFFER_FULL, 0)
         if new > 0:
             self._counts[RECEIVE_BUFFER_FULL] = total
             log.warning(
                 "rtp_receive_buffer_overflow", dropped=new, total=total,
                 fix="the event loop fell behind its sockets: carry fewer calls per process, or "
-                "raise rtp.receive_buffer_bytes (and the sysctl net.core.rmem_max that caps it)",
+                "raise rtp.receive_buffer_bytes (and the sysctl net.core.rmem_max that caps "
+                "it); if the buffers are large already, UDP's memory as a whole ran out: raise "
+                "the sysctl net.ipv4.udp_mem",
             )  # fmt: skip
         return max(new, 0)
 
@@ -733,8 +763,8 @@ class RtpServer:
     async def stop(self) -> None:
         if self._sweeper is not None:
             self._sweeper.cancel()
-        if self._sockets:
-            self.count_socket_drops()
+        if self._inodes:
+            await self.count_socket_drops()
         loop = asyncio.get_running_loop()
         for sock in self._sockets:
             loop.remove_reader(sock.fileno())

@@ -1,45 +1,57 @@
 """Datagrams the kernel dropped at a UDP socket (Linux), which the socket's reader never sees.
 
-When a socket's receive buffer (``SO_RCVBUF``) is full, Linux drops each further datagram and
-adds one to the socket's ``drops`` counter: the last column of ``/proc/net/udp`` and
-``/proc/net/udp6`` (``net/ipv4/udp.c``, ``udp4_format_sock``), on the socket's line, found by its
-inode. That is how a stalled event loop loses packets: a call sees only a sequence gap, which
-looks like the network's loss. Elsewhere than Linux nothing is read (``None``).
+Linux counts, per socket, each datagram it drops instead of queueing: the last column of
+``/proc/net/udp`` and ``/proc/net/udp6`` (``net/ipv4/udp.c``, ``udp4_format_sock``), on the
+socket's line, found by its inode. Nearly all are drops at a full receive buffer (``SO_RCVBUF``);
+the same counter takes those refused because UDP's memory as a whole (the sysctl
+``net.ipv4.udp_mem``) ran out, and datagrams with a bad checksum. That is how a stalled event
+loop loses packets: a call sees only a sequence gap, which looks like the network's loss.
+
+Reading a table costs the kernel and the parser ≈ 0.6 µs a socket line (every UDP socket on the
+host is listed, WebRTC calls' included), so ``read_drops`` is meant for a worker thread, and
+keeps only the lines of the inodes asked for. Elsewhere than Linux nothing is read (``None``).
 """
 
 from __future__ import annotations
 
 import os
 import socket
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable
 from pathlib import Path
 
-#: The tables of UDP sockets, IPv4 and IPv6.
-PROC_NET_UDP = (Path("/proc/net/udp"), Path("/proc/net/udp6"))
-_INODE, _DROPS = 9, 12  # whitespace-separated fields of a socket's line
+#: The table of UDP sockets of each address family.
+PROC_NET_UDP = {socket.AF_INET: Path("/proc/net/udp"), socket.AF_INET6: Path("/proc/net/udp6")}
 
 
-def parse_drops(table: str) -> dict[int, int]:
-    """``/proc/net/udp``'s text → ``{inode: drops}``; the header and short lines are skipped."""
+def socket_inodes(sockets: Iterable[socket.socket]) -> frozenset[int]:
+    """The inodes of open ``sockets``: what their lines in the tables are found by."""
+    return frozenset(os.fstat(s.fileno()).st_ino for s in sockets if s.fileno() >= 0)
+
+
+def parse_drops(table: str, inodes: Collection[int]) -> dict[int, int]:
+    """``/proc/net/udp``'s text → ``{inode: drops}`` for the sockets of ``inodes`` found in it;
+    the header and lines that are not a socket's are skipped. The fields are read from the line's
+    end (…, inode, ref, pointer, drops), which splits a fraction of it."""
     drops: dict[int, int] = {}
     for line in table.splitlines()[1:]:
-        fields = line.split()
-        if len(fields) > _DROPS and fields[_INODE].isdigit() and fields[_DROPS].isdigit():
-            drops[int(fields[_INODE])] = int(fields[_DROPS])
+        fields = line.rsplit(None, 4)
+        if len(fields) < 5 or not (fields[1].isdigit() and fields[4].isdigit()):
+            continue
+        if (inode := int(fields[1])) in inodes:
+            drops[inode] = int(fields[4])
     return drops
 
 
-def read_drops(tables: Iterable[Path] = PROC_NET_UDP) -> dict[int, int] | None:
-    """Every UDP socket's drops by inode, or ``None`` where the tables cannot be read."""
+def read_drops(inodes: Collection[int], tables: Iterable[Path]) -> dict[int, int] | None:
+    """The drops of the sockets of ``inodes``, from each of ``tables`` that can be read (a host
+    booted with ``ipv6.disable=1`` has no ``udp6``); ``None`` when none can (not Linux)."""
     drops: dict[int, int] = {}
-    try:
-        for table in tables:
-            drops.update(parse_drops(table.read_text()))
-    except OSError:
-        return None
-    return drops
-
-
-def socket_drops(sockets: Iterable[socket.socket], drops: Mapping[int, int]) -> int:
-    """The drops of ``sockets`` (open ones) summed, from ``read_drops``'s table."""
-    return sum(drops.get(os.fstat(s.fileno()).st_ino, 0) for s in sockets if s.fileno() >= 0)
+    read = False
+    for table in tables:
+        try:
+            text = table.read_text()
+        except OSError:
+            continue
+        read = True
+        drops.update(parse_drops(text, inodes))
+    return drops if read else None
