@@ -31,7 +31,8 @@ MAX_AUDIOSOCKET_BACKLOG_S = 1.0
 
 class AudioSocketEndpoint:
     """20 ms slin frames of the call's own type (``0x10`` for 8 kHz) back on the TCP stream;
-    hang-up sends ``0x00`` and half-closes it."""
+    hang-up sends ``0x00`` and half-closes it. A call that ends by itself (its engine failed)
+    closes the connection: ``_finished``."""
 
     can_send_dtmf = False
 
@@ -43,6 +44,8 @@ class AudioSocketEndpoint:
         self._end = end
         self._rate = call.codec.sample_rate
         self._max_backlog = int(2 * self._rate * MAX_AUDIOSOCKET_BACKLOG_S)  # slin: 2 bytes
+        self._hung_up = False
+        call.on_finish(self._finished)
 
     @property
     def sample_rate(self) -> int:
@@ -68,11 +71,20 @@ class AudioSocketEndpoint:
     def hangup(self, reason: str) -> None:
         """End the call with ``reason`` and send the hang-up frame (then our end of the
         stream); Asterisk hangs the channel up and closes the connection."""
+        self._hung_up = True
         self._end(reason)
         if not self._writer.is_closing():
             self._writer.write(audiosocket_hangup())
             if self._writer.can_write_eof():
                 self._writer.write_eof()
+
+    def _finished(self) -> None:
+        """The call ended and neither side hung up (its engine failed, a bug): close the
+        connection, so Asterisk stops sending audio no call takes and its ``AudioSocket()``
+        application returns. After voxphone's hang-up nothing: Asterisk closes once it has read
+        the hang-up frame (closing first could reset the connection before it does)."""
+        if not self._hung_up and not self._writer.is_closing():
+            self._writer.close()
 
 
 class ChanWebsocketEndpoint(WebSocketEndpoint):

@@ -20,7 +20,7 @@ from collections.abc import Callable
 import structlog
 from aiohttp import web
 
-from voxphone.call import Call
+from voxphone.call import FAILURE_REASONS, Call
 from voxphone.errors import PlaybackError
 
 log = structlog.get_logger(__name__)
@@ -142,6 +142,7 @@ class WebSocketEndpoint:
     """What every websocket ``MediaEndpoint`` shares (media streams, chan_websocket): writes
     through a ``WebSocketSender``, no DTMF, and a hang-up that ends the call, sends the
     dialect's last word (``_goodbye``) and closes the socket (1000) once what is queued is out.
+    A call that ends by itself (its engine failed) closes the socket too: ``_finished``.
     Subclasses give ``send`` and ``clear``."""
 
     can_send_dtmf = False
@@ -154,6 +155,7 @@ class WebSocketEndpoint:
         self._end = end
         self._rate = rate
         self._closing: asyncio.Task[None] | None = None  # held: the loop keeps weak references
+        call.on_finish(self._finished)
 
     @property
     def sample_rate(self) -> int:
@@ -179,3 +181,17 @@ class WebSocketEndpoint:
         if goodbye is not None:
             self._sender.control(goodbye)
         self._closing = asyncio.create_task(self._sender.close())
+
+    def _finished(self) -> None:
+        """The call ended and neither side hung up (its engine failed, a bug): close the socket,
+        1011 (RFC 6455 §7.4.1, an unexpected condition) for voxphone's own failure, else 1000,
+        with the reason, and no goodbye: the stream is over, the phone call is the provider's.
+        Without it the provider streams on into a call that takes nothing more (Twilio moves to
+        the next TwiML verb once the socket closes). After a hang-up or the provider's close:
+        nothing."""
+        if self._closing is not None or self._sender.closed:
+            return
+        reason = self._call.end_reason or "ended"
+        code = 1011 if reason in FAILURE_REASONS else 1000
+        message = f"call ended: {reason}".encode()[:123]
+        self._closing = asyncio.create_task(self._sender.close(code, message))

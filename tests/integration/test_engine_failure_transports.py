@@ -1,0 +1,178 @@
+"""A call whose engine fails closes its connection: the provider stops streaming into it.
+
+When a call ends without its transport's doing (``engine_error``), nothing takes the audio that
+keeps coming. Each connection-based transport closes its side, so the provider stops sending
+(Twilio goes on to the next TwiML verb, Asterisk's application returns): websockets with 1011
+and the reason, AudioSocket by closing the TCP connection. Each client below is written from
+the vendor's documented messages and keeps streaming at real-time pace until the server closes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+import struct
+import uuid
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import aiohttp
+import pytest
+
+from tests.conftest import free_tcp_port, free_udp_range
+from tests.hooks import until
+from voxphone.app import App
+from voxphone.audio.codecs import Pcm
+from voxphone.call import Call
+from voxphone.config import Config
+from voxphone.engines.base import TranscriptChunk
+from voxphone.errors import EngineError
+
+pytestmark = pytest.mark.integration
+
+CLOSED = (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSING, aiohttp.WSMsgType.CLOSED)
+
+
+class FailingStream:
+    """An engine stream that fails once its first frame has arrived, as a worker that died."""
+
+    def __init__(self) -> None:
+        self.fed = asyncio.Event()
+
+    async def send(self, frame: Pcm) -> None:
+        self.fed.set()
+
+    async def close(self) -> None: ...
+
+    async def abort(self) -> None: ...
+
+    async def chunks(self) -> AsyncIterator[TranscriptChunk]:
+        await self.fed.wait()
+        raise EngineError("the engine's worker died")
+        yield  # an async generator, as every engine's
+
+    def stats(self) -> dict[str, int]:
+        return {}
+
+
+class FailingEngine:
+    name = "failing"
+
+    async def start(self) -> None: ...
+
+    async def open_stream(self, call_id: str) -> FailingStream:
+        return FailingStream()
+
+    async def stop(self) -> None: ...
+
+
+@pytest.fixture
+async def app() -> AsyncIterator[App]:
+    config = Config.model_validate(
+        {
+            "http": {"port": free_tcp_port()},
+            "rtp": {"ports": "{}-{}".format(*free_udp_range(2))},
+            "asterisk": {"audiosocket_port": free_tcp_port()},
+            "outbox": {"path": os.environ["VOXPHONE_OUTBOX__PATH"]},  # the test's own folder
+        }
+    )
+    a = App(config, engine=FailingEngine())
+    await a.start()
+    try:
+        yield a
+    finally:
+        await a.stop()
+
+
+def twilio() -> tuple[str, list[str], Callable[[int], str | bytes]]:
+    sid = "MZ00000000000000000000000000000001"
+    start = {"event": "start", "sequenceNumber": "1", "streamSid": sid,
+             "start": {"streamSid": sid, "callSid": "CA-fails", "tracks": ["inbound"],
+                       "mediaFormat": {"encoding": "audio/x-mulaw", "sampleRate": 8000,
+                                       "channels": 1}}}  # fmt: skip
+
+    def media(i: int) -> str:
+        return json.dumps({"event": "media", "sequenceNumber": str(i + 2), "streamSid": sid,
+                           "media": {"track": "inbound", "chunk": str(i + 1),
+                                     "timestamp": str(i * 20),
+                                     "payload": base64.b64encode(b"\xff" * 160).decode()}})  # fmt: skip
+
+    return "twilio", [json.dumps(start)], media
+
+
+def vonage() -> tuple[str, list[str], Callable[[int], str | bytes]]:
+    connected = {"event": "websocket:connected", "content-type": "audio/l16;rate=16000",
+                 "uuid": "vonage-fails"}  # fmt: skip
+    return "vonage", [json.dumps(connected)], lambda i: bytes(640)
+
+
+def chan_websocket() -> tuple[str, list[str], Callable[[int], str | bytes]]:
+    start = "MEDIA_START connection_id:c0ffee channel:PJSIP/100-0001 format:ulaw"
+    return "asterisk", [start], lambda i: b"\xff" * 160
+
+
+async def opened(app: App) -> Call:
+    await until(lambda: bool(app.registry.calls), timeout_s=10)
+    (call,) = app.registry.calls.values()
+    return call
+
+
+@pytest.mark.parametrize("client", [twilio, vonage, chan_websocket])
+async def test_a_websocket_stream_is_closed_1011_when_its_calls_engine_fails(
+    app: App, client: Callable[[], tuple[str, list[str], Callable[[int], Any]]]
+) -> None:
+    path, first, media = client()
+    url = f"http://127.0.0.1:{app.config.http.port}/v1/media/{path}"
+    async with aiohttp.ClientSession() as http, http.ws_connect(url) as ws:
+        for text in first:
+            await ws.send_str(text)
+
+        async def stream() -> None:  # the provider's real-time audio, until the socket closes
+            for i in range(500):
+                m = media(i)
+                await (ws.send_str(m) if isinstance(m, str) else ws.send_bytes(m))
+                await asyncio.sleep(0.02)
+
+        sending = asyncio.create_task(stream())
+        try:
+            call = await opened(app)
+            async with asyncio.timeout(10):
+                while (msg := await ws.receive()).type not in CLOSED:
+                    pass  # what the call said back on its way out (a clear): the provider's
+        finally:
+            sending.cancel()
+            await asyncio.gather(sending, return_exceptions=True)
+    assert msg.type == aiohttp.WSMsgType.CLOSE
+    assert ws.close_code == 1011 and msg.extra == "call ended: engine_error"
+    await call.wait()
+    assert call.end_reason == "engine_error"
+
+
+def audiosocket_frame(kind: int, payload: bytes) -> bytes:
+    return struct.pack("!BH", kind, len(payload)) + payload
+
+
+async def test_an_audiosocket_connection_is_closed_when_its_calls_engine_fails(app: App) -> None:
+    port = app.config.asterisk.audiosocket_port
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+
+    async def stream() -> None:  # Asterisk's real-time 20 ms slin frames
+        writer.write(audiosocket_frame(0x01, uuid.uuid4().bytes))
+        for _ in range(500):
+            writer.write(audiosocket_frame(0x10, bytes(320)))
+            await writer.drain()
+            await asyncio.sleep(0.02)
+
+    sending = asyncio.create_task(stream())
+    try:
+        call = await opened(app)
+        async with asyncio.timeout(10):
+            assert await reader.read() == b""  # closed by voxphone, with no hang-up frame
+    finally:
+        sending.cancel()
+        await asyncio.gather(sending, return_exceptions=True)
+        writer.close()
+    await call.wait()
+    assert call.end_reason == "engine_error"
