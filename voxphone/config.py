@@ -26,6 +26,7 @@ from voxphone.errors import ConfigError, DecodeError
 from voxphone.events.delivery import EVENT_HORIZONS, DeliveryPolicy
 from voxphone.events.webhook import decode_secret
 from voxphone.transports.rtp import MAX_RECEIVE_BUFFER_BYTES, RECEIVE_BUFFER_BYTES
+from voxphone.validation import error_message
 
 ENV_PREFIX = "VOXPHONE_"
 
@@ -610,7 +611,7 @@ def _describe(exc: ValidationError, default: str, origins: Mapping[str, str]) ->
     lines = []
     for err in exc.errors():
         key = ".".join(str(p) for p in err["loc"])
-        msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+        msg = "unknown key" if err["type"] == "extra_forbidden" else error_message(err)
         lines.append(f"{_origin(key, origins, default)}: {key or '(top level)'}: {msg}")
     return "\n".join(lines)
 

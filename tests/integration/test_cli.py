@@ -174,7 +174,7 @@ def test_call_to_a_port_where_nothing_listens_fails(speech: dict[str, Speech]) -
     [
         (["--http-port", "99999"], {}, "--http-port: http.port: Input should be less than"),
         ([], {"VOXPHONE_RTP__INACTIVITY_TIMEOUT_S": "0"}, "VOXPHONE_RTP__INACTIVITY_TIMEOUT_S: "),
-        (["--webhook-secret", "abc"], {}, "--webhook-secret: webhook.secret: Value error, "),
+        (["--webhook-secret", "abc"], {}, "--webhook-secret: webhook.secret: webhook secret is "),
     ],
 )
 def test_serve_blames_the_flag_or_variable_not_the_file(

@@ -96,7 +96,8 @@ def test_vllm_slots_must_cover_the_call_limit() -> None:
 
 
 def test_remote_urls_must_be_websockets() -> None:
-    with pytest.raises(ConfigError, match="engine.vllm_remote.urls: .*expected ws:// or wss://"):
+    message = "override: engine.vllm_remote.urls: expected ws:// or wss:// URLs, got 'http://x"
+    with pytest.raises(ConfigError, match=message):  # our validator's words, nothing before them
         load_config(overrides={"engine.vllm_remote.urls": ["http://x/v1/realtime"]}, environ={})
 
 

@@ -13,6 +13,7 @@ from pydantic_core import ErrorDetails
 
 from voxphone import __version__
 from voxphone.call import CallRegistry
+from voxphone.validation import error_message
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 REGISTRY = web.AppKey("registry", CallRegistry)
@@ -42,7 +43,7 @@ _JSON_TYPES = {dict: "an object", list: "an array", str: "a string", bool: "a bo
 def _invalid(e: ErrorDetails) -> str:
     where = ".".join(map(str, e["loc"])) or "body"
     if e["type"] != "model_type":
-        return f"{where}: {e['msg']}"
+        return f"{where}: {error_message(e)}"
     got = _JSON_TYPES.get(type(e["input"]), "null" if e["input"] is None else "a number")
     return f'{where}: expected a JSON object ({{"field": value, ...}}), got {got}'
 
