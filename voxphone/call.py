@@ -48,7 +48,8 @@ FRAME_S = FRAME_MS / 1000
 ARRIVALS_KEPT = 3000
 #: Ended calls whose ids the registry remembers (about 1 MB).
 ENDED_KEPT = 10_000
-#: ``call.ended`` reasons that are voxphone's own failure, not the caller's or the bot's doing.
+#: ``call.ended`` reasons that are voxphone's own failure, not the caller's or the bot's doing:
+#: the engine failed for good (``_engine_failed``), or a bug (``_failed``).
 FAILURE_REASONS = frozenset({"engine_error", "internal_error"})
 
 

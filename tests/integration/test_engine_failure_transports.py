@@ -16,7 +16,7 @@ import os
 import struct
 import uuid
 from collections.abc import AsyncIterator, Callable
-from typing import Any
+from dataclasses import dataclass
 
 import aiohttp
 import pytest
@@ -86,31 +86,100 @@ async def app() -> AsyncIterator[App]:
         await a.stop()
 
 
-def twilio() -> tuple[str, list[str], Callable[[int], str | bytes]]:
-    sid = "MZ00000000000000000000000000000001"
-    start = {"event": "start", "sequenceNumber": "1", "streamSid": sid,
-             "start": {"streamSid": sid, "callSid": "CA-fails", "tracks": ["inbound"],
-                       "mediaFormat": {"encoding": "audio/x-mulaw", "sampleRate": 8000,
-                                       "channels": 1}}}  # fmt: skip
+@dataclass
+class Client:
+    """A provider's side of a stream: where it connects, its opening messages and its 20 ms
+    media messages (TEXT or BINARY), each from the vendor's documents."""
 
-    def media(i: int) -> str:
-        return json.dumps({"event": "media", "sequenceNumber": str(i + 2), "streamSid": sid,
-                           "media": {"track": "inbound", "chunk": str(i + 1),
-                                     "timestamp": str(i * 20),
-                                     "payload": base64.b64encode(b"\xff" * 160).decode()}})  # fmt: skip
-
-    return "twilio", [json.dumps(start)], media
+    path: str
+    opening: list[str]
+    media: Callable[[int], str | bytes]
+    protocols: tuple[str, ...] = ()
 
 
-def vonage() -> tuple[str, list[str], Callable[[int], str | bytes]]:
-    connected = {"event": "websocket:connected", "content-type": "audio/l16;rate=16000",
-                 "uuid": "vonage-fails"}  # fmt: skip
-    return "vonage", [json.dumps(connected)], lambda i: bytes(640)
+def json_media(vendor: str, i: int) -> str:
+    """Twilio's or Telnyx's ``media`` message number ``i``: 20 ms of µ-law silence."""
+    seq, sid = (
+        ("sequenceNumber", "streamSid") if vendor == "twilio" else ("sequence_number", "stream_id")
+    )
+    return json.dumps({"event": "media", seq: str(i + 2), sid: "s1",
+                       "media": {"track": "inbound", "chunk": str(i + 1), "timestamp": str(i * 20),
+                                 "payload": base64.b64encode(b"\xff" * 160).decode()}})  # fmt: skip
 
 
-def chan_websocket() -> tuple[str, list[str], Callable[[int], str | bytes]]:
-    start = "MEDIA_START connection_id:c0ffee channel:PJSIP/100-0001 format:ulaw"
-    return "asterisk", [start], lambda i: b"\xff" * 160
+CLIENTS = {
+    "twilio": Client(
+        "twilio",
+        [
+            json.dumps(
+                {
+                    "event": "start",
+                    "sequenceNumber": "1",
+                    "streamSid": "s1",
+                    "start": {
+                        "streamSid": "s1",
+                        "callSid": "CA-fails",
+                        "tracks": ["inbound"],
+                        "mediaFormat": {
+                            "encoding": "audio/x-mulaw",
+                            "sampleRate": 8000,
+                            "channels": 1,
+                        },
+                    },
+                }
+            )
+        ],  # fmt: skip
+        lambda i: json_media("twilio", i),
+    ),
+    "telnyx": Client(
+        "telnyx",
+        [
+            json.dumps({"event": "connected", "version": "1.0.0"}),
+            json.dumps(
+                {
+                    "event": "start",
+                    "sequence_number": "1",
+                    "stream_id": "s1",
+                    "start": {
+                        "call_control_id": "v3:fails",
+                        "media_format": {"encoding": "PCMU", "sample_rate": 8000, "channels": 1},
+                    },
+                }
+            ),
+        ],  # fmt: skip
+        lambda i: json_media("telnyx", i),
+    ),
+    "vonage": Client(
+        "vonage",
+        [
+            json.dumps(
+                {
+                    "event": "websocket:connected",
+                    "content-type": "audio/l16;rate=16000",
+                    "uuid": "vonage-fails",
+                }
+            )
+        ],  # fmt: skip
+        lambda i: bytes(640),
+    ),
+    "jambonz": Client(
+        "stream",
+        [json.dumps({"callSid": "jb-fails", "sampleRate": 8000, "mixType": "mono"})],
+        lambda i: bytes(320),
+        ("audio.jambonz.org",),
+    ),
+    "mod_audio_fork": Client(
+        "stream?rate=8k",
+        [json.dumps({"uuid": "fs-fails"})],
+        lambda i: bytes(320),
+        ("audio.drachtio.org",),
+    ),
+    "chan_websocket": Client(
+        "asterisk",
+        ["MEDIA_START connection_id:c0ffee channel:PJSIP/100-0001 format:ulaw"],
+        lambda i: b"\xff" * 160,
+    ),
+}
 
 
 async def opened(app: App) -> Call:
@@ -119,19 +188,26 @@ async def opened(app: App) -> Call:
     return call
 
 
-@pytest.mark.parametrize("client", [twilio, vonage, chan_websocket])
+@pytest.mark.parametrize("vendor", list(CLIENTS))
 async def test_a_websocket_stream_is_closed_1011_when_its_calls_engine_fails(
-    app: App, client: Callable[[], tuple[str, list[str], Callable[[int], Any]]]
+    app: App, vendor: str
 ) -> None:
-    path, first, media = client()
-    url = f"http://127.0.0.1:{app.config.http.port}/v1/media/{path}"
-    async with aiohttp.ClientSession() as http, http.ws_connect(url) as ws:
-        for text in first:
+    """Closed with 1011 and the reason, and no goodbye first (jambonz's ``disconnect``,
+    Asterisk's ``HANGUP``): the stream is over, what happens to the phone call is the
+    provider's to decide."""
+    client = CLIENTS[vendor]
+    url = f"http://127.0.0.1:{app.config.http.port}/v1/media/{client.path}"
+    said: list[str] = []
+    async with (
+        aiohttp.ClientSession() as http,
+        http.ws_connect(url, protocols=client.protocols) as ws,
+    ):
+        for text in client.opening:
             await ws.send_str(text)
 
         async def stream() -> None:  # the provider's real-time audio, until the socket closes
             for i in range(500):
-                m = media(i)
+                m = client.media(i)
                 await (ws.send_str(m) if isinstance(m, str) else ws.send_bytes(m))
                 await asyncio.sleep(0.02)
 
@@ -140,12 +216,14 @@ async def test_a_websocket_stream_is_closed_1011_when_its_calls_engine_fails(
             call = await opened(app)
             async with asyncio.timeout(10):
                 while (msg := await ws.receive()).type not in CLOSED:
-                    pass  # what the call said back on its way out (a clear): the provider's
+                    if msg.type == aiohttp.WSMsgType.TEXT:
+                        said.append(msg.data)  # what the call said on its way out (a clear)
         finally:
             sending.cancel()
             await asyncio.gather(sending, return_exceptions=True)
     assert msg.type == aiohttp.WSMsgType.CLOSE
     assert ws.close_code == 1011 and msg.extra == "call ended: engine_error"
+    assert not [m for m in said if "disconnect" in m or "HANGUP" in m], said
     await call.wait()
     assert call.end_reason == "engine_error"
 

@@ -53,7 +53,7 @@ def cpython_collects_the_old_generation() -> bool:
     those it counted there at its last full collection), allocated so that its automatic
     collections run; the cycle is freed only by a full one."""
     old = cycle()
-    survivors = [[] for _ in range(gc.get_freeze_count() // 2 + 200_000)]
+    survivors: list[list[int]] = [[] for _ in range(gc.get_freeze_count() // 2 + 200_000)]
     gc.collect(1)  # the last of them reach generation 2 too
     ran = old() is None
     del survivors
@@ -97,18 +97,18 @@ async def test_ending_the_block_stops_the_schedule() -> None:
     assert old() is None
 
 
-async def test_a_cancelled_caller_is_cancelled_and_the_collector_restored() -> None:
+async def test_a_cancellation_while_the_block_ends_reaches_the_caller() -> None:
+    """The caller is cancelled just as the block's exit waits for the schedule's task to end:
+    the cancellation is the caller's, not swallowed with the task's, and all is restored."""
     thresholds = gc.get_threshold()
-    entered = asyncio.Event()
 
     async def serve() -> None:
+        me = asyncio.current_task()
+        assert me is not None
         async with collector_off_the_clock(interval_s=60):
-            entered.set()
-            await asyncio.sleep(60)
+            asyncio.get_running_loop().call_soon(me.cancel)  # lands while the exit waits
 
     task = asyncio.create_task(serve())
-    await entered.wait()
-    task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
     assert gc.get_threshold() == thresholds

@@ -6,16 +6,20 @@ only and call ``sweep`` themselves.
 
 from __future__ import annotations
 
+import asyncio
 import socket
+import time
 
 import pytest
+from structlog.testing import capture_logs
 
 from tests.conftest import free_udp_range
+from tests.hooks import until
 from tests.unit.test_call import end_by_engine_failure
 from tests.unit.test_rtp_port import CALLER, Calls, tone_packets
 from voxphone.audio.codecs import PCMU
 from voxphone.call import Call
-from voxphone.clock import FakeClock
+from voxphone.clock import FakeClock, SystemClock
 from voxphone.errors import TransportError
 from voxphone.testing import capture_events
 from voxphone.transports.rtp import PortPolicy, Reservation, RtpPort, RtpServer, _bind, _drain
@@ -224,3 +228,58 @@ async def test_a_call_whose_engine_fails_reports_its_rtp_counters_and_refuses_it
     assert port.sources == {}
     send(port, pkts[11:])
     assert counts == {"after_end": 9} and len(calls.calls) == 1
+
+
+async def test_a_silent_call_is_ended_by_the_sweeper_within_a_sweep_of_its_timeout() -> None:
+    """The sweeper runs every quarter of ``inactivity_timeout_s`` (at most ``SWEEP_S``)."""
+    lo, hi = free_udp_range(1)
+    calls = Calls()
+    server = RtpServer("127.0.0.1", (lo, hi), calls, SystemClock(), inactivity_timeout_s=0.4)
+    await server.start()
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            for p in tone_packets(n=5):
+                s.sendto(p.serialize(), ("127.0.0.1", lo))
+        silent_since = time.monotonic()  # the loop reads the last packet after this
+        await until(lambda: bool(calls.calls) and calls.calls[0].stats.packets == 5)
+        await until(lambda: calls.calls[0].end_reason is not None, timeout_s=5)
+        assert calls.calls[0].end_reason == "inactivity"
+        assert 0.4 <= time.monotonic() - silent_since < 0.4 + 0.1 + 1.0  # a sweep + slack
+    finally:
+        await server.stop()
+
+
+async def test_a_sweep_that_fails_on_one_port_goes_on_with_the_others() -> None:
+    """A bug met on one port (here: its scan raises every time), or while reading the drop
+    counters, is logged once with its traceback; the other ports' silent calls still end."""
+    lo, hi = free_udp_range(2)
+    calls = Calls()
+    server = RtpServer("127.0.0.1", (lo, hi), calls, SystemClock(), inactivity_timeout_s=0.2)
+
+    def broken(now: float) -> None:
+        raise RuntimeError("a bug")
+
+    async def broken_drops() -> int:
+        raise RuntimeError("another bug")
+
+    server.count_socket_drops = broken_drops  # type: ignore[method-assign]
+    with capture_logs() as logs:
+        await server.start()
+        try:
+            server.ports[lo].expire = broken  # type: ignore[method-assign]
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+                for port in (lo, hi):
+                    for p in tone_packets(n=5):
+                        s.sendto(p.serialize(), ("127.0.0.1", port))
+            await until(lambda: len(calls.calls) == 2, timeout_s=5)
+            on_hi = [c for c in calls.calls if c.metadata["local_port"] == hi]
+            await until(lambda: on_hi[0].end_reason is not None, timeout_s=5)
+            await asyncio.sleep(0.3)  # more sweeps, failing the same way
+        finally:
+            del server.count_socket_drops  # stopping reads them once more
+            await server.stop()
+    assert on_hi[0].end_reason == "inactivity"
+    failed = [e for e in logs if e["event"] == "rtp_sweep_failed"]
+    tracebacks = sorted(e["what"] for e in failed if e["log_level"] == "error")
+    assert tracebacks == [f"port {lo}", "socket drops"]
+    assert len(failed) > 2  # the repeats, as debug lines

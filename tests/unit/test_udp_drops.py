@@ -13,8 +13,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from tests.conftest import free_udp_range
-from tests.hooks import until
-from tests.unit.test_rtp_port import Calls, tone_packets
+from tests.unit.test_rtp_port import Calls
 from voxphone.audio.codecs import PCMU
 from voxphone.clock import SystemClock
 from voxphone.testing import rtp_packets
@@ -158,49 +157,3 @@ async def test_a_receive_buffer_the_kernel_caps_is_reported_at_start(over: bool)
         return
     assert capped[0]["asked_bytes"] == asked and capped[0]["granted_bytes"] == rmem_max()
     assert "net.core.rmem_max" in capped[0]["fix"]
-
-
-async def test_a_silent_call_is_ended_by_the_sweeper_within_a_sweep_of_its_timeout() -> None:
-    """The sweeper runs every quarter of ``inactivity_timeout_s`` (at most ``SWEEP_S``)."""
-    lo, hi = free_udp_range(1)
-    calls = Calls()
-    server = RtpServer("127.0.0.1", (lo, hi), calls, SystemClock(), inactivity_timeout_s=0.4)
-    await server.start()
-    try:
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-            for p in tone_packets(n=5):
-                s.sendto(p.serialize(), ("127.0.0.1", lo))
-        silent_since = time.monotonic()  # the loop reads the last packet after this
-        await until(lambda: bool(calls.calls) and calls.calls[0].stats.packets == 5)
-        await until(lambda: calls.calls[0].end_reason is not None, timeout_s=5)
-        assert calls.calls[0].end_reason == "inactivity"
-        assert 0.4 <= time.monotonic() - silent_since < 0.4 + 0.1 + 0.3  # a sweep + slack
-    finally:
-        await server.stop()
-
-
-async def test_a_sweep_that_fails_is_logged_and_the_next_ones_still_run() -> None:
-    lo, hi = free_udp_range(1)
-    calls = Calls()
-    server = RtpServer("127.0.0.1", (lo, hi), calls, SystemClock(), inactivity_timeout_s=0.4)
-    failures = [RuntimeError("a bug")]
-
-    async def count_socket_drops() -> int:
-        if failures:
-            raise failures.pop()
-        return 0
-
-    server.count_socket_drops = count_socket_drops  # type: ignore[method-assign]
-    with capture_logs() as logs:
-        await server.start()
-        try:
-            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-                for p in tone_packets(n=5):
-                    s.sendto(p.serialize(), ("127.0.0.1", lo))
-            await until(
-                lambda: bool(calls.calls) and calls.calls[0].end_reason is not None, timeout_s=5
-            )
-        finally:
-            await server.stop()
-    assert calls.calls[0].end_reason == "inactivity"
-    assert [e["event"] for e in logs].count("rtp_sweep_failed") == 1

@@ -25,7 +25,11 @@ from voxphone.audio.codecs import G722, OPUS, PCMA, PCMU, SLIN, Codec
 from voxphone.call import Call, CallRegistry
 from voxphone.errors import TransportError
 from voxphone.http.api import REGISTRY
-from voxphone.transports.asterisk_endpoint import AudioSocketEndpoint, attach_chan_websocket
+from voxphone.transports.asterisk_endpoint import (
+    LINGER_S,
+    AudioSocketEndpoint,
+    attach_chan_websocket,
+)
 from voxphone.transports.ws_sender import WebSocketSender
 
 log = structlog.get_logger(__name__)
@@ -118,10 +122,6 @@ class AudioSocketServer:
             writer.close()
             with contextlib.suppress(ConnectionError):
                 await writer.wait_closed()
-
-
-#: How long voxphone waits, after sending a hang-up frame, for Asterisk to close the connection.
-LINGER_S = 1.0
 
 
 async def _until_closed(reader: asyncio.StreamReader) -> None:

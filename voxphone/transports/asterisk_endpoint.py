@@ -27,6 +27,9 @@ from voxphone.transports.ws_sender import WebSocketEndpoint, WebSocketSender, se
 #: Audio AudioSocket may have waiting in the TCP send buffer before frames are dropped, in
 #: seconds (Asterisk, or the network to it, is not reading).
 MAX_AUDIOSOCKET_BACKLOG_S = 1.0
+#: How long voxphone waits, after ending its side of an AudioSocket connection (a hang-up
+#: frame, or the call's own end), for Asterisk to close it.
+LINGER_S = 1.0
 
 
 class AudioSocketEndpoint:
@@ -79,12 +82,17 @@ class AudioSocketEndpoint:
                 self._writer.write_eof()
 
     def _finished(self) -> None:
-        """The call ended and neither side hung up (its engine failed, a bug): close the
-        connection, so Asterisk stops sending audio no call takes and its ``AudioSocket()``
-        application returns. After voxphone's hang-up nothing: Asterisk closes once it has read
-        the hang-up frame (closing first could reset the connection before it does)."""
-        if not self._hung_up and not self._writer.is_closing():
-            self._writer.close()
+        """The call ended and neither side hung up (its engine failed, a bug): end our side of
+        the stream (a FIN, no hang-up frame), so Asterisk's ``AudioSocket()`` application
+        returns and closes the connection, and stops sending audio no call takes; closed here
+        after ``LINGER_S`` if it has not. Not closed at once: Asterisk's frames keep arriving
+        every 20 ms, and closing a socket with unread data sends a TCP reset instead. After
+        voxphone's hang-up nothing: that path waits for Asterisk's close itself."""
+        if self._hung_up or self._writer.is_closing():
+            return
+        if self._writer.can_write_eof():
+            self._writer.write_eof()
+        asyncio.get_running_loop().call_later(LINGER_S, self._writer.close)
 
 
 class ChanWebsocketEndpoint(WebSocketEndpoint):

@@ -59,7 +59,8 @@ Counts = dict[str, int]
 #: packets handled 0.9 s after they were sent, at the median).
 RECEIVE_BUFFER_BYTES = 1024 * 1024
 #: The most ``SO_RCVBUF`` a config may ask for: 256 MiB holds minutes of a port's audio, far
-#: more than is worth holding, and Linux takes an ``int`` (it halves it, then doubles it back).
+#: more than is worth holding (Linux caps what it grants at ``net.core.rmem_max`` anyway), and
+#: well inside the C ``int`` that ``setsockopt`` takes.
 MAX_RECEIVE_BUFFER_BYTES = 256 * 1024 * 1024
 #: Seconds between sweeps for silent calls and expired grace periods (``RtpServer._sweep``).
 SWEEP_S = 1.0
@@ -524,6 +525,7 @@ def _bind(host: str, port: int, receive_buffer_bytes: int = RECEIVE_BUFFER_BYTES
 
 
 def _family(host: str) -> socket.AddressFamily:
+    """IPv6 for an IPv6 literal (it has colons), else IPv4: the socket's family and its table."""
     return socket.AF_INET6 if ":" in host else socket.AF_INET
 
 
@@ -602,26 +604,16 @@ class RtpServer:
         #: What the kernel granted of ``receive_buffer_bytes`` to each port (known once started).
         self.receive_buffer_granted: int | None = None
         self._drops_unreadable = False
+        self._sweep_faults: set[str] = set()  # what has failed in a sweep (logged once each)
 
     async def start(self) -> None:
-        loop = asyncio.get_running_loop()
         lo, hi = self.port_range
-        for port in range(lo, hi + 1):
-            proto = RtpPort(port, self._new_call, self._clock, self.policy, self._counts)
-            try:
-                sock = _bind(self.host, port, self.receive_buffer_bytes)
-            except OSError as exc:
-                await self.stop()
-                raise TransportError(
-                    f"cannot bind RTP port {self.host}:{port}: {exc.strerror or exc}; choose "
-                    "another range (--rtp-ports, rtp.ports) or stop what holds it"
-                ) from exc
-            proto.on_rtcp = self._rtcp
-            proto.on_active = self._active.add
-            proto.transmit = functools.partial(_transmit, sock, proto)
-            self.ports[port] = proto
-            self._sockets.append(sock)
-            loop.add_reader(sock.fileno(), _drain, sock, proto)
+        try:
+            for port in range(lo, hi + 1):
+                self._open(port)
+        except BaseException:  # the ports bound so far are let go
+            await self.stop()
+            raise
         for proto in self.ports.values():
             proto.transmit_rtcp = functools.partial(_via, self.ports.get(proto.port + 1, proto))
         for proto in sorted(self.ports.values(), key=lambda p: (p.port % 2, p.port)):
@@ -630,6 +622,22 @@ class RtpServer:
         self._sweeper = asyncio.create_task(self._sweep(), name="rtp-sweeper")
         log.info("rtp_listening", host=self.host, ports=f"{lo}-{hi}")
         self._check_receive_buffer()
+
+    def _open(self, port: int) -> None:
+        proto = RtpPort(port, self._new_call, self._clock, self.policy, self._counts)
+        try:
+            sock = _bind(self.host, port, self.receive_buffer_bytes)
+        except OSError as exc:
+            raise TransportError(
+                f"cannot bind RTP port {self.host}:{port}: {exc.strerror or exc}; choose "
+                "another range (--rtp-ports, rtp.ports) or stop what holds it"
+            ) from exc
+        proto.on_rtcp = self._rtcp
+        proto.on_active = self._active.add
+        proto.transmit = functools.partial(_transmit, sock, proto)
+        self.ports[port] = proto
+        self._sockets.append(sock)
+        asyncio.get_running_loop().add_reader(sock.fileno(), _drain, sock, proto)
 
     def _check_receive_buffer(self) -> None:
         """Say so at start when the kernel granted less receive buffer than asked (Linux caps
@@ -658,16 +666,28 @@ class RtpServer:
         interval = min(SWEEP_S, self.policy.inactivity_s / 4)
         while True:
             await asyncio.sleep(interval)
-            try:
-                for port in list(self._active):
+            for port in list(self._active):
+                try:
                     self._expire(port, self._clock.monotonic())
-                    await asyncio.sleep(0)  # the packets waiting meanwhile go first
-                now = self._clock.monotonic()
-                if now >= self._next_drops_check:
-                    self._next_drops_check = now + DROPS_CHECK_S
+                except Exception:  # a bug met on one port must not stop the sweep of the rest
+                    self._sweep_failed(f"port {port.port}")
+                await asyncio.sleep(0)  # the packets waiting meanwhile go first
+            now = self._clock.monotonic()
+            if now >= self._next_drops_check:
+                self._next_drops_check = now + DROPS_CHECK_S
+                try:
                     await self.count_socket_drops()
-            except Exception:  # a bug met in one sweep must not leave silent calls up for good
-                log.exception("rtp_sweep_failed")
+                except Exception:
+                    self._sweep_failed("socket drops")
+
+    def _sweep_failed(self, what: str) -> None:
+        """A bug met by the sweep: the traceback is logged the first time for each ``what``,
+        then only counted in debug lines (the sweep runs every second)."""
+        if what in self._sweep_faults:
+            log.debug("rtp_sweep_failed", what=what)
+        else:
+            self._sweep_faults.add(what)
+            log.exception("rtp_sweep_failed", what=what)
 
     async def count_socket_drops(self) -> int:
         """Reads the kernel's drop counters of the ports' sockets (``udp_drops``, in a worker
@@ -763,10 +783,12 @@ class RtpServer:
     async def stop(self) -> None:
         if self._sweeper is not None:
             self._sweeper.cancel()
-        if self._inodes:
-            await self.count_socket_drops()
-        loop = asyncio.get_running_loop()
-        for sock in self._sockets:
-            loop.remove_reader(sock.fileno())
-            sock.close()
-        self._sockets = []
+        try:
+            if self._inodes:
+                await self.count_socket_drops()
+        finally:  # even if stopping is cancelled while the counters are read
+            loop = asyncio.get_running_loop()
+            for sock in self._sockets:
+                loop.remove_reader(sock.fileno())
+                sock.close()
+            self._sockets = []
