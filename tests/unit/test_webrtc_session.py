@@ -8,6 +8,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
+import pylibsrtp
 import pytest
 from aiortc import RTCRtpCodecParameters, RTCRtpReceiver
 from aiortc.mediastreams import MediaStreamError
@@ -24,7 +25,12 @@ from voxphone.clock import FakeClock
 from voxphone.config import load_config
 from voxphone.testing import capture_events
 from voxphone.transports.webrtc import Session
-from voxphone.transports.webrtc_in import EncodedAudio, receive_encoded, stop_decoder
+from voxphone.transports.webrtc_in import (
+    EncodedAudio,
+    receive_encoded,
+    receive_srtp,
+    stop_decoder,
+)
 
 
 def session(**settings: Any) -> tuple[Session, SimpleNamespace]:
@@ -107,10 +113,15 @@ def test_a_new_ssrc_restarts_the_stream_on_the_same_call_clock() -> None:
 
 
 class _DtlsTransport:
-    """What an aiortc receiver asks of its DTLS transport before and after receiving."""
+    """What an aiortc receiver asks of its DTLS transport before and after receiving, and
+    what ``receive_srtp`` reads of it: its ICE transport's connection and its SRTP session."""
 
     state = "new"
     _stats_id = "transport"
+
+    def __init__(self) -> None:
+        self.transport = SimpleNamespace(_connection=_IceConnection())
+        self._rx_srtp: pylibsrtp.Session | None = None
 
     def _register_rtp_receiver(self, receiver: Any, parameters: Any) -> None:
         pass
@@ -122,15 +133,22 @@ class _DtlsTransport:
         pass
 
 
-async def receiving(call: Call) -> RTCRtpReceiver:
-    """A real aiortc receiver, started as a negotiated PCMU stream is (its decoder thread
-    running), with the call's ``EncodedAudio`` in place."""
-    receiver = RTCRtpReceiver("audio", _DtlsTransport())  # type: ignore[arg-type]
+async def receiving(call: Call, dtls: _DtlsTransport | None = None) -> RTCRtpReceiver:
+    """A real aiortc receiver, started as a negotiated PCMU stream (and RFC 4733 events) is,
+    its decoder thread running, with the call's ``EncodedAudio`` in place, on aiortc's path and
+    on the ICE connection's (``receive_srtp``)."""
+    dtls = dtls or _DtlsTransport()
+    receiver = RTCRtpReceiver("audio", dtls)  # type: ignore[arg-type]
     receiver._track = RemoteStreamTrack(kind="audio")
-    codec = RTCRtpCodecParameters(mimeType="audio/PCMU", clockRate=8000, payloadType=0)
+    audio = EncodedAudio(call, lambda: None)
+    receive_encoded(receiver, audio)
+    receive_srtp(receiver, audio)  # before negotiation, as a session starts
+    codecs = [
+        RTCRtpCodecParameters(mimeType="audio/PCMU", clockRate=8000, payloadType=0),
+        RTCRtpCodecParameters(mimeType="audio/telephone-event", clockRate=8000, payloadType=101),
+    ]
     encoding = RTCRtpEncodingParameters(ssrc=7, payloadType=0)
-    await receiver.receive(RTCRtpReceiveParameters(codecs=[codec], encodings=[encoding]))
-    receive_encoded(receiver, EncodedAudio(call, lambda: None))
+    await receiver.receive(RTCRtpReceiveParameters(codecs=codecs, encodings=[encoding]))
     return receiver
 
 
@@ -168,6 +186,60 @@ async def test_every_way_aiortc_stops_plays_the_held_packets_first(how: str) -> 
     ref = weakref.ref(call)
     del call
     assert ref() is None  # freed at once, though the receiver lives on
+
+
+class _IceConnection:
+    """aioice's ``Connection`` as far as ``receive_srtp`` touches it: where its protocols hand
+    each datagram that is not STUN (``data_received``), queued for aiortc's DTLS transport."""
+
+    def __init__(self) -> None:
+        self.queued: list[bytes] = []
+
+    def data_received(self, data: bytes, component: int) -> None:
+        self.queued.append(data)
+
+
+def srtp_pair() -> tuple[Session, Session]:
+    """A browser's SRTP sender and aiortc's receiving session (RFC 3711), as aiortc's DTLS
+    transport keys them (``_rx_srtp``: any inbound SSRC, a 1,024-packet replay window)."""
+    key = bytes(range(30))  # AES_CM_128_HMAC_SHA1_80: 16 bytes of key, 14 of salt
+    tx = pylibsrtp.Policy(key=key, ssrc_type=pylibsrtp.Policy.SSRC_ANY_OUTBOUND)
+    tx.allow_repeat_tx = True  # (the DTMF packet below reuses a sequence number)
+    rx = pylibsrtp.Policy(key=key, ssrc_type=pylibsrtp.Policy.SSRC_ANY_INBOUND)
+    rx.window_size = 1024
+    return pylibsrtp.Session(tx), pylibsrtp.Session(rx)
+
+
+async def test_audio_srtp_goes_from_the_ice_connection_to_the_call_the_rest_to_aiortc() -> None:
+    """Before DTLS has keyed SRTP everything takes aiortc's path; then the call's audio is
+    unprotected and played from the datagram's callback, aiortc's receiver statistics (its
+    RTCP reports) kept, while RTCP, DTLS and a payload type that is not audio (RFC 4733) go
+    on to aiortc. A replayed packet and a forged one are counted, not played."""
+    call = pcmu_call()
+    dtls = _DtlsTransport()
+    ice = dtls.transport._connection
+    receiver = await receiving(call, dtls)
+    browser, keyed = srtp_pair()
+    srtp = [browser.protect(pcmu_packet(seq).serialize()) for seq in range(6)]
+    ice.data_received(srtp[0], 1)  # before the handshake is done
+    assert ice.queued == [srtp[0]]
+    dtls._rx_srtp = keyed
+    for packet in srtp[1:4]:
+        ice.data_received(packet, 1)
+    dtmf = RtpPacket(payload_type=101, sequence_number=4, timestamp=640, ssrc=7)
+    rtcp, dtls_record = bytes([0x80, 200]) + bytes(26), bytes([22, 254, 253]) + bytes(10)
+    others = [browser.protect(dtmf.serialize()), rtcp, dtls_record]
+    for datagram in others:
+        ice.data_received(datagram, 1)
+    ice.data_received(srtp[3], 1)  # a copy: libsrtp's replay check refuses it
+    forged = bytearray(srtp[5])
+    forged[-1] ^= 1  # the authentication tag no longer matches
+    ice.data_received(bytes(forged), 1)
+    assert ice.queued == [srtp[0], *others]
+    assert call.stats.packets == 3  # 1, 2 and 3
+    assert call.stats.dropped == {"srtp_unprotect_failed": 2}
+    stream = receiver._RTCRtpReceiver__remote_streams[7]
+    assert stream.packets_received == 3 and stream.max_seq == 3
 
 
 def test_a_packet_that_fails_is_counted_and_the_call_goes_on() -> None:

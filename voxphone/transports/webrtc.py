@@ -41,7 +41,12 @@ from voxphone.errors import TransportError
 from voxphone.events.model import Event
 from voxphone.transports.dtmf import DTMF_KEYS
 from voxphone.transports.ice import HostBinder, Unavailable
-from voxphone.transports.webrtc_in import EncodedAudio, receive_encoded, stop_decoder
+from voxphone.transports.webrtc_in import (
+    EncodedAudio,
+    receive_encoded,
+    receive_srtp,
+    stop_decoder,
+)
 from voxphone.transports.webrtc_out import BotAudioTrack, WebRtcEndpoint
 from voxphone.transports.webrtc_sdp import (
     OfferPlan,
@@ -112,6 +117,7 @@ class Session:
         self._receiver = receiving[0].receiver
         self._audio = EncodedAudio(self.call, self._heard)
         receive_encoded(self._receiver, self._audio)
+        receive_srtp(self._receiver, self._audio)
         self._spawn(self._until_ended(self._receiver.track))
         self.call.hangup = self.hangup  # DELETE /v1/calls/{id} and shutdown play out the tail too
         if self.track is not None:

@@ -21,13 +21,16 @@ sends against those the call took, so an aiortc change that moves either fails l
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
+import pylibsrtp
 from aiortc import RTCRtpReceiver
+from aiortc.rtcrtpreceiver import StreamStatistics
 
 from voxphone.call import Call
+from voxphone.errors import TransportError
 from voxphone.transports.jitter import JitterBuffer
-from voxphone.transports.rtp_packet import RtpPacket
+from voxphone.transports.rtp_packet import RtpPacket, parse_rtp
 
 _PRIVATE = "_RTCRtpReceiver__"  # aiortc's name-mangled receiver internals
 
@@ -58,24 +61,47 @@ class EncodedAudio:
             return False, None
         try:
             self._on_packet()
-            self._take(call, packet)
+            self._take(call, packet.ssrc, packet.sequence_number, packet.timestamp, packet._data)
         except Exception as exc:
             call.count_dropped("internal_error", error=repr(exc))
         return False, None
 
-    def _take(self, call: Call, packet: Any) -> None:
-        seq = packet.sequence_number
-        if packet.ssrc != self._ssrc:
+    def add_srtp(self, session: pylibsrtp.Session, data: bytes) -> RtpPacket | None:
+        """One SRTP packet of the call's audio, straight from the ICE connection
+        (``receive_srtp``): unprotected (RFC 3711) with the DTLS transport's session, parsed,
+        taken as ``add`` takes aiortc's. Never raises (this runs in aioice's datagram callback);
+        a packet libsrtp refuses (a replay, a forgery) is counted ``srtp_unprotect_failed``, as
+        one that is not RTP is ``malformed`` (aiortc's path dropped both without a count).
+        Returns the packet taken, if any."""
+        call = self._call
+        if call is None:  # the call has ended (``detach``)
+            return None
+        try:
+            pkt = parse_rtp(session.unprotect(data))
+        except pylibsrtp.Error as exc:
+            call.count_dropped("srtp_unprotect_failed", error=str(exc))
+            return None
+        except TransportError as exc:
+            call.count_dropped("malformed", error=str(exc))
+            return None
+        try:
+            self._on_packet()
+            self._take(call, pkt.ssrc, pkt.sequence, pkt.timestamp, pkt.payload)
+        except Exception as exc:
+            call.count_dropped("internal_error", error=repr(exc))
+        return pkt
+
+    def _take(self, call: Call, ssrc: int, seq: int, timestamp: int, payload: bytes) -> None:
+        if ssrc != self._ssrc:
             if self._ssrc is not None:
                 self.flush()
                 call.discontinuity()
                 call.transport_stats["restarts"] = call.transport_stats.get("restarts", 0) + 1
-            self._ssrc = packet.ssrc
+            self._ssrc = ssrc
         if self._buffer.take_next(seq):  # in order, nothing waiting: straight on
-            call.push_packet(packet.timestamp, packet._data)
+            call.push_packet(timestamp, payload)
         else:
-            pkt = RtpPacket(packet.payload_type, seq, packet.timestamp, packet.ssrc, packet._data)
-            for p in self._buffer.push(pkt):
+            for p in self._buffer.push(RtpPacket(0, seq, timestamp, ssrc, payload)):
                 call.push_packet(p.timestamp, p.payload)
 
     def flush(self) -> None:
@@ -122,6 +148,72 @@ def receive_encoded(receiver: RTCRtpReceiver, audio: EncodedAudio) -> None:
         audio.detach()
 
     setattr(receiver, _PRIVATE + "stop_decoder", flush_then_stop)
+
+
+class _Counted(NamedTuple):
+    """What aiortc's ``StreamStatistics.add`` reads of a packet."""
+
+    sequence_number: int
+    timestamp: int
+
+
+#: Codecs aiortc's receiver does not hand its jitter buffer: their packets stay on its path.
+_NOT_AUDIO = frozenset({"audio/rtx", "audio/telephone-event", "audio/cn", "audio/red"})
+
+
+def receive_srtp(receiver: RTCRtpReceiver, audio: EncodedAudio) -> None:
+    """Take the call's audio packets from the ICE connection itself to ``audio``
+    (``EncodedAudio.add_srtp``), below aiortc's DTLS transport; every other datagram (STUN is
+    answered before this, DTLS, RTCP, other payload types) goes on to aiortc as before.
+
+    Why: aiortc hands each datagram through an ``asyncio.Queue`` to its DTLS transport's task,
+    which unprotects it, parses it into its ``RtpPacket`` (header extensions and all), keeps
+    receiver statistics and only then reaches its jitter buffer (``receive_encoded``): a task
+    wake-up and three awaits per 20 ms packet of every call. Here a packet is unprotected with
+    the same libsrtp session, in the datagram's own callback.
+
+    aiortc's receiver statistics are kept as its path keeps them (``StreamStatistics``: the
+    report blocks of its RTCP receiver reports, from which a browser learns the loss its Opus
+    encoder adapts to, and ``getStats``' inbound counters); the DTLS transport's byte counts
+    are not. The browser's RTCP (sender reports, BYE) still reaches aiortc. This reaches into
+    aiortc (1.16) and aioice (0.13): the ICE transport's ``_connection`` and its
+    ``data_received``, the DTLS transport's ``_rx_srtp`` (set once the handshake is done: until
+    then everything takes aiortc's path) and the receiver's negotiated codecs; an
+    ``AttributeError`` says so should they move, and ``test_webrtc`` counts the packets a
+    browser sends against those the call took."""
+    dtls = receiver.transport
+    connection = dtls.transport._connection
+    to_aiortc = connection.data_received
+    codecs = getattr(receiver, _PRIVATE + "codecs")  # filled in place once DTLS is up
+    if not hasattr(dtls, "_rx_srtp"):
+        raise AttributeError("aiortc's RTCDtlsTransport has no _rx_srtp: receive_srtp needs it")
+    streams = getattr(receiver, _PRIVATE + "remote_streams")  # its RTCP reports' statistics
+    ours: dict[int, bool] = {}  # payload type -> whether its packets come here
+
+    def is_ours(pt: int) -> bool:
+        codec = codecs.get(pt)
+        if codec is None:  # not negotiated (or not yet): aiortc's path decides
+            return False
+        ours[pt] = codec.mimeType.lower() not in _NOT_AUDIO
+        return ours[pt]
+
+    def data_received(data: bytes, component: int) -> None:
+        session = dtls._rx_srtp
+        # RTP (RFC 7983: first byte 128–191), not RTCP (RFC 5761: second byte 192–223), of
+        # an audio payload type: SRTP leaves the header in the clear (RFC 3711 §3.1).
+        if session is None or len(data) < 12 or not 127 < data[0] < 192 or 191 < data[1] < 224:
+            to_aiortc(data, component)
+            return
+        pt = data[1] & 0x7F
+        if not (ours.get(pt) or (pt not in ours and is_ours(pt))):
+            to_aiortc(data, component)
+        elif (pkt := audio.add_srtp(session, data)) is not None:
+            stream = streams.get(pkt.ssrc)
+            if stream is None:
+                stream = streams[pkt.ssrc] = StreamStatistics(codecs[pt].clockRate)
+            stream.add(_Counted(pkt.sequence, pkt.timestamp))
+
+    connection.data_received = data_received  # type: ignore[method-assign]  # (aioice's hook)
 
 
 def stop_decoder(receiver: RTCRtpReceiver) -> bool:
