@@ -371,6 +371,7 @@ async def test_every_packet_before_the_hangup_is_transcribed(
     ended = call.events[-1]["data"]
     assert ended["reason"] == "hangup"
     assert ended["stats"]["packets"] == sent > 100
+    assert session._audio is not None and session._audio.from_ice == sent  # not via aiortc
 
 
 def in_call(app: App, call_id: str, packets: int) -> Callable[[], bool]:

@@ -64,9 +64,12 @@ async def test_a_failed_connection_ends_the_call_at_once() -> None:
     assert s.call.end_reason == "ice_failed"
 
 
-def pcmu_packet(seq: int, ssrc: int = 7) -> RtpPacket:
+def pcmu_packet(seq: int, ssrc: int = 7, marker: bool = False) -> RtpPacket:
     """aiortc's packet of 20 ms of PCMU, depayloaded as its receiver leaves it (``_data``)."""
-    packet = RtpPacket(payload_type=0, sequence_number=seq & 0xFFFF, timestamp=160 * seq, ssrc=ssrc)
+    packet = RtpPacket(
+        payload_type=0, marker=int(marker), sequence_number=seq & 0xFFFF, timestamp=160 * seq,
+        ssrc=ssrc,
+    )  # fmt: skip
     packet.payload = bytes([seq % 128]) * 160
     packet._data = packet.payload  # type: ignore[attr-defined]
     return packet
@@ -133,6 +136,14 @@ class _DtlsTransport:
         pass
 
 
+#: What a browser's PCMU offer negotiates: the audio, and RFC 4733 events.
+PCMU_AND_EVENTS = [
+    RTCRtpCodecParameters(mimeType="audio/PCMU", clockRate=8000, payloadType=0),
+    RTCRtpCodecParameters(mimeType="audio/telephone-event", clockRate=8000, payloadType=101),
+]
+ENCODING = RTCRtpEncodingParameters(ssrc=7, payloadType=0)
+
+
 async def receiving(call: Call, dtls: _DtlsTransport | None = None) -> RTCRtpReceiver:
     """A real aiortc receiver, started as a negotiated PCMU stream (and RFC 4733 events) is,
     its decoder thread running, with the call's ``EncodedAudio`` in place, on aiortc's path and
@@ -143,12 +154,7 @@ async def receiving(call: Call, dtls: _DtlsTransport | None = None) -> RTCRtpRec
     audio = EncodedAudio(call, lambda: None)
     receive_encoded(receiver, audio)
     receive_srtp(receiver, audio)  # before negotiation, as a session starts
-    codecs = [
-        RTCRtpCodecParameters(mimeType="audio/PCMU", clockRate=8000, payloadType=0),
-        RTCRtpCodecParameters(mimeType="audio/telephone-event", clockRate=8000, payloadType=101),
-    ]
-    encoding = RTCRtpEncodingParameters(ssrc=7, payloadType=0)
-    await receiver.receive(RTCRtpReceiveParameters(codecs=codecs, encodings=[encoding]))
+    await receiver.receive(RTCRtpReceiveParameters(codecs=PCMU_AND_EVENTS, encodings=[ENCODING]))
     return receiver
 
 
@@ -211,35 +217,43 @@ def srtp_pair() -> tuple[Session, Session]:
 
 
 async def test_audio_srtp_goes_from_the_ice_connection_to_the_call_the_rest_to_aiortc() -> None:
-    """Before DTLS has keyed SRTP everything takes aiortc's path; then the call's audio is
-    unprotected and played from the datagram's callback, aiortc's receiver statistics (its
-    RTCP reports) kept, while RTCP, DTLS and a payload type that is not audio (RFC 4733) go
-    on to aiortc. A replayed packet and a forged one are counted, not played."""
+    """Until DTLS has keyed SRTP and the receiver knows its codecs, everything takes aiortc's
+    path; then the call's audio (marker bit or not) is unprotected and played from the
+    datagram's callback, aiortc's receiver statistics (its RTCP reports) kept, while RTCP, DTLS
+    and a payload type that is not audio (RFC 4733) go on to aiortc. A replayed packet, a
+    forged one and one too long for libsrtp are counted, not played, and raise nothing."""
     call = pcmu_call()
     dtls = _DtlsTransport()
     ice = dtls.transport._connection
-    receiver = await receiving(call, dtls)
+    receiver = RTCRtpReceiver("audio", dtls)  # type: ignore[arg-type]
+    receiver._track = RemoteStreamTrack(kind="audio")
+    audio = EncodedAudio(call, lambda: None)
+    receive_encoded(receiver, audio)
+    receive_srtp(receiver, audio)  # as a session starts: before DTLS and negotiation are done
     browser, keyed = srtp_pair()
-    srtp = [browser.protect(pcmu_packet(seq).serialize()) for seq in range(6)]
-    ice.data_received(srtp[0], 1)  # before the handshake is done
-    assert ice.queued == [srtp[0]]
+    srtp = [browser.protect(pcmu_packet(seq, marker=seq == 3).serialize()) for seq in range(7)]
+    ice.data_received(srtp[0], 1)  # before the handshake
     dtls._rx_srtp = keyed
-    for packet in srtp[1:4]:
+    ice.data_received(srtp[1], 1)  # keyed, but the receiver has no codecs yet
+    assert ice.queued == srtp[:2]
+    await receiver.receive(RTCRtpReceiveParameters(codecs=PCMU_AND_EVENTS, encodings=[ENCODING]))
+    for packet in srtp[2:5]:
         ice.data_received(packet, 1)
-    dtmf = RtpPacket(payload_type=101, sequence_number=4, timestamp=640, ssrc=7)
+    dtmf = RtpPacket(payload_type=101, sequence_number=5, timestamp=800, ssrc=7)
     rtcp, dtls_record = bytes([0x80, 200]) + bytes(26), bytes([22, 254, 253]) + bytes(10)
     others = [browser.protect(dtmf.serialize()), rtcp, dtls_record]
     for datagram in others:
         ice.data_received(datagram, 1)
-    ice.data_received(srtp[3], 1)  # a copy: libsrtp's replay check refuses it
-    forged = bytearray(srtp[5])
+    ice.data_received(srtp[4], 1)  # a copy: libsrtp's replay check refuses it
+    forged = bytearray(srtp[6])
     forged[-1] ^= 1  # the authentication tag no longer matches
     ice.data_received(bytes(forged), 1)
-    assert ice.queued == [srtp[0], *others]
-    assert call.stats.packets == 3  # 1, 2 and 3
-    assert call.stats.dropped == {"srtp_unprotect_failed": 2}
+    ice.data_received(srtp[5] + bytes(1500), 1)  # beyond libsrtp's buffer
+    assert ice.queued == [*srtp[:2], *others]
+    assert call.stats.packets == 3 and audio.from_ice == 5  # 2, 3 (marked) and 4 played
+    assert call.stats.dropped == {"srtp_unprotect_failed": 2, "malformed": 1}
     stream = receiver._RTCRtpReceiver__remote_streams[7]
-    assert stream.packets_received == 3 and stream.max_seq == 3
+    assert stream.packets_received == 3 and stream.max_seq == 4
 
 
 def test_a_packet_that_fails_is_counted_and_the_call_goes_on() -> None:

@@ -2,9 +2,10 @@
 
 The offer is checked first (``webrtc_sdp.plan_offer``) so a bad one costs no peer connection.
 The answer names exactly one audio codec, chosen from the offer, so the call's pipeline knows
-its rate before the first packet; other m= lines are answered inactive. aiortc receives (ICE,
-DTLS, SRTP, RTCP); its packets go to the call as payloads (``webrtc_in``), which the call decodes
-and places on its clock by their RTP timestamps, as for an RTP call, so loss becomes silence.
+its rate before the first packet; other m= lines are answered inactive. aiortc does ICE, DTLS,
+SRTP keying and RTCP; the call's audio packets are taken from the ICE connection and go to the
+call as payloads (``webrtc_in``), which the call decodes and places on its clock by their RTP
+timestamps, as for an RTP call, so loss becomes silence.
 Events go back to the browser over the data channel it opened. When the
 offer's audio is ``sendrecv`` the answer is too, with the bot's outbound track (``webrtc_out``):
 that is the call's ``MediaEndpoint``; a ``sendonly`` (WHIP) offer makes a listen-only call.

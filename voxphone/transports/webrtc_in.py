@@ -12,10 +12,14 @@ order, it is played at once) to ``Call.push_packet``, and the call decodes it as
 RTP call's (Opus: libopus straight to 16 kHz mono, ``audio.opus``). aiortc's decoder gets
 nothing; its thread idles until the receiver stops, and then ends the track as before.
 
-This reaches into aiortc's private receiver state (two name-mangled attributes), as
-``receive_encoded`` says; ``test_webrtc_session`` drives a real aiortc receiver through each
-way packets arrive and the decoder stops, and ``test_webrtc`` counts the packets a browser
-sends against those the call took, so an aiortc change that moves either fails loudly.
+Below that, ``receive_srtp`` takes the call's audio packets from the ICE connection itself, so
+they skip aiortc's queue, DTLS task and receiver (see there); other datagrams take aiortc's path.
+
+This reaches into aiortc's and aioice's private state, as ``receive_encoded`` and
+``receive_srtp`` say; ``test_webrtc_session`` drives a real aiortc receiver through each way
+packets arrive and the decoder stops, and ``test_webrtc`` counts the packets a browser sends
+against those the call took, and which path they took, so a change that moves either fails
+loudly.
 """
 
 from __future__ import annotations
@@ -48,6 +52,8 @@ class EncodedAudio:
         self._on_packet = on_packet
         self._buffer = JitterBuffer(call.codec.clock_rate)
         self._ssrc: int | None = None
+        #: Packets taken straight from the ICE connection (``add_srtp``), not through aiortc.
+        self.from_ice = 0
         call.on_finish(self._report)  # it may end without us: its engine failed
 
     def add(self, packet: Any) -> tuple[bool, None]:
@@ -76,6 +82,7 @@ class EncodedAudio:
         call = self._call
         if call is None:  # the call has ended (``detach``)
             return None
+        self.from_ice += 1
         try:
             pkt = parse_rtp(session.unprotect(data))
         except pylibsrtp.Error as exc:
@@ -90,6 +97,12 @@ class EncodedAudio:
         except Exception as exc:
             call.count_dropped("internal_error", error=repr(exc))
         return pkt
+
+    def count_dropped(self, reason: str, **detail: Any) -> None:
+        """A datagram of the call's stream that could not be used, counted on the call (until
+        it has ended)."""
+        if (call := self._call) is not None:
+            call.count_dropped(reason, **detail)
 
     def _take(self, call: Call, ssrc: int, seq: int, timestamp: int, payload: bytes) -> None:
         if ssrc != self._ssrc:
@@ -157,6 +170,9 @@ class _Counted(NamedTuple):
     timestamp: int
 
 
+#: The largest SRTP datagram libsrtp's binding unprotects (pylibsrtp's buffer: it raises
+#: ``ValueError`` beyond); a browser's audio packets are a few hundred bytes.
+MAX_SRTP_BYTES = 1500
 #: Codecs aiortc's receiver does not hand its jitter buffer: their packets stay on its path.
 _NOT_AUDIO = frozenset({"audio/rtx", "audio/telephone-event", "audio/cn", "audio/red"})
 
@@ -201,10 +217,20 @@ def receive_srtp(receiver: RTCRtpReceiver, audio: EncodedAudio) -> None:
         session = dtls._rx_srtp
         # RTP (RFC 7983: first byte 128–191), not RTCP (RFC 5761: second byte 192–223), of
         # an audio payload type: SRTP leaves the header in the clear (RFC 3711 §3.1).
-        if session is None or len(data) < 12 or not 127 < data[0] < 192 or 191 < data[1] < 224:
+        if session is None or len(data) < 12 or not 127 < data[0] < 192:
             to_aiortc(data, component)
-            return
-        pt = data[1] & 0x7F
+        elif len(data) > MAX_SRTP_BYTES:  # libsrtp's buffer: aiortc's task would die of it
+            audio.count_dropped("malformed", error=f"an SRTP datagram of {len(data)} bytes")
+        elif 191 < data[1] < 224:
+            to_aiortc(data, component)
+        else:
+            try:
+                take(session, data, component)
+            except Exception as exc:  # aioice's callback: nothing may escape into it
+                audio.count_dropped("internal_error", error=repr(exc))
+
+    def take(session: pylibsrtp.Session, data: bytes, component: int) -> None:
+        pt = data[1] & 0x7F  # (the marker bit off)
         if not (ours.get(pt) or (pt not in ours and is_ours(pt))):
             to_aiortc(data, component)
         elif (pkt := audio.add_srtp(session, data)) is not None:
