@@ -254,6 +254,7 @@ async def test_audio_srtp_goes_from_the_ice_connection_to_the_call_the_rest_to_a
     assert call.stats.dropped == {"srtp_unprotect_failed": 2, "malformed": 1}
     stream = receiver._RTCRtpReceiver__remote_streams[7]
     assert stream.packets_received == 3 and stream.max_seq == 4
+    assert stop_decoder(receiver)  # its decoder thread ends (else it would hold the process)
 
 
 def test_a_packet_that_fails_is_counted_and_the_call_goes_on() -> None:
