@@ -34,7 +34,7 @@ from aiortc.rtcrtpreceiver import StreamStatistics
 from voxphone.call import Call
 from voxphone.errors import TransportError
 from voxphone.transports.jitter import JitterBuffer
-from voxphone.transports.rtp_packet import RtpPacket, parse_rtp
+from voxphone.transports.rtp_packet import RtpPacket, is_rtcp, parse_rtp
 
 _PRIVATE = "_RTCRtpReceiver__"  # aiortc's name-mangled receiver internals
 
@@ -65,11 +65,7 @@ class EncodedAudio:
         call = self._call
         if call is None:  # the call has ended (``detach``)
             return False, None
-        try:
-            self._on_packet()
-            self._take(call, packet.ssrc, packet.sequence_number, packet.timestamp, packet._data)
-        except Exception as exc:
-            call.count_dropped("internal_error", error=repr(exc))
+        self._play(call, packet.ssrc, packet.sequence_number, packet.timestamp, packet._data)
         return False, None
 
     def add_srtp(self, session: pylibsrtp.Session, data: bytes) -> RtpPacket | None:
@@ -91,11 +87,7 @@ class EncodedAudio:
         except TransportError as exc:
             call.count_dropped("malformed", error=str(exc))
             return None
-        try:
-            self._on_packet()
-            self._take(call, pkt.ssrc, pkt.sequence, pkt.timestamp, pkt.payload)
-        except Exception as exc:
-            call.count_dropped("internal_error", error=repr(exc))
+        self._play(call, pkt.ssrc, pkt.sequence, pkt.timestamp, pkt.payload)
         return pkt
 
     def count_dropped(self, reason: str, **detail: Any) -> None:
@@ -103,6 +95,16 @@ class EncodedAudio:
         it has ended)."""
         if (call := self._call) is not None:
             call.count_dropped(reason, **detail)
+
+    def _play(self, call: Call, ssrc: int, seq: int, timestamp: int, payload: bytes) -> None:
+        """One packet heard (the session's watchdog) and taken; a failure is counted
+        (``internal_error``), never raised: both callers run inside aiortc's or aioice's
+        receive path, which an exception would end."""
+        try:
+            self._on_packet()
+            self._take(call, ssrc, seq, timestamp, payload)
+        except Exception as exc:
+            call.count_dropped("internal_error", error=repr(exc))
 
     def _take(self, call: Call, ssrc: int, seq: int, timestamp: int, payload: bytes) -> None:
         if ssrc != self._ssrc:
@@ -221,7 +223,7 @@ def receive_srtp(receiver: RTCRtpReceiver, audio: EncodedAudio) -> None:
             to_aiortc(data, component)
         elif len(data) > MAX_SRTP_BYTES:  # libsrtp's buffer: aiortc's task would die of it
             audio.count_dropped("malformed", error=f"an SRTP datagram of {len(data)} bytes")
-        elif 191 < data[1] < 224:
+        elif is_rtcp(data):
             to_aiortc(data, component)
         else:
             try:
