@@ -67,6 +67,10 @@ class NullStream:
     async def send(self, frame: Pcm) -> None:
         pass
 
+    def send_nowait(self, frame: Pcm) -> bool:
+        """Takes every frame at once, as the in-process engines do (``SendsNow``)."""
+        return True
+
     async def close(self) -> None:
         self.out.close()
 

@@ -27,7 +27,7 @@ from voxphone.audio.codecs import Codec, Pcm
 from voxphone.audio.pipeline import AudioPipeline
 from voxphone.audio.vad import SpeechOnset
 from voxphone.clock import Clock
-from voxphone.engines.base import Engine, EngineStream, TranscriptChunk
+from voxphone.engines.base import Engine, EngineStream, SendsNow, TranscriptChunk
 from voxphone.errors import DecodeError, EngineError, PlaybackError
 from voxphone.events import model as ev
 from voxphone.events.model import EventSequencer, EventSink
@@ -113,6 +113,10 @@ class Call:
         #: microseconds on every frame of every call and buys nothing for one reader.
         self._frames: deque[Pcm | None] = deque()
         self._more: asyncio.Future[None] | None = None  # the feeder's, while nothing is queued
+        #: The stream's ``send_nowait`` (``SendsNow``), while the feeder may be bypassed: a
+        #: frame that arrives while nothing is queued goes to the engine at once.
+        self._send_now: Callable[[Pcm], bool] | None = None
+        self._send_failed: Exception | None = None  # raised by the feeder, as ``send``'s would be
         self._max_frames = max_queued_frames
         self._room = asyncio.Event()  # set when the feeder takes a frame (for ``feed_*``)
         #: When each queued frame arrived (monotonic s), in step with ``_frames``; then, for
@@ -433,10 +437,27 @@ class Call:
                 self._log.warning(
                     "engine_lagging_frames_dropped", dropped=self.stats.dropped_frames
                 )
+        elif self._more is not None and self._send_now is not None and self._send_directly(frame):
+            return
         self._frames.append(frame)
         queued_at.append(self._clock.monotonic())
         if self._more is not None:
             self._wake_feeder()
+
+    def _send_directly(self, frame: Pcm) -> bool:
+        """Hand ``frame`` to the engine now, the feeder parked on an empty queue (so in
+        order): what the feeder would do, without waking it (``SendsNow``). False: queue it."""
+        assert self._send_now is not None
+        try:
+            if not self._send_now(frame):
+                return False
+        except Exception as exc:  # the call fails as it would had the feeder's ``send`` raised
+            self._send_now, self._send_failed = None, exc
+            self._wake_feeder()
+            return True
+        self.frames_sent += 1
+        self._sent_at[self.frames_sent % ARRIVALS_KEPT] = self._clock.monotonic()
+        return True
 
     def _queue(self, frame: Pcm) -> None:
         self._frames.append(frame)
@@ -469,6 +490,8 @@ class Call:
         self._stream = stream = await engine.open_stream(self.call_id)
         async with asyncio.TaskGroup() as tasks:
             feeder = tasks.create_task(self._feed(stream))
+            if isinstance(stream, SendsNow):
+                self._send_now = stream.send_nowait
             async for chunk in stream.chunks():
                 self._on_chunk(chunk)
             feeder.cancel()  # the engine has said all it will
@@ -479,6 +502,8 @@ class Call:
             while not frames:
                 self._more = asyncio.get_running_loop().create_future()
                 await self._more
+                if self._send_failed is not None:
+                    raise self._send_failed
             if (frame := frames.popleft()) is None:
                 break
             self._room.set()

@@ -124,7 +124,10 @@ async def test_abort_frees_the_slot(engine: VllmLocalEngine) -> None:
         await asyncio.wait_for(task, 30)
 
 
-async def test_rollover_keeps_a_long_call_going(engine: VllmLocalEngine) -> None:
+@pytest.mark.parametrize("at_once", [False, True], ids=["send", "send_nowait"])
+async def test_rollover_keeps_a_long_call_going(engine: VllmLocalEngine, at_once: bool) -> None:
+    """Fed by ``send``, or as a call feeds it: ``send_nowait`` first (the session takes a
+    frame at once), ``send`` when that declines (a rollover is due)."""
     settings = VoxtralSettings(max_session_s=1.2, max_model_len=1024, watchdog_s=60)
     stream = VoxtralStream(engine._open_session, settings, "long-call")
     await stream.start()
@@ -135,13 +138,18 @@ async def test_rollover_keeps_a_long_call_going(engine: VllmLocalEngine) -> None
             out.append(chunk)
 
     reader = asyncio.create_task(read())
+    declined = 0
     for f in frames(60):  # 4.8 s: four times the session limit
-        await stream.send(f)
+        if not (at_once and stream.send_nowait(f)):
+            declined += at_once
+            await stream.send(f)
         await asyncio.sleep(0.005)
     await stream.close()
     await asyncio.wait_for(reader, 60)
     stats = stream.stats()
     assert stats["rollovers"] >= 3 and stats["sessions"] == stats["rollovers"] + 1
+    if at_once:  # each rollover was left to ``send``, and only those frames
+        assert declined == stats["rollovers"]
     assert any(c.delta for c in out)
     assert not any(c.error for c in out)
 

@@ -316,3 +316,62 @@ async def test_a_transports_last_word_comes_before_call_ended_however_the_call_e
     assert (ended["reason"], ended["transport"]) == ("engine_error", {"lost": 3})
     assert [e["event"] for e in logs].count("transport_finish_failed") == 1
     assert call._on_finish == []  # let go of: they hold the transport, which holds the call
+
+
+class NowStream(ScriptedStream):
+    """A stream that can take a frame at once (``SendsNow``) while ``take_now`` is set; says
+    which way each frame came."""
+
+    def __init__(self, fail_now: BaseException | None = None) -> None:
+        super().__init__()
+        self.take_now = True
+        self.ways: list[str] = []
+        self._fail_now = fail_now
+
+    async def send(self, frame: Pcm) -> None:
+        await super().send(frame)
+        self.ways.append("send")
+
+    def send_nowait(self, frame: Pcm) -> bool:
+        if self._fail_now is not None:
+            raise self._fail_now
+        if not self.take_now:
+            return False
+        self.received.append(frame)
+        self.ways.append("now")
+        return True
+
+
+async def test_frames_go_straight_to_a_stream_that_takes_them_at_once_and_stay_in_order() -> None:
+    stream = NowStream()
+    call, sink = started(stream)
+    await until(lambda: call._more is not None)  # the feeder waits on an empty queue
+    for i in range(3):
+        call.push_pcm(i * 1280, frame(i))
+    assert len(stream.received) == 3  # handed over in the transport's call, no task woken
+    stream.take_now = False  # the engine would have to wait: the feeder sends these
+    call.push_pcm(3 * 1280, frame(3))
+    call.push_pcm(4 * 1280, frame(4))
+    stream.take_now = True
+    call.push_pcm(5 * 1280, frame(5))  # queued behind 3 and 4, not sent past them
+    await until(lambda: len(stream.received) == 6)
+    call.push_pcm(6 * 1280, frame(6))  # the queue is empty again: at once
+    assert [int(f[0]) for f in stream.received] == list(range(7))
+    assert stream.ways == ["now"] * 3 + ["send"] * 3 + ["now"]
+    call.end("hangup")
+    stream.out.close()
+    await asyncio.wait_for(call.wait(), 5)
+    assert stream.closed and call.frames_sent == 7
+    assert sink.events[-1].data["stats"]["dropped_frames"] == 0
+
+
+async def test_an_unexpected_error_while_handing_a_frame_over_ends_the_call_once() -> None:
+    stream = NowStream(fail_now=Boom("bug in send_nowait"))
+    call, sink = started(stream)
+    await until(lambda: call._more is not None)
+    with capture_logs() as logs:
+        call.push_pcm(0, frame(1))  # raised here, it must not reach the transport
+        await asyncio.wait_for(call.wait(), 5)
+    assert types(sink) == ["call.started", "call.ended"]
+    assert sink.events[-1].data["reason"] == "internal_error"
+    assert [type(e["exc_info"]) for e in logs if e["event"] == "call_failed"] == [Boom]

@@ -315,6 +315,14 @@ class SphinxStream:
     async def send(self, frame: Pcm) -> None:
         await self._frames.put(frame.tobytes())
 
+    def send_nowait(self, frame: Pcm) -> bool:
+        """``SendsNow``: unless ``max_queued_frames`` wait for the worker."""
+        try:
+            self._frames.put_nowait(frame.tobytes())
+        except asyncio.QueueFull:
+            return False
+        return True
+
     async def close(self) -> None:
         await self._frames.put(_END)
 

@@ -87,7 +87,13 @@ class LocalSession:
             yield frame
 
     async def send(self, frame: Pcm) -> None:
+        self.send_nowait(frame)
+
+    def send_nowait(self, frame: Pcm) -> bool:
+        """``SendsNow``: the request's input queue is unbounded (vLLM takes audio as it
+        comes), so a frame never waits."""
         self._audio.put_nowait(frame.astype(np.float32) / 32768.0)
+        return True
 
     async def finish(self) -> None:
         self._audio.put_nowait(None)

@@ -77,7 +77,13 @@ class WorkerSession:
         self.inbox: asyncio.Queue[Step | SessionFailed | None] = asyncio.Queue()
 
     async def send(self, frame: Pcm) -> None:
+        self.send_nowait(frame)
+
+    def send_nowait(self, frame: Pcm) -> bool:
+        """``SendsNow``: a frame goes into the worker's pipe buffer (``SessionFailed`` if the
+        worker is gone)."""
         self._worker.write(encode(Kind.AUDIO, self.sid, frame.astype("<i2").tobytes()))
+        return True
 
     async def finish(self) -> None:
         if self._worker.alive:  # a lost worker has already failed the session

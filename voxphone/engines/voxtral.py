@@ -37,7 +37,7 @@ import numpy as np
 import structlog
 
 from voxphone.audio.codecs import Pcm
-from voxphone.engines.base import ChunkQueue, TranscriptChunk
+from voxphone.engines.base import ChunkQueue, SendsNow, TranscriptChunk
 from voxphone.errors import EngineError
 
 log = structlog.get_logger(__name__)
@@ -62,6 +62,9 @@ class SessionFailed(EngineError):
 
 
 class Session(Protocol):
+    """One engine request. A session that can also take a frame without waiting implements
+    ``SendsNow`` (the in-process engine and the worker pool do; the remote client does not)."""
+
     async def send(self, frame: Pcm) -> None: ...
 
     async def finish(self) -> None:
@@ -221,14 +224,40 @@ class VoxtralStream:
         async with self._lock:
             await self._send_locked(frame)
 
+    def send_nowait(self, frame: Pcm) -> bool:
+        """``SendsNow``: ``send`` without waiting when nothing in it has to wait: no session
+        being replaced (the lock is free), no rollover or watchdog restart due, and a session
+        that takes frames at once (``SendsNow``). False: nothing was done."""
+        live = self._live
+        if (
+            live is None
+            or self._lock.locked()
+            or not isinstance(live.session, SendsNow)
+            or self._rollover_due(live)
+            or self._stuck(live) is not None
+        ):
+            return False
+        try:
+            if not live.session.send_nowait(frame):
+                return False
+        except SessionFailed:  # as in ``_send``: the reader sees it and replaces the session
+            pass
+        self._count(live, frame)
+        return True
+
+    def _rollover_due(self, live: _Live) -> bool:
+        """Whether the session is long enough to cut: past 90 % of its length in a pause, or
+        at the hard limit."""
+        in_pause = self._quiet_ms >= self._s.pause_s * 1000 and not self._seg.open
+        return live.frames >= self._s.hard_steps or (
+            live.frames >= 0.9 * self._s.hard_steps and in_pause
+        )
+
     async def _send_locked(self, frame: Pcm) -> None:
         live = self._live
         if live is None:
             raise EngineError("stream is closed")
-        in_pause = self._quiet_ms >= self._s.pause_s * 1000 and not self._seg.open
-        if live.frames >= self._s.hard_steps or (
-            live.frames >= 0.9 * self._s.hard_steps and in_pause
-        ):
+        if self._rollover_due(live):
             self.counters.rollovers += 1
             await self._replace("rollover", replay=False)
         elif problem := self._stuck(live):
@@ -240,6 +269,14 @@ class VoxtralStream:
     async def _send(self, frame: Pcm) -> None:
         live = self._live
         assert live is not None
+        self._count(live, frame)
+        # A failed send shows on the step stream too; the reader replaces the session.
+        with contextlib.suppress(SessionFailed):
+            await live.session.send(frame)
+
+    def _count(self, live: _Live, frame: Pcm) -> None:
+        """A frame about to go to ``live``: kept for a replay, and counted for the pause
+        detection, the watchdog and the lag."""
         self._replay.append(frame)
         speech = float(np.sqrt(np.mean(frame.astype(np.float32) ** 2))) >= self._s.speech_rms
         live.pending_speech.append(speech)
@@ -247,9 +284,6 @@ class VoxtralStream:
         live.frames += 1
         self._sent_ms += FRAME_MS
         self._note_lag(live)
-        # A failed send shows on the step stream too; the reader replaces the session.
-        with contextlib.suppress(SessionFailed):
-            await live.session.send(frame)
 
     def _stuck(self, live: _Live) -> str | None:
         """The known ways a Voxtral session goes quiet while looking healthy."""
