@@ -14,8 +14,10 @@
   socket closes (1000) after ``call.ended``.
 
 Refusals: 404 no such call, 410 the call has ended, 409 it is ending or its transport cannot
-talk back (or send DTMF), 400 bad JSON or fields, 413 too large, 415 a body FFmpeg cannot
-decode, 422 a URL that cannot be fetched or decoded.
+talk back (or send DTMF), 400 bad JSON, fields or URLs (not http(s), an address the rules
+refuse, a host that does not resolve: checked before anything is fetched), 413 too large, 415 a
+body FFmpeg cannot decode, 422 a URL whose fetch failed (no connection, a timeout, an HTTP
+error, a redirect the rules refuse) or whose body FFmpeg cannot decode.
 """
 
 from __future__ import annotations
