@@ -214,7 +214,9 @@ class App:
         return self.registry.open(codec, transport="rtp", metadata=dict(metadata))
 
     async def start(self) -> None:
-        await self.events.start()  # first: it refuses to start on an outbox already in use
+        if self.webrtc is not None:
+            await self.webrtc.start()  # before anything: it only checks the WebRTC stack
+        await self.events.start()  # it refuses to start on an outbox already in use
         await self.engine.start()
         await self.rtp.start()
         if self.audiosocket is not None:

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import pylibsrtp
 import pytest
-from aiortc import RTCRtpCodecParameters, RTCRtpReceiver
+from aiortc import RTCDtlsTransport, RTCRtpCodecParameters, RTCRtpReceiver
 from aiortc.mediastreams import MediaStreamError
 from aiortc.rtcrtpparameters import RTCRtpEncodingParameters, RTCRtpReceiveParameters
 from aiortc.rtcrtpreceiver import RemoteStreamTrack
@@ -23,8 +23,9 @@ from voxphone.audio.codecs import PCMU
 from voxphone.call import Call
 from voxphone.clock import FakeClock
 from voxphone.config import load_config
+from voxphone.errors import TransportError
 from voxphone.testing import capture_events
-from voxphone.transports.webrtc import Session
+from voxphone.transports.webrtc import Session, WebRtcGateway
 from voxphone.transports.webrtc_in import (
     EncodedAudio,
     receive_encoded,
@@ -314,3 +315,33 @@ async def test_a_call_whose_engine_fails_still_reports_the_streams_counters() ->
     ended = events.of_type("call.ended")[-1].data
     assert ended["reason"] == "engine_error" and "lost" in ended["transport"]
     assert ended["stats"]["dropped"] == {"after_end": 1} and ended["stats"]["packets"] == 3
+
+
+def gateway() -> WebRtcGateway:
+    settings = webrtc_settings(load_config(environ={}))
+    return WebRtcGateway(SimpleNamespace(), settings, FakeClock())  # type: ignore[arg-type]
+
+
+async def test_the_installed_aiortc_has_what_voxphone_reaches_into() -> None:
+    await gateway().start()  # raises, naming what is missing, if a pinned release moved it
+
+
+@pytest.mark.parametrize("moved", ["RTCDtlsTransport._rx_srtp", "RTCRtpReceiver.codecs"])
+async def test_an_aiortc_whose_internals_moved_is_refused_at_start_up_in_one_line(
+    monkeypatch: pytest.MonkeyPatch, moved: str
+) -> None:
+    owner, name = moved.split(".")
+    cls: Any = {"RTCDtlsTransport": RTCDtlsTransport, "RTCRtpReceiver": RTCRtpReceiver}[owner]
+    attr = f"_{owner}__{name}" if owner == "RTCRtpReceiver" else name
+    init = cls.__init__
+
+    def renamed(self: Any, *args: Any, **kwargs: Any) -> None:  # as a release renaming it would
+        init(self, *args, **kwargs)
+        setattr(self, attr + "_renamed", getattr(self, attr))
+        delattr(self, attr)
+
+    monkeypatch.setattr(cls, "__init__", renamed)
+    with pytest.raises(TransportError) as refused:
+        await gateway().start()
+    message = str(refused.value)
+    assert moved in message and "webrtc.enabled = false" in message and "\n" not in message

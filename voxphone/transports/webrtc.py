@@ -21,6 +21,7 @@ import asyncio
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from importlib.metadata import version
 from typing import Any
 
 import structlog
@@ -44,6 +45,7 @@ from voxphone.transports.dtmf import DTMF_KEYS
 from voxphone.transports.ice import HostBinder, Unavailable
 from voxphone.transports.webrtc_in import (
     EncodedAudio,
+    missing_internals,
     receive_encoded,
     receive_srtp,
     stop_decoder,
@@ -310,6 +312,23 @@ class WebRtcGateway:
             why = "libopus not found next to PyAV or on the system; reinstall PyAV's wheel"
             log.warning("webrtc_without_opus", why=why, codecs="PCMU, PCMA or G.722")
         self._ice_servers = list(settings.ice_servers)
+
+    async def start(self) -> None:
+        """Check, before any call, that the aiortc and aioice installed have what voxphone's
+        receive path reaches into (``webrtc_in.missing_internals``); ``TransportError`` in one
+        line if not."""
+        pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+        try:
+            missing = missing_internals(pc.addTransceiver("audio", direction="recvonly").receiver)
+        finally:
+            await pc.close()
+        if missing:
+            versions = f"aiortc {version('aiortc')}, aioice {version('aioice')}"
+            raise TransportError(
+                f"WebRTC: {versions} lack what voxphone receives browser audio through "
+                f"({', '.join(missing)}); install the releases voxphone pins "
+                "(pip install 'aiortc<1.17' 'aioice<0.14') or set webrtc.enabled = false"
+            )
 
     async def answer(self, offer_sdp: str, metadata: dict[str, Any]) -> tuple[Session, str]:
         """Answer a browser's offer and start its call.

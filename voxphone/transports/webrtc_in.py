@@ -147,6 +147,34 @@ def _nothing() -> None:
     pass
 
 
+def missing_internals(receiver: RTCRtpReceiver) -> list[str]:
+    """What ``receive_encoded`` and ``receive_srtp`` reach into that this aiortc and aioice
+    lack, as ``Class.attribute`` (empty: all there), for a ``receiver`` fresh from
+    ``addTransceiver``. Checked once at start-up (``WebRtcGateway.start``): should they move in
+    a release the pins (``aiortc<1.17``, ``aioice<0.14``) did not keep out, voxphone says so
+    before taking a call, rather than with an ``AttributeError`` in each call's set-up."""
+    dtls = receiver.transport
+    ice = dtls.transport
+    connection = getattr(ice, "_connection", None)
+    wanted = [
+        *((receiver, "RTCRtpReceiver", _PRIVATE + n) for n in _RECEIVER_INTERNALS),
+        (dtls, "RTCDtlsTransport", "_rx_srtp"),
+        (ice, "RTCIceTransport", "_connection"),
+        (connection, "aioice.Connection", "data_received"),
+    ]
+    return [
+        f"{owner}.{name.removeprefix(_PRIVATE)}"
+        for obj, owner, name in wanted
+        if not hasattr(obj, name)
+    ]
+
+
+#: The receiver's name-mangled attributes this module uses (``_PRIVATE`` + each).
+_RECEIVER_INTERNALS = (
+    "jitter_buffer", "codecs", "remote_streams", "stop_decoder", "decoder_thread"
+)  # fmt: skip
+
+
 def receive_encoded(receiver: RTCRtpReceiver, audio: EncodedAudio) -> None:
     """Put ``audio`` in the place of ``receiver``'s jitter buffer, and make every way aiortc
     stops the receiver's decoder — an RTCP BYE, DTLS closing under it, ``stop()``, voxphone's
