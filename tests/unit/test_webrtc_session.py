@@ -10,17 +10,22 @@ from typing import Any
 import numpy as np
 import pylibsrtp
 import pytest
-from aiortc import RTCDtlsTransport, RTCRtpCodecParameters, RTCRtpReceiver
+from aiortc import (
+    RTCDtlsTransport,
+    RTCPeerConnection,
+    RTCRtpCodecParameters,
+    RTCRtpReceiver,
+)
 from aiortc.mediastreams import MediaStreamError
 from aiortc.rtcrtpparameters import RTCRtpEncodingParameters, RTCRtpReceiveParameters
 from aiortc.rtcrtpreceiver import RemoteStreamTrack
 from aiortc.rtp import RtcpByePacket, RtpPacket
 
 from tests.hooks import until
-from tests.unit.test_call import end_by_engine_failure
+from tests.unit.test_call import Boom, ScriptedEngine, ScriptedStream, end_by_engine_failure
 from voxphone.app import webrtc_settings
 from voxphone.audio.codecs import PCMU
-from voxphone.call import Call
+from voxphone.call import Call, CallRegistry
 from voxphone.clock import FakeClock
 from voxphone.config import load_config
 from voxphone.errors import TransportError
@@ -345,3 +350,36 @@ async def test_an_aiortc_whose_internals_moved_is_refused_at_start_up_in_one_lin
         await gateway().start()
     message = str(refused.value)
     assert moved in message and "webrtc.enabled = false" in message and "\n" not in message
+
+
+async def test_a_call_whose_set_up_fails_ends_and_closes_its_peer_connection(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    class Finishing(ScriptedStream):  # says its last words when the audio ends
+        async def close(self) -> None:
+            self.out.close()
+
+    sink = capture_events()
+    registry = CallRegistry(ScriptedEngine(Finishing()), sink, FakeClock(), 10, 5.0)
+    settings = webrtc_settings(load_config(environ={}))
+    webrtc = WebRtcGateway(registry, settings, FakeClock())
+    opened: list[RTCPeerConnection] = []
+    monkeypatch.setattr(
+        "voxphone.transports.webrtc.RTCPeerConnection",
+        lambda *a, **kw: opened.append(RTCPeerConnection(*a, **kw)) or opened[-1],
+    )
+
+    def broken(*_args: Any) -> None:
+        raise Boom("a bug in the set-up")
+
+    monkeypatch.setattr("voxphone.transports.webrtc.receive_srtp", broken)
+    browser = RTCPeerConnection()
+    browser.addTransceiver("audio", direction="sendonly")
+    await browser.setLocalDescription(await browser.createOffer())
+    with pytest.raises(Boom):
+        await webrtc.answer(browser.localDescription.sdp, {})
+    await until(lambda: not registry.calls)
+    assert sink.of_type("call.ended")[0].data["reason"] == "internal_error"
+    assert not webrtc.sessions
+    assert [pc.connectionState for pc in opened] == ["closed"]
+    await browser.close()

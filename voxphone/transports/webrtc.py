@@ -361,7 +361,13 @@ class WebRtcGateway:
             raise Unavailable("not accepting calls: at the concurrent call limit, or draining")
         session = Session(call_id, pc, call, self.settings, self.clock, pending=early, track=track)
         self.sessions[call_id] = session
-        session.start(self._forget)
+        try:
+            session.start(self._forget)
+        except BaseException:  # a bug in the set-up: the call ends, its connection closes
+            self.sessions.pop(call_id, None)
+            call.end("internal_error")
+            await pc.close()
+            raise
         log.info("webrtc_answered", call_id=call_id, codec=plan.codec.name)
         return session, answer_sdp
 
