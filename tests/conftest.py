@@ -18,6 +18,8 @@ from voxphone.engines.sphinx import SAMPLE_RATE, Recognizer, SphinxSettings
 from voxphone.testing import free_tcp_port as free_tcp_port  # for the tests that import it here
 from voxphone.testing import free_udp_range as free_udp_range
 
+pytest_plugins = ["tests.threads"]  # a thread a test leaves running is named, not waited for
+
 # Sentences flite says clearly enough for pocketsphinx, even through 8 kHz G.711.
 SENTENCES = {
     "order": ("rms", "Hello, I would like to check the status of my order."),
