@@ -2,11 +2,13 @@
 
 A ``Call`` owns its pipeline and two tasks: the *feeder* moves frames from a bounded queue into the
 engine stream (the only place that may wait on the engine), and the *reader* turns engine output
-into events. Transports push packets synchronously and never wait: if the engine falls behind by
-more than the queue holds, the oldest frames are dropped and counted rather than stalling the
-socket. A failure inside one call ends that call with ``call.ended{reason}``, nothing else: every
-``call.started`` gets exactly one ``call.ended``, and what the engine streamed of a segment it never
-closed (it failed, or missed the flush deadline) is published as that segment's final.
+into events. While the feeder waits on an empty queue, a frame goes straight to a stream that can
+take it without waiting (``SendsNow``), in the transport's own call. Transports push packets
+synchronously and never wait: if the engine falls behind by more than the queue holds, the oldest
+frames are dropped and counted rather than stalling the socket. A failure inside one call ends
+that call with ``call.ended{reason}``, nothing else: every ``call.started`` gets exactly one
+``call.ended``, and what the engine streamed of a segment it never closed (it failed, or missed
+the flush deadline) is published as that segment's final.
 """
 
 from __future__ import annotations
@@ -425,7 +427,8 @@ class Call:
         self.count_dropped("undecodable", error=str(exc))
 
     def _enqueue(self, frame: Pcm) -> None:
-        """Queue a live frame, dropping the oldest when full. Once per 80 ms frame of every
+        """Queue a live frame, dropping the oldest when full; or, while the feeder waits on an
+        empty queue, hand it to a ``SendsNow`` stream at once. Once per 80 ms frame of every
         call, so ``_queue`` is written out and the bound read from ``_queued_at`` (in step
         with ``_frames`` until the end marker, which comes after the last frame)."""
         queued_at = self._queued_at
@@ -497,6 +500,12 @@ class Call:
             feeder.cancel()  # the engine has said all it will
 
     async def _feed(self, stream: EngineStream) -> None:
+        try:
+            await self._feed_frames(stream)
+        finally:  # done, or cancelled (the engine failed): no frame may bypass it any more
+            self._more = self._send_now = None
+
+    async def _feed_frames(self, stream: EngineStream) -> None:
         frames = self._frames
         while True:
             while not frames:

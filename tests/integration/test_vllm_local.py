@@ -22,7 +22,7 @@ from voxphone.clock import SystemClock
 from voxphone.engines import vllm_compat
 from voxphone.engines.tiny_voxtral import write_tiny_voxtral
 from voxphone.engines.vllm_local import LocalSession, VllmLocalEngine, check_model_dir
-from voxphone.engines.voxtral import Step, VoxtralSettings, VoxtralStream
+from voxphone.engines.voxtral import DirectVoxtralStream, Step, VoxtralSettings
 from voxphone.errors import EngineError
 from voxphone.testing import capture_events
 
@@ -129,7 +129,7 @@ async def test_rollover_keeps_a_long_call_going(engine: VllmLocalEngine, at_once
     """Fed by ``send``, or as a call feeds it: ``send_nowait`` first (the session takes a
     frame at once), ``send`` when that declines (a rollover is due)."""
     settings = VoxtralSettings(max_session_s=1.2, max_model_len=1024, watchdog_s=60)
-    stream = VoxtralStream(engine._open_session, settings, "long-call")
+    stream = DirectVoxtralStream(engine._open_session, settings, "long-call")
     await stream.start()
     out = []
 

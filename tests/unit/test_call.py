@@ -375,3 +375,34 @@ async def test_an_unexpected_error_while_handing_a_frame_over_ends_the_call_once
     assert types(sink) == ["call.started", "call.ended"]
     assert sink.events[-1].data["reason"] == "internal_error"
     assert [type(e["exc_info"]) for e in logs if e["event"] == "call_failed"] == [Boom]
+
+
+async def test_no_frame_overtakes_one_the_feeder_is_sending() -> None:
+    stream = NowStream()
+    call, _ = started(stream)
+    await until(lambda: call._more is not None)
+    stream.take_now, stream.gate = False, asyncio.Event()  # the engine would make it wait
+    call.push_pcm(0, frame(0))
+    await until(lambda: call._more is None and not call._frames)  # the feeder is in ``send``
+    stream.take_now = True
+    call.push_pcm(1280, frame(1))  # queued behind frame 0, though the stream would take it now
+    stream.gate.set()
+    await until(lambda: len(stream.received) == 2)
+    assert [int(f[0]) for f in stream.received] == [0, 1]
+    call.end("hangup")
+    stream.out.close()
+    await asyncio.wait_for(call.wait(), 5)
+
+
+async def test_no_frame_goes_to_a_stream_whose_engine_has_failed() -> None:
+    stream = NowStream()
+    call, sink = started(stream)
+    await until(lambda: call._more is not None)
+    stream.out.fail(EngineError("worker died"))
+    await asyncio.sleep(0)  # the reader raises; the feeder is cancelled
+    await asyncio.sleep(0)
+    assert call.end_reason is None  # not yet ended: packets still arrive in this window
+    call.push_pcm(0, frame(7))
+    await asyncio.wait_for(call.wait(), 5)
+    assert sink.events[-1].data["reason"] == "engine_error"
+    assert stream.received == []

@@ -1,6 +1,8 @@
-"""``VoxtralStream.send_nowait``: a frame goes to the session at once only when ``send`` would
-not have had to wait; otherwise nothing happens and ``send`` does the waiting work (a rollover,
-a session being replaced). The real engine's sessions are in ``test_vllm_local``."""
+"""``DirectVoxtralStream.send_nowait``: a frame goes to the session at once only when ``send``
+would not have had to wait, with the same bookkeeping; otherwise nothing happens and ``send``
+does the waiting work (a rollover, a watchdog restart, a session being replaced). A remote
+engine's stream takes frames by ``send`` only. The real engine's sessions are in
+``test_vllm_local``."""
 
 from __future__ import annotations
 
@@ -10,7 +12,14 @@ from collections.abc import AsyncIterator
 import numpy as np
 
 from voxphone.audio.codecs import Pcm
-from voxphone.engines.voxtral import Step, VoxtralSettings, VoxtralStream
+from voxphone.engines.base import SendsNow
+from voxphone.engines.voxtral import (
+    DirectVoxtralStream,
+    SessionFailed,
+    Step,
+    VoxtralSettings,
+    VoxtralStream,
+)
 
 
 class Session:
@@ -36,47 +45,69 @@ class Session:
         yield
 
 
-class InProcessSession(Session):
-    """One that also takes a frame at once (``SendsNow``), as the in-process engines' do."""
+class DirectSession(Session):
+    """One that also takes a frame at once, as the in-process engines' do; ``broken``: as a
+    worker that is gone (``SessionFailed``)."""
+
+    broken = False
 
     def send_nowait(self, frame: Pcm) -> bool:
+        if self.broken:
+            raise SessionFailed("engine worker 0 is not running")
         self.frames.append(int(frame[0]))
         return True
 
 
-def frame(value: int) -> Pcm:
-    return np.full(1280, value, np.int16)
+def frame(value: int, level: int = 1000) -> Pcm:
+    pcm = np.full(1280, level, np.int16)
+    pcm[0] = value
+    return pcm
 
 
-async def stream_of(sends_now: bool, **settings: float) -> tuple[VoxtralStream, list[Session]]:
-    sessions: list[Session] = []
+async def direct(**settings: float) -> tuple[DirectVoxtralStream, list[DirectSession]]:
+    sessions: list[DirectSession] = []
 
-    async def open_session() -> Session:
-        sessions.append(InProcessSession() if sends_now else Session())
+    async def open_session() -> DirectSession:
+        sessions.append(DirectSession())
         return sessions[-1]
 
-    stream = VoxtralStream(open_session, VoxtralSettings(**settings), "c")  # type: ignore[arg-type]
+    stream = DirectVoxtralStream(open_session, VoxtralSettings(**settings), "c")
     await stream.start()
     return stream, sessions
 
 
+def bookkeeping(stream: VoxtralStream) -> tuple[object, ...]:
+    live = stream._live
+    assert live is not None
+    return (
+        live.frames, list(live.pending_speech), len(stream._replay), stream._sent_ms,
+        stream._quiet_ms, stream.stats(),
+    )  # fmt: skip
+
+
 async def test_frames_go_straight_to_a_session_that_takes_them_at_once() -> None:
-    stream, sessions = await stream_of(sends_now=True)
-    assert all(stream.send_nowait(frame(i)) for i in range(5))
+    stream, sessions = await direct()
+    assert isinstance(stream, SendsNow)
+    levels = [0, 1000, 0, 0, 1000]  # silence and speech: the pause and watchdog counts
+    assert all(stream.send_nowait(frame(i, level)) for i, level in enumerate(levels))
     assert sessions[0].frames == [0, 1, 2, 3, 4]
-    assert stream._live is not None and stream._live.frames == 5  # counted as ``send`` counts
+    by_send, _ = await direct()
+    for i, level in enumerate(levels):
+        await by_send.send(frame(i, level))
+    assert bookkeeping(stream) == bookkeeping(by_send)  # counted exactly as ``send`` counts
     await stream.abort()
+    await by_send.abort()
 
 
-async def test_a_remote_session_is_sent_to_by_send_only() -> None:
-    stream, sessions = await stream_of(sends_now=False)
-    assert not stream.send_nowait(frame(1))
-    assert sessions[0].frames == [] and stream._live is not None and stream._live.frames == 0
-    await stream.abort()
+async def test_a_remote_engines_stream_takes_frames_by_send_only() -> None:
+    async def open_session() -> Session:
+        return Session()
+
+    assert not isinstance(VoxtralStream(open_session, VoxtralSettings(), "c"), SendsNow)
 
 
 async def test_a_due_rollover_is_left_to_send() -> None:
-    stream, sessions = await stream_of(sends_now=True, max_session_s=0.4)  # 5 frames a session
+    stream, sessions = await direct(max_session_s=0.4)  # 5 frames a session
     sent = [stream.send_nowait(frame(i)) for i in range(7)]
     assert sent == [True] * 5 + [False] * 2  # the sixth would need a new session
     await stream.send(frame(5))  # as the call's feeder does: it rolls over and sends
@@ -86,10 +117,29 @@ async def test_a_due_rollover_is_left_to_send() -> None:
     await stream.abort()
 
 
-async def test_nothing_is_sent_at_once_while_the_lock_is_held() -> None:
-    stream, sessions = await stream_of(sends_now=True)
+async def test_a_due_watchdog_restart_is_left_to_send() -> None:
+    stream, sessions = await direct(watchdog_s=0.4)  # speech without text for 5 frames
+    assert stream._live is not None
+    stream._live.speech_ms_since_text = 400  # what the reader counts as steps come back empty
+    assert not stream.send_nowait(frame(0))
+    await stream.send(frame(0))  # restarts the session and replays, then sends
+    assert stream.stats()["watchdog_restarts"] == 1 and sessions[1].frames[-1:] == [0]
+    await stream.abort()
+
+
+async def test_nothing_is_sent_at_once_while_the_lock_is_held_or_after_close() -> None:
+    stream, sessions = await direct()
     async with stream._lock:  # another ``send``, or the reader replacing a failed session
         assert not stream.send_nowait(frame(1))
     assert sessions[0].frames == []
     assert stream.send_nowait(frame(2)) and sessions[0].frames == [2]
+    await stream.close()
+    assert not stream.send_nowait(frame(3))
+
+
+async def test_a_session_that_fails_a_frame_leaves_it_to_the_replacement() -> None:
+    stream, sessions = await direct()
+    sessions[0].broken = True
+    assert stream.send_nowait(frame(1))  # taken, as ``send`` takes it: the reader recovers
+    assert stream._replay and int(stream._replay[-1][0]) == 1  # kept for the replay
     await stream.abort()

@@ -64,11 +64,12 @@ class SendsNow(Protocol):
     """An ``EngineStream`` (or a Voxtral session) that can take a frame without waiting.
 
     ``send_nowait(frame)`` does what ``send`` would and returns True when nothing in it has to
-    wait (an in-process engine's queue, a worker's pipe); else it does nothing and returns False,
-    and the caller uses ``send``. Why: a call hands each 80 ms frame to its engine from a task of
-    its own, so that ``send`` may wait; waking that task costs about as much as the frame's
-    decode and resample together (``benchmarks/load.py``), and most frames need no waiting. The
-    call takes this path only while its queue is empty, so frames stay in order."""
+    wait (an in-process engine's queue, a worker's connection); else it does nothing and returns
+    False, and the caller uses ``send``. It raises what ``send`` raises. Why: a call hands each
+    80 ms frame to its engine from a task of its own, so that ``send`` may wait, and waking that
+    task for every frame was about a tenth of the server's CPU (``benchmarks/load.py``, 600 G.711
+    calls); most frames need no waiting. The call takes this path only while that task waits on
+    an empty queue (not while it is inside ``send``), so frames stay in order."""
 
     def send_nowait(self, frame: Pcm) -> bool: ...
 

@@ -304,6 +304,7 @@ class SphinxStream:
         self._worker = worker
         self._sid = sid
         self._frames: asyncio.Queue[object] = asyncio.Queue(max_queued_frames)
+        self._waiting = 0  # ``send``s waiting for room
         self._out = ChunkQueue()
         self._task: asyncio.Task[None] | None = None
 
@@ -313,10 +314,18 @@ class SphinxStream:
         self._task = asyncio.create_task(self._pump(), name=f"sphinx-{self._sid}")
 
     async def send(self, frame: Pcm) -> None:
-        await self._frames.put(frame.tobytes())
+        self._waiting += 1
+        try:
+            await self._frames.put(frame.tobytes())
+        finally:
+            self._waiting -= 1
 
     def send_nowait(self, frame: Pcm) -> bool:
-        """``SendsNow``: unless ``max_queued_frames`` wait for the worker."""
+        """``SendsNow``: False when ``send`` would wait (``max_queued_frames`` already wait for
+        the worker) or is waiting: ``put_nowait`` would take the room a waiting ``put`` was
+        woken for, ahead of its frame."""
+        if self._waiting:
+            return False
         try:
             self._frames.put_nowait(frame.tobytes())
         except asyncio.QueueFull:

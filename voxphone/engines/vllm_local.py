@@ -24,7 +24,7 @@ import structlog
 
 from voxphone.audio.codecs import Pcm
 from voxphone.engines import vllm_compat
-from voxphone.engines.voxtral import SessionFailed, Step, VoxtralSettings, VoxtralStream
+from voxphone.engines.voxtral import DirectVoxtralStream, SessionFailed, Step, VoxtralSettings
 from voxphone.errors import EngineError
 
 log = structlog.get_logger(__name__)
@@ -90,7 +90,7 @@ class LocalSession:
         self.send_nowait(frame)
 
     def send_nowait(self, frame: Pcm) -> bool:
-        """``SendsNow``: the request's input queue is unbounded (vLLM takes audio as it
+        """``DirectSession``: the request's input queue is unbounded (vLLM takes audio as it
         comes), so a frame never waits."""
         self._audio.put_nowait(frame.astype(np.float32) / 32768.0)
         return True
@@ -147,10 +147,10 @@ class VllmLocalEngine:
         self._engine = vllm_compat.create_engine(**self._args)
         log.info("engine_started", engine=self.name)
 
-    async def open_stream(self, call_id: str) -> VoxtralStream:
+    async def open_stream(self, call_id: str) -> DirectVoxtralStream:
         if self._engine is None:
             raise EngineError("vllm engine is not started")
-        stream = VoxtralStream(self._open_session, self._settings, call_id)
+        stream = DirectVoxtralStream(self._open_session, self._settings, call_id)
         await stream.start()
         return stream
 

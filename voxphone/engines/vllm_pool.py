@@ -35,7 +35,7 @@ import structlog
 from voxphone.audio.codecs import Pcm
 from voxphone.engines import vllm_compat
 from voxphone.engines.vllm_local import preflight
-from voxphone.engines.voxtral import SessionFailed, Step, VoxtralSettings, VoxtralStream
+from voxphone.engines.voxtral import DirectVoxtralStream, SessionFailed, Step, VoxtralSettings
 from voxphone.engines.worker_protocol import (
     HEADER,
     Kind,
@@ -80,8 +80,8 @@ class WorkerSession:
         self.send_nowait(frame)
 
     def send_nowait(self, frame: Pcm) -> bool:
-        """``SendsNow``: a frame goes into the worker's pipe buffer (``SessionFailed`` if the
-        worker is gone)."""
+        """``DirectSession``: a frame goes into the buffer of the worker's connection, which
+        ``send`` never waited on either (``SessionFailed`` if the worker is gone)."""
         self._worker.write(encode(Kind.AUDIO, self.sid, frame.astype("<i2").tobytes()))
         return True
 
@@ -295,8 +295,8 @@ class VllmEngine:
             f"(vLLM's logs: {', '.join(logs) or 'none kept'})"
         )
 
-    async def open_stream(self, call_id: str) -> VoxtralStream:
-        stream = VoxtralStream(self._open_session, self._settings, call_id)
+    async def open_stream(self, call_id: str) -> DirectVoxtralStream:
+        stream = DirectVoxtralStream(self._open_session, self._settings, call_id)
         await stream.start()
         return stream
 

@@ -31,13 +31,13 @@ import contextlib
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import asdict, dataclass, field
-from typing import Protocol
+from typing import Protocol, cast
 
 import numpy as np
 import structlog
 
 from voxphone.audio.codecs import Pcm
-from voxphone.engines.base import ChunkQueue, SendsNow, TranscriptChunk
+from voxphone.engines.base import ChunkQueue, TranscriptChunk
 from voxphone.errors import EngineError
 
 log = structlog.get_logger(__name__)
@@ -62,8 +62,8 @@ class SessionFailed(EngineError):
 
 
 class Session(Protocol):
-    """One engine request. A session that can also take a frame without waiting implements
-    ``SendsNow`` (the in-process engine and the worker pool do; the remote client does not)."""
+    """One engine request (an in-process vLLM request, one on a worker, a ``/v1/realtime``
+    connection)."""
 
     async def send(self, frame: Pcm) -> None: ...
 
@@ -76,6 +76,14 @@ class Session(Protocol):
     def steps(self) -> AsyncIterator[Step]:
         """One item per engine step; raises ``SessionFailed``."""
         ...
+
+
+class DirectSession(Session, Protocol):
+    """A session that never waits for a frame (the in-process engine's queue, a worker's
+    connection): ``send_nowait`` is ``send``, done now; it returns True and raises what
+    ``send`` raises (``SessionFailed``)."""
+
+    def send_nowait(self, frame: Pcm) -> bool: ...
 
 
 SessionFactory = Callable[[], Awaitable[Session]]
@@ -224,27 +232,6 @@ class VoxtralStream:
         async with self._lock:
             await self._send_locked(frame)
 
-    def send_nowait(self, frame: Pcm) -> bool:
-        """``SendsNow``: ``send`` without waiting when nothing in it has to wait: no session
-        being replaced (the lock is free), no rollover or watchdog restart due, and a session
-        that takes frames at once (``SendsNow``). False: nothing was done."""
-        live = self._live
-        if (
-            live is None
-            or self._lock.locked()
-            or not isinstance(live.session, SendsNow)
-            or self._rollover_due(live)
-            or self._stuck(live) is not None
-        ):
-            return False
-        try:
-            if not live.session.send_nowait(frame):
-                return False
-        except SessionFailed:  # as in ``_send``: the reader sees it and replaces the session
-            pass
-        self._count(live, frame)
-        return True
-
     def _rollover_due(self, live: _Live) -> bool:
         """Whether the session is long enough to cut: past 90 % of its length in a pause, or
         at the hard limit."""
@@ -384,3 +371,43 @@ class VoxtralStream:
             if live.stale or self._live is not live:
                 return  # audio has already moved on to a newer session
             await self._replace("reconnect", replay=True)
+
+
+class DirectVoxtralStream(VoxtralStream):
+    """A ``VoxtralStream`` over sessions that never wait for a frame (``DirectSession``: the
+    in-process engine's and the worker pool's), so it is ``SendsNow``: the call hands it most
+    frames in the packet's own callback instead of waking its feeder task. The remote engine's
+    sessions may wait (a websocket), so its streams are plain ``VoxtralStream``s."""
+
+    def __init__(
+        self,
+        open_session: Callable[[], Awaitable[DirectSession]],
+        settings: VoxtralSettings,
+        call_id: str,
+    ) -> None:
+        super().__init__(open_session, settings, call_id)
+
+    def send_nowait(self, frame: Pcm) -> bool:
+        """``send`` done now, when nothing in it has to wait: no session being replaced (the
+        lock is free), no rollover or watchdog restart due. False: nothing was done.
+
+        (A replacement of a failed session, ``_recover``, may be waiting for the lock just
+        released: a frame sent meanwhile goes to the failed session and into ``_replay``, which
+        the replacement replays, so it is neither lost nor reordered.)"""
+        live = self._live
+        if (
+            live is None
+            or self._lock.locked()
+            or self._rollover_due(live)
+            or self._stuck(live) is not None
+        ):
+            return False
+        try:
+            # ``DirectSession`` by the constructor's type; not checked per frame (an
+            # ``isinstance`` against a protocol costs microseconds).
+            if not cast(DirectSession, live.session).send_nowait(frame):
+                return False
+        except SessionFailed:  # as in ``_send``: the reader sees it and replaces the session
+            pass
+        self._count(live, frame)
+        return True
