@@ -61,7 +61,8 @@ class EngineStream(Protocol):
 
 @runtime_checkable
 class SendsNow(Protocol):
-    """An ``EngineStream`` (or a Voxtral session) that can take a frame without waiting.
+    """An ``EngineStream`` that can take a frame without waiting (Voxtral's sessions say the
+    same with ``voxtral.DirectSession``).
 
     ``send_nowait(frame)`` does what ``send`` would and returns True when nothing in it has to
     wait (an in-process engine's queue, a worker's connection); else it does nothing and returns

@@ -147,6 +147,12 @@ def _nothing() -> None:
     pass
 
 
+#: The receiver's name-mangled attributes this module uses (``_PRIVATE`` + each).
+_RECEIVER_INTERNALS = (
+    "jitter_buffer", "codecs", "remote_streams", "stop_decoder", "decoder_thread"
+)  # fmt: skip
+
+
 def missing_internals(receiver: RTCRtpReceiver) -> list[str]:
     """What ``receive_encoded`` and ``receive_srtp`` reach into that this aiortc and aioice
     lack, as ``Class.attribute`` (empty: all there), for a ``receiver`` fresh from
@@ -167,12 +173,6 @@ def missing_internals(receiver: RTCRtpReceiver) -> list[str]:
         for obj, owner, name in wanted
         if not hasattr(obj, name)
     ]
-
-
-#: The receiver's name-mangled attributes this module uses (``_PRIVATE`` + each).
-_RECEIVER_INTERNALS = (
-    "jitter_buffer", "codecs", "remote_streams", "stop_decoder", "decoder_thread"
-)  # fmt: skip
 
 
 def receive_encoded(receiver: RTCRtpReceiver, audio: EncodedAudio) -> None:
