@@ -3,18 +3,22 @@
 Starts voxphone's App in this process with a null engine (so only the WebRTC side is measured:
 ICE, DTLS/SRTP and aiortc's RTP receive path, then voxphone's jitter buffer, Opus decode,
 timeline and framing), then client processes (``CALLS_PER_CLIENT_PROCESS`` calls each) place N
-concurrent WHIP calls with aiortc, each playing ``--seconds`` (40) of a tone: aiortc's Opus
-(stereo, ≈ 118 kbit/s on it), or with ``--opus-bitrate 32000`` mono Opus at that rate, as a
-browser sends (libwebrtc's default). Once every call streams, over ``WINDOW`` seconds, it
-reports the server's CPU per call (``streaming_core_per_call_pct``, and ``calls_per_core``
-from it) and whether the calls kept real time (``keeping_up``: 50 packets a second each, and
-the loop's lag under 20 ms at p99, as ``load.py`` asks of RTP; if not, the CPU figure is no
-capacity); also the CPU over the whole run, set-up and teardown included, and the loop's lag.
-Writes ``benchmarks/results/webrtc_calls-<machine>-<N>[-opus32k].json``. Pin the two sides
-apart on a machine with cores to spare; ``--plot`` (matplotlib) draws a machine's runs:
+concurrent WHIP calls with aiortc, each playing ``--seconds`` (40) of a tone, or of ``--speech``
+FILE looped. The clients send aiortc's Opus (stereo, ≈ 118 kbit/s on it), or with ``--browser``
+what a browser sends for voxphone's answer (``as_a_browser``: mono, voip, at most wideband at
+20 kbit/s for its ``maxplaybackrate``), at ``--opus-bitrate`` if given. Once every call
+streams, over ``WINDOW`` seconds, it reports the server's CPU per call
+(``streaming_core_per_call_pct``, and ``calls_per_core`` from it) and whether the calls kept
+real time (``keeping_up``: 50 packets a second each, and the loop's lag under 20 ms at p99, as
+``load.py`` asks of RTP; if not, the CPU figure is no capacity); also the CPU over the whole
+run, set-up and teardown included, and the loop's lag. Writes
+``benchmarks/results/webrtc_calls-<machine>-<N>[-opus32k|-browser][-speech].json``. Pin the
+two sides apart on a machine with cores to spare; ``--plot`` (matplotlib) draws a machine's
+runs:
 
     python benchmarks/webrtc_calls.py 20 --server-cpus 0 --client-cpus 1
-    python benchmarks/webrtc_calls.py 250 --server-cpus 0 --client-cpus 2-15 --opus-bitrate 32000
+    python benchmarks/webrtc_calls.py 250 --server-cpus 0 --client-cpus 2-15 --browser \
+        --speech speech.wav
     python benchmarks/webrtc_calls.py --plot [--machine 16core-x86_64]
 """
 
@@ -39,7 +43,7 @@ import structlog
 
 from voxphone.app import App
 from voxphone.audio.codecs import Pcm
-from voxphone.audio.files import write_wav
+from voxphone.audio.files import read_audio, write_wav
 from voxphone.config import Config
 from voxphone.engines.base import ChunkQueue
 from voxphone.heap import collector_off_the_clock
@@ -105,15 +109,23 @@ async def loop_lag(samples: list[tuple[float, float]], stop: asyncio.Event) -> N
         samples.append((t0, (time.perf_counter() - t0 - 0.01) * 1000))
 
 
-def tone(seconds: float) -> Path:
-    """A 440 Hz tone at 48 kHz (an eighth of full scale, as FFmpeg's ``sine``)."""
+def tone(seconds: float, speech: Path | None = None) -> Path:
+    """``seconds`` at 48 kHz of ``speech`` looped, or of a 440 Hz tone (an eighth of full
+    scale, as FFmpeg's ``sine``). What is played decides how Opus codes it: a browser's
+    encoder codes speech as SILK or SILK and CELT (hybrid), a steady tone as CELT."""
     wav = Path(tempfile.mkdtemp()) / "tone.wav"
-    t = np.arange(int(seconds * 48000)) / 48000
+    n = int(seconds * 48000)
+    if speech is not None:
+        write_wav(wav, np.resize(read_audio(speech, 48000), n), 48000)
+        return wav
+    t = np.arange(n) / 48000
     write_wav(wav, (np.sin(2 * np.pi * 440 * t) * 4096).astype(np.int16), 48000)
     return wav
 
 
-async def server(n: int, seconds: float, client_args: list[str]) -> dict[str, Any]:
+async def server(
+    n: int, seconds: float, client_args: list[str], speech: Path | None = None
+) -> dict[str, Any]:
     port = free_tcp_port()
     cfg = Config.model_validate(
         {
@@ -131,7 +143,7 @@ async def server(n: int, seconds: float, client_args: list[str]) -> dict[str, An
         lag: list[tuple[float, float]] = []
         stop = asyncio.Event()
         probe = asyncio.create_task(loop_lag(lag, stop))
-        wav = tone(seconds)
+        wav = tone(seconds, speech)
         cpu0, start = cpu_s(), time.perf_counter()
         procs = -(-n // CALLS_PER_CLIENT_PROCESS)
         shares = [len(range(k, n, procs)) for k in range(procs)]
@@ -204,20 +216,44 @@ def percentiles(lags: list[float]) -> dict[str, float]:
     }
 
 
-def browser_rate(bit_rate: int) -> None:
-    """Make aiortc's Opus encoder send what a browser does: mono at ``bit_rate`` (libwebrtc:
-    32 kbit/s, ``kOpusBitrateFb``), in voip mode, where aiortc sends stereo at 96 kbit/s.
-    Benchmark clients only: it patches aiortc's ``OpusEncoder`` before its codec opens."""
+#: libwebrtc's Opus bit rates by the answer's ``maxplaybackrate`` (``audio_encoder_opus.cc``:
+#: ``kOpusBitrateNbBps``, ``WbBps``, ``FbBps``, mono) and FFmpeg's libopus ``cutoff`` for the
+#: bandwidth it then caps the encoder at (``opus_interface.cc``, ``WebRtcOpus_SetMaxPlaybackRate``:
+#: ``OPUS_SET_MAX_BANDWIDTH``): up to 8 kHz narrowband, 16 kHz wideband, above that fullband.
+LIBWEBRTC_OPUS = {8000: (12000, 4000), 16000: (20000, 8000), 48000: (32000, 20000)}
+
+
+def as_a_browser(bit_rate: int | None) -> None:
+    """Make aiortc's Opus encoder (stereo at 96 kbit/s, whatever the answer says) send what a
+    browser (libwebrtc) sends for the answer it got: mono, in voip mode, its bandwidth capped by
+    the answer's ``maxplaybackrate`` (RFC 7587 §6.1) and at libwebrtc's default bit rate for
+    it (``LIBWEBRTC_OPUS``), or at ``bit_rate``. Chromium does so for voxphone's answer
+    (``tests/e2e/test_browser.py``). Benchmark clients only: it patches aiortc's peer
+    connection (to read each answer) and ``OpusEncoder`` (made once the answer is in)."""
+    import re
+
+    from aiortc import RTCPeerConnection
     from aiortc.codecs import opus
 
-    init = opus.OpusEncoder.__init__
+    answered = {"maxplaybackrate": 48000}  # RFC 7587's default; one server per process
+    set_remote, init = RTCPeerConnection.setRemoteDescription, opus.OpusEncoder.__init__
 
-    def mono(self: Any) -> None:
+    async def read_answer(self: Any, description: Any) -> None:
+        if description.type == "answer":
+            rate = re.search(r"^a=fmtp:\d+ .*maxplaybackrate=(\d+)", description.sdp, re.M)
+            answered["maxplaybackrate"] = int(rate.group(1)) if rate else 48000
+        await set_remote(self, description)
+
+    def browser(self: Any) -> None:
         init(self)
-        self.codec.bit_rate, self.codec.layout = bit_rate, "mono"
+        cap = min(r for r in LIBWEBRTC_OPUS if r >= min(answered["maxplaybackrate"], 48000))
+        default_rate, cutoff = LIBWEBRTC_OPUS[cap]
+        self.codec.bit_rate, self.codec.layout = bit_rate or default_rate, "mono"
+        self.codec.options = {"application": "voip", "cutoff": str(cutoff)}
         self.resampler = av.AudioResampler(format="s16", layout="mono", rate=48000, frame_size=960)
 
-    opus.OpusEncoder.__init__ = mono  # type: ignore[method-assign]
+    RTCPeerConnection.setRemoteDescription = read_answer  # type: ignore[method-assign]
+    opus.OpusEncoder.__init__ = browser  # type: ignore[method-assign]
 
 
 async def clients(n: int, wav: Path, port: int) -> None:
@@ -242,9 +278,12 @@ def plot(machine: str) -> Path:
         r = json.loads(f.read_text())
         kind = "before" if f.stem.endswith("-before") else "now"
         rate = r.get("client_opus_bitrate")
-        runs.setdefault(f"{kind}, {rate // 1000} kbit/s mono" if rate else kind, []).append(r)
+        label = f"{kind}, {rate // 1000} kbit/s mono" if rate else kind
+        label += ", browser" if r.get("client_browser") and not rate else ""
+        label += ", speech" if r.get("client_plays", "tone") != "tone" else ""
+        runs.setdefault(label, []).append(r)
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.5))
-    colors = ("tab:gray", "tab:blue", "tab:green", "tab:orange")
+    colors = ("tab:gray", "tab:blue", "tab:green", "tab:orange", "tab:red", "tab:purple")
     for (label, rs), color in zip(runs.items(), colors, strict=False):
         rs.sort(key=lambda r: r["calls"])
         calls = [r["calls"] for r in rs]
@@ -285,6 +324,8 @@ def main() -> None:
     p.add_argument("--plot", action="store_true", help="plot this machine's results and exit")
     p.add_argument("--machine", default=None, help="with --plot: another machine's results")
     p.add_argument("--seconds", type=float, default=SECONDS, help="each call plays (s)")
+    p.add_argument("--browser", action="store_true", help="clients send what a browser does")
+    p.add_argument("--speech", type=Path, default=None, help="a speech file to loop, not a tone")
     p.add_argument("--opus-bitrate", type=int, default=None, help="clients: mono Opus at (bit/s)")
     p.add_argument("--clients", nargs=3, default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -294,8 +335,8 @@ def main() -> None:
     if args.clients is not None:
         pin(args.client_cpus or f"0-{(os.cpu_count() or 1) - 1}")  # not the server's pinning
         n, wav, port = args.clients
-        if args.opus_bitrate:
-            browser_rate(args.opus_bitrate)
+        if args.browser or args.opus_bitrate:
+            as_a_browser(args.opus_bitrate)
         asyncio.run(clients(int(n), Path(wav), int(port)))
         return
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
@@ -303,10 +344,16 @@ def main() -> None:
     client_args = ["--client-cpus", args.client_cpus] if args.client_cpus else []
     if args.opus_bitrate:
         client_args += ["--opus-bitrate", str(args.opus_bitrate)]
-    result = asyncio.run(server(args.calls, args.seconds, client_args))
+    if args.browser:
+        client_args += ["--browser"]
+    result = asyncio.run(server(args.calls, args.seconds, client_args, args.speech))
     result["client_opus_bitrate"] = args.opus_bitrate
+    result["client_browser"] = args.browser or bool(args.opus_bitrate)
+    result["client_plays"] = args.speech.name if args.speech else "tone"
     print(json.dumps(result, indent=2))
     rate = f"-opus{args.opus_bitrate // 1000}k" if args.opus_bitrate else ""
+    rate = rate or ("-browser" if args.browser else "")
+    rate += "-speech" if args.speech else ""
     out = Path(f"benchmarks/results/webrtc_calls-{result['machine']}-{args.calls}{rate}.json")
     out.write_text(json.dumps(result, indent=2) + "\n")
 

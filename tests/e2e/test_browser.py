@@ -91,6 +91,18 @@ setTimeout(() => { clearInterval(timer); ctx.close(); done(peak); }, 1500);
 """
 
 
+#: What the page's peer connection sends: its Opus format parameters (from voxphone's answer) and
+#: the mean payload per packet (bytes).
+SENT_OPUS_JS = """
+const done = arguments[arguments.length - 1];
+pc.getStats().then((report) => {
+  const out = [...report.values()].find((s) => s.type === "outbound-rtp" && s.kind === "audio");
+  const codec = report.get(out.codecId);
+  done({fmtp: codec.sdpFmtpLine || "", payload: out.bytesSent / out.packetsSent});
+});
+"""
+
+
 def hear_the_bot(browser: WebDriver, http_port: int, said: Speech) -> None:
     """A bot plays into the page's call (``POST /v1/calls/{id}/play``): the page says so and
     its <audio id="bot"> stream carries the sound."""
@@ -129,6 +141,11 @@ async def test_demo_page_call_shows_the_words_and_hangs_up(
                 "return s ? s.getAudioTracks().filter((t) => t.readyState === 'live').length : 0"
             )
             assert bot_tracks == 1
+            # The answer's maxplaybackrate (RFC 7587 §6.1) makes Chromium code wideband at
+            # libwebrtc's 20 kbit/s for it (50 bytes a packet), not fullband at 32 (80).
+            browser.set_script_timeout(10)
+            sent = browser.execute_async_script(SENT_OPUS_JS)
+            assert "maxplaybackrate=16000" in sent["fmtp"] and sent["payload"] < 64, sent
             hear_the_bot(browser, serve.http_port, speech["phone"])
             ARTIFACTS.mkdir(parents=True, exist_ok=True)
             browser.save_screenshot(str(ARTIFACTS / "browser-call.png"))

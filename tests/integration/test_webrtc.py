@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import sys
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -176,6 +177,9 @@ async def test_ice_uses_the_configured_ports_and_announces_the_public_ip(
             (ip, p) for ip in ("127.0.0.1", "203.0.113.7") for p in range(lo, hi + 1)
         }
         assert {c[4] for c in hosts} == {"127.0.0.1", "203.0.113.7"}
+        # What voxphone hears of Opus: no more than the model's 16 kHz (RFC 7587 §6.1).
+        (opus,) = re.findall(r"^a=rtpmap:(\d+) opus/48000", answer, re.MULTILINE)
+        assert f"a=fmtp:{opus} maxplaybackrate=16000" in answer.splitlines()
         assert "order" in call.events[-1]["data"]["transcript"]
 
 

@@ -45,6 +45,23 @@ def test_asterisk_offer_gets_g722_with_telephone_event_sendrecv() -> None:
     assert "a=ptime:20" in lines and "a=sendrecv" in lines and a.sends  # voxphone talks back
 
 
+def test_an_opus_answer_asks_for_no_more_than_the_model_hears() -> None:
+    """The answer's Opus parameters are voxphone's own (RFC 7587 §6.1: they say what the
+    answerer receives), not the offer's echoed: ``maxplaybackrate`` at the model's 16 kHz."""
+    sdp = offer(
+        "m=audio 5004 RTP/AVP 107 101",
+        "a=rtpmap:107 opus/48000/2",
+        "a=fmtp:107 useinbandfec=1;sprop-maxcapturerate=48000;stereo=1",
+        "a=rtpmap:101 telephone-event/48000",
+        "a=fmtp:101 0-15",
+    )
+    lines = answer(parse_sdp(sdp), "127.0.0.1", 40000, 1).sdp.split("\r\n")
+    assert [line for line in lines if line.startswith("a=fmtp:")] == [
+        "a=fmtp:107 maxplaybackrate=16000",
+        "a=fmtp:101 0-15",
+    ]
+
+
 def test_a_sendonly_offer_is_answered_recvonly() -> None:
     """RFC 3264 §6.1: the offerer will not receive, so voxphone must not send."""
     a = answer(parse_sdp(offer("m=audio 5004 RTP/AVP 0", "a=sendonly")), "127.0.0.1", 40000, 1)

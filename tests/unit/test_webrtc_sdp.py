@@ -19,6 +19,7 @@ from voxphone.transports.webrtc_sdp import (
     Unsupported,
     announce_public_ip,
     answer_dtls_passive,
+    answer_opus_fmtp,
     ice_credentials,
     parse_sdpfrag,
     plan_offer,
@@ -161,6 +162,28 @@ def test_an_actpass_offer_is_answered_passive_so_voxphone_is_the_dtls_server() -
     for chosen in ("active", "passive"):  # the offerer chose: the answer keeps aiortc's role
         offer = CHROME.replace("a=setup:actpass", f"a=setup:{chosen}")
         assert answer_dtls_passive(offer, answer) == answer
+
+
+@pytest.mark.parametrize(
+    ("lines", "expected"),
+    [
+        (["a=rtpmap:111 opus/48000/2", "a=rtpmap:0 PCMU/8000"],
+         ["a=rtpmap:111 opus/48000/2", "a=fmtp:111 maxplaybackrate=16000", "a=rtpmap:0 PCMU/8000"]),
+        (["a=rtpmap:96 OPUS/48000/2", "a=fmtp:96 minptime=10; MaxPlaybackRate=48000;useinbandfec=1"],
+         ["a=rtpmap:96 OPUS/48000/2", "a=fmtp:96 minptime=10;useinbandfec=1;maxplaybackrate=16000"]),
+        (["a=rtpmap:0 PCMU/8000", "a=fmtp:0 x=1"], ["a=rtpmap:0 PCMU/8000", "a=fmtp:0 x=1"]),
+    ],
+)  # fmt: skip
+@pytest.mark.parametrize("eol", ["\r\n", "\n"])
+def test_the_answers_opus_asks_for_no_more_than_the_model_hears(
+    lines: list[str], expected: list[str], eol: str
+) -> None:
+    """``maxplaybackrate`` (RFC 7587 §6.1) joins the Opus format's own parameters, or has a
+    line of its own; another codec's are left alone. Chromium sends wideband SILK for it
+    (``tests/e2e/test_browser.py``)."""
+    head = ["v=0", "m=audio 9 UDP/TLS/RTP/SAVPF 111 96 0"]
+    text = eol.join([*head, *lines, "a=setup:passive", ""])
+    assert answer_opus_fmtp(text) == eol.join([*head, *expected, "a=setup:passive", ""])
 
 
 async def test_aiortc_takes_the_server_role_from_the_rewritten_answer() -> None:

@@ -12,11 +12,21 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from voxphone.audio.codecs import STATIC_PAYLOAD_TYPES, Codec, codec_by_name
+from voxphone.audio.codecs import OPUS, STATIC_PAYLOAD_TYPES, Codec, codec_by_name
+from voxphone.audio.resample import MODEL_RATE
 from voxphone.errors import DecodeError, TransportError
 
 MAX_SDP_BYTES = 16_384
 DIRECTIONS = ("sendrecv", "sendonly", "recvonly", "inactive")
+
+#: The Opus format parameters of every answer voxphone gives (RFC 7587 §6.1: in an answer they
+#: describe what the answerer receives). ``maxplaybackrate``: nothing above the model's 16 kHz
+#: is heard, so the sender need not code it; an encoder that honours it (libwebrtc — Chrome,
+#: Firefox, Safari —, FreeSWITCH, Asterisk) caps its bandwidth at wideband and spends its bits
+#: below 8 kHz, and its packets decode in about half the time (SILK alone, not SILK and CELT:
+#: ``benchmarks/webrtc_calls.py``). Everything else is left at the RFC's defaults (mono
+#: preferred, no in-band FEC asked for).
+OPUS_FMTP = f"maxplaybackrate={MODEL_RATE}"
 
 
 @dataclass
@@ -197,7 +207,9 @@ def _render(host: str, port: int, sid: int, pts: list[int], m: Media, direction:
     for p in pts:
         if p in m.rtpmap:
             lines.append(f"a=rtpmap:{p} {m.rtpmap[p]}")
-        if p in m.fmtp:
+        if _codec_for(p, m.rtpmap) is OPUS:  # ours, not the offerer's (``OPUS_FMTP``)
+            lines.append(f"a=fmtp:{p} {OPUS_FMTP}")
+        elif p in m.fmtp:
             lines.append(f"a=fmtp:{p} {m.fmtp[p]}")
     if m.ptime:
         lines.append(f"a=ptime:{m.ptime}")

@@ -56,6 +56,7 @@ from voxphone.transports.webrtc_sdp import (
     TrickleCandidate,
     announce_public_ip,
     answer_dtls_passive,
+    answer_opus_fmtp,
     plan_offer,
 )
 
@@ -402,7 +403,7 @@ class WebRtcGateway:
         answer = await pc.createAnswer()
         passive = answer_dtls_passive(offer_sdp, answer.sdp)  # DTLS server: see its docstring
         await pc.setLocalDescription(RTCSessionDescription(sdp=passive, type="answer"))
-        sdp = pc.localDescription.sdp
+        sdp = answer_opus_fmtp(pc.localDescription.sdp)  # what voxphone hears: see there
         if self.settings.public_ip:
             sdp = announce_public_ip(sdp, self.settings.public_ip)
         return sdp

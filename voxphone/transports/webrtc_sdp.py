@@ -3,8 +3,8 @@
 aiortc does the offer/answer; this module decides *before* aiortc sees an offer whether it is
 one voxphone can serve (so a bad one gets a precise 4xx and no peer connection is made), picks
 the one audio codec to answer with, parses WHIP trickle-ICE fragments, makes voxphone the DTLS
-server when the offerer lets it choose, and adds a 1:1-NAT public address to the answer's
-candidates.
+server when the offerer lets it choose, asks for Opus no wider than the model hears, and adds a
+1:1-NAT public address to the answer's candidates.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from voxphone.audio.codecs import G722, OPUS, PCMA, PCMU, Codec
 from voxphone.errors import TransportError
-from voxphone.transports.sdp import Media, Offer, parse_sdp
+from voxphone.transports.sdp import OPUS_FMTP, Media, Offer, parse_sdp
 
 #: A browser offer with audio, video and a data channel is 5-12 kB; this leaves room.
 MAX_OFFER_BYTES = 64 * 1024
@@ -160,3 +160,29 @@ def answer_dtls_passive(offer: str, answer: str) -> str:
     if offered != {"actpass"}:
         return answer
     return re.sub(r"^a=setup:active(?=\r?$)", "a=setup:passive", answer, flags=re.MULTILINE)
+
+
+def answer_opus_fmtp(answer: str) -> str:
+    """``answer`` with voxphone's Opus format parameters (``sdp.OPUS_FMTP``: ``maxplaybackrate``,
+    RFC 7587 §6.1) on each Opus payload type: added to its ``a=fmtp`` line, or as one after its
+    ``a=rtpmap``. A parameter of the same name already there is replaced.
+
+    Why: aiortc's answer carries no Opus parameters, and a browser (libwebrtc) reads this one
+    from the answer to cap its encoder's bandwidth (``OPUS_SET_MAX_BANDWIDTH``): at 16 kHz it
+    codes wideband SILK at its 20 kbit/s default instead of fullband SILK and CELT at 32 —
+    nothing voxphone can hear is lost, and each packet decodes in about half the CPU."""
+    pts = re.findall(r"^a=rtpmap:(\d+) opus/48000\b", answer, re.MULTILINE | re.IGNORECASE)
+    ours = dict(param.split("=", 1) for param in OPUS_FMTP.split(";"))
+    for pt in pts:
+        fmtp = re.search(rf"^a=fmtp:{pt} (.*?)(?=\r?$)", answer, re.MULTILINE)
+        if fmtp is None:
+            answer = re.sub(
+                rf"^(a=rtpmap:{pt} .*?)(\r?)$", rf"\1\2\na=fmtp:{pt} {OPUS_FMTP}\2",
+                answer, count=1, flags=re.MULTILINE,
+            )  # fmt: skip
+            continue
+        params = [p.strip() for p in fmtp.group(1).split(";") if p.strip()]
+        kept = [p for p in params if p.split("=", 1)[0].strip().lower() not in ours]
+        line = f"a=fmtp:{pt} {';'.join([*kept, OPUS_FMTP])}"
+        answer = answer[: fmtp.start()] + line + answer[fmtp.end() :]
+    return answer
