@@ -7,9 +7,12 @@ import weakref
 from types import SimpleNamespace
 from typing import Any
 
+import aioice
+import aioice.stun
 import numpy as np
 import pylibsrtp
 import pytest
+from aioice.ice import StunProtocol
 from aiortc import (
     RTCDtlsTransport,
     RTCPeerConnection,
@@ -206,6 +209,7 @@ class _IceConnection:
 
     def __init__(self) -> None:
         self.queued: list[bytes] = []
+        self._protocols: list[StunProtocol] = []
 
     def data_received(self, data: bytes, component: int) -> None:
         self.queued.append(data)
@@ -261,6 +265,36 @@ async def test_audio_srtp_goes_from_the_ice_connection_to_the_call_the_rest_to_a
     stream = receiver._RTCRtpReceiver__remote_streams[7]
     assert stream.packets_received == 3 and stream.max_seq == 4
     assert stop_decoder(receiver)  # its decoder thread ends (else it would hold the process)
+
+
+async def test_media_skips_aioices_stun_parse_and_the_rest_still_takes_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A socket's RTP and RTCP (RFC 7983: first byte 128–191) go from aioice's protocol
+    straight to the call's path, without the STUN parse every datagram had; DTLS (and STUN)
+    still go through it, and on to aiortc as before."""
+    parsed: list[bytes] = []
+    parse = aioice.stun.parse_message
+
+    def counted(data: bytes, *args: Any, **kwargs: Any) -> Any:
+        parsed.append(data)
+        return parse(data, *args, **kwargs)
+
+    monkeypatch.setattr(aioice.stun, "parse_message", counted)
+    call, dtls = pcmu_call(), _DtlsTransport()
+    ice = dtls.transport._connection
+    protocol = StunProtocol(ice)  # type: ignore[arg-type]
+    protocol.local_candidate = aioice.Candidate("1", 1, "udp", 1, "127.0.0.1", 9, "host")
+    ice._protocols.append(protocol)
+    receiver = await receiving(call, dtls)
+    browser, dtls._rx_srtp = srtp_pair()
+    srtp = [browser.protect(pcmu_packet(seq).serialize()) for seq in range(3)]
+    rtcp, dtls_record = bytes([0x81, 201]) + bytes(6), bytes([23, 254, 253]) + bytes(10)
+    for datagram in [*srtp, rtcp, dtls_record]:
+        protocol.datagram_received(datagram, ("127.0.0.1", 5000))
+    assert parsed == [dtls_record]
+    assert call.stats.packets == 3 and ice.queued == [rtcp, dtls_record]
+    assert stop_decoder(receiver)
 
 
 def test_a_packet_that_fails_is_counted_and_the_call_goes_on() -> None:

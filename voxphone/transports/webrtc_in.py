@@ -28,6 +28,7 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import pylibsrtp
+from aioice.ice import StunProtocol
 from aiortc import RTCRtpReceiver
 from aiortc.rtcrtpreceiver import StreamStatistics
 
@@ -167,6 +168,8 @@ def missing_internals(receiver: RTCRtpReceiver) -> list[str]:
         (dtls, "RTCDtlsTransport", "_rx_srtp"),
         (ice, "RTCIceTransport", "_connection"),
         (connection, "aioice.Connection", "data_received"),
+        (connection, "aioice.Connection", "_protocols"),
+        (StunProtocol, "aioice.StunProtocol", "datagram_received"),
     ]
     return [
         f"{owner}.{name.removeprefix(_PRIVATE)}"
@@ -222,8 +225,9 @@ def receive_srtp(receiver: RTCRtpReceiver, audio: EncodedAudio) -> None:
     report blocks of its RTCP receiver reports, from which a browser learns the loss its Opus
     encoder adapts to, and ``getStats``' inbound counters); the DTLS transport's byte counts
     are not. The browser's RTCP (sender reports, BYE) still reaches aiortc. This reaches into
-    aiortc (1.16) and aioice (0.13): the ICE transport's ``_connection`` and its
-    ``data_received``, the DTLS transport's ``_rx_srtp`` (set once the handshake is done: until
+    aiortc (1.16) and aioice (0.13): the ICE transport's ``_connection``, its
+    ``data_received`` and its sockets' protocols (``_protocols``: media skips their STUN parse,
+    ``_media_first``), the DTLS transport's ``_rx_srtp`` (set once the handshake is done: until
     then everything takes aiortc's path) and the receiver's negotiated codecs; an
     ``AttributeError`` says so should they move, and ``test_webrtc`` counts the packets a
     browser sends against those the call took."""
@@ -270,6 +274,30 @@ def receive_srtp(receiver: RTCRtpReceiver, audio: EncodedAudio) -> None:
             stream.add(_Counted(pkt.sequence, pkt.timestamp))
 
     connection.data_received = data_received  # type: ignore[method-assign]  # (aioice's hook)
+    for protocol in connection._protocols:  # its sockets, gathered before a session starts
+        _media_first(protocol, data_received)
+
+
+def _media_first(protocol: Any, data_received: Callable[[bytes, int], None]) -> None:
+    """Make one of aioice's sockets (a ``StunProtocol``) hand RTP and RTCP straight to
+    ``data_received``, as it would after trying to parse them as STUN.
+
+    aioice parses every datagram as STUN first and passes it on when that raises: for media,
+    a failed parse and an exception per packet, ≈ 5 % of a browser call's server CPU
+    (``benchmarks/results/maxplaybackrate-ab/profile-after-250.txt``). RFC 7983 §7 tells them
+    apart by the first byte: STUN 0–3, DTLS 20–63, RTP and RTCP 128–191. Anything else still
+    takes aioice's way (STUN, answered there; DTLS, to aiortc); a relayed (TURN) candidate's
+    protocol is reached through the same method."""
+    stun = protocol.datagram_received
+    component = protocol.local_candidate.component
+
+    def datagram_received(data: bytes, addr: Any) -> None:
+        if data and 127 < data[0] < 192:
+            data_received(data, component)
+        else:
+            stun(data, addr)
+
+    protocol.datagram_received = datagram_received
 
 
 def stop_decoder(receiver: RTCRtpReceiver) -> bool:
