@@ -283,8 +283,9 @@ def _media_first(protocol: Any, data_received: Callable[[bytes, int], None]) -> 
     ``data_received``, as it would after trying to parse them as STUN.
 
     aioice parses every datagram as STUN first and passes it on when that raises: for media,
-    a failed parse and an exception per packet, ≈ 5 % of a browser call's server CPU
-    (``benchmarks/results/maxplaybackrate-ab/profile-after-250.txt``). RFC 7983 §7 tells them
+    a failed parse and an exception per packet, ≈ 6 % of the server's samples in a profile at
+    250 browser calls (``benchmarks/results/maxplaybackrate-ab/profile-after-250.txt``: its
+    ``parse_message`` and ``StunProtocol.datagram_received``). RFC 7983 §7 tells them
     apart by the first byte: STUN 0–3, DTLS 20–63, RTP and RTCP 128–191. Anything else still
     takes aioice's way (STUN, answered there; DTLS, to aiortc); a relayed (TURN) candidate's
     protocol is reached through the same method."""
