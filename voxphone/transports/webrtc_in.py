@@ -288,9 +288,12 @@ def _media_first(protocol: Any, data_received: Callable[[bytes, int], None]) -> 
     ``parse_message`` and ``StunProtocol.datagram_received``). RFC 7983 §7 tells them
     apart by the first byte: STUN 0–3, DTLS 20–63, RTP and RTCP 128–191. Anything else still
     takes aioice's way (STUN, answered there; DTLS, to aiortc); a relayed (TURN) candidate's
-    protocol is reached through the same method."""
-    stun = protocol.datagram_received
-    component = protocol.local_candidate.component
+    protocol is reached through the same method. A protocol without a candidate (none gathered
+    on it) is left as it is: its datagrams, if any, take aioice's way, only slower."""
+    candidate = getattr(protocol, "local_candidate", None)
+    if candidate is None:
+        return
+    stun, component = protocol.datagram_received, candidate.component
 
     def datagram_received(data: bytes, addr: Any) -> None:
         if data and 127 < data[0] < 192:
