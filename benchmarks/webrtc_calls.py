@@ -19,7 +19,7 @@ runs:
     python benchmarks/webrtc_calls.py 20 --server-cpus 0 --client-cpus 1
     python benchmarks/webrtc_calls.py 250 --server-cpus 0 --client-cpus 2-15 --browser \
         --speech speech.wav
-    python benchmarks/webrtc_calls.py --plot [--machine 16core-x86_64]
+    python benchmarks/webrtc_calls.py --plot [--machine 16core-x86_64] [--results DIR]
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ import asyncio
 import json
 import logging
 import os
+import re
 import resource
 import statistics
 import sys
@@ -62,6 +63,8 @@ CALLS_PER_CLIENT_PROCESS = 15
 #: ICE and DTLS, takes longer the more calls start at once), and must close before the first
 #: call ends.
 WINDOW = 10.0
+#: Where runs are written, and plotted from unless told (``--results``).
+RESULTS = Path("benchmarks/results")
 
 
 class NullStream:
@@ -230,7 +233,6 @@ def as_a_browser(bit_rate: int | None) -> None:
     it (``LIBWEBRTC_OPUS``), or at ``bit_rate``. Chromium does so for voxphone's answer
     (``tests/e2e/test_browser.py``). Benchmark clients only: it patches aiortc's peer
     connection (to read each answer) and ``OpusEncoder`` (made once the answer is in)."""
-    import re
 
     from aiortc import RTCPeerConnection
     from aiortc.codecs import opus
@@ -264,19 +266,21 @@ async def clients(n: int, wav: Path, port: int) -> None:
     print(f"calls ended cleanly: {ok}/{n}; audio per call: min {min(audio)} ms")
 
 
-def plot(machine: str) -> Path:
-    """Server CPU and the loop's p99 lag against calls, from ``machine``'s runs: the files
-    named ``-before`` (the code before browser calls' packets were decoded as RTP's) and the
-    rest. A run whose calls fell behind real time is drawn hollow: its CPU is no capacity."""
+def plot(machine: str, folder: Path = RESULTS) -> Path:
+    """Server CPU and the loop's p99 lag against calls, from ``machine``'s runs in ``folder``:
+    the files named ``-before`` (or ``-before-N``: the code before a change — in
+    ``benchmarks/results`` itself, before browser calls' packets were decoded as RTP's) and the
+    rest. A run whose calls fell behind real time is drawn hollow: its CPU is no capacity.
+    Writes ``folder/webrtc_calls-<machine>.png``."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     runs: dict[str, list[dict[str, Any]]] = {"before": [], "now": []}
-    for f in Path("benchmarks/results").glob(f"webrtc_calls-{machine}-*.json"):
+    for f in folder.glob(f"webrtc_calls-{machine}-*.json"):
         r = json.loads(f.read_text())
-        kind = "before" if f.stem.endswith("-before") else "now"
+        kind = "before" if re.search(r"-before(-\d+)?$", f.stem) else "now"
         rate = r.get("client_opus_bitrate")
         label = f"{kind}, {rate // 1000} kbit/s mono" if rate else kind
         label += ", browser" if r.get("client_browser") and not rate else ""
@@ -284,7 +288,8 @@ def plot(machine: str) -> Path:
         runs.setdefault(label, []).append(r)
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.5))
     colors = ("tab:gray", "tab:blue", "tab:green", "tab:orange", "tab:red", "tab:purple")
-    for (label, rs), color in zip(runs.items(), colors, strict=False):
+    groups = [(label, rs) for label, rs in runs.items() if rs]
+    for (label, rs), color in zip(groups, colors, strict=False):
         rs.sort(key=lambda r: r["calls"])
         calls = [r["calls"] for r in rs]
         cores = [r["streaming_core_per_call_pct"] * r["calls"] / 100 for r in rs]
@@ -306,12 +311,12 @@ def plot(machine: str) -> Path:
     b.grid(alpha=0.3)
     cpu = next(r["cpu"] for rs in runs.values() for r in rs)
     fig.suptitle(
-        f"voxphone WebRTC calls, null engine, server on one core — {machine} ({cpu}); "
+        f"voxphone WebRTC calls, null engine, server on one core — {machine} ({cpu})\n"
         "hollow: not keeping up (behind real time, or the loop p99 ≥ 20 ms)",
         fontsize=10,
     )
     fig.tight_layout()
-    out = Path(f"benchmarks/results/webrtc_calls-{machine}.png")
+    out = folder / f"webrtc_calls-{machine}.png"
     fig.savefig(out, dpi=110)
     return out
 
@@ -323,6 +328,7 @@ def main() -> None:
     p.add_argument("--client-cpus", default=None, help="pin the WHIP clients, e.g. 1")
     p.add_argument("--plot", action="store_true", help="plot this machine's results and exit")
     p.add_argument("--machine", default=None, help="with --plot: another machine's results")
+    p.add_argument("--results", type=Path, default=RESULTS, help="with --plot: runs from there")
     p.add_argument("--seconds", type=float, default=SECONDS, help="each call plays (s)")
     p.add_argument("--browser", action="store_true", help="clients send what a browser does")
     p.add_argument("--speech", type=Path, default=None, help="a speech file to loop, not a tone")
@@ -330,7 +336,7 @@ def main() -> None:
     p.add_argument("--clients", nargs=3, default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.plot:
-        print(plot(args.machine or machine_name()))
+        print(plot(args.machine or machine_name(), args.results))
         return
     if args.clients is not None:
         pin(args.client_cpus or f"0-{(os.cpu_count() or 1) - 1}")  # not the server's pinning
@@ -354,7 +360,7 @@ def main() -> None:
     rate = f"-opus{args.opus_bitrate // 1000}k" if args.opus_bitrate else ""
     rate = rate or ("-browser" if args.browser else "")
     rate += "-speech" if args.speech else ""
-    out = Path(f"benchmarks/results/webrtc_calls-{result['machine']}-{args.calls}{rate}.json")
+    out = RESULTS / f"webrtc_calls-{result['machine']}-{args.calls}{rate}.json"
     out.write_text(json.dumps(result, indent=2) + "\n")
 
 
