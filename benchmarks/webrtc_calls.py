@@ -116,7 +116,7 @@ def tone(seconds: float, speech: Path | None = None) -> Path:
     """``seconds`` at 48 kHz of ``speech`` looped, or of a 440 Hz tone (an eighth of full
     scale, as FFmpeg's ``sine``). What is played decides how Opus codes it: a browser's
     encoder codes speech as SILK or SILK and CELT (hybrid), a steady tone as CELT."""
-    wav = Path(tempfile.mkdtemp()) / "tone.wav"
+    wav = Path(tempfile.mkdtemp()) / "played.wav"
     n = int(seconds * 48000)
     if speech is not None:
         write_wav(wav, np.resize(read_audio(speech, 48000), n), 48000)
@@ -219,21 +219,27 @@ def percentiles(lags: list[float]) -> dict[str, float]:
     }
 
 
-#: libwebrtc's Opus bit rates by the answer's ``maxplaybackrate`` (``audio_encoder_opus.cc``:
-#: ``kOpusBitrateNbBps``, ``WbBps``, ``FbBps``, mono) and FFmpeg's libopus ``cutoff`` for the
-#: bandwidth it then caps the encoder at (``opus_interface.cc``, ``WebRtcOpus_SetMaxPlaybackRate``:
-#: ``OPUS_SET_MAX_BANDWIDTH``): up to 8 kHz narrowband, 16 kHz wideband, above that fullband.
-LIBWEBRTC_OPUS = {8000: (12000, 4000), 16000: (20000, 8000), 48000: (32000, 20000)}
+def libwebrtc_opus(max_playback_rate: int) -> tuple[int, int]:
+    """What libwebrtc's Opus encoder does with an answer's ``maxplaybackrate`` (Hz): its
+    default bit rate (``audio_encoder_opus.cc``: ``kOpusBitrateNbBps`` up to 8 kHz,
+    ``WbBps`` up to 16 kHz, ``FbBps`` above; mono) and, as FFmpeg's libopus ``cutoff`` (Hz),
+    the bandwidth it caps the encoder at (``opus_interface.cc``,
+    ``WebRtcOpus_SetMaxPlaybackRate``: ``OPUS_SET_MAX_BANDWIDTH``, narrow- to fullband)."""
+    r = max_playback_rate
+    bit_rate = 12000 if r <= 8000 else 20000 if r <= 16000 else 32000
+    tiers = ((8000, 4000), (12000, 6000), (16000, 8000), (24000, 12000))
+    return bit_rate, next((cutoff for top, cutoff in tiers if r <= top), 20000)
 
 
-def as_a_browser(bit_rate: int | None) -> None:
+def as_a_browser(bit_rate: int | None, follow_answer: bool) -> None:
     """Make aiortc's Opus encoder (stereo at 96 kbit/s, whatever the answer says) send what a
-    browser (libwebrtc) sends for the answer it got: mono, in voip mode, its bandwidth capped by
-    the answer's ``maxplaybackrate`` (RFC 7587 §6.1) and at libwebrtc's default bit rate for
-    it (``LIBWEBRTC_OPUS``), or at ``bit_rate``. Chromium does so for voxphone's answer
-    (``tests/e2e/test_browser.py``). Benchmark clients only: it patches aiortc's peer
-    connection (to read each answer) and ``OpusEncoder`` (made once the answer is in)."""
-
+    browser (libwebrtc) sends: mono, in voip mode, at ``bit_rate`` or libwebrtc's default; with
+    ``follow_answer``, for the answer it got — its bandwidth capped by the answer's
+    ``maxplaybackrate`` (RFC 7587 §6.1) and its default rate for that (``libwebrtc_opus``), as
+    Chromium does for voxphone's answer (``tests/e2e/test_browser.py``); without, fullband, as
+    the runs before voxphone's answer said it (``--opus-bitrate`` alone). Benchmark clients
+    only: it patches aiortc's peer connection (to read each answer) and ``OpusEncoder`` (made
+    once the answer is in)."""
     from aiortc import RTCPeerConnection
     from aiortc.codecs import opus
 
@@ -241,15 +247,14 @@ def as_a_browser(bit_rate: int | None) -> None:
     set_remote, init = RTCPeerConnection.setRemoteDescription, opus.OpusEncoder.__init__
 
     async def read_answer(self: Any, description: Any) -> None:
-        if description.type == "answer":
+        if description.type == "answer" and follow_answer:
             rate = re.search(r"^a=fmtp:\d+ .*maxplaybackrate=(\d+)", description.sdp, re.M)
             answered["maxplaybackrate"] = int(rate.group(1)) if rate else 48000
         await set_remote(self, description)
 
     def browser(self: Any) -> None:
         init(self)
-        cap = min(r for r in LIBWEBRTC_OPUS if r >= min(answered["maxplaybackrate"], 48000))
-        default_rate, cutoff = LIBWEBRTC_OPUS[cap]
+        default_rate, cutoff = libwebrtc_opus(answered["maxplaybackrate"])
         self.codec.bit_rate, self.codec.layout = bit_rate or default_rate, "mono"
         self.codec.options = {"application": "voip", "cutoff": str(cutoff)}
         self.resampler = av.AudioResampler(format="s16", layout="mono", rate=48000, frame_size=960)
@@ -283,7 +288,7 @@ def plot(machine: str, folder: Path = RESULTS) -> Path:
         kind = "before" if re.search(r"-before(-\d+)?$", f.stem) else "now"
         rate = r.get("client_opus_bitrate")
         label = f"{kind}, {rate // 1000} kbit/s mono" if rate else kind
-        label += ", browser" if r.get("client_browser") and not rate else ""
+        label += ", as a browser" if r.get("client_browser") else ""
         label += ", speech" if r.get("client_plays", "tone") != "tone" else ""
         runs.setdefault(label, []).append(r)
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.5))
@@ -342,7 +347,7 @@ def main() -> None:
         pin(args.client_cpus or f"0-{(os.cpu_count() or 1) - 1}")  # not the server's pinning
         n, wav, port = args.clients
         if args.browser or args.opus_bitrate:
-            as_a_browser(args.opus_bitrate)
+            as_a_browser(args.opus_bitrate, follow_answer=args.browser)
         asyncio.run(clients(int(n), Path(wav), int(port)))
         return
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
@@ -354,7 +359,7 @@ def main() -> None:
         client_args += ["--browser"]
     result = asyncio.run(server(args.calls, args.seconds, client_args, args.speech))
     result["client_opus_bitrate"] = args.opus_bitrate
-    result["client_browser"] = args.browser or bool(args.opus_bitrate)
+    result["client_browser"] = args.browser  # libwebrtc's reply to the answer (``as_a_browser``)
     result["client_plays"] = args.speech.name if args.speech else "tone"
     print(json.dumps(result, indent=2))
     rate = f"-opus{args.opus_bitrate // 1000}k" if args.opus_bitrate else ""

@@ -142,7 +142,8 @@ async def test_demo_page_call_shows_the_words_and_hangs_up(
             )
             assert bot_tracks == 1
             # The answer's maxplaybackrate (RFC 7587 §6.1) makes Chromium code wideband at
-            # libwebrtc's 20 kbit/s for it (50 bytes a packet), not fullband at 32 (80).
+            # libwebrtc's 20 kbit/s for it (48 bytes a packet on this clip, pauses included),
+            # not fullband at 32 (81 bytes on it without the parameter).
             browser.set_script_timeout(10)
             sent = browser.execute_async_script(SENT_OPUS_JS)
             assert "maxplaybackrate=16000" in sent["fmtp"] and sent["payload"] < 64, sent

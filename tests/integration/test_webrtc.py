@@ -363,6 +363,10 @@ async def test_every_packet_before_the_hangup_is_transcribed(
         await asyncio.wait_for(call.played.wait(), 30)
         sent = await rtp_count(call.pc, "outbound-rtp", "packetsSent")
         session = app.webrtc.sessions[call.call_id]  # type: ignore[union-attr]
+        # Media skips aioice's STUN parse: each of the call's sockets hands it on first.
+        connection = session.pc.getTransceivers()[0].receiver.transport.transport._connection
+        assert connection._protocols
+        assert all("datagram_received" in vars(p) for p in connection._protocols)
         async with asyncio.timeout(10):  # every packet has reached voxphone's aiortc
             while await rtp_count(session.pc, "inbound-rtp", "packetsReceived") < sent:  # noqa: ASYNC110
                 await asyncio.sleep(0.02)

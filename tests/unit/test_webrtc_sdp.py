@@ -172,6 +172,15 @@ def test_an_actpass_offer_is_answered_passive_so_voxphone_is_the_dtls_server() -
         (["a=rtpmap:96 OPUS/48000/2", "a=fmtp:96 minptime=10; MaxPlaybackRate=48000;useinbandfec=1"],
          ["a=rtpmap:96 OPUS/48000/2", "a=fmtp:96 minptime=10;useinbandfec=1;maxplaybackrate=16000"]),
         (["a=rtpmap:0 PCMU/8000", "a=fmtp:0 x=1"], ["a=rtpmap:0 PCMU/8000", "a=fmtp:0 x=1"]),
+        (["a=fmtp:111 useinbandfec=1", "a=rtpmap:111 opus/48000/2"],  # fmtp first
+         ["a=fmtp:111 useinbandfec=1;maxplaybackrate=16000", "a=rtpmap:111 opus/48000/2"]),
+        (["a=rtpmap:111 opus/48000/2", "a=fmtp:111"],  # no parameters
+         ["a=rtpmap:111 opus/48000/2", "a=fmtp:111 maxplaybackrate=16000"]),
+        (["a=rtpmap:11 PCMU/8000", "a=fmtp:11 x=1", "a=rtpmap:111 opus/48000/2",
+          "a=rtpmap:96 opus/48000/2"],  # 11 is not 111; two Opus payload types
+         ["a=rtpmap:11 PCMU/8000", "a=fmtp:11 x=1", "a=rtpmap:111 opus/48000/2",
+          "a=fmtp:111 maxplaybackrate=16000", "a=rtpmap:96 opus/48000/2",
+          "a=fmtp:96 maxplaybackrate=16000"]),
     ],
 )  # fmt: skip
 @pytest.mark.parametrize("eol", ["\r\n", "\n"])
@@ -184,6 +193,21 @@ def test_the_answers_opus_asks_for_no_more_than_the_model_hears(
     head = ["v=0", "m=audio 9 UDP/TLS/RTP/SAVPF 111 96 0"]
     text = eol.join([*head, *lines, "a=setup:passive", ""])
     assert answer_opus_fmtp(text) == eol.join([*head, *expected, "a=setup:passive", ""])
+
+
+@pytest.mark.parametrize("eol", ["\r\n", "\n"])
+def test_every_bundled_audio_section_gets_the_same_opus_parameters(eol: str) -> None:
+    """Two audio sections on one BUNDLE transport share payload type 111 (aiortc answers a
+    second audio line inactive, but with its codecs): libwebrtc refuses a bundle whose
+    sections give one payload type different parameters. The answer's last line may lack its
+    line break."""
+    section = ["m=audio 9 UDP/TLS/RTP/SAVPF 111 0", "a=rtpmap:111 opus/48000/2"]
+    text = eol.join(["v=0", *section, "a=mid:0", *section, "a=inactive"])
+    fmtp = "a=fmtp:111 maxplaybackrate=16000"
+    assert answer_opus_fmtp(text) == eol.join(
+        ["v=0", *section, fmtp, "a=mid:0", *section, fmtp, "a=inactive"]
+    )
+    assert answer_opus_fmtp(eol.join(section)) == eol.join([*section, fmtp])
 
 
 async def test_aiortc_takes_the_server_role_from_the_rewritten_answer() -> None:

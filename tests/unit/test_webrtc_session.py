@@ -285,8 +285,10 @@ async def test_media_skips_aioices_stun_parse_and_the_rest_still_takes_it(
     ice = dtls.transport._connection
     protocol = StunProtocol(ice)  # type: ignore[arg-type]
     protocol.local_candidate = aioice.Candidate("1", 1, "udp", 1, "127.0.0.1", 9, "host")
-    ice._protocols.append(protocol)
+    bare = StunProtocol(ice)  # type: ignore[arg-type]  # no candidate gathered on it
+    ice._protocols += [protocol, bare]
     receiver = await receiving(call, dtls)
+    assert "datagram_received" not in vars(bare)  # left to aioice
     browser, dtls._rx_srtp = srtp_pair()
     srtp = [browser.protect(pcmu_packet(seq).serialize()) for seq in range(3)]
     rtcp, dtls_record = bytes([0x81, 201]) + bytes(6), bytes([23, 254, 253]) + bytes(10)
@@ -384,6 +386,22 @@ async def test_an_aiortc_whose_internals_moved_is_refused_at_start_up_in_one_lin
         await gateway().start()
     message = str(refused.value)
     assert moved in message and "webrtc.enabled = false" in message and "\n" not in message
+
+
+@pytest.mark.parametrize("moved", ["datagram_received", "local_candidate"])
+async def test_an_aioice_whose_stun_protocol_moved_is_refused_at_start_up(
+    monkeypatch: pytest.MonkeyPatch, moved: str
+) -> None:
+    """``_media_first`` replaces aioice's own ``StunProtocol.datagram_received`` (asyncio's
+    base class has one too, so ``hasattr`` would not do) and reads ``local_candidate``."""
+    if moved == "datagram_received":
+        monkeypatch.delattr(StunProtocol, moved)
+    else:
+        kept = {k: v for k, v in StunProtocol.__annotations__.items() if k != moved}
+        monkeypatch.setattr(StunProtocol, "__annotations__", kept)
+    with pytest.raises(TransportError) as refused:
+        await gateway().start()
+    assert f"aioice.StunProtocol.{moved}" in str(refused.value)
 
 
 async def test_a_call_whose_set_up_fails_ends_and_closes_its_peer_connection(

@@ -21,11 +21,12 @@ DIRECTIONS = ("sendrecv", "sendonly", "recvonly", "inactive")
 
 #: The Opus format parameters of every answer voxphone gives (RFC 7587 §6.1: in an answer they
 #: describe what the answerer receives). ``maxplaybackrate``: nothing above the model's 16 kHz
-#: is heard, so the sender need not code it; an encoder that honours it (libwebrtc — Chrome,
-#: Firefox, Safari —, FreeSWITCH, Asterisk) caps its bandwidth at wideband and spends its bits
-#: below 8 kHz, and its packets decode in about half the time (SILK alone, not SILK and CELT:
-#: ``benchmarks/webrtc_calls.py``). Everything else is left at the RFC's defaults (mono
-#: preferred, no in-band FEC asked for).
+#: is heard, so the sender need not code it. It is a hint a sender may ignore; one that takes
+#: it (libwebrtc's encoder: Chromium 156 does, ``tests/e2e/test_browser.py``) caps its
+#: bandwidth at wideband and spends its bits below 8 kHz, and its packets decode in about half
+#: the time (SILK alone, not SILK and CELT: ``benchmarks/results/maxplaybackrate-ab``).
+#: Everything else is left at the RFC's defaults (mono preferred; no in-band FEC asked for,
+#: which voxphone's decoder does not use).
 OPUS_FMTP = f"maxplaybackrate={MODEL_RATE}"
 
 

@@ -27,8 +27,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
+import aioice.ice
 import pylibsrtp
-from aioice.ice import StunProtocol
 from aiortc import RTCRtpReceiver
 from aiortc.rtcrtpreceiver import StreamStatistics
 
@@ -169,13 +169,20 @@ def missing_internals(receiver: RTCRtpReceiver) -> list[str]:
         (ice, "RTCIceTransport", "_connection"),
         (connection, "aioice.Connection", "data_received"),
         (connection, "aioice.Connection", "_protocols"),
-        (StunProtocol, "aioice.StunProtocol", "datagram_received"),
     ]
-    return [
+    missing = [
         f"{owner}.{name.removeprefix(_PRIVATE)}"
         for obj, owner, name in wanted
         if not hasattr(obj, name)
     ]
+    # ``_media_first`` replaces the method aioice defines (every DatagramProtocol has one) and
+    # reads the candidate aioice sets on each protocol (declared on the class, set when gathered).
+    stun = getattr(aioice.ice, "StunProtocol", None)
+    if "datagram_received" not in vars(stun or object):
+        missing.append("aioice.StunProtocol.datagram_received")
+    if "local_candidate" not in getattr(stun, "__annotations__", {}):
+        missing.append("aioice.StunProtocol.local_candidate")
+    return missing
 
 
 def receive_encoded(receiver: RTCRtpReceiver, audio: EncodedAudio) -> None:

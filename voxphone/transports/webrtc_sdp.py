@@ -162,27 +162,51 @@ def answer_dtls_passive(offer: str, answer: str) -> str:
     return re.sub(r"^a=setup:active(?=\r?$)", "a=setup:passive", answer, flags=re.MULTILINE)
 
 
+#: An Opus rtpmap (RFC 7587 §7: ``opus/48000/2``) and any fmtp line, each giving its payload type.
+_OPUS_RTPMAP = re.compile(r"a=rtpmap:(\d+) opus/48000\b", re.IGNORECASE)
+_FMTP = re.compile(r"a=fmtp:(\d+)(?:[ \t]+(.*))?$")
+
+
 def answer_opus_fmtp(answer: str) -> str:
     """``answer`` with voxphone's Opus format parameters (``sdp.OPUS_FMTP``: ``maxplaybackrate``,
-    RFC 7587 §6.1) on each Opus payload type: added to its ``a=fmtp`` line, or as one after its
-    ``a=rtpmap``. A parameter of the same name already there is replaced.
+    RFC 7587 §6.1) on each Opus payload type of each media section: added to its ``a=fmtp``
+    line (a parameter of the same name there is replaced), or as one after its ``a=rtpmap``.
+    Every section gets them: sections bundled on one transport must give a payload type the
+    same parameters (libwebrtc refuses a BUNDLE group whose sections differ).
 
     Why: aiortc's answer carries no Opus parameters, and a browser (libwebrtc) reads this one
-    from the answer to cap its encoder's bandwidth (``OPUS_SET_MAX_BANDWIDTH``): at 16 kHz it
-    codes wideband SILK at its 20 kbit/s default instead of fullband SILK and CELT at 32 —
+    from the answer to cap its encoder's bandwidth (``OPUS_SET_MAX_BANDWIDTH``): at 16 kHz
+    Chromium codes wideband SILK at 20 kbit/s instead of fullband SILK and CELT at 32 —
     nothing voxphone can hear is lost, and each packet decodes in about half the CPU."""
-    pts = re.findall(r"^a=rtpmap:(\d+) opus/48000\b", answer, re.MULTILINE | re.IGNORECASE)
-    ours = dict(param.split("=", 1) for param in OPUS_FMTP.split(";"))
-    for pt in pts:
-        fmtp = re.search(rf"^a=fmtp:{pt} (.*?)(?=\r?$)", answer, re.MULTILINE)
-        if fmtp is None:
-            answer = re.sub(
-                rf"^(a=rtpmap:{pt} .*?)(\r?)$", rf"\1\2\na=fmtp:{pt} {OPUS_FMTP}\2",
-                answer, count=1, flags=re.MULTILINE,
-            )  # fmt: skip
-            continue
-        params = [p.strip() for p in fmtp.group(1).split(";") if p.strip()]
-        kept = [p for p in params if p.split("=", 1)[0].strip().lower() not in ours]
-        line = f"a=fmtp:{pt} {';'.join([*kept, OPUS_FMTP])}"
-        answer = answer[: fmtp.start()] + line + answer[fmtp.end() :]
-    return answer
+    lines = answer.splitlines(keepends=True)
+    starts = [i for i, line in enumerate(lines) if line.startswith("m=")]
+    eol = "\r\n" if "\r\n" in answer else "\n"
+    return "".join(
+        "".join(_with_opus_fmtp(lines[a:b], eol))
+        for a, b in zip([0, *starts], [*starts, len(lines)], strict=True)
+    )
+
+
+def _with_opus_fmtp(lines: list[str], eol: str) -> list[str]:
+    """One SDP section's lines (each with its line break, but perhaps the last), ``OPUS_FMTP``
+    on each of its Opus payload types (``answer_opus_fmtp``)."""
+    opus = {m.group(1) for line in lines if (m := _OPUS_RTPMAP.match(line))}
+    ours = {param.split("=", 1)[0] for param in OPUS_FMTP.split(";")}
+    out, has_fmtp = [], set()
+    for line in lines:
+        text = line.rstrip("\r\n")
+        fmtp = _FMTP.match(text)
+        if fmtp is not None and fmtp.group(1) in opus:
+            pt = fmtp.group(1)
+            params = [p.strip() for p in (fmtp.group(2) or "").split(";") if p.strip()]
+            kept = [p for p in params if p.split("=", 1)[0].strip().lower() not in ours]
+            line = f"a=fmtp:{pt} {';'.join([*kept, OPUS_FMTP])}{line[len(text) :]}"
+            has_fmtp.add(pt)
+        out.append(line)
+    for pt in sorted(opus - has_fmtp):
+        i = next(i for i, line in enumerate(out) if (m := _OPUS_RTPMAP.match(line)) and m[1] == pt)
+        text = out[i].rstrip("\r\n")
+        line_break = out[i][len(text) :]
+        out[i] = text + (line_break or eol)
+        out.insert(i + 1, f"a=fmtp:{pt} {OPUS_FMTP}{line_break}")
+    return out
