@@ -112,7 +112,7 @@ async def loop_lag(samples: list[tuple[float, float]], stop: asyncio.Event) -> N
         samples.append((t0, (time.perf_counter() - t0 - 0.01) * 1000))
 
 
-def tone(seconds: float, speech: Path | None = None) -> Path:
+def played_audio(seconds: float, speech: Path | None = None) -> Path:
     """``seconds`` at 48 kHz of ``speech`` looped, or of a 440 Hz tone (an eighth of full
     scale, as FFmpeg's ``sine``). What is played decides how Opus codes it: a browser's
     encoder codes speech as SILK or SILK and CELT (hybrid), a steady tone as CELT."""
@@ -146,7 +146,7 @@ async def server(
         lag: list[tuple[float, float]] = []
         stop = asyncio.Event()
         probe = asyncio.create_task(loop_lag(lag, stop))
-        wav = tone(seconds, speech)
+        wav = played_audio(seconds, speech)
         cpu0, start = cpu_s(), time.perf_counter()
         procs = -(-n // CALLS_PER_CLIENT_PROCESS)
         shares = [len(range(k, n, procs)) for k in range(procs)]
