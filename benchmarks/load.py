@@ -1,19 +1,30 @@
-"""Load generator: N concurrent G.711 RTP callers against voxphone's server, end to end.
+"""Load generator: N concurrent callers against voxphone's server, end to end, as RTP or as
+Twilio Media Streams.
 
 The server is voxphone's ``App`` (what ``voxphone serve`` runs: UDP ports, the event loop, the
 call registry, the outbox, the HTTP server), started in this process with a null engine, so
-what is measured is the transport and audio path — RTP parsing, jitter buffer, decode,
-timeline, resampling, framing and the call's frame queue — not recognition. A separate process
-plays N callers from one UDP socket each: real speech (flite), PCMU, 20 ms packets at real-time
-pace, the callers' start times spread over ``--ramp`` seconds, with optional loss and jitter.
+what is measured is the transport and audio path — RTP parsing (or the websocket and its JSON),
+jitter buffer, decode, timeline, resampling, framing and the call's frame queue — not
+recognition. A separate process plays N callers: real speech (flite, or ``--speech``), 20 ms
+packets at real-time pace, the callers' start times spread over ``--ramp`` seconds, with
+optional loss and jitter.
+
+- ``--transport rtp`` (the default): one UDP socket per caller, PCMU, PCMA or Opus
+  (``--codec``) to ``--ports`` server ports.
+- ``--transport twilio``: one websocket per caller to ``/v1/media/twilio``, as Twilio Media
+  Streams sends (``connected``, ``start``, then a ``media`` message of base64 µ-law every 20 ms
+  with its ``sequenceNumber``, ``chunk`` and ``timestamp``; ``stop`` at the end). A websocket
+  runs over TCP, which loses nothing: ``--loss`` leaves messages out (a gap in the stream, as a
+  provider's own loss would be), and ``--jitter-ms`` delays them, each waiting for the one before
+  it as TCP makes it. Load processes of ``TWILIO_CALLS_PER_PROCESS`` callers each.
 
 Reported (and written to ``benchmarks/results/load-<machine>-<N>.json``):
 
 - ``calls_per_core``: N divided by the server's CPU time per wall second (user + system,
   ``getrusage``), over the window when every call is up: how many such calls one core carries.
-- ``packet_latency_ms``: for one packet per call per second, from the caller's ``sendto`` to
-  the return of the server's handler (kernel, event-loop queueing and handling; both processes
-  read the same ``CLOCK_MONOTONIC``). p50/p99/max.
+- ``packet_latency_ms``: for one packet per call per second, from the caller's ``sendto`` (or
+  websocket send) to the return of the server's handler (kernel, event-loop queueing and
+  handling; both processes read the same ``CLOCK_MONOTONIC``). p50/p99/max.
 - ``loop_lag_ms``: how late a 10 ms sleep wakes on the server's loop.
 - ``frames``: frames handed to the engine, frames dropped from full call queues, and the
   frames expected from the audio sent.
@@ -27,12 +38,13 @@ Reported (and written to ``benchmarks/results/load-<machine>-<N>.json``):
   ``calls_per_core`` is no capacity.
 
     python benchmarks/load.py --calls 200 --seconds 30 [--loss 0.05 --jitter-ms 20] [--profile]
+    python benchmarks/load.py --calls 200 --transport twilio
     python benchmarks/load.py --plot   # benchmarks/results/load-<machine>.png from the JSON files
     python benchmarks/load.py --calls 500 --stop-at call   # the same without the call's audio
 
-``--stop-at call`` (the transport only) and ``--stop-at port`` (sockets and the event loop only)
-cut the server's work short; the difference in CPU per packet between runs is what a layer
-costs, measured under the same load instead of profiled.
+``--stop-at call`` (the transport only) and, for RTP, ``--stop-at port`` (sockets and the event
+loop only) cut the server's work short; the difference in CPU per packet between runs is what a
+layer costs, measured under the same load instead of profiled.
 
 Measuring needs only voxphone's own dependencies; ``--plot`` (a separate step) needs
 matplotlib. On a shared machine the CPU figures move with the neighbours' load: the JSON
@@ -47,6 +59,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import cProfile
 import heapq
 import io
@@ -61,23 +74,26 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import av
 import numpy as np
 
 from voxphone.app import App
-from voxphone.audio.codecs import PCMU, Encoder
+from voxphone.audio.codecs import PCMA, PCMU, Encoder
 from voxphone.audio.files import read_audio
 from voxphone.call import Call
 from voxphone.config import Config
 from voxphone.heap import collector_off_the_clock
 from voxphone.testing import free_tcp_port
+from voxphone.transports.mediastream import JsonStreamSession
 from voxphone.transports.rtp import RECEIVE_BUFFER_FULL, RtpPort
 
 sys.path.insert(0, str(Path(__file__).parent))
-from machine import cpu_model, machine_name, pin  # noqa: E402
+from machine import LOOPS, cpu_model, machine_name, pin, run_on  # noqa: E402
 from webrtc_calls import NullEngine, loop_lag  # noqa: E402
 
 HOST = "127.0.0.1"
@@ -94,13 +110,19 @@ TEXT = (
 
 #: What the callers can send: (RTP payload type, clock ticks per 20 ms packet). Opus uses the
 #: dynamic type voxphone assumes without signalling (111, WebRTC's habit; 48 kHz clock).
-CODECS = {"pcmu": (0, 160), "opus": (111, 960)}
+CODECS = {"pcmu": (0, 160), "pcma": (8, 160), "opus": (111, 960)}
+#: How the callers reach the server (``--transport``): RTP, or Twilio Media Streams (µ-law).
+TRANSPORTS = ("rtp", "twilio")
+#: Twilio callers per load process: aiohttp's websocket client costs ≈ 20 µs a message, so one
+#: process would fall behind before the server does.
+TWILIO_CALLS_PER_PROCESS = 200
 
 
 def speech_payloads(
     codec: str = "pcmu", speech: Path | None = None, opus_bitrate: int | None = None
 ) -> list[bytes]:
-    """Speech as 20 ms payloads (looped by the callers): PCMU, or mono Opus (libopus, 48 kHz).
+    """Speech as 20 ms payloads (looped by the callers): PCMU, PCMA, or mono Opus (libopus,
+    48 kHz).
     Opus is coded with libopus's defaults through FFmpeg (64 kbit/s VBR, ``audio`` mode: about
     94 kbit/s on this speech, as heavy as aiortc's 96 kbit/s ``voip`` stream) unless
     ``opus_bitrate`` is given, which codes at that rate in ``voip`` mode (libwebrtc, Chrome's
@@ -110,9 +132,9 @@ def speech_payloads(
     if wav is None:
         wav = Path(tempfile.mkdtemp()) / "speech.wav"
         subprocess.run(["flite", "-voice", "rms", "-t", TEXT, "-o", str(wav)], check=True)
-    if codec == "pcmu":
+    if codec != "opus":
         pcm = read_audio(wav, 8000)
-        enc = Encoder(PCMU)
+        enc = Encoder(PCMU if codec == "pcmu" else PCMA)
         return [enc.encode(pcm[i : i + 160]) for i in range(0, pcm.size - 159, 160)]
     pcm = read_audio(wav, 48000)
     ctx = av.CodecContext.create("libopus", "w")
@@ -133,8 +155,34 @@ def rtp(seq: int, ts: int, ssrc: int, payload: bytes, pt: int = 0) -> bytes:
     return struct.pack("!BBHII", 0x80, pt, seq & 0xFFFF, ts & 0xFFFFFFFF, ssrc) + payload
 
 
+def paced(
+    args: argparse.Namespace, callers: range, rng: random.Random
+) -> Iterator[float | tuple[int, int, float]]:
+    """The ``callers``' packets in the order they fall due, at real-time pace: yields how long
+    to wait (s) until the next is due, or (caller, packet number, how late it is in ms) when
+    one is due. Caller ``i`` starts at ``i / args.calls`` of ``--ramp``; each packet is due
+    20 ms after the last one's nominal time plus up to ``--jitter-ms`` (drawn from ``rng`` once
+    the packet before is handed out), so a caller's packets never overtake one another."""
+    n_packets = int(args.seconds / PACKET_S)
+    t0 = time.monotonic() + 0.5
+    starts = {i: t0 + args.ramp * i / args.calls for i in callers}
+    heap = [(starts[i], i, 0) for i in callers]
+    heapq.heapify(heap)
+    while heap:
+        due, i, k = heap[0]
+        now = time.monotonic()
+        if due > now:
+            yield min(due - now, 0.002)
+            continue
+        heapq.heappop(heap)
+        yield i, k, (now - due) * 1000
+        if k + 1 < n_packets:
+            nominal = starts[i] + (k + 1) * PACKET_S
+            heapq.heappush(heap, (nominal + rng.uniform(0, args.jitter_ms / 1000), i, k + 1))
+
+
 def send(args: argparse.Namespace) -> None:
-    """Play ``args.calls`` callers at real-time pace; write send times of sampled packets.
+    """Play ``args.calls`` RTP callers at real-time pace; write send times of sampled packets.
     With ``--call-seconds`` each caller hangs up after that long and calls again from a new
     socket (a new source address and SSRC: a new call), so calls start and end all along."""
     # (not the server's pinning, which it inherited)
@@ -148,20 +196,13 @@ def send(args: argparse.Namespace) -> None:
     dests = [(HOST, args.base_port + i % args.ports) for i in range(args.calls)]
     per_call = int(args.call_seconds / PACKET_S) if args.call_seconds else 0
     ssrcs = [1000 + i for i in range(args.calls)]
-    n_packets = int(args.seconds / PACKET_S)
-    t0 = time.monotonic() + 0.5
-    starts = [t0 + args.ramp * i / args.calls for i in range(args.calls)]
-    heap = [(starts[i], i, 0) for i in range(args.calls)]
-    heapq.heapify(heap)
     sampled: list[tuple[int, int, float]] = []
     late: list[float] = []
-    while heap:
-        due, i, k = heap[0]
-        now = time.monotonic()
-        if due > now:
-            time.sleep(min(due - now, 0.002))
+    for event in paced(args, range(args.calls), rng):
+        if isinstance(event, float):
+            time.sleep(event)
             continue
-        heapq.heappop(heap)
+        i, k, late_ms = event
         if per_call and k and k % per_call == 0:  # hang up; call again from a new address
             socks[i].close()
             socks[i] = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -175,24 +216,87 @@ def send(args: argparse.Namespace) -> None:
             socks[i].sendto(rtp(k, k * ticks, ssrcs[i], payload, pt), dests[i])
             if k % SAMPLE_EVERY == 0:
                 sampled.append((socks[i].getsockname()[1], k, time.monotonic()))
-                late.append((now - due) * 1000)
-        if k + 1 < n_packets:
-            nominal = starts[i] + (k + 1) * PACKET_S
-            heapq.heappush(heap, (nominal + rng.uniform(0, args.jitter_ms / 1000), i, k + 1))
+                late.append(late_ms)
     Path(args.sent).write_text(json.dumps({"sampled": sampled, "late_ms": late}))
+
+
+def call_sid(i: int) -> str:
+    """Twilio's ``callSid`` of caller ``i``: the call's id on the server, so ``Probe`` can tell
+    the callers apart."""
+    return f"CA{i:032x}"
+
+
+def twilio_text(event: str, i: int, body: dict[str, Any], sequence: int) -> str:
+    """One Twilio Media Streams message (the shapes of Twilio's "WebSocket Messages" page)."""
+    sid = f"MZ{i:032x}"
+    return json.dumps(
+        {"event": event, "sequenceNumber": str(sequence), "streamSid": sid, event: body}
+    )
+
+
+async def send_twilio(args: argparse.Namespace, callers: range) -> dict[str, Any]:
+    """Play ``callers`` as Twilio Media Streams at real-time pace, one websocket each; return
+    the send times of sampled messages (keyed by the call's ``callSid`` and the message's place in
+    its stream, which TCP keeps)."""
+    payloads = [base64.b64encode(p).decode() for p in speech_payloads("pcmu", args.speech)]
+    rng = random.Random(args.seed + callers.start)
+    url = f"http://{HOST}:{args.http_port}/v1/media/twilio"
+    fmt = {"encoding": "audio/x-mulaw", "sampleRate": 8000, "channels": 1}
+    sampled: list[tuple[str, int, float]] = []
+    late: list[float] = []
+    async with aiohttp.ClientSession() as http:
+        sockets = {i: await http.ws_connect(url, autoping=False) for i in callers}
+        sent = dict.fromkeys(callers, 2)  # text messages sent on each: ``connected``, ``start``
+        for i, ws in sockets.items():
+            await ws.send_str(json.dumps({"event": "connected", "protocol": "Call"}))
+            start = {"accountSid": "AC0", "streamSid": f"MZ{i:032x}", "callSid": call_sid(i),
+                     "tracks": ["inbound"], "customParameters": {}, "mediaFormat": fmt}  # fmt: skip
+            await ws.send_str(twilio_text("start", i, start, 1))
+        for event in paced(args, callers, rng):
+            if isinstance(event, float):
+                await asyncio.sleep(event)
+                continue
+            i, k, late_ms = event
+            if k >= 2 and rng.random() < args.loss:  # (as the RTP callers lose packets)
+                continue
+            media = {"track": "inbound", "chunk": str(k + 1), "timestamp": str(k * 20),
+                     "payload": payloads[k % len(payloads)]}  # fmt: skip
+            await sockets[i].send_str(twilio_text("media", i, media, k + 2))
+            n = sent[i] = sent[i] + 1
+            if n % SAMPLE_EVERY == 0:
+                sampled.append((call_sid(i), n, time.monotonic()))
+                late.append(late_ms)
+        for i, ws in sockets.items():
+            await ws.send_str(twilio_text("stop", i, {"callSid": call_sid(i)}, sent[i] + 1))
+            await ws.close()
+    return {"sampled": sampled, "late_ms": late}
 
 
 # -- the server ---------------------------------------------------------------------------------
 
 
 class Probe:
-    """Wraps ``RtpPort.datagram_received`` to stamp when sampled packets were handled."""
+    """Stamps when sampled packets were handled: wraps ``RtpPort.datagram_received`` (keyed by
+    the caller's port and the RTP sequence number) or, for Twilio, ``JsonStreamSession.feed``
+    (keyed by the ``callSid`` and the message's place in its stream)."""
 
-    def __init__(self) -> None:
-        self.handled: dict[tuple[int, int], float] = {}
+    def __init__(self, transport: str) -> None:
+        self.handled: dict[tuple[int | str, int], float] = {}
         self.calls: list[Call] = []
+        self.fed: dict[JsonStreamSession, int] = {}  # Twilio: text messages fed per stream
+        handled, fed = self.handled, self.fed
+        if transport == "twilio":
+            feed = JsonStreamSession.feed
+
+            def counted(session: JsonStreamSession, text: str) -> None:
+                feed(session, text)
+                n = fed[session] = fed.get(session, 0) + 1
+                if n % SAMPLE_EVERY == 0 and session.call is not None:
+                    handled[(session.call.call_id, n)] = time.monotonic()
+
+            JsonStreamSession.feed = counted  # type: ignore[method-assign,assignment]
+            return
         original = RtpPort.datagram_received
-        handled = self.handled
 
         def stamped(port: RtpPort, data: bytes, addr: tuple[str | object, int]) -> None:
             original(port, data, addr)
@@ -201,6 +305,13 @@ class Probe:
                 handled[(int(addr[1]), seq)] = time.monotonic()
 
         RtpPort.datagram_received = stamped  # type: ignore[method-assign,assignment]
+
+    def streaming(self, calls: int) -> bool:
+        """Whether ``calls`` callers have sent audio: an RTP call opens at its first packet, a
+        Twilio one at ``start``, before its media (``connected`` and ``start`` are two)."""
+        if self.fed:
+            return sum(n > 2 for n in self.fed.values()) >= calls
+        return len(self.calls) >= calls
 
 
 def config(args: argparse.Namespace) -> Config:
@@ -253,7 +364,7 @@ def stop_at(where: str) -> None:
 
 async def serve(args: argparse.Namespace) -> dict[str, Any]:
     stop_at(args.stop_at)
-    probe = Probe()
+    probe = Probe(args.transport)
     app = App(config(args), engine=NullEngine())
     open_call = app.registry.open
 
@@ -269,10 +380,26 @@ async def serve(args: argparse.Namespace) -> dict[str, Any]:
         lag: list[tuple[float, float]] = []
         stop = asyncio.Event()
         lag_task = asyncio.create_task(loop_lag(lag, stop))
-        sent = Path(tempfile.mkdtemp()) / "sent.json"
-        cmd = [sys.executable, __file__, "--send", str(sent), *sys.argv[1:]]
-        sender = await asyncio.create_subprocess_exec(*cmd)
-        await asyncio.sleep(0.5 + args.ramp + 2.0)  # every call up and steady
+        logs = Path(tempfile.mkdtemp())
+        procs = -(-args.calls // TWILIO_CALLS_PER_PROCESS) if args.transport == "twilio" else 1
+        senders = [
+            await asyncio.create_subprocess_exec(
+                sys.executable,
+                __file__,
+                "--send",
+                str(logs / f"sent-{k}.json"),
+                "--share",
+                f"{k}/{procs}",
+                "--http-port",
+                str(app.config.http.port),
+                *sys.argv[1:],
+            )  # fmt: skip
+            for k in range(procs)
+        ]
+        deadline = time.monotonic() + 60 + args.ramp
+        while not probe.streaming(args.calls) and time.monotonic() < deadline:  # noqa: ASYNC110
+            await asyncio.sleep(0.1)
+        await asyncio.sleep(2.0)  # every call up and steady
         window = max(1.0, args.seconds - args.ramp - 4.0)
         profiler = cProfile.Profile() if args.profile else None
         if profiler is not None:
@@ -284,13 +411,17 @@ async def serve(args: argparse.Namespace) -> dict[str, Any]:
         if profiler is not None:
             profiler.disable()
         up = sum(c.end_reason is None for c in probe.calls)
-        await sender.wait()
+        for sender in senders:
+            await sender.wait()
         await asyncio.sleep(2.5)  # inactivity ends the calls; their last frames reach the engine
         stop.set()
         await lag_task
     await app.stop()
     drops = app.rtp.totals().get(RECEIVE_BUFFER_FULL, 0)
-    sent_log = json.loads(sent.read_text())
+    sent_log: dict[str, list[Any]] = {"sampled": [], "late_ms": []}
+    for k in range(procs):
+        for key, values in json.loads((logs / f"sent-{k}.json").read_text()).items():
+            sent_log[key] += values
     out = report(args, probe, sent_log, cpu, wall, up, lag, t_start, profiler, drops)
     out["packets"]["receive_buffer"] = {
         "asked_bytes": app.rtp.receive_buffer_bytes,
@@ -330,20 +461,21 @@ def report(
     socket_drops: int,
 ) -> dict[str, Any]:
     latency = [
-        (probe.handled[(port, seq)] - t) * 1000
-        for port, seq, t in sent["sampled"]
-        if (port, seq) in probe.handled
+        (probe.handled[(caller, n)] - t) * 1000
+        for caller, n, t in sent["sampled"]
+        if (caller, n) in probe.handled
     ]
     frames_sent = sum(c.frames_sent for c in probe.calls)
     dropped = sum(c.stats.dropped_frames for c in probe.calls)
     out: dict[str, Any] = {
         "calls": args.calls,
         "calls_up_during_window": up,
+        "transport": args.transport,
         "codec": codec_label(args),
         "seconds": args.seconds,
         "loss": args.loss,
         "jitter_ms": args.jitter_ms,
-        "server_ports": args.ports,
+        "server_ports": args.ports if args.transport == "rtp" else None,
         "engine": "null (transport + audio path only)",
         "stop_at": args.stop_at,
         "window_s": round(wall, 2),
@@ -386,7 +518,8 @@ def plot(machine: str) -> Path:
     by_codec: dict[str, list[dict[str, Any]]] = {}
     for f in Path("benchmarks/results").glob(f"load-{machine}-*.json"):
         r = json.loads(f.read_text())
-        whole = r.get("stop_at", "engine") == "engine" and r["server_ports"] < r["calls"]
+        spread = r.get("transport", "rtp") != "rtp" or r["server_ports"] < r["calls"]
+        whole = r.get("stop_at", "engine") == "engine" and spread
         if whole and not r["loss"] and not r["jitter_ms"] and "profile_top" not in r:
             by_codec.setdefault(r["codec"], []).append(r)
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.5))
@@ -407,12 +540,12 @@ def plot(machine: str) -> Path:
             calls, [r["sender_late_ms"]["p99"] for r in runs], "x--", label=f"{codec} sender late"
         )
         loads += [r["loadavg_before"][0] for r in runs]
-    a.set_xlabel("concurrent RTP calls")
+    a.set_xlabel("concurrent calls")
     a.set_ylabel("server CPU (cores)")
     a.legend()
     a.grid(alpha=0.3)
     b.axhline(1.0, color="gray", linestyle=":", label="goal: p99 1 ms")
-    b.set_xlabel("concurrent RTP calls")
+    b.set_xlabel("concurrent calls")
     b.set_ylabel("p99 (ms): sendto→handled, and how late the sender was")
     b.legend(fontsize=8)
     b.grid(alpha=0.3)
@@ -428,9 +561,12 @@ def plot(machine: str) -> Path:
 
 
 def codec_label(args: argparse.Namespace) -> str:
-    """What the callers sent, e.g. ``PCMU 20 ms`` or ``Opus mono 20 ms, 32 kbit/s voip``."""
-    if args.codec == "pcmu":
-        return "PCMU 20 ms"
+    """What the callers sent, e.g. ``PCMU 20 ms``, ``Opus mono 20 ms, 32 kbit/s voip`` or
+    ``Twilio µ-law 20 ms``."""
+    if args.transport == "twilio":
+        return "Twilio µ-law 20 ms"
+    if args.codec != "opus":
+        return f"{args.codec.upper()} 20 ms"
     rate = f", {args.opus_bitrate // 1000} kbit/s voip" if args.opus_bitrate else ""
     return f"Opus mono 20 ms{rate}"
 
@@ -439,7 +575,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--calls", type=int, default=100)
     p.add_argument("--seconds", type=float, default=30.0)
-    p.add_argument("--codec", choices=sorted(CODECS), default="pcmu")
+    p.add_argument("--transport", choices=TRANSPORTS, default="rtp", help="RTP, or Twilio's")
+    p.add_argument("--codec", choices=sorted(CODECS), default="pcmu", help="RTP's")
     p.add_argument("--ramp", type=float, default=3.0, help="spread call starts over (s)")
     p.add_argument("--loss", type=float, default=0.0, help="packet loss probability")
     p.add_argument("--jitter-ms", type=float, default=0.0, help="uniform send delay, 0..ms")
@@ -453,18 +590,36 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--speech", type=Path, default=None, help="audio file to play; default: flite")
     p.add_argument("--profile", action="store_true", help="cProfile the server's window")
     p.add_argument("--stop-at", choices=STOPS, default="engine", help="cut the path short there")
+    p.add_argument("--loop", choices=LOOPS, default="asyncio", help="the server's event loop")
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--plot", action="store_true", help="plot this machine's results and exit")
     p.add_argument("--machine", default=None, help="with --plot: another machine's results")
     p.add_argument("--send", dest="sent", default=None, help=argparse.SUPPRESS)
-    return p.parse_args(argv)
+    p.add_argument("--share", default="0/1", help=argparse.SUPPRESS)  # a load process's callers
+    p.add_argument("--http-port", type=int, default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.transport == "twilio":
+        for wrong, why in (
+            (args.codec != "pcmu", "Twilio streams carry µ-law only: leave --codec out"),
+            (args.stop_at == "port", "--stop-at port cuts RTP's UDP path: use call"),
+            (bool(args.call_seconds), "--call-seconds redials RTP callers only"),
+        ):
+            if wrong:
+                p.error(f"--transport twilio: {why}")
+    return args
 
 
 def main() -> None:
     args = parse(sys.argv[1:])
     machine = machine_name()
     if args.sent is not None:
-        send(args)
+        if args.transport == "rtp":
+            send(args)
+            return
+        pin(args.load_cpus or f"0-{(os.cpu_count() or 1) - 1}")  # (not the server's)
+        k, procs = map(int, args.share.split("/"))
+        sent = asyncio.run(send_twilio(args, range(k, args.calls, procs)))
+        Path(args.sent).write_text(json.dumps(sent))
         return
     if args.plot:
         print(plot(args.machine or machine))
@@ -476,14 +631,16 @@ def main() -> None:
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
     pin(args.server_cpus)
     load_before = os.getloadavg()
-    result = asyncio.run(serve(args))
+    result = run_on(args.loop, serve(args))
     result = {"machine": machine, "cpu": cpu_model(), "loadavg_before": load_before, **result}
+    result["server_loop"] = args.loop
     result["loadavg_after"] = os.getloadavg()
     print(json.dumps({k: v for k, v in result.items() if k != "profile_top"}, indent=2))
     for line in result.get("profile_top", []):
         print(line)
     rate = f"{args.opus_bitrate // 1000}k" if args.opus_bitrate else ""
     kind = "" if args.codec == "pcmu" else f"{args.codec}{rate}-"
+    kind = "twilio-" if args.transport == "twilio" else kind
     stop = "" if args.stop_at == "engine" else f"-stop-at-{args.stop_at}"
     out = args.out or Path(f"benchmarks/results/load-{machine}-{kind}{args.calls}{stop}.json")
     out.write_text(json.dumps(result, indent=2) + "\n")

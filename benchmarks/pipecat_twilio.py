@@ -24,6 +24,7 @@ Pipecat is not a voxphone dependency: run this with an interpreter that has it, 
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import base64
 import json
@@ -37,7 +38,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import structlog
-from machine import machine_name
+from machine import machine_name, pin
 
 from voxphone.audio.codecs import PCMU, Encoder
 from voxphone.audio.files import read_audio
@@ -52,10 +53,12 @@ ROUNDS = 5
 TEXT = "Hello, I would like to check the status of my order. It has not arrived yet."
 
 
-def messages() -> list[str]:
-    """A Twilio ``start`` and ``MESSAGES`` ``media`` messages of looped speech."""
-    wav = Path(tempfile.mkdtemp()) / "speech.wav"
-    subprocess.run(["flite", "-voice", "rms", "-t", TEXT, "-o", str(wav)], check=True)
+def messages(speech: Path | None = None) -> list[str]:
+    """A Twilio ``start`` and ``MESSAGES`` ``media`` messages of looped speech: ``speech`` (any
+    file PyAV reads), or flite's ``TEXT``."""
+    wav = speech or Path(tempfile.mkdtemp()) / "speech.wav"
+    if speech is None:
+        subprocess.run(["flite", "-voice", "rms", "-t", TEXT, "-o", str(wav)], check=True)
     pcm, enc = read_audio(wav, 8000), Encoder(PCMU)
     chunks = [enc.encode(pcm[i : i + 160]) for i in range(0, pcm.size - 159, 160)]
     sid = "MZ0123456789abcdef0123456789abcdef"
@@ -172,14 +175,14 @@ async def pipecat_output(msgs: list[str]) -> tuple[int, float]:
     return released, samples / 16.0
 
 
-async def measure() -> dict[str, Any]:
+async def measure(speech: Path | None = None) -> dict[str, Any]:
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.ERROR))
     from loguru import logger  # Pipecat logs through loguru: keep its per-message lines out
 
     logger.remove()
     import pipecat
 
-    msgs = messages()
+    msgs = messages(speech)
     load_before = os.getloadavg()
     best: dict[str, float] = {}
     for _ in range(ROUNDS):
@@ -212,7 +215,12 @@ async def measure() -> dict[str, Any]:
 
 
 def main() -> None:
-    result = asyncio.run(measure())
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--speech", type=Path, default=None, help="a speech file, not flite's")
+    p.add_argument("--cpus", default=None, help="pin this process, e.g. 3")
+    args = p.parse_args()
+    pin(args.cpus)
+    result = asyncio.run(measure(args.speech))
     print(json.dumps(result, indent=2))
     out = Path(f"benchmarks/results/pipecat_twilio-{result['machine']}.json")
     out.write_text(json.dumps(result, indent=2) + "\n")

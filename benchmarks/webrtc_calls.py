@@ -52,7 +52,7 @@ from voxphone.testing import free_tcp_port
 from voxphone.whip_client import play
 
 sys.path.insert(0, str(Path(__file__).parent))
-from machine import cpu_model, machine_name, pin  # noqa: E402
+from machine import LOOPS, cpu_model, machine_name, pin, run_on  # noqa: E402
 
 #: How long each call plays (s); ``--seconds`` for more, when many calls take long to set up.
 SECONDS = 40
@@ -338,6 +338,7 @@ def main() -> None:
     p.add_argument("--browser", action="store_true", help="clients send what a browser does")
     p.add_argument("--speech", type=Path, default=None, help="a speech file to loop, not a tone")
     p.add_argument("--opus-bitrate", type=int, default=None, help="clients: mono Opus at (bit/s)")
+    p.add_argument("--loop", choices=LOOPS, default="asyncio", help="the server's event loop")
     p.add_argument("--clients", nargs=3, default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.plot:
@@ -357,7 +358,8 @@ def main() -> None:
         client_args += ["--opus-bitrate", str(args.opus_bitrate)]
     if args.browser:
         client_args += ["--browser"]
-    result = asyncio.run(server(args.calls, args.seconds, client_args, args.speech))
+    result = run_on(args.loop, server(args.calls, args.seconds, client_args, args.speech))
+    result["server_loop"] = args.loop
     result["client_opus_bitrate"] = args.opus_bitrate
     result["client_browser"] = args.browser  # libwebrtc's reply to the answer (``as_a_browser``)
     result["client_plays"] = args.speech.name if args.speech else "tone"

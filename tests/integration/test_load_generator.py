@@ -1,0 +1,57 @@
+"""``benchmarks/load.py``, the audio path's load generator (issue #16), run as its README line
+runs it: a few callers of each kind against voxphone's ``App``, end to end, its JSON read back.
+A handful of calls keeps it quick; what it must show is that every caller's audio reached the
+engine and every sampled packet was timed, so the figures it prints at 1,000 calls mean what
+they say."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import Speech
+from voxphone.testing import free_udp_range
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[2]
+CALLS, SECONDS = 3, 6
+
+
+@pytest.mark.parametrize(
+    ("argv", "codec"),
+    [
+        (["--codec", "pcma"], "PCMA 20 ms"),
+        (["--transport", "twilio", "--loss", "0.1", "--jitter-ms", "10"], "Twilio µ-law 20 ms"),
+    ],
+    ids=["rtp-pcma", "twilio-lossy"],
+)
+def test_load_generator(
+    argv: list[str], codec: str, speech: dict[str, Speech], tmp_path: Path
+) -> None:
+    port, _ = free_udp_range(1)
+    out = tmp_path / "load.json"
+    # fmt: off
+    subprocess.run(
+        [sys.executable, "benchmarks/load.py", "--calls", str(CALLS), "--seconds", str(SECONDS),
+         "--ramp", "0.5", "--ports", "1", "--base-port", str(port),
+         "--speech", str(speech["order"].path), "--out", str(out), *argv],
+        cwd=ROOT, check=True, timeout=120, capture_output=True,
+    )
+    # fmt: on
+    r = json.loads(out.read_text())
+    assert r["codec"] == codec
+    assert r["calls_seen"] == r["calls_up_during_window"] == CALLS
+    # Lost packets are silence on the call's timeline: every 80 ms of each call reaches the
+    # engine (less the last frame or two, should the last packets be the lost ones).
+    assert r["frames"]["dropped"] == 0
+    frames = SECONDS * 1000 // 80
+    assert CALLS * (frames - 2) <= r["frames"]["to_engine"] <= CALLS * frames
+    assert r["packets"]["sampled"] >= CALLS * (SECONDS - 1)
+    assert r["packets"]["sampled_not_handled"] == 0
+    assert r["packet_latency_ms"]["n"] == r["packets"]["sampled"]
+    assert r["server_cpu_cores"] > 0 and r["calls_per_core"] > 0
