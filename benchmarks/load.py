@@ -244,7 +244,8 @@ async def send_twilio(args: argparse.Namespace, callers: range) -> dict[str, Any
     fmt = {"encoding": "audio/x-mulaw", "sampleRate": 8000, "channels": 1}
     sampled: list[tuple[str, int, float]] = []
     late: list[float] = []
-    async with aiohttp.ClientSession() as http:
+    # Without ``limit=0`` aiohttp holds the 101st websocket back until one of 100 closes.
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as http:
         sockets = {i: await http.ws_connect(url, autoping=False) for i in callers}
         sent = dict.fromkeys(callers, 2)  # text messages sent on each: ``connected``, ``start``
         for i, ws in sockets.items():
@@ -412,7 +413,11 @@ async def serve(args: argparse.Namespace) -> dict[str, Any]:
             profiler.disable()
         up = sum(c.end_reason is None for c in probe.calls)
         for sender in senders:
-            await sender.wait()
+            try:  # (each has ``--ramp`` and its last packets left to send)
+                await asyncio.wait_for(sender.wait(), args.ramp + 30)
+            except TimeoutError:
+                sender.kill()
+                raise SystemExit("load.py: a load process did not finish its calls") from None
         await asyncio.sleep(2.5)  # inactivity ends the calls; their last frames reach the engine
         stop.set()
         await lag_task
@@ -522,7 +527,7 @@ def plot(machine: str) -> Path:
         whole = r.get("stop_at", "engine") == "engine" and spread
         if whole and not r["loss"] and not r["jitter_ms"] and "profile_top" not in r:
             by_codec.setdefault(r["codec"], []).append(r)
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.5))
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 6))
     loads: list[float] = []
     any_run = next(iter(by_codec.values()))[0]
     cpu, pinned = any_run.get("cpu", "?"), any_run["server_cpus"]
@@ -542,16 +547,16 @@ def plot(machine: str) -> Path:
         loads += [r["loadavg_before"][0] for r in runs]
     a.set_xlabel("concurrent calls")
     a.set_ylabel("server CPU (cores)")
-    a.legend()
+    a.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=2)
     a.grid(alpha=0.3)
     b.axhline(1.0, color="gray", linestyle=":", label="goal: p99 1 ms")
     b.set_xlabel("concurrent calls")
     b.set_ylabel("p99 (ms): sendto→handled, and how late the sender was")
-    b.legend(fontsize=8)
+    b.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=2)
     b.grid(alpha=0.3)
     fig.suptitle(
-        f"voxphone RTP load, null engine — {machine} ({cpu}), server on CPU {pinned} "
-        f"(load average before the runs: {min(loads):.1f}–{max(loads):.1f})",
+        f"voxphone load (RTP, Twilio streams), null engine — {machine} ({cpu}), server on CPU "
+        f"{pinned} (load average before the runs: {min(loads):.1f}–{max(loads):.1f})",
         fontsize=10,
     )
     fig.tight_layout()

@@ -13,7 +13,7 @@ common=(--seconds 30 --server-cpus "$server" --load-cpus "$load")
 run() {  # NAME ARGS...: one run, its JSON in OUT_DIR, one summary line
   local name=$1
   shift
-  python3 benchmarks/load.py "$@" "${common[@]}" --out "$out/load-$name.json" >/dev/null 2>"$out/$name.err" || true
+  python3 benchmarks/load.py "${common[@]}" "$@" --out "$out/load-$name.json" >/dev/null 2>"$out/$name.err" || true
   python3 - "$out/load-$name.json" "$name" <<'PY'
 import json, sys
 try:
@@ -35,4 +35,8 @@ for n in ${OPUS_CALLS:-200 250 300}; do run "opus-$n" --calls "$n" --codec opus;
 # A browser's Opus (libwebrtc: 32 kbit/s for mono), cheaper to decode than libopus's defaults.
 for n in ${OPUS32_CALLS:-250 300 350}; do
   run "opus32k-$n" --calls "$n" --codec opus --opus-bitrate 32000
+done
+# Twilio Media Streams, one websocket per caller (give the load processes room: TWILIO_LOAD).
+for n in ${TWILIO_CALLS:-400 600}; do
+  run "twilio-$n" --calls "$n" --transport twilio --load-cpus "${TWILIO_LOAD:-$load}"
 done

@@ -290,6 +290,7 @@ def plot(machine: str, folder: Path = RESULTS) -> Path:
         label = f"{kind}, {rate // 1000} kbit/s mono" if rate else kind
         label += ", as a browser" if r.get("client_browser") else ""
         label += ", speech" if r.get("client_plays", "tone") != "tone" else ""
+        label += ", uvloop" if r.get("server_loop") == "uvloop" else ""
         runs.setdefault(label, []).append(r)
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.5))
     colors = ("tab:gray", "tab:blue", "tab:green", "tab:orange", "tab:red", "tab:purple")
