@@ -21,7 +21,7 @@ import json
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Literal, NamedTuple
+from typing import Annotated, Any, Literal, NamedTuple
 
 import msgspec
 import orjson
@@ -225,11 +225,18 @@ class JsonStream:
         return value
 
     def _number(self, obj: dict[str, Any], key: str, where: str) -> int:
-        """Numbers arrive as strings (Twilio, Telnyx); accept either."""
+        """Numbers arrive as strings (Twilio, Telnyx); accept either: what ``int()`` takes, or
+        msgspec's lax reading of an integer (``strict=False``: ``"1e3"``, ``"2.0"``), which is
+        how the media fast path (``MEDIA_DECODERS``) reads them, so whatever it takes is taken
+        here too, as the same number."""
         value = obj.get(key)
         try:
             return int(value)  # type: ignore[arg-type]
         except (TypeError, ValueError):
+            pass
+        try:
+            return msgspec.convert(value, int, strict=False)
+        except msgspec.ValidationError:
             raise self._error(f"{where}{key} must be a number, got {value!r}") from None
 
 
@@ -248,13 +255,19 @@ def parse_telnyx(text: str) -> StreamMessage:
 JSON_STREAMS = {"twilio": TWILIO, "telnyx": TELNYX}
 
 
+#: A number field of the media fast path: an integer, or a string holding one, read as
+#: ``JsonStream._number`` reads it; within 64 bits, which orjson (``JsonStream``'s parser) reads
+#: as an integer too (beyond, a float), so what the fast path takes the other path takes, equal.
+_Number = Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)]
+
+
 class MediaBody(msgspec.Struct, forbid_unknown_fields=True):
     """A media message's ``media`` object, every documented field declared (Twilio and Telnyx
     alike): ``timestamp`` (ms), ``payload`` (base64: what msgspec decodes, binascii's
     ``strict_mode`` decodes to the same bytes), ``track``, ``chunk``. Numbers are strings, as
-    both send them."""
+    both send them: msgspec reads them as ``JsonStream._number`` does (``strict=False``)."""
 
-    timestamp: str
+    timestamp: _Number
     payload: bytes
     track: str = "inbound"
     chunk: str = ""
@@ -269,7 +282,7 @@ class TwilioMedia(
     (https://www.twilio.com/docs/voice/media-streams/websocket-messages#media-message)."""
 
     event: Literal["media"]
-    sequence: str
+    sequence: _Number
     media: MediaBody
     stream: str = ""
 
@@ -283,18 +296,19 @@ class TelnyxMedia(
     (https://developers.telnyx.com/api-reference/websockets/stream-call-media-over-websocket)."""
 
     event: Literal["media"]
-    sequence: str
+    sequence: _Number
     media: MediaBody
     stream: str = ""
 
 
-#: Decoders of each dialect's media message as documented and nothing else: with a field more,
-#: a number not in a string or another event, a message is parsed by ``JsonStream`` instead,
-#: which accepts and refuses exactly what it always has (msgspec skips an unknown field's value
-#: without reading numbers orjson refuses, and reads integers beyond 64 bits orjson makes floats).
+#: Decoders of each dialect's media message as documented and nothing else: with a field more
+#: or another event, a message is parsed by ``JsonStream`` instead, which accepts and refuses
+#: what it always has (msgspec skips an unknown field's value without reading numbers orjson
+#: refuses). Numbers are read by msgspec's lax rules (``strict=False``: a string holding an
+#: integer is one), as ``JsonStream._number`` reads them, in C rather than by ``int()``.
 MEDIA_DECODERS: dict[str, msgspec.json.Decoder[TwilioMedia] | msgspec.json.Decoder[TelnyxMedia]] = {
-    "twilio": msgspec.json.Decoder(TwilioMedia),
-    "telnyx": msgspec.json.Decoder(TelnyxMedia),
+    "twilio": msgspec.json.Decoder(TwilioMedia, strict=False),
+    "telnyx": msgspec.json.Decoder(TelnyxMedia, strict=False),
 }
 
 
@@ -339,8 +353,8 @@ class JsonStreamSession:
             try:
                 m = self._decode_media(text)
                 media = m.media
-                seq = int(m.sequence) & 0xFFFF
-                timestamp = int(media.timestamp) & 0xFFFFFFFF
+                seq = m.sequence & 0xFFFF
+                timestamp = media.timestamp & 0xFFFFFFFF
             except ValueError:
                 pass
             else:
