@@ -116,6 +116,9 @@ TRANSPORTS = ("rtp", "twilio")
 #: Twilio callers per load process: aiohttp's websocket client costs ≈ 20 µs a message, so one
 #: process would fall behind before the server does.
 TWILIO_CALLS_PER_PROCESS = 200
+#: Seconds the Twilio load processes have to start, load the speech and connect their callers
+#: before their one shared schedule begins (a late one shows in ``sender_late_ms``).
+TWILIO_START_S = 5.0
 
 
 def speech_payloads(
@@ -156,15 +159,17 @@ def rtp(seq: int, ts: int, ssrc: int, payload: bytes, pt: int = 0) -> bytes:
 
 
 def paced(
-    args: argparse.Namespace, callers: range, rng: random.Random
+    args: argparse.Namespace, callers: range, rng: random.Random, t0: float | None = None
 ) -> Iterator[float | tuple[int, int, float]]:
     """The ``callers``' packets in the order they fall due, at real-time pace: yields how long
     to wait (s) until the next is due, or (caller, packet number, how late it is in ms) when
-    one is due. Caller ``i`` starts at ``i / args.calls`` of ``--ramp``; each packet is due
-    20 ms after the last one's nominal time plus up to ``--jitter-ms`` (drawn from ``rng`` once
-    the packet before is handed out), so a caller's packets never overtake one another."""
-    n_packets = int(args.seconds / PACKET_S)
-    t0 = time.monotonic() + 0.5
+    one is due. Caller ``i`` starts at ``t0`` (``CLOCK_MONOTONIC``; default: in 0.5 s) plus
+    ``i / args.calls`` of ``--ramp``; each packet is due 20 ms after the last one's nominal
+    time plus up to ``--jitter-ms`` (drawn from ``rng`` once the packet before is handed out),
+    and not before the packet before it: a caller's packets never overtake one another, and a
+    packet held behind a delayed one is not counted late (only the sender's own lag is)."""
+    n_packets = round(args.seconds / PACKET_S)
+    t0 = time.monotonic() + 0.5 if t0 is None else t0
     starts = {i: t0 + args.ramp * i / args.calls for i in callers}
     heap = [(starts[i], i, 0) for i in callers]
     heapq.heapify(heap)
@@ -178,7 +183,8 @@ def paced(
         yield i, k, (now - due) * 1000
         if k + 1 < n_packets:
             nominal = starts[i] + (k + 1) * PACKET_S
-            heapq.heappush(heap, (nominal + rng.uniform(0, args.jitter_ms / 1000), i, k + 1))
+            jittered = nominal + rng.uniform(0, args.jitter_ms / 1000)
+            heapq.heappush(heap, (max(jittered, due), i, k + 1))
 
 
 def send(args: argparse.Namespace) -> None:
@@ -226,20 +232,25 @@ def call_sid(i: int) -> str:
     return f"CA{i:032x}"
 
 
+def stream_sid(i: int) -> str:
+    """Twilio's ``streamSid`` of caller ``i``."""
+    return f"MZ{i:032x}"
+
+
 def twilio_text(event: str, i: int, body: dict[str, Any], sequence: int) -> str:
     """One Twilio Media Streams message (the shapes of Twilio's "WebSocket Messages" page)."""
-    sid = f"MZ{i:032x}"
     return json.dumps(
-        {"event": event, "sequenceNumber": str(sequence), "streamSid": sid, event: body}
+        {"event": event, "sequenceNumber": str(sequence), "streamSid": stream_sid(i), event: body}
     )
 
 
-async def send_twilio(args: argparse.Namespace, callers: range) -> dict[str, Any]:
-    """Play ``callers`` as Twilio Media Streams at real-time pace, one websocket each; return
-    the send times of sampled messages (keyed by the call's ``callSid`` and the message's place in
-    its stream, which TCP keeps)."""
+async def send_twilio(
+    args: argparse.Namespace, callers: range, rng: random.Random, t0: float | None
+) -> dict[str, Any]:
+    """Play ``callers`` as Twilio Media Streams at real-time pace from ``t0`` (``paced``), one
+    websocket each; return the send times of sampled messages (keyed by the call's ``callSid``
+    and the message's place in its stream, which TCP keeps)."""
     payloads = [base64.b64encode(p).decode() for p in speech_payloads("pcmu", args.speech)]
-    rng = random.Random(args.seed + callers.start)
     url = f"http://{HOST}:{args.http_port}/v1/media/twilio"
     fmt = {"encoding": "audio/x-mulaw", "sampleRate": 8000, "channels": 1}
     sampled: list[tuple[str, int, float]] = []
@@ -250,10 +261,10 @@ async def send_twilio(args: argparse.Namespace, callers: range) -> dict[str, Any
         sent = dict.fromkeys(callers, 2)  # text messages sent on each: ``connected``, ``start``
         for i, ws in sockets.items():
             await ws.send_str(json.dumps({"event": "connected", "protocol": "Call"}))
-            start = {"accountSid": "AC0", "streamSid": f"MZ{i:032x}", "callSid": call_sid(i),
+            start = {"accountSid": "AC0", "streamSid": stream_sid(i), "callSid": call_sid(i),
                      "tracks": ["inbound"], "customParameters": {}, "mediaFormat": fmt}  # fmt: skip
             await ws.send_str(twilio_text("start", i, start, 1))
-        for event in paced(args, callers, rng):
+        for event in paced(args, callers, rng, t0):
             if isinstance(event, float):
                 await asyncio.sleep(event)
                 continue
@@ -377,28 +388,65 @@ async def serve(args: argparse.Namespace) -> dict[str, Any]:
 
     app.registry.open = keep  # type: ignore[method-assign]
     await app.start()
-    async with collector_off_the_clock():  # as voxphone serve does
-        lag: list[tuple[float, float]] = []
-        stop = asyncio.Event()
-        lag_task = asyncio.create_task(loop_lag(lag, stop))
-        logs = Path(tempfile.mkdtemp())
-        procs = -(-args.calls // TWILIO_CALLS_PER_PROCESS) if args.transport == "twilio" else 1
-        senders = [
-            await asyncio.create_subprocess_exec(
-                sys.executable,
-                __file__,
-                "--send",
-                str(logs / f"sent-{k}.json"),
-                "--share",
-                f"{k}/{procs}",
-                "--http-port",
-                str(app.config.http.port),
-                *sys.argv[1:],
-            )  # fmt: skip
-            for k in range(procs)
-        ]
+    logs = Path(tempfile.mkdtemp())
+    procs, t0 = 1, []
+    if args.transport == "twilio":  # several processes, one schedule
+        procs = -(-args.calls // TWILIO_CALLS_PER_PROCESS)
+        t0 = ["--t0", str(time.monotonic() + TWILIO_START_S)]
+    try:
+        async with collector_off_the_clock():  # as voxphone serve does
+            senders = [
+                await asyncio.create_subprocess_exec(
+                    sys.executable,
+                    __file__,
+                    "--send",
+                    str(logs / f"sent-{k}.json"),
+                    "--share",
+                    f"{k}/{procs}",
+                    "--http-port",
+                    str(app.config.http.port),
+                    *t0,
+                    *sys.argv[1:],
+                )  # fmt: skip
+                for k in range(procs)
+            ]
+            try:
+                measured = await measure(args, probe, senders)
+            finally:
+                for sender in senders:
+                    if sender.returncode is None:
+                        sender.kill()
+    finally:
+        await app.stop()
+    sent: dict[str, list[Any]] = {"sampled": [], "late_ms": []}
+    for k in range(procs):
+        for key, values in json.loads((logs / f"sent-{k}.json").read_text()).items():
+            sent[key] += values
+    drops = app.rtp.totals().get(RECEIVE_BUFFER_FULL, 0)
+    out = report(args, probe, sent, socket_drops=drops, **measured)
+    out["packets"]["receive_buffer"] = {
+        "asked_bytes": app.rtp.receive_buffer_bytes,
+        "granted_bytes": app.rtp.receive_buffer_granted,
+        "rmem_max": rmem_max(),
+    }
+    return out
+
+
+async def measure(
+    args: argparse.Namespace, probe: Probe, senders: list[asyncio.subprocess.Process]
+) -> dict[str, Any]:
+    """While ``senders`` play the calls: the server's CPU over the window when every call is
+    up (and a profile, if asked) and the loop's lag, then the wait for the calls to end; as
+    ``report``'s keyword arguments. Raises ``SystemExit`` when a load process fails or does
+    not finish."""
+    lag: list[tuple[float, float]] = []
+    stop = asyncio.Event()
+    lag_task = asyncio.create_task(loop_lag(lag, stop))
+    try:
         deadline = time.monotonic() + 60 + args.ramp
         while not probe.streaming(args.calls) and time.monotonic() < deadline:  # noqa: ASYNC110
+            if any(sender.returncode not in (None, 0) for sender in senders):
+                break  # (said below)
             await asyncio.sleep(0.1)
         await asyncio.sleep(2.0)  # every call up and steady
         window = max(1.0, args.seconds - args.ramp - 4.0)
@@ -408,32 +456,24 @@ async def serve(args: argparse.Namespace) -> dict[str, Any]:
         (user0, sys0), wall0, t_start = cpu_s(), time.perf_counter(), time.perf_counter()
         await asyncio.sleep(window)
         (user1, sys1), wall = cpu_s(), time.perf_counter() - wall0
-        cpu = (user1 - user0, sys1 - sys0)
         if profiler is not None:
             profiler.disable()
         up = sum(c.end_reason is None for c in probe.calls)
-        for sender in senders:
+        for k, sender in enumerate(senders):
             try:  # (each has ``--ramp`` and its last packets left to send)
-                await asyncio.wait_for(sender.wait(), args.ramp + 30)
+                code = await asyncio.wait_for(sender.wait(), args.ramp + 30)
             except TimeoutError:
-                sender.kill()
-                raise SystemExit("load.py: a load process did not finish its calls") from None
+                raise SystemExit(f"load.py: load process {k} did not finish its calls") from None
+            if code:
+                raise SystemExit(f"load.py: load process {k} failed (exit {code}): see above")
         await asyncio.sleep(2.5)  # inactivity ends the calls; their last frames reach the engine
+    finally:
         stop.set()
         await lag_task
-    await app.stop()
-    drops = app.rtp.totals().get(RECEIVE_BUFFER_FULL, 0)
-    sent_log: dict[str, list[Any]] = {"sampled": [], "late_ms": []}
-    for k in range(procs):
-        for key, values in json.loads((logs / f"sent-{k}.json").read_text()).items():
-            sent_log[key] += values
-    out = report(args, probe, sent_log, cpu, wall, up, lag, t_start, profiler, drops)
-    out["packets"]["receive_buffer"] = {
-        "asked_bytes": app.rtp.receive_buffer_bytes,
-        "granted_bytes": app.rtp.receive_buffer_granted,
-        "rmem_max": rmem_max(),
-    }
-    return out
+    return {
+        "cpu": (user1 - user0, sys1 - sys0), "wall": wall, "up": up, "lag": lag,
+        "t_start": t_start, "profiler": profiler,
+    }  # fmt: skip
 
 
 def rmem_max() -> int | None:
@@ -457,6 +497,7 @@ def report(
     args: argparse.Namespace,
     probe: Probe,
     sent: dict[str, Any],
+    *,
     cpu: tuple[float, float],
     wall: float,
     up: int,
@@ -495,7 +536,8 @@ def report(
         "frames": {
             "to_engine": frames_sent,
             "dropped": dropped,
-            "expected_approx": args.calls * int(args.seconds * 1000 / 80 * (1 - args.loss)),
+            # (a lost packet is silence on the call's timeline: it makes frames all the same)
+            "expected_approx": args.calls * int(args.seconds * 1000 / 80),
         },
         "packets": {
             "socket_drops": socket_drops,
@@ -602,6 +644,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--send", dest="sent", default=None, help=argparse.SUPPRESS)
     p.add_argument("--share", default="0/1", help=argparse.SUPPRESS)  # a load process's callers
     p.add_argument("--http-port", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--t0", type=float, default=None, help=argparse.SUPPRESS)  # (CLOCK_MONOTONIC)
     args = p.parse_args(argv)
     if args.transport == "twilio":
         for wrong, why in (
@@ -623,7 +666,8 @@ def main() -> None:
             return
         pin(args.load_cpus or f"0-{(os.cpu_count() or 1) - 1}")  # (not the server's)
         k, procs = map(int, args.share.split("/"))
-        sent = asyncio.run(send_twilio(args, range(k, args.calls, procs)))
+        rng = random.Random(f"{args.seed}/{k}")  # (each process's own losses and jitter)
+        sent = asyncio.run(send_twilio(args, range(k, args.calls, procs), rng, args.t0))
         Path(args.sent).write_text(json.dumps(sent))
         return
     if args.plot:

@@ -406,7 +406,8 @@ def fed_as_parsed(vendor: str, texts: list[str]) -> None:
 def test_feed_fails_as_parse_does(vendor: str, text: str) -> None:
     """A malformed message is the same one-line error through ``feed`` as through ``parse``,
     and a message that only the general parse accepts (a field more; a number the fast
-    path's msgspec does not read, such as ``" 7"``) is taken as it takes it. ``SEQ`` is the vendor's sequence number key."""
+    path's msgspec does not read, such as ``" 7"``) is taken as it takes it. ``SEQ`` is the
+    vendor's sequence number key."""
     key = "sequence_number" if vendor == "telnyx" else "sequenceNumber"
     fed_as_parsed(vendor, [text.replace("SEQ", key)])
     session, _ = recording_session(vendor)  # before ``start`` as well

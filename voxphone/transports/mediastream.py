@@ -256,8 +256,9 @@ JSON_STREAMS = {"twilio": TWILIO, "telnyx": TELNYX}
 
 
 #: A number field of the media fast path: an integer, or a string holding one, read as
-#: ``JsonStream._number`` reads it; within 64 bits, which orjson (``JsonStream``'s parser) reads
-#: as an integer too (beyond, a float), so what the fast path takes the other path takes, equal.
+#: ``JsonStream._number`` reads it (msgspec's lax rules also take an integral float, ``2.0``,
+#: and float syntax, ``"1e3"``); within 64 bits, which orjson (``JsonStream``'s parser) reads as
+#: an integer too (beyond, a float), so what the fast path takes the other path takes, equal.
 _Number = Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)]
 
 
