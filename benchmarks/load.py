@@ -91,10 +91,11 @@ from voxphone.heap import collector_off_the_clock
 from voxphone.testing import free_tcp_port
 from voxphone.transports.mediastream import JsonStreamSession
 from voxphone.transports.rtp import RECEIVE_BUFFER_FULL, RtpPort
+from voxphone.transports.sdp import OPUS_FMTP
 
 sys.path.insert(0, str(Path(__file__).parent))
 from machine import LOOPS, cpu_model, machine_name, pin, run_on  # noqa: E402
-from webrtc_calls import NullEngine, loop_lag  # noqa: E402
+from webrtc_calls import NullEngine, libwebrtc_opus, loop_lag  # noqa: E402
 
 HOST = "127.0.0.1"
 PACKET_S = 0.02
@@ -122,15 +123,21 @@ TWILIO_START_S = 5.0
 
 
 def speech_payloads(
-    codec: str = "pcmu", speech: Path | None = None, opus_bitrate: int | None = None
+    codec: str = "pcmu",
+    speech: Path | None = None,
+    opus_bitrate: int | None = None,
+    opus_answered: bool = False,
 ) -> list[bytes]:
     """Speech as 20 ms payloads (looped by the callers): PCMU, PCMA, or mono Opus (libopus,
     48 kHz).
     Opus is coded with libopus's defaults through FFmpeg (64 kbit/s VBR, ``audio`` mode: about
     94 kbit/s on this speech, as heavy as aiortc's 96 kbit/s ``voip`` stream) unless
     ``opus_bitrate`` is given, which codes at that rate in ``voip`` mode (libwebrtc, Chrome's
-    WebRTC, sends mono Opus at 32 kbit/s). ``speech``: any audio file PyAV reads; else flite
-    says ``TEXT`` (a machine without flite, such as the GPU host, is given a file)."""
+    WebRTC, sends mono Opus at 32 kbit/s). With ``opus_answered``, as a peer that honours
+    voxphone's SDP answer codes it (``sdp.OPUS_FMTP``'s ``maxplaybackrate``, RFC 7587 §6.1):
+    its bandwidth capped to match and libwebrtc's default rate for it (``libwebrtc_opus``:
+    wideband at 20 kbit/s), ``opus_bitrate`` if given. ``speech``: any audio file PyAV reads;
+    else flite says ``TEXT`` (a machine without flite, such as the GPU host, is given a file)."""
     wav = speech
     if wav is None:
         wav = Path(tempfile.mkdtemp()) / "speech.wav"
@@ -143,7 +150,11 @@ def speech_payloads(
     ctx = av.CodecContext.create("libopus", "w")
     assert isinstance(ctx, av.AudioCodecContext)
     ctx.sample_rate, ctx.layout, ctx.format = 48000, "mono", "s16"
-    if opus_bitrate:
+    if opus_answered:
+        default_rate, cutoff = libwebrtc_opus(answered_max_playback_rate())
+        ctx.bit_rate = opus_bitrate or default_rate
+        ctx.options = {"application": "voip", "cutoff": str(cutoff)}
+    elif opus_bitrate:
         ctx.bit_rate, ctx.options = opus_bitrate, {"application": "voip"}
     out = []
     for n, i in enumerate(range(0, pcm.size - 959, 960)):
@@ -151,6 +162,12 @@ def speech_payloads(
         frame.sample_rate, frame.pts = 48000, n * 960
         out += [bytes(p) for p in ctx.encode(frame)]
     return out
+
+
+def answered_max_playback_rate() -> int:
+    """The ``maxplaybackrate`` (Hz) voxphone's SDP answers give Opus (``sdp.OPUS_FMTP``)."""
+    params = dict(p.strip().split("=", 1) for p in OPUS_FMTP.split(";"))
+    return int(params["maxplaybackrate"])
 
 
 def rtp(seq: int, ts: int, ssrc: int, payload: bytes, pt: int = 0) -> bytes:
@@ -193,7 +210,7 @@ def send(args: argparse.Namespace) -> None:
     socket (a new source address and SSRC: a new call), so calls start and end all along."""
     # (not the server's pinning, which it inherited)
     pin(args.load_cpus or f"0-{(os.cpu_count() or 1) - 1}")
-    payloads = speech_payloads(args.codec, args.speech, args.opus_bitrate)
+    payloads = speech_payloads(args.codec, args.speech, args.opus_bitrate, args.opus_answered)
     pt, ticks = CODECS[args.codec]
     rng = random.Random(args.seed)
     socks = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(args.calls)]
@@ -614,6 +631,10 @@ def codec_label(args: argparse.Namespace) -> str:
         return "Twilio µ-law 20 ms"
     if args.codec != "opus":
         return f"{args.codec.upper()} 20 ms"
+    if args.opus_answered:
+        bit_rate, cutoff = libwebrtc_opus(answered_max_playback_rate())
+        rate = args.opus_bitrate or bit_rate
+        return f"Opus mono 20 ms, {rate // 1000} kbit/s voip, {cutoff // 1000} kHz band (answered)"
     rate = f", {args.opus_bitrate // 1000} kbit/s voip" if args.opus_bitrate else ""
     return f"Opus mono 20 ms{rate}"
 
@@ -634,6 +655,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--load-cpus", default=None, help="pin the load process, e.g. 1-3")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--opus-bitrate", type=int, default=None, help="bit/s, voip mode (Opus)")
+    p.add_argument(
+        "--opus-answered", action="store_true", help="Opus as voxphone's SDP answer asks for"
+    )
     p.add_argument("--speech", type=Path, default=None, help="audio file to play; default: flite")
     p.add_argument("--profile", action="store_true", help="cProfile the server's window")
     p.add_argument("--stop-at", choices=STOPS, default="engine", help="cut the path short there")
@@ -646,6 +670,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--http-port", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--t0", type=float, default=None, help=argparse.SUPPRESS)  # (CLOCK_MONOTONIC)
     args = p.parse_args(argv)
+    if args.opus_answered and args.codec != "opus":
+        p.error("--opus-answered codes Opus: add --codec opus")
     if args.transport == "twilio":
         for wrong, why in (
             (args.codec != "pcmu", "Twilio streams carry µ-law only: leave --codec out"),
@@ -688,6 +714,7 @@ def main() -> None:
     for line in result.get("profile_top", []):
         print(line)
     rate = f"{args.opus_bitrate // 1000}k" if args.opus_bitrate else ""
+    rate += "-answered" if args.opus_answered else ""
     kind = "" if args.codec == "pcmu" else f"{args.codec}{rate}-"
     kind = "twilio-" if args.transport == "twilio" else kind
     stop = "" if args.stop_at == "engine" else f"-stop-at-{args.stop_at}"

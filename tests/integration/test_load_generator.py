@@ -27,8 +27,12 @@ CALLS, SECONDS = 3, 6
     [
         (["--codec", "pcma"], "PCMA 20 ms"),
         (["--transport", "twilio", "--loss", "0.1", "--jitter-ms", "10"], "Twilio µ-law 20 ms"),
+        (
+            ["--codec", "opus", "--opus-answered"],
+            "Opus mono 20 ms, 20 kbit/s voip, 8 kHz band (answered)",
+        ),
     ],
-    ids=["rtp-pcma", "twilio-lossy"],
+    ids=["rtp-pcma", "twilio-lossy", "rtp-opus-answered"],
 )
 def test_load_generator(
     argv: list[str], codec: str, speech: dict[str, Speech], tmp_path: Path
