@@ -91,7 +91,7 @@ from voxphone.heap import collector_off_the_clock
 from voxphone.testing import free_tcp_port
 from voxphone.transports.mediastream import JsonStreamSession
 from voxphone.transports.rtp import RECEIVE_BUFFER_FULL, RtpPort
-from voxphone.transports.sdp import OPUS_FMTP
+from voxphone.transports.sdp import OPUS_MAX_PLAYBACK_RATE
 
 sys.path.insert(0, str(Path(__file__).parent))
 from machine import LOOPS, cpu_model, machine_name, pin, run_on  # noqa: E402
@@ -134,7 +134,7 @@ def speech_payloads(
     94 kbit/s on this speech, as heavy as aiortc's 96 kbit/s ``voip`` stream) unless
     ``opus_bitrate`` is given, which codes at that rate in ``voip`` mode (libwebrtc, Chrome's
     WebRTC, sends mono Opus at 32 kbit/s). With ``opus_answered``, as a peer that honours
-    voxphone's SDP answer codes it (``sdp.OPUS_FMTP``'s ``maxplaybackrate``, RFC 7587 §6.1):
+    voxphone's SDP answer codes it (``sdp.OPUS_MAX_PLAYBACK_RATE``, RFC 7587 §6.1):
     its bandwidth capped to match and libwebrtc's default rate for it (``libwebrtc_opus``:
     wideband at 20 kbit/s), ``opus_bitrate`` if given. ``speech``: any audio file PyAV reads;
     else flite says ``TEXT`` (a machine without flite, such as the GPU host, is given a file)."""
@@ -151,7 +151,7 @@ def speech_payloads(
     assert isinstance(ctx, av.AudioCodecContext)
     ctx.sample_rate, ctx.layout, ctx.format = 48000, "mono", "s16"
     if opus_answered:
-        default_rate, cutoff = libwebrtc_opus(answered_max_playback_rate())
+        default_rate, cutoff = libwebrtc_opus(OPUS_MAX_PLAYBACK_RATE)
         ctx.bit_rate = opus_bitrate or default_rate
         ctx.options = {"application": "voip", "cutoff": str(cutoff)}
     elif opus_bitrate:
@@ -162,12 +162,6 @@ def speech_payloads(
         frame.sample_rate, frame.pts = 48000, n * 960
         out += [bytes(p) for p in ctx.encode(frame)]
     return out
-
-
-def answered_max_playback_rate() -> int:
-    """The ``maxplaybackrate`` (Hz) voxphone's SDP answers give Opus (``sdp.OPUS_FMTP``)."""
-    params = dict(p.strip().split("=", 1) for p in OPUS_FMTP.split(";"))
-    return int(params["maxplaybackrate"])
 
 
 def rtp(seq: int, ts: int, ssrc: int, payload: bytes, pt: int = 0) -> bytes:
@@ -632,7 +626,7 @@ def codec_label(args: argparse.Namespace) -> str:
     if args.codec != "opus":
         return f"{args.codec.upper()} 20 ms"
     if args.opus_answered:
-        bit_rate, cutoff = libwebrtc_opus(answered_max_playback_rate())
+        bit_rate, cutoff = libwebrtc_opus(OPUS_MAX_PLAYBACK_RATE)
         rate = args.opus_bitrate or bit_rate
         return f"Opus mono 20 ms, {rate // 1000} kbit/s voip, {cutoff // 1000} kHz band (answered)"
     rate = f", {args.opus_bitrate // 1000} kbit/s voip" if args.opus_bitrate else ""

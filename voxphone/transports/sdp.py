@@ -27,7 +27,8 @@ DIRECTIONS = ("sendrecv", "sendonly", "recvonly", "inactive")
 #: the time (SILK alone, not SILK and CELT: ``benchmarks/results/maxplaybackrate-ab``).
 #: Everything else is left at the RFC's defaults (mono preferred; no in-band FEC asked for,
 #: which voxphone's decoder does not use).
-OPUS_FMTP = f"maxplaybackrate={MODEL_RATE}"
+OPUS_MAX_PLAYBACK_RATE = MODEL_RATE
+OPUS_FMTP = f"maxplaybackrate={OPUS_MAX_PLAYBACK_RATE}"
 
 
 @dataclass
