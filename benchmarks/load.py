@@ -18,6 +18,11 @@ optional loss and jitter.
   provider's own loss would be), and ``--jitter-ms`` delays them, each waiting for the one before
   it as TCP makes it. Load processes of ``TWILIO_CALLS_PER_PROCESS`` callers each.
 
+``--server pipecat`` (Twilio streams only) plays the same callers to Pipecat's Twilio server
+instead (``pipecat_server.py``: FastAPI and uvicorn, its websocket transport and
+``TwilioFrameSerializer``, a pipeline with a sink after the transport), in the same process and
+event loop, measured the same way: the peer's calls per core on the same input.
+
 Reported (and written to ``benchmarks/results/load-<machine>-<N>.json``):
 
 - ``calls_per_core``: N divided by the server's CPU time per wall second (user + system,
@@ -39,6 +44,7 @@ Reported (and written to ``benchmarks/results/load-<machine>-<N>.json``):
 
     python benchmarks/load.py --calls 200 --seconds 30 [--loss 0.05 --jitter-ms 20] [--profile]
     python benchmarks/load.py --calls 200 --transport twilio
+    /tmp/pc/bin/python benchmarks/load.py --calls 200 --transport twilio --server pipecat
     python benchmarks/load.py --plot   # benchmarks/results/load-<machine>.png from the JSON files
     python benchmarks/load.py --calls 500 --stop-at call   # the same without the call's audio
 
@@ -95,6 +101,8 @@ from voxphone.transports.sdp import OPUS_MAX_PLAYBACK_RATE
 
 sys.path.insert(0, str(Path(__file__).parent))
 from machine import LOOPS, cpu_model, machine_name, pin, run_on  # noqa: E402
+from pipecat_server import PATH as PIPECAT_PATH  # noqa: E402
+from pipecat_server import PipecatServer, instrument  # noqa: E402
 from webrtc_calls import NullEngine, libwebrtc_opus, loop_lag  # noqa: E402
 
 HOST = "127.0.0.1"
@@ -114,6 +122,8 @@ TEXT = (
 CODECS = {"pcmu": (0, 160), "pcma": (8, 160), "opus": (111, 960)}
 #: How the callers reach the server (``--transport``): RTP, or Twilio Media Streams (µ-law).
 TRANSPORTS = ("rtp", "twilio")
+#: Whose server the callers call (``--server``): voxphone's ``App``, or Pipecat's Twilio server.
+SERVERS = ("voxphone", "pipecat")
 #: Twilio callers per load process: aiohttp's websocket client costs ≈ 20 µs a message, so one
 #: process would fall behind before the server does.
 TWILIO_CALLS_PER_PROCESS = 200
@@ -262,7 +272,8 @@ async def send_twilio(
     websocket each; return the send times of sampled messages (keyed by the call's ``callSid``
     and the message's place in its stream, which TCP keeps)."""
     payloads = [base64.b64encode(p).decode() for p in speech_payloads("pcmu", args.speech)]
-    url = f"http://{HOST}:{args.http_port}/v1/media/twilio"
+    path = "/v1/media/twilio" if args.server == "voxphone" else PIPECAT_PATH
+    url = f"http://{HOST}:{args.http_port}{path}"
     fmt = {"encoding": "audio/x-mulaw", "sampleRate": 8000, "channels": 1}
     sampled: list[tuple[str, int, float]] = []
     late: list[float] = []
@@ -301,13 +312,17 @@ async def send_twilio(
 class Probe:
     """Stamps when sampled packets were handled: wraps ``RtpPort.datagram_received`` (keyed by
     the caller's port and the RTP sequence number) or, for Twilio, ``JsonStreamSession.feed``
-    (keyed by the ``callSid`` and the message's place in its stream)."""
+    (keyed by the ``callSid`` and the message's place in its stream; for Pipecat, its
+    serializer's ``deserialize``: ``pipecat_server.instrument``)."""
 
-    def __init__(self, transport: str) -> None:
+    def __init__(self, transport: str, server: str = "voxphone") -> None:
         self.handled: dict[tuple[int | str, int], float] = {}
-        self.calls: list[Call] = []
-        self.fed: dict[JsonStreamSession, int] = {}  # Twilio: text messages fed per stream
+        self.calls: list[Any] = []  # voxphone's ``Call``s (or ``pipecat_server.PeerCall``s)
+        self.fed: dict[Any, int] = {}  # Twilio: text messages fed per stream
         handled, fed = self.handled, self.fed
+        if server == "pipecat":
+            instrument(handled, fed, SAMPLE_EVERY)
+            return
         if transport == "twilio":
             feed = JsonStreamSession.feed
 
@@ -386,6 +401,8 @@ def stop_at(where: str) -> None:
 
 
 async def serve(args: argparse.Namespace) -> dict[str, Any]:
+    if args.server == "pipecat":
+        return await serve_pipecat(args)
     stop_at(args.stop_at)
     probe = Probe(args.transport)
     app = App(config(args), engine=NullEngine())
@@ -399,40 +416,11 @@ async def serve(args: argparse.Namespace) -> dict[str, Any]:
 
     app.registry.open = keep  # type: ignore[method-assign]
     await app.start()
-    logs = Path(tempfile.mkdtemp())
-    procs, t0 = 1, []
-    if args.transport == "twilio":  # several processes, one schedule
-        procs = -(-args.calls // TWILIO_CALLS_PER_PROCESS)
-        t0 = ["--t0", str(time.monotonic() + TWILIO_START_S)]
     try:
         async with collector_off_the_clock():  # as voxphone serve does
-            senders = [
-                await asyncio.create_subprocess_exec(
-                    sys.executable,
-                    __file__,
-                    "--send",
-                    str(logs / f"sent-{k}.json"),
-                    "--share",
-                    f"{k}/{procs}",
-                    "--http-port",
-                    str(app.config.http.port),
-                    *t0,
-                    *sys.argv[1:],
-                )  # fmt: skip
-                for k in range(procs)
-            ]
-            try:
-                measured = await measure(args, probe, senders)
-            finally:
-                for sender in senders:
-                    if sender.returncode is None:
-                        sender.kill()
+            measured, sent = await play(args, probe, app.config.http.port)
     finally:
         await app.stop()
-    sent: dict[str, list[Any]] = {"sampled": [], "late_ms": []}
-    for k in range(procs):
-        for key, values in json.loads((logs / f"sent-{k}.json").read_text()).items():
-            sent[key] += values
     drops = app.rtp.totals().get(RECEIVE_BUFFER_FULL, 0)
     out = report(args, probe, sent, socket_drops=drops, **measured)
     out["packets"]["receive_buffer"] = {
@@ -441,6 +429,60 @@ async def serve(args: argparse.Namespace) -> dict[str, Any]:
         "rmem_max": rmem_max(),
     }
     return out
+
+
+async def serve_pipecat(args: argparse.Namespace) -> dict[str, Any]:
+    """``serve`` for Pipecat's Twilio server (``pipecat_server.py``) in place of voxphone's."""
+    probe = Probe(args.transport, "pipecat")
+    server = PipecatServer(free_tcp_port(), probe.fed)
+    probe.calls = server.calls
+    await server.start()
+    try:
+        measured, sent = await play(args, probe, server.port)
+    finally:
+        await server.stop()
+    out = report(args, probe, sent, socket_drops=0, **measured)
+    out["engine"] = "none: a sink after Pipecat's transport (its frames counted)"
+    out["server_software"] = server.software
+    return out
+
+
+async def play(
+    args: argparse.Namespace, probe: Probe, http_port: int
+) -> tuple[dict[str, Any], dict[str, list[Any]]]:
+    """Start the load processes against the server on ``http_port``, ``measure`` while they
+    play, and gather what they sent (``report``'s ``sent``)."""
+    logs = Path(tempfile.mkdtemp())
+    procs, t0 = 1, []
+    if args.transport == "twilio":  # several processes, one schedule
+        procs = -(-args.calls // TWILIO_CALLS_PER_PROCESS)
+        t0 = ["--t0", str(time.monotonic() + TWILIO_START_S)]
+    senders = [
+        await asyncio.create_subprocess_exec(
+            sys.executable,
+            __file__,
+            "--send",
+            str(logs / f"sent-{k}.json"),
+            "--share",
+            f"{k}/{procs}",
+            "--http-port",
+            str(http_port),
+            *t0,
+            *sys.argv[1:],
+        )
+        for k in range(procs)
+    ]
+    try:
+        measured = await measure(args, probe, senders)
+    finally:
+        for sender in senders:
+            if sender.returncode is None:
+                sender.kill()
+    sent: dict[str, list[Any]] = {"sampled": [], "late_ms": []}
+    for k in range(procs):
+        for key, values in json.loads((logs / f"sent-{k}.json").read_text()).items():
+            sent[key] += values
+    return measured, sent
 
 
 async def measure(
@@ -527,6 +569,7 @@ def report(
     out: dict[str, Any] = {
         "calls": args.calls,
         "calls_up_during_window": up,
+        "server": args.server,
         "transport": args.transport,
         "codec": codec_label(args),
         "seconds": args.seconds,
@@ -578,6 +621,7 @@ def plot(machine: str) -> Path:
         r = json.loads(f.read_text())
         spread = r.get("transport", "rtp") != "rtp" or r["server_ports"] < r["calls"]
         whole = r.get("stop_at", "engine") == "engine" and spread
+        whole = whole and r.get("server", "voxphone") == "voxphone"  # (not Pipecat's)
         if whole and not r["loss"] and not r["jitter_ms"] and "profile_top" not in r:
             by_codec.setdefault(r["codec"], []).append(r)
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 6))
@@ -638,6 +682,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--calls", type=int, default=100)
     p.add_argument("--seconds", type=float, default=30.0)
     p.add_argument("--transport", choices=TRANSPORTS, default="rtp", help="RTP, or Twilio's")
+    p.add_argument("--server", choices=SERVERS, default="voxphone", help="Pipecat: Twilio only")
     p.add_argument("--codec", choices=sorted(CODECS), default="pcmu", help="RTP's")
     p.add_argument("--ramp", type=float, default=3.0, help="spread call starts over (s)")
     p.add_argument("--loss", type=float, default=0.0, help="packet loss probability")
@@ -671,9 +716,15 @@ def parse(argv: list[str]) -> argparse.Namespace:
             (args.codec != "pcmu", "Twilio streams carry µ-law only: leave --codec out"),
             (args.stop_at == "port", "--stop-at port cuts RTP's UDP path: use call"),
             (bool(args.call_seconds), "--call-seconds redials RTP callers only"),
+            (
+                args.server == "pipecat" and args.stop_at != "engine",
+                "--stop-at cuts voxphone's path: leave it out with --server pipecat",
+            ),
         ):
             if wrong:
                 p.error(f"--transport twilio: {why}")
+    elif args.server == "pipecat":
+        p.error("--server pipecat serves Twilio streams: add --transport twilio")
     return args
 
 
@@ -711,6 +762,7 @@ def main() -> None:
     rate += "-answered" if args.opus_answered else ""
     kind = "" if args.codec == "pcmu" else f"{args.codec}{rate}-"
     kind = "twilio-" if args.transport == "twilio" else kind
+    kind = "pipecat-twilio-" if args.server == "pipecat" else kind
     stop = "" if args.stop_at == "engine" else f"-stop-at-{args.stop_at}"
     out = args.out or Path(f"benchmarks/results/load-{machine}-{kind}{args.calls}{stop}.json")
     out.write_text(json.dumps(result, indent=2) + "\n")

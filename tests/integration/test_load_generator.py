@@ -59,3 +59,42 @@ def test_load_generator(
     assert r["packets"]["sampled_not_handled"] == 0
     assert r["packet_latency_ms"]["n"] == r["packets"]["sampled"]
     assert r["server_cpu_cores"] > 0 and r["calls_per_core"] > 0
+
+
+def test_pipecat_peer_needs_twilio_streams() -> None:
+    """``--server pipecat`` is Pipecat's Twilio server: without Twilio streams the run is
+    refused with one line saying what to add, before anything starts."""
+    done = subprocess.run(
+        [sys.executable, "benchmarks/load.py", "--server", "pipecat", "--calls", "1"],
+        cwd=ROOT, timeout=60, capture_output=True, text=True,
+    )  # fmt: skip
+    assert done.returncode == 2
+    assert done.stderr.splitlines()[-1].endswith(
+        "--server pipecat serves Twilio streams: add --transport twilio"
+    )
+    assert "Traceback" not in done.stderr
+
+
+def test_load_generator_against_pipecat(speech: dict[str, Speech], tmp_path: Path) -> None:
+    """The same Twilio callers against Pipecat's server (``pipecat_server.py``), where
+    pipecat-ai, FastAPI and uvicorn are installed (the benchmark's own venv; not CI's, where
+    this is skipped): every call's audio reaches the sink, less what soxr's stream holds back,
+    and every sampled message is timed at Pipecat's ``deserialize``."""
+    for module in ("pipecat", "fastapi", "uvicorn"):
+        pytest.importorskip(module)
+    out = tmp_path / "load.json"
+    # fmt: off
+    subprocess.run(
+        [sys.executable, "benchmarks/load.py", "--calls", str(CALLS), "--seconds", str(SECONDS),
+         "--ramp", "0.5", "--transport", "twilio", "--server", "pipecat",
+         "--speech", str(speech["order"].path), "--out", str(out)],
+        cwd=ROOT, check=True, timeout=120, capture_output=True,
+    )
+    # fmt: on
+    r = json.loads(out.read_text())
+    assert r["server"] == "pipecat" and r["server_software"].startswith("pipecat-ai ")
+    assert r["calls_seen"] == r["calls_up_during_window"] == CALLS
+    frames = SECONDS * 1000 // 80
+    assert CALLS * (frames - 3) <= r["frames"]["to_engine"] <= CALLS * frames
+    assert r["packets"]["sampled"] >= CALLS * (SECONDS - 1)
+    assert r["packets"]["sampled_not_handled"] == 0
