@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+import aiohttp
 import nats
 import pytest
 
@@ -17,7 +18,10 @@ from tests.hooks import until
 from voxphone.app import event_settings
 from voxphone.clock import SystemClock
 from voxphone.config import load_config
+from voxphone.events.delivery import Sent
 from voxphone.events.model import EventSequencer
+from voxphone.events.nats import NatsSettings, NatsTransport
+from voxphone.events.outbox import Stored
 from voxphone.events.service import EventService
 
 pytestmark = pytest.mark.integration
@@ -26,6 +30,7 @@ pytestmark = pytest.mark.integration
 class NatsServer:
     def __init__(self, store: Path) -> None:
         self.port = free_tcp_port()
+        self.monitor_port = free_tcp_port()  # nats-server's HTTP monitoring (``/connz``)
         self.store = store
         self.proc: asyncio.subprocess.Process | None = None
 
@@ -36,7 +41,7 @@ class NatsServer:
     async def start(self) -> None:
         self.proc = await asyncio.create_subprocess_exec(
             require("nats-server"), "-js", "-a", "127.0.0.1", "-p", str(self.port),
-            "-sd", str(self.store), stdout=asyncio.subprocess.DEVNULL,
+            "-m", str(self.monitor_port), "-sd", str(self.store), stdout=asyncio.subprocess.DEVNULL,
             stderr=asyncio.subprocess.DEVNULL,
         )  # fmt: skip
         await until(self._listening, timeout_s=15)
@@ -44,6 +49,14 @@ class NatsServer:
     def _listening(self) -> bool:
         with socket.socket() as s:
             return s.connect_ex(("127.0.0.1", self.port)) == 0
+
+    async def connections(self) -> int:
+        """Client connections the server holds now (its monitoring endpoint, ``/connz``)."""
+        async with (
+            aiohttp.ClientSession() as http,
+            http.get(f"http://127.0.0.1:{self.monitor_port}/connz") as resp,
+        ):
+            return int((await resp.json())["num_connections"])
 
     async def kill(self) -> None:
         assert self.proc is not None
@@ -116,3 +129,27 @@ async def read_stream(url: str, stream: str) -> list[nats.js.api.RawStreamMsg]:
         return [await js.get_msg(stream, n) for n in range(1, info.state.last_seq + 1)]
     finally:
         await nc.close()
+
+
+async def test_a_busy_start_opens_one_connection(tmp_path: Path) -> None:
+    """The first events of many calls, sent at once (a lane per call), find no connection yet:
+    one connection is made and shared, and closing the transport leaves none. (Each used to
+    connect on its own; the clients it did not keep were never closed and, once the server went,
+    reconnected for ever, which also kept the event loop from closing.)"""
+    async with nats_server(tmp_path) as server:
+        settings = NatsSettings(url=server.url, stream="VOXPHONE", subject_prefix="voxphone.events",
+                                create_stream=True, ack_timeout_s=5.0)  # fmt: skip
+        transport = NatsTransport(settings)
+        calls = [EventSequencer(f"call_{i}", SystemClock()) for i in range(8)]
+        events = [seq.next("call.started", {}) for seq in calls]
+        results = await asyncio.gather(
+            *(transport.send(Stored(n, e, e.to_json(), 0.0)) for n, e in enumerate(events, 1))
+        )
+        assert all(isinstance(r, Sent) for r in results)
+        assert await server.connections() == 1
+        await transport.close()
+        async with asyncio.timeout(10):  # the server sees the close a moment later
+            while await server.connections():  # noqa: ASYNC110 (the server's state)
+                await asyncio.sleep(0.05)
+        stored = await read_stream(server.url, "VOXPHONE")
+    assert sorted(m.headers["Nats-Msg-Id"] for m in stored) == sorted(e.id for e in events)  # type: ignore[index]

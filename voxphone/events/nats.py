@@ -10,6 +10,7 @@ pending (the durable cursor), so a NATS outage or our own restart loses nothing.
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 
 import nats
@@ -44,12 +45,19 @@ class NatsSettings:
 
 
 class NatsTransport:
-    """Publishes to JetStream, connecting (and creating the stream) on first use."""
+    """Publishes to JetStream over one connection, made (and the stream created) on first use.
+
+    Delivery sends for many calls at once (``ordered`` mode: a lane per call), so the first
+    events of a busy start all find no connection: one of them makes it while the others wait
+    for it (``_connecting``). Each connecting on its own left all but one client unclosed, each
+    reconnecting every 0.5 s for ever (``max_reconnect_attempts=-1``) once its server went away,
+    which also kept the event loop from closing."""
 
     def __init__(self, settings: NatsSettings) -> None:
         self._settings = settings
         self._nc: Client | None = None
         self._js: JetStreamContext | None = None
+        self._connecting = asyncio.Lock()
 
     def subject(self, type_: str) -> str:
         return f"{self._settings.subject_prefix}.{type_}"
@@ -74,22 +82,29 @@ class NatsTransport:
         return Sent()
 
     async def _jetstream(self) -> JetStreamContext:
-        if self._js is None:
-            nc = await nats.connect(
-                servers=[u.strip() for u in self._settings.url.split(",")],
-                max_reconnect_attempts=-1, reconnect_time_wait=0.5,
-                connect_timeout=self._settings.ack_timeout_s, allow_reconnect=True,
-                error_cb=_log_error, disconnected_cb=_log_disconnected,
-            )  # fmt: skip
-            js = nc.jetstream()
-            try:
-                if self._settings.create_stream:
-                    await self._ensure_stream(js)
-            except BaseException:
-                await nc.close()
-                raise
-            self._nc, self._js = nc, js
-        return self._js
+        js = self._js
+        if js is None:
+            async with self._connecting:
+                if self._js is None:  # (not made while this one waited)
+                    self._nc, self._js = await self._connect()
+                js = self._js
+        return js
+
+    async def _connect(self) -> tuple[Client, JetStreamContext]:
+        nc = await nats.connect(
+            servers=[u.strip() for u in self._settings.url.split(",")],
+            max_reconnect_attempts=-1, reconnect_time_wait=0.5,
+            connect_timeout=self._settings.ack_timeout_s, allow_reconnect=True,
+            error_cb=_log_error, disconnected_cb=_log_disconnected,
+        )  # fmt: skip
+        js = nc.jetstream()
+        try:
+            if self._settings.create_stream:
+                await self._ensure_stream(js)
+        except BaseException:
+            await nc.close()
+            raise
+        return nc, js
 
     async def _ensure_stream(self, js: JetStreamContext) -> None:
         name = self._settings.stream
@@ -103,9 +118,13 @@ class NatsTransport:
             log.info("nats_stream_created", stream=name, subjects=subjects)
 
     async def close(self) -> None:
-        if self._nc is not None:
-            await self._nc.close()
-        self._nc = self._js = None
+        """Close the connection. A connection being made is waited for, so none is left open
+        behind the close (delivery cancels its sends before it closes the transport, which
+        ends a connect that is still trying)."""
+        async with self._connecting:
+            if self._nc is not None:
+                await self._nc.close()
+            self._nc = self._js = None
 
 
 async def _log_error(exc: Exception) -> None:
