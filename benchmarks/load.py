@@ -27,14 +27,19 @@ Reported (and written to ``benchmarks/results/load-<machine>-<N>.json``):
 
 - ``calls_per_core``: N divided by the server's CPU time per wall second (user + system,
   ``getrusage``), over the window when every call is up: how many such calls one core carries.
-- ``packet_latency_ms``: for one packet per call per second, from the caller's ``sendto`` (or
-  websocket send) to the return of the server's handler (kernel, event-loop queueing and
-  handling; both processes read the same ``CLOCK_MONOTONIC``). p50/p99/max.
+- ``packet_latency_ms``: for one packet per call per second sent in that window, from the
+  caller's ``sendto`` (or websocket send) to the return of the server's handler (kernel,
+  event-loop queueing and handling; both processes read the same ``CLOCK_MONOTONIC``).
+  p50/p99/max. ``packet_latency_ms_whole_run``: the same for every sampled packet, also while
+  the calls start and end — all of them within ``--ramp`` seconds, a hundred or more a second,
+  far more at once than a server with that many calls up sees (calls of a few minutes each
+  come and go a few a second), so the steady state is what the window measures.
 - ``loop_lag_ms``: how late a 10 ms sleep wakes on the server's loop.
 - ``frames``: frames handed to the engine, frames dropped from full call queues, and the
   frames expected from the audio sent.
-- ``sender_late_ms``: how far behind schedule the load process sent (p99): if it is large, the
-  load process, not the server, could not keep up and the figures undercount.
+- ``sender_late_ms``: how far behind schedule the load process sent in the window (p99): if it
+  is large, the load process, not the server, could not keep up and the figures undercount
+  (``sender_late_ms_whole_run``: over the whole run).
 - ``packets``: ``socket_drops``, the datagrams the kernel dropped from the server's full
   receive buffers (``RtpServer.totals``, from ``/proc/net/udp``), and how many of the sampled
   packets were never handled (a packet lost is not in ``packet_latency_ms``), and
@@ -71,6 +76,7 @@ import heapq
 import io
 import json
 import os
+import platform
 import pstats
 import random
 import resource
@@ -507,6 +513,7 @@ async def measure(
         if profiler is not None:
             profiler.enable()
         (user0, sys0), wall0, t_start = cpu_s(), time.perf_counter(), time.perf_counter()
+        sent_from = time.monotonic()  # (the load processes' clock)
         await asyncio.sleep(window)
         (user1, sys1), wall = cpu_s(), time.perf_counter() - wall0
         if profiler is not None:
@@ -525,7 +532,7 @@ async def measure(
         await lag_task
     return {
         "cpu": (user1 - user0, sys1 - sys0), "wall": wall, "up": up, "lag": lag,
-        "t_start": t_start, "profiler": profiler,
+        "t_start": t_start, "sent_in": (sent_from, sent_from + wall), "profiler": profiler,
     }  # fmt: skip
 
 
@@ -556,14 +563,17 @@ def report(
     up: int,
     lag: list[tuple[float, float]],
     t_start: float,
+    sent_in: tuple[float, float],
     profiler: cProfile.Profile | None,
     socket_drops: int,
 ) -> dict[str, Any]:
-    latency = [
-        (probe.handled[(caller, n)] - t) * 1000
-        for caller, n, t in sent["sampled"]
-        if (caller, n) in probe.handled
+    # (when sent, ms until handled or None, ms the sender was late) per sampled packet
+    samples = [
+        (t, (probe.handled[(caller, n)] - t) * 1000 if (caller, n) in probe.handled else None, ms)
+        for (caller, n, t), ms in zip(sent["sampled"], sent["late_ms"], strict=True)
     ]
+    steady = [sample for sample in samples if sent_in[0] <= sample[0] < sent_in[1]]
+    latency = [ms for _, ms, _ in samples if ms is not None]
     frames_sent = sum(c.frames_sent for c in probe.calls)
     dropped = sum(c.stats.dropped_frames for c in probe.calls)
     out: dict[str, Any] = {
@@ -584,9 +594,11 @@ def report(
         "server_cpu_cores": round(sum(cpu) / wall, 3),
         "server_cpu_user_system_s": [round(cpu[0], 2), round(cpu[1], 2)],
         "calls_per_core": round(args.calls / (sum(cpu) / wall)) if sum(cpu) else None,
-        "packet_latency_ms": percentiles(latency),
+        "packet_latency_ms": percentiles([ms for _, ms, _ in steady if ms is not None]),
+        "packet_latency_ms_whole_run": percentiles(latency),
         "loop_lag_ms": percentiles([ms for t, ms in lag if t >= t_start and t < t_start + wall]),
-        "sender_late_ms": percentiles(sent["late_ms"]),
+        "sender_late_ms": percentiles([late for *_, late in steady]),
+        "sender_late_ms_whole_run": percentiles([late for *_, late in samples]),
         "frames": {
             "to_engine": frames_sent,
             "dropped": dropped,
@@ -752,7 +764,8 @@ def main() -> None:
     pin(args.server_cpus)
     load_before = os.getloadavg()
     result = run_on(args.loop, serve(args))
-    result = {"machine": machine, "cpu": cpu_model(), "loadavg_before": load_before, **result}
+    result = {"machine": machine, "cpu": cpu_model(), "python": platform.python_version(),
+              "loadavg_before": load_before, **result}  # fmt: skip
     result["server_loop"] = args.loop
     result["loadavg_after"] = os.getloadavg()
     print(json.dumps({k: v for k, v in result.items() if k != "profile_top"}, indent=2))

@@ -73,6 +73,8 @@ def summary(r: dict[str, Any]) -> dict[str, Any]:
     out = {k: r[k] for k in keys if k in r}
     if "packet_latency_ms" in r:
         out["p99_ms"] = r["packet_latency_ms"].get("p99")
+        out["p99_ms_whole_run"] = r["packet_latency_ms_whole_run"].get("p99")
+        out["loop_lag_p99_ms"] = r["loop_lag_ms"].get("p99")
         out["us_per_message"] = round(r["server_cpu_cores"] * 1e6 / (r["calls"] * 50), 1)
         out["frames"] = r["frames"]
     return out
