@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import signal
 import socket
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -18,7 +19,7 @@ from tests.hooks import until
 from voxphone.app import event_settings
 from voxphone.clock import SystemClock
 from voxphone.config import load_config
-from voxphone.events.delivery import Sent
+from voxphone.events.delivery import Retry, Sent
 from voxphone.events.model import EventSequencer
 from voxphone.events.nats import NatsSettings, NatsTransport
 from voxphone.events.outbox import Stored
@@ -153,3 +154,35 @@ async def test_a_busy_start_opens_one_connection(tmp_path: Path) -> None:
                 await asyncio.sleep(0.05)
         stored = await read_stream(server.url, "VOXPHONE")
     assert sorted(m.headers["Nats-Msg-Id"] for m in stored) == sorted(e.id for e in events)  # type: ignore[index]
+
+
+async def test_a_start_while_nats_is_down_is_retried(tmp_path: Path) -> None:
+    """A first send while the server is down gives up within ``ack_timeout_s`` and is retried
+    (nats-py's own first connect, with reconnection unlimited, would try for as long as the
+    server is down); the next send after the server is up connects; a closed transport opens
+    nothing again; and nothing of the client is left running."""
+    server = NatsServer(tmp_path / "jetstream")  # not started yet
+    settings = NatsSettings(url=server.url, stream="VOXPHONE", subject_prefix="voxphone.events",
+                            create_stream=True, ack_timeout_s=1.0)  # fmt: skip
+    transport = NatsTransport(settings)
+    event = EventSequencer("call_0", SystemClock()).next("call.started", {})
+    stored = Stored(1, event, event.to_json(), 0.0)
+    t0 = time.monotonic()
+    down = await transport.send(stored)
+    assert isinstance(down, Retry) and down.error == "TimeoutError"
+    assert time.monotonic() - t0 < 3
+    await server.start()
+    try:
+        assert isinstance(await transport.send(stored), Sent)
+        assert await server.connections() == 1
+        await transport.close()
+        closed = await transport.send(stored)
+        assert isinstance(closed, Retry) and "closed" in closed.error.lower()
+        async with asyncio.timeout(10):
+            while await server.connections():  # noqa: ASYNC110 (the server's state)
+                await asyncio.sleep(0.05)
+    finally:
+        assert server.proc is not None
+        server.proc.terminate()
+        await server.proc.wait()
+    assert [t for t in asyncio.all_tasks() if t is not asyncio.current_task()] == []

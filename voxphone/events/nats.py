@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
+from typing import Any
 
 import nats
 import nats.errors
@@ -34,7 +35,8 @@ class NatsSettings:
     ``url``: one or more ``nats://`` or ``tls://`` servers, comma-separated. Events go to
     ``<subject_prefix>.<type>`` and are stored by the JetStream stream ``stream``, which is
     created (file storage, the prefix's subjects) when missing if ``create_stream``.
-    ``ack_timeout_s`` bounds the connection and each publish acknowledgement (seconds).
+    ``ack_timeout_s`` bounds making the connection (the stream's check included) and each
+    publish acknowledgement (seconds).
     """
 
     url: str
@@ -51,13 +53,20 @@ class NatsTransport:
     events of a busy start all find no connection: one of them makes it while the others wait
     for it (``_connecting``). Each connecting on its own left all but one client unclosed, each
     reconnecting every 0.5 s for ever (``max_reconnect_attempts=-1``) once its server went away,
-    which also kept the event loop from closing."""
+    which also kept the event loop from closing.
+
+    Making the connection is bounded by ``ack_timeout_s``: with reconnection unlimited, nats-py
+    retries a first connect for as long as the server is down, so a start while NATS is down
+    held every call's events (and ``close``) on it without a retry counted; now the send is
+    retried with the destination's backoff, as a publish that times out is. A transport that
+    was closed stays closed: a send after it is retried, not given a new connection."""
 
     def __init__(self, settings: NatsSettings) -> None:
         self._settings = settings
         self._nc: Client | None = None
         self._js: JetStreamContext | None = None
         self._connecting = asyncio.Lock()
+        self._closed = False
 
     def subject(self, type_: str) -> str:
         return f"{self._settings.subject_prefix}.{type_}"
@@ -78,29 +87,36 @@ class NatsTransport:
                 stream=self._settings.stream, headers=headers,
             )  # fmt: skip
         except (nats.errors.Error, TimeoutError, OSError) as exc:
-            return Retry(f"{type(exc).__name__}: {exc}".rstrip(": "))
+            return Retry(f"{type(exc).__name__}: {exc}".rstrip(": ") or type(exc).__name__)
         return Sent()
 
     async def _jetstream(self) -> JetStreamContext:
         js = self._js
         if js is None:
             async with self._connecting:
+                if self._closed:
+                    raise nats.errors.ConnectionClosedError
                 if self._js is None:  # (not made while this one waited)
                     self._nc, self._js = await self._connect()
                 js = self._js
         return js
 
     async def _connect(self) -> tuple[Client, JetStreamContext]:
-        nc = await nats.connect(
-            servers=[u.strip() for u in self._settings.url.split(",")],
-            max_reconnect_attempts=-1, reconnect_time_wait=0.5,
-            connect_timeout=self._settings.ack_timeout_s, allow_reconnect=True,
-            error_cb=_log_error, disconnected_cb=_log_disconnected,
-        )  # fmt: skip
-        js = nc.jetstream()
+        """A connected client and its JetStream context, within ``ack_timeout_s``; raises
+        ``TimeoutError`` (or nats-py's errors) with the client closed."""
+        nc, timeout_s = Client(), self._settings.ack_timeout_s
+        # (seconds as floats, which nats-py takes though it annotates the two as int)
+        waits: dict[str, Any] = {"reconnect_time_wait": 0.5, "connect_timeout": timeout_s}
         try:
-            if self._settings.create_stream:
-                await self._ensure_stream(js)
+            async with asyncio.timeout(timeout_s):
+                await nc.connect(
+                    servers=[u.strip() for u in self._settings.url.split(",")],
+                    max_reconnect_attempts=-1, allow_reconnect=True,
+                    error_cb=_log_error, disconnected_cb=_log_disconnected, **waits,
+                )  # fmt: skip
+                js = nc.jetstream()
+                if self._settings.create_stream:
+                    await self._ensure_stream(js)
         except BaseException:
             await nc.close()
             raise
@@ -121,6 +137,7 @@ class NatsTransport:
         """Close the connection. A connection being made is waited for, so none is left open
         behind the close (delivery cancels its sends before it closes the transport, which
         ends a connect that is still trying)."""
+        self._closed = True
         async with self._connecting:
             if self._nc is not None:
                 await self._nc.close()
