@@ -1,6 +1,8 @@
 """Pipecat's Twilio media-stream server, the peer ``load.py --server pipecat`` plays calls to.
 
-It is what Pipecat's Twilio examples run, with nothing after the transport: a FastAPI
+It is what Pipecat's Twilio examples run, with nothing after the transport and the pipeline's
+input at 16 kHz (the examples take 8 kHz, for speech services that take telephone audio; 16 kHz
+is what voxphone hands its model, so both sides resample): a FastAPI
 websocket endpoint under uvicorn reads Twilio's ``connected`` and ``start`` messages (as
 ``pipecat.runner.utils.parse_telephony_websocket`` does), then runs one pipeline per call:
 ``FastAPIWebsocketTransport.input()`` with Pipecat's ``TwilioFrameSerializer`` (JSON, base64,
@@ -90,7 +92,11 @@ class PipecatServer:
             start = json.loads(await anext(texts))["start"]
             await self._run(websocket, start)
 
-        config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning")
+        # No websocket pings: load.py's callers do not read (Twilio answers them; voxphone sends
+        # none), and uvicorn would drop each call 40 s in when its ping went unanswered.
+        config = uvicorn.Config(
+            app, host="127.0.0.1", port=port, log_level="warning", ws_ping_interval=None
+        )
         self._server = uvicorn.Server(config)
         self._uvicorn = uvicorn.__version__
         self.software = ""  # (said once started: what uvicorn chose)
