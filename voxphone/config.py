@@ -461,7 +461,8 @@ class NatsConfig(DeliveryPolicy):
     subject_prefix: str = Field("voxphone.events", pattern=r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$")
     #: Create the stream (file storage, the prefix's subjects) when it does not exist.
     create_stream: bool = True
-    #: Seconds to wait for JetStream's publish acknowledgement.
+    #: Seconds to wait for JetStream's publish acknowledgement, and for the connection to be
+    #: made (a server that is down at start is retried with the delivery backoff).
     ack_timeout_s: float = Field(5.0, gt=0)
     #: A stream is the record: deltas are kept longer than for webhooks, and not coalesced.
     horizons_s: dict[str, float] = Field(

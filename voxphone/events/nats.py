@@ -134,9 +134,8 @@ class NatsTransport:
             log.info("nats_stream_created", stream=name, subjects=subjects)
 
     async def close(self) -> None:
-        """Close the connection. A connection being made is waited for, so none is left open
-        behind the close (delivery cancels its sends before it closes the transport, which
-        ends a connect that is still trying)."""
+        """Close the connection. A connection being made is waited for (at most
+        ``ack_timeout_s``), so none is left open behind the close."""
         self._closed = True
         async with self._connecting:
             if self._nc is not None:
