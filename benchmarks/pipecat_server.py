@@ -18,6 +18,7 @@ uvicorn, e.g. ``pip install pipecat-ai fastapi uvicorn`` in a separate venv.
 """
 
 import asyncio
+import functools
 import json
 import sys
 import time
@@ -46,6 +47,30 @@ class PeerCall:
     @property
     def frames_sent(self) -> int:
         return self.samples // 1280
+
+
+@functools.cache
+def _sink() -> Any:
+    """The pipeline's last processor (made once: Pipecat is imported only when it runs)."""
+    from pipecat.frames.frames import InputAudioRawFrame
+    from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
+
+    class Sink(FrameProcessor):  # type: ignore[misc]
+        """Counts ``call``'s audio and drops it, as voxphone's null engine does; passes every
+        other frame on (the pipeline's start and end)."""
+
+        def __init__(self, call: PeerCall) -> None:
+            super().__init__()
+            self._call = call
+
+        async def process_frame(self, frame: Any, direction: FrameDirection) -> None:
+            await super().process_frame(frame, direction)
+            if isinstance(frame, InputAudioRawFrame):
+                self._call.samples += len(frame.audio) // 2
+            else:
+                await self.push_frame(frame, direction)
+
+    return Sink
 
 
 def instrument(
@@ -104,11 +129,9 @@ class PipecatServer:
 
     async def _run(self, websocket: Any, start: dict[str, Any]) -> None:
         """One call's pipeline, until the caller hangs up."""
-        from pipecat.frames.frames import InputAudioRawFrame
         from pipecat.pipeline.pipeline import Pipeline
         from pipecat.pipeline.runner import PipelineRunner
         from pipecat.pipeline.task import PipelineParams, PipelineTask
-        from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
         from pipecat.serializers.twilio import TwilioFrameSerializer
         from pipecat.transports.websocket.fastapi import (
             FastAPIWebsocketParams,
@@ -117,14 +140,6 @@ class PipecatServer:
 
         call = PeerCall(start["callSid"])
         self.calls.append(call)
-
-        class Sink(FrameProcessor):  # type: ignore[misc]
-            async def process_frame(self, frame: Any, direction: FrameDirection) -> None:
-                await super().process_frame(frame, direction)
-                if isinstance(frame, InputAudioRawFrame):
-                    call.samples += len(frame.audio) // 2
-                else:
-                    await self.push_frame(frame, direction)
 
         serializer = TwilioFrameSerializer(
             start["streamSid"],
@@ -137,7 +152,7 @@ class PipecatServer:
         )
         transport = FastAPIWebsocketTransport(websocket, params)
         task = PipelineTask(
-            Pipeline([transport.input(), Sink()]),
+            Pipeline([transport.input(), _sink()(call)]),
             params=PipelineParams(audio_in_sample_rate=16000),
             enable_rtvi=False,
             enable_turn_tracking=False,
