@@ -73,6 +73,7 @@ import asyncio
 import base64
 import cProfile
 import heapq
+import importlib.util
 import io
 import json
 import os
@@ -130,6 +131,8 @@ CODECS = {"pcmu": (0, 160), "pcma": (8, 160), "opus": (111, 960)}
 TRANSPORTS = ("rtp", "twilio")
 #: Whose server the callers call (``--server``): voxphone's ``App``, or Pipecat's Twilio server.
 SERVERS = ("voxphone", "pipecat")
+#: What ``--server pipecat`` imports (not voxphone dependencies): module → its package on PyPI.
+PIPECAT_NEEDS = {"pipecat": "pipecat-ai", "fastapi": "fastapi", "uvicorn": "uvicorn"}
 #: Twilio callers per load process: aiohttp's websocket client costs ≈ 20 µs a message, so one
 #: process would fall behind before the server does.
 TWILIO_CALLS_PER_PROCESS = 200
@@ -737,6 +740,12 @@ def parse(argv: list[str]) -> argparse.Namespace:
                 p.error(f"--transport twilio: {why}")
     elif args.server == "pipecat":
         p.error("--server pipecat serves Twilio streams: add --transport twilio")
+    if args.server == "pipecat" and not all(map(importlib.util.find_spec, PIPECAT_NEEDS)):
+        p.error(
+            f"--server pipecat runs Pipecat's server, which this Python lacks: "
+            f"pip install {' '.join(PIPECAT_NEEDS.values())} "
+            "(in a venv of its own; see pipecat_server.py)"
+        )
     return args
 
 

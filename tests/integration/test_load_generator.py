@@ -6,6 +6,7 @@ they say."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -75,6 +76,20 @@ def test_pipecat_peer_needs_twilio_streams() -> None:
     assert done.stderr.splitlines()[-1].endswith(
         "--server pipecat serves Twilio streams: add --transport twilio"
     )
+    assert "Traceback" not in done.stderr
+
+
+def test_pipecat_peer_missing_is_one_line() -> None:
+    """Where Pipecat's server cannot be imported (voxphone's own environment, CI's), asking for
+    it is refused with one line naming what to install, not a traceback."""
+    if all(map(importlib.util.find_spec, ("pipecat", "fastapi", "uvicorn"))):
+        pytest.skip("pipecat-ai, FastAPI and uvicorn are installed here")
+    done = subprocess.run(
+        [sys.executable, "benchmarks/load.py", "--server", "pipecat", "--transport", "twilio"],
+        cwd=ROOT, timeout=60, capture_output=True, text=True,
+    )  # fmt: skip
+    assert done.returncode == 2
+    assert "pip install pipecat-ai fastapi uvicorn" in done.stderr.splitlines()[-1]
     assert "Traceback" not in done.stderr
 
 
