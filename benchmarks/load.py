@@ -320,9 +320,9 @@ async def send_twilio(
 
 class Probe:
     """Stamps when sampled packets were handled: wraps ``RtpPort.datagram_received`` (keyed by
-    the caller's port and the RTP sequence number) or, for Twilio, ``JsonStreamSession.feed``
-    (keyed by the ``callSid`` and the message's place in its stream; for Pipecat, its
-    serializer's ``deserialize``: ``pipecat_server.instrument``)."""
+    the caller's port and the RTP sequence number) or, for Twilio, ``JsonStreamSession``'s
+    ``take_media`` and ``handle`` (keyed by the ``callSid`` and the message's place in its
+    stream; for Pipecat, its serializer's ``deserialize``: ``pipecat_server.instrument``)."""
 
     def __init__(self, transport: str, server: str = "voxphone") -> None:
         self.handled: dict[tuple[int | str, int], float] = {}
@@ -333,15 +333,27 @@ class Probe:
             instrument(handled, fed, SAMPLE_EVERY)
             return
         if transport == "twilio":
-            feed = JsonStreamSession.feed
+            # A message is handled by ``take_media`` (media, as aiohttp reads it) or, where that
+            # declines, by ``handle`` (``feed``'s general path): each is counted once.
+            take, handle = JsonStreamSession.take_media, JsonStreamSession.handle
 
-            def counted(session: JsonStreamSession, text: str) -> None:
-                feed(session, text)
+            def count(session: JsonStreamSession) -> None:
                 n = fed[session] = fed.get(session, 0) + 1
                 if n % SAMPLE_EVERY == 0 and session.call is not None:
                     handled[(session.call.call_id, n)] = time.monotonic()
 
-            JsonStreamSession.feed = counted  # type: ignore[method-assign,assignment]
+            def taken(session: JsonStreamSession, text: str) -> bool:
+                if not take(session, text):
+                    return False
+                count(session)
+                return True
+
+            def handled_in_full(session: JsonStreamSession, message: Any) -> None:
+                handle(session, message)
+                count(session)
+
+            JsonStreamSession.take_media = taken  # type: ignore[method-assign]
+            JsonStreamSession.handle = handled_in_full  # type: ignore[method-assign]
             return
         original = RtpPort.datagram_received
 

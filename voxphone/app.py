@@ -9,6 +9,7 @@ import signal
 import socket
 from dataclasses import replace
 
+import aiohttp
 import structlog
 from aiohttp import web
 from aiortc import RTCIceServer
@@ -30,6 +31,7 @@ from voxphone.http import webrtc as webrtc_http
 from voxphone.http.api import PROBLEMS, create_app
 from voxphone.http.calls import add_routes
 from voxphone.playback import BargeIn
+from voxphone.transports import ws_direct
 from voxphone.transports.asterisk import AudioSocketServer, chan_websocket
 from voxphone.transports.mediastream import (
     STEREO_BOTH,
@@ -234,6 +236,13 @@ class App:
         app[PROBLEMS].append(lambda: self.events.problem)
         if isinstance(engine := self.engine, Degradable):
             app[PROBLEMS].append(lambda: engine.problem)
+        if not ws_direct.DIRECT_READING:
+            log.info(
+                "websocket_media_through_receive",
+                aiohttp=aiohttp.__version__,
+                followed=[".".join(map(str, r)) for r in ws_direct.SUPPORTED],
+                detail="media-stream messages take a task wake-up each (ws_direct)",
+            )
         app.router.add_get("/v1/media/asterisk", chan_websocket)
         app.router.add_get("/v1/media/twilio", twilio)
         app.router.add_get("/v1/media/telnyx", telnyx)

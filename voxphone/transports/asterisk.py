@@ -30,6 +30,7 @@ from voxphone.transports.asterisk_endpoint import (
     AudioSocketEndpoint,
     attach_chan_websocket,
 )
+from voxphone.transports.ws_direct import DirectWebSocketResponse
 from voxphone.transports.ws_sender import WebSocketSender
 
 log = structlog.get_logger(__name__)
@@ -288,11 +289,19 @@ class ChanWebsocketSession:
         return self.call is not None
 
     def audio(self, data: bytes) -> None:
-        if self.call is not None:
-            self.call.push_payload(data)
+        if self.take_audio(data):
             return
         self._over += len(self._held) == EARLY_FRAMES
         self._held.append(data)
+
+    def take_audio(self, data: bytes) -> bool:
+        """A media frame for the open call: played, True; before ``MEDIA_START``, False and
+        nothing changed. Never raises: the websocket's reader calls it as it parses a frame
+        (``DirectWebSocketResponse.take``)."""
+        if self.call is None:
+            return False
+        self.call.push_payload(data)
+        return True
 
     def is_json(self) -> bool:
         return self.json_control
@@ -341,7 +350,7 @@ class ChanWebsocketSession:
 async def chan_websocket(request: web.Request) -> web.WebSocketResponse:
     """``/v1/media/asterisk``: Asterisk's chan_websocket connects here (externalMedia with
     ``transport=websocket``, or a ``WebSocket`` channel with ``connection_type=client``)."""
-    ws = web.WebSocketResponse(max_msg_size=65_536, protocols=("media",))
+    ws = DirectWebSocketResponse(max_msg_size=65_536, protocols=("media",))
     await ws.prepare(request)
     session = ChanWebsocketSession(request.app[REGISTRY], dict(request.query))
     reason = "disconnected"
@@ -351,6 +360,7 @@ async def chan_websocket(request: web.Request) -> web.WebSocketResponse:
         nonlocal sender
         if sender is None and session.call is not None:
             sender = attach_chan_websocket(session.call, ws, session.end, session.is_json)
+            ws.take(WSMsgType.BINARY, session.take_audio)  # media as aiohttp reads it
 
     try:
         if not session.open_from_url():

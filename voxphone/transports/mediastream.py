@@ -42,6 +42,7 @@ from voxphone.transports.rawstream import (
 )
 from voxphone.transports.rtp_packet import RtpPacket
 from voxphone.transports.stream_endpoint import attach_json, attach_raw
+from voxphone.transports.ws_direct import DirectWebSocketResponse
 from voxphone.transports.ws_sender import WebSocketSender
 
 log = structlog.get_logger(__name__)
@@ -343,26 +344,33 @@ class JsonStreamSession:
         self._early_over = 0
 
     def feed(self, text: str) -> None:
-        """One text frame: what ``handle(parse(text))`` does (the same calls, counters and
-        errors: ``TransportError`` names what is malformed), but a media message of the shape the
-        provider documents, once the call is open (nearly every frame: 50 a second per call),
-        goes straight from msgspec's typed decode to the jitter buffer and the call."""
+        """One text frame: ``handle(parse(text))``, with ``take_media`` first. ``TransportError``
+        names what is malformed."""
+        if not self.take_media(text):
+            self.handle(self._stream.parse(text))
+
+    def take_media(self, text: str) -> bool:
+        """The fast path for nearly every frame (50 a second per call): a media message of the
+        shape the provider documents, once the call is open, goes straight from msgspec's typed
+        decode to the jitter buffer and the call, and True is returned. Anything else returns
+        False, having changed nothing, for ``feed``'s general path, which takes and refuses the
+        same (``JsonStream``'s checks: where one fails — msgspec's ``DecodeError``, a str that
+        is not UTF-8, a number that is not one — ``parse`` names the fault). Never raises: the
+        websocket's reader calls it as it parses a frame (``DirectWebSocketResponse.take``)."""
         call = self.call
-        if call is not None:
-            # ``JsonStream``'s checks: where one fails (msgspec's ``DecodeError``, a str that is
-            # not UTF-8, a number that is not one), ``parse`` names the fault.
-            try:
-                m = self._decode_media(text)
-                media = m.media
-                seq = m.sequence & 0xFFFF
-                timestamp = media.timestamp & 0xFFFFFFFF
-            except ValueError:
-                pass
-            else:
-                if media.payload:  # "" is base64 for nothing; ``parse`` refuses it
-                    self._play_media(seq, timestamp, media.track, media.payload, call)
-                    return
-        self.handle(self._stream.parse(text))
+        if call is None or self.reason is not None:
+            return False
+        try:
+            m = self._decode_media(text)
+            media = m.media
+            seq = m.sequence & 0xFFFF
+            timestamp = media.timestamp & 0xFFFFFFFF
+        except ValueError:
+            return False
+        if not media.payload:  # "" is base64 for nothing; ``parse`` refuses it
+            return False
+        self._play_media(seq, timestamp, media.track, media.payload, call)
+        return True
 
     def handle(self, message: StreamMessage) -> None:
         if isinstance(message, StreamOther):
@@ -484,7 +492,7 @@ def json_stream_handler(parser: JsonStream) -> Handler:
     async def handle(request: web.Request) -> web.WebSocketResponse:
         if parser is TWILIO and not _twilio_signed(request):
             raise web.HTTPForbidden(text="X-Twilio-Signature is missing or wrong\n")
-        ws = web.WebSocketResponse(max_msg_size=1 << 20)
+        ws = DirectWebSocketResponse(max_msg_size=1 << 20)
         await ws.prepare(request)
         session = JsonStreamSession(request, parser.vendor)
         sender: WebSocketSender | None = None  # talk back, once the call has opened
@@ -497,6 +505,8 @@ def json_stream_handler(parser: JsonStream) -> Handler:
                 session.feed(msg.data)
                 if sender is None and session.call is not None:
                     sender = attach_json(session.call, ws, parser.vendor, session.hang_up)
+                    # From here on media is played as aiohttp reads it, not from this loop.
+                    ws.take(WSMsgType.TEXT, session.take_media)
                 if session.reason is not None:
                     break
         except TransportError as exc:
@@ -549,7 +559,7 @@ def raw_stream_handler(vendor: str) -> Handler:
     or both."""
 
     async def handle(request: web.Request) -> web.WebSocketResponse:
-        ws = web.WebSocketResponse(max_msg_size=1 << 20, protocols=SUBPROTOCOLS)
+        ws = DirectWebSocketResponse(max_msg_size=1 << 20, protocols=SUBPROTOCOLS)
         await ws.prepare(request)
         stream = RawStreamSession(vendor, dict(request.query), _raw_opener(request, vendor))
         reason = "disconnected"
@@ -561,6 +571,7 @@ def raw_stream_handler(vendor: str) -> Handler:
                     break
                 if sender is None and stream.calls:
                     sender = attach_raw(stream.calls[0][0], ws, vendor, stream.end)
+                    ws.take(WSMsgType.BINARY, stream.take_audio)  # audio as aiohttp reads it
             else:
                 if ws.close_code in (1000, 1001):
                     reason = "hangup"  # these streams end by closing the socket

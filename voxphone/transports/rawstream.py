@@ -203,6 +203,15 @@ class RawStreamSession:
             _apply(call, control)
         return True
 
+    def take_audio(self, data: bytes) -> bool:
+        """Audio once the stream's calls are open: played, True; before, False and nothing
+        changed. Never raises: the websocket's reader calls it as it parses a frame
+        (``DirectWebSocketResponse.take``)."""
+        if not self.calls:
+            return False
+        self._play(data)
+        return True
+
     def audio(self, data: bytes) -> bool:
         if self.opened:
             self._play(data)

@@ -1,0 +1,92 @@
+"""A websocket whose data messages can be handled as aiohttp parses them, without a task wake-up.
+
+aiohttp hands every websocket message to the handler through a queue: its frame reader puts the
+message there from the connection's ``data_received``, resolves the handler's future, and the
+loop's next iteration resumes the handler's task through ``async for`` and ``receive``, up the
+whole chain of middleware coroutines. For a media stream that is 50 messages a second per call,
+each a few µs of work, and the wake-up cost as much as the work: about a fifth of a Twilio
+call's server CPU (``benchmarks/load.py --transport twilio``), and an event-loop iteration of
+latency per message.
+
+``DirectWebSocketResponse.take`` lets a handler take messages of one kind (TEXT or BINARY) in
+that ``data_received``, as the frame reader completes them: a synchronous function that returns
+True once it has handled the message, or False, having changed nothing, to leave it to
+``receive`` as before (the pattern of ``RtpSource.receive_plain``). It takes a message only
+while nothing is queued ahead of it, so messages keep their order. Control frames, closing and
+errors always go through ``receive``, which answers pings and ends the ``async for``. An
+exception from the function ends the websocket as a malformed frame does: ``receive`` raises it.
+
+This replaces aiohttp's queue, which aiohttp does not offer as a public interface, so it is done
+only for the aiohttp releases it was written against (``DIRECT_READING``: 3.14, where
+``WebSocketResponse._post_start`` and the frame reader's queue are as below); with any other
+release ``take`` returns False and every message goes through ``receive`` as with a plain
+``WebSocketResponse``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import aiohttp
+from aiohttp import WSMsgType, web
+from aiohttp._websocket.reader import WebSocketDataQueue, WebSocketReader
+from aiohttp.helpers import DEFAULT_CHUNK_SIZE
+
+#: The aiohttp releases (major, minor) whose ``WebSocketResponse._post_start`` this module's
+#: copy follows.
+SUPPORTED = ((3, 14),)
+#: Whether the installed aiohttp is one of them: ``take`` works only then.
+DIRECT_READING = tuple(int(n) for n in aiohttp.__version__.split(".")[:2]) in SUPPORTED
+
+
+class _TakingQueue(WebSocketDataQueue):
+    """aiohttp's message queue, which offers each message of ``kind`` to ``taker`` first."""
+
+    kind: WSMsgType = WSMsgType.TEXT
+    taker: Callable[[Any], bool] | None = None
+
+    # The signature is aiohttp's (``cpdef void feed_data(self, object data, unsigned int size)``
+    # in its compiled reader, which calls this override).
+    def feed_data(self, data: Any, size: int) -> None:
+        taker = self.taker
+        if taker is not None and data[0] is self.kind and not self._buffer and taker(data[1]):
+            return
+        super().feed_data(data, size)
+
+
+class DirectWebSocketResponse(web.WebSocketResponse):
+    """``web.WebSocketResponse`` with ``take`` (see the module's docstring)."""
+
+    def take(self, kind: WSMsgType, taker: Callable[[Any], bool] | None) -> bool:
+        """From now on, offer each ``kind`` message (TEXT: ``str``, BINARY: ``bytes``) to
+        ``taker`` as it is parsed; ``None`` stops. Call after ``prepare``. Returns False, and
+        changes nothing, where this aiohttp release does not allow it (``DIRECT_READING``)."""
+        reader = self._reader
+        if not isinstance(reader, _TakingQueue):
+            return False
+        reader.kind, reader.taker = kind, taker
+        return True
+
+    def _post_start(self, request: Any, protocol: str | None, writer: Any) -> None:
+        """aiohttp 3.14's ``_post_start`` with ``_TakingQueue`` for its queue."""
+        if not DIRECT_READING:
+            super()._post_start(request, protocol, writer)
+            return
+        self._ws_protocol = protocol
+        self._writer = writer
+        self._reset_heartbeat()
+        loop = self._loop
+        assert loop is not None
+        self._reader = _TakingQueue(request._protocol, DEFAULT_CHUNK_SIZE, loop=loop)
+        # Held here, as aiohttp holds it: a reader stalled on a full queue is parked there by
+        # weak reference.
+        self._parser = WebSocketReader(
+            self._reader,
+            self._max_msg_size,
+            compress=bool(self._compress),
+            decode_text=self._decode_text,
+        )
+        cb = None if self._heartbeat is None else self._on_data_received
+        request.protocol.set_parser(self._parser, data_received_cb=cb)
+        request.protocol.keep_alive(False)  # no HTTP keep-alive after a websocket
