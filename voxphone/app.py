@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import signal
 import socket
 from dataclasses import replace
@@ -21,7 +20,7 @@ from voxphone.clock import Clock, SystemClock
 from voxphone.config import Config
 from voxphone.engines import choose_kind
 from voxphone.engines.base import Degradable, Engine
-from voxphone.errors import ConfigError, TransportError
+from voxphone.errors import ConfigError, cannot_listen
 from voxphone.events.model import Event, EventSink, FanOut
 from voxphone.events.service import Endpoint, EventService, EventSettings
 from voxphone.heap import collector_off_the_clock
@@ -257,11 +256,8 @@ class App:
             await site.start()
         except OSError as exc:
             where = f"{self.config.http.host}:{self.config.http.port}"
-            why = os.strerror(exc.errno) if exc.errno else str(exc)  # asyncio's words are long
-            raise TransportError(
-                f"cannot listen for HTTP on {where}: {why}; "
-                "choose another port (--http-port, http.port) or stop what holds it"
-            ) from exc
+            fix = "choose another port (--http-port, http.port) or stop what holds it"
+            raise cannot_listen("HTTP", where, exc, fix) from exc
         log.info(
             "voxphone_ready",
             http=f"http://{self.config.http.host}:{self.config.http.port}",

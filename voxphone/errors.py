@@ -14,6 +14,8 @@ callers catch one family, and every message says what was wrong and where.
 
 from __future__ import annotations
 
+import os
+
 
 class VoxphoneError(Exception):
     """Root of every error voxphone raises on purpose."""
@@ -42,3 +44,11 @@ class DeliveryError(VoxphoneError):
 class PlaybackError(VoxphoneError):
     """Audio, a mark or DTMF could not be sent into a call: it has ended, its transport has no
     way back (no endpoint) or cannot do what was asked (DTMF), or the input was unusable."""
+
+
+def cannot_listen(what: str, where: str, exc: OSError, fix: str) -> TransportError:
+    """The error for a listening socket the OS refused (``what``: "HTTP", "AudioSocket"; ``where``:
+    ``host:port``): the OS's own short words for ``exc.errno`` — asyncio's ``start_server``
+    re-raises with a long message that repeats the address — then ``fix``."""
+    why = os.strerror(exc.errno) if exc.errno else str(exc)
+    return TransportError(f"cannot listen for {what} on {where}: {why}; {fix}")

@@ -247,26 +247,32 @@ def test_a_bad_destination_is_named_before_anything_is_sent(
     assert r.stderr.startswith(f"voxphone: error: {line}") and r.stdout == "", r.stderr
 
 
-@pytest.mark.parametrize("kind", ["http", "rtp"])
+@pytest.mark.parametrize("kind", ["http", "rtp", "audiosocket"])
 def test_serve_on_a_port_in_use_says_so_in_one_line(kind: str) -> None:
-    http_port, (lo, hi) = free_tcp_port(), free_udp_range(2)
-    family, port = (socket.SOCK_STREAM, http_port) if kind == "http" else (socket.SOCK_DGRAM, lo)
+    http_port, (lo, hi), audiosocket_port = free_tcp_port(), free_udp_range(2), free_tcp_port()
+    family, port = {
+        "http": (socket.SOCK_STREAM, http_port),
+        "rtp": (socket.SOCK_DGRAM, lo),
+        "audiosocket": (socket.SOCK_STREAM, audiosocket_port),
+    }[kind]
     with socket.socket(socket.AF_INET, family) as holder:
         holder.bind(("127.0.0.1", port))
-        if kind == "http":
+        if family == socket.SOCK_STREAM:
             holder.listen()
         r = voxphone(
             "serve", "--http-port", str(http_port), "--rtp-ports", f"{lo}-{hi}",
-            "--engine", "sphinx", "--log-level", "error",
+            "--audiosocket-port", str(audiosocket_port), "--engine", "sphinx",
+            "--log-level", "error",
         )  # fmt: skip
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
     (line,) = r.stderr.splitlines()
-    what = (
-        f"listen for HTTP on 127.0.0.1:{port}"
-        if kind == "http"
-        else f"bind RTP port 127.0.0.1:{port}"
-    )
+    what = {
+        "http": f"listen for HTTP on 127.0.0.1:{port}",
+        "rtp": f"bind RTP port 127.0.0.1:{port}",
+        "audiosocket": f"listen for AudioSocket on 127.0.0.1:{port}",
+    }[kind]
     assert line.startswith(f"voxphone: error: cannot {what}: Address already in use; "), line
+    assert line.endswith("or stop what holds it"), line
 
 
 def test_serve_refuses_to_listen_beyond_loopback_without_a_token(tmp_path: Path) -> None:

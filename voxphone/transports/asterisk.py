@@ -23,7 +23,7 @@ from aiohttp import WSMsgType, web
 
 from voxphone.audio.codecs import G722, OPUS, PCMA, PCMU, SLIN, Codec
 from voxphone.call import Call, CallRegistry
-from voxphone.errors import TransportError
+from voxphone.errors import TransportError, cannot_listen
 from voxphone.http.api import REGISTRY
 from voxphone.transports.asterisk_endpoint import (
     LINGER_S,
@@ -88,7 +88,11 @@ class AudioSocketServer:
             self._server = await asyncio.start_server(self._serve, self.host, self.port)
         except OSError as exc:
             where = f"{self.host}:{self.port}"
-            raise TransportError(f"cannot listen for AudioSocket on {where}: {exc}") from exc
+            fix = (
+                "choose another port (--audiosocket-port, asterisk.audiosocket_port) "
+                "or stop what holds it"
+            )
+            raise cannot_listen("AudioSocket", where, exc, fix) from exc
         self.port = self._server.sockets[0].getsockname()[1]
         log.info("audiosocket_listening", host=self.host, port=self.port)
 
