@@ -613,8 +613,22 @@ def _describe(exc: ValidationError, default: str, origins: Mapping[str, str]) ->
     for err in exc.errors():
         key = ".".join(str(p) for p in err["loc"])
         msg = "unknown key" if err["type"] == "extra_forbidden" else error_message(err)
-        lines.append(f"{_origin(key, origins, default)}: {key or '(top level)'}: {msg}")
+        origin = _origin(key, origins, default)
+        if origin.startswith(ENV_PREFIX) and (example := _JSON_EXAMPLES.get(err["type"])):
+            msg += f"; a variable gives it as JSON, e.g. {origin}='{example}'"
+        lines.append(f"{origin}: {key or '(top level)'}: {msg}")
     return "\n".join(lines)
+
+
+#: pydantic's error types for a value that must be a list or a table, and what such a value
+#: looks like in a ``VOXPHONE_*`` variable (``_env_value`` reads those as JSON).
+_JSON_EXAMPLES = {
+    "list_type": '["…"]',
+    "tuple_type": '["…"]',
+    "set_type": '["…"]',
+    "dict_type": '{"…": "…"}',
+    "model_type": '{"…": "…"}',
+}
 
 
 def _origin(key: str, origins: Mapping[str, str], default: str) -> str:

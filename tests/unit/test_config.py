@@ -160,6 +160,18 @@ def test_webhook_endpoints_from_file_and_environment(tmp_path: Path) -> None:
         ),
         ({"VOXPHONE_RTP__PORTS": "[1"}, {}, "VOXPHONE_RTP__PORTS: invalid JSON"),
         (
+            {"VOXPHONE_WEBRTC__INTERFACES": "eth0"},
+            {},
+            "VOXPHONE_WEBRTC__INTERFACES: webrtc.interfaces: Input should be a valid list; "
+            "a variable gives it as JSON, e.g. VOXPHONE_WEBRTC__INTERFACES='\\[",
+        ),
+        (
+            {"VOXPHONE_RTP__PAYLOAD_TYPES": "96=opus"},
+            {},
+            "VOXPHONE_RTP__PAYLOAD_TYPES: rtp.payload_types: .*; a variable gives it as JSON, "
+            "e.g. VOXPHONE_RTP__PAYLOAD_TYPES='{",
+        ),
+        (
             {"VOXPHONE_RTP__HOST__X": "1"},
             {},
             "VOXPHONE_RTP__HOST__X: rtp.host.x: 'host' is a value",
