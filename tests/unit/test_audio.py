@@ -169,6 +169,22 @@ def test_input_written_in_place_resamples_as_process_does(rate: int) -> None:
     assert np.array_equal(in_place.flush(), copied.flush())
 
 
+def test_a_flushed_resampler_holds_no_context_and_starts_a_new_stream_as_a_new_one() -> None:
+    """A call's end (and a codec switch) flushes its resampler: the libswresample context is
+    freed then, not replaced by one nobody uses, and a stream fed afterwards (a playout's next
+    clip) comes out exactly as from a new resampler."""
+    x = chirp(0.5, 8000)
+    used = Resampler(8000, 16000)
+    assert used.flush().size == 0 and used._swr is None  # never fed: nothing made
+    used.process(x[:1000])
+    assert used._swr is not None
+    used.flush()
+    assert used._swr is None
+    fresh = Resampler(8000, 16000)
+    assert np.array_equal(used.process(x), fresh.process(x))
+    assert np.array_equal(used.flush(), fresh.flush())
+
+
 def test_a_g711_decoder_writes_into_the_array_it_is_given() -> None:
     payload = bytes(range(256))
     room = np.zeros(256, np.int16)

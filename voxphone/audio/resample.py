@@ -53,14 +53,15 @@ class Resampler:
         #: Whether ``process`` returns a new array the caller may keep (libswresample's output
         #: always is; a passthrough returns the caller's own array).
         self.fresh = in_rate != out_rate
-        self._swr = self._new()
+        #: The stream's libswresample context: made at its first input (``_open``), so a
+        #: resampler that is reset or flushed at a call's end holds none until it is used again.
+        self._swr: SwrContext | None = None
         self._in = self._out = 0
         self._input_for: tuple[tuple[int, int, bool] | None, int] = (None, 0)  # last answer
 
-    def _new(self) -> SwrContext | None:
-        if self.in_rate == self.out_rate:
-            return None
-        return SwrContext(self.in_rate, self.out_rate)
+    def _open(self) -> SwrContext:
+        self._swr = SwrContext(self.in_rate, self.out_rate)
+        return self._swr
 
     def releasable(self, more_in: int) -> int:
         """About how many output samples ``process`` would return for ``more_in`` more input
@@ -91,23 +92,23 @@ class Resampler:
         return n
 
     def process(self, pcm: Pcm) -> Pcm:
-        if self._swr is None or pcm.size == 0:
+        if not self.fresh or pcm.size == 0:  # (equal rates pass through)
             return pcm
-        return self._counted(self._swr.convert(pcm), pcm.size)
+        return self._counted((self._swr or self._open()).convert(pcm), pcm.size)
 
     def input(self, n: int) -> Pcm:
         """Room for the next ``n`` input samples: a caller that makes its input (a G.711
         decoder, with ``out``) writes it there, then calls ``process_input``, which is
         ``process`` without copying the input in. Once per 80 ms frame of a G.711 call."""
-        if self._swr is None:
+        if not self.fresh:
             return np.empty(n, np.int16)
-        return self._swr.input(n)
+        return (self._swr or self._open()).input(n)
 
     def process_input(self, written: Pcm) -> Pcm:
         """``process(written)``, for ``written``: what ``input`` gave, filled."""
-        if self._swr is None or written.size == 0:
+        if not self.fresh or written.size == 0:
             return written
-        return self._counted(self._swr.convert_input(written.size), written.size)
+        return self._counted((self._swr or self._open()).convert_input(written.size), written.size)
 
     def _counted(self, out: Pcm, n_in: int) -> Pcm:
         """``out``, made from ``n_in`` more input samples, counted, and after the lead of
@@ -122,7 +123,7 @@ class Resampler:
         """End of stream: drain the filter, less the last ``lead`` samples, so a stream's output
         is exactly ``ratio`` times its input (the timeline's clock stays exact). The resampler is
         ready for a new stream afterwards."""
-        if self._swr is None:
+        if self._swr is None:  # (nothing was fed since the start or the last reset)
             return np.zeros(0, np.int16)
         out = self._swr.convert(None)
         out = out[: max(0, out.size - self.lead)] if self._in else out[:0]
@@ -130,8 +131,9 @@ class Resampler:
         return out
 
     def reset(self) -> None:
-        """Drop filter history, for a media discontinuity (new source, codec change)."""
+        """Drop filter history, for a media discontinuity (new source, codec change). The
+        context is freed now and a new one made at the next input."""
         if self._swr is not None:
             self._swr.close()
-        self._swr = self._new()
+        self._swr = None
         self._in = self._out = 0
