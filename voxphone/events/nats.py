@@ -67,6 +67,7 @@ class NatsTransport:
         self._js: JetStreamContext | None = None
         self._connecting = asyncio.Lock()
         self._closed = False
+        self._log = _ConnectionLog()
 
     def subject(self, type_: str) -> str:
         return f"{self._settings.subject_prefix}.{type_}"
@@ -112,8 +113,10 @@ class NatsTransport:
                 await nc.connect(
                     servers=[u.strip() for u in self._settings.url.split(",")],
                     max_reconnect_attempts=-1, allow_reconnect=True,
-                    error_cb=_log_error, disconnected_cb=_log_disconnected, **waits,
+                    error_cb=self._log.error, disconnected_cb=self._log.disconnected,
+                    reconnected_cb=self._log.reconnected, **waits,
                 )  # fmt: skip
+                self._log.connected()
                 js = nc.jetstream()
                 if self._settings.create_stream:
                     await self._ensure_stream(js)
@@ -143,9 +146,39 @@ class NatsTransport:
             self._nc = self._js = None
 
 
-async def _log_error(exc: Exception) -> None:
-    log.warning("nats_error", error=f"{type(exc).__name__}: {exc}")
+class _ConnectionLog:
+    """nats-py's connection callbacks as log lines an operator can read. nats-py calls
+    ``error_cb`` at every failed attempt, every 0.5 s while the server is away: only the first
+    of an outage is logged (``nats_error``), and ``nats_reconnected`` says how many failed in
+    all once the connection is back. A client that never connected logs no ``nats_disconnected``
+    when it is closed. Errors while connected (a permission refused, a slow consumer) are each
+    logged."""
 
+    def __init__(self) -> None:
+        self._up = False
+        self._failed = 0  # attempts failed since the connection was last up
 
-async def _log_disconnected() -> None:
-    log.warning("nats_disconnected")
+    def connected(self, again: bool = False) -> None:
+        """The connection is up: ``again`` after a disconnect (nats-py's ``reconnected_cb``),
+        or made by ``_connect``, after failed attempts if the server was away."""
+        if again or self._failed:
+            log.info("nats_reconnected", failed_attempts=self._failed)
+        self._up, self._failed = True, 0
+
+    async def error(self, exc: Exception) -> None:
+        if not self._up:
+            self._failed += 1
+            if self._failed > 1:
+                return
+        log.warning(
+            "nats_error", error=f"{type(exc).__name__}: {exc}",
+            retrying=None if self._up else "every 0.5 s; nats_reconnected says when it is back",
+        )  # fmt: skip
+
+    async def disconnected(self) -> None:
+        if self._up:
+            self._up = False
+            log.warning("nats_disconnected")
+
+    async def reconnected(self) -> None:
+        self.connected(again=True)
