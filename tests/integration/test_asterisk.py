@@ -171,3 +171,27 @@ async def test_chan_websocket_opus_passthrough(
     ended = events[-1]["data"]
     assert ended["stats"]["dropped"] == {} and ended["stats"]["decode_errors"] == 0
     assert overlap(speech["phone"].text, ended["transcript"]) >= 0.5
+
+
+async def test_chan_websocket_plays_nothing_after_a_protocol_error(
+    receiver: WebhookReceiver, tmp_path: Path
+) -> None:
+    """Media frames are played as aiohttp reads them; once a control message is refused, the
+    frames Asterisk goes on sending while the socket closes reach the call no more."""
+    frame = Encoder(PCMU).encode(np.zeros(160, np.int16))
+    start = "MEDIA_START connection_id:bad1 channel:PJSIP/100-0003 format:ulaw"
+    async with running_serve(tmp_path, receiver) as srv, aiohttp.ClientSession() as http:
+        async with http.ws_connect(f"http://127.0.0.1:{srv.http_port}/v1/media/asterisk") as ws:
+            await ws.send_str(start)
+            for _ in range(10):
+                await ws.send_bytes(frame)
+            await ws.send_str("{bad json")
+            await asyncio.sleep(0.3)  # refused by now, and voxphone's close frame sent
+            for _ in range(100):  # sent before reading that close
+                await ws.send_bytes(frame)
+            msg = await ws.receive()
+        assert msg.type == aiohttp.WSMsgType.CLOSE and ws.close_code == 1008
+        await receiver.wait_ended(1, timeout_s=60)
+    (events,) = calls_of(receiver).values()
+    ended = events[-1]["data"]
+    assert ended["reason"] == "protocol_error" and ended["stats"]["packets"] == 10, ended

@@ -12,6 +12,7 @@ import aiohttp
 import pytest
 from aiohttp import WSMsgType, web
 from aiohttp.test_utils import TestServer
+from structlog.testing import capture_logs
 
 from voxphone.transports import ws_direct
 from voxphone.transports.ws_direct import DirectWebSocketResponse
@@ -89,6 +90,22 @@ async def test_taken_and_declined_messages_keep_their_order() -> None:
 
 
 @needs_direct
+async def test_order_holds_when_aiohttp_pauses_reading_behind_a_full_queue() -> None:
+    """A message over the queue's limit (512 KiB) pauses reading; aiohttp then parses what it
+    held back from inside the handler's ``read``, before the handler has that message: what
+    follows must wait behind it, not be taken first."""
+    big = "x" * (600 * 1024)
+    messages = ["m0", big, *(f"m{i}" for i in range(1, 30))]
+    async with server(taking_all_but({big})) as st, aiohttp.ClientSession() as http:
+        async with http.ws_connect(st["url"], max_msg_size=0) as ws:
+            for m in messages:
+                await ws.send_str(m)
+            await ws.close()
+        await asyncio.wait_for(st["done"].wait(), 10)
+    assert [data for _, data in st["seen"]] == messages
+
+
+@needs_direct
 async def test_only_the_kind_asked_for_is_taken_and_pings_are_answered() -> None:
     async with (
         server(taking_all_but(set()), WSMsgType.BINARY) as st,
@@ -123,14 +140,17 @@ async def test_an_error_in_the_taker_ends_only_its_websocket() -> None:
 
         return take
 
-    async with server(failing) as st, aiohttp.ClientSession() as http:
-        async with http.ws_connect(st["url"]) as ws:
-            await ws.send_str("before")
-            await ws.send_str("boom")
-            closing = await asyncio.wait_for(ws.receive(), 10)
-        await asyncio.wait_for(st["done"].wait(), 10)
+    with capture_logs() as logs:
+        async with server(failing) as st, aiohttp.ClientSession() as http:
+            async with http.ws_connect(st["url"]) as ws:
+                await ws.send_str("before")
+                await ws.send_str("boom")
+                closing = await asyncio.wait_for(ws.receive(), 10)
+            await asyncio.wait_for(st["done"].wait(), 10)
     assert closing.type is WSMsgType.CLOSE
     assert [str(e) for e in st["errors"]] == ["taker failed"]
+    (failed,) = [e for e in logs if e["event"] == "websocket_message_failed"]
+    assert failed["log_level"] == "error" and failed["exc_info"]
     assert st["seen"] == [("taken", "before")]
 
 

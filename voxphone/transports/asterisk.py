@@ -379,14 +379,21 @@ async def chan_websocket(request: web.Request) -> web.WebSocketResponse:
                         reason = "rejected"
                         break
                     talk_back()
+                elif msg.type == WSMsgType.ERROR:  # aiohttp could not read it, and closed it
+                    error = f"{type(msg.data).__name__}: {msg.data}"
+                    log.warning("chan_websocket_failed", error=error)
+                    reason = "protocol_error"
+                    break
             else:
                 if ws.close_code in (1000, 1001):
                     reason = "hangup"  # Asterisk closes the socket when the channel hangs up
     except TransportError as exc:
         log.warning("chan_websocket_rejected", error=str(exc))
         reason = "protocol_error"
+        ws.take(WSMsgType.BINARY, None)  # nothing more reaches the call while it closes
         await ws.close(code=1008, message=str(exc)[:120].encode())
     finally:
+        ws.take(WSMsgType.BINARY, None)
         session.end(reason)
         if sender is not None:
             sender.stop()

@@ -498,6 +498,10 @@ def json_stream_handler(parser: JsonStream) -> Handler:
         sender: WebSocketSender | None = None  # talk back, once the call has opened
         try:
             async for msg in ws:
+                if msg.type is WSMsgType.ERROR:  # the websocket failed; aiohttp has closed it
+                    _failed(parser.vendor, msg)
+                    session.reason = session.reason or "protocol_error"
+                    break
                 if msg.type != WSMsgType.TEXT:
                     raise TransportError(
                         f"{parser.vendor}: expected text frames, got {msg.type.name}"
@@ -512,8 +516,10 @@ def json_stream_handler(parser: JsonStream) -> Handler:
         except TransportError as exc:
             log.warning("media_stream_rejected", vendor=parser.vendor, error=str(exc))
             session.reason = session.reason or "protocol_error"
+            ws.take(WSMsgType.TEXT, None)
             await ws.close(code=1007, message=str(exc)[:120].encode())
         finally:
+            ws.take(WSMsgType.TEXT, None)
             session.finish()
             if sender is not None:
                 sender.stop()
@@ -566,6 +572,10 @@ def raw_stream_handler(vendor: str) -> Handler:
         sender: WebSocketSender | None = None  # talk back to the caller, once the call opened
         try:
             async for msg in ws:
+                if msg.type is WSMsgType.ERROR:  # the websocket failed; aiohttp has closed it
+                    _failed(vendor, msg)
+                    reason = "protocol_error"
+                    break
                 if not _feed(stream, msg):
                     reason = "rejected"
                     break
@@ -578,14 +588,24 @@ def raw_stream_handler(vendor: str) -> Handler:
         except TransportError as exc:
             log.warning("media_stream_rejected", vendor=vendor, error=str(exc))
             reason = "protocol_error"
+            ws.take(WSMsgType.BINARY, None)
             await ws.close(code=1007, message=str(exc)[:120].encode())
         finally:
+            ws.take(WSMsgType.BINARY, None)
             stream.end(reason)
             if sender is not None:
                 sender.stop()
         return ws
 
     return handle
+
+
+def _failed(vendor: str, msg: WSMessage) -> None:
+    """An ERROR message: aiohttp could not read the websocket (a frame too large or malformed,
+    the peer gone) or a taker failed (logged with its traceback where it failed)."""
+    log.warning(
+        "media_stream_failed", vendor=vendor, error=f"{type(msg.data).__name__}: {msg.data}"
+    )
 
 
 def _feed(stream: RawStreamSession, msg: WSMessage) -> bool:

@@ -19,8 +19,10 @@ exception from the function ends the websocket as a malformed frame does: ``rece
 This replaces aiohttp's queue, which aiohttp does not offer as a public interface, so it is done
 only for the aiohttp releases it was written against (``DIRECT_READING``: 3.14, where
 ``WebSocketResponse._post_start`` and the frame reader's queue are as below); with any other
-release ``take`` returns False and every message goes through ``receive`` as with a plain
-``WebSocketResponse``.
+release nothing private of aiohttp's is imported, ``take`` returns False and every message goes
+through ``receive`` as with a plain ``WebSocketResponse``. A handler stops taking
+(``take(kind, None)``) before it closes the websocket, since ``close`` waits for the peer's
+close frame, and what comes meanwhile must not reach a call that is ending.
 """
 
 from __future__ import annotations
@@ -29,30 +31,55 @@ from collections.abc import Callable
 from typing import Any
 
 import aiohttp
+import structlog
 from aiohttp import WSMsgType, web
-from aiohttp._websocket.reader import WebSocketDataQueue, WebSocketReader
-from aiohttp.helpers import DEFAULT_CHUNK_SIZE
+
+log = structlog.get_logger(__name__)
 
 #: The aiohttp releases (major, minor) whose ``WebSocketResponse._post_start`` this module's
 #: copy follows.
 SUPPORTED = ((3, 14),)
-#: Whether the installed aiohttp is one of them: ``take`` works only then.
+#: Whether the installed aiohttp is one of them: ``take`` works only then, and aiohttp's
+#: private modules are imported only then.
 DIRECT_READING = tuple(int(n) for n in aiohttp.__version__.split(".")[:2]) in SUPPORTED
 
+if DIRECT_READING:
+    from aiohttp._websocket.reader import WebSocketDataQueue, WebSocketReader
+    from aiohttp.helpers import DEFAULT_CHUNK_SIZE
 
-class _TakingQueue(WebSocketDataQueue):
-    """aiohttp's message queue, which offers each message of ``kind`` to ``taker`` first."""
+    class _TakingQueue(WebSocketDataQueue):
+        """aiohttp's message queue, which offers each message of ``kind`` to ``taker`` first.
 
-    kind: WSMsgType = WSMsgType.TEXT
-    taker: Callable[[Any], bool] | None = None
+        A message is offered only while nothing waits in the queue and the connection's
+        reading is not paused: aiohttp pauses it when the queue is full and then parses the
+        frames it held back from inside the handler's ``read``, before the handler has dealt
+        with the message that read returns, so those must be queued behind it too."""
 
-    # The signature is aiohttp's (``cpdef void feed_data(self, object data, unsigned int size)``
-    # in its compiled reader, which calls this override).
-    def feed_data(self, data: Any, size: int) -> None:
-        taker = self.taker
-        if taker is not None and data[0] is self.kind and not self._buffer and taker(data[1]):
-            return
-        super().feed_data(data, size)
+        kind: WSMsgType = WSMsgType.TEXT
+        taker: Callable[[Any], bool] | None = None
+
+        # The signature is aiohttp's (``cpdef void feed_data(self, object data, unsigned int
+        # size)`` in its compiled reader, which calls this override).
+        def feed_data(self, data: Any, size: int) -> None:
+            taker = self.taker
+            if (
+                taker is not None
+                and data[0] is self.kind
+                and not self._buffer
+                and not self._protocol._reading_paused
+            ):
+                try:
+                    if taker(data[1]):
+                        return
+                except Exception:
+                    # A taker never raises; if one does, say where, and let aiohttp end this
+                    # websocket as it ends one whose frame it cannot parse (``receive`` gives the
+                    # handler an ERROR message with this exception).
+                    log.exception(
+                        "websocket_message_failed", taker=getattr(taker, "__qualname__", "")
+                    )
+                    raise
+            super().feed_data(data, size)
 
 
 class DirectWebSocketResponse(web.WebSocketResponse):
@@ -63,7 +90,7 @@ class DirectWebSocketResponse(web.WebSocketResponse):
         ``taker`` as it is parsed; ``None`` stops. Call after ``prepare``. Returns False, and
         changes nothing, where this aiohttp release does not allow it (``DIRECT_READING``)."""
         reader = self._reader
-        if not isinstance(reader, _TakingQueue):
+        if not DIRECT_READING or not isinstance(reader, _TakingQueue):
             return False
         reader.kind, reader.taker = kind, taker
         return True
