@@ -504,6 +504,15 @@ class Config(_Section):
 
     @model_validator(mode="after")
     def _check(self) -> Config:
+        port, hosts = (
+            self.asterisk.audiosocket_port,
+            {self.asterisk.audiosocket_host, self.http.host},
+        )
+        if port and port == self.http.port and (len(hosts) == 1 or hosts & {"0.0.0.0", "::", ""}):
+            raise ValueError(
+                f"asterisk.audiosocket_port and http.port are both {port}: AudioSocket and HTTP "
+                "each need a TCP port of their own; choose another for one of them"
+            )
         seqs = self.engine.vllm.max_num_seqs
         if seqs is not None and seqs < self.calls.max_concurrent:
             raise ValueError(

@@ -95,6 +95,24 @@ def test_vllm_slots_must_cover_the_call_limit() -> None:
         load_config(overrides={"engine.vllm.max_num_seqs": 10}, environ={})
 
 
+@pytest.mark.parametrize(
+    ("audiosocket_host", "refused"), [("127.0.0.1", True), ("0.0.0.0", True), ("10.1.2.3", False)]
+)
+def test_audiosocket_and_http_on_one_port_are_refused_where_they_would_collide(
+    audiosocket_host: str, refused: bool
+) -> None:
+    """They used to fail at start as "cannot listen for HTTP …: Address already in use", though
+    nothing else held the port: voxphone's own AudioSocket listener had taken it."""
+    overrides = {"http.port": 8082, "asterisk.audiosocket_port": 8082,
+                 "asterisk.audiosocket_host": audiosocket_host}  # fmt: skip
+    if not refused:  # another address: both can listen
+        assert load_config(overrides=overrides, environ={}).asterisk.audiosocket_port == 8082
+        return
+    message = "asterisk.audiosocket_port and http.port are both 8082"
+    with pytest.raises(ConfigError, match=message):
+        load_config(overrides=overrides, environ={})
+
+
 def test_remote_urls_must_be_websockets() -> None:
     message = "override: engine.vllm_remote.urls: expected ws:// or wss:// URLs, got 'http://x"
     with pytest.raises(ConfigError, match=message):  # our validator's words, nothing before them
