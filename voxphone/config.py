@@ -504,10 +504,8 @@ class Config(_Section):
 
     @model_validator(mode="after")
     def _check(self) -> Config:
-        port, hosts = (
-            self.asterisk.audiosocket_port,
-            {self.asterisk.audiosocket_host, self.http.host},
-        )
+        port = self.asterisk.audiosocket_port
+        hosts = {self.asterisk.audiosocket_host, self.http.host}
         if port and port == self.http.port and (len(hosts) == 1 or hosts & {"0.0.0.0", "::", ""}):
             raise ValueError(
                 f"asterisk.audiosocket_port and http.port are both {port}: AudioSocket and HTTP "

@@ -390,7 +390,6 @@ async def chan_websocket(request: web.Request) -> web.WebSocketResponse:
     except TransportError as exc:
         log.warning("chan_websocket_rejected", error=str(exc))
         reason = "protocol_error"
-        ws.take(WSMsgType.BINARY, None)  # nothing more reaches the call while it closes
         await ws.close(code=1008, message=str(exc)[:120].encode())
     finally:
         ws.take(WSMsgType.BINARY, None)

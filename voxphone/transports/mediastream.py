@@ -516,7 +516,6 @@ def json_stream_handler(parser: JsonStream) -> Handler:
         except TransportError as exc:
             log.warning("media_stream_rejected", vendor=parser.vendor, error=str(exc))
             session.reason = session.reason or "protocol_error"
-            ws.take(WSMsgType.TEXT, None)
             await ws.close(code=1007, message=str(exc)[:120].encode())
         finally:
             ws.take(WSMsgType.TEXT, None)
@@ -588,7 +587,6 @@ def raw_stream_handler(vendor: str) -> Handler:
         except TransportError as exc:
             log.warning("media_stream_rejected", vendor=vendor, error=str(exc))
             reason = "protocol_error"
-            ws.take(WSMsgType.BINARY, None)
             await ws.close(code=1007, message=str(exc)[:120].encode())
         finally:
             ws.take(WSMsgType.BINARY, None)

@@ -22,9 +22,8 @@ This replaces aiohttp's queue, which aiohttp does not offer as a public interfac
 only for the aiohttp releases it was written against (``DIRECT_READING``: 3.14, where
 ``WebSocketResponse._post_start`` and the frame reader's queue are as below); with any other
 release nothing private of aiohttp's is imported, ``take`` returns False and every message goes
-through ``receive`` as with a plain ``WebSocketResponse``. A handler stops taking
-(``take(kind, None)``) before it closes the websocket, since ``close`` waits for the peer's
-close frame, and what comes meanwhile must not reach a call that is ending.
+through ``receive`` as with a plain ``WebSocketResponse``. Closing stops taking: ``close``
+waits for the peer's close frame, and what comes meanwhile must not reach a call that is ending.
 """
 
 from __future__ import annotations
@@ -96,6 +95,16 @@ class DirectWebSocketResponse(web.WebSocketResponse):
             return False
         reader.kind, reader.taker = kind, taker
         return True
+
+    async def close(
+        self, *, code: int = aiohttp.WSCloseCode.OK, message: bytes = b"", drain: bool = True
+    ) -> bool:
+        """``WebSocketResponse.close``, having stopped taking first: whoever closes (a handler
+        refusing a frame, ``receive`` answering the peer's close, aiohttp after the handler
+        returns), what is read while the close waits goes to ``receive``, which discards it."""
+        if DIRECT_READING and isinstance(self._reader, _TakingQueue):
+            self._reader.taker = None
+        return await super().close(code=code, message=message, drain=drain)
 
     def _post_start(self, request: Any, protocol: str | None, writer: Any) -> None:
         """aiohttp 3.14's ``_post_start`` with ``_TakingQueue`` for its queue."""
