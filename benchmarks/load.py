@@ -319,7 +319,7 @@ async def send_twilio(
 
 
 class Probe:
-    """Stamps when sampled packets were handled: wraps ``RtpPort.datagram_received`` (keyed by
+    """Stamps when sampled packets were handled: wraps ``RtpPort.handle`` (keyed by
     the caller's port and the RTP sequence number) or, for Twilio, ``JsonStreamSession``'s
     ``take_media`` and ``handle`` (keyed by the ``callSid`` and the message's place in its
     stream; for Pipecat, its serializer's ``deserialize``: ``pipecat_server.instrument``)."""
@@ -355,15 +355,15 @@ class Probe:
             JsonStreamSession.take_media = taken  # type: ignore[method-assign]
             JsonStreamSession.handle = handled_in_full  # type: ignore[method-assign]
             return
-        original = RtpPort.datagram_received
+        original = RtpPort.handle
 
-        def stamped(port: RtpPort, data: bytes, addr: tuple[str | object, int]) -> None:
+        def stamped(port: RtpPort, data: bytes, addr: tuple[str, int]) -> None:
             original(port, data, addr)
             seq = (data[2] << 8) | data[3]
             if seq % SAMPLE_EVERY == 0:
-                handled[(int(addr[1]), seq)] = time.monotonic()
+                handled[(addr[1], seq)] = time.monotonic()
 
-        RtpPort.datagram_received = stamped  # type: ignore[method-assign,assignment]
+        RtpPort.handle = stamped  # type: ignore[method-assign]
 
     def streaming(self, calls: int) -> bool:
         """Whether ``calls`` callers have sent audio: an RTP call opens at its first packet, a

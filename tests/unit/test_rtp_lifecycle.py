@@ -22,6 +22,7 @@ from voxphone.call import Call
 from voxphone.clock import FakeClock, SystemClock
 from voxphone.errors import TransportError
 from voxphone.testing import capture_events
+from voxphone.transports import rtp
 from voxphone.transports.rtp import PortPolicy, Reservation, RtpPort, RtpServer, _bind, _drain
 from voxphone.transports.rtp_packet import RtpPacket
 
@@ -197,7 +198,7 @@ def test_a_port_reads_every_waiting_datagram_in_one_wake_up() -> None:
     sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     seen: list[int] = []
     port = RtpPort(lo, Calls(), FakeClock())
-    port.datagram_received = lambda data, addr: seen.append(data[0])  # type: ignore[method-assign]
+    port.handle = lambda data, addr: seen.append(data[0])  # type: ignore[method-assign]
     try:
         for i in range(100):
             sender.sendto(bytes([i]), ("127.0.0.1", lo))
@@ -205,6 +206,28 @@ def test_a_port_reads_every_waiting_datagram_in_one_wake_up() -> None:
         assert seen == list(range(100))
         _drain(sock, port)  # nothing waiting: returns at once
         assert len(seen) == 100
+    finally:
+        sender.close()
+        sock.close()
+
+
+def test_a_port_on_ipv6_hands_over_each_datagram_with_a_host_and_port_address() -> None:
+    """IPv6's ``recvfrom`` gives (host, port, flowinfo, scope_id); the port's sources are keyed
+    by (host, port), so the drain hands IPv6 datagrams over through ``datagram_received``."""
+    lo, _ = free_udp_range(1)
+    try:
+        sock = _bind("::1", lo)
+    except OSError as exc:
+        pytest.skip(f"no IPv6 loopback here: {exc}")
+    sender = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+    seen: list[tuple[bytes, object]] = []
+    port = RtpPort(lo, Calls(), FakeClock())
+    port.handle = lambda data, addr: seen.append((data, addr))  # type: ignore[method-assign]
+    try:
+        sender.bind(("::1", 0))
+        sender.sendto(b"x", ("::1", lo))
+        _drain(sock, port)
+        assert seen == [(b"x", ("::1", sender.getsockname()[1]))]
     finally:
         sender.close()
         sock.close()
@@ -249,6 +272,43 @@ async def test_a_silent_call_is_ended_by_the_sweeper_within_a_sweep_of_its_timeo
         await server.stop()
 
 
+async def test_the_sweep_scans_a_port_a_slice_at_a_time_and_ends_every_silent_call(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A port's sources are scanned ``SWEEP_SLICE`` at a time, the loop's other callbacks
+    (its packets, on a live server) run between the slices, and every silent call ends."""
+    monkeypatch.setattr(rtp, "SWEEP_SLICE", 2)
+    lo, _ = free_udp_range(1)
+    calls = Calls()
+    server = RtpServer("127.0.0.1", (lo, lo), calls, SystemClock(), inactivity_timeout_s=0.2)
+    events: list[object] = []
+    callers = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(5)]
+    await server.start()
+    try:
+        port = server.ports[lo]
+        scan = port.expire_sources
+
+        def recorded(addrs: list[tuple[str, int]], now: float) -> None:
+            events.append(len(addrs))
+            asyncio.get_running_loop().call_soon(events.append, "other")
+            scan(addrs, now)
+
+        port.expire_sources = recorded  # type: ignore[method-assign]
+        for s in callers:
+            for p in tone_packets(n=3):
+                s.sendto(p.serialize(), ("127.0.0.1", lo))
+        await until(lambda: len(calls.calls) == 5, timeout_s=5)
+        await until(lambda: all(c.end_reason is not None for c in calls.calls), timeout_s=5)
+    finally:
+        for s in callers:
+            s.close()
+        await server.stop()
+    assert {c.end_reason for c in calls.calls} == {"inactivity"}
+    scans = [i for i, e in enumerate(events) if e != "other"]
+    assert max(events[i] for i in scans) == 2  # type: ignore[type-var]
+    assert all(events[i + 1] == "other" for i in scans[:-1])  # the loop ran in between
+
+
 async def test_a_sweep_that_fails_on_one_port_goes_on_with_the_others() -> None:
     """A bug met on one port (here: its scan raises every time), or while reading the drop
     counters, is logged once with its traceback; the other ports' silent calls still end."""
@@ -256,7 +316,7 @@ async def test_a_sweep_that_fails_on_one_port_goes_on_with_the_others() -> None:
     calls = Calls()
     server = RtpServer("127.0.0.1", (lo, hi), calls, SystemClock(), inactivity_timeout_s=0.2)
 
-    def broken(now: float) -> None:
+    def broken(addrs: object, now: float) -> None:
         raise RuntimeError("a bug")
 
     async def broken_drops() -> int:
@@ -266,7 +326,7 @@ async def test_a_sweep_that_fails_on_one_port_goes_on_with_the_others() -> None:
     with capture_logs() as logs:
         await server.start()
         try:
-            server.ports[lo].expire = broken  # type: ignore[method-assign]
+            server.ports[lo].expire_sources = broken  # type: ignore[method-assign]
             with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
                 for port in (lo, hi):
                     for p in tone_packets(n=5):
