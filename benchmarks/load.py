@@ -188,19 +188,34 @@ def rtp(seq: int, ts: int, ssrc: int, payload: bytes, pt: int = 0) -> bytes:
     return struct.pack("!BBHII", 0x80, pt, seq & 0xFFFF, ts & 0xFFFFFFFF, ssrc) + payload
 
 
+def start_offsets(args: argparse.Namespace) -> list[float]:
+    """Each caller's start (s after ``t0``). ``--starts random`` (the default): drawn uniformly
+    over ``--ramp`` from ``--seed``, the same in every load process, as independent callers
+    start; so their 20 ms packets fall due at independent moments (phases). ``--starts grid``:
+    ``i / calls`` of the ramp, which puts the callers on a few phases: 1,000 calls over 3 s
+    start 3 ms apart, so their packets fall due 50 at once every millisecond (and 200 calls,
+    15 ms apart, 50 at once every 5 ms) — bursts that independent callers do not make, but a
+    gateway that sends every call's packets on one shared 20 ms tick makes larger still."""
+    if args.starts == "grid":
+        return [args.ramp * i / args.calls for i in range(args.calls)]
+    draw = random.Random(f"starts-{args.seed}")
+    return [draw.uniform(0, args.ramp) for _ in range(args.calls)]
+
+
 def paced(
     args: argparse.Namespace, callers: range, rng: random.Random, t0: float | None = None
 ) -> Iterator[float | tuple[int, int, float]]:
     """The ``callers``' packets in the order they fall due, at real-time pace: yields how long
     to wait (s) until the next is due, or (caller, packet number, how late it is in ms) when
     one is due. Caller ``i`` starts at ``t0`` (``CLOCK_MONOTONIC``; default: in 0.5 s) plus
-    ``i / args.calls`` of ``--ramp``; each packet is due 20 ms after the last one's nominal
+    ``start_offsets(args)[i]``; each packet is due 20 ms after the last one's nominal
     time plus up to ``--jitter-ms`` (drawn from ``rng`` once the packet before is handed out),
     and not before the packet before it: a caller's packets never overtake one another, and a
     packet held behind a delayed one is not counted late (only the sender's own lag is)."""
     n_packets = round(args.seconds / PACKET_S)
     t0 = time.monotonic() + 0.5 if t0 is None else t0
-    starts = {i: t0 + args.ramp * i / args.calls for i in callers}
+    offsets = start_offsets(args)
+    starts = {i: t0 + offsets[i] for i in callers}
     heap = [(starts[i], i, 0) for i in callers]
     heapq.heapify(heap)
     while heap:
@@ -600,6 +615,7 @@ def report(
         "seconds": args.seconds,
         "loss": args.loss,
         "jitter_ms": args.jitter_ms,
+        "starts": f"{args.starts} over {args.ramp} s",
         "server_ports": args.ports if args.transport == "rtp" else None,
         "engine": "null (transport + audio path only)",
         "stop_at": args.stop_at,
@@ -712,6 +728,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--server", choices=SERVERS, default="voxphone", help="Pipecat: Twilio only")
     p.add_argument("--codec", choices=sorted(CODECS), default="pcmu", help="RTP's")
     p.add_argument("--ramp", type=float, default=3.0, help="spread call starts over (s)")
+    p.add_argument(
+        "--starts", choices=("random", "grid"), default="random", help="call starts in the ramp"
+    )
     p.add_argument("--loss", type=float, default=0.0, help="packet loss probability")
     p.add_argument("--jitter-ms", type=float, default=0.0, help="uniform send delay, 0..ms")
     p.add_argument("--ports", type=int, default=4, help="server UDP ports the calls spread over")

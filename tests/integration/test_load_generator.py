@@ -116,3 +116,31 @@ def test_load_generator_against_pipecat(speech: dict[str, Speech], tmp_path: Pat
     assert CALLS * (frames - 3) <= r["frames"]["to_engine"] <= CALLS * frames
     assert r["packets"]["sampled"] >= CALLS * (SECONDS - 1)
     assert r["packets"]["sampled_not_handled"] == 0
+
+
+def test_callers_start_at_independent_moments_the_same_in_every_load_process() -> None:
+    """Starts are drawn over the ramp, so the callers' 20 ms packets fall due at independent
+    moments; a grid (``--starts grid``) puts 1,000 calls over 3 s on 20 phases, their packets
+    due 50 at once. Every load process draws the same starts from the seed."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        spec = importlib.util.spec_from_file_location("load_starts", ROOT / "benchmarks/load.py")
+        assert spec is not None and spec.loader is not None
+        load = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(load)
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+
+    def most_on_one_phase(offsets: list[float]) -> int:  # (phases to the 0.1 ms)
+        phases = [round(x * 10_000) % 200 for x in offsets]
+        return max(phases.count(p) for p in set(phases))
+
+    args = load.parse(["--calls", "1000"])
+    drawn = load.start_offsets(args)
+    assert drawn == load.start_offsets(load.parse(["--calls", "1000", "--share", "1/4"]))
+    assert all(0 <= x <= args.ramp for x in drawn)
+    assert most_on_one_phase(drawn) < 20  # ≈ 5 expected of 1,000 over 200 slots
+    grid = load.start_offsets(load.parse(["--calls", "1000", "--starts", "grid"]))
+    assert most_on_one_phase(grid) == 50
+    other_seed = load.start_offsets(load.parse(["--calls", "1000", "--seed", "2"]))
+    assert other_seed != drawn
