@@ -385,7 +385,10 @@ class Probe:
         Twilio one at ``start``, before its media (``connected`` and ``start`` are two)."""
         if self.fed:
             return sum(n > 2 for n in self.fed.values()) >= calls
-        return len(self.calls) >= calls
+        if self.calls:
+            return len(self.calls) >= calls
+        # ``--stop-at port`` opens no call; each RTP caller's first packet (0) is sampled.
+        return len({caller for caller, _ in self.handled}) >= calls
 
 
 def config(args: argparse.Namespace) -> Config:

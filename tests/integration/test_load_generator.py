@@ -65,6 +65,29 @@ def test_load_generator(
     assert r["server_cpu_cores"] > 0 and r["calls_per_core"] > 0
 
 
+def test_a_run_cut_short_at_the_port_measures_while_the_callers_send(
+    speech: dict[str, Speech], tmp_path: Path
+) -> None:
+    """``--stop-at port`` opens no call, so the window starts once every caller's first packet
+    was read, not at a time-out after the callers are gone: the steady state has latencies,
+    and one port per caller works."""
+    port, _ = free_udp_range(CALLS)
+    out = tmp_path / "load.json"
+    # fmt: off
+    subprocess.run(
+        [sys.executable, "benchmarks/load.py", "--calls", str(CALLS), "--seconds", str(SECONDS),
+         "--ramp", "0.5", "--ports", str(CALLS), "--base-port", str(port), "--stop-at", "port",
+         "--speech", str(speech["order"].path), "--out", str(out)],
+        cwd=ROOT, check=True, timeout=40, capture_output=True,
+    )
+    # fmt: on
+    r = json.loads(out.read_text())
+    assert r["stop_at"] == "port" and r["server_ports"] == CALLS
+    assert r["calls_seen"] == 0 and r["frames"]["to_engine"] == 0
+    assert r["packets"]["sampled_not_handled"] == 0
+    assert 0 < r["packet_latency_ms"]["n"] < r["packets"]["sampled"]
+
+
 def test_pipecat_peer_needs_twilio_streams() -> None:
     """``--server pipecat`` is Pipecat's Twilio server: without Twilio streams the run is
     refused with one line saying what to add, before anything starts."""
