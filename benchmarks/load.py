@@ -51,6 +51,7 @@ Reported (and written to ``benchmarks/results/load-<machine>-<N>.json``):
     python benchmarks/load.py --calls 200 --transport twilio
     /tmp/pc/bin/python benchmarks/load.py --calls 200 --transport twilio --server pipecat
     python benchmarks/load.py --plot   # benchmarks/results/load-<machine>.png from the JSON files
+    python benchmarks/load.py --plot-runs benchmarks/results/port-reader   # an A/B's runs
     python benchmarks/load.py --calls 500 --stop-at call   # the same without the call's audio
 
 ``--stop-at call`` (the transport only) and, for RTP, ``--stop-at port`` (sockets and the event
@@ -708,6 +709,45 @@ def plot(machine: str) -> Path:
     return out
 
 
+def plot_runs(folder: Path) -> Path:
+    """Runs side by side (an A/B): server CPU per packet and p99 from send to handled for
+    each JSON in ``folder``, grouped by name less the run number (``…-before-3.json`` is run 3
+    of ``before``), one point per run; written to ``folder/runs-<machine>.png``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for f in sorted(folder.glob("load-*.json")):
+        label = f.stem.removeprefix("load-").rsplit("-", 1)[0]
+        groups.setdefault(label, []).append(json.loads(f.read_text()))
+    if not groups:
+        raise SystemExit(f"load.py: no load-*.json in {folder}")
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 5))
+    for x, runs in enumerate(groups.values()):
+        us = [r["server_cpu_cores"] * 1e6 / (r["calls"] * 50) for r in runs]
+        p99 = [r["packet_latency_ms"]["p99"] or float("nan") for r in runs]
+        a.plot([x] * len(us), us, "o", alpha=0.7)
+        b.semilogy([x] * len(p99), p99, "o", alpha=0.7)
+    for ax in (a, b):
+        ax.set_xticks(range(len(groups)), list(groups), rotation=20, fontsize=7, ha="right")
+        ax.grid(alpha=0.3)
+    a.set_ylabel("server CPU per packet (µs)")
+    b.set_ylabel("p99 from send to handled, steady state (ms)")
+    b.axhline(1.0, color="gray", linestyle=":")
+    first = next(iter(groups.values()))[0]
+    fig.suptitle(
+        f"{folder.name}: {first['machine']} ({first.get('cpu', '?')}), Python "
+        f"{first.get('python', '?')}, server on CPU {first['server_cpus']}",
+        fontsize=10,
+    )
+    fig.tight_layout()
+    out = folder / f"runs-{first['machine']}.png"
+    fig.savefig(out, dpi=100)
+    return out
+
+
 def codec_label(args: argparse.Namespace) -> str:
     """What the callers sent, e.g. ``PCMU 20 ms``, ``Opus mono 20 ms, 32 kbit/s voip`` or
     ``Twilio µ-law 20 ms``."""
@@ -753,6 +793,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--plot", action="store_true", help="plot this machine's results and exit")
     p.add_argument("--machine", default=None, help="with --plot: another machine's results")
+    p.add_argument("--plot-runs", type=Path, default=None, help="plot a folder's runs and exit")
     p.add_argument("--send", dest="sent", default=None, help=argparse.SUPPRESS)
     p.add_argument("--share", default="0/1", help=argparse.SUPPRESS)  # a load process's callers
     p.add_argument("--http-port", type=int, default=None, help=argparse.SUPPRESS)
@@ -798,6 +839,9 @@ def main() -> None:
         return
     if args.plot:
         print(plot(args.machine or machine))
+        return
+    if args.plot_runs is not None:
+        print(plot_runs(args.plot_runs))
         return
     import logging
 
