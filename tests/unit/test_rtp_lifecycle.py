@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import time
+from typing import Any
 
 import pytest
 from structlog.testing import capture_logs
@@ -341,6 +342,42 @@ async def test_the_sweep_scans_a_port_a_slice_at_a_time_and_ends_every_silent_ca
     scans = [i for i, e in enumerate(events) if e != "other"]
     assert max(events[i] for i in scans) == 2  # type: ignore[type-var]
     assert all(events[i + 1] == "other" for i in scans[:-1])  # the loop ran in between
+
+
+async def test_the_sweep_pauses_after_a_slice_of_sources_across_ports(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With a port per call the sweep pauses after ``SWEEP_SLICE`` sources, not after every
+    port (a thousand task steps a sweep with a thousand calls), and still ends them all."""
+    monkeypatch.setattr(rtp, "SWEEP_SLICE", 3)
+    lo, hi = free_udp_range(6)
+    calls = Calls()
+    server = RtpServer("127.0.0.1", (lo, hi), calls, SystemClock(), inactivity_timeout_s=0.2)
+    events: list[str] = []
+    callers = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(6)]
+    await server.start()
+    try:
+        for port in server.ports.values():
+            scan = port.expire_sources
+
+            def recorded(addrs: list[tuple[str, int]], now: float, scan: Any = scan) -> None:
+                events.append("scan")
+                asyncio.get_running_loop().call_soon(events.append, "other")
+                scan(addrs, now)
+
+            port.expire_sources = recorded  # type: ignore[method-assign]
+        for k, s in enumerate(callers):
+            for p in tone_packets(n=3):
+                s.sendto(p.serialize(), ("127.0.0.1", lo + k))
+        await until(lambda: len(calls.calls) == 6, timeout_s=5)
+        await until(lambda: all(c.end_reason is not None for c in calls.calls), timeout_s=5)
+    finally:
+        for s in callers:
+            s.close()
+        await server.stop()
+    assert {c.end_reason for c in calls.calls} == {"inactivity"}
+    runs = [len(run) for run in "".join("s" if e == "scan" else "." for e in events).split(".")]
+    assert 2 <= max(runs) <= 3  # ports share a pause; a pause within every slice's worth
 
 
 async def test_a_sweep_that_fails_on_one_port_goes_on_with_the_others() -> None:
