@@ -340,8 +340,9 @@ class Probe:
     ``take_media`` and ``handle`` (keyed by the ``callSid`` and the message's place in its
     stream; for Pipecat, its serializer's ``deserialize``: ``pipecat_server.instrument``)."""
 
-    def __init__(self, transport: str, server: str = "voxphone") -> None:
+    def __init__(self, transport: str, server: str = "voxphone", calls_open: bool = True) -> None:
         self.handled: dict[tuple[int | str, int], float] = {}
+        self.calls_open = calls_open  # (``--stop-at port`` opens none)
         self.calls: list[Any] = []  # voxphone's ``Call``s (or ``pipecat_server.PeerCall``s)
         self.fed: dict[Any, int] = {}  # Twilio: text messages fed per stream
         handled, fed = self.handled, self.fed
@@ -386,10 +387,9 @@ class Probe:
         Twilio one at ``start``, before its media (``connected`` and ``start`` are two)."""
         if self.fed:
             return sum(n > 2 for n in self.fed.values()) >= calls
-        if self.calls:
-            return len(self.calls) >= calls
-        # ``--stop-at port`` opens no call; each RTP caller's first packet (0) is sampled.
-        return len({caller for caller, _ in self.handled}) >= calls
+        if not self.calls_open:  # ``--stop-at port``: each caller's first packet is sampled
+            return len({caller for caller, _ in self.handled}) >= calls
+        return len(self.calls) >= calls
 
 
 def config(args: argparse.Namespace) -> Config:
@@ -444,7 +444,7 @@ async def serve(args: argparse.Namespace) -> dict[str, Any]:
     if args.server == "pipecat":
         return await serve_pipecat(args)
     stop_at(args.stop_at)
-    probe = Probe(args.transport)
+    probe = Probe(args.transport, calls_open=args.stop_at != "port")
     app = App(config(args), engine=NullEngine())
     open_call = app.registry.open
 

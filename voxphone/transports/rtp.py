@@ -155,7 +155,8 @@ class RtpPort(asyncio.DatagramProtocol):
         self.counts: Counts = counts if counts is not None else {}
         #: Where parsed RTCP goes, with the port it arrived on and its source.
         self.on_rtcp: Callable[[RtpPort, Address, list[RtcpPacket]], None] | None = None
-        #: Told when a packet arrives or the port is reserved (the server's sweep set).
+        #: Told when a packet takes ``handle``'s general path or the port is reserved (the
+        #: server's sweep set); a latched source's packets need not: its port is in it already.
         self.on_active: Callable[[RtpPort], None] = lambda _port: None
         self._candidates: OrderedDict[Address, Candidate] = OrderedDict()
         self._ended: dict[Address, _Ended] = {}
@@ -545,7 +546,9 @@ def _family(host: str) -> socket.AddressFamily:
 
 
 class PortReader:
-    """Reads a port's socket each time the event loop finds it readable (``drain``)."""
+    """Reads a port's socket each time the event loop finds it readable (``drain``). The
+    port's ``handle`` (IPv4) or ``datagram_received`` (IPv6) is taken when the reader is made,
+    at the server's start: a later patch of the port's methods does not reach IPv4's reads."""
 
     __slots__ = ("_deliver", "_fd", "_port", "_recvfrom", "_waiting")
 
@@ -578,7 +581,8 @@ class PortReader:
         failed read. A next datagram of zero bytes reads as none: it waits for the next
         wake-up, which the loop makes at once (the socket is still readable)."""
         recvfrom, deliver = self._recvfrom, self._deliver
-        for n in range(_READS_PER_WAKEUP):
+        first = True
+        for _ in range(_READS_PER_WAKEUP):
             try:
                 data, addr = recvfrom(_MAX_DATAGRAM)
             except (BlockingIOError, InterruptedError):
@@ -587,7 +591,8 @@ class PortReader:
                 log.debug("rtp_socket_error", port=self._port, error=str(exc))
                 continue
             deliver(data, addr)
-            if n == 0:
+            if first:
+                first = False
                 fcntl.ioctl(self._fd, termios.FIONREAD, self._waiting)
                 if not self._waiting[0]:
                     return
