@@ -7,6 +7,7 @@ only and call ``sweep`` themselves.
 from __future__ import annotations
 
 import asyncio
+import functools
 import socket
 import time
 from typing import Any
@@ -307,38 +308,48 @@ async def test_a_silent_call_is_ended_by_the_sweeper_within_a_sweep_of_its_timeo
         await server.stop()
 
 
-async def test_the_sweep_scans_a_port_a_slice_at_a_time_and_ends_every_silent_call(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """A port's sources are scanned ``SWEEP_SLICE`` at a time, the loop's other callbacks
-    (its packets, on a live server) run between the slices, and every silent call ends."""
-    monkeypatch.setattr(rtp, "SWEEP_SLICE", 2)
-    lo, _ = free_udp_range(1)
+async def swept(
+    monkeypatch: pytest.MonkeyPatch, slice_: int, n_ports: int, n_callers: int
+) -> tuple[list[Call], list[object]]:
+    """``n_callers`` silent callers on ``n_ports`` ports (in turn), swept until all ended, with
+    ``SWEEP_SLICE`` at ``slice_``; returns the calls and what happened, in
+    order: the size of each scan (``expire_sources``) and an ``"other"`` for each callback the
+    loop ran after one, which it does at the sweep's next pause."""
+    monkeypatch.setattr(rtp, "SWEEP_SLICE", slice_)
+    lo, hi = free_udp_range(n_ports)
     calls = Calls()
-    server = RtpServer("127.0.0.1", (lo, lo), calls, SystemClock(), inactivity_timeout_s=0.2)
+    server = RtpServer("127.0.0.1", (lo, hi), calls, SystemClock(), inactivity_timeout_s=0.2)
     events: list[object] = []
-    callers = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(5)]
+    callers = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(n_callers)]
     await server.start()
     try:
-        port = server.ports[lo]
-        scan = port.expire_sources
+        for port in server.ports.values():
 
-        def recorded(addrs: list[tuple[str, int]], now: float) -> None:
-            events.append(len(addrs))
-            asyncio.get_running_loop().call_soon(events.append, "other")
-            scan(addrs, now)
+            def recorded(addrs: list[tuple[str, int]], now: float, scan: Any = None) -> None:
+                events.append(len(addrs))
+                asyncio.get_running_loop().call_soon(events.append, "other")
+                scan(addrs, now)
 
-        port.expire_sources = recorded  # type: ignore[method-assign]
-        for s in callers:
+            port.expire_sources = functools.partial(recorded, scan=port.expire_sources)  # type: ignore[method-assign]
+        for k, s in enumerate(callers):
             for p in tone_packets(n=3):
-                s.sendto(p.serialize(), ("127.0.0.1", lo))
-        await until(lambda: len(calls.calls) == 5, timeout_s=5)
+                s.sendto(p.serialize(), ("127.0.0.1", lo + k % n_ports))
+        await until(lambda: len(calls.calls) == n_callers, timeout_s=5)
         await until(lambda: all(c.end_reason is not None for c in calls.calls), timeout_s=5)
     finally:
         for s in callers:
             s.close()
         await server.stop()
     assert {c.end_reason for c in calls.calls} == {"inactivity"}
+    return calls.calls, events
+
+
+async def test_the_sweep_scans_a_port_a_slice_at_a_time_and_ends_every_silent_call(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A port's sources are scanned ``SWEEP_SLICE`` at a time, the loop's other callbacks
+    (its packets, on a live server) run between the slices, and every silent call ends."""
+    _, events = await swept(monkeypatch, 2, n_ports=1, n_callers=5)
     scans = [i for i, e in enumerate(events) if e != "other"]
     assert max(events[i] for i in scans) == 2  # type: ignore[type-var]
     assert all(events[i + 1] == "other" for i in scans[:-1])  # the loop ran in between
@@ -349,34 +360,9 @@ async def test_the_sweep_pauses_after_a_slice_of_sources_across_ports(
 ) -> None:
     """With a port per call the sweep pauses after ``SWEEP_SLICE`` sources, not after every
     port (a thousand task steps a sweep with a thousand calls), and still ends them all."""
-    monkeypatch.setattr(rtp, "SWEEP_SLICE", 3)
-    lo, hi = free_udp_range(6)
-    calls = Calls()
-    server = RtpServer("127.0.0.1", (lo, hi), calls, SystemClock(), inactivity_timeout_s=0.2)
-    events: list[str] = []
-    callers = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(6)]
-    await server.start()
-    try:
-        for port in server.ports.values():
-            scan = port.expire_sources
-
-            def recorded(addrs: list[tuple[str, int]], now: float, scan: Any = scan) -> None:
-                events.append("scan")
-                asyncio.get_running_loop().call_soon(events.append, "other")
-                scan(addrs, now)
-
-            port.expire_sources = recorded  # type: ignore[method-assign]
-        for k, s in enumerate(callers):
-            for p in tone_packets(n=3):
-                s.sendto(p.serialize(), ("127.0.0.1", lo + k))
-        await until(lambda: len(calls.calls) == 6, timeout_s=5)
-        await until(lambda: all(c.end_reason is not None for c in calls.calls), timeout_s=5)
-    finally:
-        for s in callers:
-            s.close()
-        await server.stop()
-    assert {c.end_reason for c in calls.calls} == {"inactivity"}
-    runs = [len(run) for run in "".join("s" if e == "scan" else "." for e in events).split(".")]
+    _, events = await swept(monkeypatch, 3, n_ports=6, n_callers=6)
+    marks = "".join("." if e == "other" else "s" for e in events)
+    runs = [len(run) for run in marks.split(".")]
     assert 2 <= max(runs) <= 3  # ports share a pause; a pause within every slice's worth
 
 
