@@ -731,7 +731,8 @@ class RtpServer:
                         chunk = addrs[start : start + SWEEP_SLICE]
                         port.expire_sources(chunk, self._clock.monotonic())
                         budget -= len(chunk)
-                    self._expire_others(port, self._clock.monotonic())
+                    port.expire_others(self._clock.monotonic())
+                    self._release_if_free(port)
                     budget -= 1
                 except Exception:  # a bug met on one port must not stop the sweep of the rest
                     self._sweep_failed(f"port {port.port}")
@@ -791,11 +792,11 @@ class RtpServer:
             self._expire(port, now)
 
     def _expire(self, port: RtpPort, now: float) -> None:
-        port.expire_sources(list(port.sources), now)
-        self._expire_others(port, now)
+        port.expire(now)
+        self._release_if_free(port)
 
-    def _expire_others(self, port: RtpPort, now: float) -> None:
-        port.expire_others(now)
+    def _release_if_free(self, port: RtpPort) -> None:
+        """A port with nothing left to sweep leaves the sweep set and rejoins the free queue."""
         if port.free:
             self._active.discard(port)
             self._enqueue(port)
