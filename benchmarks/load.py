@@ -101,6 +101,7 @@ from voxphone.audio.codecs import PCMA, PCMU, Encoder
 from voxphone.audio.files import read_audio
 from voxphone.call import Call
 from voxphone.config import Config
+from voxphone.event_loop import EVENT_LOOPS, run
 from voxphone.heap import collector_off_the_clock
 from voxphone.testing import free_tcp_port
 from voxphone.transports.mediastream import JsonStreamSession
@@ -108,7 +109,7 @@ from voxphone.transports.rtp import RECEIVE_BUFFER_FULL, RtpPort
 from voxphone.transports.sdp import OPUS_MAX_PLAYBACK_RATE
 
 sys.path.insert(0, str(Path(__file__).parent))
-from machine import LOOPS, cpu_model, machine_name, pin, run_on  # noqa: E402
+from machine import cpu_model, machine_name, pin  # noqa: E402
 from pipecat_server import PATH as PIPECAT_PATH  # noqa: E402
 from pipecat_server import PipecatServer, instrument  # noqa: E402
 from webrtc_calls import NullEngine, libwebrtc_opus, loop_lag  # noqa: E402
@@ -711,8 +712,9 @@ def plot(machine: str) -> Path:
 
 def plot_runs(folder: Path) -> Path:
     """Runs side by side (an A/B): server CPU per packet and p99 from send to handled for
-    each JSON in ``folder``, grouped by name less the run number (``…-before-3.json`` is run 3
-    of ``before``), one point per run; written to ``folder/runs-<machine>.png``."""
+    each JSON in ``folder``, grouped by name less the machine and the run number
+    (``load-<machine>-…-before-3.json`` is run 3 of ``…-before``), one point per run; written
+    to ``folder/runs-<machine>.png``."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -720,8 +722,9 @@ def plot_runs(folder: Path) -> Path:
 
     groups: dict[str, list[dict[str, Any]]] = {}
     for f in sorted(folder.glob("load-*.json")):
-        label = f.stem.removeprefix("load-").rsplit("-", 1)[0]
-        groups.setdefault(label, []).append(json.loads(f.read_text()))
+        run = json.loads(f.read_text())
+        label = f.stem.removeprefix(f"load-{run['machine']}-").rsplit("-", 1)[0]
+        groups.setdefault(label, []).append(run)
     if not groups:
         raise SystemExit(f"load.py: no load-*.json in {folder}")
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 5))
@@ -789,7 +792,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--speech", type=Path, default=None, help="audio file to play; default: flite")
     p.add_argument("--profile", action="store_true", help="cProfile the server's window")
     p.add_argument("--stop-at", choices=STOPS, default="engine", help="cut the path short there")
-    p.add_argument("--loop", choices=LOOPS, default="asyncio", help="the server's event loop")
+    p.add_argument("--loop", choices=EVENT_LOOPS, default="asyncio", help="the server's event loop")
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--plot", action="store_true", help="plot this machine's results and exit")
     p.add_argument("--machine", default=None, help="with --plot: another machine's results")
@@ -850,7 +853,7 @@ def main() -> None:
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
     pin(args.server_cpus)
     load_before = os.getloadavg()
-    result = run_on(args.loop, serve(args))
+    result = run(args.loop, serve(args))
     result = {"machine": machine, "cpu": cpu_model(), "python": platform.python_version(),
               "loadavg_before": load_before, **result}  # fmt: skip
     result["server_loop"] = args.loop

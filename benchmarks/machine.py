@@ -2,18 +2,9 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
 import platform
-from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import Any, TypeVar
-
-T = TypeVar("T")
-
-#: Event loops a server under test can run on: asyncio's own (``voxphone serve``'s), or
-#: uvloop's (libuv, in C), to measure what the loop itself costs.
-LOOPS = ("asyncio", "uvloop")
 
 
 def machine_name() -> str:
@@ -46,14 +37,3 @@ def pin(cpus: str | None) -> None:
     """Run this process (and the threads it starts) on ``cpus`` only."""
     if cpus:
         os.sched_setaffinity(0, cpu_list(cpus))
-
-
-def run_on(loop: str, main: Coroutine[Any, Any, T]) -> T:
-    """``asyncio.run(main)`` on ``loop`` (one of ``LOOPS``); uvloop must be installed for it."""
-    factory: Callable[[], asyncio.AbstractEventLoop] | None = None
-    if loop == "uvloop":
-        import uvloop
-
-        factory = uvloop.new_event_loop
-    with asyncio.Runner(loop_factory=factory) as runner:
-        return runner.run(main)

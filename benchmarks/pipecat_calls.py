@@ -37,7 +37,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from machine import LOOPS, cpu_model, machine_name
+from machine import cpu_model, machine_name
+
+from voxphone.event_loop import EVENT_LOOPS
 
 SERVERS = ("voxphone", "pipecat")
 HERE = Path(__file__).parent
@@ -121,7 +123,9 @@ def main() -> None:
     p.add_argument("--speech", type=Path, default=None, help="audio file; default: flite")
     p.add_argument("--server-cpus", default=None, help="pin the servers, e.g. 0")
     p.add_argument("--load-cpus", default=None, help="pin the load processes, e.g. 1-3")
-    p.add_argument("--loop", choices=LOOPS, default="asyncio", help="both servers' event loop")
+    p.add_argument(
+        "--loop", choices=EVENT_LOOPS, default="asyncio", help="both servers' event loop"
+    )
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--plot", type=Path, default=None, help="plot this result file and exit")
     args = p.parse_args()

@@ -36,10 +36,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from voxphone.event_loop import EVENT_LOOPS, run
 from voxphone.transports.rtp import PortReader
 
 sys.path.insert(0, str(Path(__file__).parent))
-from machine import cpu_model, machine_name, pin, run_on  # noqa: E402
+from machine import cpu_model, machine_name, pin  # noqa: E402
 
 HOST = "127.0.0.1"
 PACKET_S = 0.02
@@ -125,7 +126,7 @@ def one_run(args: argparse.Namespace, reader: str, loop: str) -> dict[str, Any]:
     )
     sender.start()
     try:
-        rate, us = run_on(loop, serve(reader, args.base_port, args.ports))
+        rate, us = run(loop, serve(reader, args.base_port, args.ports))
     finally:
         sender.join()
     return {"reader": reader, "loop": loop, "datagrams_per_s": round(rate), "us_per_datagram":
@@ -162,7 +163,7 @@ def main() -> None:
     p.add_argument("--calls", type=int, default=400)
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--readers", nargs="+", default=["raise", "portreader"])
-    p.add_argument("--loops", nargs="+", default=["asyncio"])
+    p.add_argument("--loops", nargs="+", choices=EVENT_LOOPS, default=["asyncio"])
     p.add_argument("--base-port", type=int, default=42000)
     p.add_argument("--server-cpus", default="0")
     p.add_argument("--load-cpus", default="1")

@@ -47,12 +47,13 @@ from voxphone.audio.codecs import Pcm
 from voxphone.audio.files import read_audio, write_wav
 from voxphone.config import Config
 from voxphone.engines.base import ChunkQueue
+from voxphone.event_loop import EVENT_LOOPS, run
 from voxphone.heap import collector_off_the_clock
 from voxphone.testing import free_tcp_port
 from voxphone.whip_client import play
 
 sys.path.insert(0, str(Path(__file__).parent))
-from machine import LOOPS, cpu_model, machine_name, pin, run_on  # noqa: E402
+from machine import cpu_model, machine_name, pin  # noqa: E402
 
 #: How long each call plays (s); ``--seconds`` for more, when many calls take long to set up.
 SECONDS = 40
@@ -339,7 +340,7 @@ def main() -> None:
     p.add_argument("--browser", action="store_true", help="clients send what a browser does")
     p.add_argument("--speech", type=Path, default=None, help="a speech file to loop, not a tone")
     p.add_argument("--opus-bitrate", type=int, default=None, help="clients: mono Opus at (bit/s)")
-    p.add_argument("--loop", choices=LOOPS, default="asyncio", help="the server's event loop")
+    p.add_argument("--loop", choices=EVENT_LOOPS, default="asyncio", help="the server's event loop")
     p.add_argument("--clients", nargs=3, default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.plot:
@@ -359,7 +360,7 @@ def main() -> None:
         client_args += ["--opus-bitrate", str(args.opus_bitrate)]
     if args.browser:
         client_args += ["--browser"]
-    result = run_on(args.loop, server(args.calls, args.seconds, client_args, args.speech))
+    result = run(args.loop, server(args.calls, args.seconds, client_args, args.speech))
     result["server_loop"] = args.loop
     result["client_opus_bitrate"] = args.opus_bitrate
     result["client_browser"] = args.browser  # libwebrtc's reply to the answer (``as_a_browser``)

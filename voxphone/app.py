@@ -21,6 +21,7 @@ from voxphone.config import Config
 from voxphone.engines import choose_kind
 from voxphone.engines.base import Degradable, Engine
 from voxphone.errors import ConfigError, cannot_listen
+from voxphone.event_loop import loop_name
 from voxphone.events.model import Event, EventSink, FanOut
 from voxphone.events.service import Endpoint, EventService, EventSettings
 from voxphone.heap import collector_off_the_clock
@@ -267,6 +268,7 @@ class App:
             demo=f"http://localhost:{self.config.http.port}/" if self.webrtc else None,
             outbox=str(self.events.outbox.path),
             endpoints=sorted(self.events.deliverers),
+            event_loop=loop_name(asyncio.get_running_loop()),
         )
 
     def _advertise_host(self) -> str:

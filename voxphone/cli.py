@@ -13,9 +13,10 @@ import urllib.parse
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
-from voxphone import __version__
+from voxphone import __version__, event_loop
 from voxphone.config import Config, check_secret, load_config
 from voxphone.errors import ConfigError, TransportError, VoxphoneError
+from voxphone.event_loop import EVENT_LOOPS
 
 if TYPE_CHECKING:
     from voxphone.recorder import RtpRecorder
@@ -86,6 +87,9 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--max-calls", type=int, help="concurrent call limit [50]")
     g.add_argument(
         "--audiosocket-port", type=int, metavar="PORT", help="Asterisk AudioSocket port [0: off]"
+    )
+    g.add_argument(
+        "--event-loop", choices=EVENT_LOOPS, help="asyncio, or uvloop (its extra) [asyncio]"
     )
     serve.set_defaults(run=_serve)
 
@@ -215,6 +219,7 @@ FLAGS = {
     "webhook.secret": "--webhook-secret",
     "calls.max_concurrent": "--max-calls",
     "asterisk.audiosocket_port": "--audiosocket-port",
+    "process.event_loop": "--event-loop",
 }
 
 
@@ -246,9 +251,10 @@ def _serve(args: argparse.Namespace) -> int:
             "webhook.secret": args.webhook_secret,
             "calls.max_concurrent": args.max_calls,
             "asterisk.audiosocket_port": args.audiosocket_port,
+            "process.event_loop": args.event_loop,
         },
     )
-    asyncio.run(serve(config))
+    event_loop.run(config.process.event_loop, serve(config))
     return 0
 
 
@@ -257,6 +263,7 @@ def _check_config(args: argparse.Namespace) -> int:
     print(json.dumps(masked(config.model_dump(mode="json")), indent=2))
     if (why := config.http.exposure_error()) is not None:
         raise ConfigError(f"{args.file}: serve would refuse to start: {why}")
+    event_loop.loop_factory(config.process.event_loop)  # installed, if it is uvloop
     return 0
 
 

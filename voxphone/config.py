@@ -23,6 +23,7 @@ from voxphone.audio.codecs import (
     codec_by_name,
 )
 from voxphone.errors import ConfigError, DecodeError
+from voxphone.event_loop import EventLoop
 from voxphone.events.delivery import EVENT_HORIZONS, DeliveryPolicy
 from voxphone.events.webhook import decode_secret
 from voxphone.transports.rtp import MAX_RECEIVE_BUFFER_BYTES, RECEIVE_BUFFER_BYTES
@@ -484,6 +485,14 @@ class LogConfig(_Section):
     format: Literal["auto", "json", "console"] = "auto"
 
 
+class ProcessConfig(_Section):
+    """The ``voxphone serve`` process itself."""
+
+    #: ``uvloop`` (``pip install 'voxphone[uvloop]'``) spends less per wake-up than asyncio's
+    #: own loop, which is what many independent RTP callers cost most (``voxphone.event_loop``).
+    event_loop: EventLoop = "asyncio"
+
+
 class Config(_Section):
     """The whole configuration; each section maps to a ``[table]`` of the TOML file."""
 
@@ -501,6 +510,7 @@ class Config(_Section):
     outbox: OutboxConfig = OutboxConfig()
     nats: NatsConfig = NatsConfig()
     log: LogConfig = LogConfig()
+    process: ProcessConfig = ProcessConfig()
 
     @model_validator(mode="after")
     def _check(self) -> Config:

@@ -89,6 +89,7 @@ def test_help_explains_every_serve_flag() -> None:
         "--webhook-secret",
         "--engine",
         "--audiosocket-port",
+        "--event-loop",
     ]:
         assert flag in r.stdout
 

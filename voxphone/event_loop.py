@@ -1,0 +1,57 @@
+"""The event loop ``voxphone serve`` runs on: asyncio's own (the default), or uvloop's.
+
+Why a choice: when callers' packets arrive at independent moments, as real callers' do, most of
+the loop's wake-ups find one datagram, so the loop's own cost per wake-up is the largest part of
+a G.711 packet's. uvloop's loop (libuv, in C) costs less there: on the GPU host's Xeon, one core
+carried 1,000 RTP calls in real time on uvloop in four runs of four, on asyncio's in one of four
+(README, *The event loop*). asyncio's stays the default because it needs no extra package and is
+what every other part of voxphone was first tested on; everything voxphone runs (aiohttp, aiortc
+and aioice, the RTP readers' ``add_reader``, signal handlers, vLLM's ZMQ client) also runs on
+uvloop, which is what ``vllm serve`` itself runs on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Coroutine
+from typing import Any, Literal, TypeVar
+
+from voxphone.errors import ConfigError
+
+T = TypeVar("T")
+
+EventLoop = Literal["asyncio", "uvloop"]
+#: The choices, in the order the CLI offers them.
+EVENT_LOOPS: tuple[EventLoop, ...] = ("asyncio", "uvloop")
+
+
+def loop_factory(kind: EventLoop) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """The factory ``asyncio.Runner`` takes for ``kind``; ``None`` is asyncio's own.
+
+    Raises ``ConfigError`` when ``kind`` is ``uvloop`` and uvloop is not installed."""
+    if kind == "asyncio":
+        return None
+    try:
+        import uvloop
+    except ImportError:
+        raise ConfigError(
+            'process.event_loop = "uvloop" needs uvloop, which is not installed: '
+            "pip install 'voxphone[uvloop]', or use the asyncio loop"
+        ) from None
+    return uvloop.new_event_loop
+
+
+def run(kind: EventLoop, main: Coroutine[Any, Any, T]) -> T:
+    """``asyncio.run(main)`` on the ``kind`` of loop; ``ConfigError`` as ``loop_factory``."""
+    try:
+        factory = loop_factory(kind)
+    except ConfigError:
+        main.close()  # never awaited: say nothing about it
+        raise
+    with asyncio.Runner(loop_factory=factory) as runner:
+        return runner.run(main)
+
+
+def loop_name(loop: asyncio.AbstractEventLoop) -> str:
+    """Which kind ``loop`` is (``uvloop`` or ``asyncio``), from its class: for the ready log."""
+    return "uvloop" if type(loop).__module__.startswith("uvloop") else "asyncio"
