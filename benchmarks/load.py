@@ -731,8 +731,9 @@ def plot_runs(folder: Path) -> Path:
     for x, runs in enumerate(groups.values()):
         us = [r["server_cpu_cores"] * 1e6 / (r["calls"] * 50) for r in runs]
         p99 = [r["packet_latency_ms"]["p99"] or float("nan") for r in runs]
-        a.plot([x] * len(us), us, "o", alpha=0.7)
-        b.semilogy([x] * len(p99), p99, "o", alpha=0.7)
+        colour = plt.get_cmap("tab20")(x % 20)  # the default cycle repeats after ten groups
+        a.plot([x] * len(us), us, "o", alpha=0.7, color=colour)
+        b.semilogy([x] * len(p99), p99, "o", alpha=0.7, color=colour)
     for ax in (a, b):
         ax.set_xticks(range(len(groups)), list(groups), rotation=20, fontsize=7, ha="right")
         ax.grid(alpha=0.3)

@@ -157,6 +157,8 @@ def main() -> None:
         "server_cpus": args.server_cpus or "any",
         "load_cpus": args.load_cpus or "any",
         "server_loop": args.loop,
+        # how load.py started the callers (random since 7d4e291; before, a grid)
+        "starts": next((r["starts"] for rs in runs.values() for r in rs if "starts" in r), None),
         "pipecat_server": next(
             (r["server_software"] for r in runs["pipecat"] if "server_software" in r), None
         ),

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
 import shutil
 import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +49,18 @@ def overlap(expected: str, heard: str) -> float:
     """Fraction of the expected words that were heard (order-free, as ASR tests should be)."""
     want = words(expected)
     return len(want & words(heard)) / len(want)
+
+
+async def whip(url: str, wav: Path, *args: str, timeout_s: float = 60) -> list[dict]:  # type: ignore[type-arg]
+    """The README's `voxphone whip FILE --url URL ARGS…` (aiortc): the JSON lines it printed
+    (the call's events, then ``{"recorded": …}`` with ``--record``); it must exit 0."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "voxphone", "whip", str(wav), "--url", url, *args,
+        stdout=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, _ = await asyncio.wait_for(proc.communicate(), timeout_s)
+    assert proc.returncode == 0
+    return [json.loads(line) for line in out.decode().splitlines()]
 
 
 def require(tool: str) -> str:

@@ -488,8 +488,9 @@ class LogConfig(_Section):
 class ProcessConfig(_Section):
     """The ``voxphone serve`` process itself."""
 
-    #: ``uvloop`` (``pip install 'voxphone[uvloop]'``) spends less per wake-up than asyncio's
-    #: own loop, which is what many independent RTP callers cost most (``voxphone.event_loop``).
+    #: ``uvloop`` (the ``uvloop`` extra, or ``pip install uvloop``) spends less per wake-up than
+    #: asyncio's own loop, which is what many independent RTP callers cost most
+    #: (``voxphone.event_loop``).
     event_loop: EventLoop = "asyncio"
 
 

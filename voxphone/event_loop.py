@@ -5,9 +5,9 @@ the loop's wake-ups find one datagram, so the loop's own cost per wake-up is the
 a G.711 packet's. uvloop's loop (libuv, in C) costs less there: on the GPU host's Xeon, one core
 carried 1,000 RTP calls in real time on uvloop in four runs of four, on asyncio's in one of four
 (README, *The event loop*). asyncio's stays the default because it needs no extra package and is
-what every other part of voxphone was first tested on; everything voxphone runs (aiohttp, aiortc
-and aioice, the RTP readers' ``add_reader``, signal handlers, vLLM's ZMQ client) also runs on
-uvloop, which is what ``vllm serve`` itself runs on.
+what voxphone has run on longest. voxphone uses only asyncio's public interfaces on the loop
+(aiohttp, aiortc and aioice, the RTP readers' ``add_reader``, signal handlers, subprocesses),
+which uvloop implements; the engines' workers run in processes of their own, on their own loops.
 """
 
 from __future__ import annotations
@@ -35,8 +35,8 @@ def loop_factory(kind: EventLoop) -> Callable[[], asyncio.AbstractEventLoop] | N
         import uvloop
     except ImportError:
         raise ConfigError(
-            'process.event_loop = "uvloop" needs uvloop, which is not installed: '
-            "pip install 'voxphone[uvloop]', or use the asyncio loop"
+            'process.event_loop = "uvloop" needs the uvloop package, which is not installed: '
+            "pip install uvloop (voxphone's uvloop extra), or choose asyncio"
         ) from None
     return uvloop.new_event_loop
 

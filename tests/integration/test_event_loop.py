@@ -1,11 +1,13 @@
 """`voxphone serve --event-loop uvloop` end to end: an RTP call from ffmpeg, a Twilio media stream
-and a WebRTC call (`voxphone whip`, aiortc) at once, all on uvloop's loop, then SIGTERM's drain."""
+and a WebRTC call (`voxphone whip`, aiortc) at once, all on uvloop's loop, drained by SIGTERM
+while they are live; and the one line where uvloop is asked for and not installed."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -13,12 +15,11 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from tests.conftest import Speech, overlap
+from tests.conftest import Speech, overlap, whip
 from tests.integration.test_serve import WebhookReceiver, calls_of, ffmpeg_rtp, running_serve
 from tests.integration.test_twilio import media_messages
 
 pytestmark = pytest.mark.integration
-pytest.importorskip("uvloop")
 
 
 async def twilio_call(http_port: int, wav: Path) -> None:
@@ -37,34 +38,43 @@ async def twilio_call(http_port: int, wav: Path) -> None:
         await ws.send_json({"event": "stop", "streamSid": sid, "stop": {"callSid": "CA0e1"}})
 
 
-async def whip_call(http_port: int, wav: Path) -> list[dict]:  # type: ignore[type-arg]
-    """The README's `voxphone whip` (aiortc, Opus): the events it printed."""
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "voxphone", "whip", str(wav),
-        "--url", f"http://127.0.0.1:{http_port}/v1/whip", stdout=asyncio.subprocess.PIPE,
-    )  # fmt: skip
-    out, _ = await asyncio.wait_for(proc.communicate(), 60)
-    assert proc.returncode == 0
-    return [json.loads(line) for line in out.decode().splitlines()]
+async def until_started(receiver: WebhookReceiver, n: int, timeout_s: float = 30) -> None:
+    async with asyncio.timeout(timeout_s):
+        while sum(e["type"] == "call.started" for e in receiver.events) < n:
+            receiver.changed.clear()
+            await receiver.changed.wait()
 
 
-async def test_rtp_twilio_and_webrtc_calls_on_uvloop(
+async def test_rtp_twilio_and_webrtc_calls_on_uvloop_drained_by_sigterm(
     receiver: WebhookReceiver, speech: dict[str, Speech], tmp_path: Path
 ) -> None:
+    """SIGTERM while all three calls are up: they go on to their own ends (not ``shutdown``),
+    every event is delivered, and the process exits 0: the drain, on uvloop's signal handling."""
+    pytest.importorskip("uvloop")
     async with running_serve(
-        tmp_path, receiver, "--event-loop", "uvloop", VOXPHONE_RTP__INACTIVITY_TIMEOUT_S="1.0"
+        tmp_path,
+        receiver,
+        "--event-loop",
+        "uvloop",
+        VOXPHONE_RTP__INACTIVITY_TIMEOUT_S="1.0",
+        VOXPHONE_CALLS__DRAIN_S="30",  # the tests' default is 0: no drain
     ) as srv:
-        rtp = ffmpeg_rtp(
-            speech["order"].path, srv.rtp_ports[0], "-ar", "8000", "-acodec", "pcm_mulaw"
-        )
-        _, _, whip_events = await asyncio.gather(
-            rtp, twilio_call(srv.http_port, speech["phone"].path),
-            whip_call(srv.http_port, speech["order"].path),
+        assert srv.process is not None
+        whip_url = f"http://127.0.0.1:{srv.http_port}/v1/whip"
+        calls = asyncio.gather(
+            ffmpeg_rtp(speech["order"].path, srv.rtp_ports[0], "-ar", "8000", "-acodec", "pcm_mulaw"),
+            twilio_call(srv.http_port, speech["phone"].path),
+            whip(whip_url, speech["order"].path),
         )  # fmt: skip
-        await receiver.wait_ended(3, timeout_s=60)
+        await until_started(receiver, 3)
+        srv.process.send_signal(signal.SIGTERM)
+        _, _, whip_events = await calls
+        assert await asyncio.wait_for(srv.process.wait(), 60) == 0
     log = [json.loads(line) for line in (tmp_path / "serve.log").read_text().splitlines()]
     (ready,) = [e for e in log if e["event"] == "voxphone_ready"]
     assert ready["event_loop"] == "uvloop"
+    (draining,) = [e for e in log if e["event"] == "voxphone_draining"]
+    assert draining["active_calls"] == 3
 
     ended = {
         events[0]["data"]["transport"]: events[-1]["data"]
@@ -73,6 +83,7 @@ async def test_rtp_twilio_and_webrtc_calls_on_uvloop(
     }
     assert set(ended) == {"rtp", "twilio", "webrtc"}, ended.keys()
     assert ended["rtp"]["reason"] == "inactivity" and ended["twilio"]["reason"] == "stop"
+    assert ended["webrtc"]["reason"] != "shutdown"
     for transport, key in (("rtp", "order"), ("twilio", "phone"), ("webrtc", "order")):
         heard = ended[transport]["transcript"]
         assert overlap(speech[key].text, heard) >= 0.5, (transport, heard)
@@ -100,6 +111,6 @@ def test_serve_and_check_config_refuse_a_uvloop_that_is_not_there_in_one_line(
         )  # fmt: skip
         assert r.returncode == 2, r.stderr
         assert r.stderr.splitlines() == [
-            'voxphone: error: process.event_loop = "uvloop" needs uvloop, which is not '
-            "installed: pip install 'voxphone[uvloop]', or use the asyncio loop"
+            'voxphone: error: process.event_loop = "uvloop" needs the uvloop package, which is '
+            "not installed: pip install uvloop (voxphone's uvloop extra), or choose asyncio"
         ], r.stderr

@@ -95,6 +95,7 @@ class Serve:
     rtp_ports: tuple[int, int]
     audiosocket_port: int
     exit_code: int | None = None
+    process: asyncio.subprocess.Process | None = None  # to signal it from a test
 
 
 @asynccontextmanager
@@ -106,7 +107,8 @@ async def running_serve(
     ready_timeout_s: float = 60,
     **env: str,
 ) -> AsyncIterator[Serve]:
-    """`voxphone serve` as a process, webhooks to ``receiver``; stopped with SIGTERM after."""
+    """`voxphone serve` as a process, webhooks to ``receiver``; stopped with SIGTERM after,
+    unless it has exited (a test that signalled it waits for that)."""
     serve = Serve(free_tcp_port(), free_udp_range(n_ports), free_tcp_port())
     env.setdefault("VOXPHONE_ASTERISK__AUDIOSOCKET_PORT", str(serve.audiosocket_port))
     log = (tmp_path / "serve.log").open("wb")
@@ -117,11 +119,13 @@ async def running_serve(
         "--log-format", "json", *args,
         env={**os.environ, **env}, stdout=log, stderr=log,
     )  # fmt: skip
+    serve.process = proc
     try:
         await wait_ready(serve.http_port, proc, ready_timeout_s)
         yield serve
     finally:
-        proc.send_signal(signal.SIGTERM)
+        if proc.returncode is None:
+            proc.send_signal(signal.SIGTERM)
         serve.exit_code = await asyncio.wait_for(proc.wait(), 30)
         log.close()
     assert serve.exit_code == 0, (tmp_path / "serve.log").read_text()[-3000:]

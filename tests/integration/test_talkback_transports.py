@@ -18,7 +18,6 @@ import contextlib
 import json
 import os
 import struct
-import sys
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -31,7 +30,7 @@ import pytest
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCRtpSender, RTCSessionDescription
 from aiortc.mediastreams import AudioStreamTrack, MediaStreamError, MediaStreamTrack
 
-from tests.conftest import Speech, free_tcp_port, free_udp_range, hear, overlap
+from tests.conftest import Speech, free_tcp_port, free_udp_range, hear, overlap, whip
 from tests.hooks import until
 from voxphone.app import App
 from voxphone.audio.codecs import PCMA, PCMU, Decoder, Pcm
@@ -484,19 +483,16 @@ async def test_the_whip_command_records_what_the_bot_says(
     """``voxphone whip FILE --record OUT --hold 4``: it offers sendrecv, and the WAV it writes
     holds what the bot played while the call was up; the keys the bot sent are reported."""
     out = tmp_path / "bot.wav"
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "voxphone", "whip", str(speech["phone"].path),
-        "--url", f"http://127.0.0.1:{app.config.http.port}/v1/whip",
-        "--record", str(out), "--hold", "4", stdout=asyncio.subprocess.PIPE,
-    )  # fmt: skip
+    url = f"http://127.0.0.1:{app.config.http.port}/v1/whip"
+    command = asyncio.create_task(
+        whip(url, speech["phone"].path, "--record", str(out), "--hold", "4")
+    )
     await until(lambda: len(app.registry.calls) == 1, timeout_s=30)
     (call_id,) = app.registry.calls
     agent = bot(http, app, call_id)
     await agent.play(speech[SAID])
     assert await agent.dtmf("7") == 202
-    stdout, _ = await asyncio.wait_for(proc.communicate(), 60)
-    assert proc.returncode == 0
-    lines = [json.loads(line) for line in stdout.decode().splitlines()]
+    lines = await command
     assert lines[-2]["type"] == "call.ended" and lines[-1]["recorded"]["dtmf"] == "7"
     assert lines[-1]["recorded"]["seconds"] >= 6  # the file and the hold
     heard = read_audio(out, 16000)

@@ -4,6 +4,7 @@ whole product path: RTP into `voxphone serve --engine vllm-remote`, events out."
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
@@ -146,6 +147,9 @@ async def test_rtp_call_through_voxphone_serve_and_vllm(
     config.write_text(
         f'[engine]\nkind = "vllm-remote"\n[engine.vllm_remote]\nurls = ["{vllm_server}"]\n'
         f'model = "{MODEL}"\n[rtp]\ninactivity_timeout_s = 1.0\n'
+        # uvloop's loop, as `vllm serve` runs on: the remote engine's websockets on it too
+        # (asyncio's loop carries the other vllm-remote tests).
+        '[process]\nevent_loop = "uvloop"\n'
     )
     log = (tmp_path / "serve.log").open("wb")
     serve = await asyncio.create_subprocess_exec(
@@ -172,6 +176,10 @@ async def test_rtp_call_through_voxphone_serve_and_vllm(
         await asyncio.wait_for(serve.wait(), 30)
         log.close()
         await rx.server.close()
+    lines = (tmp_path / "serve.log").read_text().splitlines()
+    logged = [json.loads(line) for line in lines if line.startswith("{")]  # JSON: not a terminal
+    (ready,) = [e for e in logged if e.get("event") == "voxphone_ready"]
+    assert ready["event_loop"] == "uvloop"
     events = rx.events
     durable = [e for e in events if e["type"] != "transcript.delta"]  # deltas: delta_seq
     assert [e["seq"] for e in durable] == list(range(len(durable)))

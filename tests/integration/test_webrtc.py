@@ -11,7 +11,6 @@ import contextlib
 import json
 import os
 import re
-import sys
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,7 @@ import pytest
 from aiortc import RTCConfiguration, RTCPeerConnection
 from aiortc.mediastreams import AudioStreamTrack
 
-from tests.conftest import Speech, free_tcp_port, free_udp_range, overlap
+from tests.conftest import Speech, free_tcp_port, free_udp_range, overlap, whip
 from tests.hooks import until
 from tests.integration.test_serve import SECRET, WebhookReceiver, calls_of
 from voxphone import whip_client
@@ -77,13 +76,7 @@ async def talk(http: aiohttp.ClientSession, app: App, wav: Path, codec: str) -> 
 async def test_the_whip_command_prints_the_calls_events(
     app: App, speech: dict[str, Speech]
 ) -> None:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "voxphone", "whip", str(speech["phone"].path),
-        "--url", whip_url(app), "--codec", "g722", stdout=asyncio.subprocess.PIPE,
-    )  # fmt: skip
-    out, _ = await asyncio.wait_for(proc.communicate(), 60)
-    assert proc.returncode == 0
-    events = [json.loads(line) for line in out.decode().splitlines()]
+    events = await whip(whip_url(app), speech["phone"].path, "--codec", "g722")
     assert events[0]["data"]["codec"] == "G722"
     assert events[-1]["type"] == "call.ended"
     assert overlap(speech["phone"].text, events[-1]["data"]["transcript"]) >= 0.7

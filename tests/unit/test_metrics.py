@@ -9,10 +9,12 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
+import pytest
 from prometheus_client import CollectorRegistry
 
 from tests.hooks import until
 from voxphone.clock import FakeClock
+from voxphone.event_loop import EVENT_LOOPS, EventLoop, run
 from voxphone.events.model import EventSequencer
 from voxphone.events.outbox import OutboxStats, Stored
 from voxphone.metrics import CallMetrics, Metrics, StateCollector
@@ -89,14 +91,21 @@ def test_a_delivered_final_is_timed_from_when_it_was_made() -> None:
     assert 1.5 <= value(registry, "voxphone_webhook_ack_seconds_sum", endpoint="crm") < 3
 
 
-async def test_the_loop_lag_probe_sees_a_blocked_loop() -> None:
-    registry = CollectorRegistry()
-    m = CallMetrics(registry)
-    probe = asyncio.create_task(m.probe_loop(interval_s=0.01))
-    await asyncio.sleep(0.02)
-    time.sleep(0.2)  # noqa: ASYNC251 -- a blocking call on the loop: what the probe is for
-    await until(lambda: value(registry, "voxphone_event_loop_lag_seconds_sum") >= 0.15)
-    probe.cancel()
+@pytest.mark.parametrize("kind", EVENT_LOOPS)
+def test_the_loop_lag_probe_sees_a_blocked_loop(kind: EventLoop) -> None:
+    if kind == "uvloop":
+        pytest.importorskip("uvloop")
+
+    async def blocked() -> None:
+        registry = CollectorRegistry()
+        m = CallMetrics(registry)
+        probe = asyncio.create_task(m.probe_loop(interval_s=0.01))
+        await asyncio.sleep(0.02)
+        time.sleep(0.2)  # noqa: ASYNC251 -- a blocking call on the loop: what the probe is for
+        await until(lambda: value(registry, "voxphone_event_loop_lag_seconds_sum") >= 0.15)
+        probe.cancel()
+
+    run(kind, blocked())
 
 
 def test_playback_events_are_counted_by_kind_and_reason() -> None:
