@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from voxphone import __version__, event_loop
-from voxphone.config import Config, check_secret, load_config
+from voxphone.config import ENV_PREFIX, Config, check_secret, load_config
 from voxphone.errors import ConfigError, TransportError, VoxphoneError
 from voxphone.event_loop import EVENT_LOOPS
 
@@ -254,17 +254,29 @@ def _serve(args: argparse.Namespace) -> int:
             "process.event_loop": args.event_loop,
         },
     )
+    _check_loop(config, args.event_loop is not None, args.config)
     event_loop.run(config.process.event_loop, serve(config))
     return 0
 
 
 def _check_config(args: argparse.Namespace) -> int:
     config = load_config(args.file)
-    print(json.dumps(masked(config.model_dump(mode="json")), indent=2))
     if (why := config.http.exposure_error()) is not None:
         raise ConfigError(f"{args.file}: serve would refuse to start: {why}")
-    event_loop.loop_factory(config.process.event_loop)  # installed, if it is uvloop
+    _check_loop(config, False, args.file)
+    print(json.dumps(masked(config.model_dump(mode="json")), indent=2))
     return 0
+
+
+def _check_loop(config: Config, flag: bool, path: Path | None) -> None:
+    """``ConfigError`` when the event loop chosen is not installed, naming where it was chosen
+    (the flag, the variable, or else the file ``path``), as other config errors do."""
+    try:
+        event_loop.loop_factory(config.process.event_loop)
+    except ConfigError as exc:
+        variable = f"{ENV_PREFIX}PROCESS__EVENT_LOOP"
+        source = "--event-loop" if flag else variable if variable in os.environ else path
+        raise ConfigError(f"{source}: {exc}") from None
 
 
 def _transcribe(args: argparse.Namespace) -> int:

@@ -315,6 +315,7 @@ def test_check_config_names_a_bad_key_in_one_line(tmp_path: Path) -> None:
     toml.write_text('[http]\nhost = "0.0.0.0"\n')
     r = voxphone("check-config", str(toml), timeout=60)
     assert r.returncode == 2 and "serve would refuse to start" in r.stderr
+    assert r.stdout == "" and len(r.stderr.splitlines()) == 1  # the config only when it would
 
 
 @pytest.mark.parametrize(

@@ -143,13 +143,21 @@ def test_serve_and_check_config_refuse_a_uvloop_that_is_not_there_in_one_line(
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(path)}
     f = tmp_path / "voxphone.toml"
     f.write_text('[process]\nevent_loop = "uvloop"\n')
-    for args in (["serve", "--event-loop", "uvloop"], ["check-config", str(f)]):
+    why = (
+        'process.event_loop = "uvloop" needs the uvloop package, which is not installed: '
+        "pip install uvloop (voxphone's uvloop extra), or choose asyncio"
+    )
+    variable = {"VOXPHONE_PROCESS__EVENT_LOOP": "uvloop"}
+    for args, more, source in [
+        (["serve", "--event-loop", "uvloop"], variable, "--event-loop"),  # the flag beats it
+        (["serve"], variable, "VOXPHONE_PROCESS__EVENT_LOOP"),
+        (["serve", "--config", str(f)], {}, str(f)),
+        (["check-config", str(f)], {}, str(f)),
+    ]:
         r = subprocess.run(
             [sys.executable, "-m", "voxphone", *args],
-            capture_output=True, text=True, env=env, timeout=60,
+            capture_output=True, text=True, env={**env, **more}, timeout=60,
         )  # fmt: skip
         assert r.returncode == 2, r.stderr
-        assert r.stderr.splitlines() == [
-            'voxphone: error: process.event_loop = "uvloop" needs the uvloop package, which is '
-            "not installed: pip install uvloop (voxphone's uvloop extra), or choose asyncio"
-        ], r.stderr
+        assert r.stderr.splitlines() == [f"voxphone: error: {source}: {why}"], r.stderr
+        assert r.stdout == "", "check-config prints the config only when serve would start"
