@@ -35,6 +35,10 @@ Reported (and written to ``benchmarks/results/load-<machine>-<N>.json``):
   far more at once than a server with that many calls up sees (calls of a few minutes each
   come and go a few a second), so the steady state is what the window measures.
 - ``loop_lag_ms``: how late a 10 ms sleep wakes on the server's loop.
+- ``steal_pct``: of the window's CPU time, the share the hypervisor gave to other guests
+  (``/proc/stat``), on the server's CPUs (``server_cpus_pct``, when pinned) and the whole host
+  (``host_pct``). On a shared virtual machine, steal makes the loop late in bursts of seconds
+  that no profile of the server explains: a run with steal measured its neighbours too.
 - ``frames``: frames handed to the engine, frames dropped from full call queues, and the
   frames expected from the audio sent.
 - ``sender_late_ms``: how far behind schedule the load process sent in the window (p99): if it
@@ -109,7 +113,7 @@ from voxphone.transports.rtp import RECEIVE_BUFFER_FULL, RtpPort
 from voxphone.transports.sdp import OPUS_MAX_PLAYBACK_RATE
 
 sys.path.insert(0, str(Path(__file__).parent))
-from machine import cpu_model, machine_name, pin  # noqa: E402
+from machine import cpu_list, cpu_model, machine_name, pin, steal_jiffies, steal_pct  # noqa: E402
 from pipecat_server import PATH as PIPECAT_PATH  # noqa: E402
 from pipecat_server import PipecatServer, instrument  # noqa: E402
 from webrtc_calls import NullEngine, libwebrtc_opus, loop_lag  # noqa: E402
@@ -547,10 +551,13 @@ async def measure(
         profiler = cProfile.Profile() if args.profile else None
         if profiler is not None:
             profiler.enable()
+        server_cpus = cpu_list(args.server_cpus) if args.server_cpus else None
+        steal0 = steal_jiffies(server_cpus), steal_jiffies()
         (user0, sys0), wall0, t_start = cpu_s(), time.perf_counter(), time.perf_counter()
         sent_from = time.monotonic()  # (the load processes' clock)
         await asyncio.sleep(window)
         (user1, sys1), wall = cpu_s(), time.perf_counter() - wall0
+        steal1 = steal_jiffies(server_cpus), steal_jiffies()
         if profiler is not None:
             profiler.disable()
         up = sum(c.end_reason is None for c in probe.calls)
@@ -568,6 +575,8 @@ async def measure(
     return {
         "cpu": (user1 - user0, sys1 - sys0), "wall": wall, "up": up, "lag": lag,
         "t_start": t_start, "sent_in": (sent_from, sent_from + wall), "profiler": profiler,
+        "steal": {"server_cpus_pct": steal_pct(steal0[0], steal1[0]) if server_cpus else None,
+                  "host_pct": steal_pct(steal0[1], steal1[1])},
     }  # fmt: skip
 
 
@@ -601,6 +610,7 @@ def report(
     sent_in: tuple[float, float],
     profiler: cProfile.Profile | None,
     socket_drops: int,
+    steal: dict[str, float | None],
 ) -> dict[str, Any]:
     # (when sent, ms until handled or None, ms the sender was late) per sampled packet
     samples = [
@@ -633,6 +643,7 @@ def report(
         "packet_latency_ms": percentiles([ms for _, ms, _ in steady if ms is not None]),
         "packet_latency_ms_whole_run": percentiles(latency),
         "loop_lag_ms": percentiles([ms for t, ms in lag if t >= t_start and t < t_start + wall]),
+        "steal_pct": steal,
         "sender_late_ms": percentiles([late for *_, late in steady]),
         "sender_late_ms_whole_run": percentiles([late for *_, late in samples]),
         "frames": {

@@ -33,6 +33,33 @@ def cpu_list(text: str) -> set[int]:
     return cpus
 
 
+def steal_jiffies(cpus: set[int] | None = None, stat: Path = Path("/proc/stat")) -> tuple[int, int]:
+    """(steal, total) clock ticks so far on ``cpus`` (all when ``None``), from ``/proc/stat``:
+    steal is time the hypervisor ran someone else while this guest wanted the CPU. A run whose
+    window saw steal measured a shared host, not the code. ``(0, 0)`` where there is none."""
+    steal = total = 0
+    try:
+        lines = stat.read_text().splitlines()
+    except OSError:
+        return 0, 0
+    for line in lines:
+        name, *fields = line.split()
+        if not name.startswith("cpu") or (name == "cpu") != (cpus is None):
+            continue
+        if cpus is not None and int(name[3:]) not in cpus:
+            continue
+        ticks = [int(f) for f in fields]
+        steal += ticks[7] if len(ticks) > 7 else 0  # user nice system idle iowait irq softirq steal
+        total += sum(ticks[:8])
+    return steal, total
+
+
+def steal_pct(before: tuple[int, int], after: tuple[int, int]) -> float | None:
+    """The share of CPU time stolen between two ``steal_jiffies`` readings, in percent."""
+    total = after[1] - before[1]
+    return round(100 * (after[0] - before[0]) / total, 1) if total > 0 else None
+
+
 def pin(cpus: str | None) -> None:
     """Run this process (and the threads it starts) on ``cpus`` only."""
     if cpus:

@@ -79,6 +79,7 @@ def summary(r: dict[str, Any]) -> dict[str, Any]:
         out["loop_lag_p99_ms"] = r["loop_lag_ms"].get("p99")
         out["us_per_message"] = round(r["server_cpu_cores"] * 1e6 / (r["calls"] * 50), 1)
         out["frames"] = r["frames"]
+        out["steal_pct"] = r.get("steal_pct")
     return out
 
 

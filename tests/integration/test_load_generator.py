@@ -63,6 +63,8 @@ def test_load_generator(
     assert 0 < r["packet_latency_ms"]["n"] < r["packets"]["sampled"]
     assert 0 < r["sender_late_ms"]["n"] == r["packet_latency_ms"]["n"]
     assert r["server_cpu_cores"] > 0 and r["calls_per_core"] > 0
+    assert r["steal_pct"]["server_cpus_pct"] is None  # (not pinned)
+    assert 0 <= r["steal_pct"]["host_pct"] <= 100
 
 
 def test_a_run_cut_short_at_the_port_measures_while_the_callers_send(
@@ -167,3 +169,31 @@ def test_callers_start_at_independent_moments_the_same_in_every_load_process() -
     assert most_on_one_phase(grid) == 50
     other_seed = load.start_offsets(load.parse(["--calls", "1000", "--seed", "2"]))
     assert other_seed != drawn
+
+
+def test_steal_is_read_per_cpu_from_proc_stat(tmp_path: Path) -> None:
+    """The hypervisor's steal (``/proc/stat``'s eighth field) on the server's CPUs and the host:
+    what tells a run on a busy shared machine from one the code alone made slow."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import machine
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    stat = tmp_path / "stat"
+
+    def write(cpu0_steal: int, cpu1_steal: int, ticks: int) -> None:
+        rows = [
+            f"cpu0 {ticks} 0 0 0 0 0 0 {cpu0_steal} 0 0",
+            f"cpu1 {ticks} 0 0 0 0 0 0 {cpu1_steal} 0 0",
+        ]
+        host = f"cpu {2 * ticks} 0 0 0 0 0 0 {cpu0_steal + cpu1_steal} 0 0"
+        stat.write_text("\n".join([host, *rows, "intr 1 2 3", "ctxt 9"]) + "\n")
+
+    write(0, 0, 1000)
+    before = machine.steal_jiffies({1}, stat), machine.steal_jiffies(None, stat)
+    write(0, 100, 1900)  # cpu1: 1,000 ticks, 100 of them stolen; cpu0: 900, none stolen
+    after = machine.steal_jiffies({1}, stat), machine.steal_jiffies(None, stat)
+    assert machine.steal_pct(before[0], after[0]) == 10.0
+    assert machine.steal_pct(before[1], after[1]) == 5.3  # 100 of the host's 1,900 ticks
+    assert machine.steal_pct(after[0], after[0]) is None  # no time passed
+    assert machine.steal_jiffies(None, tmp_path / "absent") == (0, 0)
