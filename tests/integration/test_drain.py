@@ -179,13 +179,6 @@ async def serve_process(
     assert "Traceback" not in (tmp_path / "serve.log").read_text()
 
 
-async def until_started(receiver: WebhookReceiver, n: int) -> None:
-    async with asyncio.timeout(30):
-        while sum(e["type"] == "call.started" for e in receiver.events) < n:
-            receiver.changed.clear()
-            await receiver.changed.wait()
-
-
 async def until_draining(port: int) -> float:
     """Poll ``/ready`` until it answers 503; returns when (loop time)."""
     async with aiohttp.ClientSession() as http, asyncio.timeout(5):
@@ -234,7 +227,7 @@ async def test_sigterm_lets_live_calls_end_then_cuts_the_rest_at_drain_s(
             asyncio.create_task(send_rtp(list(rtp_packets(pcm, PCMU, seed=i)), ("127.0.0.1", port)))
             for i, (pcm, port) in enumerate([(short, lo), (long, lo + 2)])
         ]
-        await until_started(receiver, 2)
+        await receiver.wait_for("call.started", 2, timeout_s=30)
         proc.send_signal(signal.SIGTERM)
         signalled = loop.time()
         assert await until_draining(http_port) - signalled < 1.0
@@ -266,7 +259,7 @@ async def test_a_second_sigterm_ends_at_once(
     loop = asyncio.get_running_loop()
     async with serve_process(tmp_path, receiver, drain_s=60) as (proc, http_port, lo):
         sender = asyncio.create_task(send_rtp(list(rtp_packets(long, PCMU)), ("127.0.0.1", lo)))
-        await until_started(receiver, 1)
+        await receiver.wait_for("call.started", 1, timeout_s=30)
         proc.send_signal(signal.SIGTERM)
         await until_draining(http_port)
         proc.send_signal(signal.SIGTERM)

@@ -68,13 +68,6 @@ async def api_call(http_port: int, wav: Path) -> None:
     assert await caller.wait() == 0
 
 
-async def until_started(receiver: WebhookReceiver, n: int, timeout_s: float = 30) -> None:
-    async with asyncio.timeout(timeout_s):
-        while sum(e["type"] == "call.started" for e in receiver.events) < n:
-            receiver.changed.clear()
-            await receiver.changed.wait()
-
-
 async def test_every_ingress_on_uvloop_drained_by_sigterm(
     receiver: WebhookReceiver, speech: dict[str, Speech], tmp_path: Path
 ) -> None:
@@ -97,7 +90,7 @@ async def test_every_ingress_on_uvloop_drained_by_sigterm(
             audiosocket_call(srv.audiosocket_port, speech["phone"].path),
             api_call(srv.http_port, speech["phone"].path),
         )  # fmt: skip
-        await until_started(receiver, 5)
+        await receiver.wait_for("call.started", 5, timeout_s=30)
         srv.process.send_signal(signal.SIGTERM)
         _, _, whip_events, _, _ = await calls
         assert await asyncio.wait_for(srv.process.wait(), 60) == 0

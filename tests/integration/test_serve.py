@@ -56,8 +56,12 @@ class WebhookReceiver:
         return web.Response(status=204)
 
     async def wait_ended(self, n: int, timeout_s: float) -> None:
+        await self.wait_for("call.ended", n, timeout_s)
+
+    async def wait_for(self, event_type: str, n: int, timeout_s: float) -> None:
+        """Until ``n`` events of ``event_type`` have been delivered."""
         async with asyncio.timeout(timeout_s):
-            while sum(e["type"] == "call.ended" for e in self.events) < n:
+            while sum(e["type"] == event_type for e in self.events) < n:
                 self.changed.clear()
                 await self.changed.wait()
 
