@@ -390,13 +390,17 @@ class Call:
             self._enqueue(frame)
 
     async def feed_packet(self, timestamp: int, payload: bytes) -> None:
-        """Like ``push_packet`` but waits for room instead of dropping (files, not live media)."""
-        await self._put(self._decode(timestamp, payload))
+        """Like ``push_packet`` but waits for room instead of dropping (files, not live media).
+        A packet after the call has ended is ignored, as ``push_packet`` ignores it."""
+        if self.end_reason is None:
+            await self._put(self._decode(timestamp, payload))
 
     async def feed_pcm(self, pcm: Pcm) -> None:
         """Decoded, gap-free PCM at ``pipeline.rate``, waiting for room (files, not live media).
-        Audio after the call has ended (``end``, say on Ctrl-C) is ignored."""
-        await self._put(self.pipeline.push_pcm(pcm))
+        Audio after the call has ended (``end``, say on Ctrl-C, or ``max_duration``) is ignored:
+        not decoded, not counted in ``call.ended.audio_ms``."""
+        if self.end_reason is None:
+            await self._put(self.pipeline.push_pcm(pcm))
 
     async def _put(self, frames: list[Pcm]) -> None:
         for frame in frames:

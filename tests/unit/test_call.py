@@ -204,6 +204,25 @@ async def test_a_file_waiting_for_room_stops_when_the_engine_stops(failed: bool)
     assert sink.events[-1].data["reason"] == ("engine_error" if failed else "ended")
 
 
+async def test_audio_fed_after_the_end_is_neither_decoded_nor_counted() -> None:
+    """A file's feeder that goes on after the hang-up (``max_duration``, Ctrl-C) while the
+    engine says its last words: ``call.ended.audio_ms`` and ``packets`` are the audio the call
+    took, not what was offered after it (a 0.5 s call once reported 960 ms)."""
+    stream = ScriptedStream()
+    stream.out.close()  # the engine has nothing to say
+    stream.gate.clear()  # and is slow to take the last frames, so the call ends late
+    call, sink = started(stream)
+    await call.feed_pcm(np.zeros(4 * 1280, np.int16))
+    await call.feed_packet(0, np.zeros(1280, np.int16).tobytes())
+    call.end("max_duration")
+    await call.feed_pcm(np.zeros(10 * 1280, np.int16))
+    await call.feed_packet(1280, np.zeros(1280, np.int16).tobytes())
+    stream.gate.set()
+    await asyncio.wait_for(call.wait(), 5)
+    ended = sink.events[-1].data
+    assert ended["audio_ms"] == 5 * 80 and ended["stats"]["packets"] == 1
+
+
 async def test_max_duration_hangs_up_through_the_transport() -> None:
     """``max_duration`` goes through ``call.hangup``, so the transport stops the media too (an
     RTP port refuses the rest of the stream instead of opening a new call with it)."""
