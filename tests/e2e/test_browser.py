@@ -156,7 +156,11 @@ async def test_demo_page_call_shows_the_words_and_hangs_up(
             )
             assert overflow <= 0, f"page is {overflow}px wider than a phone screen"
             browser.save_screenshot(str(ARTIFACTS / "browser-call-phone.png"))
-            browser.find_element(By.CSS_SELECTOR, ".keypad summary").click()
+            # The keypad stays put while words arrive above it (the transcript's height is
+            # fixed), so the click on its summary opens it.
+            keypad = browser.find_element(By.CSS_SELECTOR, ".keypad")
+            keypad.find_element(By.TAG_NAME, "summary").click()
+            WebDriverWait(browser, 5).until(lambda d: keypad.get_property("open"))
             browser.find_element(By.XPATH, "//div[@id='keys']/button[text()='5']").click()
             WebDriverWait(browser, 10).until(lambda d: "key 5" in text_of(d, "transcript"))
             browser.find_element(By.ID, "hangup").click()
