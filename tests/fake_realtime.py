@@ -11,6 +11,7 @@ import asyncio
 import base64
 import json
 from dataclasses import dataclass, field
+from ssl import SSLContext
 
 import numpy as np
 from aiohttp import WSMsgType, web
@@ -45,8 +46,16 @@ class Connection:
 
 
 class FakeRealtimeServer:
-    def __init__(self, model: str = "tinyvox", behaviours: list[Behaviour] | None = None) -> None:
+    """``ssl``: serve ``wss://`` (and https for ``/v1/models``), at ``localhost``."""
+
+    def __init__(
+        self,
+        model: str = "tinyvox",
+        behaviours: list[Behaviour] | None = None,
+        ssl: SSLContext | None = None,
+    ) -> None:
         self.model = model
+        self.ssl = ssl
         self.behaviours = list(behaviours or [])
         self.connections: list[Connection] = []
         self.port: int | None = None
@@ -54,6 +63,8 @@ class FakeRealtimeServer:
 
     @property
     def url(self) -> str:
+        if self.ssl is not None:
+            return f"wss://localhost:{self.port}/v1/realtime"
         return f"ws://127.0.0.1:{self.port}/v1/realtime"
 
     async def start(self) -> None:
@@ -61,7 +72,7 @@ class FakeRealtimeServer:
         app.router.add_get("/v1/realtime", self._ws)
         app.router.add_get("/v1/models", self._models)
         self._server = TestServer(app, host="127.0.0.1", port=self.port or 0)
-        await self._server.start_server()
+        await self._server.start_server(ssl=self.ssl)
         self.port = self._server.port
 
     async def stop(self) -> None:

@@ -104,7 +104,10 @@ class NatsTransport:
 
     async def _connect(self) -> tuple[Client, JetStreamContext]:
         """A connected client and its JetStream context, within ``ack_timeout_s``; raises
-        ``TimeoutError`` (or nats-py's errors) with the client closed."""
+        ``TimeoutError`` (or nats-py's errors) with the client closed. nats-py retries failed
+        attempts within the connect, so a timeout names the last attempt's error (a refused
+        connection, an untrusted certificate): that is what ``endpoint_failing`` and the
+        delivery's ``last_error`` then say, not a bare ``TimeoutError``."""
         nc, timeout_s = Client(), self._settings.ack_timeout_s
         # (seconds as floats, which nats-py takes though it annotates the two as int)
         waits: dict[str, Any] = {"reconnect_time_wait": 0.5, "connect_timeout": timeout_s}
@@ -120,6 +123,12 @@ class NatsTransport:
                 js = nc.jetstream()
                 if self._settings.create_stream:
                     await self._ensure_stream(js)
+        except TimeoutError:
+            await nc.close()
+            why = f"no connection within {timeout_s:g} s"
+            if (last := self._log.last_error) is not None:
+                why += f"; the last attempt: {last}"
+            raise TimeoutError(why) from None
         except BaseException:
             await nc.close()
             raise
@@ -142,6 +151,7 @@ class NatsTransport:
         self._closed = True
         async with self._connecting:
             if self._nc is not None:
+                self._log.closing()
                 await self._nc.close()
             self._nc = self._js = None
 
@@ -150,28 +160,36 @@ class _ConnectionLog:
     """nats-py's connection callbacks as log lines an operator can read. nats-py calls
     ``error_cb`` at every failed attempt, every 0.5 s while the server is away: only the first
     of an outage is logged (``nats_error``), and ``nats_reconnected`` says how many failed in
-    all once the connection is back. A client that never connected logs no ``nats_disconnected``
-    when it is closed. Errors while connected (a permission refused, a slow consumer) are each
-    logged."""
+    all once the connection is back. Neither a client that never connected nor our own close
+    logs ``nats_disconnected``. Errors while connected (a permission refused, a slow consumer)
+    are each logged."""
 
     def __init__(self) -> None:
         self._up = False
         self._failed = 0  # attempts failed since the connection was last up
+        #: The last attempt's error while not connected (``type: message``), for ``_connect``.
+        self.last_error: str | None = None
 
     def connected(self, again: bool = False) -> None:
         """The connection is up: ``again`` after a disconnect (nats-py's ``reconnected_cb``),
         or made by ``_connect``, after failed attempts if the server was away."""
         if again or self._failed:
             log.info("nats_reconnected", failed_attempts=self._failed)
-        self._up, self._failed = True, 0
+        self._up, self._failed, self.last_error = True, 0, None
+
+    def closing(self) -> None:
+        """We close the connection: its end is no outage."""
+        self._up = False
 
     async def error(self, exc: Exception) -> None:
+        error = f"{type(exc).__name__}: {exc}"
         if not self._up:
             self._failed += 1
+            self.last_error = error
             if self._failed > 1:
                 return
         log.warning(
-            "nats_error", error=f"{type(exc).__name__}: {exc}",
+            "nats_error", error=error,
             retrying=None if self._up else "every 0.5 s; nats_reconnected says when it is back",
         )  # fmt: skip
 

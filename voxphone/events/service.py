@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import sqlite3
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -158,12 +159,7 @@ class EventService:
         for name, reason in disabled:
             if name in self.deliverers:
                 self.deliverers[name].disable(reason, persist=False)
-        backlog = dict(
-            await self.outbox.aread(
-                "SELECT endpoint, count(*) FROM deliveries WHERE status = 'pending' "
-                "GROUP BY endpoint"
-            )
-        )
+        backlog = await self._pending()
         for name, count in backlog.items():
             if name in self.deliverers:
                 self.deliverers[name].resume(count)
@@ -186,7 +182,8 @@ class EventService:
 
     async def stop(self, drain_timeout_s: float = 5.0) -> None:
         """Commit what was published, give deliveries ``drain_timeout_s``, close; anything
-        undelivered stays in the outbox for the next start."""
+        undelivered stays in the outbox for the next start, and ``outbox_left_pending`` says
+        how much, by endpoint (the next start's ``outbox_resumed`` says it again)."""
         if self._compactor is None:  # start() failed or never ran: only release the outbox
             await self.outbox.close()
             return
@@ -194,7 +191,21 @@ class EventService:
         with contextlib.suppress(Exception):  # committing is local: it gets at least 5 s
             await asyncio.wait_for(self.outbox.flush(), max(drain_timeout_s, 5.0))
         await asyncio.gather(*(d.close(drain_timeout_s) for d in self.deliverers.values()))
+        try:
+            if left := await self._pending():
+                log.info("outbox_left_pending", pending=left)
+        except sqlite3.Error as exc:  # a report only: the outbox is closed all the same
+            log.warning("outbox_read_failed", error=repr(exc))
         await self.outbox.close()
+
+    async def _pending(self) -> dict[str, int]:
+        """Deliveries still pending, by endpoint."""
+        return dict(
+            await self.outbox.aread(
+                "SELECT endpoint, count(*) FROM deliveries WHERE status = 'pending' "
+                "GROUP BY endpoint"
+            )
+        )
 
 
 def _fixed(url: str) -> Callable[[str], str | None]:
