@@ -105,7 +105,7 @@ from voxphone.audio.codecs import PCMA, PCMU, Encoder
 from voxphone.audio.files import read_audio
 from voxphone.call import Call
 from voxphone.config import Config
-from voxphone.event_loop import EVENT_LOOPS, run
+from voxphone.event_loop import LOOPS, run
 from voxphone.heap import collector_off_the_clock
 from voxphone.testing import free_tcp_port
 from voxphone.transports.mediastream import JsonStreamSession
@@ -804,7 +804,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--speech", type=Path, default=None, help="audio file to play; default: flite")
     p.add_argument("--profile", action="store_true", help="cProfile the server's window")
     p.add_argument("--stop-at", choices=STOPS, default="engine", help="cut the path short there")
-    p.add_argument("--loop", choices=EVENT_LOOPS, default="asyncio", help="the server's event loop")
+    p.add_argument("--loop", choices=LOOPS, default="asyncio", help="the server's event loop")
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--plot", action="store_true", help="plot this machine's results and exit")
     p.add_argument("--machine", default=None, help="with --plot: another machine's results")

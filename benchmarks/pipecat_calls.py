@@ -39,7 +39,7 @@ from typing import Any
 
 from machine import cpu_model, machine_name
 
-from voxphone.event_loop import EVENT_LOOPS
+from voxphone.event_loop import LOOPS
 
 SERVERS = ("voxphone", "pipecat")
 HERE = Path(__file__).parent
@@ -124,9 +124,7 @@ def main() -> None:
     p.add_argument("--speech", type=Path, default=None, help="audio file; default: flite")
     p.add_argument("--server-cpus", default=None, help="pin the servers, e.g. 0")
     p.add_argument("--load-cpus", default=None, help="pin the load processes, e.g. 1-3")
-    p.add_argument(
-        "--loop", choices=EVENT_LOOPS, default="asyncio", help="both servers' event loop"
-    )
+    p.add_argument("--loop", choices=LOOPS, default="asyncio", help="both servers' event loop")
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--plot", type=Path, default=None, help="plot this result file and exit")
     args = p.parse_args()

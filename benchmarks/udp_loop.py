@@ -36,7 +36,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from voxphone.event_loop import EVENT_LOOPS, run
+from voxphone.event_loop import LOOPS, run
 from voxphone.transports.rtp import PortReader
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -163,7 +163,7 @@ def main() -> None:
     p.add_argument("--calls", type=int, default=400)
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--readers", nargs="+", default=["raise", "portreader"])
-    p.add_argument("--loops", nargs="+", choices=EVENT_LOOPS, default=["asyncio"])
+    p.add_argument("--loops", nargs="+", choices=LOOPS, default=["asyncio"])
     p.add_argument("--base-port", type=int, default=42000)
     p.add_argument("--server-cpus", default="0")
     p.add_argument("--load-cpus", default="1")

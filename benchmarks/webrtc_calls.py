@@ -47,7 +47,7 @@ from voxphone.audio.codecs import Pcm
 from voxphone.audio.files import read_audio, write_wav
 from voxphone.config import Config
 from voxphone.engines.base import ChunkQueue
-from voxphone.event_loop import EVENT_LOOPS, run
+from voxphone.event_loop import LOOPS, run
 from voxphone.heap import collector_off_the_clock
 from voxphone.testing import free_tcp_port
 from voxphone.whip_client import play
@@ -340,7 +340,7 @@ def main() -> None:
     p.add_argument("--browser", action="store_true", help="clients send what a browser does")
     p.add_argument("--speech", type=Path, default=None, help="a speech file to loop, not a tone")
     p.add_argument("--opus-bitrate", type=int, default=None, help="clients: mono Opus at (bit/s)")
-    p.add_argument("--loop", choices=EVENT_LOOPS, default="asyncio", help="the server's event loop")
+    p.add_argument("--loop", choices=LOOPS, default="asyncio", help="the server's event loop")
     p.add_argument("--clients", nargs=3, default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.plot:

@@ -89,7 +89,9 @@ def _parser() -> argparse.ArgumentParser:
         "--audiosocket-port", type=int, metavar="PORT", help="Asterisk AudioSocket port [0: off]"
     )
     g.add_argument(
-        "--event-loop", choices=EVENT_LOOPS, help="asyncio, or uvloop (its extra) [asyncio]"
+        "--event-loop",
+        choices=EVENT_LOOPS,
+        help="uvloop's where installed (auto), asyncio's, or uvloop's [auto]",
     )
     serve.set_defaults(run=_serve)
 

@@ -1,13 +1,15 @@
-"""The event loop ``voxphone serve`` runs on: asyncio's own (the default), or uvloop's.
+"""The event loop ``voxphone serve`` runs on: uvloop's where it is installed (``auto``, the
+default; uvloop is a dependency on Linux and macOS), asyncio's own otherwise or when chosen.
 
-Why a choice: when callers' packets arrive at independent moments, as real callers' do, most of
+Why uvloop: when callers' packets arrive at independent moments, as real callers' do, most of
 the loop's wake-ups find one datagram, so the loop's own cost per wake-up is the largest part of
 a G.711 packet's. uvloop's loop (libuv, in C) costs less there: on the GPU host's Xeon, one core
-carried 1,000 RTP calls in real time on uvloop in four runs of four, on asyncio's in one of four
-(README, *The event loop*). asyncio's stays the default because it needs no extra package and is
-what voxphone has run on longest. voxphone uses only asyncio's public interfaces on the loop
-(aiohttp, aiortc and aioice, the RTP readers' ``add_reader``, signal handlers, subprocesses),
-which uvloop implements; the engines' workers run in processes of their own, on their own loops.
+carried 1,000 RTP calls in real time on uvloop in four runs of four, on asyncio's in one of four,
+and it never took more CPU a packet in any pair measured (README, *The event loop*). ``auto``
+follows uvicorn's ``--loop auto``: a platform uvloop does not build on (Windows, PyPy) still
+runs. voxphone uses only asyncio's public interfaces on the loop (aiohttp, aiortc and aioice,
+the RTP readers' ``add_reader``, signal handlers, subprocesses, TLS), which uvloop implements;
+the engines' workers run in processes of their own, on their own loops.
 """
 
 from __future__ import annotations
@@ -20,13 +22,16 @@ from voxphone.errors import ConfigError
 
 T = TypeVar("T")
 
-EventLoop = Literal["asyncio", "uvloop"]
+EventLoop = Literal["auto", "asyncio", "uvloop"]
 #: The choices, in the order the CLI offers them.
-EVENT_LOOPS: tuple[EventLoop, ...] = ("asyncio", "uvloop")
+EVENT_LOOPS: tuple[EventLoop, ...] = ("auto", "asyncio", "uvloop")
+#: The loops themselves, what ``auto`` picks from: a benchmark names the one it measured.
+LOOPS: tuple[EventLoop, ...] = ("asyncio", "uvloop")
 
 
 def loop_factory(kind: EventLoop) -> Callable[[], asyncio.AbstractEventLoop] | None:
-    """The factory ``asyncio.Runner`` takes for ``kind``; ``None`` is asyncio's own.
+    """The factory ``asyncio.Runner`` takes for ``kind``; ``None`` is asyncio's own, which
+    ``auto`` gives where uvloop is not installed.
 
     Raises ``ConfigError`` when ``kind`` is ``uvloop`` and uvloop is not installed."""
     if kind == "asyncio":
@@ -34,9 +39,11 @@ def loop_factory(kind: EventLoop) -> Callable[[], asyncio.AbstractEventLoop] | N
     try:
         import uvloop
     except ImportError:
+        if kind == "auto":
+            return None
         raise ConfigError(
             'process.event_loop = "uvloop" needs the uvloop package, which is not installed: '
-            "pip install uvloop (voxphone's uvloop extra), or choose asyncio"
+            "pip install uvloop, or choose asyncio"
         ) from None
     return uvloop.new_event_loop
 

@@ -1,6 +1,7 @@
-"""`voxphone serve --event-loop uvloop` end to end: every kind of ingress at once, all on uvloop's
-loop, drained by SIGTERM while the calls are live; and the one line where uvloop is asked for
-and not installed."""
+"""`voxphone serve` on each event loop end to end: every kind of ingress at once, drained by
+SIGTERM while the calls are live, on uvloop's loop (``auto``, the default, where uvloop is
+installed) and on asyncio's (``auto`` where it is not); and the one line where uvloop is asked
+for and not installed."""
 
 from __future__ import annotations
 
@@ -68,17 +69,31 @@ async def api_call(http_port: int, wav: Path) -> None:
     assert await caller.wait() == 0
 
 
-async def test_every_ingress_on_uvloop_drained_by_sigterm(
-    receiver: WebhookReceiver, speech: dict[str, Speech], tmp_path: Path
+def without_uvloop(tmp_path: Path) -> dict[str, str]:
+    """An environment as where uvloop was never installed: its import fails (a stand-in
+    earlier on ``PYTHONPATH``)."""
+    hidden = tmp_path / "hidden" / "uvloop"
+    hidden.mkdir(parents=True)
+    (hidden / "__init__.py").write_text("raise ImportError('No module named uvloop')\n")
+    path = [str(hidden.parent), *filter(None, [os.environ.get("PYTHONPATH")])]
+    return {"PYTHONPATH": os.pathsep.join(path)}
+
+
+@pytest.mark.parametrize("uvloop", [True, False], ids=["uvloop", "asyncio-without-uvloop"])
+async def test_every_ingress_on_each_loop_drained_by_sigterm(
+    uvloop: bool, receiver: WebhookReceiver, speech: dict[str, Speech], tmp_path: Path
 ) -> None:
     """RTP from ffmpeg, a calls-API call, a Twilio media stream, AudioSocket and WebRTC
     (`voxphone whip`, aiortc), then SIGTERM while all five are up: they go on to their own ends
-    (not ``shutdown``), every event is delivered, and the process exits 0."""
-    pytest.importorskip("uvloop")
+    (not ``shutdown``), every event is delivered, and the process exits 0. The loop is the
+    default's (``auto``): uvloop's, or asyncio's where uvloop is not installed."""
+    if uvloop:
+        pytest.importorskip("uvloop")
     async with running_serve(
-        tmp_path, receiver, "--event-loop", "uvloop", n_ports=6,
+        tmp_path, receiver, n_ports=6,
         VOXPHONE_RTP__INACTIVITY_TIMEOUT_S="1.0",
         VOXPHONE_CALLS__DRAIN_S="30",  # the tests' default is 0: no drain
+        **({} if uvloop else without_uvloop(tmp_path)),
     ) as srv:  # fmt: skip
         assert srv.process is not None
         whip_url = f"http://127.0.0.1:{srv.http_port}/v1/whip"
@@ -96,7 +111,7 @@ async def test_every_ingress_on_uvloop_drained_by_sigterm(
         assert await asyncio.wait_for(srv.process.wait(), 60) == 0
     log = [json.loads(line) for line in (tmp_path / "serve.log").read_text().splitlines()]
     (ready,) = [e for e in log if e["event"] == "voxphone_ready"]
-    assert ready["event_loop"] == "uvloop"
+    assert ready["event_loop"] == ("uvloop" if uvloop else "asyncio")
     (draining,) = [e for e in log if e["event"] == "voxphone_draining"]
     assert draining["active_calls"] == 5
 
@@ -128,17 +143,12 @@ async def test_every_ingress_on_uvloop_drained_by_sigterm(
 def test_serve_and_check_config_refuse_a_uvloop_that_is_not_there_in_one_line(
     tmp_path: Path,
 ) -> None:
-    """As where uvloop was never installed: its import fails (a stand-in earlier on the path)."""
-    hidden = tmp_path / "hidden" / "uvloop"
-    hidden.mkdir(parents=True)
-    (hidden / "__init__.py").write_text("raise ImportError('No module named uvloop')\n")
-    path = [str(hidden.parent), *filter(None, [os.environ.get("PYTHONPATH")])]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(path)}
+    env = {**os.environ, **without_uvloop(tmp_path)}
     f = tmp_path / "voxphone.toml"
     f.write_text('[process]\nevent_loop = "uvloop"\n')
     why = (
         'process.event_loop = "uvloop" needs the uvloop package, which is not installed: '
-        "pip install uvloop (voxphone's uvloop extra), or choose asyncio"
+        "pip install uvloop, or choose asyncio"
     )
     variable = {"VOXPHONE_PROCESS__EVENT_LOOP": "uvloop"}
     for args, more, source in [

@@ -1,5 +1,6 @@
-"""The event loop `voxphone serve` runs on: chosen by config, flag or variable; uvloop's only
-where it is installed, else one line that says how to get it."""
+"""The event loop `voxphone serve` runs on: chosen by config, flag or variable; uvloop's where
+it is installed (``auto``, the default), asyncio's where not, unless uvloop was asked for: then
+one line that says how to get it."""
 
 from __future__ import annotations
 
@@ -13,18 +14,23 @@ import pytest
 
 from voxphone.config import load_config
 from voxphone.errors import ConfigError
-from voxphone.event_loop import EVENT_LOOPS, EventLoop, loop_name, run
+from voxphone.event_loop import EventLoop, loop_name, run
 
 
 async def running_loop() -> str:
     return loop_name(asyncio.get_running_loop())
 
 
-@pytest.mark.parametrize("kind", EVENT_LOOPS)
+@pytest.mark.parametrize("kind", ["asyncio", "uvloop"])
 def test_each_loop_runs_the_coroutine_on_itself(kind: EventLoop) -> None:
     if kind == "uvloop":
         pytest.importorskip("uvloop")
     assert run(kind, running_loop()) == kind
+
+
+def test_auto_is_uvloop_where_it_is_installed() -> None:
+    pytest.importorskip("uvloop")
+    assert run("auto", running_loop()) == "uvloop"
 
 
 @pytest.fixture
@@ -34,11 +40,18 @@ def no_uvloop(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.mark.usefixtures("no_uvloop")
+def test_auto_is_asyncio_where_uvloop_is_not_installed() -> None:
+    assert run("auto", running_loop()) == "asyncio"
+
+
+@pytest.mark.usefixtures("no_uvloop")
 def test_uvloop_not_installed_says_how_to_install_it() -> None:
     main = running_loop()
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # "coroutine ... was never awaited" would be one
-        with pytest.raises(ConfigError, match=r"pip install uvloop \(voxphone's uvloop extra\)"):
+        with pytest.raises(
+            ConfigError, match=r"not installed: pip install uvloop, or choose asyncio"
+        ):
             run("uvloop", main)
         del main
         gc.collect()
@@ -47,7 +60,7 @@ def test_uvloop_not_installed_says_how_to_install_it() -> None:
 def test_the_loop_comes_from_file_variable_or_flag(tmp_path: Path) -> None:
     f = tmp_path / "voxphone.toml"
     f.write_text('[process]\nevent_loop = "uvloop"\n')
-    assert load_config(None, environ={}).process.event_loop == "asyncio"
+    assert load_config(None, environ={}).process.event_loop == "auto"
     assert load_config(f, environ={}).process.event_loop == "uvloop"
     env = {"VOXPHONE_PROCESS__EVENT_LOOP": "asyncio"}
     assert load_config(f, environ=env).process.event_loop == "asyncio"

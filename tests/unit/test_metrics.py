@@ -14,7 +14,7 @@ from prometheus_client import CollectorRegistry
 
 from tests.hooks import until
 from voxphone.clock import FakeClock
-from voxphone.event_loop import EVENT_LOOPS, EventLoop, run
+from voxphone.event_loop import LOOPS, EventLoop, run
 from voxphone.events.model import EventSequencer
 from voxphone.events.outbox import OutboxStats, Stored
 from voxphone.metrics import CallMetrics, Metrics, StateCollector
@@ -91,7 +91,7 @@ def test_a_delivered_final_is_timed_from_when_it_was_made() -> None:
     assert 1.5 <= value(registry, "voxphone_webhook_ack_seconds_sum", endpoint="crm") < 3
 
 
-@pytest.mark.parametrize("kind", EVENT_LOOPS)
+@pytest.mark.parametrize("kind", LOOPS)
 def test_the_loop_lag_probe_sees_a_blocked_loop(kind: EventLoop) -> None:
     if kind == "uvloop":
         pytest.importorskip("uvloop")
