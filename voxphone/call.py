@@ -108,8 +108,9 @@ class Call:
         #: Publishes the call's events: bound to the sink and sequencer, not to the call, so
         #: the playout that holds it does not hold the call (``_release``).
         self._publish = functools.partial(_publish, sink, EventSequencer(call_id, clock), channel)
-        #: Bounded by ``_enqueue`` (drops) and ``_put`` (waits) at ``max_queued_frames``; the end
-        #: of the audio (the pipeline's last frames, then ``None``) goes in without costing a frame.
+        #: Bounded by ``_enqueue`` (drops) and ``_room_or_end`` (waits) at ``max_queued_frames``;
+        #: the end of the audio (the pipeline's last frames, then ``None``) goes in without
+        #: costing a frame.
         #: A deque and the feeder's one waiting future rather than an ``asyncio.Queue``, whose
         #: general machinery (``full``, its getters and putters, task accounting) costs
         #: microseconds on every frame of every call and buys nothing for one reader.
@@ -392,24 +393,30 @@ class Call:
     async def feed_packet(self, timestamp: int, payload: bytes) -> None:
         """Like ``push_packet`` but waits for room instead of dropping (files, not live media).
         A packet after the call has ended is ignored, as ``push_packet`` ignores it."""
-        if self.end_reason is None:
-            await self._put(self._decode(timestamp, payload))
+        if await self._room_or_end():
+            for frame in self._decode(timestamp, payload):
+                self._queue(frame)
 
     async def feed_pcm(self, pcm: Pcm) -> None:
         """Decoded, gap-free PCM at ``pipeline.rate``, waiting for room (files, not live media).
         Audio after the call has ended (``end``, say on Ctrl-C, or ``max_duration``) is ignored:
-        not decoded, not counted in ``call.ended.audio_ms``."""
-        if self.end_reason is None:
-            await self._put(self.pipeline.push_pcm(pcm))
-
-    async def _put(self, frames: list[Pcm]) -> None:
-        for frame in frames:
-            while len(self._frames) >= self._max_frames and self.end_reason is None:
-                self._room.clear()
-                await self._room.wait()
-            if self.end_reason is not None:
+        not decoded, not counted in ``call.ended.audio_ms``. So the wait comes before each
+        80 ms piece goes into the pipeline: audio decoded and then thrown away at the end
+        would be counted as heard."""
+        step = self.pipeline.rate * FRAME_MS // 1000
+        for pos in range(0, pcm.size, step):
+            if not await self._room_or_end():
                 return
-            self._queue(frame)
+            for frame in self.pipeline.push_pcm(pcm[pos : pos + step]):
+                self._queue(frame)
+
+    async def _room_or_end(self) -> bool:
+        """Wait while the queue is full; False once the call has ended. A piece's frames are
+        queued without a second wait, so the queue may pass its bound by a frame or two."""
+        while len(self._frames) >= self._max_frames and self.end_reason is None:
+            self._room.clear()
+            await self._room.wait()
+        return self.end_reason is None
 
     def _decode(self, timestamp: int, payload: bytes) -> list[Pcm]:
         """Decode and place one payload; one the codec rejects is counted ``undecodable``, one

@@ -223,6 +223,25 @@ async def test_audio_fed_after_the_end_is_neither_decoded_nor_counted() -> None:
     assert ended["audio_ms"] == 5 * 80 and ended["stats"]["packets"] == 1
 
 
+async def test_a_file_ended_while_it_waits_for_room_counts_only_what_the_engine_got() -> None:
+    """The feeder waits for room before it decodes, so audio it never queues (the call ended
+    during the wait) is not in ``audio_ms`` (it once counted all 30 frames offered)."""
+    stream = ScriptedStream()
+    stream.gate.clear()  # the engine takes one frame and stalls
+    call, sink = started(stream, max_queued_frames=5)
+    feeding = asyncio.create_task(call.feed_pcm(np.zeros(30 * 1280, np.int16)))
+    await until(lambda: len(call._frames) >= 5)  # the file waits for room
+    call.end("hangup")
+    await asyncio.wait_for(feeding, 5)
+    stream.gate.set()
+    await until(lambda: stream.closed)  # every queued frame sent, then the stream closed
+    stream.out.close()
+    await asyncio.wait_for(call.wait(), 5)
+    ended = sink.events[-1].data
+    assert 5 <= len(stream.received) < 30
+    assert ended["audio_ms"] == len(stream.received) * 80
+
+
 async def test_max_duration_hangs_up_through_the_transport() -> None:
     """``max_duration`` goes through ``call.hangup``, so the transport stops the media too (an
     RTP port refuses the rest of the stream instead of opening a new call with it)."""
