@@ -27,18 +27,22 @@ from voxphone.events.nats import NatsSettings, NatsTransport
 from voxphone.events.outbox import Stored
 from voxphone.events.service import EventService
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.each_loop]
 
 
 class NatsServer:
     """``tls``: the server's certificate and key files; clients must then use TLS
-    (``tls://``), which nats-server requires once it has a certificate."""
+    (``tls://``), which nats-server requires once it has a certificate. ``jetstream=False``:
+    a core NATS server, which answers no JetStream request."""
 
-    def __init__(self, store: Path, tls: tuple[Path, Path] | None = None) -> None:
+    def __init__(
+        self, store: Path, tls: tuple[Path, Path] | None = None, jetstream: bool = True
+    ) -> None:
         self.port = free_tcp_port()
         self.monitor_port = free_tcp_port()  # nats-server's HTTP monitoring (``/connz``)
         self.store = store
         self.tls = tls
+        self.jetstream = jetstream
         self.proc: asyncio.subprocess.Process | None = None
 
     @property
@@ -50,7 +54,8 @@ class NatsServer:
         if self.tls:
             tls = ["--tls", "--tlscert", str(self.tls[0]), "--tlskey", str(self.tls[1])]
         self.proc = await asyncio.create_subprocess_exec(
-            require("nats-server"), "-js", "-a", "127.0.0.1", "-p", str(self.port),
+            require("nats-server"), *(["-js"] if self.jetstream else []),
+            "-a", "127.0.0.1", "-p", str(self.port),
             "-m", str(self.monitor_port), "-sd", str(self.store), *tls,
             stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
         )  # fmt: skip
@@ -188,7 +193,7 @@ async def test_a_start_while_nats_is_down_is_retried(tmp_path: Path) -> None:
         down = await transport.send(stored)
         # the delivery's last_error names why, not a bare TimeoutError
         assert isinstance(down, Retry)
-        why = "TimeoutError: no connection within 1 s; the last attempt: ConnectionRefusedError"
+        why = "TimeoutError: no connection within 1 s; the last error: ConnectionRefusedError"
         assert down.error.startswith(why), down
         assert time.monotonic() - t0 < 3
         assert isinstance(await transport.send(stored), Retry)  # still down: nothing more said
@@ -214,3 +219,29 @@ async def test_a_start_while_nats_is_down_is_retried(tmp_path: Path) -> None:
         server.proc.terminate()
         await server.proc.wait()
     assert [t for t in asyncio.all_tasks() if t is not asyncio.current_task()] == []
+
+
+async def test_a_server_without_jetstream_is_named_and_the_client_closed_quietly(
+    tmp_path: Path,
+) -> None:
+    """Connected, but the stream's check finds no JetStream: the delivery's error says that,
+    not "no connection", and closing the client is not logged as an outage."""
+    server = NatsServer(tmp_path / "jetstream", jetstream=False)
+    await server.start()
+    settings = NatsSettings(url=server.url, stream="VOXPHONE", subject_prefix="voxphone.events",
+                            create_stream=True, ack_timeout_s=1.0)  # fmt: skip
+    transport = NatsTransport(settings)
+    event = EventSequencer("call_0", SystemClock()).next("call.started", {})
+    try:
+        with capture_logs() as logs:
+            down = await transport.send(Stored(1, event, event.to_json(), 0.0))
+        assert isinstance(down, Retry), down
+        assert "no connection" not in down.error and down.error != "TimeoutError", down
+        assert not [e for e in logs if e["log_level"] in ("warning", "error")], logs
+        async with asyncio.timeout(5):  # the client was closed, not left retrying
+            while await server.connections():  # noqa: ASYNC110 (another process's state)
+                await asyncio.sleep(0.05)
+        assert down.error.startswith("ServiceUnavailableError"), down  # (what nats-py says)
+    finally:
+        await transport.close()
+        await server.kill()

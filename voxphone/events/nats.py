@@ -105,12 +105,15 @@ class NatsTransport:
     async def _connect(self) -> tuple[Client, JetStreamContext]:
         """A connected client and its JetStream context, within ``ack_timeout_s``; raises
         ``TimeoutError`` (or nats-py's errors) with the client closed. nats-py retries failed
-        attempts within the connect, so a timeout names the last attempt's error (a refused
-        connection, an untrusted certificate): that is what ``endpoint_failing`` and the
-        delivery's ``last_error`` then say, not a bare ``TimeoutError``."""
+        attempts within the connect, so a connection not made in time names this connect's
+        last error (a refused connection, an untrusted certificate): that is what
+        ``endpoint_failing`` and the delivery's ``last_error`` then say, not a bare
+        ``TimeoutError``. A timeout once connected (the stream's check) is raised as it is."""
         nc, timeout_s = Client(), self._settings.ack_timeout_s
         # (seconds as floats, which nats-py takes though it annotates the two as int)
         waits: dict[str, Any] = {"reconnect_time_wait": 0.5, "connect_timeout": timeout_s}
+        connected = False
+        self._log.attempting()
         try:
             async with asyncio.timeout(timeout_s):
                 await nc.connect(
@@ -119,18 +122,16 @@ class NatsTransport:
                     error_cb=self._log.error, disconnected_cb=self._log.disconnected,
                     reconnected_cb=self._log.reconnected, **waits,
                 )  # fmt: skip
+                connected = True
                 self._log.connected()
-                js = nc.jetstream()
+                js = nc.jetstream(timeout=timeout_s)
                 if self._settings.create_stream:
                     await self._ensure_stream(js)
-        except TimeoutError:
+        except BaseException as exc:
+            self._log.closing()
             await nc.close()
-            why = f"no connection within {timeout_s:g} s"
-            if (last := self._log.last_error) is not None:
-                why += f"; the last attempt: {last}"
-            raise TimeoutError(why) from None
-        except BaseException:
-            await nc.close()
+            if isinstance(exc, TimeoutError) and not connected:
+                raise TimeoutError(self._log.not_connected(timeout_s)) from None
             raise
         return nc, js
 
@@ -166,26 +167,38 @@ class _ConnectionLog:
 
     def __init__(self) -> None:
         self._up = False
+        self._closing = False  # we close the client: what it reports now is no outage
         self._failed = 0  # attempts failed since the connection was last up
-        #: The last attempt's error while not connected (``type: message``), for ``_connect``.
-        self.last_error: str | None = None
+        self._last_error: str | None = None  # this connect's last (``type: message``)
+
+    def attempting(self) -> None:
+        """``_connect`` starts with a new client: its errors are its own."""
+        self._closing, self._last_error = False, None
+
+    def not_connected(self, timeout_s: float) -> str:
+        """Why a connect did not finish within ``timeout_s``."""
+        why = f"no connection within {timeout_s:g} s"
+        return why if self._last_error is None else f"{why}; the last error: {self._last_error}"
 
     def connected(self, again: bool = False) -> None:
         """The connection is up: ``again`` after a disconnect (nats-py's ``reconnected_cb``),
         or made by ``_connect``, after failed attempts if the server was away."""
         if again or self._failed:
             log.info("nats_reconnected", failed_attempts=self._failed)
-        self._up, self._failed, self.last_error = True, 0, None
+        self._up, self._failed = True, 0
 
     def closing(self) -> None:
-        """We close the connection: its end is no outage."""
-        self._up = False
+        """We close the client: its end is no outage, its errors on the way no failed attempt."""
+        self._up, self._closing = False, True
 
     async def error(self, exc: Exception) -> None:
         error = f"{type(exc).__name__}: {exc}"
+        if self._closing:
+            log.debug("nats_error_while_closing", error=error)
+            return
         if not self._up:
             self._failed += 1
-            self.last_error = error
+            self._last_error = error
             if self._failed > 1:
                 return
         log.warning(

@@ -159,7 +159,7 @@ class EventService:
         for name, reason in disabled:
             if name in self.deliverers:
                 self.deliverers[name].disable(reason, persist=False)
-        backlog = await self._pending()
+        backlog = dict(await self.outbox.aread(_PENDING))
         for name, count in backlog.items():
             if name in self.deliverers:
                 self.deliverers[name].resume(count)
@@ -191,21 +191,22 @@ class EventService:
         with contextlib.suppress(Exception):  # committing is local: it gets at least 5 s
             await asyncio.wait_for(self.outbox.flush(), max(drain_timeout_s, 5.0))
         await asyncio.gather(*(d.close(drain_timeout_s) for d in self.deliverers.values()))
-        try:
-            if left := await self._pending():
+        try:  # in the writer, after the outcomes the deliveries queued (``outbox.record``)
+            left = await asyncio.wait_for(self.outbox.call(_pending), 5.0)
+        except (sqlite3.Error, TimeoutError) as exc:  # a report only: close all the same
+            log.warning("outbox_pending_unknown", error=repr(exc))
+        else:
+            if left:
                 log.info("outbox_left_pending", pending=left)
-        except sqlite3.Error as exc:  # a report only: the outbox is closed all the same
-            log.warning("outbox_read_failed", error=repr(exc))
         await self.outbox.close()
 
-    async def _pending(self) -> dict[str, int]:
-        """Deliveries still pending, by endpoint."""
-        return dict(
-            await self.outbox.aread(
-                "SELECT endpoint, count(*) FROM deliveries WHERE status = 'pending' "
-                "GROUP BY endpoint"
-            )
-        )
+
+_PENDING = "SELECT endpoint, count(*) FROM deliveries WHERE status = 'pending' GROUP BY endpoint"
+
+
+def _pending(db: sqlite3.Connection) -> dict[str, int]:
+    """Deliveries still pending, by endpoint."""
+    return dict(db.execute(_PENDING).fetchall())
 
 
 def _fixed(url: str) -> Callable[[str], str | None]:
