@@ -7,7 +7,7 @@ import json
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,10 +18,30 @@ from voxphone.audio.files import read_audio
 from voxphone.audio.resample import Resampler
 from voxphone.engines.base import TranscriptChunk
 from voxphone.engines.sphinx import SAMPLE_RATE, Recognizer, SphinxSettings
+from voxphone.errors import ConfigError
+from voxphone.event_loop import LOOPS, loop_factory
 from voxphone.testing import free_tcp_port as free_tcp_port  # for the tests that import it here
 from voxphone.testing import free_udp_range as free_udp_range
 
 pytest_plugins = ["tests.threads"]  # a thread a test leaves running is named, not waited for
+
+
+def pytest_asyncio_loop_factories(
+    config: pytest.Config, item: pytest.Item
+) -> Mapping[str, Callable[[], asyncio.AbstractEventLoop]]:
+    """Tests marked ``each_loop`` run once on each event loop ``voxphone serve`` can run on:
+    asyncio's and uvloop's (the default where installed). These are the tests that drive
+    voxphone's transports, delivery and engines in the test's own process, so without this
+    only asyncio's loop would ever run them. The rest run on asyncio's alone (pytest-asyncio
+    wants a mapping for every test once the hook exists; one factory adds nothing to its id)."""
+    factories: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {}
+    for name in LOOPS if item.get_closest_marker("each_loop") else LOOPS[:1]:
+        try:
+            factories[name] = loop_factory(name) or asyncio.new_event_loop
+        except ConfigError:  # uvloop is not installed here
+            continue
+    return factories
+
 
 # Sentences flite says clearly enough for pocketsphinx, even through 8 kHz G.711.
 SENTENCES = {

@@ -27,7 +27,7 @@ from voxphone.events.model import Event, EventSequencer
 from voxphone.events.service import EventService
 from voxphone.http import events as events_api
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.each_loop]
 
 FAST = {"retry_base_s": 0.05, "retry_max_s": 0.3, "timeout_s": 2.0}
 

@@ -30,7 +30,7 @@ from voxphone.config import Config
 from voxphone.engines.base import TranscriptChunk
 from voxphone.errors import EngineError
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.each_loop]
 
 CLOSED = (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSING, aiohttp.WSMsgType.CLOSED)
 

@@ -14,7 +14,7 @@ from tests.integration.test_delivery import api, endpoint, service
 from voxphone.clock import SystemClock
 from voxphone.events.model import EventSequencer
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.each_loop]
 
 #: The envelope's ``timestamp`` form: RFC 3339, milliseconds, Z.
 ISO = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")

@@ -40,7 +40,7 @@ from voxphone.config import Config
 from voxphone.transports.asterisk import AudioSocketParser
 from voxphone.whip_client import to_mono
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.each_loop]
 
 SAID = "order"  # flite's rms voice: "Hello, I would like to check the status of my order."
 

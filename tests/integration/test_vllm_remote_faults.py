@@ -17,7 +17,7 @@ from voxphone.engines.voxtral import VoxtralSettings
 from voxphone.errors import EngineError
 from voxphone.testing import CapturedEvents, capture_events
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.each_loop]
 
 FAST = VoxtralSettings(pause_s=0.4, max_session_s=600, max_model_len=4096, watchdog_s=1.0)
 

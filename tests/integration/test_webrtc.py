@@ -30,7 +30,7 @@ from voxphone.config import Config
 from voxphone.errors import TransportError
 from voxphone.whip_client import WhipCall, whip_call
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.each_loop]
 
 
 def config(receiver: WebhookReceiver | None = None, **webrtc: Any) -> Config:

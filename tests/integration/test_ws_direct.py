@@ -17,7 +17,7 @@ from structlog.testing import capture_logs
 from voxphone.transports import ws_direct
 from voxphone.transports.ws_direct import DirectWebSocketResponse
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.each_loop]
 
 Taker = Callable[[list[tuple[str, Any]]], Callable[[Any], bool]]
 

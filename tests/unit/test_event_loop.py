@@ -14,14 +14,14 @@ import pytest
 
 from voxphone.config import load_config
 from voxphone.errors import ConfigError
-from voxphone.event_loop import EventLoop, loop_name, run
+from voxphone.event_loop import LOOPS, EventLoop, loop_name, run
 
 
 async def running_loop() -> str:
     return loop_name(asyncio.get_running_loop())
 
 
-@pytest.mark.parametrize("kind", ["asyncio", "uvloop"])
+@pytest.mark.parametrize("kind", LOOPS)
 def test_each_loop_runs_the_coroutine_on_itself(kind: EventLoop) -> None:
     if kind == "uvloop":
         pytest.importorskip("uvloop")
