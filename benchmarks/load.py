@@ -804,7 +804,12 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--speech", type=Path, default=None, help="audio file to play; default: flite")
     p.add_argument("--profile", action="store_true", help="cProfile the server's window")
     p.add_argument("--stop-at", choices=STOPS, default="engine", help="cut the path short there")
-    p.add_argument("--loop", choices=LOOPS, default="asyncio", help="the server's event loop")
+    p.add_argument(
+        "--loop",
+        choices=LOOPS,
+        default="uvloop",
+        help="the server's event loop (serve's default: uvloop)",
+    )
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--plot", action="store_true", help="plot this machine's results and exit")
     p.add_argument("--machine", default=None, help="with --plot: another machine's results")

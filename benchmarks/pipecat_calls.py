@@ -124,7 +124,12 @@ def main() -> None:
     p.add_argument("--speech", type=Path, default=None, help="audio file; default: flite")
     p.add_argument("--server-cpus", default=None, help="pin the servers, e.g. 0")
     p.add_argument("--load-cpus", default=None, help="pin the load processes, e.g. 1-3")
-    p.add_argument("--loop", choices=LOOPS, default="asyncio", help="both servers' event loop")
+    p.add_argument(
+        "--loop",
+        choices=LOOPS,
+        default="uvloop",
+        help="both servers' event loop (voxphone's default; uvicorn's, uvloop installed)",
+    )
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--plot", type=Path, default=None, help="plot this result file and exit")
     args = p.parse_args()

@@ -163,7 +163,7 @@ def main() -> None:
     p.add_argument("--calls", type=int, default=400)
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--readers", nargs="+", default=["raise", "portreader"])
-    p.add_argument("--loops", nargs="+", choices=LOOPS, default=["asyncio"])
+    p.add_argument("--loops", nargs="+", choices=LOOPS, default=list(LOOPS))
     p.add_argument("--base-port", type=int, default=42000)
     p.add_argument("--server-cpus", default="0")
     p.add_argument("--load-cpus", default="1")

@@ -340,7 +340,12 @@ def main() -> None:
     p.add_argument("--browser", action="store_true", help="clients send what a browser does")
     p.add_argument("--speech", type=Path, default=None, help="a speech file to loop, not a tone")
     p.add_argument("--opus-bitrate", type=int, default=None, help="clients: mono Opus at (bit/s)")
-    p.add_argument("--loop", choices=LOOPS, default="asyncio", help="the server's event loop")
+    p.add_argument(
+        "--loop",
+        choices=LOOPS,
+        default="uvloop",
+        help="the server's event loop (serve's default: uvloop)",
+    )
     p.add_argument("--clients", nargs=3, default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.plot:

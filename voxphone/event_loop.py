@@ -5,11 +5,11 @@ Why uvloop: when callers' packets arrive at independent moments, as real callers
 the loop's wake-ups find one datagram, so the loop's own cost per wake-up is the largest part of
 a G.711 packet's. uvloop's loop (libuv, in C) costs less there: on the GPU host's Xeon, one core
 carried 1,000 RTP calls in real time on uvloop in four runs of four, on asyncio's in one of four,
-and it never took more CPU a packet in any pair measured (README, *The event loop*). ``auto``
-follows uvicorn's ``--loop auto``: a platform uvloop does not build on (Windows, PyPy) still
-runs. voxphone uses only asyncio's public interfaces on the loop (aiohttp, aiortc and aioice,
-the RTP readers' ``add_reader``, signal handlers, subprocesses, TLS), which uvloop implements;
-the engines' workers run in processes of their own, on their own loops.
+with no more CPU a packet in any 1,000-call pair (README, *The event loop*). ``auto`` follows
+uvicorn's ``--loop auto``: where uvloop is not installed (PyPy, say) serve still runs.
+voxphone uses only asyncio's public interfaces on the loop (aiohttp, aiortc and aioice, the RTP
+readers' ``add_reader``, signal handlers, subprocesses, TLS), which uvloop implements; the
+engines' workers run in processes of their own, on their own loops.
 """
 
 from __future__ import annotations
@@ -22,11 +22,12 @@ from voxphone.errors import ConfigError
 
 T = TypeVar("T")
 
-EventLoop = Literal["auto", "asyncio", "uvloop"]
-#: The choices, in the order the CLI offers them.
-EVENT_LOOPS: tuple[EventLoop, ...] = ("auto", "asyncio", "uvloop")
 #: The loops themselves, what ``auto`` picks from: a benchmark names the one it measured.
-LOOPS: tuple[EventLoop, ...] = ("asyncio", "uvloop")
+Loop = Literal["asyncio", "uvloop"]
+LOOPS: tuple[Loop, ...] = ("asyncio", "uvloop")
+EventLoop = Literal["auto", Loop]
+#: The choices, in the order the CLI offers them.
+EVENT_LOOPS: tuple[EventLoop, ...] = ("auto", *LOOPS)
 
 
 def loop_factory(kind: EventLoop) -> Callable[[], asyncio.AbstractEventLoop] | None:
