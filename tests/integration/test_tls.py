@@ -6,8 +6,9 @@ only through ``SSL_CERT_FILE`` (OpenSSL's default verify paths, which the
 ``ssl.create_default_context()`` that aiohttp and nats-py use reads): what an operator with a
 private CA does. uvloop has SSL code of its own, so each loop is run.
 
-Without the CA: the https webhook and NATS fail verification, a warning each says so and the
-events wait in the outbox until the CA is trusted; a ``wss://`` engine refuses the start.
+Without the CA (on the default loop): the https webhook and NATS fail verification, a warning
+each says so and the events wait in the outbox until the CA is trusted; a ``wss://`` engine
+refuses the start.
 """
 
 from __future__ import annotations
