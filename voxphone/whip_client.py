@@ -136,9 +136,17 @@ class WhipCall:
             await asyncio.sleep(seconds)
 
     async def hangup(self, http: aiohttp.ClientSession) -> None:
-        async with http.delete(self.session_url, headers=self.headers) as resp:
-            if resp.status not in (200, 404):
-                raise TransportError(f"WHIP DELETE: HTTP {resp.status}: {await resp.text()}")
+        """``DELETE`` the WHIP session. ``TransportError`` when the server refuses it or is
+        gone (stopped or crashed without ending the call on the data channel)."""
+        try:
+            async with http.delete(self.session_url, headers=self.headers) as resp:
+                if resp.status not in (200, 404):
+                    raise TransportError(f"WHIP DELETE: HTTP {resp.status}: {await resp.text()}")
+        except aiohttp.ClientError as exc:
+            raise TransportError(
+                f"cannot hang up at {self.session_url}: {_why(exc)}; the server went away "
+                "during the call"
+            ) from exc
 
     async def close(self) -> None:
         await self.pc.close()
@@ -186,6 +194,12 @@ def _player(audio: Path) -> MediaPlayer:
     return player
 
 
+def _why(exc: aiohttp.ClientError) -> str:
+    """The OS's words ("Connection refused"), not asyncio's "Connect call failed (…)"."""
+    errno = exc.os_error.errno if isinstance(exc, aiohttp.ClientConnectorError) else None
+    return os.strerror(errno) if errno else str(exc)
+
+
 async def _offer(
     http: aiohttp.ClientSession, url: str, pc: RTCPeerConnection, player: MediaPlayer,
     codec: str | None, token: str | None, record: bool,
@@ -213,11 +227,8 @@ async def _offer(
             location = str(resp.url.join(URL(resp.headers["Location"])))
             call_id = resp.headers.get("X-Call-Id", location.rsplit("/", 1)[-1])
     except aiohttp.ClientError as exc:
-        # The OS's words ("Connection refused"), not asyncio's "Connect call failed (…)".
-        errno = exc.os_error.errno if isinstance(exc, aiohttp.ClientConnectorError) else None
-        why = os.strerror(errno) if errno else str(exc)
         raise TransportError(
-            f"cannot reach the WHIP endpoint {url}: {why}; is voxphone serve running there?"
+            f"cannot reach the WHIP endpoint {url}: {_why(exc)}; is voxphone serve running there?"
         ) from exc
     call = WhipCall(pc, player, channel, location, call_id, headers)
     if record:
@@ -235,17 +246,29 @@ async def talk(
     hold_s: float = 0.0,
 ) -> WhipCall:  # fmt: skip
     """Place a call that plays ``audio`` (then ``hold_s`` of silence), hang up, wait for
-    ``call.ended``; ``record`` keeps what the bot says (``call.recorder``)."""
+    ``call.ended``; ``record`` keeps what the bot says (``call.recorder``). A call the server
+    ends first (its shutdown, ``max_duration``, a hang-up through the API) is not hung up
+    again: ``call.ended`` came on the data channel, and the server may already be gone."""
     call = await whip_call(http, url, audio, codec, token, record)
+    talking = asyncio.ensure_future(_play_and_hold(call, hold_s))
+    ended = asyncio.ensure_future(call.ended.wait())
     try:
-        await call.played.wait()
-        await call.hold(hold_s)
-        await asyncio.sleep(0.5)  # the last packets are still on the wire
-        await call.hangup(http)
-        await asyncio.wait_for(call.ended.wait(), end_timeout_s)
+        await asyncio.wait({talking, ended}, return_when=asyncio.FIRST_COMPLETED)
+        if not call.ended.is_set():
+            talking.result()  # (raises what playing raised)
+            await call.hangup(http)
+            await asyncio.wait_for(ended, end_timeout_s)
     finally:
+        for task in (talking, ended):
+            task.cancel()
         await call.close()
     return call
+
+
+async def _play_and_hold(call: WhipCall, hold_s: float) -> None:
+    await call.played.wait()
+    await call.hold(hold_s)
+    await asyncio.sleep(0.5)  # the last packets are still on the wire
 
 
 async def play(

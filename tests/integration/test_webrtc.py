@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import os
 import re
@@ -80,6 +81,39 @@ async def test_the_whip_command_prints_the_calls_events(
     assert events[0]["data"]["codec"] == "G722"
     assert events[-1]["type"] == "call.ended"
     assert overlap(speech["phone"].text, events[-1]["data"]["transcript"]) >= 0.7
+
+
+async def test_the_whip_command_stops_when_the_server_ends_the_call(
+    receiver: WebhookReceiver, speech: dict[str, Speech]
+) -> None:
+    """A call the server ends first (``max_duration`` here; a shutdown does the same) is
+    neither held for the rest of ``--hold`` nor hung up again: the server may be gone."""
+    cfg = config(receiver)
+    cfg = cfg.model_copy(update={"calls": cfg.calls.model_copy(update={"max_duration_s": 2.0})})
+    async for app in running(cfg):
+        t0 = asyncio.get_running_loop().time()
+        events = await whip(whip_url(app), speech["phone"].path, "--hold", "60")
+        assert asyncio.get_running_loop().time() - t0 < 30
+    assert events[-1]["type"] == "call.ended", events
+    assert events[-1]["data"]["reason"] == "max_duration"
+
+
+async def test_a_hang_up_after_the_server_went_away_is_one_clear_error(
+    app: App, speech: dict[str, Speech]
+) -> None:
+    """The server died without ending the call (no ``call.ended`` on the data channel): the
+    hang-up says so in one line, not aiohttp's traceback."""
+    async with aiohttp.ClientSession() as http:
+        call = await whip_call(http, whip_url(app), speech["phone"].path)
+        try:
+            dead = f"http://127.0.0.1:{free_tcp_port()}/v1/whip/gone"
+            why = f"^cannot hang up at {re.escape(dead)}: Connection refused; the server went away"
+            with pytest.raises(TransportError, match=why):
+                await dataclasses.replace(call, session_url=dead).hangup(http)
+            await call.hangup(http)
+            await asyncio.wait_for(call.ended.wait(), 15)
+        finally:
+            await call.close()
 
 
 def udp_sockets() -> int:
