@@ -91,7 +91,7 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--event-loop",
         choices=EVENT_LOOPS,
-        help="uvloop's where installed (auto), asyncio's, or uvloop's [auto]",
+        help="auto: uvloop's where installed, else asyncio's (warned); asyncio; uvloop [auto]",
     )
     serve.set_defaults(run=_serve)
 

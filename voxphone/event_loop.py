@@ -18,9 +18,12 @@ import asyncio
 from collections.abc import Callable, Coroutine
 from typing import Any, Literal, TypeVar
 
+import structlog
+
 from voxphone.errors import ConfigError
 
 T = TypeVar("T")
+log = structlog.get_logger(__name__)
 
 #: The loops themselves, what ``auto`` picks from: a benchmark names the one it measured.
 Loop = Literal["asyncio", "uvloop"]
@@ -50,12 +53,19 @@ def loop_factory(kind: EventLoop) -> Callable[[], asyncio.AbstractEventLoop] | N
 
 
 def run(kind: EventLoop, main: Coroutine[Any, Any, T]) -> T:
-    """``asyncio.run(main)`` on the ``kind`` of loop; ``ConfigError`` as ``loop_factory``."""
+    """``asyncio.run(main)`` on the ``kind`` of loop; ``ConfigError`` as ``loop_factory``.
+    ``auto`` without uvloop warns (``event_loop_auto``): uvloop is a dependency, so its absence
+    is an install to look at, or a platform to say ``asyncio`` for."""
     try:
         factory = loop_factory(kind)
     except ConfigError:
         main.close()  # never awaited: say nothing about it
         raise
+    if kind == "auto" and factory is None:
+        log.warning(
+            "event_loop_auto", chose="asyncio",
+            why='uvloop is not installed: pip install uvloop, or set event_loop = "asyncio"',
+        )  # fmt: skip
     with asyncio.Runner(loop_factory=factory) as runner:
         return runner.run(main)
 

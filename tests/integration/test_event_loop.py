@@ -112,6 +112,8 @@ async def test_every_ingress_on_each_loop_drained_by_sigterm(
     log = [json.loads(line) for line in (tmp_path / "serve.log").read_text().splitlines()]
     (ready,) = [e for e in log if e["event"] == "voxphone_ready"]
     assert ready["event_loop"] == ("uvloop" if uvloop else "asyncio")
+    fell_back = [e for e in log if e["event"] == "event_loop_auto"]
+    assert len(fell_back) == (0 if uvloop else 1), fell_back  # the fallback says why
     (draining,) = [e for e in log if e["event"] == "voxphone_draining"]
     assert draining["active_calls"] == 5
 

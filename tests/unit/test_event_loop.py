@@ -11,6 +11,7 @@ import warnings
 from pathlib import Path
 
 import pytest
+from structlog.testing import capture_logs
 
 from voxphone.config import load_config
 from voxphone.errors import ConfigError
@@ -40,8 +41,19 @@ def no_uvloop(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.mark.usefixtures("no_uvloop")
-def test_auto_is_asyncio_where_uvloop_is_not_installed() -> None:
-    assert run("auto", running_loop()) == "asyncio"
+def test_auto_is_asyncio_where_uvloop_is_not_installed_and_says_why() -> None:
+    with capture_logs() as logs:
+        assert run("auto", running_loop()) == "asyncio"
+    (said,) = logs
+    assert said["event"] == "event_loop_auto" and said["log_level"] == "warning"
+    assert said["chose"] == "asyncio" and said["why"].startswith("uvloop is not installed")
+
+
+def test_auto_says_nothing_where_uvloop_is_installed() -> None:
+    pytest.importorskip("uvloop")
+    with capture_logs() as logs:
+        run("auto", running_loop())
+    assert logs == []
 
 
 @pytest.mark.usefixtures("no_uvloop")
