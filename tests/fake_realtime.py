@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from ssl import SSLContext
 
 import numpy as np
@@ -85,7 +85,9 @@ class FakeRealtimeServer:
     async def _ws(self, request: web.Request) -> web.WebSocketResponse:
         ws = web.WebSocketResponse()
         await ws.prepare(request)
-        behaviour = self.behaviours.pop(0) if self.behaviours else Behaviour()
+        # A copy: the connection spends it (an error sent once), and a test's parameters are
+        # shared by its runs on each event loop.
+        behaviour = replace(self.behaviours.pop(0)) if self.behaviours else Behaviour()
         conn = Connection(behaviour)
         self.connections.append(conn)
         await ws.send_json({"type": "session.created", "id": f"sess-{len(self.connections)}"})

@@ -182,9 +182,14 @@ async function call() {
 async function hangup() {
   $("hangup").disabled = true;
   setStatus("hanging up…");
+  const call = pc;
   if (session) await fetch(session, { method: "DELETE", headers: auth });
-  // call.ended arrives on the data channel, then cleanup(); don't wait forever for it.
-  setTimeout(() => cleanup("ended"), 5000);
+  // call.ended arrives on the data channel with the last words, then cleanup(). The server
+  // gives its engine up to 10 s (plus any audio still queued) to finish them, so wait longer
+  // than that before giving up; and only on this call, not one that has ended or a new one.
+  setTimeout(() => {
+    if (pc && pc === call) cleanup("ended (no call.ended from the server)");
+  }, 30000);
 }
 
 function cleanup(status, state = "idle") {
