@@ -488,9 +488,10 @@ class LogConfig(_Section):
 class ProcessConfig(_Section):
     """The ``voxphone serve`` process itself."""
 
-    #: ``auto``: uvloop's loop where uvloop is installed (a dependency on Linux and macOS), else
-    #: asyncio's. uvloop spends less per wake-up, which is what many independent RTP callers
-    #: cost most; ``asyncio`` or ``uvloop`` insist on one (``voxphone.event_loop``).
+    #: ``auto``: uvloop's loop where uvloop is installed (a dependency on CPython outside
+    #: Windows), else asyncio's, with a warning. uvloop spends less per wake-up, which is what
+    #: many independent RTP callers cost most; ``asyncio`` or ``uvloop`` insist on one
+    #: (``voxphone.event_loop``).
     event_loop: EventLoop = "auto"
 
 

@@ -1,5 +1,6 @@
 """The event loop ``voxphone serve`` runs on: uvloop's where it is installed (``auto``, the
-default; uvloop is a dependency on Linux and macOS), asyncio's own otherwise or when chosen.
+default; uvloop is a dependency on CPython outside Windows), asyncio's own otherwise (with a
+warning) or when chosen.
 
 Why uvloop: when callers' packets arrive at independent moments, as real callers' do, most of
 the loop's wake-ups find one datagram, so the loop's own cost per wake-up is the largest part of
