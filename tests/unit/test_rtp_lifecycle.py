@@ -31,7 +31,7 @@ from voxphone.transports.rtp import (
     Reservation,
     RtpPort,
     RtpServer,
-    _bind,
+    bind_udp,
 )
 from voxphone.transports.rtp_packet import RtpPacket
 
@@ -203,7 +203,7 @@ def test_a_port_reads_every_waiting_datagram_in_one_wake_up() -> None:
     """A burst queued on a port's socket is handed over in one go, in order — not one datagram
     per event-loop iteration (asyncio's transport), which made packets on busy ports queue."""
     lo, _ = free_udp_range(1)
-    sock = _bind("127.0.0.1", lo)
+    sock = bind_udp("127.0.0.1", lo)
     sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     seen: list[int] = []
     port = RtpPort(lo, Calls(), FakeClock())
@@ -226,7 +226,7 @@ def test_a_datagram_of_zero_bytes_ends_a_batch_and_is_read_at_the_next_wake_up()
     of zero bytes reads as none, so the batch ends there, and the next wake-up (the socket is
     still readable) reads it and what follows. Nothing is lost or reordered."""
     lo, _ = free_udp_range(1)
-    sock = _bind("127.0.0.1", lo)
+    sock = bind_udp("127.0.0.1", lo)
     sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     seen: list[bytes] = []
     port = RtpPort(lo, Calls(), FakeClock())
@@ -252,7 +252,7 @@ def test_a_port_on_ipv6_hands_over_each_datagram_with_a_host_and_port_address() 
     by (host, port), so the drain hands IPv6 datagrams over through ``datagram_received``."""
     lo, _ = free_udp_range(1)
     try:
-        sock = _bind("::1", lo)
+        sock = bind_udp("::1", lo)
     except OSError as exc:
         pytest.skip(f"no IPv6 loopback here: {exc}")
     sender = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import itertools
-import socket
 from collections.abc import Iterator, Sequence
 from functools import partial
 from typing import Any
@@ -23,6 +22,7 @@ from aioice.candidate import candidate_foundation, candidate_priority
 from aiortc import RTCPeerConnection
 
 from voxphone.errors import TransportError
+from voxphone.transports.rtp import bind_udp
 
 
 class Unavailable(TransportError):
@@ -54,20 +54,18 @@ class HostBinder:
     async def bind(self, connection: aioice.Connection, address: str) -> ice.StunProtocol:
         """A STUN/ICE socket on ``address``: the next free port of the range, or any port.
 
-        The socket is bound here and handed to the loop (``sock=``), not bound by
-        ``create_datagram_endpoint(local_addr=…)``: a port in use must cost nothing, and
-        uvloop's endpoint leaves an unclosed transport behind each bind it fails (uvloop 0.23,
-        found by this module's test of a full range, which it runs on both loops)."""
+        The socket is bound here (``rtp.bind_udp``, as RTP ports are) and handed to the loop
+        (``sock=``), not bound by ``create_datagram_endpoint(local_addr=…)``: a port in use
+        must cost nothing, and uvloop's endpoint leaves an unclosed transport behind each bind
+        it fails (uvloop 0.23; test_webrtc's full-range test found it on uvloop's loop)."""
         loop = asyncio.get_running_loop()
-        family, _, _, _, sockaddr = socket.getaddrinfo(
-            address, 0, type=socket.SOCK_DGRAM, flags=socket.AI_NUMERICHOST
-        )[0]
         tries = self.ports[1] - self.ports[0] + 1 if self.ports else 1
         for _ in range(tries):
-            sock = socket.socket(family, socket.SOCK_DGRAM)
             try:
-                sock.bind((sockaddr[0], next(self._cursor), *sockaddr[2:]))
-                sock.setblocking(False)
+                sock = bind_udp(address, next(self._cursor), receive_buffer_bytes=None)
+            except OSError:
+                continue
+            try:
                 _, protocol = await loop.create_datagram_endpoint(
                     partial(ice.StunProtocol, connection), sock=sock
                 )

@@ -526,13 +526,17 @@ _READS_PER_WAKEUP = 256
 _MAX_DATAGRAM = 2048
 
 
-def _bind(host: str, port: int, receive_buffer_bytes: int = RECEIVE_BUFFER_BYTES) -> socket.socket:
+def bind_udp(
+    host: str, port: int, receive_buffer_bytes: int | None = RECEIVE_BUFFER_BYTES
+) -> socket.socket:
     """A non-blocking UDP socket bound to ``host:port`` (IPv6 if ``host`` is an IPv6 literal),
-    its receive buffer asked to be ``receive_buffer_bytes``."""
+    its receive buffer asked to be ``receive_buffer_bytes`` (``None``: the kernel's default).
+    ``OSError`` (the port in use, say) with nothing left open."""
     sock = socket.socket(_family(host), socket.SOCK_DGRAM)
     try:
         sock.setblocking(False)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer_bytes)
+        if receive_buffer_bytes is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer_bytes)
         sock.bind((host, port))
     except BaseException:
         sock.close()
@@ -676,7 +680,7 @@ class RtpServer:
     def _open(self, port: int) -> None:
         proto = RtpPort(port, self._new_call, self._clock, self.policy, self._counts)
         try:
-            sock = _bind(self.host, port, self.receive_buffer_bytes)
+            sock = bind_udp(self.host, port, self.receive_buffer_bytes)
         except OSError as exc:
             raise TransportError(
                 f"cannot bind RTP port {self.host}:{port}: {exc.strerror or exc}; choose "
