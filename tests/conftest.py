@@ -83,6 +83,16 @@ async def whip(url: str, wav: Path, *args: str, timeout_s: float = 60) -> list[d
     return [json.loads(line) for line in out.decode().splitlines()]
 
 
+async def voxphone_call(wav: Path, port: int, *args: str, timeout_s: float = 60) -> None:
+    """The README's `voxphone call FILE --to 127.0.0.1:PORT ARGS…`: RTP at real-time pace,
+    then an RTCP BYE; it must exit 0."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "voxphone", "call", str(wav), "--to", f"127.0.0.1:{port}", *args,
+        stdout=asyncio.subprocess.DEVNULL,
+    )  # fmt: skip
+    assert await asyncio.wait_for(proc.wait(), timeout_s) == 0
+
+
 def require(tool: str) -> str:
     path = shutil.which(tool)
     if path is None:

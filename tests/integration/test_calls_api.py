@@ -12,7 +12,7 @@ import aiohttp
 import numpy as np
 import pytest
 
-from tests.conftest import Speech, overlap
+from tests.conftest import Speech, overlap, voxphone_call
 from tests.integration.test_serve import (
     WebhookReceiver,
     calls_of,
@@ -164,12 +164,7 @@ async def test_a_call_can_have_its_own_webhook(
             status, text, _ = await post(srv.http_port, json.dumps(body), "application/json")
             assert status == 201, text
             reply = json.loads(text)
-            caller = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "voxphone", "call", str(speech["phone"].path),
-                "--codec", "pcma", "--to", f"127.0.0.1:{reply['rtp_port']}",
-                stdout=asyncio.subprocess.DEVNULL,
-            )  # fmt: skip
-            assert await caller.wait() == 0
+            await voxphone_call(speech["phone"].path, reply["rtp_port"], "--codec", "pcma")
             await own.wait_ended(1, timeout_s=60)
             status, text, _ = await post(
                 srv.http_port, '{"webhook_url": "ftp://x"}', "application/json"

@@ -17,7 +17,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from tests.conftest import Speech, overlap, whip
+from tests.conftest import Speech, overlap, voxphone_call, whip
 from tests.integration.test_asterisk import audiosocket_frame
 from tests.integration.test_calls_api import post
 from tests.integration.test_serve import WebhookReceiver, calls_of, ffmpeg_rtp, running_serve
@@ -62,11 +62,7 @@ async def api_call(http_port: int, wav: Path) -> None:
     """The calls API's way (a port of its own, POST /v1/calls), the caller `voxphone call`."""
     status, text, _ = await post(http_port, '{"codec": "PCMU"}', "application/json")
     assert status == 201, text
-    caller = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "voxphone", "call", str(wav),
-        "--to", f"127.0.0.1:{json.loads(text)['rtp_port']}", stdout=asyncio.subprocess.DEVNULL,
-    )  # fmt: skip
-    assert await caller.wait() == 0
+    await voxphone_call(wav, json.loads(text)["rtp_port"])
 
 
 def without_uvloop(tmp_path: Path) -> dict[str, str]:

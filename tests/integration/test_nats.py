@@ -73,6 +73,12 @@ class NatsServer:
         ):
             return int((await resp.json())["num_connections"])
 
+    async def until_no_connections(self, timeout_s: float = 10) -> None:
+        """Until the server holds no client connection: it sees a close a moment later."""
+        async with asyncio.timeout(timeout_s):
+            while await self.connections():  # noqa: ASYNC110 (another process's state)
+                await asyncio.sleep(0.05)
+
     async def kill(self) -> None:
         assert self.proc is not None
         self.proc.send_signal(signal.SIGKILL)
@@ -170,9 +176,7 @@ async def test_a_busy_start_opens_one_connection(tmp_path: Path) -> None:
         with capture_logs() as logs:
             await transport.close()
         assert logs == [], "our own close is no outage: no nats_disconnected"
-        async with asyncio.timeout(10):  # the server sees the close a moment later
-            while await server.connections():  # noqa: ASYNC110 (the server's state)
-                await asyncio.sleep(0.05)
+        await server.until_no_connections()
         stored = await read_stream(server.url, "VOXPHONE")
     assert sorted(m.headers["Nats-Msg-Id"] for m in stored) == sorted(e.id for e in events)  # type: ignore[index]
 
@@ -211,9 +215,7 @@ async def test_a_start_while_nats_is_down_is_retried(tmp_path: Path) -> None:
         assert logs == [], "our own close is no outage: no nats_disconnected"
         closed = await transport.send(stored)
         assert isinstance(closed, Retry) and "closed" in closed.error.lower()
-        async with asyncio.timeout(10):
-            while await server.connections():  # noqa: ASYNC110 (the server's state)
-                await asyncio.sleep(0.05)
+        await server.until_no_connections()
     finally:
         assert server.proc is not None
         server.proc.terminate()
@@ -238,9 +240,7 @@ async def test_a_server_without_jetstream_is_named_and_the_client_closed_quietly
         assert isinstance(down, Retry), down
         assert "no connection" not in down.error and down.error != "TimeoutError", down
         assert not [e for e in logs if e["log_level"] in ("warning", "error")], logs
-        async with asyncio.timeout(5):  # the client was closed, not left retrying
-            while await server.connections():  # noqa: ASYNC110 (another process's state)
-                await asyncio.sleep(0.05)
+        await server.until_no_connections(5)  # the client was closed, not left retrying
         assert down.error.startswith("ServiceUnavailableError"), down  # (what nats-py says)
     finally:
         await transport.close()

@@ -28,7 +28,7 @@ import numpy as np
 import pytest
 import trustme
 
-from tests.conftest import free_tcp_port, free_udp_range
+from tests.conftest import free_tcp_port, free_udp_range, voxphone_call
 from tests.fake_realtime import FakeRealtimeServer
 from tests.hooks import until
 from tests.integration.test_nats import nats_server, read_stream
@@ -85,15 +85,6 @@ def tone_wav(path: Path) -> Path:
     return path
 
 
-async def call(wav: Path, port: int) -> None:
-    """`voxphone call`: RTP at real-time pace, then an RTCP BYE."""
-    caller = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "voxphone", "call", str(wav), "--to", f"127.0.0.1:{port}",
-        stdout=asyncio.subprocess.DEVNULL,
-    )  # fmt: skip
-    assert await asyncio.wait_for(caller.wait(), 30) == 0
-
-
 def use_engine(monkeypatch: pytest.MonkeyPatch, fake: FakeRealtimeServer) -> None:
     """`voxphone serve` processes the test starts transcribe with ``vllm-remote`` on ``fake``."""
     monkeypatch.setenv("VOXPHONE_ENGINE__KIND", "vllm-remote")
@@ -140,7 +131,7 @@ async def test_webhook_engine_and_nats_over_tls_with_a_private_ca(
                 tmp_path, receiver, "--event-loop", loop, n_ports=2,
                 SSL_CERT_FILE=str(pki.ca_file), VOXPHONE_NATS__URL=nats.url,
             ) as srv:  # fmt: skip
-                await call(tone_wav(tmp_path / "tone.wav"), srv.rtp_ports[0])
+                await voxphone_call(tone_wav(tmp_path / "tone.wav"), srv.rtp_ports[0], timeout_s=30)
                 await receiver.wait_ended(1, timeout_s=30)
                 call_id = receiver.events[0]["call_id"]
                 stored = await read_stream(nats.url, "VOXPHONE", pki.client)
@@ -223,7 +214,7 @@ async def test_untrusted_certificates_keep_the_events_in_the_outbox_until_truste
         async with nats_server(tmp_path, tls=(pki.cert_file, pki.key_file)) as nats:
             monkeypatch.setenv("VOXPHONE_NATS__URL", nats.url)
             async with running_serve(tmp_path, receiver, n_ports=2) as srv:
-                await call(tone_wav(tmp_path / "tone.wav"), srv.rtp_ports[0])
+                await voxphone_call(tone_wav(tmp_path / "tone.wav"), srv.rtp_ports[0], timeout_s=30)
                 await until(lambda: "call.ended" in column(db, "SELECT type FROM events"), 30)
                 await until(lambda: {r[0] for r in rows(db, tried)} == {"default", "nats"}, 30)
             assert receiver.events == [] and receiver.bad_signatures == 0

@@ -21,7 +21,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from tests.conftest import Speech, free_tcp_port, free_udp_range
+from tests.conftest import Speech, free_tcp_port, free_udp_range, voxphone_call
 from tests.integration.test_serve import Serve, WebhookReceiver, calls_of, running_serve
 from voxphone.engines import vllm_compat
 from voxphone.engines.tiny_voxtral import write_tiny_voxtral
@@ -108,14 +108,6 @@ async def readiness(http_port: int) -> tuple[int, dict[str, Any]]:
         return r.status, await r.json()
 
 
-async def call(wav: Path, port: int) -> None:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "voxphone", "call", str(wav), "--to", f"127.0.0.1:{port}",
-        stdout=asyncio.subprocess.DEVNULL,
-    )  # fmt: skip
-    assert await proc.wait() == 0
-
-
 async def test_serve_runs_vllm_in_engine_workers_and_never_imports_torch_itself(
     tiny_model: Path, speech: dict[str, Speech], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -129,7 +121,9 @@ async def test_serve_runs_vllm_in_engine_workers_and_never_imports_torch_itself(
     async with serve_with_engines(tmp_path, tiny_model, rx) as (serve, parent, workers):
         assert len(workers) == 2
         lo = serve.rtp_ports[0]
-        await asyncio.gather(call(speech["order"].path, lo), call(speech["phone"].path, lo + 2))
+        await asyncio.gather(
+            voxphone_call(speech["order"].path, lo), voxphone_call(speech["phone"].path, lo + 2)
+        )
         await rx.wait_ended(2, timeout_s=60)
     calls = list(calls_of(rx).values())
     assert len(calls) == 2
@@ -153,7 +147,7 @@ async def test_a_call_on_a_lost_engine_moves_to_the_other(
     the other too and ``/ready`` turns 503, naming the cause."""
     rx = WebhookReceiver()
     async with serve_with_engines(tmp_path, tiny_model, rx) as (serve, _, (first, second)):
-        caller = asyncio.create_task(call(speech["order"].path, serve.rtp_ports[0]))
+        caller = asyncio.create_task(voxphone_call(speech["order"].path, serve.rtp_ports[0]))
         await asyncio.sleep(1.5)  # the call's session is on the first engine (least loaded)
         os.killpg(first, signal.SIGKILL)
         await caller

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import pytest_asyncio
 
-from tests.conftest import Speech, free_tcp_port, free_udp_range
+from tests.conftest import Speech, free_tcp_port, free_udp_range, voxphone_call
 from tests.integration.test_serve import WebhookReceiver, wait_ready
 from voxphone.audio.codecs import L16_16K
 from voxphone.call import Call
@@ -165,11 +165,7 @@ async def test_rtp_call_through_voxphone_serve_and_vllm(
             http.get(f"http://127.0.0.1:{http_port}/ready") as r,
         ):
             assert (await r.json())["engine"] == "vllm-remote"
-        caller = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "voxphone", "call", str(speech["order"].path),
-            "--to", f"127.0.0.1:{lo}", stdout=asyncio.subprocess.DEVNULL,
-        )  # fmt: skip
-        assert await caller.wait() == 0
+        await voxphone_call(speech["order"].path, lo)
         await rx.wait_ended(1, timeout_s=60)
     finally:
         serve.send_signal(signal.SIGTERM)

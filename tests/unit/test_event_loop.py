@@ -29,9 +29,11 @@ def test_each_loop_runs_the_coroutine_on_itself(kind: EventLoop) -> None:
     assert run(kind, running_loop()) == kind
 
 
-def test_auto_is_uvloop_where_it_is_installed() -> None:
+def test_auto_is_uvloop_where_it_is_installed_and_says_nothing() -> None:
     pytest.importorskip("uvloop")
-    assert run("auto", running_loop()) == "uvloop"
+    with capture_logs() as logs:
+        assert run("auto", running_loop()) == "uvloop"
+    assert logs == []
 
 
 @pytest.fixture
@@ -47,13 +49,6 @@ def test_auto_is_asyncio_where_uvloop_is_not_installed_and_says_why() -> None:
     (said,) = logs
     assert said["event"] == "event_loop_auto" and said["log_level"] == "warning"
     assert said["chose"] == "asyncio" and said["why"].startswith("uvloop is not installed")
-
-
-def test_auto_says_nothing_where_uvloop_is_installed() -> None:
-    pytest.importorskip("uvloop")
-    with capture_logs() as logs:
-        run("auto", running_loop())
-    assert logs == []
 
 
 @pytest.mark.usefixtures("no_uvloop")
