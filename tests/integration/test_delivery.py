@@ -314,24 +314,30 @@ async def test_a_live_stream_client_that_goes_away_is_no_server_error(
         # is not cancelled when the client goes; it learns at its next write.
         runner = web.AppRunner(app)
         await runner.setup()
-        site = web.SockSite(runner, socket.create_server(("127.0.0.1", 0)))
-        await site.start()
-        port = runner.addresses[0][1]
-        seq = EventSequencer("c", SystemClock())
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        writer.write(b"GET /v1/events HTTP/1.1\r\nHost: x\r\n\r\n")
-        svc.publish(seq.next("call.started", {}))
-        async with asyncio.timeout(10):
-            while b"call.started" not in await reader.readline():
-                pass
-        writer.close()  # the client is gone, as curl is when killed
-        await writer.wait_closed()
-        for i in range(20):  # events for a connection that is no more
-            svc.publish(seq.next("transcript.final", {"text": str(i)}))
-            await asyncio.sleep(0.02)
-        await svc.outbox.flush()
-        await asyncio.sleep(0.2)
-        await runner.cleanup()
+        try:
+            site = web.SockSite(runner, socket.create_server(("127.0.0.1", 0)))
+            await site.start()
+            port = runner.addresses[0][1]
+            seq = EventSequencer("c", SystemClock())
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"GET /v1/events HTTP/1.1\r\nHost: x\r\n\r\n")
+            async with asyncio.timeout(10):
+                # The stream is open (its opening comment is sent once its position is taken):
+                # an event published before that is history, not this live stream's.
+                while b": voxphone events" not in await reader.readline():
+                    pass
+                svc.publish(seq.next("call.started", {}))
+                while b"call.started" not in await reader.readline():
+                    pass
+            writer.close()  # the client is gone, as curl is when killed
+            await writer.wait_closed()
+            for i in range(20):  # events for a connection that is no more
+                svc.publish(seq.next("transcript.final", {"text": str(i)}))
+                await asyncio.sleep(0.02)
+            await svc.outbox.flush()
+            await asyncio.sleep(0.2)
+        finally:  # a server left open would hold uvloop's loop.close() for ever
+            await runner.cleanup()
     errors = [r for r in caplog.records if r.levelname == "ERROR"]
     assert errors == [], [r.getMessage() for r in errors]
 
