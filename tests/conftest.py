@@ -23,7 +23,8 @@ from voxphone.event_loop import LOOPS, loop_factory
 from voxphone.testing import free_tcp_port as free_tcp_port  # for the tests that import it here
 from voxphone.testing import free_udp_range as free_udp_range
 
-pytest_plugins = ["tests.threads"]  # a thread a test leaves running is named, not waited for
+#: A thread a test leaves running is named, not waited for; a teardown that hangs stops the run.
+pytest_plugins = ["tests.threads", "tests.teardown_watchdog"]
 
 
 def pytest_asyncio_loop_factories(
