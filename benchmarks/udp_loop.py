@@ -13,8 +13,8 @@ process plays ``--calls`` callers (a packet every 20 ms each, phases drawn at ra
   reads in C, up to 32 datagrams a wake-up; asyncio's reads one per loop iteration).
 - ``loop``: asyncio's own, or uvloop's (libuv, in C) where uvloop is installed.
 
-Writes ``benchmarks/results/udp_loop-<machine>.json`` (each run: µs of server CPU per datagram,
-from ``getrusage`` over the window) and a PNG beside it.
+Writes ``benchmarks/results/udp_loop-<machine>-<ports>ports.json`` (each run: µs of server CPU
+per datagram, from ``getrusage`` over the window) and a PNG beside it.
 
     python benchmarks/udp_loop.py --ports 400 --calls 400 --reps 5
     python benchmarks/udp_loop.py --ports 4 --calls 400 --reps 5 --loops asyncio uvloop
@@ -118,11 +118,14 @@ async def serve(reader: str, base: int, ports: int) -> tuple[float, float]:
     await asyncio.sleep(WINDOW_S)
     r1 = resource.getrusage(resource.RUSAGE_SELF)
     n = sum(p.datagrams for p in counted) - n0
-    for transport in transports:
-        transport.close()  # and its socket
-    for sock in socks if not transports else ():
-        loop.remove_reader(sock.fileno())
-        sock.close()
+    if reader == "transport":
+        for transport in transports:
+            transport.close()  # and its socket, at the loop's next pass
+        await asyncio.sleep(0)  # that pass: the next run binds the same ports
+    else:
+        for sock in socks:
+            loop.remove_reader(sock.fileno())
+            sock.close()
     cpu = (r1.ru_utime + r1.ru_stime) - (r0.ru_utime + r0.ru_stime)
     return n / WINDOW_S, cpu / max(n, 1) * 1e6
 
@@ -170,7 +173,10 @@ def main() -> None:
     p.add_argument("--ports", type=int, default=400)
     p.add_argument("--calls", type=int, default=400)
     p.add_argument("--reps", type=int, default=5)
-    p.add_argument("--readers", nargs="+", default=["raise", "portreader"])
+    p.add_argument(
+        "--readers", nargs="+", choices=("raise", "portreader", "transport"),
+        default=["raise", "portreader"],
+    )  # fmt: skip
     p.add_argument("--loops", nargs="+", choices=LOOPS, default=list(LOOPS))
     p.add_argument("--base-port", type=int, default=42000)
     p.add_argument("--server-cpus", default="0")

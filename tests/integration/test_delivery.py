@@ -302,6 +302,13 @@ async def test_sse_resumes_with_last_event_id_without_gaps(tmp_path: Path) -> No
     assert only_ended[0][1]["type"] == "call.ended"
 
 
+async def until_line(reader: asyncio.StreamReader, part: bytes) -> None:
+    """Read lines until one holds ``part``; the stream's end first fails (a closed stream reads
+    ``b""`` at once, for ever, and a loop on it would never let a timeout fire)."""
+    while part not in (line := await reader.readline()):
+        assert line, f"the stream ended before a line with {part!r}"
+
+
 async def test_a_live_stream_client_that_goes_away_is_no_server_error(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -324,11 +331,9 @@ async def test_a_live_stream_client_that_goes_away_is_no_server_error(
             async with asyncio.timeout(10):
                 # The stream is open (its opening comment is sent once its position is taken):
                 # an event published before that is history, not this live stream's.
-                while b": voxphone events" not in await reader.readline():
-                    pass
+                await until_line(reader, b": voxphone events")
                 svc.publish(seq.next("call.started", {}))
-                while b"call.started" not in await reader.readline():
-                    pass
+                await until_line(reader, b"call.started")
             writer.close()  # the client is gone, as curl is when killed
             await writer.wait_closed()
             for i in range(20):  # events for a connection that is no more
