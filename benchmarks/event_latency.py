@@ -204,7 +204,7 @@ def percentiles(values: list[float]) -> dict[str, float]:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--calls", type=int, default=50)
     p.add_argument("--seconds", type=float, default=30.0)
     p.add_argument("--delta-every", type=int, default=3, help="frames between deltas")

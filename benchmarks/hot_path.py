@@ -11,13 +11,16 @@ Last, the added latency: how long after the packet completing an 80 ms frame's a
 the frame leaves the pipeline (in packets of audio), plus the resampler's lead.
 
     python benchmarks/hot_path.py   # also writes benchmarks/results/hot_path-<machine>.json
+    python benchmarks/hot_path.py --out /tmp/hot_path.json   # a scratch run
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import os
+import platform
 import time
 from collections.abc import Callable
 from fractions import Fraction
@@ -27,7 +30,7 @@ import av
 import numpy as np
 import structlog
 from aiortc.rtp import RtpPacket as AiortcRtpPacket
-from machine import machine_name
+from machine import cpu_model, machine_name
 
 from voxphone.audio.codecs import OPUS, PCMU, Codec, Decoder, Encoder
 from voxphone.audio.framer import FRAME_MS, Framer, Timeline
@@ -107,6 +110,9 @@ def added_latency_ms() -> float:
 
 
 def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", type=Path, default=None, help="JSON path; default: the results' own")
+    args = p.parse_args()
     # No engine drains the call's frame queue here, so frames take the drop-oldest path (and
     # would log it): the RtpPort figure is an upper bound. Keep the log quiet.
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.ERROR))
@@ -139,7 +145,7 @@ def main() -> None:
     print(f"packets: {len(wire)} x 20 ms PCMU")
     for name, us in stage_us.items():
         print(f"  {name:34} {us:6.2f} us/packet")
-    print(f"parse+decode+resample+frame:        {full_us:6.2f} us/packet")
+    print(f"parse+decode+timeline+resample+frame: {full_us:6.2f} us/packet")
     print(
         f"RtpPort.handle (all of the above + jitter buffer + call queue): {port_us:6.2f} us/packet"
     )
@@ -151,6 +157,8 @@ def main() -> None:
     print(f"added latency (frame after its audio, resampler lead included): {latency:.1f} ms")
     result = {
         "machine": machine_name(),
+        "cpu": cpu_model(),
+        "python": platform.python_version(),
         "loadavg_before": load_before,
         "loadavg_after": os.getloadavg(),
         "rtp_pcmu_stage_us_per_packet": {k: round(v, 2) for k, v in stage_us.items()},
@@ -162,7 +170,7 @@ def main() -> None:
         "webrtc_us_per_packet": webrtc_us,
         "added_latency_max_ms": latency,
     }
-    out = Path(f"benchmarks/results/hot_path-{result['machine']}.json")
+    out = args.out or Path(f"benchmarks/results/hot_path-{result['machine']}.json")
     out.write_text(json.dumps(result, indent=2) + "\n")
 
 

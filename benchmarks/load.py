@@ -779,7 +779,7 @@ def codec_label(args: argparse.Namespace) -> str:
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--calls", type=int, default=100)
     p.add_argument("--seconds", type=float, default=30.0)
     p.add_argument("--transport", choices=TRANSPORTS, default="rtp", help="RTP, or Twilio's")

@@ -117,7 +117,7 @@ def plot(result: dict[str, Any], out: Path) -> None:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--voxphone-calls", default="100,200,300,400,500,600")
     p.add_argument("--pipecat-calls", default="20,40,60,80,100,120")
     p.add_argument("--seconds", type=float, default=20.0, help="each run's length")

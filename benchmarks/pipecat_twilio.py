@@ -215,7 +215,7 @@ async def measure(speech: Path | None = None) -> dict[str, Any]:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--speech", type=Path, default=None, help="a speech file, not flite's")
     p.add_argument("--cpus", default=None, help="pin this process, e.g. 3")
     args = p.parse_args()

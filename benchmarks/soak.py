@@ -222,7 +222,7 @@ def plot(path: Path) -> Path:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--calls", type=int, default=100)
     p.add_argument("--minutes", type=float, default=3.0)
     p.add_argument("--loss", type=float, default=0.05)

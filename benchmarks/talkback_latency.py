@@ -311,7 +311,7 @@ def plot(machine: str) -> Path:
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--trials", type=int, default=50)
     p.add_argument("--busy", type=int, default=0, help="other calls playing meanwhile")
     p.add_argument("--plot", action="store_true", help="plot this machine's results and exit")

@@ -329,7 +329,7 @@ def plot(machine: str, folder: Path = RESULTS) -> Path:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("calls", type=int, nargs="?", default=10)
     p.add_argument("--server-cpus", default=None, help="pin the server, e.g. 0")
     p.add_argument("--client-cpus", default=None, help="pin the WHIP clients, e.g. 1")
